@@ -1,0 +1,511 @@
+//! Configuration: environment variables (and `.env`), with the same names as command-line
+//! flags (`PORT` is also `--port`). [`RawConfig`] is what clap parses; [`Config`] is the
+//! validated form the rest of the service reads. Secrets live in [`Secret`] so that no
+//! `Debug` or log line can print them.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Args, ValueEnum};
+
+/// A secret string: `Debug` prints a placeholder, never the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AppEnv {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// `TENANT_AUTH`: whether a tenant call needs one credential or both (API.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TenantAuthMode {
+    Either,
+    Both,
+}
+
+/// The settings as given. Every field is also an environment variable of the same name.
+#[derive(Debug, Clone, Args)]
+pub struct RawConfig {
+    /// `development` generates missing secrets; `production` requires them.
+    #[arg(long, env = "APP_ENV", value_enum, default_value = "development")]
+    pub app_env: AppEnv,
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// `postgres://…` for PostgreSQL, `sqlite://PATH` for the embedded store; unset: `sqlite://switchboard.db`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Connections in the PostgreSQL pool.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
+    pub database_pool_size: usize,
+    #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+    /// HS256 secret for admin and tenant JWTs, at least 32 bytes.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// 32 bytes as 64 hex digits or base64: seals upstream tokens at rest.
+    #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<String>,
+    #[arg(long, env = "JWT_TTL_SECS", default_value_t = 3600)]
+    pub jwt_ttl_secs: u64,
+    #[arg(long, env = "JWT_ISSUER", default_value = "switchboard")]
+    pub jwt_issuer: String,
+    #[arg(long, env = "JWT_AUDIENCE", default_value = "switchboard")]
+    pub jwt_audience: String,
+    /// Default upstream MCP endpoint; `integrationKey` is added to its query per tenant.
+    #[arg(
+        long,
+        env = "UPSTREAM_MCP_URL",
+        default_value = "https://api.integration.app/mcp"
+    )]
+    pub upstream_mcp_url: String,
+    #[arg(long, env = "UPSTREAM_TIMEOUT_MS", default_value_t = 30_000)]
+    pub upstream_timeout_ms: u64,
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub upstream_connect_timeout_ms: u64,
+    /// Default tenant rate limit, requests per second.
+    #[arg(long, env = "TENANT_RATE_LIMIT", default_value_t = 50)]
+    pub tenant_rate_limit: u32,
+    #[arg(long, env = "TENANT_RATE_BURST", default_value_t = 100)]
+    pub tenant_rate_burst: u32,
+    /// A tenant actor with no call for this long stops and closes its upstream connection.
+    #[arg(long, env = "TENANT_IDLE_SECS", default_value_t = 300)]
+    pub tenant_idle_secs: u64,
+    /// Upstream calls one tenant may have in flight; past it, 503 with `Retry-After`.
+    #[arg(long, env = "TENANT_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub tenant_max_in_flight: usize,
+    /// A tenant's cached tool list is discovered again after this long.
+    #[arg(long, env = "TOOL_CACHE_TTL_SECS", default_value_t = 300)]
+    pub tool_cache_ttl_secs: u64,
+    /// Restarts of one tenant actor allowed within `TENANT_RESTART_WINDOW_SECS` before the
+    /// tenant is marked failing.
+    #[arg(long, env = "TENANT_MAX_RESTARTS", default_value_t = 10)]
+    pub tenant_max_restarts: u32,
+    #[arg(long, env = "TENANT_RESTART_WINDOW_SECS", default_value_t = 60)]
+    pub tenant_restart_window_secs: u64,
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Whole-request timeout; keep it above `UPSTREAM_TIMEOUT_MS`.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+    /// Comma-separated origins allowed by CORS; none by default.
+    #[arg(long, env = "CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
+    /// `pretty` or `json`; unset: pretty in development, json in production.
+    #[arg(long, env = "LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[arg(long, env = "TENANT_AUTH", value_enum, default_value = "either")]
+    pub tenant_auth: TenantAuthMode,
+    /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
+    #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_proxy: bool,
+    /// Where development mode keeps the secrets it generated, so restarts reuse them.
+    #[arg(long, env = "DEV_SECRETS_FILE", default_value = ".switchboard-dev-secrets")]
+    pub dev_secrets_file: PathBuf,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub app_env: AppEnv,
+    pub listen: SocketAddr,
+    pub database_url: Option<String>,
+    pub database_pool_size: usize,
+    pub admin_api_key: Secret,
+    pub jwt_secret: Secret,
+    /// The 32 raw bytes of `ENCRYPTION_KEY`.
+    pub encryption_key: [u8; 32],
+    pub jwt_ttl: Duration,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub upstream_mcp_url: url::Url,
+    pub upstream_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub tenant_rate_limit: u32,
+    pub tenant_rate_burst: u32,
+    pub tenant_idle: Duration,
+    pub tenant_max_in_flight: usize,
+    pub tool_cache_ttl: Duration,
+    pub tenant_max_restarts: u32,
+    pub tenant_restart_window: Duration,
+    pub drain_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    pub cors_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub tenant_auth: TenantAuthMode,
+    pub trust_proxy: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0} is required when APP_ENV=production")]
+    Missing(&'static str),
+    #[error("{key} is invalid: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("could not keep the generated development secrets in {path}: {reason}")]
+    DevSecrets { path: String, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The secrets that development mode made up because they were missing.
+#[derive(Debug, Default)]
+pub struct GeneratedSecrets {
+    pub names: Vec<&'static str>,
+}
+
+impl RawConfig {
+    /// Validates; in development fills missing secrets from (or into) the dev secrets file.
+    pub fn validate(mut self) -> Result<(Config, GeneratedSecrets), ConfigError> {
+        let generated = match self.app_env {
+            AppEnv::Development => self.fill_dev_secrets()?,
+            AppEnv::Production => GeneratedSecrets::default(),
+        };
+        let admin_api_key = self
+            .admin_api_key
+            .clone()
+            .filter(|k| !k.is_empty())
+            .ok_or(ConfigError::Missing("ADMIN_API_KEY"))?;
+        if admin_api_key.len() < 16 {
+            return Err(invalid("ADMIN_API_KEY", "must be at least 16 characters"));
+        }
+        let jwt_secret = self
+            .jwt_secret
+            .clone()
+            .filter(|k| !k.is_empty())
+            .ok_or(ConfigError::Missing("JWT_SECRET"))?;
+        if jwt_secret.len() < 32 {
+            return Err(invalid("JWT_SECRET", "must be at least 32 bytes"));
+        }
+        let encryption_key = parse_encryption_key(
+            self.encryption_key
+                .as_deref()
+                .filter(|k| !k.is_empty())
+                .ok_or(ConfigError::Missing("ENCRYPTION_KEY"))?,
+        )?;
+        let upstream_mcp_url = url::Url::parse(&self.upstream_mcp_url)
+            .map_err(|e| invalid("UPSTREAM_MCP_URL", e.to_string()))?;
+        if !matches!(upstream_mcp_url.scheme(), "http" | "https") {
+            return Err(invalid("UPSTREAM_MCP_URL", "must be an http or https URL"));
+        }
+        if self.upstream_timeout_ms == 0 {
+            return Err(invalid("UPSTREAM_TIMEOUT_MS", "must be above 0"));
+        }
+        if self.tenant_rate_limit == 0 || self.tenant_rate_burst == 0 {
+            return Err(invalid(
+                "TENANT_RATE_LIMIT",
+                "TENANT_RATE_LIMIT and TENANT_RATE_BURST must be above 0",
+            ));
+        }
+        if self.tenant_max_in_flight == 0 {
+            return Err(invalid("TENANT_MAX_IN_FLIGHT", "must be above 0"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("MAX_BODY_BYTES", "must be above 0"));
+        }
+        if self.database_pool_size == 0 {
+            return Err(invalid("DATABASE_POOL_SIZE", "must be above 0"));
+        }
+        let log_format = self.log_format.unwrap_or(match self.app_env {
+            AppEnv::Development => LogFormat::Pretty,
+            AppEnv::Production => LogFormat::Json,
+        });
+        let config = Config {
+            app_env: self.app_env,
+            listen: SocketAddr::new(self.host, self.port),
+            database_url: self.database_url.filter(|u| !u.is_empty()),
+            database_pool_size: self.database_pool_size,
+            admin_api_key: Secret::new(admin_api_key),
+            jwt_secret: Secret::new(jwt_secret),
+            encryption_key,
+            jwt_ttl: Duration::from_secs(self.jwt_ttl_secs.max(1)),
+            jwt_issuer: self.jwt_issuer,
+            jwt_audience: self.jwt_audience,
+            upstream_mcp_url,
+            upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
+            upstream_connect_timeout: Duration::from_millis(self.upstream_connect_timeout_ms.max(1)),
+            tenant_rate_limit: self.tenant_rate_limit,
+            tenant_rate_burst: self.tenant_rate_burst,
+            tenant_idle: Duration::from_secs(self.tenant_idle_secs.max(1)),
+            tenant_max_in_flight: self.tenant_max_in_flight,
+            tool_cache_ttl: Duration::from_secs(self.tool_cache_ttl_secs),
+            tenant_max_restarts: self.tenant_max_restarts,
+            tenant_restart_window: Duration::from_secs(self.tenant_restart_window_secs.max(1)),
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            max_body_bytes: self.max_body_bytes,
+            request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
+            cors_origins: self
+                .cors_origins
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            log_format,
+            tenant_auth: self.tenant_auth,
+            trust_proxy: self.trust_proxy,
+        };
+        Ok((config, generated))
+    }
+
+    /// Reads the dev secrets file, generates what is still missing and writes it back
+    /// (mode 0600), so that a restart can still open tokens sealed before it.
+    fn fill_dev_secrets(&mut self) -> Result<GeneratedSecrets, ConfigError> {
+        let path = self.dev_secrets_file.clone();
+        let kept = read_dev_secrets(&path);
+        let mut generated = GeneratedSecrets::default();
+        let mut changed = false;
+        for (name, slot, make) in [
+            (
+                "ADMIN_API_KEY",
+                &mut self.admin_api_key,
+                random_token as fn() -> String,
+            ),
+            ("JWT_SECRET", &mut self.jwt_secret, random_token),
+            ("ENCRYPTION_KEY", &mut self.encryption_key, random_key_hex),
+        ] {
+            if slot.as_deref().is_some_and(|v| !v.is_empty()) {
+                continue;
+            }
+            match kept.iter().find(|(k, _)| k == name) {
+                Some((_, v)) => *slot = Some(v.clone()),
+                None => {
+                    *slot = Some(make());
+                    generated.names.push(name);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let mut lines: Vec<(String, String)> = kept;
+            for name in &generated.names {
+                let value = match *name {
+                    "ADMIN_API_KEY" => self.admin_api_key.clone(),
+                    "JWT_SECRET" => self.jwt_secret.clone(),
+                    _ => self.encryption_key.clone(),
+                };
+                lines.push((name.to_string(), value.unwrap_or_default()));
+            }
+            write_dev_secrets(&path, &lines).map_err(|e| ConfigError::DevSecrets {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(generated)
+    }
+}
+
+fn read_dev_secrets(path: &Path) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn write_dev_secrets(path: &Path, lines: &[(String, String)]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    writeln!(file, "# generated by switchboard in development mode; do not use in production")?;
+    for (k, v) in lines {
+        writeln!(file, "{k}={v}")?;
+    }
+    Ok(())
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn random_key_hex() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// `ENCRYPTION_KEY` is 32 bytes, written as 64 hex digits or as base64.
+pub fn parse_encryption_key(text: &str) -> Result<[u8; 32], ConfigError> {
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex::decode(text).map_err(|_| invalid("ENCRYPTION_KEY", "bad hex"))?
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text))
+            .map_err(|_| invalid("ENCRYPTION_KEY", "must be 64 hex digits or base64"))?
+    };
+    bytes
+        .try_into()
+        .map_err(|_| invalid("ENCRYPTION_KEY", "must decode to exactly 32 bytes"))
+}
+
+impl Config {
+    /// A configuration for tests and benches: loopback, port 0, fixed secrets, embedded store.
+    pub fn for_tests() -> Self {
+        Config {
+            app_env: AppEnv::Development,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            database_url: None,
+            database_pool_size: 4,
+            admin_api_key: Secret::new("test-admin-key-0123456789abcdef"),
+            jwt_secret: Secret::new("test-jwt-secret-0123456789abcdef0123456789"),
+            encryption_key: [7u8; 32],
+            jwt_ttl: Duration::from_secs(3600),
+            jwt_issuer: "switchboard".into(),
+            jwt_audience: "switchboard".into(),
+            upstream_mcp_url: url::Url::parse("http://127.0.0.1:9/mcp").expect("static url"),
+            upstream_timeout: Duration::from_secs(5),
+            upstream_connect_timeout: Duration::from_secs(2),
+            tenant_rate_limit: 1000,
+            tenant_rate_burst: 1000,
+            tenant_idle: Duration::from_secs(300),
+            tenant_max_in_flight: 256,
+            tool_cache_ttl: Duration::from_secs(300),
+            tenant_max_restarts: 10,
+            tenant_restart_window: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(5),
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            cors_origins: Vec::new(),
+            log_format: LogFormat::Pretty,
+            tenant_auth: TenantAuthMode::Either,
+            trust_proxy: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        raw: RawConfig,
+    }
+
+    fn raw(args: &[&str]) -> RawConfig {
+        let mut all = vec!["switchboard"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("flags parse").raw
+    }
+
+    #[test]
+    fn production_names_the_missing_secret() {
+        let err = raw(&["--app-env", "production"]).validate().unwrap_err();
+        assert_eq!(err, ConfigError::Missing("ADMIN_API_KEY"));
+        let err = raw(&[
+            "--app-env",
+            "production",
+            "--admin-api-key",
+            "an-admin-key-long-enough",
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(err, ConfigError::Missing("JWT_SECRET"));
+        let err = raw(&[
+            "--app-env",
+            "production",
+            "--admin-api-key",
+            "an-admin-key-long-enough",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(err, ConfigError::Missing("ENCRYPTION_KEY"));
+    }
+
+    #[test]
+    fn short_jwt_secret_is_refused() {
+        let err = raw(&[
+            "--app-env",
+            "production",
+            "--admin-api-key",
+            "an-admin-key-long-enough",
+            "--jwt-secret",
+            "short",
+            "--encryption-key",
+            &"ab".repeat(32),
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { key: "JWT_SECRET", .. }));
+    }
+
+    #[test]
+    fn development_generates_secrets_once_and_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secrets");
+        let file = file.to_str().unwrap();
+        let (first, generated) = raw(&["--dev-secrets-file", file]).validate().unwrap();
+        assert_eq!(
+            generated.names,
+            vec!["ADMIN_API_KEY", "JWT_SECRET", "ENCRYPTION_KEY"]
+        );
+        let (second, generated) = raw(&["--dev-secrets-file", file]).validate().unwrap();
+        assert!(generated.names.is_empty(), "second start generates nothing");
+        assert_eq!(first.admin_api_key, second.admin_api_key);
+        assert_eq!(first.encryption_key, second.encryption_key);
+    }
+
+    #[test]
+    fn encryption_key_accepts_hex_and_base64() {
+        let hex_key = "11".repeat(32);
+        assert_eq!(parse_encryption_key(&hex_key).unwrap(), [0x11; 32]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode([0x22u8; 32]);
+        assert_eq!(parse_encryption_key(&b64).unwrap(), [0x22; 32]);
+        assert!(parse_encryption_key("too-short").is_err());
+    }
+
+    #[test]
+    fn secret_debug_hides_the_value() {
+        let s = Secret::new("hunter2-very-secret");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

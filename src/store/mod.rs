@@ -1,0 +1,216 @@
+//! Persistence behind one interface, [`Store`], with two backends: PostgreSQL
+//! (deadpool-postgres, for production and fleets) and an embedded SQLite file (the
+//! default, so a fresh clone runs with nothing else installed).
+//!
+//! The store holds only what must survive a restart: tenants (with the upstream token
+//! already sealed by [`crate::cipher`] and the API key already hashed) and the audit
+//! trail. It knows nothing of HTTP, actors or credentials in the clear.
+
+mod migrations;
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use migrations::Migration;
+
+/// How a tenant reaches its upstream MCP server (API.md "How a tenant reaches its upstream").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTransport {
+    #[default]
+    StreamableHttp,
+    Sse,
+    Auto,
+}
+
+impl UpstreamTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StreamableHttp => "streamable-http",
+            Self::Sse => "sse",
+            Self::Auto => "auto",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "streamable-http" => Some(Self::StreamableHttp),
+            "sse" => Some(Self::Sse),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+}
+
+/// A per-tenant override of the default rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+/// A tenant row as stored. Secrets appear only in sealed or hashed form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantRecord {
+    /// `tenant-` plus a random part.
+    pub id: String,
+    pub name: Option<String>,
+    pub integration_key: String,
+    /// The upstream token sealed by [`crate::cipher::TokenCipher`] (nonce followed by ciphertext).
+    pub sealed_token: Vec<u8>,
+    /// SHA-256 of the tenant API key (32 bytes). The key itself is never stored.
+    pub api_key_hash: Vec<u8>,
+    pub upstream_url: Option<String>,
+    pub upstream_transport: UpstreamTransport,
+    pub enabled: bool,
+    pub rate_limit: Option<RateLimit>,
+    /// Microsecond precision; both backends round-trip it exactly.
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Bumped by every change; updates compare it to detect a race (409 `conflict`).
+    pub version: i64,
+}
+
+/// The changes of one `PATCH /api/tenants/{id}`; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantChanges {
+    pub name: Option<Option<String>>,
+    pub integration_key: Option<String>,
+    pub sealed_token: Option<Vec<u8>>,
+    pub upstream_url: Option<Option<String>>,
+    pub upstream_transport: Option<UpstreamTransport>,
+    pub enabled: Option<bool>,
+    pub rate_limit: Option<Option<RateLimit>>,
+}
+
+/// Where the next page of a newest-first listing starts: the last item of the page before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// One audit event. Tool-call fields are `None` for other actions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// A UUIDv7 made when the event happened, so ids sort by time across replicas.
+    pub id: String,
+    pub at: DateTime<Utc>,
+    pub tenant_id: Option<String>,
+    pub action: String,
+    pub actor: String,
+    pub outcome: String,
+    pub request_id: Option<String>,
+    pub tool: Option<String>,
+    pub latency_ms: Option<i64>,
+    pub request_bytes: Option<i64>,
+    pub response_bytes: Option<i64>,
+    /// Extra fields (tool arguments when `AUDIT_ARGUMENTS=true`, a refusal reason, ...).
+    pub detail: Option<serde_json::Value>,
+}
+
+/// A filter and page for [`Store::list_audit`]; newest first, `before_id` exclusive.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub tenant_id: String,
+    pub action: Option<String>,
+    pub before_id: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("the row changed since it was read")]
+    Conflict,
+    #[error("a row with that key exists")]
+    Duplicate,
+    /// The database could not be reached or refused the connection: a 503, and retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The one storage interface; both backends pass `tests/store_contract.rs`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"postgres"` or `"sqlite"`, for logs and `/health`.
+    fn backend(&self) -> &'static str;
+
+    /// Applies the migrations of `sql/` that have not run yet, each once, and returns the
+    /// versions it applied now (empty when the schema is current).
+    async fn migrate(&self) -> StoreResult<Vec<i64>>;
+
+    /// Cheap round trip, for `/health` and `/ready`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Inserts a new tenant; `Duplicate` when the id or key hash is taken.
+    async fn create_tenant(&self, tenant: &TenantRecord) -> StoreResult<()>;
+
+    async fn get_tenant(&self, id: &str) -> StoreResult<Option<TenantRecord>>;
+
+    /// The tenant whose API key hashes to `hash`, by an indexed equality lookup.
+    async fn tenant_by_key_hash(&self, hash: &[u8]) -> StoreResult<Option<TenantRecord>>;
+
+    /// Newest first (`created_at` desc, then `id` desc), starting after `after`.
+    async fn list_tenants(
+        &self,
+        limit: u32,
+        after: Option<&PageCursor>,
+    ) -> StoreResult<Vec<TenantRecord>>;
+
+    async fn count_tenants(&self) -> StoreResult<u64>;
+
+    /// Applies `changes` if the row's version is still `expected_version`; bumps the
+    /// version and `updated_at`. `NotFound` or `Conflict` otherwise.
+    async fn update_tenant(
+        &self,
+        id: &str,
+        expected_version: i64,
+        changes: &TenantChanges,
+    ) -> StoreResult<TenantRecord>;
+
+    /// Replaces the API key hash (the old key stops matching at once); bumps the version.
+    async fn rotate_api_key(&self, id: &str, new_hash: &[u8]) -> StoreResult<TenantRecord>;
+
+    /// Removes the tenant; its audit rows stay. `NotFound` when there was none.
+    async fn delete_tenant(&self, id: &str) -> StoreResult<()>;
+
+    /// Writes a batch of audit events in one transaction; ids already present are skipped,
+    /// so a retried batch never writes an event twice.
+    async fn append_audit(&self, events: &[AuditRecord]) -> StoreResult<()>;
+
+    async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
+
+    /// Deletes audit events older than `before`; returns how many.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+}
+
+pub type SharedStore = Arc<dyn Store>;
+
+/// Opens the store a `DATABASE_URL` names: `postgres://` / `postgresql://` for PostgreSQL,
+/// `sqlite://PATH` (or nothing: `./switchboard.db`) for the embedded file.
+pub async fn open(database_url: Option<&str>, pool_size: usize) -> anyhow::Result<SharedStore> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(postgres::PostgresStore::connect(url, pool_size)?))
+        }
+        Some(url) => {
+            let path = url.strip_prefix("sqlite://").ok_or_else(|| {
+                anyhow::anyhow!("DATABASE_URL must start with postgres://, postgresql:// or sqlite://")
+            })?;
+            Ok(Arc::new(sqlite::SqliteStore::open(path).await?))
+        }
+        None => Ok(Arc::new(sqlite::SqliteStore::open("switchboard.db").await?)),
+    }
+}
