@@ -1,1 +1,98 @@
-fn main() {}
+//! The `switchboard` binary: parse flags and environment, set up logging, run.
+
+use clap::{Parser, Subcommand};
+use switchboard::config::{Config, LogFormat, RawConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "A multi-tenant gateway for the Model Context Protocol"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: RawConfig,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gateway (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+fn main() -> anyhow::Result<()> {
+    // A missing .env is normal; a malformed one is not.
+    if let Err(err) = dotenvy::dotenv() {
+        if !err.not_found() {
+            anyhow::bail!("could not read .env: {err}");
+        }
+    }
+    let cli = Cli::parse();
+    let (config, generated) = match cli.config.validate() {
+        Ok(ok) => ok,
+        Err(err) => {
+            eprintln!("switchboard: configuration error: {err}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing(&config);
+    if !generated.names.is_empty() {
+        // Printed once, to the terminal, not through the log pipeline.
+        eprintln!(
+            "WARNING: development mode generated {} and saved them to the dev secrets file; \
+             set them explicitly in production:",
+            generated.names.join(", ")
+        );
+        if generated.names.contains(&"ADMIN_API_KEY") {
+            eprintln!("  ADMIN_API_KEY={}", config.admin_api_key.expose());
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(config).await,
+            Command::Migrate => migrate(config).await,
+        }
+    })
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "listening");
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        switchboard::shutdown::signal().await;
+        on_signal.cancel();
+    });
+    switchboard::app::run(config, listener, shutdown).await
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    let store =
+        switchboard::store::open(config.database_url.as_deref(), config.database_pool_size).await?;
+    let applied = store.migrate().await?;
+    tracing::info!(?applied, backend = store.backend(), "migrations applied");
+    Ok(())
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

@@ -6,6 +6,7 @@
 //! already sealed by [`crate::cipher`] and the API key already hashed) and the audit
 //! trail. It knows nothing of HTTP, actors or credentials in the clear.
 
+mod columns;
 mod migrations;
 pub mod postgres;
 pub mod sqlite;
@@ -16,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use migrations::Migration;
+pub use migrations::{Migration, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 
 /// How a tenant reaches its upstream MCP server (API.md "How a tenant reaches its upstream").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -207,7 +208,9 @@ pub async fn open(database_url: Option<&str>, pool_size: usize) -> anyhow::Resul
         }
         Some(url) => {
             let path = url.strip_prefix("sqlite://").ok_or_else(|| {
-                anyhow::anyhow!("DATABASE_URL must start with postgres://, postgresql:// or sqlite://")
+                anyhow::anyhow!(
+                    "DATABASE_URL must start with postgres://, postgresql:// or sqlite://"
+                )
             })?;
             Ok(Arc::new(sqlite::SqliteStore::open(path).await?))
         }

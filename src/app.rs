@@ -1,0 +1,115 @@
+//! Wiring and the order of things: open the store and migrate, build the credential
+//! checker, tenant admin and tenant runtime, serve HTTP; on shutdown, drain in the order
+//! DESIGN.md gives (readiness off, in-flight work finishes, actors stop and flush, the
+//! store closes).
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::cipher::TokenCipher;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::shutdown::Lifecycle;
+use crate::store::{self, SharedStore};
+use crate::tenants::admin::TenantAdmin;
+use crate::tenants::runtime::TenantRuntime;
+use crate::tenants::{ChangeFeed, RuntimeSettings};
+
+/// A built application, not yet serving.
+pub struct App {
+    pub state: AppState,
+}
+
+impl App {
+    /// Opens the store (applying migrations) and builds every component.
+    pub async fn build(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let store = store::open(config.database_url.as_deref(), config.database_pool_size).await?;
+        let applied = store.migrate().await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, backend = store.backend(), "migrations applied");
+        }
+        Self::with_store(config, store, shutdown).await
+    }
+
+    /// Builds every component on a store that is already open and migrated.
+    pub async fn with_store(
+        config: Config,
+        store: SharedStore,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let lifecycle = Arc::new(Lifecycle::new(shutdown.clone()));
+        let changes = ChangeFeed::new(1024);
+        let cipher = TokenCipher::new(&config.encryption_key);
+        let auth = Arc::new(Authenticator::new(&config, store.clone()));
+        let tenants = TenantRuntime::start(
+            RuntimeSettings::from_config(&config),
+            store.clone(),
+            cipher.clone(),
+            config.upstream_mcp_url.clone(),
+            changes.clone(),
+            shutdown,
+        )
+        .await?;
+        let admin = Arc::new(TenantAdmin::new(store.clone(), cipher, changes));
+        Ok(Self {
+            state: AppState {
+                config,
+                store,
+                auth,
+                admin,
+                tenants,
+                lifecycle,
+            },
+        })
+    }
+
+    /// Serves on `listener` until the lifecycle token is cancelled, then drains.
+    pub async fn serve(self, listener: TcpListener) -> anyhow::Result<()> {
+        let state = self.state;
+        let lifecycle = state.lifecycle.clone();
+        let drain_timeout = state.config.drain_timeout;
+        let router = http::router(state.clone());
+        let stop_accepting = CancellationToken::new();
+        let server = {
+            let stop = stop_accepting.clone();
+            tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            })
+        };
+        lifecycle.token.cancelled().await;
+        tracing::info!("shutdown requested: draining");
+        lifecycle.start_drain();
+        if !lifecycle.wait_idle(drain_timeout).await {
+            tracing::warn!("drain timeout reached with requests still in flight");
+        }
+        stop_accepting.cancel();
+        match tokio::time::timeout(drain_timeout, server).await {
+            Ok(joined) => joined??,
+            Err(_) => tracing::warn!("HTTP server did not stop within the drain timeout"),
+        }
+        // In-flight calls are done: stop the tenant actors, which flush their audit buffers.
+        state.tenants.shutdown().await;
+        lifecycle.tasks.close();
+        lifecycle.tasks.wait().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Builds the application and serves it on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    App::build(config, shutdown).await?.serve(listener).await
+}

@@ -1,0 +1,184 @@
+//! Who is calling: turns the credentials of a request into an [`AuthContext`] or a refusal.
+//!
+//! Admin: `ADMIN_API_KEY` (constant-time compare) or an admin JWT. Tenant: a tenant JWT
+//! and/or the tenant API key, per `TENANT_AUTH`. A credential's tenant is compared with
+//! the path's tenant before anything else touches that tenant; refusals never say which
+//! check failed. This module knows nothing of HTTP: `http::extract` feeds it headers.
+
+pub mod jwt;
+pub mod keys;
+
+use crate::config::{Config, Secret, TenantAuthMode};
+use crate::store::{SharedStore, StoreError, TenantRecord};
+use jwt::{JwtKeys, Role};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No credential, or one that does not verify: 401, and the body never says which.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// A valid credential of another tenant: 403.
+    #[error("forbidden")]
+    Forbidden,
+    #[error("tenant disabled")]
+    TenantDisabled,
+    /// The store could not be asked: 503.
+    #[error("credential store unavailable")]
+    Unavailable,
+}
+
+/// How a tenant call proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    ApiKey,
+    Jwt,
+    Both,
+}
+
+/// The authenticated tenant of a request (a request extension on tenant routes).
+#[derive(Debug, Clone)]
+pub struct AuthContext {
+    pub tenant_id: String,
+    pub via: CredentialKind,
+    pub tenant: TenantRecord,
+}
+
+/// The credentials a tenant request carried, as raw header values.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TenantCredentials<'a> {
+    /// `Authorization: Bearer` value: a tenant JWT (or, where allowed, an API key).
+    pub bearer: Option<&'a str>,
+    /// `x-api-key` value.
+    pub api_key: Option<&'a str>,
+}
+
+pub struct Authenticator {
+    jwt: JwtKeys,
+    admin_key: Secret,
+    store: SharedStore,
+    mode: TenantAuthMode,
+}
+
+impl Authenticator {
+    pub fn new(config: &Config, store: SharedStore) -> Self {
+        Self {
+            jwt: JwtKeys::new(config),
+            admin_key: config.admin_api_key.clone(),
+            store,
+            mode: config.tenant_auth,
+        }
+    }
+
+    pub fn jwt(&self) -> &JwtKeys {
+        &self.jwt
+    }
+
+    /// Whether `key` is the admin API key.
+    pub fn is_admin_key(&self, key: &str) -> bool {
+        keys::secrets_equal(key, self.admin_key.expose())
+    }
+
+    /// Admin routes: the bearer value is the admin key or an admin JWT.
+    pub fn admin(&self, bearer: Option<&str>) -> Result<(), AuthError> {
+        let token = bearer.ok_or(AuthError::Unauthorized)?;
+        if self.is_admin_key(token) || self.jwt.verify(token, Role::Admin).is_ok() {
+            Ok(())
+        } else {
+            Err(AuthError::Unauthorized)
+        }
+    }
+
+    /// The tenant an API key belongs to, for `POST /api/auth/tenant-token`.
+    pub async fn tenant_for_key(&self, key: &str) -> Result<TenantRecord, AuthError> {
+        let tenant = self.lookup_key(key).await?;
+        if tenant.enabled {
+            Ok(tenant)
+        } else {
+            Err(AuthError::TenantDisabled)
+        }
+    }
+
+    /// Tenant routes: checks the credentials against the path's tenant.
+    /// `bearer_may_be_key` lets the bearer value be an API key (the `/mcp` endpoint).
+    pub async fn tenant(
+        &self,
+        path_tenant: &str,
+        creds: TenantCredentials<'_>,
+        bearer_may_be_key: bool,
+    ) -> Result<AuthContext, AuthError> {
+        let (mut jwt_token, mut api_key) = (creds.bearer, creds.api_key);
+        if bearer_may_be_key && api_key.is_none() {
+            if let Some(b) = jwt_token.filter(|b| keys::looks_like_api_key(b)) {
+                (jwt_token, api_key) = (None, Some(b));
+            }
+        }
+        let via = match (jwt_token.is_some(), api_key.is_some()) {
+            (true, true) => CredentialKind::Both,
+            (true, false) => CredentialKind::Jwt,
+            (false, true) => CredentialKind::ApiKey,
+            (false, false) => return Err(AuthError::Unauthorized),
+        };
+        if self.mode == TenantAuthMode::Both && via != CredentialKind::Both {
+            return Err(AuthError::Unauthorized);
+        }
+        // The JWT names its tenant without a lookup: compare before touching the store.
+        let claims = match jwt_token {
+            Some(token) => {
+                let claims = self
+                    .jwt
+                    .verify(token, Role::Tenant)
+                    .map_err(|_| AuthError::Unauthorized)?;
+                if claims.tid.as_deref() != Some(path_tenant) {
+                    return Err(AuthError::Forbidden);
+                }
+                Some(claims)
+            }
+            None => None,
+        };
+        let tenant = match api_key {
+            Some(key) => {
+                let tenant = self.lookup_key(key).await?;
+                if tenant.id != path_tenant {
+                    return Err(AuthError::Forbidden);
+                }
+                tenant
+            }
+            None => self
+                .store
+                .get_tenant(path_tenant)
+                .await
+                .map_err(store_refusal)?
+                .ok_or(AuthError::Unauthorized)?,
+        };
+        // A JWT issued under a rotated key is retired with it.
+        if let Some(claims) = &claims {
+            if claims.kid.as_deref() != Some(keys::key_generation(&tenant.api_key_hash).as_str()) {
+                return Err(AuthError::Unauthorized);
+            }
+        }
+        if !tenant.enabled {
+            return Err(AuthError::TenantDisabled);
+        }
+        Ok(AuthContext {
+            tenant_id: tenant.id.clone(),
+            via,
+            tenant,
+        })
+    }
+
+    async fn lookup_key(&self, key: &str) -> Result<TenantRecord, AuthError> {
+        if !keys::looks_like_api_key(key) {
+            return Err(AuthError::Unauthorized);
+        }
+        self.store
+            .tenant_by_key_hash(&keys::hash_api_key(key))
+            .await
+            .map_err(store_refusal)?
+            .ok_or(AuthError::Unauthorized)
+    }
+}
+
+fn store_refusal(err: StoreError) -> AuthError {
+    tracing::warn!(error = %err, "credential lookup failed");
+    AuthError::Unavailable
+}

@@ -1,0 +1,191 @@
+//! Extractors that turn a request into typed input or an [`ApiError`]: JSON bodies with the
+//! contract's 400/413/415 answers (naming the field, never echoing a value), and the admin
+//! and tenant credential guards, which run before any handler touches a tenant.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
+use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::auth::{AuthContext, Authenticator, TenantCredentials};
+
+/// A JSON body. `Content-Type` must be `application/json`; errors follow API.md.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::invalid_request("the request body could not be read")
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+/// Parses `bytes` as `T`; the message names the field and the expected type, never the
+/// value that was sent (it might be a secret in the wrong place).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            return ApiError::InvalidJson(format!(
+                "malformed JSON at line {} column {}",
+                inner.line(),
+                inner.column()
+            ));
+        }
+        ApiError::InvalidRequest(describe_data_error(&path, &inner.to_string()))
+    })?;
+    de.end()
+        .map_err(|_| ApiError::InvalidJson("trailing characters after the JSON value".into()))?;
+    Ok(value)
+}
+
+fn describe_data_error(path: &str, message: &str) -> String {
+    // serde's message ends with " at line L column C"; drop it, the path says where.
+    let message = message.split(" at line ").next().unwrap_or(message);
+    let at = if path == "." {
+        String::new()
+    } else {
+        format!("field `{path}`: ")
+    };
+    if message.starts_with("missing field") || message.starts_with("unknown field") {
+        return format!("{at}{message}");
+    }
+    match message.split_once(", expected ") {
+        Some((kind, expected)) => {
+            let kind = kind.split(':').next().unwrap_or("invalid value");
+            format!("{at}{kind}, expected {expected}")
+        }
+        None => format!("{at}invalid value"),
+    }
+}
+
+/// The `Authorization: Bearer` value, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+pub fn api_key_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// Proof that the caller is the operator.
+pub struct Admin;
+
+impl<S> FromRequestParts<S> for Admin
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let auth = Arc::<Authenticator>::from_ref(state);
+        auth.admin(bearer(&parts.headers))?;
+        Ok(Admin)
+    }
+}
+
+/// The tenant of a `/api/tenant/{tenantId}/…` route, after its credentials were checked
+/// against the path.
+pub struct Tenant(pub AuthContext);
+
+impl<S> FromRequestParts<S> for Tenant
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(tenant_id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::invalid_request("the path must name one tenant"))?;
+        let auth = Arc::<Authenticator>::from_ref(state);
+        let creds = TenantCredentials {
+            bearer: bearer(&parts.headers),
+            api_key: api_key_header(&parts.headers),
+        };
+        let context = auth.tenant(&tenant_id, creds, false).await?;
+        tracing::Span::current().record("tenant_id", context.tenant_id.as_str());
+        Ok(Tenant(context))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        integration_key: String,
+        enabled: Option<bool>,
+    }
+
+    fn message(bytes: &[u8]) -> (String, String) {
+        let err = parse_json::<Body>(bytes).unwrap_err();
+        let (_, code, message) = err.parts();
+        (code.to_owned(), message)
+    }
+
+    #[test]
+    fn errors_name_the_field_and_never_echo_values() {
+        let (code, msg) = message(br#"{"enabled":true}"#);
+        assert_eq!(code, "invalid_request");
+        assert!(msg.contains("integrationKey"), "{msg}");
+        let (code, msg) = message(br#"{"integrationKey":"x","enabled":"sekrit-value"}"#);
+        assert_eq!(code, "invalid_request");
+        assert!(msg.contains("enabled") && !msg.contains("sekrit"), "{msg}");
+        let (code, msg) = message(br#"{"integrationKey":"sekrit-value2","x":1}"#);
+        assert!(
+            msg.contains("unknown field `x`") && !msg.contains("sekrit"),
+            "{code} {msg}"
+        );
+        let (code, _) = message(br#"{"integrationKey": "#);
+        assert_eq!(code, "invalid_json");
+        let (code, _) = message(br#"{"integrationKey":"x""#);
+        assert_eq!(code, "invalid_json");
+    }
+}

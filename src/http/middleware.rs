@@ -1,0 +1,141 @@
+//! The layer every request passes first: request id in and out, the tracing span with
+//! request and tenant id, the drain gate, security headers, and the JSON error body of
+//! API.md for every error response (from our handlers or from a layer such as the body
+//! limit or the timeout).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use super::error::{ApiError, ErrorBody, ErrorDetail, ErrorReport};
+use crate::shutdown::Lifecycle;
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request id, as a request extension for handlers that record it (audit).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Routes that answer during a drain: probes must see the drain, not be refused by it.
+fn serves_while_draining(path: &str) -> bool {
+    matches!(path, "/health" | "/ready" | "/metrics")
+}
+
+pub async fn request_context(
+    State(lifecycle): State<Arc<Lifecycle>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_sane_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        tenant_id = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let probe = serves_while_draining(req.uri().path());
+    let mut response = if lifecycle.is_draining() && !probe {
+        ApiError::Draining.into_response()
+    } else {
+        // Probes do not hold the drain open; everything else does until it answers.
+        let _in_flight = (!probe).then(|| lifecycle.begin_request());
+        next.run(req).instrument(span.clone()).await
+    };
+    finish_error(&mut response, &request_id, &span);
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(REQUEST_ID.clone(), v);
+    }
+    add_security_headers(headers);
+    let status = response.status().as_u16();
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| tracing::info!(status, latency_ms, "request finished"));
+    response
+}
+
+/// Ids taken from a client are echoed into logs and headers: keep them short and plain.
+fn is_sane_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// Writes the JSON error body for an error response that carries an [`ErrorReport`], and
+/// gives one to the bare error statuses of layers that do not know our format.
+fn finish_error(response: &mut Response, request_id: &str, span: &tracing::Span) {
+    let report = match response.extensions_mut().remove::<ErrorReport>() {
+        Some(report) => report,
+        None => {
+            let replacement = match response.status() {
+                StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+                StatusCode::REQUEST_TIMEOUT => ApiError::RequestTimeout,
+                _ => return,
+            };
+            let headers = std::mem::take(response.headers_mut());
+            *response = replacement.into_response();
+            for (name, value) in headers.iter() {
+                if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                    response.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            match response.extensions_mut().remove::<ErrorReport>() {
+                Some(report) => report,
+                None => return,
+            }
+        }
+    };
+    if let Some(cause) = &report.internal {
+        span.in_scope(|| tracing::error!(code = report.code, cause = %cause, "request failed"));
+    }
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: report.code.to_owned(),
+            message: report.message,
+            request_id: request_id.to_owned(),
+        },
+    };
+    let bytes = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    *response.body_mut() = Body::from(bytes);
+}
+
+/// The headers a helmet-protected service sends. JSON answers get a CSP that forbids
+/// everything, since nothing here is meant to be rendered.
+fn add_security_headers(headers: &mut axum::http::HeaderMap) {
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+}

@@ -1,0 +1,143 @@
+//! The HTTP layer (axum): the router, its state, the middleware stack and the OpenAPI
+//! description generated from the same route definitions (utoipa-axum), so the served
+//! routes and `/openapi.json` cannot drift apart.
+
+pub mod error;
+pub mod extract;
+pub mod middleware;
+pub mod routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::http::{header, HeaderValue, Method};
+use axum::{Json, Router};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::shutdown::Lifecycle;
+use crate::store::SharedStore;
+use crate::tenants::admin::TenantAdmin;
+use crate::tenants::runtime::TenantRuntime;
+use error::ApiError;
+
+/// What handlers can reach. Handlers take the narrow parts through `FromRef`.
+#[derive(Clone, FromRef)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: SharedStore,
+    pub auth: Arc<Authenticator>,
+    pub admin: Arc<TenantAdmin>,
+    pub tenants: TenantRuntime,
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "switchboard", description = "A multi-tenant gateway for the Model Context Protocol"),
+    modifiers(&SecuritySchemes),
+    components(schemas(error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+    }
+}
+
+/// The REST routes with their OpenAPI description.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    use routes::{audit, auth, health, tenants, tool};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(health::ready))
+        .routes(routes!(auth::admin_token))
+        .routes(routes!(auth::tenant_token))
+        .routes(routes!(tenants::create, tenants::list))
+        .routes(routes!(tenants::get, tenants::update, tenants::delete))
+        .routes(routes!(tenants::rotate_key))
+        .routes(routes!(audit::for_admin))
+        .routes(routes!(audit::for_tenant))
+        .routes(routes!(tool::call))
+}
+
+/// The OpenAPI 3.1 document of the REST API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().into_openapi()
+}
+
+/// The whole application. Layers run outside-in in the order written last-to-first:
+/// the request context (id, span, drain gate, error bodies) wraps everything, so even a
+/// timeout or an oversize body gets the contract's error body and a request id.
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let lifecycle = state.lifecycle.clone();
+    let (api, spec) = api_routes().split_for_parts();
+    let spec = Arc::new(spec);
+    api.route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            let spec = spec.clone();
+            async move { Json(spec.as_ref().clone()) }
+        }),
+    )
+    .fallback(|| async { ApiError::NotFound("no such route".into()) })
+    .with_state(state)
+    .layer(DefaultBodyLimit::max(config.max_body_bytes))
+    .layer(TimeoutLayer::with_status_code(
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        config.request_timeout,
+    ))
+    .layer(cors(&config))
+    .layer(axum::middleware::from_fn_with_state(
+        lifecycle,
+        middleware::request_context,
+    ))
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let origins: Vec<HeaderValue> = config
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            axum::http::HeaderName::from_static("x-api-key"),
+            axum::http::HeaderName::from_static("x-request-id"),
+            axum::http::HeaderName::from_static("mcp-session-id"),
+            axum::http::HeaderName::from_static("mcp-protocol-version"),
+        ])
+        .expose_headers([
+            axum::http::HeaderName::from_static("x-request-id"),
+            axum::http::HeaderName::from_static("mcp-session-id"),
+        ])
+        .max_age(Duration::from_secs(600))
+}

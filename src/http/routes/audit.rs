@@ -1,0 +1,148 @@
+//! The audit trail of one tenant, for its operator and for the tenant itself: newest
+//! first, cursor pagination, `?action=` filter.
+
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::tenants::page_limit;
+use crate::http::error::{ApiError, ErrorBody};
+use crate::http::extract::{Admin, Tenant};
+use crate::http::AppState;
+use crate::store::{AuditQuery, AuditRecord};
+
+const ACTIONS: &[&str] = &[
+    "tool.call",
+    "tools.list",
+    "tenant.create",
+    "tenant.update",
+    "tenant.delete",
+    "tenant.key_rotate",
+    "token.issue",
+    "auth.refused",
+];
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct AuditParams {
+    /// Items per page, 1 to 500 (default 50).
+    limit: Option<u32>,
+    /// `nextCursor` of the page before.
+    cursor: Option<String>,
+    /// Only events of this action, e.g. `tool.call`.
+    action: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditItem {
+    id: String,
+    at: DateTime<Utc>,
+    tenant_id: Option<String>,
+    action: String,
+    actor: String,
+    outcome: String,
+    request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    detail: Option<serde_json::Value>,
+}
+
+impl From<AuditRecord> for AuditItem {
+    fn from(r: AuditRecord) -> Self {
+        Self {
+            id: r.id,
+            at: r.at,
+            tenant_id: r.tenant_id,
+            action: r.action,
+            actor: r.actor,
+            outcome: r.outcome,
+            request_id: r.request_id,
+            tool: r.tool,
+            latency_ms: r.latency_ms,
+            request_bytes: r.request_bytes,
+            response_bytes: r.response_bytes,
+            detail: r.detail,
+        }
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditPage {
+    items: Vec<AuditItem>,
+    next_cursor: Option<String>,
+}
+
+/// A tenant's audit trail, for the operator.
+#[utoipa::path(get, path = "/api/tenants/{tenantId}/audit", tag = "audit",
+    params(("tenantId" = String, Path), AuditParams), security(("bearer" = [])),
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+pub async fn for_admin(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(tenant_id): Path<String>,
+    Query(params): Query<AuditParams>,
+) -> Result<Json<AuditPage>, ApiError> {
+    page(&state, tenant_id, params).await
+}
+
+/// The calling tenant's own audit trail.
+#[utoipa::path(get, path = "/api/tenant/{tenantId}/audit", tag = "audit",
+    params(("tenantId" = String, Path), AuditParams), security(("bearer" = []), ("apiKey" = [])),
+    responses((status = 200, body = AuditPage), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn for_tenant(
+    Tenant(ctx): Tenant,
+    State(state): State<AppState>,
+    Query(params): Query<AuditParams>,
+) -> Result<Json<AuditPage>, ApiError> {
+    page(&state, ctx.tenant_id, params).await
+}
+
+async fn page(
+    state: &AppState,
+    tenant_id: String,
+    params: AuditParams,
+) -> Result<Json<AuditPage>, ApiError> {
+    let limit = page_limit(params.limit)?;
+    if let Some(action) = params.action.as_deref() {
+        if !ACTIONS.contains(&action) {
+            return Err(ApiError::invalid_request(format!(
+                "action must be one of {}",
+                ACTIONS.join(", ")
+            )));
+        }
+    }
+    if let Some(cursor) = params.cursor.as_deref() {
+        if uuid::Uuid::parse_str(cursor).is_err() {
+            return Err(ApiError::invalid_request(
+                "cursor is not one this service issued",
+            ));
+        }
+    }
+    let query = AuditQuery {
+        tenant_id,
+        action: params.action,
+        before_id: params.cursor,
+        limit: limit + 1,
+    };
+    let mut rows = state.store.list_audit(&query).await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(AuditPage {
+        items: rows.into_iter().map(AuditItem::from).collect(),
+        next_cursor,
+    }))
+}

@@ -1,0 +1,86 @@
+//! Probes: `/health` (liveness with detail) and `/ready` (for load balancers: the database
+//! answers and the process is not draining).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Serialize;
+
+use crate::http::AppState;
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    /// `ok`, or `degraded` when the database does not answer.
+    status: &'static str,
+    uptime_seconds: u64,
+    active_tenants: u64,
+    database: DatabaseHealth,
+    memory: MemoryHealth,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DatabaseHealth {
+    /// `up` or `down`.
+    status: &'static str,
+    backend: &'static str,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryHealth {
+    rss_bytes: u64,
+}
+
+/// Liveness and a summary of the process.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, body = Health), (status = 503, description = "database down", body = Health)))]
+pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    let db_up = state.store.ping().await.is_ok();
+    let body = Health {
+        status: if db_up { "ok" } else { "degraded" },
+        uptime_seconds: state.lifecycle.uptime_secs(),
+        active_tenants: state.tenants.active_count() as u64,
+        database: DatabaseHealth {
+            status: if db_up { "up" } else { "down" },
+            backend: state.store.backend(),
+        },
+        memory: MemoryHealth {
+            rss_bytes: resident_memory_bytes(),
+        },
+    };
+    let status = if db_up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Ready {
+    ready: bool,
+}
+
+/// Readiness: 200 when the database answers and the process is not draining.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let ready = !state.lifecycle.is_draining() && state.store.ping().await.is_ok();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(Ready { ready }))
+}
+
+/// Resident set size from `/proc/self/statm` (0 where there is no procfs).
+pub fn resident_memory_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    pages * 4096
+}

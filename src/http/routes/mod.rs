@@ -1,0 +1,7 @@
+//! One file per group of endpoints; `http::router` mounts them.
+
+pub mod audit;
+pub mod auth;
+pub mod health;
+pub mod tenants;
+pub mod tool;

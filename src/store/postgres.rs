@@ -1,0 +1,467 @@
+//! The production backend: PostgreSQL through a deadpool-postgres pool, shared by any
+//! number of replicas. Connecting and waiting for a pooled connection are bounded by
+//! timeouts so that a database that is down turns into `StoreError::Unavailable` (503)
+//! within seconds instead of a hang. The connection string may hold a password, so no
+//! error or log line here ever repeats it or the URL.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{
+    Client, ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod,
+    Runtime,
+};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use super::columns::{
+    apply_changes, micros, now_micros, AuditRow, TenantRow, AUDIT_COLUMNS, TENANT_COLUMNS,
+};
+use super::migrations::{pending, CREATE_SCHEMA_MIGRATIONS, POSTGRES_MIGRATIONS};
+use super::{
+    AuditQuery, AuditRecord, PageCursor, Store, StoreError, StoreResult, TenantChanges,
+    TenantRecord,
+};
+
+/// How long a caller waits for a free pooled connection, and how long opening a new one
+/// may take, before the store reports `Unavailable`.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The key of the session advisory lock held around `migrate`, so that replicas starting
+/// at once apply each migration exactly once. Any fixed value works; this is "swbd-mig".
+const MIGRATION_LOCK_KEY: i64 = 0x7377_6264_2d6d_6967;
+
+type Param<'a> = &'a (dyn ToSql + Sync);
+
+/// The PostgreSQL store: a pool, cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl PostgresStore {
+    /// Builds the pool for `url` (`postgres://` or `postgresql://`, no TLS). Connections
+    /// open lazily, so this succeeds while the database is down; `ping` tells.
+    pub fn connect(url: &str, pool_size: usize) -> anyhow::Result<Self> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
+            // The parser's message could quote part of the URL, password included.
+            anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL connection string")
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("switchboard");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            // The timeouts below only work with a runtime to time them.
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .context("building the PostgreSQL connection pool")?;
+        Ok(Self { pool })
+    }
+
+    /// The pool itself, for pool metrics and for a LISTEN connection.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn client(&self) -> StoreResult<Client> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// The first tenant a query returning `TENANT_COLUMNS` yields.
+    async fn query_tenant(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> StoreResult<Option<TenantRow>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+        let row = client.query_opt(&stmt, params).await.map_err(db_err)?;
+        row.as_ref().map(tenant_row).transpose()
+    }
+}
+
+fn pool_err(e: PoolError) -> StoreError {
+    let reason = match e {
+        PoolError::Timeout(_) => "timed out waiting for a PostgreSQL connection".to_owned(),
+        PoolError::Backend(e) => format!("cannot connect to PostgreSQL: {}", describe(&e)),
+        PoolError::Closed => "the PostgreSQL pool is closed".to_owned(),
+        PoolError::NoRuntimeSpecified => "the PostgreSQL pool has no runtime".to_owned(),
+        PoolError::PostCreateHook(_) => "a new PostgreSQL connection failed its setup".to_owned(),
+    };
+    StoreError::Unavailable(reason)
+}
+
+/// A message that names what went wrong without the statement's values (the server's
+/// DETAIL line can quote them) or the connection string.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(code) = e.code() {
+        if *code == SqlState::UNIQUE_VIOLATION {
+            return StoreError::Duplicate;
+        }
+        // Class 08 (connection exception), 57P0x (shutdown, cannot connect now), 53300
+        // (too many connections): the database is there but not serving us; retry later.
+        let c = code.code();
+        if c.starts_with("08") || c.starts_with("57P") || c == "53300" {
+            return StoreError::Unavailable(describe(&e));
+        }
+        return StoreError::Backend(describe(&e));
+    }
+    let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+    if e.is_closed() || io {
+        StoreError::Unavailable(describe(&e))
+    } else {
+        StoreError::Backend(describe(&e))
+    }
+}
+
+fn tenant_row(row: &Row) -> StoreResult<TenantRow> {
+    let r = || -> Result<TenantRow, tokio_postgres::Error> {
+        Ok(TenantRow {
+            id: row.try_get(0)?,
+            name: row.try_get(1)?,
+            integration_key: row.try_get(2)?,
+            sealed_token: row.try_get(3)?,
+            api_key_hash: row.try_get(4)?,
+            upstream_url: row.try_get(5)?,
+            upstream_transport: row.try_get(6)?,
+            enabled: row.try_get(7)?,
+            rate_rps: row.try_get(8)?,
+            rate_burst: row.try_get(9)?,
+            created_at: row.try_get(10)?,
+            updated_at: row.try_get(11)?,
+            version: row.try_get(12)?,
+        })
+    };
+    r().map_err(db_err)
+}
+
+fn audit_row(row: &Row) -> StoreResult<AuditRow> {
+    let r = || -> Result<AuditRow, tokio_postgres::Error> {
+        Ok(AuditRow {
+            id: row.try_get(0)?,
+            at: row.try_get(1)?,
+            tenant_id: row.try_get(2)?,
+            action: row.try_get(3)?,
+            actor: row.try_get(4)?,
+            outcome: row.try_get(5)?,
+            request_id: row.try_get(6)?,
+            tool: row.try_get(7)?,
+            latency_ms: row.try_get(8)?,
+            request_bytes: row.try_get(9)?,
+            response_bytes: row.try_get(10)?,
+            detail: row.try_get(11)?,
+        })
+    };
+    r().map_err(db_err)
+}
+
+/// Creates `schema_migrations` and applies each pending migration in a transaction with
+/// its record row. The caller holds the migration lock.
+async fn apply_migrations(client: &mut ClientWrapper) -> StoreResult<Vec<i64>> {
+    client
+        .batch_execute(CREATE_SCHEMA_MIGRATIONS)
+        .await
+        .map_err(db_err)?;
+    let done = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| r.try_get::<_, i64>(0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db_err)?;
+    let mut applied_now = Vec::new();
+    for migration in pending(POSTGRES_MIGRATIONS, &done) {
+        let tx = client.transaction().await.map_err(db_err)?;
+        tx.batch_execute(migration.sql).await.map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            &[&migration.version, &migration.name, &now_micros()],
+        )
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied a postgres migration"
+        );
+        applied_now.push(migration.version);
+    }
+    Ok(applied_now)
+}
+
+const UPDATE_TENANT: &str = "UPDATE tenants SET name = $3, integration_key = $4, \
+    sealed_token = $5, upstream_url = $6, upstream_transport = $7, enabled = $8, \
+    rate_rps = $9, rate_burst = $10, updated_at = $11, version = $12 \
+    WHERE id = $1 AND version = $2";
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> StoreResult<Vec<i64>> {
+        // A connection taken out of the pool: the session lock lives as long as the
+        // connection, and a detached connection closes when dropped, so even a migrate
+        // cancelled halfway cannot hand a pooled connection back still holding the lock.
+        let mut client = Object::take(self.client().await?);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await
+            .map_err(db_err)?;
+        let result = apply_migrations(&mut client).await;
+        // Best effort: closing the connection (on drop) releases the lock anyway.
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+            .await;
+        result
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn create_tenant(&self, tenant: &TenantRecord) -> StoreResult<()> {
+        let t = TenantRow::from_record(tenant)?;
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO tenants ({TENANT_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        );
+        let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+        let params: [Param<'_>; 13] = [
+            &t.id,
+            &t.name,
+            &t.integration_key,
+            &t.sealed_token,
+            &t.api_key_hash,
+            &t.upstream_url,
+            &t.upstream_transport,
+            &t.enabled,
+            &t.rate_rps,
+            &t.rate_burst,
+            &t.created_at,
+            &t.updated_at,
+            &t.version,
+        ];
+        client.execute(&stmt, &params).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &str) -> StoreResult<Option<TenantRecord>> {
+        let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1");
+        let row = self.query_tenant(&sql, &[&id]).await?;
+        row.map(TenantRow::into_record).transpose()
+    }
+
+    async fn tenant_by_key_hash(&self, hash: &[u8]) -> StoreResult<Option<TenantRecord>> {
+        let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE api_key_hash = $1");
+        let row = self.query_tenant(&sql, &[&hash]).await?;
+        row.map(TenantRow::into_record).transpose()
+    }
+
+    async fn list_tenants(
+        &self,
+        limit: u32,
+        after: Option<&PageCursor>,
+    ) -> StoreResult<Vec<TenantRecord>> {
+        let limit = i64::from(limit);
+        let client = self.client().await?;
+        // Two statements rather than `$1 IS NULL OR ...`, so each page is an index range.
+        let rows = match after {
+            None => {
+                let sql = format!(
+                    "SELECT {TENANT_COLUMNS} FROM tenants \
+                     ORDER BY created_at DESC, id DESC LIMIT $1"
+                );
+                let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+                client.query(&stmt, &[&limit]).await
+            }
+            Some(cursor) => {
+                let sql = format!(
+                    "SELECT {TENANT_COLUMNS} FROM tenants WHERE (created_at, id) < ($1, $2) \
+                     ORDER BY created_at DESC, id DESC LIMIT $3"
+                );
+                let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+                let at = micros(cursor.created_at);
+                client.query(&stmt, &[&at, &cursor.id, &limit]).await
+            }
+        }
+        .map_err(db_err)?;
+        rows.iter().map(|r| tenant_row(r)?.into_record()).collect()
+    }
+
+    async fn count_tenants(&self) -> StoreResult<u64> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT COUNT(*) FROM tenants")
+            .await
+            .map_err(db_err)?;
+        let row = client.query_one(&stmt, &[]).await.map_err(db_err)?;
+        let n: i64 = row.try_get(0).map_err(db_err)?;
+        u64::try_from(n).map_err(|_| StoreError::Backend("negative tenant count".into()))
+    }
+
+    async fn update_tenant(
+        &self,
+        id: &str,
+        expected_version: i64,
+        changes: &TenantChanges,
+    ) -> StoreResult<TenantRecord> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let select = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR UPDATE");
+        let stmt = tx.prepare_cached(&select).await.map_err(db_err)?;
+        let current = tx.query_opt(&stmt, &[&id]).await.map_err(db_err)?;
+        let current = tenant_row(&current.ok_or(StoreError::NotFound)?)?;
+        if current.version != expected_version {
+            return Err(StoreError::Conflict);
+        }
+        let r = apply_changes(current, changes, now_micros())?;
+        let stmt = tx.prepare_cached(UPDATE_TENANT).await.map_err(db_err)?;
+        let params: [Param<'_>; 12] = [
+            &r.id,
+            &expected_version,
+            &r.name,
+            &r.integration_key,
+            &r.sealed_token,
+            &r.upstream_url,
+            &r.upstream_transport,
+            &r.enabled,
+            &r.rate_rps,
+            &r.rate_burst,
+            &r.updated_at,
+            &r.version,
+        ];
+        if tx.execute(&stmt, &params).await.map_err(db_err)? != 1 {
+            return Err(StoreError::Conflict);
+        }
+        tx.commit().await.map_err(db_err)?;
+        r.into_record()
+    }
+
+    async fn rotate_api_key(&self, id: &str, new_hash: &[u8]) -> StoreResult<TenantRecord> {
+        let sql = format!(
+            "UPDATE tenants SET api_key_hash = $2, version = version + 1, updated_at = $3 \
+             WHERE id = $1 RETURNING {TENANT_COLUMNS}"
+        );
+        let row = self
+            .query_tenant(&sql, &[&id, &new_hash, &now_micros()])
+            .await?;
+        row.ok_or(StoreError::NotFound)?.into_record()
+    }
+
+    async fn delete_tenant(&self, id: &str) -> StoreResult<()> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM tenants WHERE id = $1")
+            .await
+            .map_err(db_err)?;
+        match client.execute(&stmt, &[&id]).await.map_err(db_err)? {
+            0 => Err(StoreError::NotFound),
+            _ => Ok(()),
+        }
+    }
+
+    async fn append_audit(&self, events: &[AuditRecord]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let rows = events
+            .iter()
+            .map(AuditRow::from_record)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        let sql = format!(
+            "INSERT INTO audit_events ({AUDIT_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (id) DO NOTHING"
+        );
+        let stmt = tx.prepare_cached(&sql).await.map_err(db_err)?;
+        let (tx_ref, stmt_ref) = (&tx, &stmt);
+        // The inserts are pipelined on the one connection, inside the one transaction.
+        let inserts = rows.iter().map(|e| async move {
+            let params: [Param<'_>; 12] = [
+                &e.id,
+                &e.at,
+                &e.tenant_id,
+                &e.action,
+                &e.actor,
+                &e.outcome,
+                &e.request_id,
+                &e.tool,
+                &e.latency_ms,
+                &e.request_bytes,
+                &e.response_bytes,
+                &e.detail,
+            ];
+            tx_ref.execute(stmt_ref, &params).await
+        });
+        futures::future::try_join_all(inserts)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let limit = i64::from(query.limit);
+        let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE tenant_id = $1");
+        let mut params: Vec<Param<'_>> = vec![&query.tenant_id];
+        if let Some(action) = &query.action {
+            params.push(action);
+            sql.push_str(&format!(" AND action = ${}", params.len()));
+        }
+        if let Some(before) = &query.before_id {
+            params.push(before);
+            sql.push_str(&format!(" AND id < ${}", params.len()));
+        }
+        params.push(&limit);
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+        let rows = client.query(&stmt, &params).await.map_err(db_err)?;
+        rows.iter().map(|r| audit_row(r)?.into_record()).collect()
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM audit_events WHERE at < $1")
+            .await
+            .map_err(db_err)?;
+        client
+            .execute(&stmt, &[&micros(before)])
+            .await
+            .map_err(db_err)
+    }
+}

@@ -1,0 +1,485 @@
+//! The embedded backend: one SQLite file (WAL mode), the default so that `cargo run` works
+//! on a fresh machine. rusqlite is synchronous and its `Connection` is not `Sync`, so the
+//! one connection sits behind a `std::sync::Mutex` and every call runs on tokio's blocking
+//! pool; SQLite serialises writers anyway, and the gateway's hot paths (key lookups, audit
+//! batches) are short, so one connection is enough for an embedded deployment.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, ToSql, TransactionBehavior};
+
+use super::columns::{
+    apply_changes, micros, now_micros, AuditRow, TenantRow, AUDIT_COLUMNS, TENANT_COLUMNS,
+};
+use super::migrations::{pending, CREATE_SCHEMA_MIGRATIONS, SQLITE_MIGRATIONS};
+use super::{
+    AuditQuery, AuditRecord, PageCursor, Store, StoreError, StoreResult, TenantChanges,
+    TenantRecord,
+};
+
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The embedded store. Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// A std (not tokio) mutex: it is only ever locked inside `spawn_blocking`, never held
+    /// across an `.await`. A poisoned lock is recovered: a panicking call leaves at most an
+    /// open transaction, which rusqlite rolls back when it is dropped.
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its folder when missing) the database file at `path`, or an
+    /// in-memory database for `:memory:`, in WAL mode with foreign keys on.
+    pub async fn open(path: &str) -> anyhow::Result<Self> {
+        let path = path.to_owned();
+        let conn = tokio::task::spawn_blocking(move || open_connection(&path)).await??;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut guard)
+        })
+        .await
+        .map_err(|_| StoreError::Backend("the sqlite task was cancelled or panicked".into()))?
+    }
+}
+
+fn open_connection(path: &str) -> anyhow::Result<Connection> {
+    if path != ":memory:" {
+        if let Some(parent) = Path::new(path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent)?;
+        }
+    }
+    let conn = Connection::open(path)?;
+    // The busy timeout first: switching to WAL needs a lock another process may hold.
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let _mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error() {
+        Some(err) if err.code == ErrorCode::ConstraintViolation => {
+            let unique = [
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE,
+                rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY,
+            ];
+            if unique.contains(&err.extended_code) {
+                StoreError::Duplicate
+            } else {
+                StoreError::Backend(e.to_string())
+            }
+        }
+        Some(err)
+            if matches!(
+                err.code,
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen
+            ) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
+}
+
+fn tenant_row(row: &Row<'_>) -> rusqlite::Result<TenantRow> {
+    Ok(TenantRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        integration_key: row.get(2)?,
+        sealed_token: row.get(3)?,
+        api_key_hash: row.get(4)?,
+        upstream_url: row.get(5)?,
+        upstream_transport: row.get(6)?,
+        enabled: row.get(7)?,
+        rate_rps: row.get(8)?,
+        rate_burst: row.get(9)?,
+        created_at: row.get(10)?,
+        updated_at: row.get(11)?,
+        version: row.get(12)?,
+    })
+}
+
+fn audit_row(row: &Row<'_>) -> rusqlite::Result<AuditRow> {
+    Ok(AuditRow {
+        id: row.get(0)?,
+        at: row.get(1)?,
+        tenant_id: row.get(2)?,
+        action: row.get(3)?,
+        actor: row.get(4)?,
+        outcome: row.get(5)?,
+        request_id: row.get(6)?,
+        tool: row.get(7)?,
+        latency_ms: row.get(8)?,
+        request_bytes: row.get(9)?,
+        response_bytes: row.get(10)?,
+        detail: row.get(11)?,
+    })
+}
+
+/// One tenant by a single-parameter `WHERE` clause.
+fn tenant_where<P: ToSql>(
+    conn: &Connection,
+    clause: &str,
+    param: P,
+) -> StoreResult<Option<TenantRow>> {
+    let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE {clause}");
+    let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+    stmt.query_row([param], tenant_row)
+        .optional()
+        .map_err(map_err)
+}
+
+fn applied_versions(conn: &Connection) -> StoreResult<Vec<i64>> {
+    let mut stmt = conn
+        .prepare("SELECT version FROM schema_migrations")
+        .map_err(map_err)?;
+    let rows = stmt.query_map([], |r| r.get(0)).map_err(map_err)?;
+    rows.collect::<Result<_, _>>().map_err(map_err)
+}
+
+/// Applies each pending migration in its own `BEGIN IMMEDIATE` transaction, re-checking
+/// under the write lock, so that processes sharing the file apply each one exactly once.
+fn migrate(conn: &mut Connection) -> StoreResult<Vec<i64>> {
+    conn.execute_batch(CREATE_SCHEMA_MIGRATIONS)
+        .map_err(map_err)?;
+    let mut applied_now = Vec::new();
+    for migration in SQLITE_MIGRATIONS {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(map_err)?;
+        let done = applied_versions(&tx)?;
+        if pending(std::slice::from_ref(migration), &done)
+            .next()
+            .is_none()
+        {
+            continue;
+        }
+        tx.execute_batch(migration.sql).map_err(map_err)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            params![migration.version, migration.name, now_micros()],
+        )
+        .map_err(map_err)?;
+        tx.commit().map_err(map_err)?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied a sqlite migration"
+        );
+        applied_now.push(migration.version);
+    }
+    Ok(applied_now)
+}
+
+fn insert_tenant(conn: &Connection, t: &TenantRow) -> StoreResult<()> {
+    let sql = format!(
+        "INSERT INTO tenants ({TENANT_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    );
+    conn.prepare_cached(&sql)
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                t.id,
+                t.name,
+                t.integration_key,
+                t.sealed_token,
+                t.api_key_hash,
+                t.upstream_url,
+                t.upstream_transport,
+                t.enabled,
+                t.rate_rps,
+                t.rate_burst,
+                t.created_at,
+                t.updated_at,
+                t.version
+            ])
+        })
+        .map_err(map_err)?;
+    Ok(())
+}
+
+fn list_tenants(
+    conn: &Connection,
+    limit: u32,
+    after: Option<(i64, String)>,
+) -> StoreResult<Vec<TenantRow>> {
+    // Two statements rather than `?1 IS NULL OR ...`, so each page is an index range.
+    let rows = match after {
+        None => {
+            let sql = format!(
+                "SELECT {TENANT_COLUMNS} FROM tenants ORDER BY created_at DESC, id DESC LIMIT ?1"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![limit], tenant_row)
+                .map_err(map_err)?;
+            rows.collect::<Result<_, _>>()
+        }
+        Some((at, id)) => {
+            let sql = format!(
+                "SELECT {TENANT_COLUMNS} FROM tenants WHERE (created_at, id) < (?1, ?2) \
+                 ORDER BY created_at DESC, id DESC LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![at, id, limit], tenant_row)
+                .map_err(map_err)?;
+            rows.collect::<Result<_, _>>()
+        }
+    };
+    rows.map_err(map_err)
+}
+
+/// The optimistic update: read, check the version, write guarded by the same version.
+fn update_tenant(
+    conn: &mut Connection,
+    id: &str,
+    expected: i64,
+    changes: &TenantChanges,
+) -> StoreResult<TenantRow> {
+    // IMMEDIATE: take the write lock before reading, so the read and the write see the
+    // same snapshot (a deferred one could fail with SQLITE_BUSY_SNAPSHOT instead).
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    let current = tenant_where(&tx, "id = ?1", id)?.ok_or(StoreError::NotFound)?;
+    if current.version != expected {
+        return Err(StoreError::Conflict);
+    }
+    let row = apply_changes(current, changes, now_micros())?;
+    let changed = tx
+        .prepare_cached(
+            "UPDATE tenants SET name = ?3, integration_key = ?4, sealed_token = ?5, \
+             upstream_url = ?6, upstream_transport = ?7, enabled = ?8, rate_rps = ?9, \
+             rate_burst = ?10, updated_at = ?11, version = ?12 \
+             WHERE id = ?1 AND version = ?2",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                row.id,
+                expected,
+                row.name,
+                row.integration_key,
+                row.sealed_token,
+                row.upstream_url,
+                row.upstream_transport,
+                row.enabled,
+                row.rate_rps,
+                row.rate_burst,
+                row.updated_at,
+                row.version
+            ])
+        })
+        .map_err(map_err)?;
+    if changed != 1 {
+        return Err(StoreError::Conflict);
+    }
+    tx.commit().map_err(map_err)?;
+    Ok(row)
+}
+
+fn append_audit(conn: &mut Connection, rows: &[AuditRow]) -> StoreResult<()> {
+    let tx = conn.transaction().map_err(map_err)?;
+    {
+        let sql = format!(
+            "INSERT OR IGNORE INTO audit_events ({AUDIT_COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        );
+        let mut stmt = tx.prepare_cached(&sql).map_err(map_err)?;
+        for e in rows {
+            stmt.execute(params![
+                e.id,
+                e.at,
+                e.tenant_id,
+                e.action,
+                e.actor,
+                e.outcome,
+                e.request_id,
+                e.tool,
+                e.latency_ms,
+                e.request_bytes,
+                e.response_bytes,
+                e.detail
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    tx.commit().map_err(map_err)
+}
+
+fn list_audit(conn: &Connection, q: &AuditQuery) -> StoreResult<Vec<AuditRow>> {
+    let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE tenant_id = ?1");
+    let mut args: Vec<&dyn ToSql> = vec![&q.tenant_id];
+    if let Some(action) = &q.action {
+        args.push(action);
+        sql.push_str(&format!(" AND action = ?{}", args.len()));
+    }
+    if let Some(before) = &q.before_id {
+        args.push(before);
+        sql.push_str(&format!(" AND id < ?{}", args.len()));
+    }
+    args.push(&q.limit);
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+    let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+    let rows = stmt
+        .query_map(args.as_slice(), audit_row)
+        .map_err(map_err)?;
+    rows.collect::<Result<_, _>>().map_err(map_err)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> StoreResult<Vec<i64>> {
+        self.with_conn(migrate).await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                .map(drop)
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn create_tenant(&self, tenant: &TenantRecord) -> StoreResult<()> {
+        let row = TenantRow::from_record(tenant)?;
+        self.with_conn(move |conn| insert_tenant(conn, &row)).await
+    }
+
+    async fn get_tenant(&self, id: &str) -> StoreResult<Option<TenantRecord>> {
+        let id = id.to_owned();
+        let row = self
+            .with_conn(move |conn| tenant_where(conn, "id = ?1", id))
+            .await?;
+        row.map(TenantRow::into_record).transpose()
+    }
+
+    async fn tenant_by_key_hash(&self, hash: &[u8]) -> StoreResult<Option<TenantRecord>> {
+        let hash = hash.to_vec();
+        let row = self
+            .with_conn(move |conn| tenant_where(conn, "api_key_hash = ?1", hash))
+            .await?;
+        row.map(TenantRow::into_record).transpose()
+    }
+
+    async fn list_tenants(
+        &self,
+        limit: u32,
+        after: Option<&PageCursor>,
+    ) -> StoreResult<Vec<TenantRecord>> {
+        let after = after.map(|c| (micros(c.created_at), c.id.clone()));
+        let rows = self
+            .with_conn(move |conn| list_tenants(conn, limit, after))
+            .await?;
+        rows.into_iter().map(TenantRow::into_record).collect()
+    }
+
+    async fn count_tenants(&self) -> StoreResult<u64> {
+        let n: i64 = self
+            .with_conn(|conn| {
+                conn.query_row("SELECT COUNT(*) FROM tenants", [], |r| r.get(0))
+                    .map_err(map_err)
+            })
+            .await?;
+        u64::try_from(n).map_err(|_| StoreError::Backend("negative tenant count".into()))
+    }
+
+    async fn update_tenant(
+        &self,
+        id: &str,
+        expected_version: i64,
+        changes: &TenantChanges,
+    ) -> StoreResult<TenantRecord> {
+        let (id, changes) = (id.to_owned(), changes.clone());
+        self.with_conn(move |conn| update_tenant(conn, &id, expected_version, &changes))
+            .await?
+            .into_record()
+    }
+
+    async fn rotate_api_key(&self, id: &str, new_hash: &[u8]) -> StoreResult<TenantRecord> {
+        let (id, hash) = (id.to_owned(), new_hash.to_vec());
+        let row = self
+            .with_conn(move |conn| {
+                let sql = format!(
+                    "UPDATE tenants SET api_key_hash = ?2, version = version + 1, updated_at = ?3 \
+                     WHERE id = ?1 RETURNING {TENANT_COLUMNS}"
+                );
+                let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
+                stmt.query_row(params![id, hash, now_micros()], tenant_row)
+                    .optional()
+                    .map_err(map_err)
+            })
+            .await?;
+        row.ok_or(StoreError::NotFound)?.into_record()
+    }
+
+    async fn delete_tenant(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_owned();
+        let deleted = self
+            .with_conn(move |conn| {
+                conn.execute("DELETE FROM tenants WHERE id = ?1", [id])
+                    .map_err(map_err)
+            })
+            .await?;
+        if deleted == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn append_audit(&self, events: &[AuditRecord]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let rows = events
+            .iter()
+            .map(AuditRow::from_record)
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.with_conn(move |conn| append_audit(conn, &rows)).await
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let query = query.clone();
+        let rows = self.with_conn(move |conn| list_audit(conn, &query)).await?;
+        rows.into_iter().map(AuditRow::into_record).collect()
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let before = micros(before);
+        let n = self
+            .with_conn(move |conn| {
+                conn.execute("DELETE FROM audit_events WHERE at < ?1", [before])
+                    .map_err(map_err)
+            })
+            .await?;
+        Ok(n as u64)
+    }
+}

@@ -1,0 +1,535 @@
+//! One actor per tenant. It owns the tenant's upstream connection (and so its credentials),
+//! tool-list cache, rate limiter, in-flight limit and audit buffer. It never waits on the
+//! upstream inside a handler: connects, tool listings and audit writes run as tasks that
+//! report back by message, and calls run in the caller's task with a [`Lease`].
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{clock::Clock, DefaultDirectRateLimiter, Quota};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{broadcast, mpsc, Semaphore};
+
+use super::backoff::Backoff;
+use super::messages::{CallError, Lease, TenantMsg, TenantNotice, ToolList};
+use super::status::{ConnectionState, UpstreamStatus};
+use super::RuntimeSettings;
+use crate::store::{AuditRecord, SharedStore, TenantRecord};
+use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
+
+pub struct TenantActor;
+
+pub struct TenantArgs {
+    pub record: TenantRecord,
+    pub target: UpstreamTarget,
+    pub settings: Arc<RuntimeSettings>,
+    pub store: SharedStore,
+    /// Read by the registry for `GET /api/tenants/{id}` without messaging the actor.
+    pub status: Arc<Mutex<UpstreamStatus>>,
+}
+
+enum Connection {
+    Idle,
+    Connecting(Vec<RpcReplyPort<Result<Lease, CallError>>>),
+    Ready(UpstreamClient),
+    /// Too many failures in a row: refuse calls until `until`, then try again.
+    Failing {
+        until: Instant,
+    },
+}
+
+pub struct TenantState {
+    tenant_id: String,
+    target: UpstreamTarget,
+    settings: Arc<RuntimeSettings>,
+    store: SharedStore,
+    status: Arc<Mutex<UpstreamStatus>>,
+    connection: Connection,
+    /// Bumped per connect attempt; messages about older connections are ignored.
+    generation: u64,
+    tools: Option<(Arc<ToolList>, Instant)>,
+    tool_waiters: Vec<RpcReplyPort<Result<Arc<ToolList>, CallError>>>,
+    tools_loading: bool,
+    in_flight: Arc<Semaphore>,
+    limiter: DefaultDirectRateLimiter,
+    failures: u32,
+    last_error: Option<String>,
+    last_used: Instant,
+    notices: broadcast::Sender<TenantNotice>,
+    audit: VecDeque<AuditRecord>,
+    audit_writing: bool,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+fn quota(record: &TenantRecord, settings: &RuntimeSettings) -> Quota {
+    let (rps, burst) = match record.rate_limit {
+        Some(limit) => (limit.requests_per_second, limit.burst),
+        None => (settings.rate_per_second, settings.rate_burst),
+    };
+    let rps = std::num::NonZeroU32::new(rps.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    Quota::per_second(rps).allow_burst(burst)
+}
+
+impl Actor for TenantActor {
+    type Msg = TenantMsg;
+    type State = TenantState;
+    type Arguments = TenantArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<TenantMsg>,
+        args: TenantArgs,
+    ) -> Result<TenantState, ActorProcessingErr> {
+        let settings = args.settings;
+        let tick = settings.tick_interval();
+        let me = myself.clone();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                if me.cast(TenantMsg::Tick).is_err() {
+                    break;
+                }
+            }
+        });
+        let (notices, _) = broadcast::channel(16);
+        set_status(&args.status, |s| s.state = ConnectionState::Stopped);
+        Ok(TenantState {
+            tenant_id: args.record.id.clone(),
+            limiter: DefaultDirectRateLimiter::direct(quota(&args.record, &settings)),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+            target: args.target,
+            store: args.store,
+            status: args.status,
+            connection: Connection::Idle,
+            generation: 0,
+            tools: None,
+            tool_waiters: Vec::new(),
+            tools_loading: false,
+            failures: 0,
+            last_error: None,
+            last_used: Instant::now(),
+            notices,
+            audit: VecDeque::new(),
+            audit_writing: false,
+            ticker,
+            settings,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TenantMsg>,
+        msg: TenantMsg,
+        state: &mut TenantState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            TenantMsg::Lease(reply) => state.lease(&myself, reply),
+            TenantMsg::Tools { refresh, reply } => state.tools(&myself, refresh, reply),
+            TenantMsg::Outcome {
+                generation,
+                failure,
+            } => state.outcome(generation, failure),
+            TenantMsg::Audit(event) => state.push_audit(&myself, event),
+            TenantMsg::Subscribe(reply) => {
+                let _ = reply.send(state.notices.subscribe());
+            }
+            TenantMsg::Connected { generation, result } => {
+                state.connected(&myself, generation, result)
+            }
+            TenantMsg::ToolsLoaded { generation, result } => state.tools_loaded(generation, result),
+            TenantMsg::Upstream { generation, event } => state.upstream_event(generation, event),
+            TenantMsg::AuditWritten(result) => state.audit_written(&myself, result),
+            TenantMsg::Tick => state.tick(&myself),
+            TenantMsg::Panic => panic!("injected fault in tenant {}", state.tenant_id),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<TenantMsg>,
+        state: &mut TenantState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.ticker.abort();
+        state.stop().await;
+        Ok(())
+    }
+}
+
+fn set_status(status: &Mutex<UpstreamStatus>, change: impl FnOnce(&mut UpstreamStatus)) {
+    if let Ok(mut s) = status.lock() {
+        change(&mut s);
+    }
+}
+
+impl TenantState {
+    fn lease(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        reply: RpcReplyPort<Result<Lease, CallError>>,
+    ) {
+        self.last_used = Instant::now();
+        if let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            let _ = reply.send(Err(CallError::RateLimited { retry_after: wait }));
+            return;
+        }
+        match &mut self.connection {
+            Connection::Ready(client) => {
+                let client = client.clone();
+                let _ = reply.send(self.make_lease(client));
+            }
+            Connection::Connecting(waiters) => {
+                if waiters.len() >= self.settings.max_in_flight {
+                    let _ = reply.send(Err(busy()));
+                } else {
+                    waiters.push(reply);
+                }
+            }
+            Connection::Failing { until } if Instant::now() < *until => {
+                let retry_after = until.saturating_duration_since(Instant::now());
+                let reason = self.last_error.clone().unwrap_or_else(|| "failing".into());
+                let _ = reply.send(Err(CallError::Unavailable {
+                    reason,
+                    retry_after,
+                }));
+            }
+            Connection::Idle | Connection::Failing { .. } => {
+                self.connection = Connection::Connecting(vec![reply]);
+                self.start_connect(myself);
+            }
+        }
+    }
+
+    fn make_lease(&self, client: UpstreamClient) -> Result<Lease, CallError> {
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy())?;
+        Ok(Lease {
+            client,
+            generation: self.generation,
+            tools: self.fresh_tools(),
+            _permit: permit,
+        })
+    }
+
+    fn fresh_tools(&self) -> Option<Arc<ToolList>> {
+        self.tools
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < self.settings.tool_ttl)
+            .map(|(list, _)| list.clone())
+    }
+
+    fn start_connect(&mut self, myself: &ActorRef<TenantMsg>) {
+        self.generation += 1;
+        let generation = self.generation;
+        set_status(&self.status, |s| s.state = ConnectionState::Connecting);
+        let (tx, mut rx) = mpsc::channel::<UpstreamEvent>(64);
+        let target = self.target.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = UpstreamClient::connect(&target, tx).await;
+            let ok = result.is_ok();
+            if me
+                .cast(TenantMsg::Connected { generation, result })
+                .is_err()
+                || !ok
+            {
+                return;
+            }
+            // Forward what the upstream says on its own until the connection ends.
+            while let Some(event) = rx.recv().await {
+                let last = event == UpstreamEvent::Closed;
+                if me.cast(TenantMsg::Upstream { generation, event }).is_err() || last {
+                    break;
+                }
+            }
+        });
+    }
+
+    fn connected(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        generation: u64,
+        result: Result<UpstreamClient, crate::upstream::UpstreamError>,
+    ) {
+        if generation != self.generation {
+            return;
+        }
+        let waiters = match std::mem::replace(&mut self.connection, Connection::Idle) {
+            Connection::Connecting(waiters) => waiters,
+            _ => Vec::new(),
+        };
+        match result {
+            Ok(client) => {
+                self.failures = 0;
+                self.last_error = None;
+                self.connection = Connection::Ready(client.clone());
+                set_status(&self.status, |s| {
+                    s.state = ConnectionState::Ready;
+                    s.last_error = None;
+                });
+                for waiter in waiters {
+                    let _ = waiter.send(self.make_lease(client.clone()));
+                }
+                if !self.tool_waiters.is_empty() {
+                    self.load_tools(myself);
+                }
+            }
+            Err(err) => {
+                let err = CallError::from(err);
+                self.record_failure(err.to_string());
+                for waiter in waiters {
+                    let _ = waiter.send(Err(err.clone()));
+                }
+                for waiter in self.tool_waiters.drain(..) {
+                    let _ = waiter.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// Counts a transport failure; past the threshold the tenant pauses with back-off.
+    fn record_failure(&mut self, error: String) {
+        self.failures += 1;
+        self.last_error = Some(error.clone());
+        if self.failures >= self.settings.failure_threshold {
+            let backoff = Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+            };
+            let attempt = self.failures - self.settings.failure_threshold + 1;
+            self.connection = Connection::Failing {
+                until: Instant::now() + backoff.delay(attempt),
+            };
+            set_status(&self.status, |s| {
+                s.state = ConnectionState::Failing;
+                s.last_error = Some(error);
+            });
+            tracing::warn!(tenant_id = %self.tenant_id, failures = self.failures, "tenant marked failing");
+        } else {
+            self.connection = Connection::Idle;
+            set_status(&self.status, |s| {
+                s.state = ConnectionState::Stopped;
+                s.last_error = Some(error);
+            });
+        }
+    }
+
+    fn outcome(&mut self, generation: u64, failure: Option<String>) {
+        if generation != self.generation {
+            return;
+        }
+        match failure {
+            None => self.failures = 0,
+            Some(error) => {
+                // The connection is suspect: drop it so the next call reconnects.
+                if let Connection::Ready(client) = &self.connection {
+                    let client = client.clone();
+                    tokio::spawn(async move { client.close().await });
+                }
+                self.record_failure(error);
+            }
+        }
+    }
+
+    fn tools(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        refresh: bool,
+        reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
+    ) {
+        self.last_used = Instant::now();
+        if refresh {
+            self.tools = None;
+        }
+        if let Some(list) = self.fresh_tools() {
+            let _ = reply.send(Ok(list));
+            return;
+        }
+        self.tool_waiters.push(reply);
+        match &self.connection {
+            Connection::Ready(_) => self.load_tools(myself),
+            Connection::Connecting(_) => {}
+            Connection::Failing { until } if Instant::now() < *until => {
+                let err = CallError::Unavailable {
+                    reason: self.last_error.clone().unwrap_or_else(|| "failing".into()),
+                    retry_after: until.saturating_duration_since(Instant::now()),
+                };
+                for waiter in self.tool_waiters.drain(..) {
+                    let _ = waiter.send(Err(err.clone()));
+                }
+            }
+            Connection::Idle | Connection::Failing { .. } => {
+                self.connection = Connection::Connecting(Vec::new());
+                self.start_connect(myself);
+            }
+        }
+    }
+
+    fn load_tools(&mut self, myself: &ActorRef<TenantMsg>) {
+        let Connection::Ready(client) = &self.connection else {
+            return;
+        };
+        if self.tools_loading {
+            return;
+        }
+        self.tools_loading = true;
+        let (client, me, generation) = (client.clone(), myself.clone(), self.generation);
+        let timeout = self.settings.upstream_timeout;
+        tokio::spawn(async move {
+            let result = client.list_tools(timeout).await;
+            let _ = me.cast(TenantMsg::ToolsLoaded { generation, result });
+        });
+    }
+
+    fn tools_loaded(
+        &mut self,
+        generation: u64,
+        result: Result<Vec<rmcp::model::Tool>, crate::upstream::UpstreamError>,
+    ) {
+        self.tools_loading = false;
+        let result = match result {
+            Ok(tools) => {
+                let list = Arc::new(ToolList::new(tools));
+                if generation == self.generation {
+                    self.tools = Some((list.clone(), Instant::now()));
+                    let count = list.tools.len();
+                    set_status(&self.status, |s| s.tool_count = Some(count));
+                }
+                Ok(list)
+            }
+            Err(err) => Err(CallError::from(err)),
+        };
+        for waiter in self.tool_waiters.drain(..) {
+            let _ = waiter.send(result.clone());
+        }
+    }
+
+    fn upstream_event(&mut self, generation: u64, event: UpstreamEvent) {
+        if generation != self.generation {
+            return;
+        }
+        match event {
+            UpstreamEvent::ToolListChanged => {
+                self.tools = None;
+                let _ = self.notices.send(TenantNotice::ToolListChanged);
+            }
+            UpstreamEvent::Progress(_) => {}
+            UpstreamEvent::Closed => {
+                if matches!(self.connection, Connection::Ready(_)) {
+                    self.connection = Connection::Idle;
+                    set_status(&self.status, |s| s.state = ConnectionState::Stopped);
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, myself: &ActorRef<TenantMsg>) {
+        self.flush_audit(myself);
+        let idle = self.last_used.elapsed() >= self.settings.idle;
+        let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
+        if idle && quiet && self.audit.is_empty() && !self.audit_writing {
+            myself.stop(Some("idle".into()));
+        }
+    }
+
+    fn push_audit(&mut self, myself: &ActorRef<TenantMsg>, event: AuditRecord) {
+        if self.audit.len() >= self.settings.audit_buffer {
+            // Bounded: the oldest event is dropped and counted, never unbounded memory.
+            self.audit.pop_front();
+            metrics::counter!("switchboard_audit_dropped_total").increment(1);
+            metrics::gauge!("switchboard_audit_pending").decrement(1.0);
+        }
+        self.audit.push_back(event);
+        metrics::gauge!("switchboard_audit_pending").increment(1.0);
+        if self.audit.len() >= self.settings.audit_batch {
+            self.flush_audit(myself);
+        }
+    }
+
+    fn flush_audit(&mut self, myself: &ActorRef<TenantMsg>) {
+        if self.audit_writing || self.audit.is_empty() {
+            return;
+        }
+        self.audit_writing = true;
+        let n = self.audit.len().min(self.settings.audit_batch);
+        let batch: Vec<AuditRecord> = self.audit.drain(..n).collect();
+        let (store, me) = (self.store.clone(), myself.clone());
+        tokio::spawn(async move {
+            let result = store.append_audit(&batch).await.map(|()| batch.len()).map_err(|err| {
+                tracing::warn!(error = %err, events = batch.len(), "audit batch not written; will retry");
+                batch
+            });
+            let _ = me.cast(TenantMsg::AuditWritten(result));
+        });
+    }
+
+    fn audit_written(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        result: Result<usize, Vec<AuditRecord>>,
+    ) {
+        self.audit_writing = false;
+        match result {
+            Ok(written) => {
+                metrics::gauge!("switchboard_audit_pending").decrement(written as f64);
+                if self.audit.len() >= self.settings.audit_batch {
+                    self.flush_audit(myself);
+                }
+            }
+            Err(batch) => {
+                // Put the batch back in front, in order; the next tick retries.
+                for event in batch.into_iter().rev() {
+                    self.audit.push_front(event);
+                }
+            }
+        }
+    }
+
+    /// Final work when the actor stops: let leased calls finish (bounded), write what is
+    /// left in the audit buffer (retrying while the store is down, bounded), close upstream.
+    async fn stop(&mut self) {
+        let max = self.settings.max_in_flight as u32;
+        let _ =
+            tokio::time::timeout(self.settings.stop_grace, self.in_flight.acquire_many(max)).await;
+        let deadline = Instant::now() + self.settings.stop_grace;
+        while !self.audit.is_empty() {
+            let batch: Vec<AuditRecord> = self.audit.iter().cloned().collect();
+            match self.store.append_audit(&batch).await {
+                Ok(()) => {
+                    metrics::gauge!("switchboard_audit_pending").decrement(batch.len() as f64);
+                    self.audit.clear();
+                }
+                Err(err) if Instant::now() < deadline => {
+                    tracing::warn!(error = %err, "audit flush on stop failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, events = batch.len(), "audit events lost on stop");
+                    metrics::counter!("switchboard_audit_dropped_total")
+                        .increment(batch.len() as u64);
+                    metrics::gauge!("switchboard_audit_pending").decrement(batch.len() as f64);
+                    self.audit.clear();
+                }
+            }
+        }
+        if let Connection::Ready(client) = &self.connection {
+            client.close().await;
+        }
+        set_status(&self.status, |s| s.state = ConnectionState::Stopped);
+    }
+}
+
+fn busy() -> CallError {
+    CallError::Busy {
+        retry_after: Duration::from_secs(1),
+    }
+}

@@ -1,0 +1,172 @@
+//! Creating, changing, rotating and deleting tenants: the operator's actions. Secrets are
+//! handled here and nowhere else: the new API key is returned once and stored as a hash,
+//! and the upstream token is sealed before it reaches the store. Every action is audited
+//! and announced on the change feed.
+
+use chrono::{SubsecRound, Utc};
+
+use super::ChangeFeed;
+use crate::auth::keys;
+use crate::cipher::TokenCipher;
+use crate::config::Secret;
+use crate::store::{
+    RateLimit, SharedStore, StoreError, StoreResult, TenantChanges, TenantRecord, UpstreamTransport,
+};
+
+/// A validated request to create a tenant.
+pub struct NewTenant {
+    pub name: Option<String>,
+    pub integration_key: String,
+    pub integration_app_token: Secret,
+    pub upstream_url: Option<String>,
+    pub upstream_transport: UpstreamTransport,
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A validated change; `None` leaves a field as it is.
+#[derive(Default)]
+pub struct TenantUpdate {
+    pub name: Option<Option<String>>,
+    pub integration_key: Option<String>,
+    pub integration_app_token: Option<Secret>,
+    pub upstream_url: Option<Option<String>>,
+    pub upstream_transport: Option<UpstreamTransport>,
+    pub enabled: Option<bool>,
+    pub rate_limit: Option<Option<RateLimit>>,
+}
+
+/// Who asked, for the audit trail.
+pub struct Actor<'a> {
+    pub name: &'a str,
+    pub request_id: Option<&'a str>,
+}
+
+pub struct TenantAdmin {
+    store: SharedStore,
+    cipher: TokenCipher,
+    changes: ChangeFeed,
+}
+
+impl TenantAdmin {
+    pub fn new(store: SharedStore, cipher: TokenCipher, changes: ChangeFeed) -> Self {
+        Self {
+            store,
+            cipher,
+            changes,
+        }
+    }
+
+    pub fn cipher(&self) -> &TokenCipher {
+        &self.cipher
+    }
+
+    /// Creates the tenant and returns it with its API key (shown once).
+    pub async fn create(
+        &self,
+        new: NewTenant,
+        actor: &Actor<'_>,
+    ) -> StoreResult<(TenantRecord, Secret)> {
+        // An id or key collision is astronomically unlikely; retry a few times regardless.
+        for _ in 0..3 {
+            let id = keys::new_tenant_id();
+            let api_key = keys::new_api_key();
+            let sealed_token = self
+                .cipher
+                .seal(&id, &new.integration_app_token)
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            let now = Utc::now().trunc_subsecs(6);
+            let record = TenantRecord {
+                id,
+                name: new.name.clone(),
+                integration_key: new.integration_key.clone(),
+                sealed_token,
+                api_key_hash: keys::hash_api_key(api_key.expose()),
+                upstream_url: new.upstream_url.clone(),
+                upstream_transport: new.upstream_transport,
+                enabled: true,
+                rate_limit: new.rate_limit,
+                created_at: now,
+                updated_at: now,
+                version: 1,
+            };
+            match self.store.create_tenant(&record).await {
+                Ok(()) => {
+                    self.audit(&record.id, "tenant.create", actor).await;
+                    return Ok((record, api_key));
+                }
+                Err(StoreError::Duplicate) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Backend(
+            "could not find a free tenant id".into(),
+        ))
+    }
+
+    /// Applies `update`; with `if_match`, only if the tenant is still at that version.
+    pub async fn update(
+        &self,
+        id: &str,
+        update: TenantUpdate,
+        if_match: Option<i64>,
+        actor: &Actor<'_>,
+    ) -> StoreResult<TenantRecord> {
+        let current = self
+            .store
+            .get_tenant(id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let expected = if_match.unwrap_or(current.version);
+        let sealed_token = match &update.integration_app_token {
+            Some(token) => Some(
+                self.cipher
+                    .seal(id, token)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let changes = TenantChanges {
+            name: update.name,
+            integration_key: update.integration_key,
+            sealed_token,
+            upstream_url: update.upstream_url,
+            upstream_transport: update.upstream_transport,
+            enabled: update.enabled,
+            rate_limit: update.rate_limit,
+        };
+        let record = self.store.update_tenant(id, expected, &changes).await?;
+        self.changes.publish(id);
+        self.audit(id, "tenant.update", actor).await;
+        Ok(record)
+    }
+
+    /// Replaces the API key: the old one stops working at once; the new one is shown once.
+    pub async fn rotate_key(
+        &self,
+        id: &str,
+        actor: &Actor<'_>,
+    ) -> StoreResult<(TenantRecord, Secret)> {
+        let api_key = keys::new_api_key();
+        let record = self
+            .store
+            .rotate_api_key(id, &keys::hash_api_key(api_key.expose()))
+            .await?;
+        self.changes.publish(id);
+        self.audit(id, "tenant.key_rotate", actor).await;
+        Ok((record, api_key))
+    }
+
+    pub async fn delete(&self, id: &str, actor: &Actor<'_>) -> StoreResult<()> {
+        self.store.delete_tenant(id).await?;
+        self.changes.publish(id);
+        self.audit(id, "tenant.delete", actor).await;
+        Ok(())
+    }
+
+    /// Admin actions are rare: written at once, before the answer, so none is lost.
+    async fn audit(&self, tenant_id: &str, action: &str, actor: &Actor<'_>) {
+        let event =
+            crate::audit::event(Some(tenant_id), action, actor.name, "ok", actor.request_id);
+        crate::audit::write_now(&self.store, event).await;
+    }
+}

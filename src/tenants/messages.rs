@@ -1,0 +1,131 @@
+//! The messages tenant actors and the registry answer, and the errors a call can end in.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{ActorRef, RpcReplyPort};
+use rmcp::model::Tool;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::store::{AuditRecord, TenantRecord};
+use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent};
+
+/// A tenant's tools as its upstream listed them, with an index for name lookups.
+#[derive(Debug)]
+pub struct ToolList {
+    pub tools: Vec<Tool>,
+    names: HashSet<String>,
+}
+
+impl ToolList {
+    pub fn new(tools: Vec<Tool>) -> Self {
+        let names = tools.iter().map(|t| t.name.to_string()).collect();
+        Self { tools, names }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+}
+
+/// The right to make one upstream call: a clone of the tenant's connection and one of its
+/// in-flight permits. The call runs in the caller's task, never in the actor.
+pub struct Lease {
+    pub client: UpstreamClient,
+    /// Which connection this is, so a failure report cannot tear down a newer one.
+    pub generation: u64,
+    /// The cached tool list, when there is one.
+    pub tools: Option<Arc<ToolList>>,
+    pub(super) _permit: OwnedSemaphorePermit,
+}
+
+/// Why a tenant call did not reach (or come back from) the upstream.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum CallError {
+    #[error("unknown tool {0}")]
+    UnknownTool(String),
+    #[error("upstream error: {0}")]
+    Upstream(String),
+    #[error("upstream timeout")]
+    Timeout,
+    /// The tenant is failing or restarting; retry after the given time.
+    #[error("tenant unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
+    /// The tenant's in-flight limit is reached.
+    #[error("too many calls in flight")]
+    Busy { retry_after: Duration },
+    #[error("rate limited")]
+    RateLimited { retry_after: Duration },
+}
+
+impl From<UpstreamError> for CallError {
+    fn from(err: UpstreamError) -> Self {
+        match err {
+            UpstreamError::Timeout => Self::Timeout,
+            other => Self::Upstream(other.to_string()),
+        }
+    }
+}
+
+pub enum TenantMsg {
+    /// Lend a connection for one call (connecting first when needed).
+    Lease(RpcReplyPort<Result<Lease, CallError>>),
+    /// The tool list, from the cache or discovered again (`refresh`).
+    Tools {
+        refresh: bool,
+        reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
+    },
+    /// How a leased call ended: transport failures count towards marking the tenant failing.
+    Outcome {
+        generation: u64,
+        failure: Option<String>,
+    },
+    /// A tool-call event for the audit buffer.
+    Audit(AuditRecord),
+    /// Subscribe to the tenant's notices (tool-list changes), for downstream MCP sessions.
+    Subscribe(RpcReplyPort<tokio::sync::broadcast::Receiver<TenantNotice>>),
+    Connected {
+        generation: u64,
+        result: Result<UpstreamClient, UpstreamError>,
+    },
+    ToolsLoaded {
+        generation: u64,
+        result: Result<Vec<Tool>, UpstreamError>,
+    },
+    Upstream {
+        generation: u64,
+        event: UpstreamEvent,
+    },
+    /// How an audit batch write ended: how many were written, or the batch to retry.
+    AuditWritten(Result<usize, Vec<AuditRecord>>),
+    Tick,
+    /// Fault injection for the supervision tests: the handler panics.
+    #[doc(hidden)]
+    Panic,
+}
+
+/// What a tenant tells its downstream sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TenantNotice {
+    ToolListChanged,
+}
+
+pub enum RegistryMsg {
+    /// The running actor for `record`'s tenant, started (or rebuilt, if older) as needed.
+    Start {
+        record: Box<TenantRecord>,
+        reply: RpcReplyPort<Result<ActorRef<TenantMsg>, CallError>>,
+    },
+    /// The tenant changed or was deleted: stop its actor; the next call starts a fresh one.
+    Changed(String),
+    /// Change notifications were missed: stop every actor so each reloads its tenant.
+    ChangedAll,
+    /// A crashed tenant's back-off ended: start it again.
+    Restart(String),
+    /// Stop every tenant actor (flushing their audit buffers) and answer when done.
+    StopAll(RpcReplyPort<()>),
+}

@@ -1,0 +1,87 @@
+//! Tenants: their administration ([`admin`]), and (with the actors) their runtime.
+//! A change to a tenant is announced on the [`ChangeFeed`], which the registry listens
+//! to so that it rebuilds or stops that tenant's actor.
+
+pub mod actor;
+pub mod admin;
+pub mod backoff;
+pub mod messages;
+pub mod registry;
+pub mod runtime;
+pub mod status;
+
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+
+/// The numbers the tenant runtime works by, all from the configuration.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub upstream_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_in_flight: usize,
+    pub tool_ttl: Duration,
+    pub idle: Duration,
+    /// Transport failures in a row before the tenant is marked failing.
+    pub failure_threshold: u32,
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+    pub restart_base: Duration,
+    pub rate_per_second: u32,
+    pub rate_burst: u32,
+    pub audit_buffer: usize,
+    pub audit_batch: usize,
+    /// How long a stopping actor waits for its leased calls and audit writes.
+    pub stop_grace: Duration,
+}
+
+impl RuntimeSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            upstream_timeout: config.upstream_timeout,
+            connect_timeout: config.upstream_connect_timeout,
+            max_in_flight: config.tenant_max_in_flight,
+            tool_ttl: config.tool_cache_ttl,
+            idle: config.tenant_idle,
+            failure_threshold: 10,
+            max_restarts: config.tenant_max_restarts,
+            restart_window: config.tenant_restart_window,
+            restart_base: Duration::from_millis(100),
+            rate_per_second: config.tenant_rate_limit,
+            rate_burst: config.tenant_rate_burst,
+            audit_buffer: 10_000,
+            audit_batch: 200,
+            stop_grace: config.drain_timeout,
+        }
+    }
+
+    /// How often an actor checks for idleness and flushes its audit buffer.
+    pub fn tick_interval(&self) -> Duration {
+        (self.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+}
+
+/// Announces "tenant X changed (or was deleted)" to whoever keeps tenant state in memory.
+#[derive(Clone)]
+pub struct ChangeFeed {
+    sender: broadcast::Sender<String>,
+}
+
+impl ChangeFeed {
+    /// `capacity` bounds the backlog of a slow listener; a listener that lags reloads all.
+    pub fn new(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity.max(1));
+        Self { sender }
+    }
+
+    pub fn publish(&self, tenant_id: &str) {
+        // No listener is fine: nothing is cached then.
+        let _ = self.sender.send(tenant_id.to_owned());
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.sender.subscribe()
+    }
+}

@@ -1,0 +1,396 @@
+//! The registry actor: the supervisor of every tenant actor. It starts a tenant's actor on
+//! first use, rebuilds it when the tenant changes, restarts it with back-off when it
+//! crashes (and marks the tenant failing past `TENANT_MAX_RESTARTS` per window), and stops
+//! them all on shutdown. The [`Directory`] it keeps is shared read-only with the
+//! [`super::runtime::TenantRuntime`], so routing a call to a running actor costs a map read.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+
+use super::actor::{TenantActor, TenantArgs};
+use super::backoff::Backoff;
+use super::messages::{CallError, RegistryMsg, TenantMsg};
+use super::status::{ConnectionState, UpstreamStatus};
+use super::{ChangeFeed, RuntimeSettings};
+use crate::cipher::TokenCipher;
+use crate::store::{SharedStore, TenantRecord};
+use crate::upstream::{TransportKind, UpstreamTarget};
+
+/// A running tenant actor as the directory lists it.
+#[derive(Clone)]
+pub struct Running {
+    pub actor: ActorRef<TenantMsg>,
+    pub version: i64,
+    pub status: Arc<Mutex<UpstreamStatus>>,
+    /// Kept so that a crashed actor restarts with the same tenant (sealed secrets only).
+    record: Arc<TenantRecord>,
+}
+
+/// Restart history of a tenant whose actor crashed.
+struct History {
+    recent: VecDeque<Instant>,
+    total: u32,
+    not_before: Instant,
+    failing: bool,
+    last_error: String,
+    record: TenantRecord,
+}
+
+/// Restarts so far and, while a crashed actor waits for its restart, the state to show.
+type CrashInfo = (u32, Option<(ConnectionState, String)>);
+
+#[derive(Default)]
+pub struct Directory {
+    running: RwLock<HashMap<String, Running>>,
+    restarts: RwLock<HashMap<String, CrashInfo>>,
+}
+
+impl Directory {
+    pub fn get(&self, tenant_id: &str) -> Option<Running> {
+        self.running.read().ok()?.get(tenant_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.read().map(|r| r.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn status(&self, tenant_id: &str) -> UpstreamStatus {
+        let mut status = self
+            .get(tenant_id)
+            .and_then(|r| r.status.lock().ok().map(|s| s.clone()))
+            .unwrap_or_else(UpstreamStatus::stopped);
+        if let Some((count, crash)) = self
+            .restarts
+            .read()
+            .ok()
+            .and_then(|r| r.get(tenant_id).cloned())
+        {
+            status.restarts = count;
+            if let (Some((state, error)), ConnectionState::Stopped) = (crash, status.state) {
+                status.state = state;
+                status.last_error = Some(error);
+            }
+        }
+        status
+    }
+
+    fn insert(&self, tenant_id: String, running: Running) {
+        if let Ok(mut r) = self.running.write() {
+            r.insert(tenant_id, running);
+        }
+    }
+
+    /// Removes the entry only if it is still `actor`'s (a newer one may have replaced it).
+    fn remove(&self, tenant_id: &str, actor: ActorId) -> Option<Running> {
+        let mut r = self.running.write().ok()?;
+        if r.get(tenant_id).is_some_and(|e| e.actor.get_id() == actor) {
+            r.remove(tenant_id)
+        } else {
+            None
+        }
+    }
+
+    fn drain(&self) -> Vec<Running> {
+        self.running
+            .write()
+            .map(|mut r| r.drain().map(|(_, v)| v).collect())
+            .unwrap_or_default()
+    }
+
+    fn set_restarts(&self, tenant_id: &str, count: u32, crash: Option<(ConnectionState, String)>) {
+        if let Ok(mut r) = self.restarts.write() {
+            r.insert(tenant_id.to_owned(), (count, crash));
+        }
+    }
+}
+
+pub struct RegistryActor;
+
+pub struct RegistryArgs {
+    pub directory: Arc<Directory>,
+    pub settings: Arc<RuntimeSettings>,
+    pub store: SharedStore,
+    pub cipher: TokenCipher,
+    pub default_upstream: url::Url,
+    pub changes: ChangeFeed,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+pub struct RegistryState {
+    args: RegistryArgs,
+    by_actor: HashMap<ActorId, String>,
+    history: HashMap<String, History>,
+    backoff: Backoff,
+}
+
+impl Actor for RegistryActor {
+    type Msg = RegistryMsg;
+    type State = RegistryState;
+    type Arguments = RegistryArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RegistryMsg>,
+        args: RegistryArgs,
+    ) -> Result<RegistryState, ActorProcessingErr> {
+        let mut feed = args.changes.subscribe();
+        let stop = args.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    next = feed.recv() => match next {
+                        Ok(id) => RegistryMsg::Changed(id),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => RegistryMsg::ChangedAll,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                };
+                if myself.cast(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(RegistryState {
+            backoff: Backoff {
+                base: args.settings.restart_base,
+                max: Duration::from_secs(30),
+            },
+            args,
+            by_actor: HashMap::new(),
+            history: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RegistryMsg>,
+        msg: RegistryMsg,
+        state: &mut RegistryState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RegistryMsg::Start { record, reply } => {
+                let result = state.start(&myself, *record, true).await;
+                let _ = reply.send(result);
+            }
+            RegistryMsg::Restart(tenant_id) => {
+                if let Some(record) = state.history.get(&tenant_id).map(|h| h.record.clone()) {
+                    if state.args.directory.get(&tenant_id).is_none() {
+                        if let Err(err) = state.start(&myself, record, false).await {
+                            tracing::warn!(%tenant_id, error = %err, "tenant restart failed");
+                        }
+                    }
+                }
+            }
+            RegistryMsg::Changed(tenant_id) => state.stop_tenant(&tenant_id, "tenant changed"),
+            RegistryMsg::ChangedAll => {
+                for running in state.args.directory.drain() {
+                    running.actor.stop(Some("tenants reloaded".into()));
+                }
+            }
+            RegistryMsg::StopAll(reply) => {
+                state.stop_all().await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RegistryMsg>,
+        event: SupervisionEvent,
+        state: &mut RegistryState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                state.crashed(&myself, cell, err.to_string())
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                if let Some(tenant_id) = state.by_actor.remove(&cell.get_id()) {
+                    state.args.directory.remove(&tenant_id, cell.get_id());
+                    tracing::debug!(%tenant_id, ?reason, "tenant actor stopped");
+                    metrics::counter!("switchboard_actor_stops_total").increment(1);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl RegistryState {
+    async fn start(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        record: TenantRecord,
+        from_call: bool,
+    ) -> Result<ActorRef<TenantMsg>, CallError> {
+        let tenant_id = record.id.clone();
+        if let Some(running) = self.args.directory.get(&tenant_id) {
+            if running.version >= record.version {
+                return Ok(running.actor);
+            }
+            self.stop_tenant(&tenant_id, "tenant changed");
+        }
+        if let Some(history) = self.history.get(&tenant_id) {
+            let now = Instant::now();
+            if from_call && now < history.not_before {
+                return Err(CallError::Unavailable {
+                    reason: format!("tenant restarting after a failure: {}", history.last_error),
+                    retry_after: history.not_before - now,
+                });
+            }
+        }
+        let target = self.target(&record)?;
+        let status = Arc::new(Mutex::new(UpstreamStatus::stopped()));
+        let args = TenantArgs {
+            record: record.clone(),
+            target,
+            settings: self.args.settings.clone(),
+            store: self.args.store.clone(),
+            status: status.clone(),
+        };
+        let (actor, _) = Actor::spawn_linked(None, TenantActor, args, myself.get_cell())
+            .await
+            .map_err(|e| CallError::Unavailable {
+                reason: format!("tenant actor did not start: {e}"),
+                retry_after: Duration::from_secs(1),
+            })?;
+        metrics::counter!("switchboard_actor_starts_total").increment(1);
+        self.by_actor.insert(actor.get_id(), tenant_id.clone());
+        self.args.directory.insert(
+            tenant_id,
+            Running {
+                actor: actor.clone(),
+                version: record.version,
+                status,
+                record: Arc::new(record),
+            },
+        );
+        Ok(actor)
+    }
+
+    /// The upstream endpoint and credentials of `record`; the token is opened here, and
+    /// lives from now on only in the tenant actor's memory.
+    fn target(&self, record: &TenantRecord) -> Result<UpstreamTarget, CallError> {
+        let token = self
+            .args
+            .cipher
+            .open(&record.id, &record.sealed_token)
+            .map_err(|_| {
+                CallError::Upstream(
+                    "the tenant's upstream token cannot be opened (ENCRYPTION_KEY changed?)".into(),
+                )
+            })?;
+        let url = match &record.upstream_url {
+            Some(custom) => url::Url::parse(custom)
+                .map_err(|_| CallError::Upstream("the tenant's upstreamUrl is invalid".into()))?,
+            None => {
+                let mut url = self.args.default_upstream.clone();
+                url.query_pairs_mut()
+                    .append_pair("integrationKey", &record.integration_key);
+                url
+            }
+        };
+        Ok(UpstreamTarget {
+            url,
+            token,
+            transport: match record.upstream_transport {
+                crate::store::UpstreamTransport::StreamableHttp => TransportKind::StreamableHttp,
+                crate::store::UpstreamTransport::Sse => TransportKind::Sse,
+                crate::store::UpstreamTransport::Auto => TransportKind::Auto,
+            },
+            connect_timeout: self.args.settings.connect_timeout,
+            client_name: "switchboard".into(),
+        })
+    }
+
+    fn stop_tenant(&mut self, tenant_id: &str, reason: &str) {
+        let found = self
+            .args
+            .directory
+            .get(tenant_id)
+            .and_then(|r| self.args.directory.remove(tenant_id, r.actor.get_id()));
+        if let Some(running) = found {
+            running.actor.stop(Some(reason.into()));
+        }
+        self.history.remove(tenant_id);
+    }
+
+    fn crashed(&mut self, myself: &ActorRef<RegistryMsg>, cell: ActorCell, error: String) {
+        let Some(tenant_id) = self.by_actor.remove(&cell.get_id()) else {
+            return;
+        };
+        let Some(running) = self.args.directory.remove(&tenant_id, cell.get_id()) else {
+            return;
+        };
+        metrics::counter!("switchboard_actor_restarts_total").increment(1);
+        let now = Instant::now();
+        let settings = &self.args.settings;
+        let history = self
+            .history
+            .entry(tenant_id.clone())
+            .or_insert_with(|| History {
+                recent: VecDeque::new(),
+                total: 0,
+                not_before: now,
+                failing: false,
+                last_error: String::new(),
+                record: running.record.as_ref().clone(),
+            });
+        history.recent.push_back(now);
+        while history
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > settings.restart_window)
+        {
+            history.recent.pop_front();
+        }
+        history.total += 1;
+        history.last_error = error;
+        history.failing = history.recent.len() as u32 > settings.max_restarts;
+        let delay = if history.failing {
+            Duration::from_secs(30)
+        } else {
+            self.backoff.delay(history.recent.len() as u32)
+        };
+        history.not_before = now + delay;
+        let crash_state = if history.failing {
+            ConnectionState::Failing
+        } else {
+            ConnectionState::Connecting
+        };
+        self.args.directory.set_restarts(
+            &tenant_id,
+            history.total,
+            Some((crash_state, history.last_error.clone())),
+        );
+        tracing::warn!(%tenant_id, restarts = history.total, failing = history.failing, ?delay, "tenant actor crashed");
+        if !history.failing {
+            myself.send_after(delay, move || RegistryMsg::Restart(tenant_id));
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        let grace = self.args.settings.stop_grace + Duration::from_secs(1);
+        let stops = self
+            .args
+            .directory
+            .drain()
+            .into_iter()
+            .map(|running| async move {
+                let _ = running
+                    .actor
+                    .stop_and_wait(Some("shutdown".into()), Some(grace))
+                    .await;
+            });
+        futures::future::join_all(stops).await;
+    }
+}

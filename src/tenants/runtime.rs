@@ -1,0 +1,193 @@
+//! The handle the HTTP and MCP layers hold to reach tenant actors. A call finds the
+//! tenant's actor (a directory read, or a start through the registry), checks the tool
+//! against the cached list, takes a [`Lease`] and runs the upstream call in the caller's
+//! own task, so no actor mailbox waits on the upstream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{rpc::CallResult, Actor, ActorRef};
+use rmcp::model::CallToolResult;
+use serde_json::{Map, Value};
+
+use super::messages::{CallError, Lease, RegistryMsg, TenantMsg, TenantNotice, ToolList};
+use super::registry::{Directory, RegistryActor, RegistryArgs};
+use super::status::UpstreamStatus;
+use super::{ChangeFeed, RuntimeSettings};
+use crate::cipher::TokenCipher;
+use crate::store::{AuditRecord, SharedStore, TenantRecord};
+
+/// How long a message to an actor may wait for its answer. The actors answer at once (the
+/// slow work is in tasks), so this only bounds a wedged actor.
+const ACTOR_REPLY: Duration = Duration::from_secs(30);
+
+#[derive(Clone)]
+pub struct TenantRuntime {
+    registry: ActorRef<RegistryMsg>,
+    directory: Arc<Directory>,
+    settings: Arc<RuntimeSettings>,
+    store: SharedStore,
+}
+
+impl TenantRuntime {
+    /// Starts the registry actor. Tenant actors start later, on first use.
+    pub async fn start(
+        settings: RuntimeSettings,
+        store: SharedStore,
+        cipher: TokenCipher,
+        default_upstream: url::Url,
+        changes: ChangeFeed,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let directory = Arc::new(Directory::default());
+        let args = RegistryArgs {
+            directory: directory.clone(),
+            settings: settings.clone(),
+            store: store.clone(),
+            cipher,
+            default_upstream,
+            changes,
+            shutdown,
+        };
+        let (registry, _) = Actor::spawn(None, RegistryActor, args).await?;
+        Ok(Self {
+            registry,
+            directory,
+            settings,
+            store,
+        })
+    }
+
+    /// Tenant actors running now.
+    pub fn active_count(&self) -> usize {
+        self.directory.len()
+    }
+
+    pub async fn status(&self, tenant_id: &str) -> UpstreamStatus {
+        self.directory.status(tenant_id)
+    }
+
+    /// The tenant's tools (cached; `refresh` discovers them again).
+    pub async fn list_tools(
+        &self,
+        tenant: &TenantRecord,
+        refresh: bool,
+    ) -> Result<Arc<ToolList>, CallError> {
+        let actor = self.actor_for(tenant).await?;
+        ask(&actor, |reply| TenantMsg::Tools { refresh, reply }).await
+    }
+
+    /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
+    /// tenant does not have is `UnknownTool`, and never reaches the upstream.
+    pub async fn call_tool(
+        &self,
+        tenant: &TenantRecord,
+        tool: &str,
+        arguments: Option<Map<String, Value>>,
+    ) -> Result<CallToolResult, CallError> {
+        let actor = self.actor_for(tenant).await?;
+        let lease: Lease = ask(&actor, TenantMsg::Lease).await?;
+        let tools = match &lease.tools {
+            Some(tools) => tools.clone(),
+            None => {
+                ask(&actor, |reply| TenantMsg::Tools {
+                    refresh: false,
+                    reply,
+                })
+                .await?
+            }
+        };
+        if !tools.contains(tool) {
+            return Err(CallError::UnknownTool(tool.to_owned()));
+        }
+        let result = lease
+            .client
+            .call_tool(tool, arguments, self.settings.upstream_timeout)
+            .await;
+        let failure = match &result {
+            Err(crate::upstream::UpstreamError::Connect(e)) => Some(e.clone()),
+            Err(crate::upstream::UpstreamError::Closed) => Some("connection closed".into()),
+            _ => None,
+        };
+        let _ = actor.cast(TenantMsg::Outcome {
+            generation: lease.generation,
+            failure,
+        });
+        result.map_err(CallError::from)
+    }
+
+    /// Hands a tool-call event to the tenant's audit buffer (written in batches). When the
+    /// actor is gone already, the event is written directly.
+    pub fn audit(&self, tenant_id: &str, event: AuditRecord) {
+        let event = match self.directory.get(tenant_id) {
+            Some(running) => match running.actor.cast(TenantMsg::Audit(event)) {
+                Ok(()) => return,
+                Err(ractor::MessagingErr::SendErr(TenantMsg::Audit(event))) => event,
+                Err(_) => return,
+            },
+            None => event,
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move { crate::audit::write_now(&store, event).await });
+    }
+
+    /// Notices (tool-list changes) of a tenant, for a downstream MCP session.
+    pub async fn subscribe(
+        &self,
+        tenant: &TenantRecord,
+    ) -> Result<tokio::sync::broadcast::Receiver<TenantNotice>, CallError> {
+        let actor = self.actor_for(tenant).await?;
+        match actor.call(TenantMsg::Subscribe, Some(ACTOR_REPLY)).await {
+            Ok(CallResult::Success(rx)) => Ok(rx),
+            _ => Err(gone()),
+        }
+    }
+
+    /// Stops every tenant actor (their audit buffers are flushed) and then the registry.
+    pub async fn shutdown(&self) {
+        let wait = self.settings.stop_grace + Duration::from_secs(2);
+        let _ = self.registry.call(RegistryMsg::StopAll, Some(wait)).await;
+        let _ = self.registry.stop_and_wait(None, Some(wait)).await;
+    }
+
+    /// Fault injection for supervision tests: makes the tenant's actor panic.
+    #[doc(hidden)]
+    pub fn inject_panic(&self, tenant_id: &str) -> bool {
+        self.directory
+            .get(tenant_id)
+            .is_some_and(|r| r.actor.cast(TenantMsg::Panic).is_ok())
+    }
+
+    async fn actor_for(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {
+        if let Some(running) = self.directory.get(&tenant.id) {
+            if running.version >= tenant.version {
+                return Ok(running.actor);
+            }
+        }
+        let record = Box::new(tenant.clone());
+        ask(&self.registry, |reply| RegistryMsg::Start { record, reply }).await
+    }
+}
+
+/// Sends a request to an actor and waits for its answer; a gone or wedged actor is a 503.
+async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    build: impl FnOnce(ractor::RpcReplyPort<Result<T, CallError>>) -> M,
+) -> Result<T, CallError>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(build, Some(ACTOR_REPLY)).await {
+        Ok(CallResult::Success(result)) => result,
+        _ => Err(gone()),
+    }
+}
+
+fn gone() -> CallError {
+    CallError::Unavailable {
+        reason: "the tenant is restarting".into(),
+        retry_after: Duration::from_secs(1),
+    }
+}

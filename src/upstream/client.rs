@@ -1,0 +1,211 @@
+//! [`UpstreamClient`]: a cheap, cloneable handle on one tenant's upstream session, used
+//! concurrently by many tasks of the tenant actor.
+//!
+//! Calls are independent rmcp requests on one session, so a slow call never holds up another.
+//! A call that times out, or whose future is dropped because its caller went away, is cancelled
+//! upstream with `notifications/cancelled` by a drop guard, so the upstream stops the work too.
+
+use std::{sync::Arc, time::Duration};
+
+use rmcp::{
+    model::{
+        CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotificationParam,
+        ClientRequest, RequestId, ServerResult, Tool,
+    },
+    service::{ClientCacheConfig, PeerRequestOptions, RoleClient},
+    Peer,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::{
+    connect, error::redact, events::EventForwarder, TransportKind, UpstreamError, UpstreamEvent,
+    UpstreamTarget,
+};
+
+/// A connected upstream MCP session. Clones share the session; it closes on [`Self::close`],
+/// when the upstream goes away, or when the last clone is dropped.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    peer: Peer<RoleClient>,
+    /// Kept only to shorten URLs in error messages (see [`redact`]).
+    url: url::Url,
+    transport: TransportKind,
+    /// Ends the rmcp session; cancelled by [`UpstreamClient::close`] or by `_cancel_on_drop`.
+    shutdown: CancellationToken,
+    /// Turns true once the session's service loop has ended.
+    ended: watch::Receiver<bool>,
+    close_timeout: Duration,
+    _cancel_on_drop: DropGuard,
+}
+
+impl UpstreamClient {
+    /// Connects to `target` and runs MCP `initialize`. Tool-list changes, progress and the end
+    /// of the session are sent to `events`.
+    pub async fn connect(
+        target: &UpstreamTarget,
+        events: mpsc::Sender<UpstreamEvent>,
+    ) -> Result<Self, UpstreamError> {
+        let shutdown = CancellationToken::new();
+        let handler = EventForwarder::new(events.clone(), &target.client_name);
+        let (session, transport) = connect::open(target, handler, shutdown.child_token()).await?;
+        let peer = session.peer().clone();
+        // The tenant actor owns the tool-list cache; rmcp's own cache could serve a stale list
+        // after an upstream error, so it is off.
+        peer.set_response_cache_config(ClientCacheConfig::disabled())
+            .await;
+        let (ended_tx, ended) = watch::channel(false);
+        // Watches the session until it ends (upstream gone, or `shutdown`), then reports once.
+        // Bounded by `shutdown`, which the last clone's drop cancels.
+        tokio::spawn(async move {
+            let reason = session.waiting().await;
+            tracing::debug!(?reason, "upstream session ended");
+            let _ = ended_tx.send(true);
+            let _ = events.send(UpstreamEvent::Closed).await;
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                peer,
+                url: target.url.clone(),
+                transport,
+                _cancel_on_drop: shutdown.clone().drop_guard(),
+                shutdown,
+                ended,
+                close_timeout: target.connect_timeout,
+            }),
+        })
+    }
+
+    /// The transport in use: with [`TransportKind::Auto`], the one the upstream accepted.
+    pub fn transport(&self) -> TransportKind {
+        self.inner.transport
+    }
+
+    /// Lists every tool of the upstream, following pagination, within `timeout` in total.
+    pub async fn list_tools(&self, timeout: Duration) -> Result<Vec<Tool>, UpstreamError> {
+        self.ensure_open()?;
+        // rmcp cancels the page in flight upstream when this future is dropped on timeout.
+        match tokio::time::timeout(timeout, self.inner.peer.list_all_tools()).await {
+            Ok(result) => {
+                result.map_err(|error| UpstreamError::from_service(error, &self.inner.url))
+            }
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    /// Forwards one `tools/call` and returns the upstream's `CallToolResult` unchanged. A tool
+    /// that fails is `Ok` with `is_error: Some(true)`. On timeout, or when this future is
+    /// dropped before the answer, the upstream gets `notifications/cancelled` for the request.
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: Option<serde_json::Map<String, serde_json::Value>>,
+        timeout: Duration,
+    ) -> Result<CallToolResult, UpstreamError> {
+        self.ensure_open()?;
+        let mut params = CallToolRequestParams::new(name.to_owned());
+        if let Some(arguments) = arguments {
+            params = params.with_arguments(arguments);
+        }
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        let peer = &self.inner.peer;
+        let handle = peer
+            .send_cancellable_request(request, PeerRequestOptions::no_options())
+            .await
+            .map_err(|error| UpstreamError::from_service(error, &self.inner.url))?;
+        let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone());
+        let answer = tokio::time::timeout(timeout, handle.await_response()).await;
+        let result = match answer {
+            // The guard's drop at the end of this function cancels the request upstream.
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(result) => result,
+        };
+        guard.disarm();
+        match result {
+            Ok(ServerResult::CallToolResult(result)) => Ok(result),
+            // Some servers answer a tool without output with a bare `{}`.
+            Ok(ServerResult::EmptyResult(_)) => Ok(CallToolResult::success(Vec::new())),
+            Ok(_) => Err(UpstreamError::Protocol(
+                "tools/call was answered with another kind of result".to_owned(),
+            )),
+            Err(error) => Err(UpstreamError::from_service(error, &self.inner.url)),
+        }
+    }
+
+    /// True once the session has ended; every call then fails with [`UpstreamError::Closed`].
+    pub fn is_closed(&self) -> bool {
+        *self.inner.ended.borrow() || self.inner.peer.is_transport_closed()
+    }
+
+    /// Ends the session (Streamable HTTP also deletes it upstream) and waits, up to the connect
+    /// timeout, until it has ended. Every clone sees the session closed afterwards.
+    pub async fn close(&self) {
+        self.inner.shutdown.cancel();
+        let mut ended = self.inner.ended.clone();
+        let wait = ended.wait_for(|ended| *ended);
+        if tokio::time::timeout(self.inner.close_timeout, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("upstream session did not end within the close timeout");
+        }
+    }
+
+    fn ensure_open(&self) -> Result<(), UpstreamError> {
+        if self.is_closed() || self.inner.shutdown.is_cancelled() {
+            return Err(UpstreamError::Closed);
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("url", &redact(self.inner.url.as_str(), &self.inner.url))
+            .field("transport", &self.inner.transport)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// Sends `notifications/cancelled` for a request unless disarmed, i.e. when the caller stops
+/// waiting (timeout or a dropped future) before the answer came.
+struct CancelOnDrop {
+    peer: Peer<RoleClient>,
+    id: Option<RequestId>,
+}
+
+impl CancelOnDrop {
+    const REASON: &'static str = "the gateway's caller stopped waiting";
+
+    fn new(peer: Peer<RoleClient>, id: RequestId) -> Self {
+        Self { peer, id: Some(id) }
+    }
+
+    fn disarm(&mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        // Drop cannot await; the notification is handed to a short task that ends as soon as
+        // rmcp has sent it (or the session is gone). rmcp also forgets the pending request then.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let peer = self.peer.clone();
+        runtime.spawn(async move {
+            let params = CancelledNotificationParam::new(Some(id), Some(Self::REASON.to_owned()));
+            if let Err(error) = peer.notify_cancelled(params).await {
+                tracing::debug!(%error, "could not cancel an abandoned upstream request");
+            }
+        });
+    }
+}

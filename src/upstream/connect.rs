@@ -1,0 +1,160 @@
+//! Opening an upstream session: the HTTP client, the transport the tenant asked for, and the
+//! MCP `initialize` handshake over it.
+//!
+//! Every session gets its own `reqwest::Client` and its own rmcp transport and peer, so no
+//! connection pool, session id, or rmcp response cache is ever shared between tenants.
+
+use std::{sync::Arc, time::Duration};
+
+use rmcp::{
+    service::{ClientInitializeError, RoleClient, RunningService},
+    transport::{
+        common::client_side_sse::ExponentialBackoff,
+        streamable_http_client::StreamableHttpClientTransportConfig, StreamableHttpClientTransport,
+    },
+    ServiceExt,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    error::{init_client_error_status, redact},
+    events::EventForwarder,
+    sse::SseTransport,
+    TransportKind, UpstreamError, UpstreamTarget,
+};
+
+/// A running rmcp client session, whichever transport carries it.
+pub(super) type Session = RunningService<RoleClient, EventForwarder>;
+
+/// Ordinary POSTs one Streamable HTTP session may have in flight (rmcp's default is 16). A POST
+/// stops counting once the server opens an SSE answer, but JSON-answering servers hold it for
+/// the whole call, and the tenant actor wants many concurrent calls on one session.
+const MAX_CONCURRENT_POSTS: usize = 256;
+/// Idle pooled connections kept per upstream host, and for how long.
+const POOL_IDLE_PER_HOST: usize = 32;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The longest wait between two reconnects of a Streamable HTTP server-to-client stream.
+const MAX_STREAM_RECONNECT_DELAY: Duration = Duration::from_secs(30);
+
+/// Builds the HTTP client of one upstream session. No total request timeout: it would cut the
+/// long-lived SSE streams. Each call's deadline is enforced per request in [`super::client`].
+pub(super) fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, UpstreamError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+        .tcp_keepalive(Duration::from_secs(30))
+        // reqwest drops `Authorization` on a redirect to another host.
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()
+        .map_err(|error| UpstreamError::Connect(format!("HTTP client: {}", error.without_url())))
+}
+
+/// Connects with the transport `target` asks for and runs `initialize`, within
+/// `target.connect_timeout` per attempt. Returns the session and the transport actually used.
+pub(super) async fn open(
+    target: &UpstreamTarget,
+    handler: EventForwarder,
+    ct: CancellationToken,
+) -> Result<(Session, TransportKind), UpstreamError> {
+    let http = http_client(target.connect_timeout)?;
+    match target.transport {
+        TransportKind::StreamableHttp => {
+            let session = streamable(target, http, handler, ct).await?;
+            Ok((session, TransportKind::StreamableHttp))
+        }
+        TransportKind::Sse => {
+            let session = sse(target, http, handler, ct).await?;
+            Ok((session, TransportKind::Sse))
+        }
+        TransportKind::Auto => {
+            match streamable(target, http.clone(), handler.clone(), ct.clone()).await {
+                Ok(session) => Ok((session, TransportKind::StreamableHttp)),
+                Err(Attempt::Http4xx(status)) => {
+                    tracing::debug!(
+                        status,
+                        "upstream refused Streamable HTTP; trying legacy SSE"
+                    );
+                    let session = sse(target, http, handler, ct).await?;
+                    Ok((session, TransportKind::Sse))
+                }
+                Err(Attempt::Failed(error)) => Err(error),
+            }
+        }
+    }
+}
+
+/// How a Streamable HTTP attempt failed: `Http4xx` is the cue to try legacy SSE.
+enum Attempt {
+    Http4xx(u16),
+    Failed(UpstreamError),
+}
+
+impl From<Attempt> for UpstreamError {
+    fn from(attempt: Attempt) -> Self {
+        match attempt {
+            Attempt::Http4xx(status) => {
+                UpstreamError::Connect(format!("upstream answered initialize with HTTP {status}"))
+            }
+            Attempt::Failed(error) => error,
+        }
+    }
+}
+
+async fn streamable(
+    target: &UpstreamTarget,
+    http: reqwest::Client,
+    handler: EventForwarder,
+    ct: CancellationToken,
+) -> Result<Session, Attempt> {
+    let mut config = StreamableHttpClientTransportConfig::with_uri(target.url.as_str())
+        .auth_header(target.token.expose())
+        .max_concurrent_requests(MAX_CONCURRENT_POSTS);
+    // rmcp doubles the delay between reconnects of the server-to-client stream without bound;
+    // capped, the stream comes back soon after an upstream restart.
+    let mut backoff = ExponentialBackoff::default();
+    backoff.max_delay = Some(MAX_STREAM_RECONNECT_DELAY);
+    config.retry_config = Arc::new(backoff);
+    let transport = StreamableHttpClientTransport::with_client(http, config);
+    let handshake = handler.serve_with_ct(transport, ct);
+    match tokio::time::timeout(target.connect_timeout, handshake).await {
+        Ok(Ok(session)) => Ok(session),
+        Ok(Err(error)) => Err(classify(error, &target.url)),
+        Err(_) => Err(Attempt::Failed(UpstreamError::Timeout)),
+    }
+}
+
+fn classify(error: ClientInitializeError, url: &url::Url) -> Attempt {
+    match init_client_error_status(&error) {
+        // 401 and 403 are about the token, not the transport: SSE would fail the same way.
+        Some(status) if status != 401 && status != 403 => Attempt::Http4xx(status),
+        _ => Attempt::Failed(UpstreamError::from_init(error, url)),
+    }
+}
+
+async fn sse(
+    target: &UpstreamTarget,
+    http: reqwest::Client,
+    handler: EventForwarder,
+    ct: CancellationToken,
+) -> Result<Session, UpstreamError> {
+    let timeout = target.connect_timeout;
+    let handshake = async {
+        let transport = SseTransport::connect(http, &target.url, target.token.clone(), timeout)
+            .await
+            .map_err(|error| UpstreamError::Connect(format!("legacy SSE: {error}")))?;
+        handler
+            .serve_with_ct(transport, ct)
+            .await
+            .map_err(|error| UpstreamError::from_init(error, &target.url))
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(result) => result.map_err(|error| match error {
+            UpstreamError::Connect(message) => {
+                UpstreamError::Connect(redact(&message, &target.url))
+            }
+            other => other,
+        }),
+        Err(_) => Err(UpstreamError::Timeout),
+    }
+}

@@ -1,0 +1,112 @@
+//! Upstream failures, sorted into the few kinds the gateway answers differently (502 for an
+//! unreachable or misbehaving upstream, 504 for a timeout, a retry for a closed connection).
+//!
+//! Messages are built from rmcp and reqwest errors, which never contain the bearer token (it
+//! lives only in a header). The URL's query (`integrationKey`) is cut out all the same, so a
+//! message can go to a log as it is.
+
+use rmcp::{
+    service::ClientInitializeError, transport::streamable_http_client::StreamableHttpError,
+    ServiceError,
+};
+
+/// Why an upstream operation failed. A tool that fails inside the upstream is not an error: it
+/// is an `Ok(CallToolResult)` with `is_error: Some(true)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream could not be reached or refused the connection: refused, DNS, TLS, an HTTP
+    /// error status, or a transport that broke while sending.
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    /// The upstream answered a request with a JSON-RPC error (unknown tool, invalid params, ...).
+    #[error("upstream answered with JSON-RPC error {code}: {message}")]
+    Rpc { code: i32, message: String },
+    /// The upstream answered something that is not valid MCP for the request.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+    /// No answer within the caller's deadline; the request was cancelled upstream.
+    #[error("upstream did not answer in time")]
+    Timeout,
+    /// The connection is closed; a new [`super::UpstreamClient`] must be connected.
+    #[error("upstream connection closed")]
+    Closed,
+}
+
+impl UpstreamError {
+    /// Maps an error from an rmcp request (after a successful `initialize`).
+    pub(super) fn from_service(error: ServiceError, url: &url::Url) -> Self {
+        match error {
+            ServiceError::McpError(data) => Self::Rpc {
+                code: data.code.0,
+                message: redact(&data.message, url),
+            },
+            ServiceError::TransportSend(error) => Self::Connect(redact(&error.to_string(), url)),
+            ServiceError::TransportClosed | ServiceError::Cancelled { .. } => Self::Closed,
+            ServiceError::Timeout { .. } => Self::Timeout,
+            other => Self::Protocol(redact(&other.to_string(), url)),
+        }
+    }
+
+    /// Maps an error from the `initialize` handshake.
+    pub(super) fn from_init(error: ClientInitializeError, url: &url::Url) -> Self {
+        match error {
+            ClientInitializeError::JsonRpcError(data) => Self::Rpc {
+                code: data.code.0,
+                message: redact(&data.message, url),
+            },
+            ClientInitializeError::TransportError { .. }
+            | ClientInitializeError::ConnectionClosed(_) => {
+                Self::Connect(redact(&error.to_string(), url))
+            }
+            ClientInitializeError::Cancelled => Self::Closed,
+            other => Self::Protocol(redact(&other.to_string(), url)),
+        }
+    }
+}
+
+/// The HTTP status of a Streamable HTTP `initialize` that the server refused with a 4xx, if
+/// that is why it failed: the MCP backwards-compatibility rule for falling back to legacy SSE.
+/// A refused TCP connection, a 5xx or an auth challenge are not 4xx answers and give `None`.
+pub(super) fn init_client_error_status(error: &ClientInitializeError) -> Option<u16> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(StreamableHttpError::UnexpectedServerResponse(message)) =
+            current.downcast_ref::<StreamableHttpError<reqwest::Error>>()
+        {
+            // rmcp's reqwest client formats these as "HTTP {status}: {body}".
+            let status = message
+                .strip_prefix("HTTP ")
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse::<u16>().ok());
+            return status.filter(|status| (400..500).contains(status));
+        }
+        source = current.source();
+    }
+    None
+}
+
+/// `message` with every occurrence of `url` shortened to its origin and path, so that a query
+/// string never reaches a log or an API response.
+pub(super) fn redact(message: &str, url: &url::Url) -> String {
+    if url.query().is_none() {
+        return message.to_owned();
+    }
+    let mut bare = url.clone();
+    bare.set_query(None);
+    message.replace(url.as_str(), bare.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_drops_the_query() {
+        let url = url::Url::parse("http://127.0.0.1:1/mcp?integrationKey=hubspot").expect("url");
+        let message = format!("error sending request for url ({url})");
+        assert_eq!(
+            redact(&message, &url),
+            "error sending request for url (http://127.0.0.1:1/mcp)"
+        );
+    }
+}

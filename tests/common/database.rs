@@ -1,0 +1,68 @@
+//! `FreshDatabase`: a PostgreSQL database made for one test run on the local server
+//! (`TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`) and dropped
+//! afterwards. An unreachable server fails the test: it never skips.
+
+use anyhow::Context;
+
+pub struct FreshDatabase {
+    pub url: String,
+    pub name: String,
+    admin_url: String,
+}
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+async fn admin_client(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("PostgreSQL for tests is not reachable (TEST_DATABASE_URL)")?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+impl FreshDatabase {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = admin_url();
+        let name = format!(
+            "switchboard_test_{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        );
+        admin_client(&admin_url)
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let mut url = url::Url::parse(&admin_url)?;
+        url.set_path(&name);
+        Ok(Self {
+            url: url.to_string(),
+            name,
+            admin_url,
+        })
+    }
+}
+
+impl Drop for FreshDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside or outside a runtime: do the async work on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                admin_client(&admin_url)
+                    .await?
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! `TestGateway`: the real service on a loopback port 0, on a fresh store, with a reqwest
+//! client and helpers for the admin and tenant flows. Stops (and drains) on `stop()`.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use switchboard::config::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::database::FreshDatabase;
+
+/// Where a test gateway keeps its data.
+pub enum TestStore {
+    /// An embedded SQLite file in a temporary folder.
+    Sqlite(tempfile::TempDir),
+    /// A fresh PostgreSQL database, dropped with the gateway's owner.
+    Postgres(std::sync::Arc<FreshDatabase>),
+}
+
+pub struct TestGateway {
+    pub base: String,
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+    pub store: std::sync::Arc<TestStore>,
+}
+
+/// A tenant created through the admin API, with its secrets as the test knows them.
+#[derive(Debug, Clone)]
+pub struct CreatedTenant {
+    pub id: String,
+    pub api_key: String,
+    pub token: String,
+}
+
+impl TestGateway {
+    /// On a fresh embedded store with the test configuration.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Config::for_tests()).await
+    }
+
+    pub async fn start_with(config: Config) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        Self::start_on(config, std::sync::Arc::new(TestStore::Sqlite(dir))).await
+    }
+
+    /// On a fresh PostgreSQL database.
+    pub async fn start_postgres(config: Config) -> anyhow::Result<Self> {
+        let db = std::sync::Arc::new(FreshDatabase::create().await?);
+        Self::start_on(config, std::sync::Arc::new(TestStore::Postgres(db))).await
+    }
+
+    /// On `store` (shared with an earlier gateway to test restarts).
+    pub async fn start_on(
+        mut config: Config,
+        store: std::sync::Arc<TestStore>,
+    ) -> anyhow::Result<Self> {
+        config.database_url = Some(match store.as_ref() {
+            TestStore::Sqlite(dir) => format!("sqlite://{}", dir.path().join("sb.db").display()),
+            TestStore::Postgres(db) => db.url.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let app = switchboard::app::App::build(config.clone(), shutdown.clone()).await?;
+        let server = tokio::spawn(app.serve(listener));
+        Ok(Self {
+            base: format!("http://{addr}"),
+            addr,
+            config,
+            http: reqwest::Client::new(),
+            shutdown,
+            server: Some(server),
+            store,
+        })
+    }
+
+    /// Drains and waits for the service to stop.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            server.await??;
+        }
+        Ok(())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends a request; returns status, headers and the JSON body (Null when empty).
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
+        let mut req = self.http.request(method, self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await?;
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("non-JSON body: {}", String::from_utf8_lossy(&bytes)))?
+        };
+        Ok((status, headers, json))
+    }
+
+    pub async fn admin_token(&self) -> anyhow::Result<String> {
+        let key = self.config.admin_api_key.expose().to_owned();
+        let (status, _, body) = self
+            .send(
+                Method::POST,
+                "/api/auth/token",
+                &[],
+                Some(json!({ "key": key })),
+            )
+            .await?;
+        anyhow::ensure!(status == StatusCode::OK, "admin token: {status} {body}");
+        Ok(body["token"].as_str().context("token")?.to_owned())
+    }
+
+    /// Creates a tenant with `body` (as an admin) and fetches its tenant JWT.
+    pub async fn create_tenant(&self, body: Value) -> anyhow::Result<CreatedTenant> {
+        let admin = format!("Bearer {}", self.config.admin_api_key.expose());
+        let (status, _, created) = self
+            .send(
+                Method::POST,
+                "/api/tenants",
+                &[("authorization", &admin)],
+                Some(body),
+            )
+            .await?;
+        anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {created}");
+        let id = created["tenantId"].as_str().context("tenantId")?.to_owned();
+        let api_key = created["apiKey"].as_str().context("apiKey")?.to_owned();
+        let token = self.tenant_token(&api_key).await?;
+        Ok(CreatedTenant { id, api_key, token })
+    }
+
+    pub async fn tenant_token(&self, api_key: &str) -> anyhow::Result<String> {
+        let (status, _, body) = self
+            .send(
+                Method::POST,
+                "/api/auth/tenant-token",
+                &[("x-api-key", api_key)],
+                None,
+            )
+            .await?;
+        anyhow::ensure!(status == StatusCode::OK, "tenant token: {status} {body}");
+        Ok(body["token"].as_str().context("token")?.to_owned())
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

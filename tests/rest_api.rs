@@ -1,0 +1,769 @@
+//! The REST contract of API.md, end to end against the real service on port 0: every
+//! endpoint's success, and each error row that applies, with the contract's error body.
+
+mod common;
+
+use base64::Engine;
+use common::gateway::{TestGateway, TestStore};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use switchboard::config::Config;
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn tenant_body() -> Value {
+    json!({"name": "Acme", "integrationKey": "hubspot", "integrationAppToken": "ia-token-acme"})
+}
+
+/// Asserts the contract's error body and the `x-request-id` header that matches it.
+fn assert_error(
+    got: &(StatusCode, reqwest::header::HeaderMap, Value),
+    status: StatusCode,
+    code: &str,
+) {
+    let (s, headers, body) = got;
+    assert_eq!(*s, status, "body: {body}");
+    assert_eq!(body["error"]["code"], code, "body: {body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    let rid = headers["x-request-id"].to_str().unwrap();
+    assert_eq!(body["error"]["requestId"], rid);
+}
+
+async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedTenant> {
+    let admin_jwt = gw.admin_token().await?;
+    let (status, _, created) = gw
+        .send(
+            Method::POST,
+            "/api/tenants",
+            &[("authorization", &bearer(&admin_jwt))],
+            Some(tenant_body()),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["tenantId"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("tenant-"));
+    assert_eq!(created["name"], "Acme");
+    assert_eq!(created["integrationKey"], "hubspot");
+    assert!(created["createdAt"].is_string());
+    assert!(created.get("integrationAppToken").is_none());
+    let api_key = created["apiKey"].as_str().unwrap().to_owned();
+    let (status, _, token) = gw
+        .send(
+            Method::POST,
+            "/api/auth/tenant-token",
+            &[("x-api-key", &api_key)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(token["tenantId"], id.as_str());
+    assert_eq!(token["expiresIn"], 3600);
+    Ok(common::gateway::CreatedTenant {
+        id,
+        api_key,
+        token: token["token"].as_str().unwrap().to_owned(),
+    })
+}
+
+/// The seed's flow, then a restart on the same store: the tenant and its key survive.
+async fn flow_survives_restart(first: TestGateway) -> anyhow::Result<()> {
+    let tenant = curl_flow(&first).await?;
+    let (store, config) = (first.store.clone(), first.config.clone());
+    first.stop().await?;
+    let second = TestGateway::start_on(config, store).await?;
+    let admin = bearer(second.config.admin_api_key.expose());
+    let (status, _, body) = second
+        .send(
+            Method::GET,
+            &format!("/api/tenants/{}", tenant.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tenantId"], tenant.id.as_str());
+    second.tenant_token(&tenant.api_key).await?;
+    // The JWT issued before the restart is still good (same secret, same key).
+    let (status, _, _) = second
+        .send(
+            Method::GET,
+            &format!("/api/tenant/{}/audit", tenant.id),
+            &[("authorization", &bearer(&tenant.token))],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    second.stop().await
+}
+
+#[tokio::test]
+async fn curl_flow_and_restart_on_the_embedded_store() -> anyhow::Result<()> {
+    flow_survives_restart(TestGateway::start().await?).await
+}
+
+#[tokio::test]
+async fn curl_flow_and_restart_on_postgres() -> anyhow::Result<()> {
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    assert!(matches!(gw.store.as_ref(), TestStore::Postgres(_)));
+    flow_survives_restart(gw).await
+}
+
+#[tokio::test]
+async fn admin_key_and_admin_jwt_both_work_and_others_do_not() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let key = bearer(gw.config.admin_api_key.expose());
+    let jwt = bearer(&gw.admin_token().await?);
+    for auth in [&key, &jwt] {
+        let (status, _, _) = gw
+            .send(
+                Method::GET,
+                "/api/tenants",
+                &[("authorization", auth)],
+                None,
+            )
+            .await?;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let none = gw.send(Method::GET, "/api/tenants", &[], None).await?;
+    assert_error(&none, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(none.1["www-authenticate"], "Bearer");
+    let wrong = gw
+        .send(
+            Method::GET,
+            "/api/tenants",
+            &[("authorization", "Bearer not-the-key")],
+            None,
+        )
+        .await?;
+    assert_error(&wrong, StatusCode::UNAUTHORIZED, "unauthorized");
+    let bad_key = gw
+        .send(
+            Method::POST,
+            "/api/auth/token",
+            &[],
+            Some(json!({"key": "nope"})),
+        )
+        .await?;
+    assert_error(&bad_key, StatusCode::UNAUTHORIZED, "unauthorized");
+    // A tenant JWT is not an admin credential.
+    let tenant = gw.create_tenant(tenant_body()).await?;
+    let as_tenant = gw
+        .send(
+            Method::GET,
+            "/api/tenants",
+            &[("authorization", &bearer(&tenant.token))],
+            None,
+        )
+        .await?;
+    assert_error(&as_tenant, StatusCode::UNAUTHORIZED, "unauthorized");
+    gw.stop().await
+}
+
+fn sign(claims: Value, secret: &str, alg: jsonwebtoken::Algorithm) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn now() -> u64 {
+    switchboard::auth::jwt::now_secs()
+}
+
+#[tokio::test]
+async fn bad_tenant_jwts_are_401() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let tenant = gw.create_tenant(tenant_body()).await?;
+    let secret = gw.config.jwt_secret.expose().to_owned();
+    let path = format!("/api/tenant/{}/audit", tenant.id);
+    let kid = switchboard::auth::keys::key_generation(&switchboard::auth::keys::hash_api_key(
+        &tenant.api_key,
+    ));
+    let claims = |exp: u64, aud: &str, role: &str| {
+        json!({"sub": tenant.id, "tid": tenant.id, "role": role, "kid": kid, "iat": now() - 10,
+               "exp": exp, "iss": "switchboard", "aud": aud, "jti": "t"})
+    };
+    let good = sign(
+        claims(now() + 600, "switchboard", "tenant"),
+        &secret,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let ok = gw
+        .send(
+            Method::GET,
+            &path,
+            &[("authorization", &bearer(&good))],
+            None,
+        )
+        .await?;
+    assert_eq!(ok.0, StatusCode::OK, "a well-formed token passes: {}", ok.2);
+    let header = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let alg_none = format!(
+        "{}.{}.",
+        header(json!({"alg": "none", "typ": "JWT"})),
+        header(claims(now() + 600, "switchboard", "tenant"))
+    );
+    let cases = [
+        (
+            "expired",
+            sign(
+                claims(now() - 3600, "switchboard", "tenant"),
+                &secret,
+                jsonwebtoken::Algorithm::HS256,
+            ),
+        ),
+        (
+            "other secret",
+            sign(
+                claims(now() + 600, "switchboard", "tenant"),
+                "another-secret-another-secret-xx",
+                jsonwebtoken::Algorithm::HS256,
+            ),
+        ),
+        ("alg none", alg_none),
+        (
+            "wrong aud",
+            sign(
+                claims(now() + 600, "elsewhere", "tenant"),
+                &secret,
+                jsonwebtoken::Algorithm::HS256,
+            ),
+        ),
+        (
+            "HS512",
+            sign(
+                claims(now() + 600, "switchboard", "tenant"),
+                &secret,
+                jsonwebtoken::Algorithm::HS512,
+            ),
+        ),
+        ("admin role", gw.admin_token().await?),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (name, token) in cases {
+        let got = gw
+            .send(
+                Method::GET,
+                &path,
+                &[("authorization", &bearer(&token))],
+                None,
+            )
+            .await?;
+        assert_eq!(got.0, StatusCode::UNAUTHORIZED, "{name}");
+        assert_error(&got, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_tenants_credentials_do_not_open_another_tenant() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let a = gw.create_tenant(tenant_body()).await?;
+    let b = gw.create_tenant(tenant_body()).await?;
+    let b_path = format!("/api/tenant/{}/audit", b.id);
+    let by_key = gw
+        .send(Method::GET, &b_path, &[("x-api-key", &a.api_key)], None)
+        .await?;
+    assert_error(&by_key, StatusCode::FORBIDDEN, "forbidden");
+    let by_jwt = gw
+        .send(
+            Method::GET,
+            &b_path,
+            &[("authorization", &bearer(&a.token))],
+            None,
+        )
+        .await?;
+    assert_error(&by_jwt, StatusCode::FORBIDDEN, "forbidden");
+    // Both credentials must agree when both are sent.
+    let mixed = gw
+        .send(
+            Method::GET,
+            &b_path,
+            &[
+                ("authorization", &bearer(&b.token)),
+                ("x-api-key", &a.api_key),
+            ],
+            None,
+        )
+        .await?;
+    assert_error(&mixed, StatusCode::FORBIDDEN, "forbidden");
+    let both = gw
+        .send(
+            Method::GET,
+            &b_path,
+            &[
+                ("authorization", &bearer(&b.token)),
+                ("x-api-key", &b.api_key),
+            ],
+            None,
+        )
+        .await?;
+    assert_eq!(both.0, StatusCode::OK);
+    let unknown_key = gw
+        .send(
+            Method::GET,
+            &b_path,
+            &[("x-api-key", "sbk_not-a-real-key")],
+            None,
+        )
+        .await?;
+    assert_error(&unknown_key, StatusCode::UNAUTHORIZED, "unauthorized");
+    let none = gw.send(Method::GET, &b_path, &[], None).await?;
+    assert_error(&none, StatusCode::UNAUTHORIZED, "unauthorized");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn tenant_auth_both_requires_both_credentials() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.tenant_auth = switchboard::config::TenantAuthMode::Both;
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_body()).await?;
+    let path = format!("/api/tenant/{}/audit", t.id);
+    let key_only = gw
+        .send(Method::GET, &path, &[("x-api-key", &t.api_key)], None)
+        .await?;
+    assert_error(&key_only, StatusCode::UNAUTHORIZED, "unauthorized");
+    let jwt_only = gw
+        .send(
+            Method::GET,
+            &path,
+            &[("authorization", &bearer(&t.token))],
+            None,
+        )
+        .await?;
+    assert_error(&jwt_only, StatusCode::UNAUTHORIZED, "unauthorized");
+    let both = gw
+        .send(
+            Method::GET,
+            &path,
+            &[
+                ("authorization", &bearer(&t.token)),
+                ("x-api-key", &t.api_key),
+            ],
+            None,
+        )
+        .await?;
+    assert_eq!(both.0, StatusCode::OK);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let admin = bearer(gw.config.admin_api_key.expose());
+    let t = gw.create_tenant(tenant_body()).await?;
+    let path = format!("/api/tenant/{}/audit", t.id);
+    let (status, _, rotated) = gw
+        .send(
+            Method::POST,
+            &format!("/api/tenants/{}/api-key", t.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let new_key = rotated["apiKey"].as_str().unwrap().to_owned();
+    assert_ne!(new_key, t.api_key);
+    let old = gw
+        .send(Method::GET, &path, &[("x-api-key", &t.api_key)], None)
+        .await?;
+    assert_error(&old, StatusCode::UNAUTHORIZED, "unauthorized");
+    let old_jwt = gw
+        .send(
+            Method::GET,
+            &path,
+            &[("authorization", &bearer(&t.token))],
+            None,
+        )
+        .await?;
+    assert_error(&old_jwt, StatusCode::UNAUTHORIZED, "unauthorized");
+    let new = gw
+        .send(Method::GET, &path, &[("x-api-key", &new_key)], None)
+        .await?;
+    assert_eq!(new.0, StatusCode::OK);
+    let new_jwt = gw.tenant_token(&new_key).await?;
+
+    let (status, _, _) = gw
+        .send(
+            Method::PATCH,
+            &format!("/api/tenants/{}", t.id),
+            &[("authorization", &admin)],
+            Some(json!({"enabled": false})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let disabled = gw
+        .send(Method::GET, &path, &[("x-api-key", &new_key)], None)
+        .await?;
+    assert_error(&disabled, StatusCode::FORBIDDEN, "tenant_disabled");
+    let token_refused = gw
+        .send(
+            Method::POST,
+            "/api/auth/tenant-token",
+            &[("x-api-key", &new_key)],
+            None,
+        )
+        .await?;
+    assert_error(&token_refused, StatusCode::FORBIDDEN, "tenant_disabled");
+
+    let (status, _, _) = gw
+        .send(
+            Method::DELETE,
+            &format!("/api/tenants/{}", t.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let gone_key = gw
+        .send(Method::GET, &path, &[("x-api-key", &new_key)], None)
+        .await?;
+    assert_error(&gone_key, StatusCode::UNAUTHORIZED, "unauthorized");
+    let gone_jwt = gw
+        .send(
+            Method::GET,
+            &path,
+            &[("authorization", &bearer(&new_jwt))],
+            None,
+        )
+        .await?;
+    assert_error(&gone_jwt, StatusCode::UNAUTHORIZED, "unauthorized");
+    let again = gw
+        .send(
+            Method::DELETE,
+            &format!("/api/tenants/{}", t.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_error(&again, StatusCode::NOT_FOUND, "not_found");
+    // The audit trail outlives the tenant.
+    let (status, _, audit) = gw
+        .send(
+            Method::GET,
+            &format!("/api/tenants/{}/audit", t.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["action"].as_str())
+        .collect();
+    for action in [
+        "tenant.create",
+        "tenant.key_rotate",
+        "tenant.update",
+        "tenant.delete",
+        "token.issue",
+    ] {
+        assert!(actions.contains(&action), "{action} in {actions:?}");
+    }
+    assert_eq!(actions[0], "tenant.delete", "newest first");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn body_errors_follow_the_contract() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.max_body_bytes = 4096;
+    let gw = TestGateway::start_with(config).await?;
+    let admin = bearer(gw.config.admin_api_key.expose());
+    let post = |body: &'static str, ctype: &'static str| {
+        gw.http
+            .post(gw.url("/api/tenants"))
+            .header("authorization", admin.clone())
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+    };
+    let read = |resp: reqwest::Response| async move {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body: Value = resp.json().await.unwrap();
+        (status, headers, body)
+    };
+    let bad_json = read(post("{\"name\":", "application/json").await?).await;
+    assert_error(&bad_json, StatusCode::BAD_REQUEST, "invalid_json");
+    let missing = read(post(r#"{"integrationAppToken":"x"}"#, "application/json").await?).await;
+    assert_error(&missing, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(missing.2["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("integrationKey"));
+    let wrong_type = read(
+        post(
+            r#"{"integrationKey":5,"integrationAppToken":"x"}"#,
+            "application/json",
+        )
+        .await?,
+    )
+    .await;
+    assert_error(&wrong_type, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(wrong_type.2["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("integrationKey"));
+    let bad_transport = read(post(r#"{"integrationKey":"k","integrationAppToken":"x","upstreamTransport":"carrier-pigeon"}"#, "application/json").await?).await;
+    assert_error(&bad_transport, StatusCode::BAD_REQUEST, "invalid_request");
+    let bad_url = read(
+        post(
+            r#"{"integrationKey":"k","integrationAppToken":"x","upstreamUrl":"ftp://x"}"#,
+            "application/json",
+        )
+        .await?,
+    )
+    .await;
+    assert_error(&bad_url, StatusCode::BAD_REQUEST, "invalid_request");
+    let form = read(post("name=x", "application/x-www-form-urlencoded").await?).await;
+    assert_error(
+        &form,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let big = "x".repeat(8192);
+    let resp = gw
+        .http
+        .post(gw.url("/api/tenants"))
+        .header("authorization", admin.clone())
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"integrationKey":"k","integrationAppToken":"{big}"}}"#
+        ))
+        .send()
+        .await?;
+    let too_big = read(resp).await;
+    assert_error(&too_big, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let no_route = gw.send(Method::GET, "/api/nothing-here", &[], None).await?;
+    assert_error(&no_route, StatusCode::NOT_FOUND, "not_found");
+    let wrong_method = gw.send(Method::PUT, "/api/tenants", &[], None).await?;
+    assert_eq!(wrong_method.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.2["error"]["code"], "method_not_allowed");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn request_ids_are_taken_from_the_request_or_made() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let (_, headers, body) = gw
+        .send(
+            Method::GET,
+            "/api/tenants",
+            &[("x-request-id", "trace-abc-123")],
+            None,
+        )
+        .await?;
+    assert_eq!(headers["x-request-id"], "trace-abc-123");
+    assert_eq!(body["error"]["requestId"], "trace-abc-123");
+    let (_, headers, _) = gw
+        .send(
+            Method::GET,
+            "/health",
+            &[("x-request-id", "bad id\twith tabs")],
+            None,
+        )
+        .await?;
+    assert_ne!(headers["x-request-id"], "bad id\twith tabs");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn tenants_list_paginates_newest_first() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let admin = bearer(gw.config.admin_api_key.expose());
+    let mut created = Vec::new();
+    for i in 0..7 {
+        let t = gw
+            .create_tenant(json!({"name": format!("t{i}"), "integrationKey": "k", "integrationAppToken": "secret-ia"}))
+            .await?;
+        created.push(t.id);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/tenants?limit=3&cursor={c}"),
+            None => "/api/tenants?limit=3".to_owned(),
+        };
+        let (status, _, page) = gw
+            .send(Method::GET, &path, &[("authorization", &admin)], None)
+            .await?;
+        assert_eq!(status, StatusCode::OK);
+        for item in page["items"].as_array().unwrap() {
+            assert!(item.get("apiKey").is_none() && item.get("integrationAppToken").is_none());
+            seen.push(item["tenantId"].as_str().unwrap().to_owned());
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    created.reverse();
+    assert_eq!(seen, created, "every tenant once, newest first");
+    for bad in [
+        "/api/tenants?limit=0",
+        "/api/tenants?limit=501",
+        "/api/tenants?cursor=%%%",
+    ] {
+        let got = gw
+            .send(Method::GET, bad, &[("authorization", &admin)], None)
+            .await?;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn get_and_patch_show_state_and_detect_races() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let admin = bearer(gw.config.admin_api_key.expose());
+    let t = gw.create_tenant(tenant_body()).await?;
+    let path = format!("/api/tenants/{}", t.id);
+    let (status, _, view) = gw
+        .send(Method::GET, &path, &[("authorization", &admin)], None)
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(view["enabled"], true);
+    assert_eq!(view["status"]["state"], "stopped");
+    assert_eq!(view["upstreamTransport"], "streamable-http");
+    let version = view["version"].as_i64().unwrap();
+    let (status, _, changed) = gw
+        .send(
+            Method::PATCH,
+            &path,
+            &[("authorization", &admin)],
+            Some(json!({"name": null, "integrationKey": "salesforce", "upstreamUrl": "http://127.0.0.1:9/mcp",
+                        "upstreamTransport": "auto", "rateLimit": {"requestsPerSecond": 5, "burst": 10},
+                        "integrationAppToken": "rotated-ia-token"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(changed["name"], Value::Null);
+    assert_eq!(changed["integrationKey"], "salesforce");
+    assert_eq!(changed["rateLimit"]["requestsPerSecond"], 5);
+    assert!(changed["version"].as_i64().unwrap() > version);
+    let stale = gw
+        .send(
+            Method::PATCH,
+            &path,
+            &[
+                ("authorization", &admin),
+                ("if-match", &version.to_string()),
+            ],
+            Some(json!({"enabled": false})),
+        )
+        .await?;
+    assert_error(&stale, StatusCode::CONFLICT, "conflict");
+    let (status, _, reset) = gw
+        .send(
+            Method::PATCH,
+            &path,
+            &[("authorization", &admin)],
+            Some(json!({"rateLimit": null})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reset["rateLimit"], Value::Null);
+    let unknown = gw
+        .send(
+            Method::PATCH,
+            &path,
+            &[("authorization", &admin)],
+            Some(json!({"enabeld": true})),
+        )
+        .await?;
+    assert_error(&unknown, StatusCode::BAD_REQUEST, "invalid_request");
+    let missing = gw
+        .send(
+            Method::GET,
+            "/api/tenants/tenant-nope",
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_error(&missing, StatusCode::NOT_FOUND, "not_found");
+    let missing_patch = gw
+        .send(
+            Method::PATCH,
+            "/api/tenants/tenant-nope",
+            &[("authorization", &admin)],
+            Some(json!({"enabled": true})),
+        )
+        .await?;
+    assert_error(&missing_patch, StatusCode::NOT_FOUND, "not_found");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn health_and_ready_answer() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let (status, _, health) = gw.send(Method::GET, "/health", &[], None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["database"]["status"], "up");
+    assert!(health["memory"]["rssBytes"].as_u64().unwrap() > 0);
+    assert!(health["uptimeSeconds"].is_u64());
+    assert!(health["activeTenants"].is_u64());
+    let (status, _, _) = gw.send(Method::GET, "/ready", &[], None).await?;
+    assert_eq!(status, StatusCode::OK);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn openapi_describes_every_served_route() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let (status, _, spec) = gw.send(Method::GET, "/openapi.json", &[], None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = spec["paths"].as_object().unwrap();
+    let expected = [
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/api/auth/token", "post"),
+        ("/api/auth/tenant-token", "post"),
+        ("/api/tenants", "post"),
+        ("/api/tenants", "get"),
+        ("/api/tenants/{tenantId}", "get"),
+        ("/api/tenants/{tenantId}", "patch"),
+        ("/api/tenants/{tenantId}", "delete"),
+        ("/api/tenants/{tenantId}/api-key", "post"),
+        ("/api/tenants/{tenantId}/audit", "get"),
+        ("/api/tenant/{tenantId}/audit", "get"),
+    ];
+    for (path, method) in expected {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} documented"
+        );
+    }
+    // Every documented operation is served: none answers "no such route" or 405.
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path.replace("{tenantId}", "tenant-00000000000000000000");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes())?;
+            let (status, _, body) = gw.send(m, &concrete, &[], None).await?;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_ne!(body["error"]["message"], "no such route", "{method} {path}");
+        }
+    }
+    let create = &spec["components"]["schemas"]["CreateTenantRequest"];
+    let required: Vec<&str> = create["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(required.contains(&"integrationKey") && required.contains(&"integrationAppToken"));
+    gw.stop().await
+}
