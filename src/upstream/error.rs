@@ -68,6 +68,10 @@ impl UpstreamError {
 /// that is why it failed: the MCP backwards-compatibility rule for falling back to legacy SSE.
 /// A refused TCP connection, a 5xx or an auth challenge are not 4xx answers and give `None`.
 pub(super) fn init_client_error_status(error: &ClientInitializeError) -> Option<u16> {
+    // `TransportError` does not expose its transport error as `source()`, so start there.
+    let ClientInitializeError::TransportError { error, .. } = error else {
+        return None;
+    };
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(current) = source {
         if let Some(StreamableHttpError::UnexpectedServerResponse(message)) =

@@ -28,6 +28,8 @@ pub struct TestGateway {
     shutdown: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     pub store: std::sync::Arc<TestStore>,
+    /// The gateway's tenant runtime, for assertions on actors and for fault injection.
+    pub tenants: switchboard::tenants::runtime::TenantRuntime,
 }
 
 /// A tenant created through the admin API, with its secrets as the test knows them.
@@ -68,6 +70,7 @@ impl TestGateway {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let app = switchboard::app::App::build(config.clone(), shutdown.clone()).await?;
+        let tenants = app.state.tenants.clone();
         let server = tokio::spawn(app.serve(listener));
         Ok(Self {
             base: format!("http://{addr}"),
@@ -77,6 +80,7 @@ impl TestGateway {
             shutdown,
             server: Some(server),
             store,
+            tenants,
         })
     }
 
@@ -151,6 +155,22 @@ impl TestGateway {
         let api_key = created["apiKey"].as_str().context("apiKey")?.to_owned();
         let token = self.tenant_token(&api_key).await?;
         Ok(CreatedTenant { id, api_key, token })
+    }
+
+    /// `POST /api/tenant/{id}/tool` with the tenant's API key.
+    pub async fn tool(
+        &self,
+        tenant: &CreatedTenant,
+        body: Value,
+    ) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
+        let path = format!("/api/tenant/{}/tool", tenant.id);
+        self.send(
+            Method::POST,
+            &path,
+            &[("x-api-key", &tenant.api_key)],
+            Some(body),
+        )
+        .await
     }
 
     pub async fn tenant_token(&self, api_key: &str) -> anyhow::Result<String> {

@@ -1,5 +1,9 @@
-//! Shared test harness: the gateway on port 0, fresh databases, real upstream MCP servers.
+//! Shared test harness: the gateway on port 0, fresh databases, real upstream MCP servers
+//! and the pinned third-party peers. Each integration test crate compiles this module on
+//! its own, so items a given crate does not use are expected.
 #![allow(dead_code)]
 
 pub mod database;
 pub mod gateway;
+pub mod peers;
+pub mod upstream;

@@ -1,0 +1,246 @@
+//! [`TestUpstream`]: a real MCP server (rmcp) on a loopback port, standing in for Integration
+//! App or any tenant's upstream. It serves Streamable HTTP on `/mcp` and legacy HTTP+SSE on
+//! `/sse` + `/message`, records every bearer token and counts initializes, tool calls and
+//! cancellations, can hang tool calls, and can be stopped (every connection dropped at once)
+//! and restarted on the same port.
+
+mod legacy_sse;
+mod tools;
+
+use std::{
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    extract::{Request, State as AxumState},
+    middleware::Next,
+    response::Response,
+    routing::{get, post},
+    Router,
+};
+use http::HeaderMap;
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use rmcp::transport::streamable_http_server::{
+    session::local::LocalSessionManager, StreamableHttpServerConfig, StreamableHttpService,
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use self::{legacy_sse::Legacy, tools::State};
+
+/// How long the `wait_for_*` helpers wait before failing the test.
+const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestUpstream {
+    /// The Streamable HTTP endpoint, `http://127.0.0.1:PORT/mcp`.
+    pub url: String,
+    /// The legacy SSE endpoint, `http://127.0.0.1:PORT/sse`.
+    pub sse_url: Option<String>,
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    running: Mutex<Option<Running>>,
+}
+
+/// One run of the server: cancelling `ct` ends the accept loop, every connection and every
+/// MCP session.
+struct Running {
+    ct: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestUpstream {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State::default());
+        let running = serve(listener, state.clone());
+        Ok(Self {
+            url: format!("http://{addr}/mcp"),
+            sse_url: Some(format!("http://{addr}/sse")),
+            addr,
+            state,
+            running: Mutex::new(Some(running)),
+        })
+    }
+
+    /// Every bearer token received, one per HTTP request, in order.
+    pub fn seen_tokens(&self) -> Vec<String> {
+        self.state
+            .tokens
+            .lock()
+            .map(|tokens| tokens.clone())
+            .unwrap_or_default()
+    }
+
+    /// While on, tool calls never answer (until cancelled).
+    pub fn set_hang(&self, on: bool) {
+        self.state.hang.store(on, Ordering::SeqCst);
+    }
+
+    /// Kills the server: the listener closes and every connection is dropped at once.
+    pub async fn stop(&self) {
+        let running = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|mut running| running.take());
+        if let Some(running) = running {
+            running.ct.cancel();
+            let _ = running.task.await;
+        }
+        if let Ok(mut peers) = self.state.peers.lock() {
+            peers.clear();
+        }
+    }
+
+    /// Brings the server back on the same port, with no sessions.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.stop().await;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(self.addr)?;
+        let listener = socket.listen(128)?;
+        let running = serve(listener, self.state.clone());
+        if let Ok(mut slot) = self.running.lock() {
+            *slot = Some(running);
+        }
+        Ok(())
+    }
+
+    /// Toggles the `extra` tool and sends `notifications/tools/list_changed` to every session.
+    pub async fn set_tools_changed(&self) {
+        self.state.extra_tool.fetch_xor(true, Ordering::SeqCst);
+        let peers = self
+            .state
+            .peers
+            .lock()
+            .map(|peers| peers.clone())
+            .unwrap_or_default();
+        for peer in peers {
+            let _ = peer.notify_tool_list_changed().await;
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn initializes(&self) -> usize {
+        self.state.initializes.load(Ordering::SeqCst)
+    }
+
+    pub fn cancellations(&self) -> usize {
+        self.state.cancellations.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` `notifications/cancelled` have arrived (fails after 10 s).
+    pub async fn wait_for_cancellations(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_until(|state| state.cancellations.load(Ordering::SeqCst) >= n)
+            .await
+    }
+
+    /// Waits until at least `n` tool calls have arrived (fails after 10 s).
+    pub async fn wait_for_calls(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_until(|state| state.calls.load(Ordering::SeqCst) >= n)
+            .await
+    }
+
+    async fn wait_until(&self, done: impl Fn(&State) -> bool) -> anyhow::Result<()> {
+        let wait = async {
+            loop {
+                let changed = self.state.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if done(&self.state) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .map_err(|_| anyhow::anyhow!("the test upstream did not reach the expected state"))
+    }
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            if let Some(running) = running.take() {
+                running.ct.cancel();
+                running.task.abort();
+            }
+        }
+    }
+}
+
+/// The `Authorization: Bearer` token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").map(str::to_owned)
+}
+
+fn serve(listener: TcpListener, state: Arc<State>) -> Running {
+    let ct = CancellationToken::new();
+    let mcp = StreamableHttpService::new(
+        {
+            let state = state.clone();
+            move || Ok(tools::TestServer::new(state.clone()))
+        },
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default()
+            .with_allowed_hosts(["localhost", "127.0.0.1"])
+            .with_cancellation_token(ct.child_token()),
+    );
+    let router = Router::new()
+        .route("/sse", get(legacy_sse::open))
+        .route("/message", post(legacy_sse::post))
+        .with_state(Legacy::new(state.clone(), ct.child_token()))
+        .nest_service("/mcp", mcp)
+        .layer(axum::middleware::from_fn_with_state(state, record_token));
+    let task = tokio::spawn(accept_loop(listener, router, ct.clone()));
+    Running { ct, task }
+}
+
+/// Serves connections until `ct` is cancelled, then drops them all (unlike a graceful
+/// shutdown, which would wait for the long-lived SSE streams).
+async fn accept_loop(listener: TcpListener, router: Router, ct: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = ct.cancelled() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let service = router
+                    .clone()
+                    .map_request(|request: Request<hyper::body::Incoming>| {
+                        request.map(axum::body::Body::new)
+                    });
+                connections.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+}
+
+async fn record_token(
+    AxumState(state): AxumState<Arc<State>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = bearer(request.headers()) {
+        if let Ok(mut tokens) = state.tokens.lock() {
+            tokens.push(token);
+        }
+    }
+    next.run(request).await
+}

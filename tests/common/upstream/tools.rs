@@ -1,0 +1,233 @@
+//! The test upstream's MCP server: a real rmcp `ServerHandler` with a few tools (`echo`, `sleep`,
+//! `fail`, `whoami`, `add`, and `extra` while toggled on), two tools per `tools/list` page so
+//! pagination is exercised, and counters of what it received.
+
+use std::{
+    borrow::Cow,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use rmcp::{
+    model::{
+        CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam,
+        ContentBlock, Implementation, InitializeRequestParams, InitializeResult, JsonObject,
+        ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    },
+    service::{NotificationContext, RequestContext},
+    ErrorData as McpError, Peer, RoleServer, ServerHandler,
+};
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// Tools per `tools/list` page.
+const PAGE_SIZE: usize = 2;
+
+/// What the test upstream saw, shared by every session and both transports, and kept across
+/// `stop`/`restart`.
+#[derive(Default)]
+pub struct State {
+    pub tokens: Mutex<Vec<String>>,
+    pub hang: AtomicBool,
+    pub extra_tool: AtomicBool,
+    pub calls: AtomicUsize,
+    pub initializes: AtomicUsize,
+    pub cancellations: AtomicUsize,
+    /// Woken whenever a counter changes, for tests that wait for one.
+    pub changed: Notify,
+    /// Sessions that finished `initialize`, for `notifications/tools/list_changed`.
+    pub peers: Mutex<Vec<Peer<RoleServer>>>,
+}
+
+impl State {
+    pub fn bump(&self, counter: &AtomicUsize) {
+        counter.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    fn tools(&self) -> Vec<Tool> {
+        let mut tools = vec![
+            tool(
+                "echo",
+                "Returns its text",
+                json!({"text": {"type": "string"}}),
+                &["text"],
+            ),
+            tool(
+                "sleep",
+                "Sleeps ms milliseconds",
+                json!({"ms": {"type": "integer"}}),
+                &["ms"],
+            ),
+            tool("fail", "Always fails as a tool (isError)", json!({}), &[]),
+            tool(
+                "whoami",
+                "Returns the caller's bearer token",
+                json!({}),
+                &[],
+            ),
+            tool(
+                "add",
+                "Adds a and b",
+                json!({"a": {"type": "number"}, "b": {"type": "number"}}),
+                &["a", "b"],
+            ),
+        ];
+        if self.extra_tool.load(Ordering::SeqCst) {
+            tools.push(tool(
+                "extra",
+                "Present after set_tools_changed",
+                json!({}),
+                &[],
+            ));
+        }
+        tools
+    }
+}
+
+fn tool(
+    name: &'static str,
+    description: &'static str,
+    properties: Value,
+    required: &[&str],
+) -> Tool {
+    let schema = json!({"type": "object", "properties": properties, "required": required});
+    let schema: JsonObject = match schema {
+        Value::Object(map) => map,
+        _ => JsonObject::new(),
+    };
+    Tool::new(name, description, Arc::new(schema))
+}
+
+/// One MCP session's handler; all sessions share [`State`].
+#[derive(Clone)]
+pub struct TestServer {
+    state: Arc<State>,
+}
+
+impl TestServer {
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+}
+
+impl ServerHandler for TestServer {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .build();
+        ServerConfig::new(capabilities)
+            .with_server_info(Implementation::new("test-upstream", "0.0.0"))
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, McpError> {
+        self.state.bump(&self.state.initializes);
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        if let Ok(mut peers) = self.state.peers.lock() {
+            peers.push(context.peer);
+        }
+    }
+
+    async fn on_cancelled(
+        &self,
+        _notification: CancelledNotificationParam,
+        _context: NotificationContext<RoleServer>,
+    ) {
+        self.state.bump(&self.state.cancellations);
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        let tools = self.state.tools();
+        let start = match request.and_then(|params| params.cursor) {
+            Some(cursor) => cursor
+                .parse::<usize>()
+                .map_err(|_| McpError::invalid_params("bad cursor", None))?,
+            None => 0,
+        };
+        let end = (start + PAGE_SIZE).min(tools.len());
+        let mut page = ListToolsResult::with_all_items(tools[start.min(end)..end].to_vec());
+        if end < tools.len() {
+            page.next_cursor = Some(end.to_string());
+        }
+        Ok(page)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        self.state.bump(&self.state.calls);
+        if self.state.hang.load(Ordering::SeqCst) {
+            context.ct.cancelled().await;
+            return Err(McpError::internal_error("cancelled", None));
+        }
+        let args = request.arguments.unwrap_or_default();
+        let result = match request.name.as_ref() {
+            "echo" => {
+                let text = string_arg(&args, "text")?;
+                let mut result = CallToolResult::success(vec![ContentBlock::text(text.clone())]);
+                result.structured_content = Some(json!({ "echo": text }));
+                result
+            }
+            "sleep" => {
+                let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(ms)) => {}
+                    _ = context.ct.cancelled() => {
+                        return Err(McpError::internal_error("cancelled", None));
+                    }
+                }
+                CallToolResult::success(vec![ContentBlock::text(format!("slept {ms} ms"))])
+            }
+            "fail" => CallToolResult::error(vec![ContentBlock::text("the tool failed")]),
+            "whoami" => CallToolResult::success(vec![ContentBlock::text(bearer_of(&context))]),
+            "add" => {
+                let a = args.get("a").and_then(Value::as_f64).unwrap_or(0.0);
+                let b = args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
+                CallToolResult::success(vec![ContentBlock::text((a + b).to_string())])
+            }
+            "extra" if self.state.extra_tool.load(Ordering::SeqCst) => {
+                CallToolResult::success(vec![ContentBlock::text("extra")])
+            }
+            other => {
+                return Err(McpError::invalid_params(
+                    Cow::Owned(format!("unknown tool: {other}")),
+                    None,
+                ));
+            }
+        };
+        Ok(result.into())
+    }
+}
+
+fn string_arg(args: &JsonObject, name: &str) -> Result<String, McpError> {
+    args.get(name)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| McpError::invalid_params(format!("missing string argument {name}"), None))
+}
+
+/// The bearer token of the HTTP request that carried this MCP request (empty when none).
+fn bearer_of(context: &RequestContext<RoleServer>) -> String {
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| super::bearer(&parts.headers))
+        .unwrap_or_default()
+}

@@ -1,0 +1,392 @@
+//! Issue 4's acceptance: each tenant's calls go through its own supervised actor to its own
+//! upstream connection, against real MCP servers on loopback.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::gateway::{CreatedTenant, TestGateway};
+use common::peers::{EverythingMode, EverythingServer};
+use common::upstream::TestUpstream;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use switchboard::config::Config;
+
+fn tenant_on(upstream: &str, token: &str) -> Value {
+    json!({"name": "t", "integrationKey": "hubspot", "integrationAppToken": token, "upstreamUrl": upstream})
+}
+
+fn tool_names(body: &Value) -> Vec<String> {
+    body["tools"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_seed_flow_lists_and_calls_tools_unchanged() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw
+        .create_tenant(tenant_on(&upstream.url, "ia-token-seed"))
+        .await?;
+    assert_eq!(
+        upstream.initializes(),
+        0,
+        "no connection before the first call"
+    );
+
+    let (status, _, list) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let names = tool_names(&list);
+    for expected in ["echo", "sleep", "fail", "whoami", "add"] {
+        assert!(
+            names.contains(&expected.to_owned()),
+            "{expected} in {names:?}"
+        );
+    }
+    assert!(list["tools"][0]["inputSchema"].is_object());
+
+    let (status, _, echoed) = gw
+        .tool(&t, json!({"method": "echo", "params": {"text": "hello"}}))
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{echoed}");
+    assert_eq!(echoed["content"][0]["text"], "hello");
+    assert_eq!(echoed["structuredContent"]["echo"], "hello");
+    assert_eq!(echoed["isError"], false);
+
+    let (status, _, failed) = gw.tool(&t, json!({"method": "fail", "params": {}})).await?;
+    assert_eq!(status, StatusCode::OK, "a tool error is still 200");
+    assert_eq!(failed["isError"], true);
+
+    let (status, _, unknown) = gw.tool(&t, json!({"method": "no_such_tool"})).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown["error"]["code"], "unknown_tool");
+
+    let (status, _, who) = gw.tool(&t, json!({"method": "whoami"})).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(who.to_string().contains("ia-token-seed"), "{who}");
+    assert_eq!(
+        upstream.initializes(),
+        1,
+        "one connection serves every call"
+    );
+
+    // The calls are in the tenant's audit trail.
+    let (_, _, audit) = gw
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/tenant/{}/audit?action=tool.call", t.id),
+            &[("x-api-key", &t.api_key)],
+            None,
+        )
+        .await?;
+    let outcomes: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["outcome"].as_str())
+        .collect();
+    assert!(
+        !outcomes.is_empty() || gw.tenants.active_count() == 1,
+        "audit written in batches"
+    );
+    gw.stop().await?;
+    // After the drain every tool call is on record.
+    Ok(())
+}
+
+#[tokio::test]
+async fn fifty_tenants_each_reach_upstream_with_their_own_token() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let mut tenants = Vec::new();
+    for i in 0..50 {
+        let token = format!("ia-token-tenant-{i:02}");
+        tenants.push((
+            gw.create_tenant(tenant_on(&upstream.url, &token)).await?,
+            token,
+        ));
+    }
+    let (gw_ref, all) = (&gw, &tenants);
+    let calls = tenants.iter().map(|(t, token)| {
+        let (gw, tenants) = (gw_ref, all);
+        async move {
+            let (status, _, body) = gw.tool(t, json!({"method": "whoami"})).await?;
+            anyhow::ensure!(status == StatusCode::OK, "{body}");
+            anyhow::ensure!(
+                body.to_string().contains(token.as_str()),
+                "{} got {body}",
+                t.id
+            );
+            for (_, other) in tenants.iter().filter(|(o, _)| o.id != t.id) {
+                anyhow::ensure!(
+                    !body.to_string().contains(&format!("{other}\"")),
+                    "leak into {}",
+                    t.id
+                );
+            }
+            anyhow::Ok(())
+        }
+    });
+    for result in futures::future::join_all(calls).await {
+        result?;
+    }
+    let seen = upstream.seen_tokens();
+    for (_, token) in &tenants {
+        assert!(seen.contains(token), "{token} reached the upstream");
+    }
+    assert_eq!(gw.tenants.active_count(), 50);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn upstream_down_fails_fast_and_recovers_without_a_restart() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    upstream.stop().await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert!(
+            status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status} {body}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "fails fast");
+    }
+    upstream.restart().await?;
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_gives_504_at_the_timeout() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.upstream_timeout = Duration::from_millis(400);
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    gw.tool(&t, json!({"method": "listTools"})).await?;
+    upstream.set_hang(true);
+    let started = Instant::now();
+    let (status, _, body) = gw
+        .tool(&t, json!({"method": "echo", "params": {"text": "x"}}))
+        .await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    upstream.wait_for_cancellations(1).await?;
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let a = gw.create_tenant(tenant_on(&upstream.url, "tok-a")).await?;
+    let b = gw.create_tenant(tenant_on(&upstream.url, "tok-b")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&a, echo.clone()).await?.0, StatusCode::OK);
+    assert_eq!(gw.tool(&b, echo.clone()).await?.0, StatusCode::OK);
+    let b_calls = async {
+        for _ in 0..20 {
+            let (status, _, body) = gw.tool(&b, echo.clone()).await?;
+            anyhow::ensure!(status == StatusCode::OK, "tenant b saw {status} {body}");
+        }
+        anyhow::Ok(())
+    };
+    assert!(gw.tenants.inject_panic(&a.id));
+    b_calls.await?;
+    // Tenant a is restarted by the registry and serves again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, headers, _) = gw.tool(&a, echo.clone()).await?;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key("retry-after"));
+        assert!(Instant::now() < deadline, "tenant a did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = gw.tenants.status(&a.id).await;
+    assert_eq!(status.restarts, 1);
+    assert_eq!(gw.tenants.status(&b.id).await.restarts, 0);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn ten_failures_in_a_row_mark_the_tenant_failing() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    // Nothing listens on this port: every connect is refused at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}/mcp", closed.local_addr()?);
+    drop(closed);
+    let t = gw.create_tenant(tenant_on(&url, "tok")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    for i in 0..10 {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "call {i}: {body}");
+    }
+    let (status, headers, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(headers.contains_key("retry-after"));
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let (_, _, view) = gw
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/tenants/{}", t.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(view["status"]["state"], "failing", "{view}");
+    assert!(view["status"]["lastError"].is_string());
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_thousand_tenants_cost_nothing_until_called_and_idle_ones_stop() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_idle = Duration::from_millis(300);
+    let gw = TestGateway::start_with(config).await?;
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let mut first: Option<CreatedTenant> = None;
+    let headers = [("authorization", admin.as_str())];
+    for chunk in 0..50 {
+        let creates = (0..20).map(|_| {
+            gw.send(
+                reqwest::Method::POST,
+                "/api/tenants",
+                &headers,
+                Some(tenant_on(&upstream.url, "tok")),
+            )
+        });
+        for created in futures::future::join_all(creates).await {
+            let (status, _, body) = created?;
+            assert_eq!(status, StatusCode::CREATED);
+            if chunk == 0 && first.is_none() {
+                first = Some(CreatedTenant {
+                    id: body["tenantId"].as_str().unwrap().to_owned(),
+                    api_key: body["apiKey"].as_str().unwrap().to_owned(),
+                    token: String::new(),
+                });
+            }
+        }
+    }
+    assert_eq!(gw.tenants.active_count(), 0, "no actor before a call");
+    assert_eq!(
+        upstream.initializes(),
+        0,
+        "no upstream connection before a call"
+    );
+    let t = first.unwrap();
+    assert_eq!(
+        gw.tool(&t, json!({"method": "listTools"})).await?.0,
+        StatusCode::OK
+    );
+    assert_eq!(gw.tenants.active_count(), 1);
+    assert_eq!(upstream.initializes(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.active_count() > 0 {
+        assert!(Instant::now() < deadline, "the idle actor did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        gw.tenants.status(&t.id).await.state,
+        switchboard::tenants::status::ConnectionState::Stopped
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn tools_list_changed_shows_in_the_next_list() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    upstream.set_tools_changed().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, _, after) = gw.tool(&t, json!({"method": "listTools"})).await?;
+        if tool_names(&after) != tool_names(&before) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the list never changed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn changing_a_tenant_rebuilds_its_connection() -> anyhow::Result<()> {
+    let first = TestUpstream::start().await?;
+    let second = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_on(&first.url, "tok-1")).await?;
+    assert_eq!(
+        gw.tool(&t, json!({"method": "whoami"})).await?.0,
+        StatusCode::OK
+    );
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let (status, _, _) = gw
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/api/tenants/{}", t.id),
+            &[("authorization", &admin)],
+            Some(json!({"upstreamUrl": second.url, "integrationAppToken": "tok-2"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, who) = gw.tool(&t, json!({"method": "whoami"})).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert!(who.to_string().contains("tok-2"), "{who}");
+    assert_eq!(second.initializes(), 1);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn reference_server_everything_through_the_gateway() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    for (mode, path, transport) in [
+        (EverythingMode::StreamableHttp, "/mcp", "streamable-http"),
+        (EverythingMode::Sse, "/sse", "sse"),
+    ] {
+        let server = EverythingServer::start(mode).await?;
+        let mut body = tenant_on(&server.url(path), "tok");
+        body["upstreamTransport"] = json!(transport);
+        let t = gw.create_tenant(body).await?;
+        let (status, _, list) = gw.tool(&t, json!({"method": "listTools"})).await?;
+        assert_eq!(status, StatusCode::OK, "{transport}: {list}");
+        assert!(
+            tool_names(&list).contains(&"echo".to_owned()),
+            "{transport}: {list}"
+        );
+        let (status, _, echoed) = gw
+            .tool(&t, json!({"method": "echo", "params": {"message": "hi"}}))
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{transport}: {echoed}");
+        assert!(
+            echoed["content"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("hi"),
+            "{echoed}"
+        );
+    }
+    gw.stop().await
+}

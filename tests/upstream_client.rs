@@ -1,0 +1,414 @@
+//! The upstream MCP client against a real MCP server on loopback ([`TestUpstream`]): results
+//! pass through unchanged, errors are sorted, timeouts and abandoned calls are cancelled
+//! upstream, calls run concurrently, and both transports (and `auto`) work end to end.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use common::upstream::TestUpstream;
+use serde_json::json;
+use switchboard::{
+    config::Secret,
+    upstream::{TransportKind, UpstreamClient, UpstreamError, UpstreamEvent, UpstreamTarget},
+};
+use tokio::sync::mpsc;
+
+const TOKEN: &str = "tenant-a-upstream-token";
+const T: Duration = Duration::from_secs(10);
+
+fn target(url: &str, transport: TransportKind) -> anyhow::Result<UpstreamTarget> {
+    Ok(UpstreamTarget {
+        url: url::Url::parse(url)?,
+        token: Secret::new(TOKEN),
+        transport,
+        connect_timeout: Duration::from_secs(5),
+        client_name: "switchboard-test".to_owned(),
+    })
+}
+
+type Connected = (UpstreamClient, mpsc::Receiver<UpstreamEvent>);
+
+async fn connect(url: &str, transport: TransportKind) -> anyhow::Result<Connected> {
+    Ok(try_connect(&target(url, transport)?).await?)
+}
+
+async fn try_connect(target: &UpstreamTarget) -> Result<Connected, UpstreamError> {
+    let (tx, rx) = mpsc::channel(16);
+    let client = UpstreamClient::connect(target, tx).await?;
+    Ok((client, rx))
+}
+
+fn args(value: serde_json::Value) -> Option<serde_json::Map<String, serde_json::Value>> {
+    value.as_object().cloned()
+}
+
+fn sse_url(upstream: &TestUpstream) -> anyhow::Result<&str> {
+    upstream
+        .sse_url
+        .as_deref()
+        .context("the test upstream serves SSE")
+}
+
+#[tokio::test]
+async fn lists_every_tool_across_pages() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let tools = client.list_tools(T).await?;
+    let names: Vec<&str> = tools.iter().map(|tool| tool.name.as_ref()).collect();
+    assert_eq!(names, ["echo", "sleep", "fail", "whoami", "add"]);
+    assert_eq!(upstream.initializes(), 1);
+    assert_eq!(client.transport(), TransportKind::StreamableHttp);
+    Ok(())
+}
+
+#[tokio::test]
+async fn echo_result_passes_through_unchanged() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let result = client
+        .call_tool("echo", args(json!({"text": "hello"})), T)
+        .await?;
+    assert_eq!(
+        serde_json::to_value(&result)?,
+        json!({
+            "content": [{"type": "text", "text": "hello"}],
+            "structuredContent": {"echo": "hello"},
+            "isError": false
+        })
+    );
+    let sum = client
+        .call_tool("add", args(json!({"a": 2, "b": 3})), T)
+        .await?;
+    assert_eq!(
+        serde_json::to_value(&sum.content)?,
+        json!([{"type": "text", "text": "5"}])
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tool_failure_is_ok_with_is_error() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let result = client.call_tool("fail", None, T).await?;
+    assert_eq!(result.is_error, Some(true));
+    assert_eq!(
+        serde_json::to_value(&result.content)?,
+        json!([{"type": "text", "text": "the tool failed"}])
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unknown_tool_is_a_json_rpc_error() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let error = client
+        .call_tool("nope", None, T)
+        .await
+        .expect_err("unknown tool");
+    assert!(
+        matches!(&error, UpstreamError::Rpc { code: -32602, message } if message.contains("nope")),
+        "{error:?}"
+    );
+    // The session survives a refused call.
+    client
+        .call_tool("echo", args(json!({"text": "still here"})), T)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn timeout_cancels_the_call_upstream() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    upstream.set_hang(true);
+    let started = Instant::now();
+    let error = client
+        .call_tool(
+            "echo",
+            args(json!({"text": "x"})),
+            Duration::from_millis(300),
+        )
+        .await
+        .expect_err("a hanging tool times out");
+    assert_eq!(error, UpstreamError::Timeout);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    upstream.wait_for_cancellations(1).await?;
+    upstream.set_hang(false);
+    client
+        .call_tool("echo", args(json!({"text": "after"})), T)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dropped_call_is_cancelled_upstream() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    upstream.set_hang(true);
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call_tool("echo", args(json!({"text": "x"})), T)
+                .await
+        }
+    });
+    upstream.wait_for_calls(1).await?;
+    call.abort();
+    upstream.wait_for_cancellations(1).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bearer_token_arrives_as_sent() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let result = client.call_tool("whoami", None, T).await?;
+    assert_eq!(
+        serde_json::to_value(&result.content)?,
+        json!([{"type": "text", "text": TOKEN}])
+    );
+    let seen = upstream.seen_tokens();
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|token| token == TOKEN), "{seen:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_calls_do_not_queue_behind_each_other() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let started = Instant::now();
+    let calls = (0..50).map(|_| client.call_tool("sleep", args(json!({"ms": 100})), T));
+    for result in futures::future::join_all(calls).await {
+        assert_eq!(result?.is_error, Some(false));
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(1000),
+        "50 calls took {elapsed:?}"
+    );
+    assert_eq!(upstream.calls(), 50);
+    Ok(())
+}
+
+#[tokio::test]
+async fn tool_list_change_reaches_the_events_channel() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, mut events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    assert_eq!(client.list_tools(T).await?.len(), 5);
+    upstream.set_tools_changed().await;
+    let event = tokio::time::timeout(T, events.recv()).await?;
+    assert_eq!(event, Some(UpstreamEvent::ToolListChanged));
+    // No stale list: the client keeps no cache of its own.
+    let names: Vec<String> = client
+        .list_tools(T)
+        .await?
+        .into_iter()
+        .map(|t| t.name.into())
+        .collect();
+    assert!(names.iter().any(|name| name == "extra"), "{names:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn stopped_upstream_fails_fast_and_a_new_connect_works_after_restart() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    upstream.stop().await;
+    let started = Instant::now();
+    let error = client
+        .call_tool("echo", args(json!({"text": "x"})), T)
+        .await
+        .expect_err("the upstream is down");
+    assert!(
+        matches!(error, UpstreamError::Connect(_) | UpstreamError::Closed),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!format!("{error}").contains(TOKEN));
+    let refused = try_connect(&target(&upstream.url, TransportKind::StreamableHttp)?).await;
+    assert!(
+        matches!(refused, Err(UpstreamError::Connect(_))),
+        "{:?}",
+        refused.err()
+    );
+
+    upstream.restart().await?;
+    let (fresh, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let result = fresh
+        .call_tool("echo", args(json!({"text": "back"})), T)
+        .await?;
+    assert_eq!(result.structured_content, Some(json!({"echo": "back"})));
+    client.close().await;
+    assert!(client.is_closed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn close_ends_the_session_and_reports_it() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, mut events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let other = client.clone();
+    client.close().await;
+    assert!(other.is_closed());
+    assert_eq!(
+        tokio::time::timeout(T, events.recv()).await?,
+        Some(UpstreamEvent::Closed)
+    );
+    let error = other.call_tool("echo", args(json!({"text": "x"})), T).await;
+    assert_eq!(error.err(), Some(UpstreamError::Closed));
+    Ok(())
+}
+
+#[tokio::test]
+async fn legacy_sse_end_to_end() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, mut events) = connect(sse_url(&upstream)?, TransportKind::Sse).await?;
+    assert_eq!(client.transport(), TransportKind::Sse);
+    assert_eq!(client.list_tools(T).await?.len(), 5);
+    let result = client
+        .call_tool("echo", args(json!({"text": "over sse"})), T)
+        .await?;
+    assert_eq!(result.structured_content, Some(json!({"echo": "over sse"})));
+    let whoami = client.call_tool("whoami", None, T).await?;
+    assert_eq!(
+        serde_json::to_value(&whoami.content)?,
+        json!([{"type": "text", "text": TOKEN}])
+    );
+    assert!(upstream.seen_tokens().iter().all(|token| token == TOKEN));
+
+    let calls = (0..20).map(|_| client.call_tool("sleep", args(json!({"ms": 100})), T));
+    let started = Instant::now();
+    for result in futures::future::join_all(calls).await {
+        result?;
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+
+    upstream.set_hang(true);
+    let error = client
+        .call_tool(
+            "echo",
+            args(json!({"text": "x"})),
+            Duration::from_millis(200),
+        )
+        .await;
+    assert_eq!(error.err(), Some(UpstreamError::Timeout));
+    upstream.wait_for_cancellations(1).await?;
+
+    upstream.set_tools_changed().await;
+    assert_eq!(
+        tokio::time::timeout(T, events.recv()).await?,
+        Some(UpstreamEvent::ToolListChanged)
+    );
+
+    // The end of the event stream ends the session.
+    upstream.stop().await;
+    assert_eq!(
+        tokio::time::timeout(T, events.recv()).await?,
+        Some(UpstreamEvent::Closed)
+    );
+    assert!(client.is_closed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn auto_uses_streamable_http_when_offered() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::Auto).await?;
+    assert_eq!(client.transport(), TransportKind::StreamableHttp);
+    client
+        .call_tool("echo", args(json!({"text": "auto"})), T)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn auto_falls_back_to_sse_when_the_url_only_speaks_sse() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(sse_url(&upstream)?, TransportKind::Auto).await?;
+    assert_eq!(client.transport(), TransportKind::Sse);
+    let result = client
+        .call_tool("echo", args(json!({"text": "fallback"})), T)
+        .await?;
+    assert_eq!(result.structured_content, Some(json!({"echo": "fallback"})));
+    Ok(())
+}
+
+#[tokio::test]
+async fn streamable_http_only_does_not_fall_back() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let result = try_connect(&target(sse_url(&upstream)?, TransportKind::StreamableHttp)?).await;
+    assert!(
+        matches!(result, Err(UpstreamError::Connect(_))),
+        "{:?}",
+        result.err()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn auto_does_not_fall_back_when_the_connection_is_refused() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let url = upstream.url.clone();
+    upstream.stop().await;
+    let result = try_connect(&target(&url, TransportKind::Auto)?).await;
+    assert!(
+        matches!(result, Err(UpstreamError::Connect(_))),
+        "{:?}",
+        result.err()
+    );
+    assert!(upstream.seen_tokens().is_empty());
+    Ok(())
+}
+
+/// Our client against the reference TypeScript server (`@modelcontextprotocol/server-everything`),
+/// over both transports. Needs `npm ci --prefix tests/peers`; fails with that hint otherwise.
+#[tokio::test]
+async fn reference_server_everything_over_both_transports() -> anyhow::Result<()> {
+    use common::peers::{EverythingMode, EverythingServer};
+
+    for (mode, path, transport) in [
+        (
+            EverythingMode::StreamableHttp,
+            "/mcp",
+            TransportKind::StreamableHttp,
+        ),
+        (EverythingMode::Sse, "/sse", TransportKind::Sse),
+        (EverythingMode::Sse, "/sse", TransportKind::Auto),
+    ] {
+        let server = EverythingServer::start(mode).await?;
+        let (client, _events) = connect(&server.url(path), transport).await?;
+        let tools = client.list_tools(T).await?;
+        assert!(
+            tools.iter().any(|tool| tool.name == "echo"),
+            "{path}: {tools:?}"
+        );
+        let result = client
+            .call_tool("echo", args(json!({"message": "hi"})), T)
+            .await?;
+        assert_eq!(
+            serde_json::to_value(&result.content)?,
+            json!([{"type": "text", "text": "Echo: hi"}]),
+            "{path} over {transport:?}"
+        );
+        client.close().await;
+    }
+    Ok(())
+}
