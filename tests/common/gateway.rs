@@ -28,6 +28,8 @@ pub struct TestGateway {
     shutdown: CancellationToken,
     server: Option<JoinHandle<anyhow::Result<()>>>,
     pub store: std::sync::Arc<TestStore>,
+    /// The gateway's tenant runtime, for assertions on in-memory state (replica count).
+    pub runtime: switchboard::tenants::runtime::TenantRuntime,
 }
 
 /// A tenant created through the admin API, with its secrets as the test knows them.
@@ -68,6 +70,7 @@ impl TestGateway {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let app = switchboard::app::App::build(config.clone(), shutdown.clone()).await?;
+        let runtime = app.state.tenants.clone();
         let server = tokio::spawn(app.serve(listener));
         Ok(Self {
             base: format!("http://{addr}"),
@@ -77,6 +80,7 @@ impl TestGateway {
             shutdown,
             server: Some(server),
             store,
+            runtime,
         })
     }
 
