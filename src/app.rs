@@ -45,8 +45,10 @@ impl App {
         let changes = ChangeFeed::new(1024);
         let cipher = TokenCipher::new(&config.encryption_key);
         let auth = Arc::new(Authenticator::new(&config, store.clone()));
+        let settings = RuntimeSettings::from_config(&config);
+        let replicas = settings.replicas.clone();
         let tenants = TenantRuntime::start(
-            RuntimeSettings::from_config(&config),
+            settings,
             store.clone(),
             cipher.clone(),
             config.upstream_mcp_url.clone(),
@@ -54,6 +56,14 @@ impl App {
             shutdown,
         )
         .await?;
+        // After the registry subscribed to `changes`, so no announcement is missed.
+        let fleet = [
+            store.listen_changes(changes.clone(), lifecycle.token.clone()),
+            store.replica_heartbeat(replicas, lifecycle.token.clone()),
+        ];
+        for task in fleet.into_iter().flatten() {
+            lifecycle.tasks.spawn(task);
+        }
         let admin = Arc::new(TenantAdmin::new(store.clone(), cipher, changes));
         Ok(Self {
             state: AppState {

@@ -23,6 +23,9 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Exit 0 when this container's gateway answers `GET /ready` with 200, else 1 (for
+    /// Docker's HEALTHCHECK: the runtime image has no curl).
+    Healthcheck,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,6 +36,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Healthcheck)) {
+        // Before validation: checking health must not need (or generate) any secret.
+        std::process::exit(healthcheck(cli.config.port));
+    }
     let (config, generated) = match cli.config.validate() {
         Ok(ok) => ok,
         Err(err) => {
@@ -59,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(config).await,
             Command::Migrate => migrate(config).await,
+            Command::Healthcheck => Ok(()),
         }
     })
 }
@@ -81,6 +89,24 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     let applied = store.migrate().await?;
     tracing::info!(?applied, backend = store.backend(), "migrations applied");
     Ok(())
+}
+
+/// `GET http://127.0.0.1:{port}/ready` with a short timeout: 0 on 200, 1 otherwise.
+fn healthcheck(port: u16) -> i32 {
+    let ready = async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(2))
+            .build()?;
+        let url = format!("http://127.0.0.1:{port}/ready");
+        anyhow::Ok(client.get(url).send().await?.status() == reqwest::StatusCode::OK)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match runtime.map(|rt| rt.block_on(ready)) {
+        Ok(Ok(true)) => 0,
+        _ => 1,
+    }
 }
 
 fn init_tracing(config: &Config) {

@@ -13,18 +13,32 @@ pub struct Migration {
 }
 
 /// The PostgreSQL migrations (`sql/postgres/`), in the order they apply.
-pub static POSTGRES_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../sql/postgres/0001_init.sql"),
-}];
+pub static POSTGRES_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../sql/postgres/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "replicas",
+        sql: include_str!("../../sql/postgres/0002_replicas.sql"),
+    },
+];
 
 /// The SQLite migrations (`sql/sqlite/`), in the order they apply.
-pub static SQLITE_MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../sql/sqlite/0001_init.sql"),
-}];
+pub static SQLITE_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../sql/sqlite/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "replicas",
+        sql: include_str!("../../sql/sqlite/0002_replicas.sql"),
+    },
+];
 
 /// The bookkeeping table, created before anything else; the same text suits both backends.
 pub(super) const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (

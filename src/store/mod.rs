@@ -6,12 +6,20 @@
 //! already sealed by [`crate::cipher`] and the API key already hashed) and the audit
 //! trail. It knows nothing of HTTP, actors or credentials in the clear.
 
+pub mod change_feed;
 mod columns;
 mod migrations;
 pub mod postgres;
+pub mod replicas;
 pub mod sqlite;
 
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::tenants::ChangeFeed;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -151,6 +159,27 @@ pub trait Store: Send + Sync + 'static {
     /// Applies the migrations of `sql/` that have not run yet, each once, and returns the
     /// versions it applied now (empty when the schema is current).
     async fn migrate(&self) -> StoreResult<Vec<i64>>;
+
+    /// The task that brings other replicas' tenant changes into `feed` (PostgreSQL
+    /// LISTEN/NOTIFY), to be spawned on the lifecycle's tracker; it ends on `shutdown`.
+    /// `None` for a store no other process shares (SQLite).
+    fn listen_changes(
+        &self,
+        _feed: ChangeFeed,
+        _shutdown: CancellationToken,
+    ) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+
+    /// The task that keeps `replicas` equal to the number of live replicas on this
+    /// database (for fleet-wide rate limits); it ends on `shutdown`. `None` alone.
+    fn replica_heartbeat(
+        &self,
+        _replicas: Arc<AtomicU32>,
+        _shutdown: CancellationToken,
+    ) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 
     /// Cheap round trip, for `/health` and `/ready`.
     async fn ping(&self) -> StoreResult<()>;

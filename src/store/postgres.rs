@@ -4,6 +4,8 @@
 //! within seconds instead of a hang. The connection string may hold a password, so no
 //! error or log line here ever repeats it or the URL.
 
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,10 +15,14 @@ use deadpool_postgres::{
     Client, ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod,
     Runtime,
 };
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
+use tokio_util::sync::CancellationToken;
 
+use super::change_feed::{self, Sinks};
 use super::columns::{
     apply_changes, micros, now_micros, AuditRow, TenantRow, AUDIT_COLUMNS, TENANT_COLUMNS,
 };
@@ -25,6 +31,7 @@ use super::{
     AuditQuery, AuditRecord, PageCursor, Store, StoreError, StoreResult, TenantChanges,
     TenantRecord,
 };
+use crate::tenants::ChangeFeed;
 
 /// How long a caller waits for a free pooled connection, and how long opening a new one
 /// may take, before the store reports `Unavailable`.
@@ -41,6 +48,10 @@ type Param<'a> = &'a (dyn ToSql + Sync);
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// For the fleet's LISTEN connection, which lives outside the pool.
+    listen_config: tokio_postgres::Config,
+    /// Woken by the listener when a replica joins or leaves; the heartbeat recounts.
+    replicas_changed: Arc<Notify>,
 }
 
 impl PostgresStore {
@@ -57,6 +68,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("switchboard");
         }
+        let listen_config = config.clone();
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -73,7 +85,11 @@ impl PostgresStore {
             .recycle_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .context("building the PostgreSQL connection pool")?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            listen_config,
+            replicas_changed: Arc::new(Notify::new()),
+        })
     }
 
     /// The pool itself, for pool metrics and for a LISTEN connection.
@@ -83,6 +99,11 @@ impl PostgresStore {
 
     async fn client(&self) -> StoreResult<Client> {
         self.pool.get().await.map_err(pool_err)
+    }
+
+    /// A pooled connection, for the fleet tasks of this module's siblings.
+    pub(super) async fn pooled(&self) -> StoreResult<Client> {
+        self.client().await
     }
 
     /// The first tenant a query returning `TENANT_COLUMNS` yields.
@@ -111,14 +132,14 @@ fn pool_err(e: PoolError) -> StoreError {
 
 /// A message that names what went wrong without the statement's values (the server's
 /// DETAIL line can quote them) or the connection string.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     }
 }
 
-fn db_err(e: tokio_postgres::Error) -> StoreError {
+pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
     if let Some(code) = e.code() {
         if *code == SqlState::UNIQUE_VIOLATION {
             return StoreError::Duplicate;
@@ -216,6 +237,13 @@ async fn apply_migrations(client: &mut ClientWrapper) -> StoreResult<Vec<i64>> {
     Ok(applied_now)
 }
 
+/// Announces a tenant change to the fleet; part of the changing transaction.
+const NOTIFY_TENANT: &str = "SELECT pg_notify('switchboard_tenants', $1)";
+
+/// The statement notifies in the same transaction as the delete.
+const DELETE_TENANT: &str =
+    "DELETE FROM tenants WHERE id = $1 RETURNING pg_notify('switchboard_tenants', id)";
+
 const UPDATE_TENANT: &str = "UPDATE tenants SET name = $3, integration_key = $4, \
     sealed_token = $5, upstream_url = $6, upstream_transport = $7, enabled = $8, \
     rate_rps = $9, rate_burst = $10, updated_at = $11, version = $12 \
@@ -242,6 +270,34 @@ impl Store for PostgresStore {
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
             .await;
         result
+    }
+
+    fn listen_changes(
+        &self,
+        feed: ChangeFeed,
+        shutdown: CancellationToken,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let sinks = Sinks {
+            feed,
+            replicas_changed: self.replicas_changed.clone(),
+        };
+        let config = self.listen_config.clone();
+        Some(Box::pin(change_feed::listen(config, sinks, shutdown)))
+    }
+
+    fn replica_heartbeat(
+        &self,
+        replicas: Arc<AtomicU32>,
+        shutdown: CancellationToken,
+    ) -> Option<BoxFuture<'static, ()>> {
+        let replica_id = uuid::Uuid::new_v4().to_string();
+        Some(Box::pin(super::replicas::heartbeat(
+            self.clone(),
+            replica_id,
+            replicas,
+            self.replicas_changed.clone(),
+            shutdown,
+        )))
     }
 
     async fn ping(&self) -> StoreResult<()> {
@@ -365,6 +421,8 @@ impl Store for PostgresStore {
         if tx.execute(&stmt, &params).await.map_err(db_err)? != 1 {
             return Err(StoreError::Conflict);
         }
+        // Delivered to every replica's listener when (and only if) the change commits.
+        tx.execute(NOTIFY_TENANT, &[&r.id]).await.map_err(db_err)?;
         tx.commit().await.map_err(db_err)?;
         r.into_record()
     }
@@ -372,7 +430,8 @@ impl Store for PostgresStore {
     async fn rotate_api_key(&self, id: &str, new_hash: &[u8]) -> StoreResult<TenantRecord> {
         let sql = format!(
             "UPDATE tenants SET api_key_hash = $2, version = version + 1, updated_at = $3 \
-             WHERE id = $1 RETURNING {TENANT_COLUMNS}"
+             WHERE id = $1 RETURNING {TENANT_COLUMNS}, pg_notify('{TENANTS}', id)",
+            TENANTS = change_feed::TENANTS_CHANNEL
         );
         let row = self
             .query_tenant(&sql, &[&id, &new_hash, &now_micros()])
@@ -382,10 +441,7 @@ impl Store for PostgresStore {
 
     async fn delete_tenant(&self, id: &str) -> StoreResult<()> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM tenants WHERE id = $1")
-            .await
-            .map_err(db_err)?;
+        let stmt = client.prepare_cached(DELETE_TENANT).await.map_err(db_err)?;
         match client.execute(&stmt, &[&id]).await.map_err(db_err)? {
             0 => Err(StoreError::NotFound),
             _ => Ok(()),

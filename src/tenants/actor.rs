@@ -53,6 +53,10 @@ pub struct TenantState {
     tools_loading: bool,
     in_flight: Arc<Semaphore>,
     limiter: DefaultDirectRateLimiter,
+    /// The replica count the limiter was built for; a new count rebuilds it.
+    limiter_replicas: u32,
+    /// Kept to rebuild the limiter when the replica count changes.
+    record: TenantRecord,
     failures: u32,
     last_error: Option<String>,
     last_used: Instant,
@@ -62,11 +66,15 @@ pub struct TenantState {
     ticker: tokio::task::JoinHandle<()>,
 }
 
-fn quota(record: &TenantRecord, settings: &RuntimeSettings) -> Quota {
+/// This replica's share of the tenant's limit: the limit is for the whole fleet, so with
+/// `replicas` replicas each allows 1/N of it (rounded up, at least 1).
+fn quota(record: &TenantRecord, settings: &RuntimeSettings, replicas: u32) -> Quota {
     let (rps, burst) = match record.rate_limit {
         Some(limit) => (limit.requests_per_second, limit.burst),
         None => (settings.rate_per_second, settings.rate_burst),
     };
+    let replicas = replicas.max(1);
+    let (rps, burst) = (rps.div_ceil(replicas), burst.div_ceil(replicas));
     let rps = std::num::NonZeroU32::new(rps.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
     let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
     Quota::per_second(rps).allow_burst(burst)
@@ -97,10 +105,13 @@ impl Actor for TenantActor {
             }
         });
         let (notices, _) = broadcast::channel(16);
+        let replicas = settings.replica_count();
         set_status(&args.status, |s| s.state = ConnectionState::Stopped);
         Ok(TenantState {
             tenant_id: args.record.id.clone(),
-            limiter: DefaultDirectRateLimiter::direct(quota(&args.record, &settings)),
+            limiter: DefaultDirectRateLimiter::direct(quota(&args.record, &settings, replicas)),
+            limiter_replicas: replicas,
+            record: args.record.clone(),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             target: args.target,
             store: args.store,
@@ -174,6 +185,7 @@ impl TenantState {
         reply: RpcReplyPort<Result<Lease, CallError>>,
     ) {
         self.last_used = Instant::now();
+        self.follow_replica_count();
         if let Err(not_until) = self.limiter.check() {
             let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
             let _ = reply.send(Err(CallError::RateLimited { retry_after: wait }));
@@ -203,6 +215,17 @@ impl TenantState {
                 self.connection = Connection::Connecting(vec![reply]);
                 self.start_connect(myself);
             }
+        }
+    }
+
+    /// Rebuilds the limiter when replicas joined or left (a fresh limiter starts with a
+    /// full burst; a fleet changes rarely, so that is fine).
+    fn follow_replica_count(&mut self) {
+        let replicas = self.settings.replica_count();
+        if replicas != self.limiter_replicas {
+            self.limiter =
+                DefaultDirectRateLimiter::direct(quota(&self.record, &self.settings, replicas));
+            self.limiter_replicas = replicas;
         }
     }
 

@@ -10,6 +10,8 @@ pub mod registry;
 pub mod runtime;
 pub mod status;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
@@ -35,6 +37,9 @@ pub struct RuntimeSettings {
     pub audit_batch: usize,
     /// How long a stopping actor waits for its leased calls and audit writes.
     pub stop_grace: Duration,
+    /// Replicas sharing the database (1 alone or on SQLite), kept current by the
+    /// heartbeat in [`crate::store::replicas`]; each replica takes 1/N of a rate limit.
+    pub replicas: Arc<AtomicU32>,
 }
 
 impl RuntimeSettings {
@@ -54,7 +59,13 @@ impl RuntimeSettings {
             audit_buffer: 10_000,
             audit_batch: 200,
             stop_grace: config.drain_timeout,
+            replicas: Arc::new(AtomicU32::new(1)),
         }
+    }
+
+    /// The replica count now (at least 1).
+    pub fn replica_count(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed).max(1)
     }
 
     /// How often an actor checks for idleness and flushes its audit buffer.
@@ -63,10 +74,22 @@ impl RuntimeSettings {
     }
 }
 
+/// One announcement on the [`ChangeFeed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantChange {
+    /// This tenant changed, was disabled or deleted, or had its key rotated.
+    One(String),
+    /// Anything may have changed (the fleet listener reconnected and may have missed
+    /// notifications): drop everything held in memory about every tenant.
+    All,
+}
+
 /// Announces "tenant X changed (or was deleted)" to whoever keeps tenant state in memory.
+/// Fed locally by [`admin`] and, on PostgreSQL, by the fleet listener with the changes
+/// other replicas made ([`crate::store::change_feed`]).
 #[derive(Clone)]
 pub struct ChangeFeed {
-    sender: broadcast::Sender<String>,
+    sender: broadcast::Sender<TenantChange>,
 }
 
 impl ChangeFeed {
@@ -78,10 +101,15 @@ impl ChangeFeed {
 
     pub fn publish(&self, tenant_id: &str) {
         // No listener is fine: nothing is cached then.
-        let _ = self.sender.send(tenant_id.to_owned());
+        let _ = self.sender.send(TenantChange::One(tenant_id.to_owned()));
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+    /// Asks every listener for a full reload.
+    pub fn publish_all(&self) {
+        let _ = self.sender.send(TenantChange::All);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<TenantChange> {
         self.sender.subscribe()
     }
 }

@@ -14,7 +14,7 @@ use super::actor::{TenantActor, TenantArgs};
 use super::backoff::Backoff;
 use super::messages::{CallError, RegistryMsg, TenantMsg};
 use super::status::{ConnectionState, UpstreamStatus};
-use super::{ChangeFeed, RuntimeSettings};
+use super::{ChangeFeed, RuntimeSettings, TenantChange};
 use crate::cipher::TokenCipher;
 use crate::store::{SharedStore, TenantRecord};
 use crate::upstream::{TransportKind, UpstreamTarget};
@@ -147,7 +147,8 @@ impl Actor for RegistryActor {
                 let msg = tokio::select! {
                     _ = stop.cancelled() => break,
                     next = feed.recv() => match next {
-                        Ok(id) => RegistryMsg::Changed(id),
+                        Ok(TenantChange::One(id)) => RegistryMsg::Changed(id),
+                        Ok(TenantChange::All) => RegistryMsg::ChangedAll,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => RegistryMsg::ChangedAll,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     },

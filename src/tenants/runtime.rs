@@ -64,6 +64,11 @@ impl TenantRuntime {
         self.directory.len()
     }
 
+    /// Replicas this one counts in the fleet (1 when alone); see `RuntimeSettings::replicas`.
+    pub fn replica_count(&self) -> u32 {
+        self.settings.replica_count()
+    }
+
     pub async fn status(&self, tenant_id: &str) -> UpstreamStatus {
         self.directory.status(tenant_id)
     }
