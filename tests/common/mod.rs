@@ -3,3 +3,4 @@
 
 pub mod database;
 pub mod gateway;
+pub mod ops_upstream;
