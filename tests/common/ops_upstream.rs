@@ -14,10 +14,14 @@ use rmcp::service::{RequestContext, RoleServer};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, ServerHandler};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
-struct OpsServer;
+struct OpsServer {
+    /// Counts `sleep` calls that started, so tests wait on it instead of sleeping.
+    sleeps: Arc<watch::Sender<usize>>,
+}
 
 fn object_schema() -> Arc<serde_json::Map<String, serde_json::Value>> {
     let schema = serde_json::json!({ "type": "object" });
@@ -49,6 +53,7 @@ impl ServerHandler for OpsServer {
         let text = match request.name.as_ref() {
             "echo" => serde_json::Value::Object(args).to_string(),
             "sleep" => {
+                self.sleeps.send_modify(|n| *n += 1);
                 let ms = args.get("ms").and_then(|v| v.as_u64()).unwrap_or(200);
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 format!("slept {ms}ms")
@@ -62,6 +67,7 @@ impl ServerHandler for OpsServer {
 pub struct OpsUpstream {
     pub url: String,
     stop: CancellationToken,
+    sleeps: watch::Receiver<usize>,
 }
 
 impl OpsUpstream {
@@ -70,8 +76,12 @@ impl OpsUpstream {
         let config = StreamableHttpServerConfig::default()
             .with_sse_keep_alive(None)
             .with_cancellation_token(stop.child_token());
+        let (sleeps, started) = watch::channel(0usize);
+        let server = OpsServer {
+            sleeps: Arc::new(sleeps),
+        };
         let service: StreamableHttpService<OpsServer, LocalSessionManager> =
-            StreamableHttpService::new(|| Ok(OpsServer), Default::default(), config);
+            StreamableHttpService::new(move || Ok(server.clone()), Default::default(), config);
         let router = axum::Router::new().nest_service("/mcp", service);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr: SocketAddr = listener.local_addr()?;
@@ -84,7 +94,15 @@ impl OpsUpstream {
         Ok(Self {
             url: format!("http://{addr}/mcp"),
             stop,
+            sleeps: started,
         })
+    }
+
+    /// Waits until at least `n` `sleep` calls have started.
+    pub async fn sleeps_started(&self, n: usize) -> anyhow::Result<()> {
+        let mut rx = self.sleeps.clone();
+        rx.wait_for(|started| *started >= n).await?;
+        Ok(())
     }
 }
 
