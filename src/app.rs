@@ -41,7 +41,10 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
+        crate::metrics::install();
+        crate::metrics::set_series_cap(config.metrics_max_tenant_series);
         let lifecycle = Arc::new(Lifecycle::new(shutdown.clone()));
+        crate::audit::spawn_retention(store.clone(), config.audit_retention_days, &lifecycle);
         let changes = ChangeFeed::new(1024);
         let cipher = TokenCipher::new(&config.encryption_key);
         let auth = Arc::new(Authenticator::new(&config, store.clone()));

@@ -130,6 +130,28 @@ pub struct RawConfig {
     /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
     #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
+    /// Auth endpoint limit per client address, requests per second (against key guessing).
+    #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 10)]
+    pub auth_rate_limit: u32,
+    #[arg(long, env = "AUTH_RATE_BURST", default_value_t = 20)]
+    pub auth_rate_burst: u32,
+    /// Put tool arguments into the tool-call audit event (off: they may hold personal data).
+    #[arg(long, env = "AUDIT_ARGUMENTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub audit_arguments: bool,
+    /// Audit events older than this many days are deleted (0 keeps them forever).
+    #[arg(long, env = "AUDIT_RETENTION_DAYS", default_value_t = 90)]
+    pub audit_retention_days: u32,
+    /// Tool-call audit events one tenant actor may hold while the database is slow or down.
+    #[arg(long, env = "AUDIT_BUFFER_SIZE", default_value_t = 10_000)]
+    pub audit_buffer_size: usize,
+    #[arg(long, env = "AUDIT_BATCH_SIZE", default_value_t = 200)]
+    pub audit_batch_size: usize,
+    /// When set, `GET /metrics` needs `Authorization: Bearer <METRICS_TOKEN>`.
+    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// Distinct tenants (and tools) given their own metric series; the rest count as "other".
+    #[arg(long, env = "METRICS_MAX_TENANT_SERIES", default_value_t = 1000)]
+    pub metrics_max_tenant_series: usize,
     /// Where development mode keeps the secrets it generated, so restarts reuse them.
     #[arg(
         long,
@@ -170,6 +192,14 @@ pub struct Config {
     pub log_format: LogFormat,
     pub tenant_auth: TenantAuthMode,
     pub trust_proxy: bool,
+    pub auth_rate_limit: u32,
+    pub auth_rate_burst: u32,
+    pub audit_arguments: bool,
+    pub audit_retention_days: u32,
+    pub audit_buffer_size: usize,
+    pub audit_batch_size: usize,
+    pub metrics_token: Option<Secret>,
+    pub metrics_max_tenant_series: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -238,6 +268,18 @@ impl RawConfig {
                 "TENANT_RATE_LIMIT and TENANT_RATE_BURST must be above 0",
             ));
         }
+        if self.auth_rate_limit == 0 || self.auth_rate_burst == 0 {
+            return Err(invalid(
+                "AUTH_RATE_LIMIT",
+                "AUTH_RATE_LIMIT and AUTH_RATE_BURST must be above 0",
+            ));
+        }
+        if self.audit_buffer_size == 0 || self.audit_batch_size == 0 {
+            return Err(invalid(
+                "AUDIT_BUFFER_SIZE",
+                "AUDIT_BUFFER_SIZE and AUDIT_BATCH_SIZE must be above 0",
+            ));
+        }
         if self.tenant_max_in_flight == 0 {
             return Err(invalid("TENANT_MAX_IN_FLIGHT", "must be above 0"));
         }
@@ -287,6 +329,17 @@ impl RawConfig {
             log_format,
             tenant_auth: self.tenant_auth,
             trust_proxy: self.trust_proxy,
+            auth_rate_limit: self.auth_rate_limit,
+            auth_rate_burst: self.auth_rate_burst,
+            audit_arguments: self.audit_arguments,
+            audit_retention_days: self.audit_retention_days,
+            audit_buffer_size: self.audit_buffer_size,
+            audit_batch_size: self.audit_batch_size,
+            metrics_token: self
+                .metrics_token
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
+            metrics_max_tenant_series: self.metrics_max_tenant_series,
         };
         Ok((config, generated))
     }
@@ -423,6 +476,14 @@ impl Config {
             log_format: LogFormat::Pretty,
             tenant_auth: TenantAuthMode::Either,
             trust_proxy: false,
+            auth_rate_limit: 1000,
+            auth_rate_burst: 1000,
+            audit_arguments: false,
+            audit_retention_days: 90,
+            audit_buffer_size: 10_000,
+            audit_batch_size: 200,
+            metrics_token: None,
+            metrics_max_tenant_series: 1000,
         }
     }
 }

@@ -10,7 +10,9 @@ use axum::http::{header, request::Parts, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::auth::{AuthContext, Authenticator, TenantCredentials};
+use super::middleware::RequestId;
+use crate::auth::{AuthContext, AuthError, Authenticator, TenantCredentials};
+use crate::store::SharedStore;
 
 /// A JSON body. `Content-Type` must be `application/json`; errors follow API.md.
 pub struct ApiJson<T>(pub T);
@@ -127,13 +129,15 @@ where
 }
 
 /// The tenant of a `/api/tenant/{tenantId}/…` route, after its credentials were checked
-/// against the path.
+/// against the path. A refused credential is audited (`auth.refused`, under the path's
+/// tenant, so the tenant sees attempts on it); accepted ones cost no extra write.
 pub struct Tenant(pub AuthContext);
 
 impl<S> FromRequestParts<S> for Tenant
 where
     S: Send + Sync,
     Arc<Authenticator>: FromRef<S>,
+    SharedStore: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -146,7 +150,25 @@ where
             bearer: bearer(&parts.headers),
             api_key: api_key_header(&parts.headers),
         };
-        let context = auth.tenant(&tenant_id, creds, false).await?;
+        let context = match auth.tenant(&tenant_id, creds, false).await {
+            Ok(context) => context,
+            Err(err) => {
+                if matches!(err, AuthError::Unauthorized | AuthError::Forbidden) {
+                    let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.as_str());
+                    // The id is the caller's text: keep it only when it is tenant-id sized.
+                    let tenant = Some(tenant_id.as_str()).filter(|id| id.len() <= 64);
+                    let event = crate::audit::event(
+                        tenant,
+                        "auth.refused",
+                        "anonymous",
+                        "refused",
+                        request_id,
+                    );
+                    crate::audit::write_now(&SharedStore::from_ref(state), event).await;
+                }
+                return Err(err.into());
+            }
+        };
         tracing::Span::current().record("tenant_id", context.tenant_id.as_str());
         Ok(Tenant(context))
     }

@@ -1,13 +1,14 @@
 //! The layer every request passes first: request id in and out, the tracing span with
 //! request and tenant id, the drain gate, security headers, and the JSON error body of
 //! API.md for every error response (from our handlers or from a layer such as the body
-//! limit or the timeout).
+//! limit or the timeout), and the HTTP request metrics (by route template, never the raw
+//! path, so the series stay bounded).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -48,6 +49,12 @@ pub async fn request_context(
         tenant_id = tracing::field::Empty,
     );
     let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
     let probe = serves_while_draining(req.uri().path());
     let mut response = if lifecycle.is_draining() && !probe {
         ApiError::Draining.into_response()
@@ -63,7 +70,9 @@ pub async fn request_context(
     }
     add_security_headers(headers);
     let status = response.status().as_u16();
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed();
+    crate::metrics::http_request(&route, method.as_str(), status, elapsed);
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
     span.in_scope(|| tracing::info!(status, latency_ms, "request finished"));
     response
 }
@@ -138,4 +147,24 @@ fn add_security_headers(headers: &mut axum::http::HeaderMap) {
         "content-security-policy",
         HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
     );
+}
+
+/// `Strict-Transport-Security` for requests that came over TLS. The gateway speaks plain
+/// HTTP itself, so TLS is known only from a proxy's `X-Forwarded-Proto: https`, believed
+/// when `TRUST_PROXY` is set (the state of this layer).
+pub async fn hsts(State(trust_proxy): State<bool>, req: Request, next: Next) -> Response {
+    let over_tls = trust_proxy
+        && req
+            .headers()
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+    let mut response = next.run(req).await;
+    if over_tls {
+        response.headers_mut().insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+        );
+    }
+    response
 }

@@ -5,6 +5,7 @@
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod ratelimit;
 pub mod routes;
 
 use std::sync::Arc;
@@ -70,10 +71,11 @@ impl utoipa::Modify for SecuritySchemes {
 
 /// The REST routes with their OpenAPI description.
 pub fn api_routes() -> OpenApiRouter<AppState> {
-    use routes::{audit, auth, health, tenants, tool};
+    use routes::{audit, auth, health, metrics, tenants, tool};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
+        .routes(routes!(metrics::metrics))
         .routes(routes!(auth::admin_token))
         .routes(routes!(auth::tenant_token))
         .routes(routes!(tenants::create, tenants::list))
@@ -95,6 +97,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let lifecycle = state.lifecycle.clone();
+    let auth_limiter = Arc::new(ratelimit::AuthLimiter::new(&config));
+    auth_limiter.spawn_cleanup(&lifecycle);
     let (api, spec) = api_routes().split_for_parts();
     let spec = Arc::new(spec);
     api.route(
@@ -111,7 +115,16 @@ pub fn router(state: AppState) -> Router {
         axum::http::StatusCode::REQUEST_TIMEOUT,
         config.request_timeout,
     ))
+    // Inside the request context, so a refusal still gets the JSON body and a request id.
+    .layer(axum::middleware::from_fn_with_state(
+        auth_limiter,
+        ratelimit::limit_auth,
+    ))
     .layer(cors(&config))
+    .layer(axum::middleware::from_fn_with_state(
+        config.trust_proxy,
+        middleware::hsts,
+    ))
     .layer(axum::middleware::from_fn_with_state(
         lifecycle,
         middleware::request_context,

@@ -156,6 +156,12 @@ pub trait Store: Send + Sync + 'static {
     /// `"postgres"` or `"sqlite"`, for logs and `/health`.
     fn backend(&self) -> &'static str;
 
+    /// Connections in the pool and how many of them are idle, for metrics; `None` when
+    /// the backend has no pool.
+    fn pool_status(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// Applies the migrations of `sql/` that have not run yet, each once, and returns the
     /// versions it applied now (empty when the schema is current).
     async fn migrate(&self) -> StoreResult<Vec<i64>>;

@@ -255,6 +255,11 @@ impl Store for PostgresStore {
         "postgres"
     }
 
+    fn pool_status(&self) -> Option<(usize, usize)> {
+        let status = self.pool.status();
+        Some((status.size, status.available))
+    }
+
     async fn migrate(&self) -> StoreResult<Vec<i64>> {
         // A connection taken out of the pool: the session lock lives as long as the
         // connection, and a detached connection closes when dropped, so even a migrate

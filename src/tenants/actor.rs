@@ -468,11 +468,11 @@ impl TenantState {
         if self.audit.len() >= self.settings.audit_buffer {
             // Bounded: the oldest event is dropped and counted, never unbounded memory.
             self.audit.pop_front();
-            metrics::counter!("switchboard_audit_dropped_total").increment(1);
-            metrics::gauge!("switchboard_audit_pending").decrement(1.0);
+            crate::metrics::audit_dropped(1);
+            crate::metrics::audit_pending(-1);
         }
         self.audit.push_back(event);
-        metrics::gauge!("switchboard_audit_pending").increment(1.0);
+        crate::metrics::audit_pending(1);
         if self.audit.len() >= self.settings.audit_batch {
             self.flush_audit(myself);
         }
@@ -503,7 +503,7 @@ impl TenantState {
         self.audit_writing = false;
         match result {
             Ok(written) => {
-                metrics::gauge!("switchboard_audit_pending").decrement(written as f64);
+                crate::metrics::audit_pending(-(written as i64));
                 if self.audit.len() >= self.settings.audit_batch {
                     self.flush_audit(myself);
                 }
@@ -528,7 +528,7 @@ impl TenantState {
             let batch: Vec<AuditRecord> = self.audit.iter().cloned().collect();
             match self.store.append_audit(&batch).await {
                 Ok(()) => {
-                    metrics::gauge!("switchboard_audit_pending").decrement(batch.len() as f64);
+                    crate::metrics::audit_pending(-(batch.len() as i64));
                     self.audit.clear();
                 }
                 Err(err) if Instant::now() < deadline => {
@@ -537,9 +537,8 @@ impl TenantState {
                 }
                 Err(err) => {
                     tracing::error!(error = %err, events = batch.len(), "audit events lost on stop");
-                    metrics::counter!("switchboard_audit_dropped_total")
-                        .increment(batch.len() as u64);
-                    metrics::gauge!("switchboard_audit_pending").decrement(batch.len() as f64);
+                    crate::metrics::audit_dropped(batch.len() as u64);
+                    crate::metrics::audit_pending(-(batch.len() as i64));
                     self.audit.clear();
                 }
             }

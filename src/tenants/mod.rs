@@ -56,8 +56,8 @@ impl RuntimeSettings {
             restart_base: Duration::from_millis(100),
             rate_per_second: config.tenant_rate_limit,
             rate_burst: config.tenant_rate_burst,
-            audit_buffer: 10_000,
-            audit_batch: 200,
+            audit_buffer: config.audit_buffer_size,
+            audit_batch: config.audit_batch_size,
             stop_grace: config.drain_timeout,
             replicas: Arc::new(AtomicU32::new(1)),
         }

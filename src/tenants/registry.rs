@@ -217,7 +217,7 @@ impl Actor for RegistryActor {
                 if let Some(tenant_id) = state.by_actor.remove(&cell.get_id()) {
                     state.args.directory.remove(&tenant_id, cell.get_id());
                     tracing::debug!(%tenant_id, ?reason, "tenant actor stopped");
-                    metrics::counter!("switchboard_actor_stops_total").increment(1);
+                    crate::metrics::actor_stopped();
                 }
             }
             _ => {}
@@ -264,7 +264,7 @@ impl RegistryState {
                 reason: format!("tenant actor did not start: {e}"),
                 retry_after: Duration::from_secs(1),
             })?;
-        metrics::counter!("switchboard_actor_starts_total").increment(1);
+        crate::metrics::actor_started();
         self.by_actor.insert(actor.get_id(), tenant_id.clone());
         self.args.directory.insert(
             tenant_id,
@@ -332,7 +332,7 @@ impl RegistryState {
         let Some(running) = self.args.directory.remove(&tenant_id, cell.get_id()) else {
             return;
         };
-        metrics::counter!("switchboard_actor_restarts_total").increment(1);
+        crate::metrics::actor_restarted();
         let now = Instant::now();
         let settings = &self.args.settings;
         let history = self

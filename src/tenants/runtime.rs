@@ -84,8 +84,20 @@ impl TenantRuntime {
     }
 
     /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
-    /// tenant does not have is `UnknownTool`, and never reaches the upstream.
+    /// tenant does not have is `UnknownTool`, and never reaches the upstream. Counted in
+    /// the tool-call metrics by outcome.
     pub async fn call_tool(
+        &self,
+        tenant: &TenantRecord,
+        tool: &str,
+        arguments: Option<Map<String, Value>>,
+    ) -> Result<CallToolResult, CallError> {
+        let result = self.call_tool_uncounted(tenant, tool, arguments).await;
+        crate::metrics::tool_call(&tenant.id, tool, call_outcome(&result));
+        result
+    }
+
+    async fn call_tool_uncounted(
         &self,
         tenant: &TenantRecord,
         tool: &str,
@@ -106,6 +118,7 @@ impl TenantRuntime {
         if !tools.contains(tool) {
             return Err(CallError::UnknownTool(tool.to_owned()));
         }
+        let started = std::time::Instant::now();
         let result = lease
             .client
             .call_tool(tool, arguments, self.settings.upstream_timeout)
@@ -119,7 +132,9 @@ impl TenantRuntime {
             generation: lease.generation,
             failure,
         });
-        result.map_err(CallError::from)
+        let result = result.map_err(CallError::from);
+        crate::metrics::upstream_latency(call_outcome(&result), started.elapsed());
+        result
     }
 
     /// Hands a tool-call event to the tenant's audit buffer (written in batches). When the
@@ -172,6 +187,18 @@ impl TenantRuntime {
         }
         let record = Box::new(tenant.clone());
         ask(&self.registry, |reply| RegistryMsg::Start { record, reply }).await
+    }
+}
+
+/// The audit outcome of a tool call (API.md), also its metrics label.
+pub fn call_outcome(result: &Result<CallToolResult, CallError>) -> &'static str {
+    match result {
+        Ok(r) if r.is_error == Some(true) => "tool_error",
+        Ok(_) => "ok",
+        Err(CallError::Timeout) => "timeout",
+        Err(CallError::RateLimited { .. }) => "rate_limited",
+        Err(CallError::UnknownTool(_)) => "refused",
+        Err(_) => "upstream_error",
     }
 }
 

@@ -5,5 +5,6 @@
 
 pub mod database;
 pub mod gateway;
+pub mod ops_upstream;
 pub mod peers;
 pub mod upstream;

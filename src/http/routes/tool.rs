@@ -46,6 +46,12 @@ pub async fn call(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let tenant = &ctx.tenant;
+    // Arguments reach the audit trail only when the operator asked for it (AUDIT_ARGUMENTS).
+    let arguments = state
+        .config
+        .audit_arguments
+        .then(|| body.params.clone())
+        .flatten();
     let (action, tool, result) = match body.method.as_str() {
         "" => {
             return Err(ApiError::invalid_request(
@@ -87,6 +93,9 @@ pub async fn call(
         outcome,
         Some(&request_id.0),
     );
+    if let (Some(arguments), Some(_)) = (arguments, &tool) {
+        event.detail = Some(serde_json::json!({ "arguments": arguments }));
+    }
     event.tool = tool;
     event.latency_ms = Some(started.elapsed().as_millis() as i64);
     event.request_bytes = headers

@@ -1,0 +1,197 @@
+//! Every metric the gateway exports: names, labels and the helpers that record them, so
+//! the set stays in one place and its label sets stay bounded. The Prometheus recorder is
+//! installed once per process ([`install`]; tests start many gateways in one process) and
+//! rendered by `GET /metrics`; there is no exporter HTTP listener of its own.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// HTTP requests by `route` (the route template as [`route_label`] writes it, never the raw path), `method`, `status`.
+pub const HTTP_REQUESTS: &str = "switchboard_http_requests_total";
+pub const HTTP_DURATION: &str = "switchboard_http_request_duration_seconds";
+/// Tool calls by `tenant`, `tool` and `outcome` (the audit outcomes), REST and MCP alike.
+pub const TOOL_CALLS: &str = "switchboard_tool_calls_total";
+/// Time spent waiting on upstream MCP servers for a tool call, by `outcome`.
+pub const UPSTREAM_DURATION: &str = "switchboard_upstream_duration_seconds";
+pub const ACTOR_STARTS: &str = "switchboard_actor_starts_total";
+pub const ACTOR_STOPS: &str = "switchboard_actor_stops_total";
+pub const ACTOR_RESTARTS: &str = "switchboard_actor_restarts_total";
+/// Tenant actors running now.
+pub const ACTIVE_TENANTS: &str = "switchboard_active_tenants";
+/// Downstream MCP sessions open now.
+pub const MCP_SESSIONS: &str = "switchboard_mcp_sessions";
+/// Requests refused by a rate limit, by `scope` (`tenant` or `auth`).
+pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
+pub const AUDIT_PENDING: &str = "switchboard_audit_pending";
+pub const AUDIT_DROPPED: &str = "switchboard_audit_dropped_total";
+/// PostgreSQL pool connections, by `state` (`in_use`, `idle`); absent on SQLite.
+pub const DB_POOL_CONNECTIONS: &str = "switchboard_db_pool_connections";
+/// The label value that stands for every tenant or tool past the series cap.
+pub const OTHER: &str = "other";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the global recorder, once per process, and returns
+/// the handle that renders it. A later call returns the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was installed already; /metrics stays empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Label values kept per kind (tenants, tools): the first `cap` distinct values get
+/// their own series, later ones share [`OTHER`].
+struct Bounded {
+    seen: Mutex<HashSet<String>>,
+}
+
+impl Bounded {
+    fn new() -> Self {
+        Self {
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn label(&self, value: &str) -> String {
+        let cap = SERIES_CAP.load(Ordering::Relaxed);
+        let Ok(mut seen) = self.seen.lock() else {
+            return OTHER.to_owned();
+        };
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < cap {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+static SERIES_CAP: AtomicUsize = AtomicUsize::new(1000);
+static TENANTS: LazyLock<Bounded> = LazyLock::new(Bounded::new);
+static TOOLS: LazyLock<Bounded> = LazyLock::new(Bounded::new);
+
+/// Sets the cap on tenant and tool label values (`METRICS_MAX_TENANT_SERIES`).
+pub fn set_series_cap(cap: usize) {
+    SERIES_CAP.store(cap, Ordering::Relaxed);
+}
+
+/// The `route` label of a route template: `/api/tenant/{tenantId}/tool` becomes
+/// `/api/tenant/:tenantId/tool`, since braces inside label values trip some scrapers'
+/// parsers (prometheus-parse skips such lines).
+pub fn route_label(template: &str) -> String {
+    template.replace('{', ":").replace('}', "")
+}
+
+/// One HTTP request answered; `route` is the route template, never the raw path.
+pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
+    let labels = [
+        ("route", route_label(route)),
+        ("method", method.to_owned()),
+        ("status", status.to_string()),
+    ];
+    metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
+    metrics::histogram!(HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
+}
+
+/// One tool call finished with `outcome` (an audit outcome: `ok`, `tool_error`, ...).
+pub fn tool_call(tenant_id: &str, tool: &str, outcome: &'static str) {
+    let labels = [
+        ("tenant", TENANTS.label(tenant_id)),
+        ("tool", TOOLS.label(tool)),
+        ("outcome", outcome.to_owned()),
+    ];
+    metrics::counter!(TOOL_CALLS, &labels).increment(1);
+    if outcome == "rate_limited" {
+        rate_limited("tenant");
+    }
+}
+
+/// The upstream part of one tool call.
+pub fn upstream_latency(outcome: &'static str, elapsed: Duration) {
+    metrics::histogram!(UPSTREAM_DURATION, "outcome" => outcome).record(elapsed.as_secs_f64());
+}
+
+/// A request refused by the `scope` limit (`tenant` or `auth`).
+pub fn rate_limited(scope: &'static str) {
+    metrics::counter!(RATE_LIMITED, "scope" => scope).increment(1);
+}
+
+/// A downstream MCP session opened (`+1`) or closed (`-1`); for the MCP module.
+pub fn mcp_sessions(delta: i64) {
+    metrics::gauge!(MCP_SESSIONS).increment(delta as f64);
+}
+
+pub fn actor_started() {
+    metrics::counter!(ACTOR_STARTS).increment(1);
+}
+
+pub fn actor_stopped() {
+    metrics::counter!(ACTOR_STOPS).increment(1);
+}
+
+pub fn actor_restarted() {
+    metrics::counter!(ACTOR_RESTARTS).increment(1);
+}
+
+/// `n` audit events entered (positive) or left (negative) a tenant's buffer.
+pub fn audit_pending(delta: i64) {
+    metrics::gauge!(AUDIT_PENDING).increment(delta as f64);
+}
+
+pub fn audit_dropped(n: u64) {
+    metrics::counter!(AUDIT_DROPPED).increment(n);
+}
+
+/// Gauges read at scrape time rather than kept up to date on every change.
+pub fn sample(active_tenants: usize, pool: Option<(usize, usize)>) {
+    metrics::gauge!(ACTIVE_TENANTS).set(active_tenants as f64);
+    if let Some((size, available)) = pool {
+        let in_use = size.saturating_sub(available);
+        metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
+        metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(available as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_have_no_braces() {
+        assert_eq!(
+            route_label("/api/tenant/{tenantId}/tool"),
+            "/api/tenant/:tenantId/tool"
+        );
+    }
+
+    #[test]
+    fn labels_past_the_cap_become_other() {
+        let kind = Bounded::new();
+        set_series_cap(2);
+        assert_eq!(kind.label("a"), "a");
+        assert_eq!(kind.label("b"), "b");
+        assert_eq!(kind.label("c"), OTHER);
+        assert_eq!(kind.label("a"), "a");
+        set_series_cap(1000);
+    }
+}

@@ -1,0 +1,399 @@
+//! Operations: rate limits (per tenant, per client address on the auth endpoints),
+//! `/metrics`, security headers and the audit trail's optional fields.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::gateway::{CreatedTenant, TestGateway};
+use common::ops_upstream::OpsUpstream;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use switchboard::config::{Config, Secret};
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn tenant_body(upstream: &OpsUpstream, rate_limit: Option<(u32, u32)>) -> Value {
+    let mut body = json!({
+        "integrationKey": "ops",
+        "integrationAppToken": "upstream-token-ops",
+        "upstreamUrl": upstream.url,
+    });
+    if let Some((rps, burst)) = rate_limit {
+        body["rateLimit"] = json!({ "requestsPerSecond": rps, "burst": burst });
+    }
+    body
+}
+
+async fn echo(
+    gw: &TestGateway,
+    tenant: &CreatedTenant,
+) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap)> {
+    let path = format!("/api/tenant/{}/tool", tenant.id);
+    let auth = bearer(&tenant.token);
+    let (status, headers, _) = gw
+        .send(
+            Method::POST,
+            &path,
+            &[("authorization", &auth)],
+            Some(json!({"method": "echo", "params": {"x": 1}})),
+        )
+        .await?;
+    Ok((status, headers))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_over_its_limit_gets_429_while_another_is_served() -> anyhow::Result<()> {
+    let upstream = OpsUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let (rps, burst) = (20u32, 10u32);
+    let limited = gw
+        .create_tenant(tenant_body(&upstream, Some((rps, burst))))
+        .await?;
+    let other = gw.create_tenant(tenant_body(&upstream, None)).await?;
+    // Connect both upstreams first, so the run measures the limiter, not connection set-up.
+    assert_eq!(echo(&gw, &other).await?.0, StatusCode::OK);
+    let started = Instant::now();
+    let run = Duration::from_secs(5);
+    let workers = (0..8).map(|_| {
+        let (gw, limited) = (&gw, &limited);
+        async move {
+            let (mut ok, mut refused, mut retry_after_seen) = (0u32, 0u32, true);
+            while started.elapsed() < run {
+                let (status, headers) = echo(gw, limited).await?;
+                match status {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        refused += 1;
+                        retry_after_seen &= headers.get("retry-after").is_some();
+                    }
+                    other => anyhow::bail!("unexpected {other}"),
+                }
+            }
+            anyhow::Ok((ok, refused, retry_after_seen))
+        }
+    });
+    let probe = async {
+        // While the limited tenant is refused, the other one is served.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        echo(&gw, &other).await
+    };
+    let (results, probe) = tokio::join!(futures::future::join_all(workers), probe);
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut ok, mut refused) = (0, 0);
+    for result in results {
+        let (o, r, retry_after) = result?;
+        assert!(retry_after, "every 429 carries Retry-After");
+        ok += o;
+        refused += r;
+    }
+    assert_eq!(probe?.0, StatusCode::OK, "the other tenant is served");
+    let allowed = f64::from(rps) * elapsed + f64::from(burst);
+    println!(
+        "limited tenant: {ok} served, {refused} refused in {elapsed:.2}s; allowed {allowed:.0}"
+    );
+    assert!(refused > 0);
+    assert!(
+        (f64::from(ok) - allowed).abs() <= allowed * 0.10,
+        "{ok} served vs {allowed:.0} allowed"
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn auth_endpoints_are_limited_per_client_address() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.auth_rate_limit = 1;
+    config.auth_rate_burst = 3;
+    config.trust_proxy = true;
+    let gw = TestGateway::start_with(config.clone()).await?;
+    let guess = |ip: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.send(
+                Method::POST,
+                "/api/auth/token",
+                &[("x-forwarded-for", ip)],
+                Some(json!({"key": "a-wrong-guess-of-the-admin-key"})),
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(guess("198.51.100.1").await?.0, StatusCode::UNAUTHORIZED);
+    }
+    let (status, headers, body) = guess("198.51.100.1").await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(headers.get("retry-after").is_some());
+    // Behind a trusted proxy the forwarded address is the key: another client is not refused.
+    assert_eq!(guess("198.51.100.2").await?.0, StatusCode::UNAUTHORIZED);
+    let (status, _, _) = gw
+        .send(
+            Method::POST,
+            "/api/auth/tenant-token",
+            &[("x-forwarded-for", "198.51.100.1")],
+            None,
+        )
+        .await?;
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "both endpoints share the limit"
+    );
+    gw.stop().await?;
+
+    // Without TRUST_PROXY the header is ignored: the socket address is the key.
+    config.trust_proxy = false;
+    let gw = TestGateway::start_with(config).await?;
+    for ip in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let (status, _, _) = gw
+            .send(
+                Method::POST,
+                "/api/auth/token",
+                &[("x-forwarded-for", ip)],
+                Some(json!({"key": "wrong-guess-0123456789"})),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, _, _) = gw
+        .send(
+            Method::POST,
+            "/api/auth/token",
+            &[("x-forwarded-for", "198.51.100.9")],
+            Some(json!({"key": "wrong-guess-0123456789"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    gw.stop().await
+}
+
+async fn scrape(gw: &TestGateway, token: Option<&str>) -> anyhow::Result<(StatusCode, String)> {
+    let mut req = gw.http.get(gw.url("/metrics"));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await?;
+    Ok((resp.status(), resp.text().await?))
+}
+
+/// Every sample line is `name{labels} value`, and the parser reads the whole text.
+fn parse_strict(text: &str) -> anyhow::Result<prometheus_parse::Scrape> {
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .ok_or_else(|| anyhow::anyhow!("bad line {line}"))?;
+        anyhow::ensure!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "bad value: {line}"
+        );
+        let name = series.split('{').next().unwrap_or("");
+        anyhow::ensure!(
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':'),
+            "bad name: {line}"
+        );
+        anyhow::ensure!(
+            series.contains('{') == series.ends_with('}'),
+            "bad labels: {line}"
+        );
+    }
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    // The parser skips lines it cannot read: it must have read every sample line.
+    let lines = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .count();
+    let read: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(b) => b.len(),
+            prometheus_parse::Value::Summary(q) => q.len(),
+            _ => 1,
+        })
+        .sum();
+    anyhow::ensure!(read == lines, "parser read {read} of {lines} sample lines");
+    Ok(scrape)
+}
+
+fn counter(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()> {
+    let upstream = OpsUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.metrics_token = Some(Secret::new("metrics-token-0123456789"));
+    let gw = TestGateway::start_with(config).await?;
+    assert_eq!(scrape(&gw, None).await?.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        scrape(&gw, Some("wrong")).await?.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let tenant = gw
+        .create_tenant(tenant_body(&upstream, Some((1, 3))))
+        .await?;
+    let (status, before) = scrape(&gw, Some("metrics-token-0123456789")).await?;
+    assert_eq!(status, StatusCode::OK);
+    let before = parse_strict(&before)?;
+    let ok = [
+        ("tenant", tenant.id.as_str()),
+        ("tool", "echo"),
+        ("outcome", "ok"),
+    ];
+    assert_eq!(counter(&before, "switchboard_tool_calls_total", &ok), 0.0);
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(echo(&gw, &tenant).await?.0);
+    }
+    let served = statuses.iter().filter(|s| **s == StatusCode::OK).count() as f64;
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count() as f64;
+    assert!(served >= 3.0 && refused >= 1.0, "{statuses:?}");
+    let (_, after) = scrape(&gw, Some("metrics-token-0123456789")).await?;
+    let after = parse_strict(&after)?;
+    assert_eq!(counter(&after, "switchboard_tool_calls_total", &ok), served);
+    let limited = [("tenant", tenant.id.as_str()), ("outcome", "rate_limited")];
+    assert_eq!(
+        counter(&after, "switchboard_tool_calls_total", &limited),
+        refused
+    );
+    let route = [("route", "/api/tenant/:tenantId/tool"), ("status", "200")];
+    let moved = counter(&after, "switchboard_http_requests_total", &route)
+        - counter(&before, "switchboard_http_requests_total", &route);
+    assert!(moved >= served, "http requests moved by {moved}");
+    assert!(
+        counter(
+            &after,
+            "switchboard_rate_limited_total",
+            &[("scope", "tenant")]
+        ) >= refused
+    );
+    for name in [
+        "switchboard_http_request_duration_seconds",
+        "switchboard_upstream_duration_seconds",
+        "switchboard_active_tenants",
+        "switchboard_actor_starts_total",
+        "switchboard_audit_pending",
+    ] {
+        assert!(
+            after.samples.iter().any(|s| s.metric.starts_with(name)),
+            "{name} missing"
+        );
+    }
+    assert!(
+        after
+            .samples
+            .iter()
+            .all(|s| !s.labels.values().any(|v| v.contains("/api/tenant/tenant-"))),
+        "raw paths never become labels"
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn hsts_only_behind_a_trusted_tls_proxy() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    let gw = TestGateway::start_with(config.clone()).await?;
+    let headers = [("x-forwarded-proto", "https")];
+    let (_, h, _) = gw.send(Method::GET, "/health", &headers, None).await?;
+    assert!(
+        h.get("strict-transport-security").is_none(),
+        "untrusted header ignored"
+    );
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    gw.stop().await?;
+    config.trust_proxy = true;
+    let gw = TestGateway::start_with(config).await?;
+    let (_, h, _) = gw.send(Method::GET, "/health", &headers, None).await?;
+    assert!(h["strict-transport-security"]
+        .to_str()?
+        .starts_with("max-age="));
+    let (_, h, _) = gw.send(Method::GET, "/health", &[], None).await?;
+    assert!(
+        h.get("strict-transport-security").is_none(),
+        "plain HTTP gets none"
+    );
+    gw.stop().await
+}
+
+async fn audit_items(
+    gw: &TestGateway,
+    tenant_id: &str,
+    action: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let admin = bearer(gw.config.admin_api_key.expose());
+    let path = format!("/api/tenants/{tenant_id}/audit?action={action}");
+    let (status, _, body) = gw
+        .send(Method::GET, &path, &[("authorization", &admin)], None)
+        .await?;
+    anyhow::ensure!(status == StatusCode::OK, "audit: {status} {body}");
+    Ok(body["items"].as_array().cloned().unwrap_or_default())
+}
+
+/// Stops `gw` (its actors flush their audit buffers) and starts a gateway on its store.
+async fn restart(gw: TestGateway) -> anyhow::Result<TestGateway> {
+    let (store, config) = (gw.store.clone(), gw.config.clone());
+    gw.stop().await?;
+    TestGateway::start_on(config, store).await
+}
+
+#[tokio::test]
+async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Result<()> {
+    let upstream = OpsUpstream::start().await?;
+    for with_arguments in [false, true] {
+        let mut config = Config::for_tests();
+        config.audit_arguments = with_arguments;
+        let gw = TestGateway::start_with(config).await?;
+        let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
+        let other = gw.create_tenant(tenant_body(&upstream, None)).await?;
+        // Another tenant's token on this tenant's route: refused, audited under this tenant.
+        let path = format!("/api/tenant/{}/tool", tenant.id);
+        let wrong = bearer(&other.token);
+        let (status, _, _) = gw
+            .send(
+                Method::POST,
+                &path,
+                &[("authorization", &wrong)],
+                Some(json!({"method": "listTools"})),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let refused = audit_items(&gw, &tenant.id, "auth.refused").await?;
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
+        let gw = restart(gw).await?;
+        let calls = audit_items(&gw, &tenant.id, "tool.call").await?;
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        let expected = if with_arguments {
+            json!({"x": 1})
+        } else {
+            Value::Null
+        };
+        assert_eq!(calls[0]["detail"]["arguments"], expected, "{calls:?}");
+        gw.stop().await?;
+    }
+    Ok(())
+}

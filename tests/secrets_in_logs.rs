@@ -1,0 +1,162 @@
+//! No secret in the audit trail or in any log line of a full run. This test binary owns
+//! the global tracing subscriber (JSON, debug level, into a buffer), runs the whole flow
+//! (tokens, tenant creation, tool calls, refusals, rotation, metrics, shutdown) and then
+//! searches every log line and every audit row for each secret it saw.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::gateway::{TestGateway, TestStore};
+use common::ops_upstream::OpsUpstream;
+use reqwest::Method;
+use serde_json::json;
+use switchboard::config::Config;
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut inner) = self.0.lock() {
+            inner.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buffer {
+    type Writer = Buffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn audit_rows(store: &TestStore) -> anyhow::Result<Vec<String>> {
+    let TestStore::Sqlite(dir) = store else {
+        anyhow::bail!("sqlite expected");
+    };
+    let conn = rusqlite::Connection::open(dir.path().join("sb.db"))?;
+    let mut stmt = conn.prepare(
+        "SELECT id || tenant_id || action || actor || outcome || coalesce(request_id,'') \
+         || coalesce(tool,'') || coalesce(detail,'') FROM audit_events",
+    )?;
+    let rows = stmt
+        .query_map([], |row| row.get::<_, Option<String>>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows.into_iter().flatten().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
+    let logs = Buffer::default();
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_env_filter("debug")
+        .with_writer(logs.clone())
+        .init();
+    let upstream = OpsUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.audit_arguments = true;
+    let gw = TestGateway::start_with(config).await?;
+    let app_token = "integration-app-token-SECRET-42";
+    let admin_jwt = gw.admin_token().await?;
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "k", "integrationAppToken": app_token, "upstreamUrl": upstream.url}))
+        .await?;
+    let tool = format!("/api/tenant/{}/tool", tenant.id);
+    let auth = format!("Bearer {}", tenant.token);
+    for method in ["listTools", "echo"] {
+        let body = json!({"method": method, "params": {"note": "hello"}});
+        let (status, _, _) = gw
+            .send(Method::POST, &tool, &[("authorization", &auth)], Some(body))
+            .await?;
+        assert!(status.is_success(), "{method}: {status}");
+    }
+    let (status, _, _) = gw
+        .send(
+            Method::POST,
+            &tool,
+            &[("x-api-key", &tenant.api_key)],
+            Some(json!({"method": "echo"})),
+        )
+        .await?;
+    assert!(status.is_success());
+    // Refusals: a wrong admin key, a wrong tenant key, a tampered JWT.
+    let wrong_admin = format!("{}x", gw.config.admin_api_key.expose());
+    gw.send(
+        Method::POST,
+        "/api/auth/token",
+        &[],
+        Some(json!({"key": wrong_admin})),
+    )
+    .await?;
+    gw.send(
+        Method::POST,
+        "/api/auth/tenant-token",
+        &[("x-api-key", &format!("{}x", tenant.api_key))],
+        None,
+    )
+    .await?;
+    let tampered = format!("Bearer {}x", tenant.token);
+    gw.send(
+        Method::POST,
+        &tool,
+        &[("authorization", &tampered)],
+        Some(json!({"method": "echo"})),
+    )
+    .await?;
+    let admin = format!("Bearer {admin_jwt}");
+    let (_, _, rotated) = gw
+        .send(
+            Method::POST,
+            &format!("/api/tenants/{}/api-key", tenant.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    let new_key = rotated["apiKey"].as_str().unwrap_or_default().to_owned();
+    assert!(!new_key.is_empty(), "{rotated}");
+    let metrics = gw.http.get(gw.url("/metrics")).send().await?.text().await?;
+
+    let secrets = [
+        ("admin key", gw.config.admin_api_key.expose().to_owned()),
+        ("JWT secret", gw.config.jwt_secret.expose().to_owned()),
+        ("encryption key", hex::encode(gw.config.encryption_key)),
+        ("admin JWT", admin_jwt.clone()),
+        ("tenant key", tenant.api_key.clone()),
+        ("rotated tenant key", new_key),
+        ("tenant JWT", tenant.token.clone()),
+        ("integrationAppToken", app_token.to_owned()),
+    ];
+    let store = gw.store.clone();
+    gw.stop().await?;
+    // After the stop: the tenant actors flushed their audit buffers.
+    let rows = audit_rows(&store)?;
+    let text = String::from_utf8(logs.0.lock().map(|b| b.clone()).unwrap_or_default())?;
+    assert!(text.lines().count() > 20, "the run logged");
+    // JSON lines carry the request span with its request id and tenant id.
+    assert!(text
+        .lines()
+        .any(|l| l.contains("\"request_id\"") && l.contains(&tenant.id)));
+    assert!(rows.iter().any(|r| r.contains("auth.refused")));
+    for (what, secret) in &secrets {
+        assert!(
+            !metrics.contains(secret.as_str()),
+            "the {what} is in /metrics"
+        );
+        assert!(!text.contains(secret.as_str()), "the {what} is in the logs");
+        assert!(
+            !rows.iter().any(|r| r.contains(secret.as_str())),
+            "the {what} is in the audit trail"
+        );
+    }
+    Ok(())
+}
