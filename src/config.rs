@@ -130,6 +130,15 @@ pub struct RawConfig {
     /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
     #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
+    /// Open MCP sessions (`/mcp/{tenantId}`) allowed in this process, over all tenants.
+    #[arg(long, env = "MCP_MAX_SESSIONS", default_value_t = 10_000)]
+    pub mcp_max_sessions: usize,
+    /// Open MCP sessions allowed per tenant in this process.
+    #[arg(long, env = "MCP_MAX_SESSIONS_PER_TENANT", default_value_t = 100)]
+    pub mcp_max_sessions_per_tenant: usize,
+    /// An MCP session with no message for this long is closed.
+    #[arg(long, env = "MCP_SESSION_IDLE_SECS", default_value_t = 600)]
+    pub mcp_session_idle_secs: u64,
     /// Where development mode keeps the secrets it generated, so restarts reuse them.
     #[arg(
         long,
@@ -170,6 +179,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub tenant_auth: TenantAuthMode,
     pub trust_proxy: bool,
+    pub mcp_max_sessions: usize,
+    pub mcp_max_sessions_per_tenant: usize,
+    pub mcp_session_idle: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -244,6 +256,12 @@ impl RawConfig {
         if self.max_body_bytes == 0 {
             return Err(invalid("MAX_BODY_BYTES", "must be above 0"));
         }
+        if self.mcp_max_sessions == 0 || self.mcp_max_sessions_per_tenant == 0 {
+            return Err(invalid(
+                "MCP_MAX_SESSIONS",
+                "MCP_MAX_SESSIONS and MCP_MAX_SESSIONS_PER_TENANT must be above 0",
+            ));
+        }
         if self.database_pool_size == 0 {
             return Err(invalid("DATABASE_POOL_SIZE", "must be above 0"));
         }
@@ -287,6 +305,9 @@ impl RawConfig {
             log_format,
             tenant_auth: self.tenant_auth,
             trust_proxy: self.trust_proxy,
+            mcp_max_sessions: self.mcp_max_sessions,
+            mcp_max_sessions_per_tenant: self.mcp_max_sessions_per_tenant,
+            mcp_session_idle: Duration::from_secs(self.mcp_session_idle_secs.max(1)),
         };
         Ok((config, generated))
     }
@@ -423,6 +444,9 @@ impl Config {
             log_format: LogFormat::Pretty,
             tenant_auth: TenantAuthMode::Either,
             trust_proxy: false,
+            mcp_max_sessions: 10_000,
+            mcp_max_sessions_per_tenant: 100,
+            mcp_session_idle: Duration::from_secs(600),
         }
     }
 }

@@ -97,7 +97,9 @@ pub fn router(state: AppState) -> Router {
     let lifecycle = state.lifecycle.clone();
     let (api, spec) = api_routes().split_for_parts();
     let spec = Arc::new(spec);
-    api.route(
+    let mcp = crate::mcp::routes(&state);
+    api.merge(mcp)
+    .route(
         "/openapi.json",
         axum::routing::get(move || {
             let spec = spec.clone();
