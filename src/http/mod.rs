@@ -99,25 +99,25 @@ pub fn router(state: AppState) -> Router {
     let spec = Arc::new(spec);
     let mcp = crate::mcp::routes(&state);
     api.merge(mcp)
-    .route(
-        "/openapi.json",
-        axum::routing::get(move || {
-            let spec = spec.clone();
-            async move { Json(spec.as_ref().clone()) }
-        }),
-    )
-    .fallback(|| async { ApiError::NotFound("no such route".into()) })
-    .with_state(state)
-    .layer(DefaultBodyLimit::max(config.max_body_bytes))
-    .layer(TimeoutLayer::with_status_code(
-        axum::http::StatusCode::REQUEST_TIMEOUT,
-        config.request_timeout,
-    ))
-    .layer(cors(&config))
-    .layer(axum::middleware::from_fn_with_state(
-        lifecycle,
-        middleware::request_context,
-    ))
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let spec = spec.clone();
+                async move { Json(spec.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
+        .layer(cors(&config))
+        .layer(axum::middleware::from_fn_with_state(
+            lifecycle,
+            middleware::request_context,
+        ))
 }
 
 fn cors(config: &Config) -> CorsLayer {

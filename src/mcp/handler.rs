@@ -174,9 +174,7 @@ impl ServerHandler for TenantMcp {
             action: "tool.call",
             tool: Some(&request.name),
             request_id: request_id_of(&context).as_deref(),
-            outcome: audit::call_outcome(
-                result.as_ref().map(|r| r.is_error.unwrap_or(false)),
-            ),
+            outcome: audit::call_outcome(result.as_ref().map(|r| r.is_error.unwrap_or(false))),
             started,
             request_bytes,
             response_bytes: result
@@ -191,7 +189,10 @@ impl ServerHandler for TenantMcp {
 }
 
 /// One page of `tools`, starting at `cursor` (an offset this server handed out).
-pub fn page(tools: &[rmcp::model::Tool], cursor: Option<&str>) -> Result<ListToolsResult, ErrorData> {
+pub fn page(
+    tools: &[rmcp::model::Tool],
+    cursor: Option<&str>,
+) -> Result<ListToolsResult, ErrorData> {
     let start = match cursor {
         None => 0,
         Some(c) => c
@@ -214,9 +215,7 @@ mod tests {
 
     fn tools(n: usize) -> Vec<rmcp::model::Tool> {
         (0..n)
-            .map(|i| {
-                rmcp::model::Tool::new(format!("t{i}"), "d", Arc::new(serde_json::Map::new()))
-            })
+            .map(|i| rmcp::model::Tool::new(format!("t{i}"), "d", Arc::new(serde_json::Map::new())))
             .collect()
     }
 

@@ -36,7 +36,11 @@ pub struct McpUpstream {
 fn tool(name: &str) -> Tool {
     let schema = json!({"type": "object", "properties": {"text": {"type": "string"}}});
     let schema = schema.as_object().cloned().unwrap_or_default();
-    Tool::new(name.to_owned(), format!("the {name} tool"), Arc::new(schema))
+    Tool::new(
+        name.to_owned(),
+        format!("the {name} tool"),
+        Arc::new(schema),
+    )
 }
 
 impl McpUpstream {

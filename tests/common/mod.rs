@@ -3,5 +3,5 @@
 
 pub mod database;
 pub mod gateway;
-pub mod mcp_upstream;
 pub mod mcp_client;
+pub mod mcp_upstream;

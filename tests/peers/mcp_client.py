@@ -32,6 +32,14 @@ async def run(url: str, token: str, text: str) -> dict:
                 }
 
 
+def describe(err: BaseException) -> str:
+    """The leaf errors of an exception (group), e.g. the HTTP status of a refusal."""
+    if isinstance(err, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in err.exceptions)
+    detail = getattr(err, "error", None)
+    return f"{type(err).__name__}: {err}" + (f" ({detail})" if detail is not None else "")
+
+
 def main() -> int:
     if len(sys.argv) < 3:
         print("usage: mcp_client.py URL TOKEN [TEXT]", file=sys.stderr)
@@ -40,7 +48,7 @@ def main() -> int:
     try:
         out = asyncio.run(asyncio.wait_for(run(sys.argv[1], sys.argv[2], text), 60))
     except BaseException as err:  # noqa: BLE001 - report every failure, including groups
-        print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        print(json.dumps({"error": describe(err)}))
         return 1
     print(json.dumps(out))
     return 0
