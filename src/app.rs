@@ -104,6 +104,8 @@ impl App {
         if !lifecycle.wait_idle(drain_timeout).await {
             tracing::warn!("drain timeout reached with requests still in flight");
         }
+        // MCP sessions hold open streams; end them so the server can stop accepting.
+        lifecycle.sessions.cancel();
         stop_accepting.cancel();
         match tokio::time::timeout(drain_timeout, server).await {
             Ok(joined) => joined??,

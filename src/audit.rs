@@ -8,6 +8,7 @@ use chrono::{SubsecRound, Utc};
 
 use crate::shutdown::Lifecycle;
 use crate::store::{AuditRecord, SharedStore};
+use crate::tenants::messages::CallError;
 
 /// How often events past `AUDIT_RETENTION_DAYS` are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -66,4 +67,53 @@ pub fn spawn_retention(store: SharedStore, days: u32, lifecycle: &Lifecycle) {
             }
         }
     });
+}
+
+/// What the audit trail records about one tenant call, from the REST route or the MCP
+/// endpoint alike, so both write the same event for the same call.
+pub struct CallFacts<'a> {
+    pub tenant_id: &'a str,
+    /// `tool.call` or `tools.list`.
+    pub action: &'a str,
+    pub tool: Option<&'a str>,
+    /// The tool's arguments, only when `AUDIT_ARGUMENTS=true`.
+    pub arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    pub request_id: Option<&'a str>,
+    pub outcome: &'static str,
+    pub started: std::time::Instant,
+    pub request_bytes: Option<i64>,
+    pub response_bytes: Option<i64>,
+}
+
+/// The event of one tenant call (actor `tenant`).
+pub fn call_event(facts: CallFacts<'_>) -> AuditRecord {
+    let mut record = event(
+        Some(facts.tenant_id),
+        facts.action,
+        "tenant",
+        facts.outcome,
+        facts.request_id,
+    );
+    if let (Some(arguments), Some(_)) = (facts.arguments, facts.tool) {
+        record.detail = Some(serde_json::json!({ "arguments": arguments }));
+    }
+    record.tool = facts.tool.map(str::to_owned);
+    record.latency_ms = Some(facts.started.elapsed().as_millis() as i64);
+    record.request_bytes = facts.request_bytes;
+    record.response_bytes = facts.response_bytes;
+    record
+}
+
+/// The audit outcome of a call: `Ok(is_error)` for an answer from the upstream.
+pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
+    match result {
+        Ok(true) => "tool_error",
+        Ok(false) => "ok",
+        Err(CallError::Timeout) => "timeout",
+        Err(CallError::RateLimited { .. }) => "rate_limited",
+        Err(CallError::UnknownTool(_)) => "refused",
+        Err(CallError::Upstream(_) | CallError::Unavailable { .. } | CallError::Busy { .. }) => {
+            "upstream_error"
+        }
+    }
 }

@@ -152,6 +152,15 @@ pub struct RawConfig {
     /// Distinct tenants (and tools) given their own metric series; the rest count as "other".
     #[arg(long, env = "METRICS_MAX_TENANT_SERIES", default_value_t = 1000)]
     pub metrics_max_tenant_series: usize,
+    /// Open MCP sessions (`/mcp/{tenantId}`) allowed in this process, over all tenants.
+    #[arg(long, env = "MCP_MAX_SESSIONS", default_value_t = 10_000)]
+    pub mcp_max_sessions: usize,
+    /// Open MCP sessions allowed per tenant in this process.
+    #[arg(long, env = "MCP_MAX_SESSIONS_PER_TENANT", default_value_t = 100)]
+    pub mcp_max_sessions_per_tenant: usize,
+    /// An MCP session with no message for this long is closed.
+    #[arg(long, env = "MCP_SESSION_IDLE_SECS", default_value_t = 600)]
+    pub mcp_session_idle_secs: u64,
     /// Where development mode keeps the secrets it generated, so restarts reuse them.
     #[arg(
         long,
@@ -200,6 +209,9 @@ pub struct Config {
     pub audit_batch_size: usize,
     pub metrics_token: Option<Secret>,
     pub metrics_max_tenant_series: usize,
+    pub mcp_max_sessions: usize,
+    pub mcp_max_sessions_per_tenant: usize,
+    pub mcp_session_idle: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -286,6 +298,12 @@ impl RawConfig {
         if self.max_body_bytes == 0 {
             return Err(invalid("MAX_BODY_BYTES", "must be above 0"));
         }
+        if self.mcp_max_sessions == 0 || self.mcp_max_sessions_per_tenant == 0 {
+            return Err(invalid(
+                "MCP_MAX_SESSIONS",
+                "MCP_MAX_SESSIONS and MCP_MAX_SESSIONS_PER_TENANT must be above 0",
+            ));
+        }
         if self.database_pool_size == 0 {
             return Err(invalid("DATABASE_POOL_SIZE", "must be above 0"));
         }
@@ -340,6 +358,9 @@ impl RawConfig {
                 .filter(|t| !t.is_empty())
                 .map(Secret::new),
             metrics_max_tenant_series: self.metrics_max_tenant_series,
+            mcp_max_sessions: self.mcp_max_sessions,
+            mcp_max_sessions_per_tenant: self.mcp_max_sessions_per_tenant,
+            mcp_session_idle: Duration::from_secs(self.mcp_session_idle_secs.max(1)),
         };
         Ok((config, generated))
     }
@@ -484,6 +505,9 @@ impl Config {
             audit_batch_size: 200,
             metrics_token: None,
             metrics_max_tenant_series: 1000,
+            mcp_max_sessions: 10_000,
+            mcp_max_sessions_per_tenant: 100,
+            mcp_session_idle: Duration::from_secs(600),
         }
     }
 }

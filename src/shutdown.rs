@@ -19,6 +19,8 @@ pub struct Lifecycle {
     pub token: CancellationToken,
     /// Every spawned background task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Ends every MCP session (and its streams); cancelled once requests in flight are done.
+    pub sessions: CancellationToken,
 }
 
 impl Lifecycle {
@@ -30,6 +32,7 @@ impl Lifecycle {
             idle: Notify::new(),
             token,
             tasks: TaskTracker::new(),
+            sessions: CancellationToken::new(),
         }
     }
 

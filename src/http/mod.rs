@@ -101,34 +101,36 @@ pub fn router(state: AppState) -> Router {
     auth_limiter.spawn_cleanup(&lifecycle);
     let (api, spec) = api_routes().split_for_parts();
     let spec = Arc::new(spec);
-    api.route(
-        "/openapi.json",
-        axum::routing::get(move || {
-            let spec = spec.clone();
-            async move { Json(spec.as_ref().clone()) }
-        }),
-    )
-    .fallback(|| async { ApiError::NotFound("no such route".into()) })
-    .with_state(state)
-    .layer(DefaultBodyLimit::max(config.max_body_bytes))
-    .layer(TimeoutLayer::with_status_code(
-        axum::http::StatusCode::REQUEST_TIMEOUT,
-        config.request_timeout,
-    ))
-    // Inside the request context, so a refusal still gets the JSON body and a request id.
-    .layer(axum::middleware::from_fn_with_state(
-        auth_limiter,
-        ratelimit::limit_auth,
-    ))
-    .layer(cors(&config))
-    .layer(axum::middleware::from_fn_with_state(
-        config.trust_proxy,
-        middleware::hsts,
-    ))
-    .layer(axum::middleware::from_fn_with_state(
-        lifecycle,
-        middleware::request_context,
-    ))
+    let mcp = crate::mcp::routes(&state);
+    api.merge(mcp)
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let spec = spec.clone();
+                async move { Json(spec.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
+        // Inside the request context, so a refusal still gets the JSON body and a request id.
+        .layer(axum::middleware::from_fn_with_state(
+            auth_limiter,
+            ratelimit::limit_auth,
+        ))
+        .layer(cors(&config))
+        .layer(axum::middleware::from_fn_with_state(
+            config.trust_proxy,
+            middleware::hsts,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            lifecycle,
+            middleware::request_context,
+        ))
 }
 
 fn cors(config: &Config) -> CorsLayer {

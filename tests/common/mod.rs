@@ -5,6 +5,8 @@
 
 pub mod database;
 pub mod gateway;
+pub mod mcp_client;
+pub mod mcp_upstream;
 pub mod ops_upstream;
 pub mod peers;
 pub mod upstream;

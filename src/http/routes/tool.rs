@@ -78,30 +78,19 @@ pub async fn call(
             ("tool.call", Some(name.to_owned()), result)
         }
     };
-    let outcome = match &result {
-        Ok((_, true)) => "tool_error",
-        Ok((_, false)) => "ok",
-        Err(CallError::Timeout) => "timeout",
-        Err(CallError::RateLimited { .. }) => "rate_limited",
-        Err(CallError::UnknownTool(_)) => "refused",
-        Err(_) => "upstream_error",
-    };
-    let mut event = audit::event(
-        Some(&tenant.id),
+    let event = audit::call_event(audit::CallFacts {
+        tenant_id: &tenant.id,
         action,
-        "tenant",
-        outcome,
-        Some(&request_id.0),
-    );
-    if let (Some(arguments), Some(_)) = (arguments, &tool) {
-        event.detail = Some(serde_json::json!({ "arguments": arguments }));
-    }
-    event.tool = tool;
-    event.latency_ms = Some(started.elapsed().as_millis() as i64);
-    event.request_bytes = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse().ok());
-    event.response_bytes = result.as_ref().ok().map(|(b, _)| b.len() as i64);
+        tool: tool.as_deref(),
+        arguments,
+        request_id: Some(&request_id.0),
+        outcome: audit::call_outcome(result.as_ref().map(|(_, is_error)| *is_error)),
+        started,
+        request_bytes: headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        response_bytes: result.as_ref().ok().map(|(b, _)| b.len() as i64),
+    });
     state.tenants.audit(&tenant.id, event);
     let (bytes, _) = result.map_err(ApiError::from)?;
     Ok((

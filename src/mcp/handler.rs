@@ -1,0 +1,244 @@
+//! [`TenantMcp`]: the MCP server of one tenant, as rmcp's `ServerHandler`. It holds no
+//! tenant of its own: every request reads the [`AuthContext`] the gate put in the HTTP
+//! request (rmcp passes the request's `http::request::Parts` in the request context), and
+//! asks the tenant runtime, so the same actor, limits and audit serve REST and MCP.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams,
+    InitializeResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer, ServerHandler};
+use tokio_util::sync::CancellationToken;
+
+use super::errors::{call_error, no_tenant};
+use super::notify::{self, Forwarder};
+use crate::audit;
+use crate::auth::AuthContext;
+use crate::http::middleware::RequestId;
+use crate::shutdown::Lifecycle;
+use crate::tenants::runtime::TenantRuntime;
+
+/// Tools per `tools/list` page; a longer list is paged with an opaque cursor.
+pub const PAGE_SIZE: usize = 100;
+
+/// One session's (or one session-less request's) server. Built by rmcp's factory.
+pub struct TenantMcp {
+    runtime: TenantRuntime,
+    lifecycle: Arc<Lifecycle>,
+    /// Parent of the session's notification forwarder: cancelled when MCP sessions close.
+    sessions: CancellationToken,
+    /// The session's notification forwarder; dropped (and stopped) with this handler at
+    /// the session's end. `None` until `initialize`: session-less requests get none.
+    forwarder: Mutex<Option<Forwarder>>,
+    /// `AUDIT_ARGUMENTS`: whether tool arguments go into the audit event.
+    audit_arguments: bool,
+}
+
+impl TenantMcp {
+    pub fn new(
+        runtime: TenantRuntime,
+        lifecycle: Arc<Lifecycle>,
+        sessions: CancellationToken,
+        audit_arguments: bool,
+    ) -> Self {
+        Self {
+            runtime,
+            lifecycle,
+            sessions,
+            forwarder: Mutex::new(None),
+            audit_arguments,
+        }
+    }
+}
+
+impl TenantMcp {
+    fn forwarder_for(
+        &self,
+        tenant: crate::store::TenantRecord,
+        context: &RequestContext<RoleServer>,
+    ) -> Forwarder {
+        notify::spawn_forwarder(
+            &self.lifecycle,
+            self.runtime.clone(),
+            tenant,
+            context.peer.clone(),
+            &self.sessions,
+        )
+    }
+
+    /// In a session whose forwarder ended (its tenant actor stopped), starts a new one
+    /// with this request's freshly authenticated tenant record.
+    fn renew_forwarder(&self, ctx: &AuthContext, context: &RequestContext<RoleServer>) {
+        if let Ok(mut slot) = self.forwarder.lock() {
+            if slot.as_ref().is_some_and(Forwarder::finished) {
+                *slot = Some(self.forwarder_for(ctx.tenant.clone(), context));
+            }
+        }
+    }
+}
+
+/// The gate's [`AuthContext`] for this request. Absent only if the gate was bypassed.
+fn tenant_of(context: &RequestContext<RoleServer>) -> Result<&AuthContext, ErrorData> {
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<AuthContext>())
+        .ok_or_else(no_tenant)
+}
+
+fn request_id_of(context: &RequestContext<RoleServer>) -> Option<String> {
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .and_then(|parts| parts.extensions.get::<RequestId>())
+        .map(|id| id.0.clone())
+}
+
+impl ServerHandler for TenantMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tool_list_changed()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "switchboard",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions("The tools of this tenant's upstream MCP server, through switchboard.")
+    }
+
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        let tenant = tenant_of(&context)?.tenant.clone();
+        context.peer.set_peer_info(request.clone());
+        let result = self.negotiate_initialize(&request)?;
+        if let Ok(mut slot) = self.forwarder.lock() {
+            *slot = Some(self.forwarder_for(tenant, &context));
+        }
+        Ok(result)
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let ctx = tenant_of(&context)?;
+        self.renew_forwarder(ctx, &context);
+        let list = self
+            .runtime
+            .list_tools(&ctx.tenant, false)
+            .await
+            .map_err(call_error)?;
+        let cursor = request.and_then(|r| r.cursor);
+        page(&list.tools, cursor.as_deref())
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let ctx = tenant_of(&context)?;
+        self.renew_forwarder(ctx, &context);
+        let started = Instant::now();
+        // A call in flight holds the drain open, as a REST call does.
+        let _in_flight = self.lifecycle.begin_request();
+        let request_bytes = request
+            .arguments
+            .as_ref()
+            .and_then(|a| serde_json::to_vec(a).ok())
+            .map(|b| b.len() as i64);
+        let arguments = self
+            .audit_arguments
+            .then(|| request.arguments.clone())
+            .flatten();
+        let call = self
+            .runtime
+            .call_tool(&ctx.tenant, &request.name, request.arguments);
+        // A client's `notifications/cancelled` cancels `ct`; dropping the call cancels it
+        // upstream too (the upstream client's drop guard).
+        let result = tokio::select! {
+            result = call => result,
+            _ = context.ct.cancelled() => Err(crate::tenants::messages::CallError::Upstream(
+                "cancelled by the client".into(),
+            )),
+        };
+        let result = result.map(|mut r| {
+            r.is_error.get_or_insert(false);
+            r
+        });
+        let event = audit::call_event(audit::CallFacts {
+            tenant_id: &ctx.tenant_id,
+            action: "tool.call",
+            tool: Some(&request.name),
+            arguments,
+            request_id: request_id_of(&context).as_deref(),
+            outcome: audit::call_outcome(result.as_ref().map(|r| r.is_error.unwrap_or(false))),
+            started,
+            request_bytes,
+            response_bytes: result
+                .as_ref()
+                .ok()
+                .and_then(|r| serde_json::to_vec(r).ok())
+                .map(|b| b.len() as i64),
+        });
+        self.runtime.audit(&ctx.tenant_id, event);
+        result.map(CallToolResponse::from).map_err(call_error)
+    }
+}
+
+/// One page of `tools`, starting at `cursor` (an offset this server handed out).
+pub fn page(
+    tools: &[rmcp::model::Tool],
+    cursor: Option<&str>,
+) -> Result<ListToolsResult, ErrorData> {
+    let start = match cursor {
+        None => 0,
+        Some(c) => c
+            .parse::<usize>()
+            .ok()
+            .filter(|s| *s <= tools.len())
+            .ok_or_else(|| ErrorData::invalid_params("invalid cursor", None))?,
+    };
+    let end = (start + PAGE_SIZE).min(tools.len());
+    let mut result = ListToolsResult::with_all_items(tools[start..end].to_vec());
+    if end < tools.len() {
+        result.next_cursor = Some(end.to_string());
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools(n: usize) -> Vec<rmcp::model::Tool> {
+        (0..n)
+            .map(|i| rmcp::model::Tool::new(format!("t{i}"), "d", Arc::new(serde_json::Map::new())))
+            .collect()
+    }
+
+    #[test]
+    fn long_lists_are_paged_and_bad_cursors_refused() {
+        let all = tools(250);
+        let first = page(&all, None).expect("first page");
+        assert_eq!(first.tools.len(), 100);
+        assert_eq!(first.next_cursor.as_deref(), Some("100"));
+        let last = page(&all, Some("200")).expect("last page");
+        assert_eq!(last.tools.len(), 50);
+        assert!(last.next_cursor.is_none());
+        assert!(page(&all, Some("999")).is_err());
+        assert!(page(&all, Some("x")).is_err());
+        assert!(page(&tools(3), None).expect("short").next_cursor.is_none());
+    }
+}

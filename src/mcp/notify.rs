@@ -1,0 +1,74 @@
+//! Forwards a tenant's notices to one downstream session: when the tenant's upstream says
+//! `notifications/tools/list_changed`, the session's client hears it too. One task per
+//! session, started at `initialize` (and again by a later request if the subscription was
+//! lost), ended by the session's end, shutdown or a closed peer.
+
+use std::sync::Arc;
+
+use rmcp::{Peer, RoleServer};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::shutdown::Lifecycle;
+use crate::store::TenantRecord;
+use crate::tenants::messages::TenantNotice;
+use crate::tenants::runtime::TenantRuntime;
+
+/// The forwarder of one session; dropping it stops the task.
+pub struct Forwarder {
+    _stop: DropGuard,
+    /// Cancelled by the task when it ends (subscription lost, peer gone).
+    done: CancellationToken,
+}
+
+impl Forwarder {
+    pub fn finished(&self) -> bool {
+        self.done.is_cancelled()
+    }
+}
+
+/// Starts forwarding `tenant`'s notices to `peer` until the returned [`Forwarder`] drops,
+/// `parent` is cancelled, the peer goes away or the tenant actor stops. A lost
+/// subscription is not taken up here with this (possibly stale) record: the session's next
+/// request, which carries a freshly authenticated record, starts a new forwarder.
+pub fn spawn_forwarder(
+    lifecycle: &Arc<Lifecycle>,
+    runtime: TenantRuntime,
+    tenant: TenantRecord,
+    peer: Peer<RoleServer>,
+    parent: &CancellationToken,
+) -> Forwarder {
+    let stop = parent.child_token();
+    let done = CancellationToken::new();
+    let finished = done.clone();
+    let token = stop.clone();
+    lifecycle.tasks.spawn(async move {
+        let _done = finished.drop_guard();
+        tokio::select! {
+            _ = forward(&runtime, &tenant, &peer) => {}
+            _ = token.cancelled() => {}
+        }
+    });
+    Forwarder {
+        _stop: stop.drop_guard(),
+        done,
+    }
+}
+
+async fn forward(runtime: &TenantRuntime, tenant: &TenantRecord, peer: &Peer<RoleServer>) {
+    let Ok(mut notices) = runtime.subscribe(tenant).await else {
+        return;
+    };
+    loop {
+        match notices.recv().await {
+            // A lagged receiver missed some changes: the list changed all the same.
+            Ok(TenantNotice::ToolListChanged) | Err(RecvError::Lagged(_)) => {
+                if peer.notify_tool_list_changed().await.is_err() {
+                    return;
+                }
+            }
+            // The tenant actor stopped (idle, changed, deleted, restarted).
+            Err(RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! The MCP endpoint `/mcp/{tenantId}` end to end: rmcp's own client and raw JSON-RPC over
+//! HTTP against the real gateway on port 0, each tenant on its own upstream MCP server
+//! (tests/common/mcp_upstream.rs) on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::gateway::{CreatedTenant, TestGateway};
+use common::mcp_client::{connect, raw};
+use common::mcp_upstream::McpUpstream;
+use reqwest::{Method, StatusCode};
+use rmcp::model::CallToolRequestParams;
+use serde_json::{json, Value};
+use switchboard::config::Config;
+
+async fn tenant_on(gw: &TestGateway, upstream: &McpUpstream) -> anyhow::Result<CreatedTenant> {
+    gw.create_tenant(
+        json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+                            "upstreamUrl": upstream.url}),
+    )
+    .await
+}
+
+fn mcp_url(gw: &TestGateway, tenant: &str) -> String {
+    gw.url(&format!("/mcp/{tenant}"))
+}
+
+fn echo(text: &str) -> CallToolRequestParams {
+    let args = json!({ "text": text });
+    CallToolRequestParams::new("echo").with_arguments(args.as_object().cloned().unwrap_or_default())
+}
+
+async fn tool_names(client: &common::mcp_client::McpClient) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = client
+        .peer()
+        .list_all_tools()
+        .await?
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+#[tokio::test]
+async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&["extra"]).await?;
+    let gw = TestGateway::start().await?;
+    let tenant = tenant_on(&gw, &upstream).await?;
+    for credential in [&tenant.api_key, &tenant.token] {
+        let (client, _) = connect(&mcp_url(&gw, &tenant.id), credential).await?;
+        let info = client.peer_info().expect("server info");
+        assert_eq!(
+            info.server_info.as_ref().map(|s| s.name.as_str()),
+            Some("switchboard")
+        );
+        assert!(info
+            .capabilities
+            .tools
+            .as_ref()
+            .is_some_and(|t| t.list_changed == Some(true)));
+        assert_eq!(tool_names(&client).await?, ["echo", "extra", "fail"]);
+        let result = client.peer().call_tool(echo("hi there")).await?;
+        assert_eq!(result.is_error, Some(false));
+        assert_eq!(
+            result.structured_content,
+            Some(json!({"echoed": "hi there"}))
+        );
+        let text = serde_json::to_value(&result.content)?;
+        assert_eq!(text[0]["text"], "hi there");
+        let failed = client
+            .peer()
+            .call_tool(CallToolRequestParams::new("fail"))
+            .await?;
+        assert_eq!(failed.is_error, Some(true), "a tool error stays a result");
+        let unknown = client
+            .peer()
+            .call_tool(CallToolRequestParams::new("nope"))
+            .await;
+        let err = format!(
+            "{:?}",
+            unknown.expect_err("unknown tool is a JSON-RPC error")
+        );
+        assert!(
+            err.contains("Unknown tool") && err.contains("-32602"),
+            "{err}"
+        );
+        client.cancel().await?;
+    }
+    gw.stop().await
+}
+
+/// A case of a refused credential: name, headers, status, error code.
+type Refusal<'a> = (&'a str, Vec<(&'a str, &'a str)>, StatusCode, &'a str);
+
+#[tokio::test]
+async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&[]).await?;
+    let gw = TestGateway::start().await?;
+    let a = tenant_on(&gw, &upstream).await?;
+    let b = tenant_on(&gw, &upstream).await?;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    let wrong = format!("Bearer {}x", a.api_key);
+    let a_key = format!("Bearer {}", a.api_key);
+    let a_jwt = format!("Bearer {}", a.token);
+    let cases: [Refusal; 5] = [
+        ("none", vec![], StatusCode::UNAUTHORIZED, "unauthorized"),
+        (
+            "wrong key",
+            vec![("authorization", &wrong)],
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "garbage",
+            vec![("authorization", "Bearer not-a-token")],
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            "A's key on B",
+            vec![("authorization", &a_key)],
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+        (
+            "A's JWT on B",
+            vec![("authorization", &a_jwt)],
+            StatusCode::FORBIDDEN,
+            "forbidden",
+        ),
+    ];
+    for (name, headers, status, code) in cases {
+        let mut headers = headers;
+        headers.push(("content-type", "application/json"));
+        let got = raw(
+            &gw.http,
+            Method::POST,
+            &mcp_url(&gw, &b.id),
+            &headers,
+            Some(&init),
+        )
+        .await?;
+        assert_eq!(got.status, status, "{name}: {}", got.text);
+        assert!(
+            got.headers.get("mcp-session-id").is_none(),
+            "{name}: no session"
+        );
+        let body: Value = serde_json::from_str(&got.text)?;
+        assert_eq!(body["error"]["code"], code, "{name}");
+        assert!(
+            !got.text.contains(&a.api_key),
+            "{name}: no secret in the body"
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(got.headers["www-authenticate"], "Bearer", "{name}");
+        }
+    }
+    // rmcp's client is refused too, and never gets a session.
+    let refused = connect(&mcp_url(&gw, &b.id), &a.api_key).await;
+    assert!(refused.is_err(), "A's key cannot open a session on B");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
+    let up_a = McpUpstream::start(&["only_a"]).await?;
+    let up_b = McpUpstream::start(&["only_b"]).await?;
+    let gw = TestGateway::start().await?;
+    let a = tenant_on(&gw, &up_a).await?;
+    let b = tenant_on(&gw, &up_b).await?;
+    let (client_a, _) = connect(&mcp_url(&gw, &a.id), &a.api_key).await?;
+    let (client_b, _) = connect(&mcp_url(&gw, &b.id), &b.token).await?;
+    assert_eq!(tool_names(&client_a).await?, ["echo", "fail", "only_a"]);
+    assert_eq!(tool_names(&client_b).await?, ["echo", "fail", "only_b"]);
+    let own = client_a
+        .peer()
+        .call_tool(CallToolRequestParams::new("only_a"))
+        .await?;
+    assert_eq!(serde_json::to_value(&own.content)?[0]["text"], "only_a");
+    let other = client_a
+        .peer()
+        .call_tool(CallToolRequestParams::new("only_b"))
+        .await;
+    let err = format!("{:?}", other.expect_err("B's tool is unknown to A"));
+    assert!(err.contains("Unknown tool"), "{err}");
+    client_a.cancel().await?;
+    client_b.cancel().await?;
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&[]).await?;
+    let gw = TestGateway::start().await?;
+    let tenant = tenant_on(&gw, &upstream).await?;
+    let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    assert_eq!(tool_names(&client).await?, ["echo", "fail"]);
+    // The session subscribes in a task started at initialize; a change sent before that
+    // subscription lands is not a bug, so each round changes the list again.
+    let mut heard = false;
+    for round in 0..5 {
+        upstream.set_tools(&[&format!("new_{round}")]).await;
+        if tokio::time::timeout(Duration::from_secs(3), changed.notified())
+            .await
+            .is_ok()
+        {
+            heard = true;
+            break;
+        }
+    }
+    assert!(
+        heard,
+        "no notifications/tools/list_changed reached the session"
+    );
+    let names = tool_names(&client).await?;
+    assert!(names.iter().any(|n| n.starts_with("new_")), "{names:?}");
+    client.cancel().await?;
+    gw.stop().await
+}
+
+fn init_body(id: u64) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw-http", "version": "1"}}})
+}
+
+/// Opens a 2025-11-25 session with raw HTTP; returns its id.
+async fn open_session(
+    gw: &TestGateway,
+    t: &CreatedTenant,
+) -> anyhow::Result<Result<String, Value>> {
+    let auth = format!("Bearer {}", t.api_key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let got = raw(
+        &gw.http,
+        Method::POST,
+        &mcp_url(gw, &t.id),
+        &headers,
+        Some(&init_body(1)),
+    )
+    .await?;
+    if got.status != StatusCode::OK {
+        return Ok(Err(serde_json::from_str(&got.text)?));
+    }
+    let id = got.headers["mcp-session-id"].to_str()?.to_owned();
+    let answer = got.answer();
+    assert_eq!(
+        answer["result"]["protocolVersion"], "2025-11-25",
+        "{}",
+        got.text
+    );
+    assert_eq!(answer["result"]["serverInfo"]["name"], "switchboard");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("mcp-session-id", id.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let got = raw(
+        &gw.http,
+        Method::POST,
+        &mcp_url(gw, &t.id),
+        &headers,
+        Some(&initialized),
+    )
+    .await?;
+    assert_eq!(got.status, StatusCode::ACCEPTED, "{}", got.text);
+    Ok(Ok(id))
+}
+
+async fn close_session(
+    gw: &TestGateway,
+    t: &CreatedTenant,
+    id: &str,
+) -> anyhow::Result<StatusCode> {
+    let auth = format!("Bearer {}", t.api_key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("mcp-session-id", id),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    Ok(raw(
+        &gw.http,
+        Method::DELETE,
+        &mcp_url(gw, &t.id),
+        &headers,
+        None,
+    )
+    .await?
+    .status)
+}
+
+#[tokio::test]
+async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&["extra"]).await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream).await?;
+    let other = tenant_on(&gw, &upstream).await?;
+    let url = mcp_url(&gw, &t.id);
+    let auth = format!("Bearer {}", t.api_key);
+    let id = open_session(&gw, &t).await?.expect("session opens");
+    let in_session = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("mcp-session-id", id.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&list)).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["tools"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        got.text
+    );
+    let unknown = json!({"jsonrpc": "2.0", "id": 3, "method": "no/such/method"});
+    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&unknown)).await?;
+    assert_eq!(got.answer()["error"]["code"], -32601, "{}", got.text);
+    let ping = json!({"jsonrpc": "2.0", "id": 4, "method": "ping"});
+    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&ping)).await?;
+    assert_eq!(got.answer()["result"], json!({}), "{}", got.text);
+    // Another tenant, with its own valid key, cannot use this session.
+    let other_auth = format!("Bearer {}", other.api_key);
+    let foreign = [
+        ("authorization", other_auth.as_str()),
+        ("content-type", "application/json"),
+        ("mcp-session-id", id.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let got = raw(
+        &gw.http,
+        Method::POST,
+        &mcp_url(&gw, &other.id),
+        &foreign,
+        Some(&list),
+    )
+    .await?;
+    assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
+    assert!(close_session(&gw, &t, &id).await?.is_success());
+    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&list)).await?;
+    assert_eq!(
+        got.status,
+        StatusCode::NOT_FOUND,
+        "a deleted session is gone"
+    );
+
+    // 2026-07-28: no initialize, no session; every request carries its own metadata.
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "raw-http", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {}});
+    let modern = |method: &'static str| {
+        [
+            ("authorization", auth.clone()),
+            ("content-type", "application/json".into()),
+            ("mcp-protocol-version", "2026-07-28".into()),
+            ("mcp-method", method.into()),
+        ]
+    };
+    let h = modern("server/discover");
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let discover =
+        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}});
+    let got = raw(&gw.http, Method::POST, &url, &h, Some(&discover)).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(got.headers.get("mcp-session-id").is_none());
+    let versions = got.answer()["result"]["supportedVersions"].clone();
+    assert!(
+        versions
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("2026-07-28")) && v.contains(&json!("2024-11-05"))),
+        "{}",
+        got.text
+    );
+    let h = modern("tools/list");
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let list =
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"_meta": meta}});
+    let got = raw(&gw.http, Method::POST, &url, &h, Some(&list)).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["tools"].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        got.text
+    );
+    let h = modern("no/such/method");
+    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let unknown =
+        json!({"jsonrpc": "2.0", "id": 3, "method": "no/such/method", "params": {"_meta": meta}});
+    let got = raw(&gw.http, Method::POST, &url, &h, Some(&unknown)).await?;
+    assert_eq!(
+        got.answer()["error"]["code"],
+        -32601,
+        "{} {}",
+        got.status,
+        got.text
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&[]).await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions = 3;
+    config.mcp_max_sessions_per_tenant = 2;
+    let gw = TestGateway::start_with(config).await?;
+    let a = tenant_on(&gw, &upstream).await?;
+    let b = tenant_on(&gw, &upstream).await?;
+    let a1 = open_session(&gw, &a).await?.expect("a1");
+    let _a2 = open_session(&gw, &a).await?.expect("a2");
+    let refused = open_session(&gw, &a)
+        .await?
+        .expect_err("a3 is over the tenant cap");
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("sessions")));
+    let _b1 = open_session(&gw, &b).await?.expect("b1");
+    let refused = open_session(&gw, &b)
+        .await?
+        .expect_err("b2 is over the total cap");
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    assert!(close_session(&gw, &a, &a1).await?.is_success());
+    open_session(&gw, &b)
+        .await?
+        .expect("a closed session gives its slot back");
+    gw.stop().await
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+#[tokio::test]
+async fn two_hundred_sessions_opened_and_closed_leave_memory_flat() -> anyhow::Result<()> {
+    const LIMIT_MB: f64 = 20.0;
+    let upstream = McpUpstream::start(&[]).await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream).await?;
+    let url = mcp_url(&gw, &t.id);
+    let cycle = |n: usize| {
+        let url = url.clone();
+        let key = t.api_key.clone();
+        async move {
+            for _ in 0..n {
+                let (client, _) = connect(&url, &key).await?;
+                client.peer().call_tool(echo("m")).await?;
+                client.cancel().await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    cycle(30).await?; // warm-up: allocator pools, connection pools, the tenant actor
+    let before = rss_bytes();
+    cycle(200).await?;
+    let after = rss_bytes();
+    let growth_mb = (after as f64 - before as f64) / (1024.0 * 1024.0);
+    println!(
+        "RSS before {before} B, after {after} B, growth {growth_mb:.2} MB (limit {LIMIT_MB} MB)"
+    );
+    assert!(
+        growth_mb < LIMIT_MB,
+        "200 sessions grew RSS by {growth_mb:.2} MB"
+    );
+    // 230 sessions of one tenant passed its cap of 100: every closed session gave its slot back.
+    gw.stop().await
+}
