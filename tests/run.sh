@@ -20,6 +20,11 @@ if [ -f tests/peers/install.sh ]; then
     bash tests/peers/install.sh
 fi
 
+# The container image's build must pass its linter (hadolint, pinned, from PyPI).
+bash tests/peers/lint-dockerfile.sh
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+# The Dockerfile's build step, run here as it runs there.
+cargo build --release --locked --bin switchboard
