@@ -37,6 +37,24 @@ pub fn event(
     }
 }
 
+/// Records a refused tenant credential (`auth.refused`) under the path's tenant, so the
+/// tenant sees attempts on it. Only 401/403 refusals count; a store outage is not a refusal.
+pub async fn credential_refused(
+    store: &SharedStore,
+    path_tenant: &str,
+    err: &crate::auth::AuthError,
+    request_id: Option<&str>,
+) {
+    use crate::auth::AuthError;
+    if !matches!(err, AuthError::Unauthorized | AuthError::Forbidden) {
+        return;
+    }
+    // The id is the caller's text: keep it only when it is tenant-id sized.
+    let tenant = Some(path_tenant).filter(|id| id.len() <= 64);
+    let record = event(tenant, "auth.refused", "anonymous", "refused", request_id);
+    write_now(store, record).await;
+}
+
 /// Writes one event now; a failure is logged (without the event's content) and counted.
 pub async fn write_now(store: &SharedStore, event: AuditRecord) {
     if let Err(err) = store.append_audit(std::slice::from_ref(&event)).await {

@@ -162,6 +162,17 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
     // rmcp's client is refused too, and never gets a session.
     let refused = connect(&mcp_url(&gw, &b.id), &a.api_key).await;
     assert!(refused.is_err(), "A's key cannot open a session on B");
+    // Every refusal is in B's audit trail, where B can see the attempts on it.
+    let (_, _, audit) = gw
+        .send(
+            Method::GET,
+            &format!("/api/tenant/{}/audit?action=auth.refused", b.id),
+            &[("x-api-key", &b.api_key)],
+            None,
+        )
+        .await?;
+    let refusals = audit["items"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(refusals >= 5, "refusals audited: {audit}");
     gw.stop().await
 }
 

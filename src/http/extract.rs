@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::middleware::RequestId;
-use crate::auth::{AuthContext, AuthError, Authenticator, TenantCredentials};
+use crate::auth::{AuthContext, Authenticator, TenantCredentials};
 use crate::store::SharedStore;
 
 /// A JSON body. `Content-Type` must be `application/json`; errors follow API.md.
@@ -153,19 +153,9 @@ where
         let context = match auth.tenant(&tenant_id, creds, false).await {
             Ok(context) => context,
             Err(err) => {
-                if matches!(err, AuthError::Unauthorized | AuthError::Forbidden) {
-                    let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.as_str());
-                    // The id is the caller's text: keep it only when it is tenant-id sized.
-                    let tenant = Some(tenant_id.as_str()).filter(|id| id.len() <= 64);
-                    let event = crate::audit::event(
-                        tenant,
-                        "auth.refused",
-                        "anonymous",
-                        "refused",
-                        request_id,
-                    );
-                    crate::audit::write_now(&SharedStore::from_ref(state), event).await;
-                }
+                let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.as_str());
+                let store = SharedStore::from_ref(state);
+                crate::audit::credential_refused(&store, &tenant_id, &err, request_id).await;
                 return Err(err.into());
             }
         };

@@ -15,6 +15,7 @@ use super::sessions::{with_reservation, LimitError, SessionLimits};
 use crate::auth::{Authenticator, TenantCredentials};
 use crate::http::error::ApiError;
 use crate::http::extract::{api_key_header, bearer};
+use crate::http::middleware::RequestId;
 
 /// What the gate needs: the credential checker, the session bounds, the body limit.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct Gate {
     pub auth: Arc<Authenticator>,
     pub limits: Arc<SessionLimits>,
     pub max_body_bytes: usize,
+    /// For the audit trail of refused credentials.
+    pub store: crate::store::SharedStore,
 }
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -38,7 +41,12 @@ pub async fn gate(
     };
     let context = match gate.auth.tenant(&tenant_id, creds, true).await {
         Ok(context) => context,
-        Err(err) => return ApiError::from(err).into_response(),
+        Err(err) => {
+            let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
+            crate::audit::credential_refused(&gate.store, &tenant_id, &err, request_id.as_deref())
+                .await;
+            return ApiError::from(err).into_response();
+        }
     };
     tracing::Span::current().record("tenant_id", context.tenant_id.as_str());
     req.extensions_mut().insert(context);

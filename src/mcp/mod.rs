@@ -32,6 +32,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         auth: state.auth.clone(),
         limits: limits.clone(),
         max_body_bytes: config.max_body_bytes,
+        store: state.store.clone(),
     };
     Router::new()
         .route_service("/mcp/{tenantId}", service(state, limits))
