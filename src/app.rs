@@ -47,7 +47,7 @@ impl App {
         crate::audit::spawn_retention(store.clone(), config.audit_retention_days, &lifecycle);
         let changes = ChangeFeed::new(1024);
         let cipher = TokenCipher::new(&config.encryption_key);
-        let auth = Arc::new(Authenticator::new(&config, store.clone()));
+        let auth = Arc::new(Authenticator::new(&config, store.clone(), &changes));
         let settings = RuntimeSettings::from_config(&config);
         let replicas = settings.replicas.clone();
         let tenants = TenantRuntime::start(

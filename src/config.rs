@@ -146,6 +146,12 @@ pub struct RawConfig {
     pub audit_buffer_size: usize,
     #[arg(long, env = "AUDIT_BATCH_SIZE", default_value_t = 200)]
     pub audit_batch_size: usize,
+    /// Tenant credentials (API key hashes and tenant ids) remembered after a lookup.
+    #[arg(long, env = "CREDENTIAL_CACHE_SIZE", default_value_t = 10_000)]
+    pub credential_cache_size: usize,
+    /// A remembered credential is trusted without asking the database for this long.
+    #[arg(long, env = "CREDENTIAL_CACHE_TTL_SECS", default_value_t = 30)]
+    pub credential_cache_ttl_secs: u64,
     /// When set, `GET /metrics` needs `Authorization: Bearer <METRICS_TOKEN>`.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
@@ -207,6 +213,8 @@ pub struct Config {
     pub audit_retention_days: u32,
     pub audit_buffer_size: usize,
     pub audit_batch_size: usize,
+    pub credential_cache_size: usize,
+    pub credential_cache_ttl: Duration,
     pub metrics_token: Option<Secret>,
     pub metrics_max_tenant_series: usize,
     pub mcp_max_sessions: usize,
@@ -353,6 +361,8 @@ impl RawConfig {
             audit_retention_days: self.audit_retention_days,
             audit_buffer_size: self.audit_buffer_size,
             audit_batch_size: self.audit_batch_size,
+            credential_cache_size: self.credential_cache_size,
+            credential_cache_ttl: Duration::from_secs(self.credential_cache_ttl_secs),
             metrics_token: self
                 .metrics_token
                 .filter(|t| !t.is_empty())
@@ -503,6 +513,8 @@ impl Config {
             audit_retention_days: 90,
             audit_buffer_size: 10_000,
             audit_batch_size: 200,
+            credential_cache_size: 10_000,
+            credential_cache_ttl: Duration::from_secs(30),
             metrics_token: None,
             metrics_max_tenant_series: 1000,
             mcp_max_sessions: 10_000,

@@ -4,12 +4,17 @@
 //! and/or the tenant API key, per `TENANT_AUTH`. A credential's tenant is compared with
 //! the path's tenant before anything else touches that tenant; refusals never say which
 //! check failed. This module knows nothing of HTTP: `http::extract` feeds it headers.
+//! Tenant lookups go through the [`cache::CredentialCache`], so tenant calls go on while
+//! the database is down.
 
+pub mod cache;
 pub mod jwt;
 pub mod keys;
 
 use crate::config::{Config, Secret, TenantAuthMode};
 use crate::store::{SharedStore, StoreError, TenantRecord};
+use crate::tenants::ChangeFeed;
+use cache::{CacheKey, CredentialCache, Freshness};
 use jwt::{JwtKeys, Role};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,15 +62,23 @@ pub struct Authenticator {
     admin_key: Secret,
     store: SharedStore,
     mode: TenantAuthMode,
+    cache: CredentialCache,
 }
 
 impl Authenticator {
-    pub fn new(config: &Config, store: SharedStore) -> Self {
+    /// `changes` invalidates the credential cache: every tenant change, local or from
+    /// another replica, is applied before the next lookup.
+    pub fn new(config: &Config, store: SharedStore, changes: &ChangeFeed) -> Self {
         Self {
             jwt: JwtKeys::new(config),
             admin_key: config.admin_api_key.clone(),
             store,
             mode: config.tenant_auth,
+            cache: CredentialCache::new(
+                config.credential_cache_size,
+                config.credential_cache_ttl,
+                changes,
+            ),
         }
     }
 
@@ -143,12 +156,7 @@ impl Authenticator {
                 }
                 tenant
             }
-            None => self
-                .store
-                .get_tenant(path_tenant)
-                .await
-                .map_err(store_refusal)?
-                .ok_or(AuthError::Unauthorized)?,
+            None => self.lookup(CacheKey::TenantId(path_tenant)).await?,
         };
         // A JWT issued under a rotated key is retired with it.
         if let Some(claims) = &claims {
@@ -170,11 +178,36 @@ impl Authenticator {
         if !keys::looks_like_api_key(key) {
             return Err(AuthError::Unauthorized);
         }
-        self.store
-            .tenant_by_key_hash(&keys::hash_api_key(key))
-            .await
-            .map_err(store_refusal)?
-            .ok_or(AuthError::Unauthorized)
+        let hash = keys::hash_api_key(key);
+        self.lookup(CacheKey::KeyHash(&hash)).await
+    }
+
+    /// The tenant under `key`: from the cache while fresh, else from the store (filling
+    /// the cache); when the store is unavailable, a stale cached entry answers.
+    async fn lookup(&self, key: CacheKey<'_>) -> Result<TenantRecord, AuthError> {
+        if let Some(tenant) = self.cache.get(key, Freshness::Fresh) {
+            return Ok(tenant);
+        }
+        let generation = self.cache.generation();
+        let found = match key {
+            CacheKey::KeyHash(hash) => self.store.tenant_by_key_hash(hash).await,
+            CacheKey::TenantId(id) => self.store.get_tenant(id).await,
+        };
+        match found {
+            Ok(Some(tenant)) => {
+                self.cache.fill(&tenant, generation);
+                Ok(tenant)
+            }
+            Ok(None) => Err(AuthError::Unauthorized),
+            Err(StoreError::Unavailable(reason)) => match self.cache.get(key, Freshness::Stale) {
+                Some(tenant) => {
+                    tracing::debug!(%reason, tenant_id = %tenant.id, "database unavailable: credential from the cache");
+                    Ok(tenant)
+                }
+                None => Err(store_refusal(StoreError::Unavailable(reason))),
+            },
+            Err(err) => Err(store_refusal(err)),
+        }
     }
 }
 

@@ -37,6 +37,9 @@ use crate::tenants::ChangeFeed;
 /// may take, before the store reports `Unavailable`.
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `ping` (behind `/health` and `/ready`) answers within this, even when the pool waits
+/// or a connect hangs: a probe must say "down" quickly, not after the pool's timeouts.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The key of the session advisory lock held around `migrate`, so that replicas starting
 /// at once apply each migration exactly once. Any fixed value works; this is "swbd-mig".
@@ -306,9 +309,18 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        let client = self.client().await?;
-        client.simple_query("SELECT 1").await.map_err(db_err)?;
-        Ok(())
+        let round_trip = async {
+            let client = self.client().await?;
+            client.simple_query("SELECT 1").await.map_err(db_err)?;
+            Ok(())
+        };
+        tokio::time::timeout(PING_TIMEOUT, round_trip)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "PostgreSQL did not answer the ping in time".into(),
+                ))
+            })
     }
 
     async fn create_tenant(&self, tenant: &TenantRecord) -> StoreResult<()> {

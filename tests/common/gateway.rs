@@ -18,6 +18,8 @@ pub enum TestStore {
     Sqlite(tempfile::TempDir),
     /// A fresh PostgreSQL database, dropped with the gateway's owner.
     Postgres(std::sync::Arc<FreshDatabase>),
+    /// A database URL the test manages itself (a private cluster it stops and starts).
+    External(String),
 }
 
 pub struct TestGateway {
@@ -65,6 +67,7 @@ impl TestGateway {
         config.database_url = Some(match store.as_ref() {
             TestStore::Sqlite(dir) => format!("sqlite://{}", dir.path().join("sb.db").display()),
             TestStore::Postgres(db) => db.url.clone(),
+            TestStore::External(url) => url.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -9,4 +9,5 @@ pub mod mcp_client;
 pub mod mcp_upstream;
 pub mod ops_upstream;
 pub mod peers;
+pub mod private_postgres;
 pub mod upstream;

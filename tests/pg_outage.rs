@@ -1,0 +1,273 @@
+//! A PostgreSQL outage under load (issue 6): the database stops for 10 s while four
+//! workers call a tool, then starts again. While it is down `/health` answers 503
+//! `degraded` within a couple of seconds, and tool calls keep answering 200 (credentials
+//! come from the credential cache, the tenant actor and its upstream need no database).
+//! After it is back, every call that got a 200 has its audit row (the tenant actor's
+//! buffer held them and retried), and `switchboard_audit_dropped_total` did not move.
+//!
+//! Why this test takes about 15 s: the outage itself must last 10 s (the acceptance
+//! criterion's number, longer than the pool's 5 s connect and wait timeouts, so those
+//! cannot hide it), with about 2 s of load before and 3 s after it. The database is a
+//! private cluster of this test ([`PrivatePostgres`]): the machine's shared PostgreSQL is
+//! never stopped.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::gateway::{CreatedTenant, TestGateway, TestStore};
+use common::private_postgres::PrivatePostgres;
+use common::upstream::TestUpstream;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use switchboard::config::Config;
+use tokio_util::sync::CancellationToken;
+
+const WORKERS: usize = 4;
+const LOAD_BEFORE: Duration = Duration::from_secs(2);
+const OUTAGE: Duration = Duration::from_secs(10);
+const LOAD_AFTER: Duration = Duration::from_secs(3);
+/// A worker's pause between calls: keeps the load steady (a few hundred calls a second in
+/// all) without starving the shared cores of a test machine.
+const PACE: Duration = Duration::from_millis(10);
+/// `/health` must say "down" this fast while the database is down.
+const HEALTH_WITHIN: Duration = Duration::from_secs(3);
+
+const UP: u8 = 0;
+const DOWN: u8 = 1;
+const BACK: u8 = 2;
+
+/// One call a worker made: the phase it started and ended in, its status, its request id.
+struct Call {
+    started: u8,
+    ended: u8,
+    status: Option<StatusCode>,
+    request_id: String,
+    /// The body of an answer that was not 200, to say why.
+    refusal: Option<String>,
+}
+
+async fn worker(
+    gw: Arc<TestGateway>,
+    tenant: CreatedTenant,
+    phase: Arc<AtomicU8>,
+    stop: CancellationToken,
+    n: usize,
+) -> Vec<Call> {
+    let url = gw.url(&format!("/api/tenant/{}/tool", tenant.id));
+    let mut calls = Vec::new();
+    while !stop.is_cancelled() {
+        let request_id = format!("pgdown-{n}-{}", calls.len());
+        let started = phase.load(Ordering::SeqCst);
+        let sent = gw
+            .http
+            .post(&url)
+            .header("x-api-key", &tenant.api_key)
+            .header("x-request-id", &request_id)
+            .json(&json!({"method": "echo", "params": {"text": "through the outage"}}))
+            .send()
+            .await;
+        // A status counts only when the whole answer arrived.
+        let (status, refusal) = match sent {
+            Ok(resp) => {
+                let status = resp.status();
+                match resp.bytes().await {
+                    Ok(body) => (
+                        Some(status),
+                        (status != StatusCode::OK)
+                            .then(|| String::from_utf8_lossy(&body).into_owned()),
+                    ),
+                    Err(e) => (None, Some(e.to_string())),
+                }
+            }
+            Err(e) => (None, Some(e.to_string())),
+        };
+        calls.push(Call {
+            started,
+            ended: phase.load(Ordering::SeqCst),
+            status,
+            request_id,
+            refusal,
+        });
+        tokio::time::sleep(PACE).await;
+    }
+    calls
+}
+
+/// `/health` once: its status, body and how long it took.
+async fn health(gw: &TestGateway) -> anyhow::Result<(StatusCode, Value, Duration)> {
+    let asked = Instant::now();
+    let resp = gw.http.get(gw.url("/health")).send().await?;
+    let status = resp.status();
+    let body: Value = resp.json().await?;
+    Ok((status, body, asked.elapsed()))
+}
+
+/// `switchboard_audit_dropped_total` from `/metrics` (0 before anything was dropped).
+async fn audit_dropped(gw: &TestGateway) -> anyhow::Result<f64> {
+    let text = gw.http.get(gw.url("/metrics")).send().await?.text().await?;
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    Ok(scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "switchboard_audit_dropped_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum())
+}
+
+/// The request ids of the tenant's `tool.call` audit rows, read from the database itself.
+async fn audited(url: &str, tenant_id: &str) -> anyhow::Result<HashSet<String>> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT request_id FROM audit_events \
+             WHERE tenant_id = $1 AND action = 'tool.call' AND request_id IS NOT NULL",
+            &[&tenant_id],
+        )
+        .await?;
+    drop(client);
+    let _ = conn.await;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+/// Waits (bounded) until every id in `want` has its audit row; returns the ids missing.
+async fn wait_for_audit(url: &str, tenant_id: &str, want: &HashSet<String>) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing: Vec<String> = match audited(url, tenant_id).await {
+            Ok(have) => want.difference(&have).cloned().collect(),
+            Err(_) => want.iter().cloned().collect(),
+        };
+        if missing.is_empty() || Instant::now() > deadline {
+            return missing;
+        }
+        // The actors retry their buffers on a tick of about a second.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// While the database is down: `/health` answers 503 `degraded`, database `down`, fast,
+/// every time it is asked during the outage. Returns when the outage time is over.
+async fn watch_health_while_down(gw: &TestGateway, outage_ends: Instant) -> anyhow::Result<u32> {
+    let mut checks = 0;
+    while Instant::now() + Duration::from_millis(500) < outage_ends {
+        let (status, body, took) = health(gw).await?;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["status"], "degraded", "{body}");
+        assert_eq!(body["database"]["status"], "down", "{body}");
+        assert!(
+            took < HEALTH_WITHIN,
+            "/health took {took:?} while the database was down"
+        );
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(outage_ends.saturating_duration_since(Instant::now())).await;
+    Ok(checks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tool_calls_and_audit_survive_a_database_outage() -> anyhow::Result<()> {
+    // Never the shared server: a cluster of our own, which this test may stop.
+    let mut pg = PrivatePostgres::start()?;
+    let upstream = TestUpstream::start().await?;
+    let store = Arc::new(TestStore::External(pg.url.clone()));
+    let gw = Arc::new(TestGateway::start_on(Config::for_tests(), store).await?);
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "pgdown", "integrationAppToken": "ia-token-pgdown", "upstreamUrl": upstream.url}))
+        .await?;
+    // The first call starts the tenant's actor and fills the credential cache.
+    let (status, _, body) = gw
+        .tool(
+            &tenant,
+            json!({"method": "echo", "params": {"text": "warm"}}),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(health(&gw).await?.0, StatusCode::OK);
+    let dropped_before = audit_dropped(&gw).await?;
+
+    let (phase, stop) = (Arc::new(AtomicU8::new(UP)), CancellationToken::new());
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|n| {
+            let (gw, tenant, phase, stop) =
+                (gw.clone(), tenant.clone(), phase.clone(), stop.clone());
+            tokio::spawn(worker(gw, tenant, phase, stop, n))
+        })
+        .collect();
+    tokio::time::sleep(LOAD_BEFORE).await;
+
+    phase.store(DOWN, Ordering::SeqCst);
+    tokio::task::block_in_place(|| pg.stop())?;
+    let health_checks = watch_health_while_down(&gw, Instant::now() + OUTAGE).await?;
+    tokio::task::block_in_place(|| pg.start_again())?;
+    phase.store(BACK, Ordering::SeqCst);
+    tokio::time::sleep(LOAD_AFTER).await;
+    stop.cancel();
+    let mut calls = Vec::new();
+    for w in workers {
+        calls.extend(w.await?);
+    }
+
+    let during: Vec<&Call> = calls
+        .iter()
+        .filter(|c| c.started == DOWN && c.ended == DOWN)
+        .collect();
+    let failed: Vec<(&str, Option<StatusCode>, Option<&str>)> = calls
+        .iter()
+        .filter(|c| c.status != Some(StatusCode::OK))
+        .map(|c| (c.request_id.as_str(), c.status, c.refusal.as_deref()))
+        .collect();
+    eprintln!(
+        "{} calls, {} wholly during the outage, {} not 200, {health_checks} health checks while down",
+        calls.len(),
+        during.len(),
+        failed.len()
+    );
+    assert!(
+        health_checks >= 5,
+        "/health was asked {health_checks} times while down"
+    );
+    assert!(
+        during.len() >= 100,
+        "only {} calls during the outage",
+        during.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} calls not answered 200, the first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health(&gw).await?.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "/health did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served: HashSet<String> = calls.iter().map(|c| c.request_id.clone()).collect();
+    let missing = wait_for_audit(&pg.url, &tenant.id, &served).await;
+    assert!(
+        missing.is_empty(),
+        "{} served calls have no audit row: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(
+        audit_dropped(&gw).await?,
+        dropped_before,
+        "audit events were dropped"
+    );
+
+    let gw = Arc::into_inner(gw).ok_or_else(|| anyhow::anyhow!("gateway still shared"))?;
+    gw.stop().await?;
+    drop(pg);
+    Ok(())
+}
