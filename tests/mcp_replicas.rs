@@ -1,15 +1,17 @@
 //! MCP sessions across replicas: two gateways on one fresh PostgreSQL database and no
 //! sticky load balancing. A raw 2025-11-25 client sends each request to the next replica
 //! (round robin) and its session works everywhere, because the session's state is sealed in
-//! its `Mcp-Session-Id`; a forged id, or one used by another tenant, is never served.
+//! its `Mcp-Session-Id`; a forged id, or one used by another tenant, is never served. An
+//! upstream's `tools/list_changed` heard by one replica reaches sessions on the other.
 
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::database::FreshDatabase;
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
-use common::mcp_client::raw;
+use common::mcp_client::{connect, raw};
 use common::mcp_upstream::McpUpstream;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -195,6 +197,41 @@ async fn forged_and_foreign_session_ids_are_never_served() -> anyhow::Result<()>
         let got = client.post(&list).await?;
         assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     }
+    a.stop().await?;
+    b.stop().await
+}
+
+#[tokio::test]
+async fn list_changed_heard_by_one_replica_reaches_sessions_on_the_other() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&[]).await?;
+    let (a, b) = two_replicas().await?;
+    let tenant = tenant_on(&a, &upstream).await?;
+    // A session on B. B's tenant actor never connects upstream (nothing is listed or
+    // called through B), so B can only hear of a change from A.
+    let url = b.url(&format!("/mcp/{}", tenant.id));
+    let (client, changed) = connect(&url, &tenant.api_key).await?;
+    // A's tenant actor connects upstream by serving a call.
+    let body = json!({"method": "echo", "params": {"text": "warm"}});
+    let (status, _, answer) = a.tool(&tenant, body).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // B's session subscribes in a task started at initialize; a change announced before
+    // that lands is not a bug, so each round changes the list again.
+    let mut heard = false;
+    for round in 0..5 {
+        upstream.set_tools(&[&format!("new_{round}")]).await;
+        if tokio::time::timeout(Duration::from_secs(3), changed.notified())
+            .await
+            .is_ok()
+        {
+            heard = true;
+            break;
+        }
+    }
+    assert!(
+        heard,
+        "the change heard by replica A never reached B's session"
+    );
+    client.cancel().await?;
     a.stop().await?;
     b.stop().await
 }
