@@ -32,17 +32,26 @@ impl TokenCipher {
 
     /// Seals `token` for `tenant_id` under a fresh random nonce.
     pub fn seal(&self, tenant_id: &str, token: &Secret) -> Result<Vec<u8>, CipherError> {
+        self.seal_bytes(tenant_id.as_bytes(), token.expose().as_bytes())
+    }
+
+    /// Opens a value sealed by [`TokenCipher::seal`] for the same tenant.
+    pub fn open(&self, tenant_id: &str, sealed: &[u8]) -> Result<Secret, CipherError> {
+        let plain = self.open_bytes(tenant_id.as_bytes(), sealed)?;
+        String::from_utf8(plain)
+            .map(Secret::new)
+            .map_err(|_| CipherError::Open)
+    }
+
+    /// Seals `msg` bound to the associated data `aad` under a fresh random nonce:
+    /// `nonce || ciphertext+tag`. Distinct `aad` labels keep different kinds of sealed
+    /// values (upstream tokens, MCP session ids) from opening as one another.
+    pub fn seal_bytes(&self, aad: &[u8], msg: &[u8]) -> Result<Vec<u8>, CipherError> {
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let nonce = XNonce::from(nonce_bytes);
         let sealed = self
             .aead
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: token.expose().as_bytes(),
-                    aad: tenant_id.as_bytes(),
-                },
-            )
+            .encrypt(&nonce, Payload { msg, aad })
             .map_err(|_| CipherError::Seal)?;
         let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
         out.extend_from_slice(&nonce_bytes);
@@ -50,25 +59,15 @@ impl TokenCipher {
         Ok(out)
     }
 
-    /// Opens a value sealed by [`TokenCipher::seal`] for the same tenant.
-    pub fn open(&self, tenant_id: &str, sealed: &[u8]) -> Result<Secret, CipherError> {
+    /// Opens a value sealed by [`TokenCipher::seal_bytes`] with the same `aad`.
+    pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CipherError> {
         if sealed.len() < NONCE_LEN {
             return Err(CipherError::Open);
         }
         let (nonce_bytes, body) = sealed.split_at(NONCE_LEN);
         let nonce_array: [u8; NONCE_LEN] = nonce_bytes.try_into().map_err(|_| CipherError::Open)?;
-        let plain = self
-            .aead
-            .decrypt(
-                &XNonce::from(nonce_array),
-                Payload {
-                    msg: body,
-                    aad: tenant_id.as_bytes(),
-                },
-            )
-            .map_err(|_| CipherError::Open)?;
-        String::from_utf8(plain)
-            .map(Secret::new)
+        self.aead
+            .decrypt(&XNonce::from(nonce_array), Payload { msg: body, aad })
             .map_err(|_| CipherError::Open)
     }
 }

@@ -1,13 +1,15 @@
 //! The downstream MCP endpoint: each tenant's tools as an MCP server over Streamable HTTP
 //! at `/mcp/{tenantId}` (rmcp's server), through the same tenant actor, limits and audit
 //! as the REST route. The gate ([`gate`]) authenticates before rmcp sees a request; the
-//! handler ([`handler`]) reads the tenant from the request; [`sessions`] bounds sessions.
+//! handler ([`handler`]) reads the tenant from the request; [`sessions`] bounds sessions;
+//! [`sealed`] puts each session's state in its id, so any replica serves any session.
 //! It does not talk to upstreams itself: `tenants::runtime` does.
 
 pub mod errors;
 pub mod gate;
 pub mod handler;
 pub mod notify;
+pub mod sealed;
 pub mod sessions;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use crate::http::AppState;
 use gate::Gate;
 use handler::TenantMcp;
+use sealed::{SealedSessionStore, SessionSeal};
 use sessions::{BoundedSessions, SessionLimits};
 
 pub type McpService = StreamableHttpService<TenantMcp, BoundedSessions>;
@@ -28,30 +31,35 @@ pub type McpService = StreamableHttpService<TenantMcp, BoundedSessions>;
 pub fn routes(state: &AppState) -> Router<AppState> {
     let config = &state.config;
     let limits = SessionLimits::new(config.mcp_max_sessions, config.mcp_max_sessions_per_tenant);
+    let seal = SessionSeal::new(state.admin.cipher().clone());
     let gate = Gate {
         auth: state.auth.clone(),
         limits: limits.clone(),
+        seal: seal.clone(),
         max_body_bytes: config.max_body_bytes,
         store: state.store.clone(),
     };
     Router::new()
-        .route_service("/mcp/{tenantId}", service(state, limits))
+        .route_service("/mcp/{tenantId}", service(state, limits, seal))
         .route_layer(axum::middleware::from_fn_with_state(gate, gate::gate))
 }
 
-fn service(state: &AppState, limits: Arc<SessionLimits>) -> McpService {
+fn service(state: &AppState, limits: Arc<SessionLimits>, seal: SessionSeal) -> McpService {
     let config = &state.config;
     let mut local = LocalSessionManager::default();
     // Idle sessions (no message for this long) end, and give their slot back.
     local.session_config.keep_alive = Some(config.mcp_session_idle);
     let sessions_token = state.lifecycle.sessions.clone();
-    let server_config = StreamableHttpServerConfig::default()
+    let mut server_config = StreamableHttpServerConfig::default()
         // The gateway runs behind proxies under names it cannot know; every request must
         // carry a tenant credential, which a DNS-rebinding page cannot add.
         .disable_allowed_hosts()
         .with_json_response(true)
         .with_max_request_body_bytes(config.max_body_bytes)
         .with_cancellation_token(sessions_token.child_token());
+    // A session unknown here is looked up in this "store", which opens the id itself: a
+    // session opened on another replica is rebuilt here, already initialised.
+    server_config.session_store = Some(Arc::new(SealedSessionStore::new(seal.clone())));
     let runtime = state.tenants.clone();
     let lifecycle = state.lifecycle.clone();
     let audit_arguments = config.audit_arguments;
@@ -64,7 +72,7 @@ fn service(state: &AppState, limits: Arc<SessionLimits>) -> McpService {
                 audit_arguments,
             ))
         },
-        Arc::new(BoundedSessions::new(local, limits)),
+        Arc::new(BoundedSessions::new(local, limits, seal)),
         server_config,
     )
 }

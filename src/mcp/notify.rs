@@ -1,5 +1,7 @@
 //! Forwards a tenant's notices to one downstream session: when the tenant's upstream says
-//! `notifications/tools/list_changed`, the session's client hears it too. One task per
+//! `notifications/tools/list_changed`, the session's client hears it too, whether this
+//! replica's tenant actor heard it or another replica did (PostgreSQL fleets, through
+//! [`crate::store::change_feed`]). One task per
 //! session, started at `initialize` (and again by a later request if the subscription was
 //! lost), ended by the session's end, shutdown or a closed peer.
 
@@ -56,19 +58,28 @@ pub fn spawn_forwarder(
 }
 
 async fn forward(runtime: &TenantRuntime, tenant: &TenantRecord, peer: &Peer<RoleServer>) {
+    // Subscribed first, so a change heard elsewhere while we subscribe locally is not lost.
+    let mut remote = runtime.remote_tool_changes();
     let Ok(mut notices) = runtime.subscribe(tenant).await else {
         return;
     };
     loop {
-        match notices.recv().await {
-            // A lagged receiver missed some changes: the list changed all the same.
-            Ok(TenantNotice::ToolListChanged) | Err(RecvError::Lagged(_)) => {
-                if peer.notify_tool_list_changed().await.is_err() {
-                    return;
-                }
-            }
-            // The tenant actor stopped (idle, changed, deleted, restarted).
-            Err(RecvError::Closed) => return,
+        let changed = tokio::select! {
+            notice = notices.recv() => match notice {
+                // A lagged receiver missed some changes: the list changed all the same.
+                Ok(TenantNotice::ToolListChanged) | Err(RecvError::Lagged(_)) => true,
+                // The tenant actor stopped (idle, changed, deleted, restarted).
+                Err(RecvError::Closed) => return,
+            },
+            heard = remote.recv() => match heard {
+                Ok(tenant_id) => tenant_id == tenant.id,
+                // Missed some: one of them may have been ours.
+                Err(RecvError::Lagged(_)) => true,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        if changed && peer.notify_tool_list_changed().await.is_err() {
+            return;
         }
     }
 }

@@ -2,16 +2,18 @@
 //! `MCP_MAX_SESSIONS_PER_TENANT` per tenant, each bound to the tenant that opened it.
 //!
 //! rmcp's session manager cannot see the request that creates a session, so the gate
-//! reserves a slot before an `initialize` reaches rmcp and hands the reservation over in a
-//! task-local; [`BoundedSessions::create_session`] turns it into an open session, and
-//! `close_session` (DELETE, idle timeout, or the session's end) gives the slot back.
+//! reserves a slot before an `initialize` reaches rmcp (or before a session sealed by
+//! another replica is rebuilt here) and hands the reservation over in a task-local;
+//! [`BoundedSessions::create_session`] and `restore_session` turn it into an open session,
+//! and `close_session` (DELETE, idle timeout, or the session's end) gives the slot back.
+//! New sessions get a sealed id ([`super::sealed`]) that any replica can rebuild from.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::Stream;
-use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::model::{ClientJsonRpcMessage, InitializeRequestParams, ServerJsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::local::{
     LocalSessionManager, LocalSessionManagerError, LocalSessionWorker,
 };
@@ -19,6 +21,8 @@ use rmcp::transport::streamable_http_server::session::{
     RestoreOutcome, ServerSseMessage, SessionId, SessionManager,
 };
 use rmcp::transport::WorkerTransport;
+
+use super::sealed::{SealError, SessionClaims, SessionSeal};
 
 /// Which bound a new session would cross.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,21 +130,45 @@ impl Drop for Reservation {
     }
 }
 
-tokio::task_local! {
-    /// The reservation of the request being served, for `create_session` to claim.
-    static PENDING: RefCell<Option<Reservation>>;
-}
-
-/// Runs `future` (the rest of the request) with `reservation` available to
-/// [`BoundedSessions::create_session`]. Unclaimed, it is released when the request ends.
-pub async fn with_reservation<F: std::future::Future>(
+/// What the gate hands to the session manager for the request being served.
+pub struct Pending {
     reservation: Reservation,
-    future: F,
-) -> F::Output {
-    PENDING.scope(RefCell::new(Some(reservation)), future).await
+    /// The `initialize` parameters of a request that opens a new session, sealed into its
+    /// id; `None` when a known (sealed) session is being rebuilt on this replica.
+    params: Option<InitializeRequestParams>,
 }
 
-fn take_reservation() -> Option<Reservation> {
+impl Pending {
+    /// A new session, opened by an `initialize` with `params`.
+    pub fn open(reservation: Reservation, params: InitializeRequestParams) -> Self {
+        let params = Some(params);
+        Self {
+            reservation,
+            params,
+        }
+    }
+
+    /// A session opened elsewhere (its id opened and names this tenant), rebuilt here.
+    pub fn restore(reservation: Reservation) -> Self {
+        Self {
+            reservation,
+            params: None,
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The reservation of the request being served, for the session manager to claim.
+    static PENDING: RefCell<Option<Pending>>;
+}
+
+/// Runs `future` (the rest of the request) with `pending` available to
+/// [`BoundedSessions`]. Unclaimed, its slot is released when the request ends.
+pub async fn with_pending<F: std::future::Future>(pending: Pending, future: F) -> F::Output {
+    PENDING.scope(RefCell::new(Some(pending)), future).await
+}
+
+fn take_pending() -> Option<Pending> {
     PENDING.try_with(|r| r.borrow_mut().take()).ok().flatten()
 }
 
@@ -150,18 +178,30 @@ pub enum BoundedError {
     #[error("no session slot was reserved for this request")]
     NotReserved,
     #[error(transparent)]
+    Seal(#[from] SealError),
+    /// The fresh sealed id was already in use (a repeated nonce): refuse rather than share.
+    #[error("a new session id collided with an open session")]
+    Collision,
+    #[error(transparent)]
     Local(#[from] LocalSessionManagerError),
 }
 
-/// rmcp's in-memory session manager, with the bounds of [`SessionLimits`].
+/// rmcp's in-memory session manager, with the bounds of [`SessionLimits`] and sealed ids:
+/// the sessions in memory are this replica's working copies of sessions whose state lives
+/// in their ids.
 pub struct BoundedSessions {
     inner: LocalSessionManager,
     limits: Arc<SessionLimits>,
+    seal: SessionSeal,
 }
 
 impl BoundedSessions {
-    pub fn new(inner: LocalSessionManager, limits: Arc<SessionLimits>) -> Self {
-        Self { inner, limits }
+    pub fn new(inner: LocalSessionManager, limits: Arc<SessionLimits>, seal: SessionSeal) -> Self {
+        Self {
+            inner,
+            limits,
+            seal,
+        }
     }
 }
 
@@ -170,10 +210,22 @@ impl SessionManager for BoundedSessions {
     type Transport = WorkerTransport<LocalSessionWorker>;
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
-        let reservation = take_reservation().ok_or(BoundedError::NotReserved)?;
-        let (id, transport) = self.inner.create_session().await?;
-        self.limits.bind(reservation, id.clone());
-        Ok((id, transport))
+        let pending = take_pending().ok_or(BoundedError::NotReserved)?;
+        let params = pending.params.ok_or(BoundedError::NotReserved)?;
+        let claims = SessionClaims {
+            tenant: pending.reservation.tenant.clone().unwrap_or_default(),
+            params,
+        };
+        let id: SessionId = self.seal.seal(&claims)?.into();
+        // rmcp's local manager makes a session under an id of our choosing through its
+        // restore entry point.
+        match self.inner.restore_session(id.clone()).await? {
+            RestoreOutcome::Restored(transport) => {
+                self.limits.bind(pending.reservation, id.clone());
+                Ok((id, transport))
+            }
+            _ => Err(BoundedError::Collision),
+        }
     }
 
     async fn initialize_session(
@@ -224,12 +276,19 @@ impl SessionManager for BoundedSessions {
         Ok(self.inner.resume(id, last_event_id).await?)
     }
 
+    /// Rebuilds here a session opened on another replica (or before a restart). rmcp calls
+    /// this only after our session store opened the id, and the gate checked that it names
+    /// the authenticated tenant and reserved the slot.
     async fn restore_session(
         &self,
-        _id: SessionId,
+        id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
-        // No external session store: a session lives in the process that opened it.
-        Ok(RestoreOutcome::NotSupported)
+        let pending = take_pending().ok_or(BoundedError::NotReserved)?;
+        let outcome = self.inner.restore_session(id.clone()).await?;
+        if matches!(outcome, RestoreOutcome::Restored(_)) {
+            self.limits.bind(pending.reservation, id);
+        }
+        Ok(outcome)
     }
 }
 

@@ -7,7 +7,10 @@
 //! Nothing polls. After every (re)connect the listener publishes a full reload, because
 //! notifications sent while it was away are lost: that way a missed notification can only
 //! cost a rebuild, never leave a replica stale. The same connection also hears
-//! `switchboard_replicas` (replicas joining or leaving, see [`super::replicas`]).
+//! `switchboard_replicas` (replicas joining or leaving, see [`super::replicas`]) and
+//! `switchboard_tool_changes` (a tenant's upstream tool list changed, heard by the replica
+//! named in the payload; the others pass it to their open MCP sessions of that tenant).
+//! A tool change missed while disconnected is not replayed: clients re-list on reconnect.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,13 @@ use crate::tenants::ChangeFeed;
 pub const TENANTS_CHANNEL: &str = "switchboard_tenants";
 /// The channel replicas announce joining and leaving on; the payload is the replica id.
 pub const REPLICAS_CHANNEL: &str = "switchboard_replicas";
+/// The channel upstream tool-list changes are announced on; payload `<origin>/<tenant id>`.
+pub const TOOLS_CHANNEL: &str = "switchboard_tool_changes";
+
+/// The payload of a tool-list change of `tenant_id` announced by replica `origin`.
+pub fn tool_change_payload(origin: &str, tenant_id: &str) -> String {
+    format!("{origin}/{tenant_id}")
+}
 
 /// Waits between reconnect attempts grow from this to [`RECONNECT_MAX`].
 const RECONNECT_BASE: Duration = Duration::from_millis(250);
@@ -45,6 +55,9 @@ pub(super) struct Sinks {
     pub feed: ChangeFeed,
     /// Woken when a replica joins or leaves, so the heartbeat recounts at once.
     pub replicas_changed: Arc<Notify>,
+    /// This replica's name in tool-change payloads: its own announcements are skipped
+    /// (its sessions heard the change from its tenant actor already).
+    pub origin: Arc<str>,
 }
 
 /// Listens until `shutdown`, reconnecting with back-off whenever the connection drops.
@@ -83,7 +96,8 @@ async fn session(config: &tokio_postgres::Config, sinks: &Sinks, attempt: &mut u
     };
     // The connection only makes progress while polled; its messages are our notifications.
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let statement = format!("LISTEN {TENANTS_CHANNEL}; LISTEN {REPLICAS_CHANNEL}");
+    let statement =
+        format!("LISTEN {TENANTS_CHANNEL}; LISTEN {REPLICAS_CHANNEL}; LISTEN {TOOLS_CHANNEL}");
     let listening = client.batch_execute(&statement);
     tokio::pin!(listening);
     loop {
@@ -120,6 +134,12 @@ fn deliver(
             match n.channel() {
                 TENANTS_CHANNEL => sinks.feed.publish(n.payload()),
                 REPLICAS_CHANNEL => sinks.replicas_changed.notify_one(),
+                TOOLS_CHANNEL => match n.payload().split_once('/') {
+                    Some((origin, tenant)) if origin != &*sinks.origin => {
+                        sinks.feed.publish_tools_changed(tenant)
+                    }
+                    _ => {}
+                },
                 _ => {}
             }
             None

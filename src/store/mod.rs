@@ -177,6 +177,13 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Tells the other replicas that `tenant_id`'s upstream tool list changed, so their open
+    /// MCP sessions of that tenant hear it too (PostgreSQL NOTIFY). Nothing to do for a
+    /// store no other process shares (SQLite).
+    async fn announce_tool_change(&self, _tenant_id: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// The task that keeps `replicas` equal to the number of live replicas on this
     /// database (for fleet-wide rate limits); it ends on `shutdown`. `None` alone.
     fn replica_heartbeat(

@@ -55,6 +55,8 @@ pub struct PostgresStore {
     listen_config: tokio_postgres::Config,
     /// Woken by the listener when a replica joins or leaves; the heartbeat recounts.
     replicas_changed: Arc<Notify>,
+    /// Names this process in tool-change notifications, so its listener skips its own.
+    origin: Arc<str>,
 }
 
 impl PostgresStore {
@@ -92,6 +94,7 @@ impl PostgresStore {
             pool,
             listen_config,
             replicas_changed: Arc::new(Notify::new()),
+            origin: uuid::Uuid::new_v4().to_string().into(),
         })
     }
 
@@ -243,6 +246,9 @@ async fn apply_migrations(client: &mut ClientWrapper) -> StoreResult<Vec<i64>> {
 /// Announces a tenant change to the fleet; part of the changing transaction.
 const NOTIFY_TENANT: &str = "SELECT pg_notify('switchboard_tenants', $1)";
 
+/// A tenant's upstream tool list changed; the payload is `<origin>/<tenant id>`.
+const NOTIFY_TOOLS: &str = "SELECT pg_notify('switchboard_tool_changes', $1)";
+
 /// The statement notifies in the same transaction as the delete.
 const DELETE_TENANT: &str =
     "DELETE FROM tenants WHERE id = $1 RETURNING pg_notify('switchboard_tenants', id)";
@@ -288,9 +294,20 @@ impl Store for PostgresStore {
         let sinks = Sinks {
             feed,
             replicas_changed: self.replicas_changed.clone(),
+            origin: self.origin.clone(),
         };
         let config = self.listen_config.clone();
         Some(Box::pin(change_feed::listen(config, sinks, shutdown)))
+    }
+
+    async fn announce_tool_change(&self, tenant_id: &str) -> StoreResult<()> {
+        let payload = change_feed::tool_change_payload(&self.origin, tenant_id);
+        let client = self.client().await?;
+        client
+            .execute(NOTIFY_TOOLS, &[&payload])
+            .await
+            .map_err(db_err)?;
+        Ok(())
     }
 
     fn replica_heartbeat(

@@ -87,16 +87,21 @@ pub enum TenantChange {
 /// Announces "tenant X changed (or was deleted)" to whoever keeps tenant state in memory.
 /// Fed locally by [`admin`] and, on PostgreSQL, by the fleet listener with the changes
 /// other replicas made ([`crate::store::change_feed`]).
+///
+/// It also carries "tenant X's upstream tool list changed", heard by another replica, to
+/// this replica's open MCP sessions of that tenant.
 #[derive(Clone)]
 pub struct ChangeFeed {
     sender: broadcast::Sender<TenantChange>,
+    tools: broadcast::Sender<String>,
 }
 
 impl ChangeFeed {
     /// `capacity` bounds the backlog of a slow listener; a listener that lags reloads all.
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        Self { sender }
+        let (tools, _) = broadcast::channel(capacity.max(1));
+        Self { sender, tools }
     }
 
     pub fn publish(&self, tenant_id: &str) {
@@ -111,5 +116,16 @@ impl ChangeFeed {
 
     pub fn subscribe(&self) -> broadcast::Receiver<TenantChange> {
         self.sender.subscribe()
+    }
+
+    /// Another replica heard `tenant_id`'s upstream say its tool list changed.
+    pub fn publish_tools_changed(&self, tenant_id: &str) {
+        // No open session of any tenant is fine: nobody to tell.
+        let _ = self.tools.send(tenant_id.to_owned());
+    }
+
+    /// Tenant ids whose tool lists changed, as heard from other replicas.
+    pub fn subscribe_tools(&self) -> broadcast::Receiver<String> {
+        self.tools.subscribe()
     }
 }

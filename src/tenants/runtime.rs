@@ -27,6 +27,7 @@ pub struct TenantRuntime {
     directory: Arc<Directory>,
     settings: Arc<RuntimeSettings>,
     store: SharedStore,
+    changes: ChangeFeed,
 }
 
 impl TenantRuntime {
@@ -47,7 +48,7 @@ impl TenantRuntime {
             store: store.clone(),
             cipher,
             default_upstream,
-            changes,
+            changes: changes.clone(),
             shutdown,
         };
         let (registry, _) = Actor::spawn(None, RegistryActor, args).await?;
@@ -56,6 +57,7 @@ impl TenantRuntime {
             directory,
             settings,
             store,
+            changes,
         })
     }
 
@@ -162,6 +164,12 @@ impl TenantRuntime {
             Ok(CallResult::Success(rx)) => Ok(rx),
             _ => Err(gone()),
         }
+    }
+
+    /// Tenant ids whose upstream tool lists changed as heard by other replicas (PostgreSQL
+    /// fleets), for downstream MCP sessions to pass on.
+    pub fn remote_tool_changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe_tools()
     }
 
     /// Stops every tenant actor (their audit buffers are flushed) and then the registry.

@@ -1,0 +1,153 @@
+//! Session ids that carry their own session: an `Mcp-Session-Id` is the base64url of
+//! `nonce || ciphertext` (XChaCha20-Poly1305 under `ENCRYPTION_KEY`, see [`crate::cipher`])
+//! of the tenant and the client's `initialize` parameters (protocol version, capabilities,
+//! client info). Any replica can open it and rebuild the session, so a fleet needs no
+//! sticky load balancing and no shared session table.
+//!
+//! An id that does not open (forged, garbled, another key) is simply unknown: rmcp answers
+//! 404 "session not found" and the client initialises again. The associated data is a label
+//! of its own, so a sealed upstream token can never pass for a session id or the reverse.
+
+use base64::Engine;
+use rmcp::model::InitializeRequestParams;
+use rmcp::transport::streamable_http_server::session::{
+    SessionState, SessionStore, SessionStoreError,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cipher::TokenCipher;
+
+/// Associated data of every sealed session id; bump the version to invalidate all ids.
+const SESSION_AAD: &[u8] = b"switchboard/mcp-session-id/v1";
+
+/// Longest id we try to open: a bound on work for garbage headers (real ids are far
+/// shorter unless a client sends enormous capabilities).
+const MAX_ID_LEN: usize = 8 * 1024;
+
+/// What a session id carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionClaims {
+    /// The tenant that opened the session; only its credentials may use the id.
+    #[serde(rename = "t")]
+    pub tenant: String,
+    /// The client's `initialize` parameters, replayed when another replica rebuilds it.
+    #[serde(rename = "p")]
+    pub params: InitializeRequestParams,
+}
+
+/// Seals and opens session ids.
+#[derive(Clone)]
+pub struct SessionSeal {
+    cipher: TokenCipher,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("the session could not be sealed")]
+    Seal,
+}
+
+impl SessionSeal {
+    pub fn new(cipher: TokenCipher) -> Self {
+        Self { cipher }
+    }
+
+    /// A fresh session id for `claims` (a new random nonce each time, so ids are unique).
+    pub fn seal(&self, claims: &SessionClaims) -> Result<String, SealError> {
+        let plain = serde_json::to_vec(claims).map_err(|_| SealError::Seal)?;
+        let sealed = self
+            .cipher
+            .seal_bytes(SESSION_AAD, &plain)
+            .map_err(|_| SealError::Seal)?;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
+    }
+
+    /// The claims of a session id sealed under this key, or `None` for anything else.
+    pub fn open(&self, id: &str) -> Option<SessionClaims> {
+        if id.len() > MAX_ID_LEN {
+            return None;
+        }
+        let sealed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(id)
+            .ok()?;
+        let plain = self.cipher.open_bytes(SESSION_AAD, &sealed).ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+}
+
+/// rmcp's external session store, backed by nothing but the id itself: `load` opens the
+/// id, `store` and `delete` have nothing to do (the state travels with the client).
+pub struct SealedSessionStore {
+    seal: SessionSeal,
+}
+
+impl SealedSessionStore {
+    pub fn new(seal: SessionSeal) -> Self {
+        Self { seal }
+    }
+}
+
+#[async_trait::async_trait]
+impl SessionStore for SealedSessionStore {
+    async fn load(&self, session_id: &str) -> Result<Option<SessionState>, SessionStoreError> {
+        Ok(self
+            .seal
+            .open(session_id)
+            .map(|claims| SessionState::new(claims.params)))
+    }
+
+    async fn store(&self, _id: &str, _state: &SessionState) -> Result<(), SessionStoreError> {
+        Ok(())
+    }
+
+    async fn delete(&self, _id: &str) -> Result<(), SessionStoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn claims() -> SessionClaims {
+        let params = serde_json::json!({"protocolVersion": "2025-11-25",
+            "capabilities": {"roots": {"listChanged": true}},
+            "clientInfo": {"name": "c", "version": "1"}});
+        SessionClaims {
+            tenant: "acme".into(),
+            params: serde_json::from_value(params).expect("params"),
+        }
+    }
+
+    #[test]
+    fn ids_round_trip_are_unique_and_do_not_show_the_tenant() {
+        let seal = SessionSeal::new(TokenCipher::new(&[3; 32]));
+        let id = seal.seal(&claims()).expect("seal");
+        assert!(!id.contains("acme"));
+        assert!(id.bytes().all(|b| b.is_ascii_graphic()));
+        assert_ne!(seal.seal(&claims()).expect("seal"), id);
+        let opened = seal.open(&id).expect("opens");
+        assert_eq!(opened.tenant, "acme");
+        assert_eq!(opened.params.protocol_version.as_str(), "2025-11-25");
+    }
+
+    #[test]
+    fn forged_garbled_foreign_key_or_token_ids_do_not_open() {
+        let cipher = TokenCipher::new(&[3; 32]);
+        let seal = SessionSeal::new(cipher.clone());
+        let id = seal.seal(&claims()).expect("seal");
+        let mut garbled = id.clone().into_bytes();
+        garbled[30] = if garbled[30] == b'A' { b'B' } else { b'A' };
+        let garbled = String::from_utf8(garbled).expect("ascii");
+        assert!(seal.open(&garbled).is_none());
+        assert!(seal.open("not-a-session").is_none());
+        assert!(seal.open("").is_none());
+        let other = SessionSeal::new(TokenCipher::new(&[4; 32]));
+        assert!(other.open(&id).is_none());
+        // A sealed upstream token (tenant id as associated data) is not a session id.
+        let token = cipher.seal("acme", &Secret::new("{}")).expect("seal");
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
+        assert!(seal.open(&token).is_none());
+    }
+}

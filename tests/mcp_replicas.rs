@@ -1,0 +1,237 @@
+//! MCP sessions across replicas: two gateways on one fresh PostgreSQL database and no
+//! sticky load balancing. A raw 2025-11-25 client sends each request to the next replica
+//! (round robin) and its session works everywhere, because the session's state is sealed in
+//! its `Mcp-Session-Id`; a forged id, or one used by another tenant, is never served. An
+//! upstream's `tools/list_changed` heard by one replica reaches sessions on the other.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::database::FreshDatabase;
+use common::gateway::{CreatedTenant, TestGateway, TestStore};
+use common::mcp_client::{connect, raw};
+use common::mcp_upstream::McpUpstream;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use switchboard::config::Config;
+
+/// Two replicas sharing one fresh PostgreSQL database (and so one ENCRYPTION_KEY, which
+/// `Config::for_tests` fixes).
+async fn two_replicas() -> anyhow::Result<(TestGateway, TestGateway)> {
+    let db = Arc::new(FreshDatabase::create().await?);
+    let store = Arc::new(TestStore::Postgres(db));
+    let a = TestGateway::start_on(Config::for_tests(), store.clone()).await?;
+    let b = TestGateway::start_on(Config::for_tests(), store).await?;
+    Ok((a, b))
+}
+
+async fn tenant_on(gw: &TestGateway, upstream: &McpUpstream) -> anyhow::Result<CreatedTenant> {
+    gw.create_tenant(
+        json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+                            "upstreamUrl": upstream.url}),
+    )
+    .await
+}
+
+/// A raw JSON-RPC client whose every request goes to the next replica in turn.
+struct RoundRobin<'a> {
+    replicas: [&'a TestGateway; 2],
+    next: usize,
+    tenant: &'a CreatedTenant,
+    session: Option<String>,
+}
+
+struct Answer {
+    status: StatusCode,
+    session: Option<String>,
+    body: Value,
+    text: String,
+}
+
+impl<'a> RoundRobin<'a> {
+    fn new(replicas: [&'a TestGateway; 2], tenant: &'a CreatedTenant) -> Self {
+        Self {
+            replicas,
+            next: 0,
+            tenant,
+            session: None,
+        }
+    }
+
+    /// POSTs `message` to the next replica, in the session if there is one.
+    async fn post(&mut self, message: &Value) -> anyhow::Result<Answer> {
+        let gw = self.replicas[self.next % 2];
+        self.next += 1;
+        let auth = format!("Bearer {}", self.tenant.api_key);
+        let mut headers = vec![
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+            ("mcp-protocol-version", "2025-11-25"),
+        ];
+        if let Some(id) = &self.session {
+            headers.push(("mcp-session-id", id.as_str()));
+        }
+        let url = gw.url(&format!("/mcp/{}", self.tenant.id));
+        let got = raw(&gw.http, Method::POST, &url, &headers, Some(message)).await?;
+        let session = got
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = if got.text.is_empty() {
+            Value::Null
+        } else {
+            got.answer()
+        };
+        Ok(Answer {
+            status: got.status,
+            session,
+            body,
+            text: got.text,
+        })
+    }
+}
+
+fn init_body() -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "round-robin", "version": "1"}}})
+}
+
+fn call(id: u64, text: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": "echo", "arguments": {"text": text}}})
+}
+
+/// Opens a session through `client` (initialize on one replica, initialized on the other).
+async fn initialise(client: &mut RoundRobin<'_>) -> anyhow::Result<String> {
+    let got = client.post(&init_body()).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(got.body["result"]["protocolVersion"], "2025-11-25");
+    let id = got.session.expect("initialize answers with a session id");
+    client.session = Some(id.clone());
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let got = client.post(&initialized).await?;
+    assert_eq!(got.status, StatusCode::ACCEPTED, "{}", got.text);
+    Ok(id)
+}
+
+#[tokio::test]
+async fn a_round_robin_client_initialises_once_and_is_served_by_both_replicas() -> anyhow::Result<()>
+{
+    let upstream = McpUpstream::start(&["extra"]).await?;
+    let (a, b) = two_replicas().await?;
+    let tenant = tenant_on(&a, &upstream).await?;
+    let mut client = RoundRobin::new([&a, &b], &tenant);
+    let id = initialise(&mut client).await?;
+    for round in 0..3u64 {
+        let list = json!({"jsonrpc": "2.0", "id": 10 + round, "method": "tools/list"});
+        let got = client.post(&list).await?;
+        assert_eq!(got.status, StatusCode::OK, "round {round}: {}", got.text);
+        let tools = got.body["result"]["tools"].as_array().map(Vec::len);
+        assert_eq!(tools, Some(3), "round {round}: {}", got.text);
+        let text = format!("hello {round}");
+        let got = client.post(&call(20 + round, &text)).await?;
+        assert_eq!(got.status, StatusCode::OK, "round {round}: {}", got.text);
+        let result = &got.body["result"];
+        assert_eq!(result["isError"], json!(false), "{}", got.text);
+        assert!(got.text.contains(&text), "{}", got.text);
+    }
+    // The session id never changed: no replica made the client start over.
+    assert_eq!(client.session.as_deref(), Some(id.as_str()));
+    a.stop().await?;
+    b.stop().await
+}
+
+#[tokio::test]
+async fn forged_and_foreign_session_ids_are_never_served() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&[]).await?;
+    let (a, b) = two_replicas().await?;
+    let first = tenant_on(&a, &upstream).await?;
+    let second = tenant_on(&a, &upstream).await?;
+    let mut client = RoundRobin::new([&a, &b], &first);
+    let id = initialise(&mut client).await?;
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+
+    // Garbled and forged ids: "session not found", on the replica that opened the session
+    // and on the one that never saw it.
+    let mut garbled = id.clone().into_bytes();
+    let last = garbled.len() / 2;
+    garbled[last] = if garbled[last] == b'A' { b'B' } else { b'A' };
+    let garbled = String::from_utf8(garbled)?;
+    for forged in [garbled.as_str(), "forged-session", "AAAA"] {
+        for _ in 0..2 {
+            client.session = Some(forged.to_owned());
+            let got = client.post(&list).await?;
+            assert_eq!(got.status, StatusCode::NOT_FOUND, "{forged}: {}", got.text);
+        }
+    }
+
+    // The first tenant's session with the second tenant's credentials, on both replicas:
+    // on the second tenant's endpoint it does not exist; on the first tenant's endpoint
+    // the credentials are refused.
+    let mut foreign = RoundRobin::new([&a, &b], &second);
+    foreign.session = Some(id.clone());
+    for _ in 0..2 {
+        let got = foreign.post(&list).await?;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
+    }
+    for gw in [&a, &b] {
+        let auth = format!("Bearer {}", second.api_key);
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+            ("mcp-protocol-version", "2025-11-25"),
+            ("mcp-session-id", id.as_str()),
+        ];
+        let url = gw.url(&format!("/mcp/{}", first.id));
+        let got = raw(&gw.http, Method::POST, &url, &headers, Some(&list)).await?;
+        assert_eq!(got.status, StatusCode::FORBIDDEN, "{}", got.text);
+    }
+
+    // The genuine id still works on both replicas.
+    client.session = Some(id);
+    for _ in 0..2 {
+        let got = client.post(&list).await?;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    }
+    a.stop().await?;
+    b.stop().await
+}
+
+#[tokio::test]
+async fn list_changed_heard_by_one_replica_reaches_sessions_on_the_other() -> anyhow::Result<()> {
+    let upstream = McpUpstream::start(&[]).await?;
+    let (a, b) = two_replicas().await?;
+    let tenant = tenant_on(&a, &upstream).await?;
+    // A session on B. B's tenant actor never connects upstream (nothing is listed or
+    // called through B), so B can only hear of a change from A.
+    let url = b.url(&format!("/mcp/{}", tenant.id));
+    let (client, changed) = connect(&url, &tenant.api_key).await?;
+    // A's tenant actor connects upstream by serving a call.
+    let body = json!({"method": "echo", "params": {"text": "warm"}});
+    let (status, _, answer) = a.tool(&tenant, body).await?;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // B's session subscribes in a task started at initialize; a change announced before
+    // that lands is not a bug, so each round changes the list again.
+    let mut heard = false;
+    for round in 0..5 {
+        upstream.set_tools(&[&format!("new_{round}")]).await;
+        if tokio::time::timeout(Duration::from_secs(3), changed.notified())
+            .await
+            .is_ok()
+        {
+            heard = true;
+            break;
+        }
+    }
+    assert!(
+        heard,
+        "the change heard by replica A never reached B's session"
+    );
+    client.cancel().await?;
+    a.stop().await?;
+    b.stop().await
+}
