@@ -137,6 +137,32 @@ async fn audited(url: &str, tenant_id: &str) -> anyhow::Result<HashSet<String>> 
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }
 
+/// Waits (bounded) until the gateway's change listener holds its LISTEN session.
+async fn wait_for_listener(url: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'",
+                &[],
+            )
+            .await?;
+        if row.get::<_, i64>(0) > 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the change listener never connected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
 /// Waits (bounded) until every id in `want` has its audit row; returns the ids missing.
 async fn wait_for_audit(url: &str, tenant_id: &str, want: &HashSet<String>) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -183,6 +209,10 @@ async fn tool_calls_and_audit_survive_a_database_outage() -> anyhow::Result<()> 
     let tenant = gw
         .create_tenant(json!({"integrationKey": "pgdown", "integrationAppToken": "ia-token-pgdown", "upstreamUrl": upstream.url}))
         .await?;
+    // The fleet listener clears the credential cache when it (re)connects ("anything may
+    // have changed"): let that happen before the cache is filled, or a slow machine could
+    // start the outage with an empty cache.
+    wait_for_listener(&pg.url).await?;
     // The first call starts the tenant's actor and fills the credential cache.
     let (status, _, body) = gw
         .tool(

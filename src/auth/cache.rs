@@ -133,9 +133,13 @@ impl CredentialCache {
 
     /// Entries held now (by API key hash, by tenant id), for tests and metrics.
     pub fn len(&self) -> (usize, usize) {
-        self.lock()
-            .map(|i| (i.by_key.len(), i.by_id.len()))
-            .unwrap_or((0, 0))
+        match self.lock() {
+            Some(mut inner) => {
+                inner.apply_changes();
+                (inner.by_key.len(), inner.by_id.len())
+            }
+            None => (0, 0),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
