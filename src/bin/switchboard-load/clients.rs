@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rmcp::model::{CallToolRequestParams, ClientInfo};
+use rmcp::model::{CallToolRequestParams, ClientConfig};
 use rmcp::service::RunningService;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use switchboard::config::Config;
 use tokio_util::sync::CancellationToken;
 
-pub type McpClient = RunningService<RoleClient, ClientInfo>;
+pub type McpClient = RunningService<RoleClient, ClientConfig>;
 
 /// The gateway, in this process, on a loopback port over a temporary SQLite file.
 pub struct Gateway {
@@ -129,7 +129,7 @@ pub async fn mcp_connect(url: &str, bearer: Option<&str>) -> anyhow::Result<McpC
         config = config.auth_header(token);
     }
     let transport = StreamableHttpClientTransport::with_client(http_client(), config);
-    ClientInfo::default()
+    ClientConfig::default()
         .serve(transport)
         .await
         .context("MCP initialize")

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use axum::Router;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
@@ -53,6 +54,11 @@ impl EchoUpstream {
                 .with_cancellation_token(ct.child_token()),
         );
         let router = Router::new().nest_service("/mcp", mcp);
+        // Without TCP_NODELAY a small answer written in two parts waits for the delayed
+        // ACK (~40 ms on Linux): that would measure the kernel, not the server.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let stop = ct.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router)
