@@ -11,6 +11,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY sql ./sql
+COPY benches ./benches
 RUN cargo build --release --locked --bin switchboard
 
 FROM gcr.io/distroless/cc-debian12:nonroot

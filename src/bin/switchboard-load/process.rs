@@ -1,0 +1,113 @@
+//! The gateway as its own process (the real `switchboard` binary), for what must not
+//! include the load tool's own memory: resident memory with many tenants, and the time
+//! from spawn to ready on `/ready`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+/// The admin key every child gateway is given.
+pub const ADMIN_KEY: &str = "load-admin-key-0123456789abcdef";
+
+/// How long a child may take to become ready before the run fails.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+
+pub struct ChildGateway {
+    pub base: String,
+    pub child: Child,
+    pub ready_after: Duration,
+    _dir: tempfile::TempDir,
+}
+
+/// `switchboard` next to this binary (both are built by `cargo build --bins`).
+pub fn gateway_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me.with_file_name("switchboard");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} not found: build with --bins",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+impl ChildGateway {
+    /// Spawns the gateway on a fresh SQLite file and waits until `/ready` answers 200.
+    pub async fn spawn(bin: &Path, upstream_url: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // Bind and release a port 0: the child needs a port number up front.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let started = Instant::now();
+        let child = Command::new(bin)
+            .env_clear()
+            .env("APP_ENV", "development")
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env(
+                "DATABASE_URL",
+                format!("sqlite://{}", dir.path().join("sb.db").display()),
+            )
+            .env("DEV_SECRETS_FILE", dir.path().join("secrets"))
+            .env("ADMIN_API_KEY", ADMIN_KEY)
+            .env("JWT_SECRET", "load-jwt-secret-0123456789abcdef0123456789")
+            .env("ENCRYPTION_KEY", "07".repeat(32))
+            .env("UPSTREAM_MCP_URL", upstream_url)
+            .env("TENANT_RATE_LIMIT", "1000000")
+            .env("TENANT_RATE_BURST", "1000000")
+            .env("AUTH_RATE_LIMIT", "1000000")
+            .env("AUTH_RATE_BURST", "1000000")
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let ready_after = wait_ready(&base, started).await?;
+        Ok(Self {
+            base,
+            child,
+            ready_after,
+            _dir: dir,
+        })
+    }
+
+    /// Resident memory of the child, from `/proc/<pid>/status` (`VmRSS`), in bytes.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("child exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .context("VmRSS")?;
+        Ok(kb * 1024)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Polls `/ready` every 2 ms until it answers 200; the time since `started`.
+async fn wait_ready(base: &str, started: Instant) -> anyhow::Result<Duration> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let url = format!("{base}/ready");
+    while started.elapsed() < READY_LIMIT {
+        if let Ok(resp) = http.get(&url).send().await {
+            if resp.status().is_success() {
+                return Ok(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    anyhow::bail!("the gateway was not ready within {READY_LIMIT:?}")
+}

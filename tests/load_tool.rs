@@ -1,0 +1,46 @@
+//! The load tool's short mode (as CI runs it): it must run to the end and print every
+//! number. No number is checked against a target here: the machine is shared.
+
+use std::process::Command;
+
+#[test]
+fn short_run_prints_every_measurement() -> anyhow::Result<()> {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-load"))
+        .arg("--short")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for prefix in [
+        "throughput callers=64 path=direct rps=",
+        "throughput callers=64 path=rest rps=",
+        "throughput callers=64 path=mcp rps=",
+        "throughput callers=1 path=direct rps=",
+        "ratio callers=64 path=rest throughput_vs_direct=",
+        "ratio callers=1 path=mcp throughput_vs_direct=",
+        "cold first_call_ms=",
+        "burst calls=100 tool_ms=100 all_done_ms=",
+        "startup ready_ms=",
+        "memory idle_tenants=",
+        "memory active_tenants=",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{stdout}"));
+        let first = line[prefix.len()..].split_whitespace().next().unwrap_or("");
+        let value: f64 = first
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number after {prefix:?}: {line}"));
+        assert!(value.is_finite(), "{line}");
+    }
+    assert!(
+        !stdout.contains("rps=0 "),
+        "a path answered nothing:\n{stdout}"
+    );
+    Ok(())
+}
