@@ -88,22 +88,34 @@ async fn with_session(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let ending = req.method() == Method::DELETE;
     if let Some(owner) = gate.limits.owner(id) {
-        return match owner == tenant_id {
-            true => Ok(next.run(req).await),
-            false => Err(no_session()),
-        };
+        if owner != tenant_id {
+            return Err(no_session());
+        }
+        return Ok(ended_if(gate, id, ending, next.run(req).await));
+    }
+    if gate.limits.was_ended(id) {
+        return Err(no_session());
     }
     match gate.seal.open(id) {
         Some(claims) if claims.tenant == tenant_id => {}
         _ => return Err(no_session()),
     }
     // Ending a session needs no copy of it here.
-    if req.method() == Method::DELETE {
-        return Ok(next.run(req).await);
+    if ending {
+        return Ok(ended_if(gate, id, true, next.run(req).await));
     }
     let reservation = reserve(gate, tenant_id)?;
     Ok(with_pending(Pending::restore(reservation), next.run(req)).await)
+}
+
+/// After a successful `DELETE`, remembers the session as ended so it is not rebuilt here.
+fn ended_if(gate: &Gate, id: &str, ending: bool, response: Response) -> Response {
+    if ending && response.status().is_success() {
+        gate.limits.ended(id);
+    }
+    response
 }
 
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {

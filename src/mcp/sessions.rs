@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use rmcp::model::{ClientJsonRpcMessage, InitializeRequestParams, ServerJsonRpcMessage};
@@ -45,7 +46,13 @@ struct State {
     total: usize,
     per_tenant: HashMap<String, usize>,
     owners: HashMap<SessionId, String>,
+    /// Sessions ended by a `DELETE` here, so their (still well-sealed) ids are not rebuilt.
+    ended: HashMap<String, Instant>,
 }
+
+/// How long this replica remembers a session ended by `DELETE`, and how many it remembers.
+const ENDED_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+const ENDED_MAX: usize = 100_000;
 
 impl SessionLimits {
     pub fn new(max_total: usize, max_per_tenant: usize) -> Arc<Self> {
@@ -83,6 +90,31 @@ impl SessionLimits {
     /// The tenant that opened session `id`, if it is open.
     pub fn owner(&self, id: &str) -> Option<String> {
         self.lock().owners.get(id).cloned()
+    }
+
+    /// Remembers that the client ended session `id` (DELETE), so this replica does not
+    /// rebuild it from its id. Bounded: expired entries go first; past the cap, the oldest.
+    pub fn ended(&self, id: &str) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state
+            .ended
+            .retain(|_, at| now.duration_since(*at) < ENDED_TTL);
+        if state.ended.len() >= ENDED_MAX {
+            let oldest = state.ended.iter().min_by_key(|(_, at)| **at);
+            if let Some(oldest) = oldest.map(|(id, _)| id.clone()) {
+                state.ended.remove(&oldest);
+            }
+        }
+        state.ended.insert(id.to_owned(), now);
+    }
+
+    /// Whether the client ended session `id` through this replica.
+    pub fn was_ended(&self, id: &str) -> bool {
+        self.lock()
+            .ended
+            .get(id)
+            .is_some_and(|at| at.elapsed() < ENDED_TTL)
     }
 
     /// Sessions open (and reserved) now, in total and for `tenant`.
