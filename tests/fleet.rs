@@ -139,10 +139,12 @@ async fn changes_through_one_replica_reach_every_replica() -> anyhow::Result<()>
     };
 
     // A changed upstream URL (through A) stops the running actor on B and C, so their
-    // next call builds one on the new URL.
+    // next call builds one on the new URL: a real upstream this time, which every replica
+    // then reaches.
     warm(&replicas, &tenant).await?;
+    let upstream = common::upstream::TestUpstream::start().await?;
     let path = format!("/api/tenants/{}", tenant.id);
-    let patch = json!({"upstreamUrl": "http://127.0.0.1:9/changed"});
+    let patch = json!({"upstreamUrl": upstream.url});
     let (status, _, body) = a
         .send(
             Method::PATCH,
@@ -157,11 +159,26 @@ async fn changes_through_one_replica_reach_every_replica() -> anyhow::Result<()>
         let (_, _, view) = gw
             .send(Method::GET, &path, &[("authorization", &admin(gw))], None)
             .await?;
-        anyhow::ensure!(
-            view["upstreamUrl"] == "http://127.0.0.1:9/changed",
-            "{view}"
-        );
+        anyhow::ensure!(view["upstreamUrl"] == upstream.url.as_str(), "{view}");
     }
+    let echo = json!({"method": "echo", "params": {"text": "hi"}});
+    let tool_path = format!("/api/tenant/{}/tool", tenant.id);
+    for gw in [a, b, c] {
+        let (status, _, body) = gw
+            .send(
+                Method::POST,
+                &tool_path,
+                &[("x-api-key", &tenant.api_key)],
+                Some(echo.clone()),
+            )
+            .await?;
+        anyhow::ensure!(status == StatusCode::OK, "{}: {status} {body}", gw.base);
+    }
+    anyhow::ensure!(
+        upstream.initializes() == 3,
+        "each replica connected to the new upstream: {}",
+        upstream.initializes()
+    );
 
     // A tenant deleted through B stops working on A and C.
     warm(&replicas, &tenant).await?;
