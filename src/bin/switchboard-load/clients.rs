@@ -1,7 +1,8 @@
 //! The three ways the load tool calls the echo tool: rmcp's client straight to the
 //! upstream (the baseline), the gateway's REST route, and rmcp's client on the gateway's
-//! `/mcp/{tenantId}`; and the in-process gateway and admin API they need.
+//! `/mcp/{tenantId}`; and the gateway process and admin API they need.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,18 +12,18 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{json, Value};
-use switchboard::config::Config;
-use tokio_util::sync::CancellationToken;
+
+use crate::process::{ChildGateway, ADMIN_KEY};
 
 pub type McpClient = RunningService<RoleClient, ClientConfig>;
 
-/// The gateway, in this process, on a loopback port over a temporary SQLite file.
+/// The gateway under load: the real `switchboard` binary as a child process (its own
+/// runtime and allocator, as in production), over a temporary SQLite file.
 pub struct Gateway {
     pub base: String,
     pub admin_key: String,
     pub http: reqwest::Client,
-    shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
+    pub child: ChildGateway,
 }
 
 /// A tenant created through the admin API.
@@ -33,36 +34,14 @@ pub struct Tenant {
 }
 
 impl Gateway {
-    pub async fn start(upstream_url: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut config = Config::for_tests();
-        config.database_url = Some(format!("sqlite://{}", dir.path().join("sb.db").display()));
-        config.upstream_mcp_url = url::Url::parse(upstream_url)?;
-        // Limits out of the way: the load tool measures the path, not the rate limiter.
-        config.tenant_rate_limit = 1_000_000;
-        config.tenant_rate_burst = 1_000_000;
-        config.auth_rate_limit = 1_000_000;
-        config.auth_rate_burst = 1_000_000;
-        config.tenant_max_in_flight = 1024;
-        let admin_key = config.admin_api_key.expose().to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let app = switchboard::app::App::build(config, shutdown.clone()).await?;
-        tokio::spawn(app.serve(listener));
+    pub async fn start(bin: &Path, upstream_url: &str) -> anyhow::Result<Self> {
+        let child = ChildGateway::spawn(bin, upstream_url).await?;
         Ok(Self {
-            base: format!("http://{addr}"),
-            admin_key,
+            base: child.base.clone(),
+            admin_key: ADMIN_KEY.to_owned(),
             http: http_client(),
-            shutdown,
-            _dir: dir,
+            child,
         })
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
     }
 }
 

@@ -1,9 +1,9 @@
 //! `switchboard-load`: measures what the gateway adds on top of its upstream. It starts a
-//! small rmcp echo server on loopback and the gateway in this process, drives tool calls
-//! at a fixed concurrency for a fixed time straight to the upstream (rmcp client: the
-//! baseline), through REST and through `/mcp` (rmcp client), and prints requests/s,
-//! p50/p99/p99.9 and the ratios; then memory, cold start, a slow-call burst and start-up
-//! (those on the real `switchboard` binary as a child process). `--short` is the CI mode.
+//! small rmcp echo server on loopback in this process and the real `switchboard` binary
+//! as a child process, drives tool calls at a fixed concurrency for a fixed time straight
+//! to the upstream (rmcp client: the baseline), through REST and through `/mcp` (rmcp
+//! client), and prints requests/s, p50/p99/p99.9 and the ratios; then memory, cold start,
+//! a slow-call burst and start-up. `--short` is the CI mode.
 
 mod clients;
 mod drive;
@@ -37,6 +37,21 @@ struct Args {
     /// Tenants with a live upstream session for the memory reading.
     #[arg(long, default_value_t = 1_000)]
     active_tenants: usize,
+    /// The gateway binary to measure (default: `switchboard` next to this tool), to
+    /// compare two builds on one machine.
+    #[arg(long)]
+    gateway: Option<std::path::PathBuf>,
+    /// Only the throughput runs, and only these paths (for profiling one path).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Path>,
+}
+
+/// The three ways a tool call is made in the throughput runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Direct,
+    Rest,
+    Mcp,
 }
 
 #[tokio::main]
@@ -50,10 +65,29 @@ async fn main() -> anyhow::Result<()> {
     let duration = Duration::from_secs_f64(args.duration);
     let warmup = duration.mul_f64(0.1).min(Duration::from_secs(1));
     let upstream = upstream::EchoUpstream::start().await?;
-    let gw = clients::Gateway::start(&upstream.url).await?;
+    let bin = match &args.gateway {
+        Some(path) => path.clone(),
+        None => process::gateway_binary()?,
+    };
+    let gw = clients::Gateway::start(&bin, &upstream.url).await?;
     let tenant = clients::create_tenant(&gw.http, &gw.base, &gw.admin_key, &upstream.url).await?;
+    let paths = if args.only.is_empty() {
+        vec![Path::Direct, Path::Rest, Path::Mcp]
+    } else {
+        args.only.clone()
+    };
     for callers in [args.concurrency, 1] {
-        throughput(&gw, &tenant, &upstream.url, callers, warmup, duration).await?;
+        let run = Run {
+            gw: &gw,
+            tenant: &tenant,
+            upstream: &upstream.url,
+            warmup,
+            duration,
+        };
+        throughput(&run, &paths, callers).await?;
+    }
+    if !args.only.is_empty() {
+        return Ok(());
     }
     let samples = if args.short { 1 } else { 5 };
     let cold = measure::cold_start(&gw, &upstream.url, samples).await?;
@@ -65,7 +99,6 @@ async fn main() -> anyhow::Result<()> {
     let burst = measure::burst(&gw, &tenant, 100, 100).await?;
     println!("burst calls=100 tool_ms=100 all_done_ms={}", ms(burst));
     drop(gw);
-    let bin = process::gateway_binary()?;
     let startup = measure::startup(&bin, &upstream.url, if args.short { 1 } else { 5 }).await?;
     println!("startup ready_ms={}", ms(startup));
     let mem = measure::memory(&bin, &upstream.url, args.idle_tenants, args.active_tenants).await?;
@@ -85,44 +118,57 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One set of runs at `callers`: direct, REST, MCP; then the ratios against direct.
-async fn throughput(
-    gw: &clients::Gateway,
-    tenant: &clients::Tenant,
-    upstream: &str,
-    callers: usize,
+/// What every throughput run shares.
+struct Run<'a> {
+    gw: &'a clients::Gateway,
+    tenant: &'a clients::Tenant,
+    upstream: &'a str,
     warmup: Duration,
     duration: Duration,
-) -> anyhow::Result<()> {
-    let direct_client = clients::mcp_connect(upstream, None).await?;
-    let peer = direct_client.peer().clone();
-    let direct = drive(callers, warmup, duration, move || {
-        let peer = peer.clone();
-        async move { clients::mcp_echo(&peer).await }
-    })
-    .await;
-    let _ = direct_client.cancel().await;
-    let (http, base, t) = (gw.http.clone(), gw.base.clone(), Arc::new(tenant.clone()));
-    let rest = drive(callers, warmup, duration, move || {
-        let (http, base, t) = (http.clone(), base.clone(), t.clone());
-        async move { clients::rest_call(&http, &base, &t, "echo", json!({"text": "hello"})).await }
-    })
-    .await;
-    let url = format!("{}/mcp/{}", gw.base, tenant.id);
-    let mcp_client = clients::mcp_connect(&url, Some(&tenant.api_key)).await?;
-    let peer = mcp_client.peer().clone();
-    let mcp = drive(callers, warmup, duration, move || {
-        let peer = peer.clone();
-        async move { clients::mcp_echo(&peer).await }
-    })
-    .await;
-    let _ = mcp_client.cancel().await;
-    for (name, s) in [("direct", &direct), ("rest", &rest), ("mcp", &mcp)] {
-        report(callers, name, s);
+}
+
+/// One set of runs at `callers` over `paths`; then the ratios against direct.
+async fn throughput(run: &Run<'_>, paths: &[Path], callers: usize) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for &path in paths {
+        let cpu_before = run.gw.child.cpu_time()?;
+        let stats = match path {
+            Path::Direct => mcp_run(run, run.upstream, None, callers).await?,
+            Path::Rest => {
+                let (http, base) = (run.gw.http.clone(), run.gw.base.clone());
+                let t = Arc::new(run.tenant.clone());
+                drive(callers, run.warmup, run.duration, move || {
+                    let (http, base, t) = (http.clone(), base.clone(), t.clone());
+                    async move {
+                        clients::rest_call(&http, &base, &t, "echo", json!({"text": "hello"})).await
+                    }
+                })
+                .await
+            }
+            Path::Mcp => {
+                let url = format!("{}/mcp/{}", run.gw.base, run.tenant.id);
+                mcp_run(run, &url, Some(&run.tenant.api_key), callers).await?
+            }
+        };
+        // Direct calls never reach the gateway: its CPU time is only counted for the others.
+        let cpu = run.gw.child.cpu_time()?.saturating_sub(cpu_before);
+        let per_call = cpu.as_secs_f64() * 1e6 / stats.calls_made.max(1) as f64;
+        report(callers, path, &stats);
+        results.push((path, stats, per_call));
     }
-    for (name, s) in [("rest", &rest), ("mcp", &mcp)] {
+    for (path, _, per_call) in results.iter().filter(|(p, ..)| *p != Path::Direct) {
         println!(
-            "ratio callers={callers} path={name} throughput_vs_direct={:.3} added_p50_ms={} added_p99_ms={}",
+            "gateway callers={callers} path={} cpu_us_per_call={per_call:.1}",
+            name(*path)
+        );
+    }
+    let Some((_, direct, _)) = results.iter().find(|(p, ..)| *p == Path::Direct) else {
+        return Ok(());
+    };
+    for (path, s, _) in results.iter().filter(|(p, ..)| *p != Path::Direct) {
+        println!(
+            "ratio callers={callers} path={} throughput_vs_direct={:.3} added_p50_ms={} added_p99_ms={}",
+            name(*path),
             s.rps / direct.rps.max(1e-9),
             signed_ms(s.p50, direct.p50),
             signed_ms(s.p99, direct.p99),
@@ -131,10 +177,36 @@ async fn throughput(
     Ok(())
 }
 
-fn report(callers: usize, name: &str, s: &Stats) {
+/// A run of `echo` calls from one rmcp client on `url`.
+async fn mcp_run(
+    run: &Run<'_>,
+    url: &str,
+    bearer: Option<&str>,
+    callers: usize,
+) -> anyhow::Result<Stats> {
+    let client = clients::mcp_connect(url, bearer).await?;
+    let peer = client.peer().clone();
+    let stats = drive(callers, run.warmup, run.duration, move || {
+        let peer = peer.clone();
+        async move { clients::mcp_echo(&peer).await }
+    })
+    .await;
+    let _ = client.cancel().await;
+    Ok(stats)
+}
+
+fn name(path: Path) -> &'static str {
+    match path {
+        Path::Direct => "direct",
+        Path::Rest => "rest",
+        Path::Mcp => "mcp",
+    }
+}
+
+fn report(callers: usize, path: Path, s: &Stats) {
     println!(
-        "throughput callers={callers} path={name} rps={:.0} p50_ms={} p99_ms={} p999_ms={} requests={} errors={}",
-        s.rps, ms(s.p50), ms(s.p99), ms(s.p999), s.requests, s.errors
+        "throughput callers={callers} path={} rps={:.0} p50_ms={} p99_ms={} p999_ms={} requests={} errors={}",
+        name(path), s.rps, ms(s.p50), ms(s.p99), ms(s.p999), s.requests, s.errors
     );
 }
 

@@ -1,6 +1,6 @@
-//! The gateway as its own process (the real `switchboard` binary), for what must not
-//! include the load tool's own memory: resident memory with many tenants, and the time
-//! from spawn to ready on `/ready`.
+//! The gateway as its own process (the real `switchboard` binary, as it runs in
+//! production): every measurement drives it, and memory and start-up must not include
+//! the load tool's own.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -61,6 +61,8 @@ impl ChildGateway {
             .env("TENANT_RATE_BURST", "1000000")
             .env("AUTH_RATE_LIMIT", "1000000")
             .env("AUTH_RATE_BURST", "1000000")
+            // Limits out of the way: the load tool measures the path, not the limiters.
+            .env("TENANT_MAX_IN_FLIGHT", "1024")
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -88,6 +90,23 @@ impl ChildGateway {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .context("VmRSS")?;
         Ok(kb * 1024)
+    }
+
+    /// CPU time (user + system, all threads) the child has used so far, from
+    /// `/proc/<pid>/stat`, whose clock ticks are USER_HZ (100 per second on Linux).
+    pub fn cpu_time(&self) -> anyhow::Result<Duration> {
+        const USER_HZ: u64 = 100;
+        let pid = self.child.id().context("child exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The command name (field 2) may hold spaces; count fields after its `)`.
+        let after_name = stat.rsplit_once(')').context("stat format")?.1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime are fields 14 and 15, i.e. 12 and 13 after the name.
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            Ok(fields.get(i).context("stat field")?.parse::<u64>()?)
+        };
+        let total = ticks(11)? + ticks(12)?;
+        Ok(Duration::from_millis(total * 1000 / USER_HZ))
     }
 
     pub async fn stop(mut self) {
