@@ -2,9 +2,14 @@
 //! MCP `initialize` handshake over it.
 //!
 //! Every session gets its own `reqwest::Client` and its own rmcp transport and peer, so no
-//! connection pool, session id, or rmcp response cache is ever shared between tenants.
+//! connection pool, session id, or rmcp response cache is ever shared between tenants. Only
+//! the TLS settings (root certificates, verifier) are built once and shared: they hold no
+//! tenant state, and each client's own copy cost ~100 KB (README, Performance).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use rmcp::{
     service::{ClientInitializeError, RoleClient, RunningService},
@@ -40,6 +45,7 @@ const MAX_STREAM_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 /// long-lived SSE streams. Each call's deadline is enforced per request in [`super::client`].
 pub(super) fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, UpstreamError> {
     reqwest::Client::builder()
+        .tls_backend_preconfigured(shared_tls()?)
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
@@ -48,6 +54,28 @@ pub(super) fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, 
         .redirect(reqwest::redirect::Policy::limited(3))
         .build()
         .map_err(|error| UpstreamError::Connect(format!("HTTP client: {}", error.without_url())))
+}
+
+/// The process's one TLS client configuration: the platform's root certificates through
+/// rustls-platform-verifier (what reqwest builds by default, per client), HTTP/1.1 by ALPN.
+/// Clones share the verifier and the session-resumption cache.
+fn shared_tls() -> Result<rustls::ClientConfig, UpstreamError> {
+    static TLS: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+            .map_err(|e| format!("TLS roots: {e}"))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS versions: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    })
+    .clone()
+    .map_err(UpstreamError::Connect)
 }
 
 /// Connects with the transport `target` asks for and runs `initialize`, within
