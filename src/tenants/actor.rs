@@ -148,7 +148,7 @@ impl Actor for TenantActor {
                 generation,
                 failure,
             } => state.outcome(generation, failure),
-            TenantMsg::Audit(event) => state.push_audit(&myself, event),
+            TenantMsg::Audit(event) => state.push_audit(&myself, *event),
             TenantMsg::Subscribe(reply) => {
                 let _ = reply.send(state.notices.subscribe());
             }

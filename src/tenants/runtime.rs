@@ -143,9 +143,9 @@ impl TenantRuntime {
     /// actor is gone already, the event is written directly.
     pub fn audit(&self, tenant_id: &str, event: AuditRecord) {
         let event = match self.directory.get(tenant_id) {
-            Some(running) => match running.actor.cast(TenantMsg::Audit(event)) {
+            Some(running) => match running.actor.cast(TenantMsg::Audit(Box::new(event))) {
                 Ok(()) => return,
-                Err(ractor::MessagingErr::SendErr(TenantMsg::Audit(event))) => event,
+                Err(ractor::MessagingErr::SendErr(TenantMsg::Audit(event))) => *event,
                 Err(_) => return,
             },
             None => event,
