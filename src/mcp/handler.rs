@@ -164,7 +164,7 @@ impl ServerHandler for TenantMcp {
             .flatten();
         let call = self
             .runtime
-            .call_tool(&ctx.tenant, &request.name, request.arguments);
+            .call_tool(&ctx.tenant, &request.name, request.arguments, None);
         // A client's `notifications/cancelled` cancels `ct`; dropping the call cancels it
         // upstream too (the upstream client's drop guard).
         let result = tokio::select! {

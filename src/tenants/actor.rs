@@ -449,7 +449,6 @@ impl TenantState {
                 let _ = self.notices.send(TenantNotice::ToolListChanged);
                 self.announce_tool_change();
             }
-            UpstreamEvent::Progress(_) => {}
             UpstreamEvent::Closed => {
                 if matches!(self.connection, Connection::Ready(_)) {
                     self.connection = Connection::Idle;
