@@ -1,14 +1,15 @@
 //! The MCP endpoint `/mcp/{tenantId}` end to end: rmcp's own client and raw JSON-RPC over
-//! HTTP against the real gateway on port 0, each tenant on its own upstream MCP server
-//! (tests/common/mcp_upstream.rs) on loopback.
+//! HTTP against the real gateway on port 0, each tenant on its own upstream MCP server on
+//! loopback (tests/common/mcp_upstream.rs; tests/common/upstream for the progress tool).
 
 mod common;
 
 use std::time::Duration;
 
 use common::gateway::{CreatedTenant, TestGateway};
-use common::mcp_client::{connect, raw, RawMcp};
+use common::mcp_client::{connect, raw, Raw, RawMcp};
 use common::mcp_upstream::McpUpstream;
+use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use rmcp::model::CallToolRequestParams;
 use serde_json::{json, Value};
@@ -334,6 +335,123 @@ async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<(
         .open_session()
         .await?
         .expect("a closed session gives its slot back");
+    gw.stop().await
+}
+
+/// `tools/call` params for the upstream's `progress` tool (three steps, progress 1, 2, 3 of
+/// 3), asking for progress with `token` when there is one.
+fn progress_params(token: Option<Value>) -> Value {
+    let mut params = json!({"name": "progress", "arguments": {"steps": 3}});
+    if let Some(token) = token {
+        params["_meta"] = json!({ "progressToken": token });
+    }
+    params
+}
+
+/// `got` relayed the upstream's three progress notifications, with the client's `token`
+/// and the upstream's progress, total and message, before the tool's result.
+fn assert_relayed(got: &Raw, token: &Value) {
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(
+        got.headers["content-type"]
+            .to_str()
+            .is_ok_and(|t| t.starts_with("text/event-stream")),
+        "progress needs a stream: {:?}",
+        got.headers
+    );
+    let progress = got.progress();
+    let values: Vec<Option<f64>> = progress.iter().map(|p| p["progress"].as_f64()).collect();
+    assert_eq!(values, [Some(1.0), Some(2.0), Some(3.0)], "{}", got.text);
+    for p in &progress {
+        assert_eq!(&p["progressToken"], token, "{}", got.text);
+        assert_eq!(p["total"].as_f64(), Some(3.0), "{}", got.text);
+    }
+    assert_eq!(progress[2]["message"], "step 3 of 3", "{}", got.text);
+    let last_progress = got
+        .messages
+        .iter()
+        .rposition(|m| m["method"] == "notifications/progress");
+    assert!(
+        last_progress < got.answer_position(),
+        "progress after the result: {}",
+        got.text
+    );
+    let answer = got.answer();
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "done after 3 steps",
+        "{}",
+        got.text
+    );
+}
+
+fn tool_call(id: u64, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+}
+
+#[tokio::test]
+async fn progress_reaches_a_2025_11_25_session_caller_before_the_result() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("session opens");
+    let call = tool_call(2, progress_params(Some(json!("p-1"))));
+    let got = mcp.in_session(&id, &call).await?;
+    assert_relayed(&got, &json!("p-1"));
+    // A number is a progress token too, and comes back as one.
+    let call = tool_call(3, progress_params(Some(json!(7))));
+    assert_relayed(&mcp.in_session(&id, &call).await?, &json!(7));
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn progress_reaches_a_2026_07_28_session_less_caller_before_the_result() -> anyhow::Result<()>
+{
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    // The gateway answers session-less calls with JSON; a notification before the result
+    // turns the answer into a stream.
+    let got = mcp
+        .session_less(1, "tools/call", progress_params(Some(json!("p-1"))))
+        .await?;
+    assert!(got.headers.get("mcp-session-id").is_none());
+    assert_relayed(&got, &json!("p-1"));
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_call_without_a_progress_token_hears_no_progress() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    // The upstream reports progress all the same (the gateway's own request asks for it).
+    let id = mcp.open_session().await?.expect("session opens");
+    let got = mcp
+        .in_session(&id, &tool_call(2, progress_params(None)))
+        .await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(got.progress().is_empty(), "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["content"][0]["text"],
+        "done after 3 steps"
+    );
+    let got = mcp
+        .session_less(3, "tools/call", progress_params(None))
+        .await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(
+        got.headers["content-type"], "application/json",
+        "nothing came before the result: {}",
+        got.text
+    );
+    assert!(got.progress().is_empty(), "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["content"][0]["text"],
+        "done after 3 steps"
+    );
     gw.stop().await
 }
 

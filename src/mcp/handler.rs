@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::errors::{call_error, no_tenant};
 use super::notify::{self, Forwarder};
+use super::progress::{run_relaying, ProgressRelay};
 use crate::audit;
 use crate::auth::AuthContext;
 use crate::http::middleware::RequestId;
@@ -162,17 +163,19 @@ impl ServerHandler for TenantMcp {
             .audit_arguments
             .then(|| request.arguments.clone())
             .flatten();
+        let (sink, relay) = ProgressRelay::for_request(&context);
         let call = self
             .runtime
-            .call_tool(&ctx.tenant, &request.name, request.arguments, None);
+            .call_tool(&ctx.tenant, &request.name, request.arguments, sink);
         // A client's `notifications/cancelled` cancels `ct`; dropping the call cancels it
         // upstream too (the upstream client's drop guard).
-        let result = tokio::select! {
-            result = call => result,
-            _ = context.ct.cancelled() => Err(crate::tenants::messages::CallError::Upstream(
-                "cancelled by the client".into(),
-            )),
-        };
+        let result = run_relaying(call, relay, &context.ct)
+            .await
+            .unwrap_or_else(|| {
+                Err(crate::tenants::messages::CallError::Upstream(
+                    "cancelled by the client".into(),
+                ))
+            });
         let result = result.map(|mut r| {
             r.is_error.get_or_insert(false);
             r

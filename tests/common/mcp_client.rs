@@ -60,6 +60,22 @@ impl Raw {
             .cloned()
             .unwrap_or(Value::Null)
     }
+
+    /// The `params` of every `notifications/progress` in the body, in order.
+    pub fn progress(&self) -> Vec<Value> {
+        self.messages
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .map(|m| m["params"].clone())
+            .collect()
+    }
+
+    /// Where the answer is among the messages (to check what came before it).
+    pub fn answer_position(&self) -> Option<usize> {
+        self.messages
+            .iter()
+            .position(|m| m.get("result").is_some() || m.get("error").is_some())
+    }
 }
 
 fn request(
