@@ -4,8 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
 use common::mcp_client::{connect, raw, Raw, RawMcp};
 use common::mcp_upstream::McpUpstream;
@@ -453,6 +454,72 @@ async fn a_call_without_a_progress_token_hears_no_progress() -> anyhow::Result<(
         "done after 3 steps"
     );
     gw.stop().await
+}
+
+#[tokio::test]
+async fn a_session_less_listener_hears_tool_list_changes_and_ends_with_the_drain(
+) -> anyhow::Result<()> {
+    const WAIT: Duration = Duration::from_secs(5);
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let drain_timeout = gw.config.drain_timeout;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    // The tenant's upstream connection opens with its first use.
+    let got = mcp.session_less(1, "tools/list", json!({})).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    let filter = json!({"notifications": {"toolsListChanged": true}});
+    let mut stream = mcp
+        .session_less_stream(2, "subscriptions/listen", filter)
+        .await?;
+    assert_eq!(stream.status, StatusCode::OK);
+    let ack = stream
+        .next_message(WAIT)
+        .await?
+        .context("no acknowledgment")?;
+    assert_eq!(
+        ack["method"], "notifications/subscriptions/acknowledged",
+        "{ack}"
+    );
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true}),
+        "{ack}"
+    );
+    // The listener subscribes to the tenant after the acknowledgment is out; a change
+    // before that lands is not a bug, so each round changes the list again.
+    let mut heard = None;
+    for _ in 0..5 {
+        upstream.set_tools_changed().await;
+        match stream.next_message(Duration::from_secs(3)).await {
+            Ok(Some(message)) => {
+                heard = Some(message);
+                break;
+            }
+            Ok(None) => anyhow::bail!("the listen stream ended"),
+            Err(_) => continue,
+        }
+    }
+    let heard = heard.context("no notifications/tools/list_changed on the listen stream")?;
+    assert_eq!(
+        heard["method"], "notifications/tools/list_changed",
+        "{heard}"
+    );
+    assert_eq!(
+        heard["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], 2,
+        "it names the listen request: {heard}"
+    );
+    // An open listen stream is not a request in flight: the drain does not wait for it.
+    let started = Instant::now();
+    gw.stop().await?;
+    assert!(
+        started.elapsed() < drain_timeout / 2,
+        "stop took {:?}",
+        started.elapsed()
+    );
+    // ...and it ends the stream (perhaps after the listen request's final result).
+    while stream.next_message(WAIT).await?.is_some() {}
+    Ok(())
 }
 
 fn rss_bytes() -> u64 {

@@ -9,8 +9,9 @@ use std::time::Instant;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams,
     InitializeResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
+    SubscriptionFilter,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +31,8 @@ pub const PAGE_SIZE: usize = 100;
 pub struct TenantMcp {
     runtime: TenantRuntime,
     lifecycle: Arc<Lifecycle>,
-    /// Parent of the session's notification forwarder: cancelled when MCP sessions close.
+    /// Parent of the session's notification forwarder, and the end of every
+    /// `subscriptions/listen` stream: cancelled when MCP sessions close.
     sessions: CancellationToken,
     /// The session's notification forwarder; dropped (and stopped) with this handler at
     /// the session's end. `None` until `initialize`: session-less requests get none.
@@ -142,6 +144,21 @@ impl ServerHandler for TenantMcp {
             .map_err(call_error)?;
         let cursor = request.and_then(|r| r.cursor);
         page(&list.tools, cursor.as_deref())
+    }
+
+    /// Session-less (2026-07-28) clients hear of list changes on `subscriptions/listen`;
+    /// tool-list changes are the only ones a tenant's upstream passes through the gateway.
+    fn accepted_subscription_filter(
+        &self,
+        _requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(SubscriptionFilter::builder().tools_list_changed().build())
+    }
+
+    async fn listen(&self, subscription: SubscriptionContext) -> Result<(), ErrorData> {
+        let tenant = tenant_of(subscription.request_context())?.tenant.clone();
+        notify::listen(&self.runtime, &tenant, &subscription, &self.sessions).await;
+        Ok(())
     }
 
     async fn call_tool(

@@ -1,11 +1,14 @@
 //! Clients of the gateway's `/mcp/{tenantId}` endpoint for tests: rmcp's own client (with a
 //! handler that signals tool-list changes on a `Notify`), and raw JSON-RPC over reqwest
 //! ([`raw`], and [`RawMcp`], which speaks 2025-11-25 sessions and 2026-07-28 session-less
-//! requests as a client would).
+//! requests as a client would, and keeps a `subscriptions/listen` stream open).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use futures::{Stream, StreamExt};
 use rmcp::model::ClientConfig;
 use rmcp::service::{NotificationContext, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -222,6 +225,37 @@ impl RawMcp {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         self.post(&headers, &body).await
     }
+
+    /// The same, answered by a stream that stays open (`subscriptions/listen`): read it
+    /// message by message.
+    pub async fn session_less_stream(
+        &self,
+        id: u64,
+        method: &str,
+        params: Value,
+    ) -> anyhow::Result<EventStream> {
+        let (headers, body) = session_less_request(id, method, params);
+        let mut all = vec![
+            ("authorization", self.auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        all.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
+        let resp = request(
+            &self.http,
+            reqwest::Method::POST,
+            &self.url,
+            &all,
+            Some(&body),
+        )
+        .send()
+        .await?;
+        Ok(EventStream {
+            status: resp.status(),
+            headers: resp.headers().clone(),
+            body: Box::pin(resp.bytes_stream()),
+            pending: String::new(),
+        })
+    }
 }
 
 /// The headers and body of a 2026-07-28 session-less request.
@@ -260,4 +294,36 @@ fn session_less_request(
     }
     let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
     (headers, body)
+}
+
+/// An event-stream answer read as it arrives.
+pub struct EventStream {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    /// Received text not yet split into whole lines.
+    pending: String,
+}
+
+impl EventStream {
+    /// The next JSON-RPC message, waiting at most `wait`: `Ok(None)` when the stream ended,
+    /// an error when nothing came in time.
+    pub async fn next_message(&mut self, wait: Duration) -> anyhow::Result<Option<Value>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            while let Some(end) = self.pending.find('\n') {
+                let line: String = self.pending.drain(..=end).collect();
+                if let Some(message) = event_data(&line) {
+                    return Ok(Some(message));
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.body.next())
+                .await
+                .context("no message on the stream in time")?;
+            match chunk {
+                Some(bytes) => self.pending.push_str(&String::from_utf8_lossy(&bytes?)),
+                None => return Ok(None),
+            }
+        }
+    }
 }
