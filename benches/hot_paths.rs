@@ -94,7 +94,7 @@ fn benches(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let args = serde_json::json!({"text": "hi"}).as_object().cloned();
             tenants
-                .call_tool(&fx.tenant, "echo", args)
+                .call_tool(&fx.tenant, "echo", args, None)
                 .await
                 .expect("call")
         })

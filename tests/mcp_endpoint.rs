@@ -1,23 +1,25 @@
 //! The MCP endpoint `/mcp/{tenantId}` end to end: rmcp's own client and raw JSON-RPC over
-//! HTTP against the real gateway on port 0, each tenant on its own upstream MCP server
-//! (tests/common/mcp_upstream.rs) on loopback.
+//! HTTP against the real gateway on port 0, each tenant on its own upstream MCP server on
+//! loopback (tests/common/mcp_upstream.rs; tests/common/upstream for the progress tool).
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
-use common::mcp_client::{connect, raw};
+use common::mcp_client::{connect, raw, Raw, RawMcp};
 use common::mcp_upstream::McpUpstream;
+use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use rmcp::model::CallToolRequestParams;
 use serde_json::{json, Value};
 use switchboard::config::Config;
 
-async fn tenant_on(gw: &TestGateway, upstream: &McpUpstream) -> anyhow::Result<CreatedTenant> {
+async fn tenant_on(gw: &TestGateway, upstream_url: &str) -> anyhow::Result<CreatedTenant> {
     gw.create_tenant(
         json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
-                            "upstreamUrl": upstream.url}),
+                            "upstreamUrl": upstream_url}),
     )
     .await
 }
@@ -47,7 +49,7 @@ async fn tool_names(client: &common::mcp_client::McpClient) -> anyhow::Result<Ve
 async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Result<()> {
     let upstream = McpUpstream::start(&["extra"]).await?;
     let gw = TestGateway::start().await?;
-    let tenant = tenant_on(&gw, &upstream).await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
     for credential in [&tenant.api_key, &tenant.token] {
         let (client, _) = connect(&mcp_url(&gw, &tenant.id), credential).await?;
         let info = client.peer_info().expect("server info");
@@ -98,8 +100,8 @@ type Refusal<'a> = (&'a str, Vec<(&'a str, &'a str)>, StatusCode, &'a str);
 async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow::Result<()> {
     let upstream = McpUpstream::start(&[]).await?;
     let gw = TestGateway::start().await?;
-    let a = tenant_on(&gw, &upstream).await?;
-    let b = tenant_on(&gw, &upstream).await?;
+    let a = tenant_on(&gw, &upstream.url).await?;
+    let b = tenant_on(&gw, &upstream.url).await?;
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {},
         "clientInfo": {"name": "raw", "version": "1"}}});
@@ -181,8 +183,8 @@ async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
     let up_a = McpUpstream::start(&["only_a"]).await?;
     let up_b = McpUpstream::start(&["only_b"]).await?;
     let gw = TestGateway::start().await?;
-    let a = tenant_on(&gw, &up_a).await?;
-    let b = tenant_on(&gw, &up_b).await?;
+    let a = tenant_on(&gw, &up_a.url).await?;
+    let b = tenant_on(&gw, &up_b.url).await?;
     let (client_a, _) = connect(&mcp_url(&gw, &a.id), &a.api_key).await?;
     let (client_b, _) = connect(&mcp_url(&gw, &b.id), &b.token).await?;
     assert_eq!(tool_names(&client_a).await?, ["echo", "fail", "only_a"]);
@@ -207,7 +209,7 @@ async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
 async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
     let upstream = McpUpstream::start(&[]).await?;
     let gw = TestGateway::start().await?;
-    let tenant = tenant_on(&gw, &upstream).await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
     let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
     assert_eq!(tool_names(&client).await?, ["echo", "fail"]);
     // The session subscribes in a task started at initialize; a change sent before that
@@ -233,99 +235,21 @@ async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
     gw.stop().await
 }
 
-fn init_body(id: u64) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "raw-http", "version": "1"}}})
-}
-
-/// Opens a 2025-11-25 session with raw HTTP; returns its id.
-async fn open_session(
-    gw: &TestGateway,
-    t: &CreatedTenant,
-) -> anyhow::Result<Result<String, Value>> {
-    let auth = format!("Bearer {}", t.api_key);
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let got = raw(
-        &gw.http,
-        Method::POST,
-        &mcp_url(gw, &t.id),
-        &headers,
-        Some(&init_body(1)),
-    )
-    .await?;
-    if got.status != StatusCode::OK {
-        return Ok(Err(serde_json::from_str(&got.text)?));
-    }
-    let id = got.headers["mcp-session-id"].to_str()?.to_owned();
-    let answer = got.answer();
-    assert_eq!(
-        answer["result"]["protocolVersion"], "2025-11-25",
-        "{}",
-        got.text
-    );
-    assert_eq!(answer["result"]["serverInfo"]["name"], "switchboard");
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-        ("mcp-session-id", id.as_str()),
-        ("mcp-protocol-version", "2025-11-25"),
-    ];
-    let got = raw(
-        &gw.http,
-        Method::POST,
-        &mcp_url(gw, &t.id),
-        &headers,
-        Some(&initialized),
-    )
-    .await?;
-    assert_eq!(got.status, StatusCode::ACCEPTED, "{}", got.text);
-    Ok(Ok(id))
-}
-
-async fn close_session(
-    gw: &TestGateway,
-    t: &CreatedTenant,
-    id: &str,
-) -> anyhow::Result<StatusCode> {
-    let auth = format!("Bearer {}", t.api_key);
-    let headers = [
-        ("authorization", auth.as_str()),
-        ("mcp-session-id", id),
-        ("mcp-protocol-version", "2025-11-25"),
-    ];
-    Ok(raw(
-        &gw.http,
-        Method::DELETE,
-        &mcp_url(gw, &t.id),
-        &headers,
-        None,
-    )
-    .await?
-    .status)
+/// Raw JSON-RPC to tenant `t`'s endpoint with its API key.
+fn raw_mcp(gw: &TestGateway, t: &CreatedTenant) -> RawMcp {
+    RawMcp::new(&gw.http, &mcp_url(gw, &t.id), &t.api_key)
 }
 
 #[tokio::test]
 async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::Result<()> {
     let upstream = McpUpstream::start(&["extra"]).await?;
     let gw = TestGateway::start().await?;
-    let t = tenant_on(&gw, &upstream).await?;
-    let other = tenant_on(&gw, &upstream).await?;
-    let url = mcp_url(&gw, &t.id);
-    let auth = format!("Bearer {}", t.api_key);
-    let id = open_session(&gw, &t).await?.expect("session opens");
-    let in_session = [
-        ("authorization", auth.as_str()),
-        ("content-type", "application/json"),
-        ("mcp-session-id", id.as_str()),
-        ("mcp-protocol-version", "2025-11-25"),
-    ];
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let other = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("session opens");
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
-    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&list)).await?;
+    let got = mcp.in_session(&id, &list).await?;
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert_eq!(
         got.answer()["result"]["tools"].as_array().map(Vec::len),
@@ -334,30 +258,16 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
         got.text
     );
     let unknown = json!({"jsonrpc": "2.0", "id": 3, "method": "no/such/method"});
-    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&unknown)).await?;
+    let got = mcp.in_session(&id, &unknown).await?;
     assert_eq!(got.answer()["error"]["code"], -32601, "{}", got.text);
     let ping = json!({"jsonrpc": "2.0", "id": 4, "method": "ping"});
-    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&ping)).await?;
+    let got = mcp.in_session(&id, &ping).await?;
     assert_eq!(got.answer()["result"], json!({}), "{}", got.text);
     // Another tenant, with its own valid key, cannot use this session.
-    let other_auth = format!("Bearer {}", other.api_key);
-    let foreign = [
-        ("authorization", other_auth.as_str()),
-        ("content-type", "application/json"),
-        ("mcp-session-id", id.as_str()),
-        ("mcp-protocol-version", "2025-11-25"),
-    ];
-    let got = raw(
-        &gw.http,
-        Method::POST,
-        &mcp_url(&gw, &other.id),
-        &foreign,
-        Some(&list),
-    )
-    .await?;
+    let got = raw_mcp(&gw, &other).in_session(&id, &list).await?;
     assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
-    assert!(close_session(&gw, &t, &id).await?.is_success());
-    let got = raw(&gw.http, Method::POST, &url, &in_session, Some(&list)).await?;
+    assert!(mcp.close_session(&id).await?.is_success());
+    let got = mcp.in_session(&id, &list).await?;
     assert_eq!(
         got.status,
         StatusCode::NOT_FOUND,
@@ -365,22 +275,7 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
     );
 
     // 2026-07-28: no initialize, no session; every request carries its own metadata.
-    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "raw-http", "version": "1"},
-        "io.modelcontextprotocol/clientCapabilities": {}});
-    let modern = |method: &'static str| {
-        [
-            ("authorization", auth.clone()),
-            ("content-type", "application/json".into()),
-            ("mcp-protocol-version", "2026-07-28".into()),
-            ("mcp-method", method.into()),
-        ]
-    };
-    let h = modern("server/discover");
-    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let discover =
-        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}});
-    let got = raw(&gw.http, Method::POST, &url, &h, Some(&discover)).await?;
+    let got = mcp.session_less(1, "server/discover", json!({})).await?;
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert!(got.headers.get("mcp-session-id").is_none());
     let versions = got.answer()["result"]["supportedVersions"].clone();
@@ -391,11 +286,7 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
         "{}",
         got.text
     );
-    let h = modern("tools/list");
-    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let list =
-        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {"_meta": meta}});
-    let got = raw(&gw.http, Method::POST, &url, &h, Some(&list)).await?;
+    let got = mcp.session_less(2, "tools/list", json!({})).await?;
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert_eq!(
         got.answer()["result"]["tools"].as_array().map(Vec::len),
@@ -403,11 +294,7 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
         "{}",
         got.text
     );
-    let h = modern("no/such/method");
-    let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let unknown =
-        json!({"jsonrpc": "2.0", "id": 3, "method": "no/such/method", "params": {"_meta": meta}});
-    let got = raw(&gw.http, Method::POST, &url, &h, Some(&unknown)).await?;
+    let got = mcp.session_less(3, "no/such/method", json!({})).await?;
     assert_eq!(
         got.answer()["error"]["code"],
         -32601,
@@ -425,27 +312,214 @@ async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<(
     config.mcp_max_sessions = 3;
     config.mcp_max_sessions_per_tenant = 2;
     let gw = TestGateway::start_with(config).await?;
-    let a = tenant_on(&gw, &upstream).await?;
-    let b = tenant_on(&gw, &upstream).await?;
-    let a1 = open_session(&gw, &a).await?.expect("a1");
-    let _a2 = open_session(&gw, &a).await?.expect("a2");
-    let refused = open_session(&gw, &a)
+    let a = tenant_on(&gw, &upstream.url).await?;
+    let b = tenant_on(&gw, &upstream.url).await?;
+    let (mcp_a, mcp_b) = (raw_mcp(&gw, &a), raw_mcp(&gw, &b));
+    let a1 = mcp_a.open_session().await?.expect("a1");
+    let _a2 = mcp_a.open_session().await?.expect("a2");
+    let refused = mcp_a
+        .open_session()
         .await?
         .expect_err("a3 is over the tenant cap");
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
     assert!(refused["error"]["message"]
         .as_str()
         .is_some_and(|m| m.contains("sessions")));
-    let _b1 = open_session(&gw, &b).await?.expect("b1");
-    let refused = open_session(&gw, &b)
+    let _b1 = mcp_b.open_session().await?.expect("b1");
+    let refused = mcp_b
+        .open_session()
         .await?
         .expect_err("b2 is over the total cap");
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
-    assert!(close_session(&gw, &a, &a1).await?.is_success());
-    open_session(&gw, &b)
+    assert!(mcp_a.close_session(&a1).await?.is_success());
+    mcp_b
+        .open_session()
         .await?
         .expect("a closed session gives its slot back");
     gw.stop().await
+}
+
+/// `tools/call` params for the upstream's `progress` tool (three steps, progress 1, 2, 3 of
+/// 3), asking for progress with `token` when there is one.
+fn progress_params(token: Option<Value>) -> Value {
+    let mut params = json!({"name": "progress", "arguments": {"steps": 3}});
+    if let Some(token) = token {
+        params["_meta"] = json!({ "progressToken": token });
+    }
+    params
+}
+
+/// `got` relayed the upstream's three progress notifications, with the client's `token`
+/// and the upstream's progress, total and message, before the tool's result.
+fn assert_relayed(got: &Raw, token: &Value) {
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(
+        got.headers["content-type"]
+            .to_str()
+            .is_ok_and(|t| t.starts_with("text/event-stream")),
+        "progress needs a stream: {:?}",
+        got.headers
+    );
+    let progress = got.progress();
+    let values: Vec<Option<f64>> = progress.iter().map(|p| p["progress"].as_f64()).collect();
+    assert_eq!(values, [Some(1.0), Some(2.0), Some(3.0)], "{}", got.text);
+    for p in &progress {
+        assert_eq!(&p["progressToken"], token, "{}", got.text);
+        assert_eq!(p["total"].as_f64(), Some(3.0), "{}", got.text);
+    }
+    assert_eq!(progress[2]["message"], "step 3 of 3", "{}", got.text);
+    let last_progress = got
+        .messages
+        .iter()
+        .rposition(|m| m["method"] == "notifications/progress");
+    assert!(
+        last_progress < got.answer_position(),
+        "progress after the result: {}",
+        got.text
+    );
+    let answer = got.answer();
+    assert_eq!(
+        answer["result"]["content"][0]["text"], "done after 3 steps",
+        "{}",
+        got.text
+    );
+}
+
+fn tool_call(id: u64, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+}
+
+#[tokio::test]
+async fn progress_reaches_a_2025_11_25_session_caller_before_the_result() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("session opens");
+    let call = tool_call(2, progress_params(Some(json!("p-1"))));
+    let got = mcp.in_session(&id, &call).await?;
+    assert_relayed(&got, &json!("p-1"));
+    // A number is a progress token too, and comes back as one.
+    let call = tool_call(3, progress_params(Some(json!(7))));
+    assert_relayed(&mcp.in_session(&id, &call).await?, &json!(7));
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn progress_reaches_a_2026_07_28_session_less_caller_before_the_result() -> anyhow::Result<()>
+{
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    // The gateway answers session-less calls with JSON; a notification before the result
+    // turns the answer into a stream.
+    let got = mcp
+        .session_less(1, "tools/call", progress_params(Some(json!("p-1"))))
+        .await?;
+    assert!(got.headers.get("mcp-session-id").is_none());
+    assert_relayed(&got, &json!("p-1"));
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_call_without_a_progress_token_hears_no_progress() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    // The upstream reports progress all the same (the gateway's own request asks for it).
+    let id = mcp.open_session().await?.expect("session opens");
+    let got = mcp
+        .in_session(&id, &tool_call(2, progress_params(None)))
+        .await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(got.progress().is_empty(), "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["content"][0]["text"],
+        "done after 3 steps"
+    );
+    let got = mcp
+        .session_less(3, "tools/call", progress_params(None))
+        .await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert_eq!(
+        got.headers["content-type"], "application/json",
+        "nothing came before the result: {}",
+        got.text
+    );
+    assert!(got.progress().is_empty(), "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["content"][0]["text"],
+        "done after 3 steps"
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_session_less_listener_hears_tool_list_changes_and_ends_with_the_drain(
+) -> anyhow::Result<()> {
+    const WAIT: Duration = Duration::from_secs(5);
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let drain_timeout = gw.config.drain_timeout;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    // The tenant's upstream connection opens with its first use.
+    let got = mcp.session_less(1, "tools/list", json!({})).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    let filter = json!({"notifications": {"toolsListChanged": true}});
+    let mut stream = mcp
+        .session_less_stream(2, "subscriptions/listen", filter)
+        .await?;
+    assert_eq!(stream.status, StatusCode::OK);
+    let ack = stream
+        .next_message(WAIT)
+        .await?
+        .context("no acknowledgment")?;
+    assert_eq!(
+        ack["method"], "notifications/subscriptions/acknowledged",
+        "{ack}"
+    );
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true}),
+        "{ack}"
+    );
+    // The listener subscribes to the tenant after the acknowledgment is out; a change
+    // before that lands is not a bug, so each round changes the list again.
+    let mut heard = None;
+    for _ in 0..5 {
+        upstream.set_tools_changed().await;
+        match stream.next_message(Duration::from_secs(3)).await {
+            Ok(Some(message)) => {
+                heard = Some(message);
+                break;
+            }
+            Ok(None) => anyhow::bail!("the listen stream ended"),
+            Err(_) => continue,
+        }
+    }
+    let heard = heard.context("no notifications/tools/list_changed on the listen stream")?;
+    assert_eq!(
+        heard["method"], "notifications/tools/list_changed",
+        "{heard}"
+    );
+    assert_eq!(
+        heard["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], 2,
+        "it names the listen request: {heard}"
+    );
+    // An open listen stream is not a request in flight: the drain does not wait for it.
+    let started = Instant::now();
+    gw.stop().await?;
+    assert!(
+        started.elapsed() < drain_timeout / 2,
+        "stop took {:?}",
+        started.elapsed()
+    );
+    // ...and it ends the stream (perhaps after the listen request's final result).
+    while stream.next_message(WAIT).await?.is_some() {}
+    Ok(())
 }
 
 fn rss_bytes() -> u64 {
@@ -463,7 +537,7 @@ async fn two_hundred_sessions_opened_and_closed_leave_memory_flat() -> anyhow::R
     const LIMIT_MB: f64 = 20.0;
     let upstream = McpUpstream::start(&[]).await?;
     let gw = TestGateway::start().await?;
-    let t = tenant_on(&gw, &upstream).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
     let url = mcp_url(&gw, &t.id);
     let cycle = |n: usize| {
         let url = url.clone();

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use common::upstream::TestUpstream;
+use rmcp::model::ProgressNotificationParam;
 use serde_json::json;
 use switchboard::{
     config::Secret,
@@ -57,7 +58,10 @@ async fn lists_every_tool_across_pages() -> anyhow::Result<()> {
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
     let tools = client.list_tools(T).await?;
     let names: Vec<&str> = tools.iter().map(|tool| tool.name.as_ref()).collect();
-    assert_eq!(names, ["echo", "sleep", "fail", "whoami", "add"]);
+    assert_eq!(
+        names,
+        ["echo", "sleep", "fail", "whoami", "add", "progress"]
+    );
     assert_eq!(upstream.initializes(), 1);
     assert_eq!(client.transport(), TransportKind::StreamableHttp);
     Ok(())
@@ -68,7 +72,7 @@ async fn echo_result_passes_through_unchanged() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
     let result = client
-        .call_tool("echo", args(json!({"text": "hello"})), T)
+        .call_tool("echo", args(json!({"text": "hello"})), T, None)
         .await?;
     assert_eq!(
         serde_json::to_value(&result)?,
@@ -79,7 +83,7 @@ async fn echo_result_passes_through_unchanged() -> anyhow::Result<()> {
         })
     );
     let sum = client
-        .call_tool("add", args(json!({"a": 2, "b": 3})), T)
+        .call_tool("add", args(json!({"a": 2, "b": 3})), T, None)
         .await?;
     assert_eq!(
         serde_json::to_value(&sum.content)?,
@@ -92,7 +96,7 @@ async fn echo_result_passes_through_unchanged() -> anyhow::Result<()> {
 async fn tool_failure_is_ok_with_is_error() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
-    let result = client.call_tool("fail", None, T).await?;
+    let result = client.call_tool("fail", None, T, None).await?;
     assert_eq!(result.is_error, Some(true));
     assert_eq!(
         serde_json::to_value(&result.content)?,
@@ -106,7 +110,7 @@ async fn unknown_tool_is_a_json_rpc_error() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
     let error = client
-        .call_tool("nope", None, T)
+        .call_tool("nope", None, T, None)
         .await
         .expect_err("unknown tool");
     assert!(
@@ -115,7 +119,7 @@ async fn unknown_tool_is_a_json_rpc_error() -> anyhow::Result<()> {
     );
     // The session survives a refused call.
     client
-        .call_tool("echo", args(json!({"text": "still here"})), T)
+        .call_tool("echo", args(json!({"text": "still here"})), T, None)
         .await?;
     Ok(())
 }
@@ -131,6 +135,7 @@ async fn timeout_cancels_the_call_upstream() -> anyhow::Result<()> {
             "echo",
             args(json!({"text": "x"})),
             Duration::from_millis(300),
+            None,
         )
         .await
         .expect_err("a hanging tool times out");
@@ -143,7 +148,7 @@ async fn timeout_cancels_the_call_upstream() -> anyhow::Result<()> {
     upstream.wait_for_cancellations(1).await?;
     upstream.set_hang(false);
     client
-        .call_tool("echo", args(json!({"text": "after"})), T)
+        .call_tool("echo", args(json!({"text": "after"})), T, None)
         .await?;
     Ok(())
 }
@@ -157,7 +162,7 @@ async fn dropped_call_is_cancelled_upstream() -> anyhow::Result<()> {
         let client = client.clone();
         async move {
             client
-                .call_tool("echo", args(json!({"text": "x"})), T)
+                .call_tool("echo", args(json!({"text": "x"})), T, None)
                 .await
         }
     });
@@ -171,7 +176,7 @@ async fn dropped_call_is_cancelled_upstream() -> anyhow::Result<()> {
 async fn bearer_token_arrives_as_sent() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
-    let result = client.call_tool("whoami", None, T).await?;
+    let result = client.call_tool("whoami", None, T, None).await?;
     assert_eq!(
         serde_json::to_value(&result.content)?,
         json!([{"type": "text", "text": TOKEN}])
@@ -187,7 +192,7 @@ async fn concurrent_calls_do_not_queue_behind_each_other() -> anyhow::Result<()>
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
     let started = Instant::now();
-    let calls = (0..50).map(|_| client.call_tool("sleep", args(json!({"ms": 100})), T));
+    let calls = (0..50).map(|_| client.call_tool("sleep", args(json!({"ms": 100})), T, None));
     for result in futures::future::join_all(calls).await {
         assert_eq!(result?.is_error, Some(false));
     }
@@ -200,11 +205,65 @@ async fn concurrent_calls_do_not_queue_behind_each_other() -> anyhow::Result<()>
     Ok(())
 }
 
+/// The progress the upstream reported to one call, as its sink received it.
+fn drained(
+    updates: &mut mpsc::Receiver<ProgressNotificationParam>,
+) -> Vec<ProgressNotificationParam> {
+    let mut got = Vec::new();
+    while let Ok(update) = updates.try_recv() {
+        got.push(update);
+    }
+    got
+}
+
+#[tokio::test]
+async fn progress_reaches_the_call_that_asked_for_it() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let ends = [
+        (upstream.url.as_str(), TransportKind::StreamableHttp),
+        (sse_url(&upstream)?, TransportKind::Sse),
+    ];
+    for (url, transport) in ends {
+        let (client, _events) = connect(url, transport).await?;
+        // Two calls at once: each hears its own request's progress and nothing else.
+        let (three_tx, mut three) = mpsc::channel(16);
+        let (four_tx, mut four) = mpsc::channel(16);
+        let (a, b) = tokio::join!(
+            client.call_tool("progress", args(json!({"steps": 3})), T, Some(three_tx)),
+            client.call_tool("progress", args(json!({"steps": 4})), T, Some(four_tx)),
+        );
+        assert_eq!(a?.is_error, Some(false), "{transport:?}");
+        assert_eq!(b?.is_error, Some(false), "{transport:?}");
+        // All of it arrived before the answer, and the call let go of its sink.
+        for (updates, steps) in [(&mut three, 3), (&mut four, 4)] {
+            let got = drained(updates);
+            let values: Vec<f64> = got.iter().map(|u| u.progress).collect();
+            let expected: Vec<f64> = (1..=steps).map(f64::from).collect();
+            assert_eq!(values, expected, "{transport:?}: {got:?}");
+            assert!(got.iter().all(|u| u.total == Some(f64::from(steps))));
+            assert_eq!(
+                got.last().and_then(|u| u.message.as_deref()),
+                Some(format!("step {steps} of {steps}").as_str())
+            );
+            assert!(got
+                .iter()
+                .all(|u| u.progress_token == got[0].progress_token));
+            assert!(updates.recv().await.is_none(), "the sink is dropped");
+        }
+        // Without a sink the call is answered the same; its progress has nowhere to go.
+        let quiet = client
+            .call_tool("progress", args(json!({"steps": 2})), T, None)
+            .await?;
+        assert_eq!(quiet.is_error, Some(false));
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn tool_list_change_reaches_the_events_channel() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, mut events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
-    assert_eq!(client.list_tools(T).await?.len(), 5);
+    assert_eq!(client.list_tools(T).await?.len(), 6);
     upstream.set_tools_changed().await;
     let event = tokio::time::timeout(T, events.recv()).await?;
     assert_eq!(event, Some(UpstreamEvent::ToolListChanged));
@@ -226,7 +285,7 @@ async fn stopped_upstream_fails_fast_and_a_new_connect_works_after_restart() -> 
     upstream.stop().await;
     let started = Instant::now();
     let error = client
-        .call_tool("echo", args(json!({"text": "x"})), T)
+        .call_tool("echo", args(json!({"text": "x"})), T, None)
         .await
         .expect_err("the upstream is down");
     assert!(
@@ -249,7 +308,7 @@ async fn stopped_upstream_fails_fast_and_a_new_connect_works_after_restart() -> 
     upstream.restart().await?;
     let (fresh, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
     let result = fresh
-        .call_tool("echo", args(json!({"text": "back"})), T)
+        .call_tool("echo", args(json!({"text": "back"})), T, None)
         .await?;
     assert_eq!(result.structured_content, Some(json!({"echo": "back"})));
     client.close().await;
@@ -268,7 +327,9 @@ async fn close_ends_the_session_and_reports_it() -> anyhow::Result<()> {
         tokio::time::timeout(T, events.recv()).await?,
         Some(UpstreamEvent::Closed)
     );
-    let error = other.call_tool("echo", args(json!({"text": "x"})), T).await;
+    let error = other
+        .call_tool("echo", args(json!({"text": "x"})), T, None)
+        .await;
     assert_eq!(error.err(), Some(UpstreamError::Closed));
     Ok(())
 }
@@ -278,19 +339,19 @@ async fn legacy_sse_end_to_end() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, mut events) = connect(sse_url(&upstream)?, TransportKind::Sse).await?;
     assert_eq!(client.transport(), TransportKind::Sse);
-    assert_eq!(client.list_tools(T).await?.len(), 5);
+    assert_eq!(client.list_tools(T).await?.len(), 6);
     let result = client
-        .call_tool("echo", args(json!({"text": "over sse"})), T)
+        .call_tool("echo", args(json!({"text": "over sse"})), T, None)
         .await?;
     assert_eq!(result.structured_content, Some(json!({"echo": "over sse"})));
-    let whoami = client.call_tool("whoami", None, T).await?;
+    let whoami = client.call_tool("whoami", None, T, None).await?;
     assert_eq!(
         serde_json::to_value(&whoami.content)?,
         json!([{"type": "text", "text": TOKEN}])
     );
     assert!(upstream.seen_tokens().iter().all(|token| token == TOKEN));
 
-    let calls = (0..20).map(|_| client.call_tool("sleep", args(json!({"ms": 100})), T));
+    let calls = (0..20).map(|_| client.call_tool("sleep", args(json!({"ms": 100})), T, None));
     let started = Instant::now();
     for result in futures::future::join_all(calls).await {
         result?;
@@ -307,6 +368,7 @@ async fn legacy_sse_end_to_end() -> anyhow::Result<()> {
             "echo",
             args(json!({"text": "x"})),
             Duration::from_millis(200),
+            None,
         )
         .await;
     assert_eq!(error.err(), Some(UpstreamError::Timeout));
@@ -334,7 +396,7 @@ async fn auto_uses_streamable_http_when_offered() -> anyhow::Result<()> {
     let (client, _events) = connect(&upstream.url, TransportKind::Auto).await?;
     assert_eq!(client.transport(), TransportKind::StreamableHttp);
     client
-        .call_tool("echo", args(json!({"text": "auto"})), T)
+        .call_tool("echo", args(json!({"text": "auto"})), T, None)
         .await?;
     Ok(())
 }
@@ -345,7 +407,7 @@ async fn auto_falls_back_to_sse_when_the_url_only_speaks_sse() -> anyhow::Result
     let (client, _events) = connect(sse_url(&upstream)?, TransportKind::Auto).await?;
     assert_eq!(client.transport(), TransportKind::Sse);
     let result = client
-        .call_tool("echo", args(json!({"text": "fallback"})), T)
+        .call_tool("echo", args(json!({"text": "fallback"})), T, None)
         .await?;
     assert_eq!(result.structured_content, Some(json!({"echo": "fallback"})));
     Ok(())
@@ -401,7 +463,7 @@ async fn reference_server_everything_over_both_transports() -> anyhow::Result<()
             "{path}: {tools:?}"
         );
         let result = client
-            .call_tool("echo", args(json!({"message": "hi"})), T)
+            .call_tool("echo", args(json!({"message": "hi"})), T, None)
             .await?;
         assert_eq!(
             serde_json::to_value(&result.content)?,

@@ -9,13 +9,15 @@ use std::time::Instant;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams,
     InitializeResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
+    SubscriptionFilter,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 use tokio_util::sync::CancellationToken;
 
 use super::errors::{call_error, no_tenant};
 use super::notify::{self, Forwarder};
+use super::progress::{run_relaying, ProgressRelay};
 use crate::audit;
 use crate::auth::AuthContext;
 use crate::http::middleware::RequestId;
@@ -29,7 +31,8 @@ pub const PAGE_SIZE: usize = 100;
 pub struct TenantMcp {
     runtime: TenantRuntime,
     lifecycle: Arc<Lifecycle>,
-    /// Parent of the session's notification forwarder: cancelled when MCP sessions close.
+    /// Parent of the session's notification forwarder, and the end of every
+    /// `subscriptions/listen` stream: cancelled when MCP sessions close.
     sessions: CancellationToken,
     /// The session's notification forwarder; dropped (and stopped) with this handler at
     /// the session's end. `None` until `initialize`: session-less requests get none.
@@ -143,6 +146,21 @@ impl ServerHandler for TenantMcp {
         page(&list.tools, cursor.as_deref())
     }
 
+    /// Session-less (2026-07-28) clients hear of list changes on `subscriptions/listen`;
+    /// tool-list changes are the only ones a tenant's upstream passes through the gateway.
+    fn accepted_subscription_filter(
+        &self,
+        _requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(SubscriptionFilter::builder().tools_list_changed().build())
+    }
+
+    async fn listen(&self, subscription: SubscriptionContext) -> Result<(), ErrorData> {
+        let tenant = tenant_of(subscription.request_context())?.tenant.clone();
+        notify::listen(&self.runtime, &tenant, &subscription, &self.sessions).await;
+        Ok(())
+    }
+
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
@@ -162,17 +180,19 @@ impl ServerHandler for TenantMcp {
             .audit_arguments
             .then(|| request.arguments.clone())
             .flatten();
+        let (sink, relay) = ProgressRelay::for_request(&context);
         let call = self
             .runtime
-            .call_tool(&ctx.tenant, &request.name, request.arguments);
+            .call_tool(&ctx.tenant, &request.name, request.arguments, sink);
         // A client's `notifications/cancelled` cancels `ct`; dropping the call cancels it
         // upstream too (the upstream client's drop guard).
-        let result = tokio::select! {
-            result = call => result,
-            _ = context.ct.cancelled() => Err(crate::tenants::messages::CallError::Upstream(
-                "cancelled by the client".into(),
-            )),
-        };
+        let result = run_relaying(call, relay, &context.ct)
+            .await
+            .unwrap_or_else(|| {
+                Err(crate::tenants::messages::CallError::Upstream(
+                    "cancelled by the client".into(),
+                ))
+            });
         let result = result.map(|mut r| {
             r.is_error.get_or_insert(false);
             r

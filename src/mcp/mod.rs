@@ -9,6 +9,7 @@ pub mod errors;
 pub mod gate;
 pub mod handler;
 pub mod notify;
+pub mod progress;
 pub mod sealed;
 pub mod sessions;
 

@@ -1,12 +1,16 @@
-//! Forwards a tenant's notices to one downstream session: when the tenant's upstream says
-//! `notifications/tools/list_changed`, the session's client hears it too, whether this
-//! replica's tenant actor heard it or another replica did (PostgreSQL fleets, through
-//! [`crate::store::change_feed`]). One task per
-//! session, started at `initialize` (and again by a later request if the subscription was
-//! lost), ended by the session's end, shutdown or a closed peer.
+//! Forwards a tenant's notices downstream: when the tenant's upstream says
+//! `notifications/tools/list_changed`, the client hears it too, whether this replica's tenant
+//! actor heard it or another replica did (PostgreSQL fleets, through
+//! [`crate::store::change_feed`]). Two kinds of listener share one loop
+//! (`relay_tool_changes`): a session (protocol up to 2025-11-25; one task per session,
+//! started at `initialize` and again by a later request if the subscription was lost, ended
+//! by the session's end, shutdown or a closed peer), and a session-less client's
+//! `subscriptions/listen` stream (2026-07-28; [`listen`]).
 
+use std::future::Future;
 use std::sync::Arc;
 
+use rmcp::service::SubscriptionContext;
 use rmcp::{Peer, RoleServer};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -46,8 +50,9 @@ pub fn spawn_forwarder(
     let token = stop.clone();
     lifecycle.tasks.spawn(async move {
         let _done = finished.drop_guard();
+        let peer = &peer;
         tokio::select! {
-            _ = forward(&runtime, &tenant, &peer) => {}
+            _ = relay_tool_changes(&runtime, &tenant, || peer.notify_tool_list_changed()) => {}
             _ = token.cancelled() => {}
         }
     });
@@ -57,7 +62,42 @@ pub fn spawn_forwarder(
     }
 }
 
-async fn forward(runtime: &TenantRuntime, tenant: &TenantRecord, peer: &Peer<RoleServer>) {
+/// Runs one `subscriptions/listen` stream of a session-less client: `tenant`'s tool-list
+/// changes go to it (when it asked for them) until the client cancels it, the gateway drains
+/// (`sessions`), or the tenant actor stops; then the stream ends with its final result and the
+/// client listens again, authenticated afresh, as a session's next request would renew its
+/// forwarder. It counts as no request in flight, so an open stream never holds the drain.
+pub async fn listen(
+    runtime: &TenantRuntime,
+    tenant: &TenantRecord,
+    subscription: &SubscriptionContext,
+    sessions: &CancellationToken,
+) {
+    let sink = subscription.sink();
+    let relay = async {
+        if subscription.accepted().tools_list_changed == Some(true) {
+            relay_tool_changes(runtime, tenant, || sink.notify_tool_list_changed()).await;
+        } else {
+            // Nothing accepted that this gateway sends: an idle stream until it ends.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = relay => {}
+        _ = subscription.cancelled() => {}
+        _ = sessions.cancelled() => {}
+    }
+}
+
+/// Calls `announce` once per change of `tenant`'s tool list, until the tenant actor stops or
+/// `announce` fails (the listener is gone).
+async fn relay_tool_changes<F, E>(
+    runtime: &TenantRuntime,
+    tenant: &TenantRecord,
+    mut announce: impl FnMut() -> F,
+) where
+    F: Future<Output = Result<(), E>>,
+{
     // Subscribed first, so a change heard elsewhere while we subscribe locally is not lost.
     let mut remote = runtime.remote_tool_changes();
     let Ok(mut notices) = runtime.subscribe(tenant).await else {
@@ -78,7 +118,7 @@ async fn forward(runtime: &TenantRuntime, tenant: &TenantRecord, peer: &Peer<Rol
                 Err(RecvError::Closed) => return,
             },
         };
-        if changed && peer.notify_tool_list_changed().await.is_err() {
+        if changed && announce().await.is_err() {
             return;
         }
     }

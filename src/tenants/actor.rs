@@ -148,7 +148,7 @@ impl Actor for TenantActor {
                 generation,
                 failure,
             } => state.outcome(generation, failure),
-            TenantMsg::Audit(event) => state.push_audit(&myself, event),
+            TenantMsg::Audit(event) => state.push_audit(&myself, *event),
             TenantMsg::Subscribe(reply) => {
                 let _ = reply.send(state.notices.subscribe());
             }
@@ -449,7 +449,6 @@ impl TenantState {
                 let _ = self.notices.send(TenantNotice::ToolListChanged);
                 self.announce_tool_change();
             }
-            UpstreamEvent::Progress(_) => {}
             UpstreamEvent::Closed => {
                 if matches!(self.connection, Connection::Ready(_)) {
                     self.connection = Connection::Idle;

@@ -84,8 +84,9 @@ pub enum TenantMsg {
         generation: u64,
         failure: Option<String>,
     },
-    /// A tool-call event for the audit buffer.
-    Audit(AuditRecord),
+    /// A tool-call event for the audit buffer. Boxed: it is by far the largest message, and
+    /// every message in the mailbox would otherwise take its size.
+    Audit(Box<AuditRecord>),
     /// Subscribe to the tenant's notices (tool-list changes), for downstream MCP sessions.
     Subscribe(RpcReplyPort<tokio::sync::broadcast::Receiver<TenantNotice>>),
     Connected {

@@ -16,6 +16,7 @@ use super::status::UpstreamStatus;
 use super::{ChangeFeed, RuntimeSettings};
 use crate::cipher::TokenCipher;
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
+use crate::upstream::ProgressSink;
 
 /// How long a message to an actor may wait for its answer. The actors answer at once (the
 /// slow work is in tasks), so this only bounds a wedged actor.
@@ -87,14 +88,18 @@ impl TenantRuntime {
 
     /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
     /// tenant does not have is `UnknownTool`, and never reaches the upstream. Counted in
-    /// the tool-call metrics by outcome.
+    /// the tool-call metrics by outcome. With `progress` (an MCP caller that asked for it),
+    /// the upstream's progress on this call goes there before the result.
     pub async fn call_tool(
         &self,
         tenant: &TenantRecord,
         tool: &str,
         arguments: Option<Map<String, Value>>,
+        progress: Option<ProgressSink>,
     ) -> Result<CallToolResult, CallError> {
-        let result = self.call_tool_uncounted(tenant, tool, arguments).await;
+        let result = self
+            .call_tool_uncounted(tenant, tool, arguments, progress)
+            .await;
         crate::metrics::tool_call(&tenant.id, tool, call_outcome(&result));
         result
     }
@@ -104,6 +109,7 @@ impl TenantRuntime {
         tenant: &TenantRecord,
         tool: &str,
         arguments: Option<Map<String, Value>>,
+        progress: Option<ProgressSink>,
     ) -> Result<CallToolResult, CallError> {
         let actor = self.actor_for(tenant).await?;
         let lease: Lease = ask(&actor, TenantMsg::Lease).await?;
@@ -123,7 +129,7 @@ impl TenantRuntime {
         let started = std::time::Instant::now();
         let result = lease
             .client
-            .call_tool(tool, arguments, self.settings.upstream_timeout)
+            .call_tool(tool, arguments, self.settings.upstream_timeout, progress)
             .await;
         let failure = match &result {
             Err(crate::upstream::UpstreamError::Connect(e)) => Some(e.clone()),
@@ -143,9 +149,9 @@ impl TenantRuntime {
     /// actor is gone already, the event is written directly.
     pub fn audit(&self, tenant_id: &str, event: AuditRecord) {
         let event = match self.directory.get(tenant_id) {
-            Some(running) => match running.actor.cast(TenantMsg::Audit(event)) {
+            Some(running) => match running.actor.cast(TenantMsg::Audit(Box::new(event))) {
                 Ok(()) => return,
-                Err(ractor::MessagingErr::SendErr(TenantMsg::Audit(event))) => event,
+                Err(ractor::MessagingErr::SendErr(TenantMsg::Audit(event))) => *event,
                 Err(_) => return,
             },
             None => event,

@@ -4,23 +4,27 @@
 //! Calls are independent rmcp requests on one session, so a slow call never holds up another.
 //! A call that times out, or whose future is dropped because its caller went away, is cancelled
 //! upstream with `notifications/cancelled` by a drop guard, so the upstream stops the work too.
+//! A call given a [`ProgressSink`] passes on the upstream's progress for its own request
+//! while it waits (rmcp puts a progress token on every request it sends).
 
 use std::{sync::Arc, time::Duration};
 
+use futures::{FutureExt as _, StreamExt as _};
 use rmcp::{
+    handler::client::progress::{ProgressDispatcher, ProgressSubscriber},
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotificationParam,
         ClientRequest, RequestId, ServerResult, Tool,
     },
-    service::{ClientCacheConfig, PeerRequestOptions, RoleClient},
+    service::{ClientCacheConfig, PeerRequestOptions, RequestHandle, RoleClient, ServiceError},
     Peer,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    connect, error::redact, events::EventForwarder, TransportKind, UpstreamError, UpstreamEvent,
-    UpstreamTarget,
+    connect, error::redact, events::EventForwarder, ProgressSink, TransportKind, UpstreamError,
+    UpstreamEvent, UpstreamTarget,
 };
 
 /// A connected upstream MCP session. Clones share the session; it closes on [`Self::close`],
@@ -32,6 +36,8 @@ pub struct UpstreamClient {
 
 struct Inner {
     peer: Peer<RoleClient>,
+    /// Shared with the session's handler, which hands it every progress notification.
+    progress: ProgressDispatcher,
     /// Kept only to shorten URLs in error messages (see [`redact`]).
     url: url::Url,
     transport: TransportKind,
@@ -44,14 +50,15 @@ struct Inner {
 }
 
 impl UpstreamClient {
-    /// Connects to `target` and runs MCP `initialize`. Tool-list changes, progress and the end
-    /// of the session are sent to `events`.
+    /// Connects to `target` and runs MCP `initialize`. Tool-list changes and the end of the
+    /// session are sent to `events`; progress goes to the call it is about.
     pub async fn connect(
         target: &UpstreamTarget,
         events: mpsc::Sender<UpstreamEvent>,
     ) -> Result<Self, UpstreamError> {
         let shutdown = CancellationToken::new();
-        let handler = EventForwarder::new(events.clone(), &target.client_name);
+        let progress = ProgressDispatcher::new();
+        let handler = EventForwarder::new(events.clone(), progress.clone(), &target.client_name);
         let (session, transport) = connect::open(target, handler, shutdown.child_token()).await?;
         let peer = session.peer().clone();
         // The tenant actor owns the tool-list cache; rmcp's own cache could serve a stale list
@@ -70,6 +77,7 @@ impl UpstreamClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 peer,
+                progress,
                 url: target.url.clone(),
                 transport,
                 _cancel_on_drop: shutdown.clone().drop_guard(),
@@ -100,11 +108,14 @@ impl UpstreamClient {
     /// Forwards one `tools/call` and returns the upstream's `CallToolResult` unchanged. A tool
     /// that fails is `Ok` with `is_error: Some(true)`. On timeout, or when this future is
     /// dropped before the answer, the upstream gets `notifications/cancelled` for the request.
+    /// With `progress`, the upstream's progress notifications for this call go there, as the
+    /// upstream sent them (with the gateway's progress token), before this returns.
     pub async fn call_tool(
         &self,
         name: &str,
         arguments: Option<serde_json::Map<String, serde_json::Value>>,
         timeout: Duration,
+        progress: Option<ProgressSink>,
     ) -> Result<CallToolResult, UpstreamError> {
         self.ensure_open()?;
         let mut params = CallToolRequestParams::new(name.to_owned());
@@ -118,7 +129,16 @@ impl UpstreamClient {
             .await
             .map_err(|error| UpstreamError::from_service(error, &self.inner.url))?;
         let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone());
-        let answer = tokio::time::timeout(timeout, handle.await_response()).await;
+        // Subscribed at once (subscribing never waits): the request has only been queued, so
+        // its first progress is still a network round trip away.
+        let progress = match progress {
+            Some(sink) => {
+                let updates = self.inner.progress.subscribe(handle.progress_token.clone());
+                Some((updates.await, sink))
+            }
+            None => None,
+        };
+        let answer = tokio::time::timeout(timeout, answer_relaying(handle, progress)).await;
         let result = match answer {
             // The guard's drop at the end of this function cancels the request upstream.
             Err(_) => return Err(UpstreamError::Timeout),
@@ -170,6 +190,39 @@ impl std::fmt::Debug for UpstreamClient {
             .field("transport", &self.inner.transport)
             .field("closed", &self.is_closed())
             .finish()
+    }
+}
+
+/// Waits for the answer to `handle`, passing the upstream's progress on that request to the
+/// sink meanwhile. A sink that is full holds up only this forwarding (the answer waits in
+/// its channel); one whose receiver is gone just gets nothing.
+async fn answer_relaying(
+    handle: RequestHandle<RoleClient>,
+    progress: Option<(ProgressSubscriber, ProgressSink)>,
+) -> Result<ServerResult, ServiceError> {
+    let Some((mut updates, sink)) = progress else {
+        return handle.await_response().await;
+    };
+    let answer = handle.await_response();
+    tokio::pin!(answer);
+    loop {
+        tokio::select! {
+            // Progress first: what the upstream reported before its answer goes out before it.
+            biased;
+            Some(update) = updates.next() => {
+                let _ = sink.send(update).await;
+            }
+            result = &mut answer => {
+                // rmcp hands each notification to its handler in a task of its own, so
+                // progress sent just before the answer may still be on its way: let those
+                // tasks run, then pass on whatever has arrived.
+                tokio::task::yield_now().await;
+                while let Some(Some(update)) = updates.next().now_or_never() {
+                    let _ = sink.send(update).await;
+                }
+                return result;
+            }
+        }
     }
 }
 

@@ -1,9 +1,12 @@
 //! What the upstream tells its tenant without being asked: tool-list changes, progress, and the
-//! end of the connection. The rmcp [`ClientHandler`] here only forwards those into the tenant's
-//! bounded channel; deciding what to do about them (refresh the cached list, reconnect) is the
-//! tenant actor's job.
+//! end of the connection. The rmcp [`ClientHandler`] here only forwards those: tool-list
+//! changes and the end into the tenant's bounded channel (deciding what to do about them,
+//! refresh the cached list or reconnect, is the tenant actor's job), progress to the one call
+//! that is waiting for it (through rmcp's [`ProgressDispatcher`], keyed by the progress token
+//! rmcp put on that call's request).
 
 use rmcp::{
+    handler::client::progress::ProgressDispatcher,
     model::{
         ClientCapabilities, ClientConfig, Implementation, ProgressNotificationParam,
         ProtocolVersion,
@@ -13,13 +16,11 @@ use rmcp::{
 };
 use tokio::sync::mpsc;
 
-/// A notification from the upstream, or the end of the connection.
+/// A notification from the upstream about the whole connection, or its end.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamEvent {
     /// The upstream sent `notifications/tools/list_changed`: a cached tool list is stale.
     ToolListChanged,
-    /// The upstream reported progress on a request of ours.
-    Progress(ProgressNotificationParam),
     /// The connection ended (transport closed, upstream gone, or [`super::UpstreamClient::close`]).
     /// Sent once, after which every call fails with [`super::UpstreamError::Closed`].
     Closed,
@@ -29,11 +30,18 @@ pub enum UpstreamEvent {
 #[derive(Clone)]
 pub(super) struct EventForwarder {
     events: mpsc::Sender<UpstreamEvent>,
+    /// Shared with the connection's [`super::UpstreamClient`], whose calls subscribe to their
+    /// own request's token; progress for a token nobody subscribed to is dropped.
+    progress: ProgressDispatcher,
     info: ClientConfig,
 }
 
 impl EventForwarder {
-    pub(super) fn new(events: mpsc::Sender<UpstreamEvent>, client_name: &str) -> Self {
+    pub(super) fn new(
+        events: mpsc::Sender<UpstreamEvent>,
+        progress: ProgressDispatcher,
+        client_name: &str,
+    ) -> Self {
         // 2025-11-25 is the newest revision with an `initialize` handshake and sessions; the
         // default (2026-07-28) would move list-changed notifications onto listen subscriptions,
         // which Integration App and most servers do not speak yet.
@@ -42,7 +50,11 @@ impl EventForwarder {
             Implementation::new(client_name, env!("CARGO_PKG_VERSION")),
         )
         .with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE);
-        Self { events, info }
+        Self {
+            events,
+            progress,
+            info,
+        }
     }
 }
 
@@ -58,8 +70,9 @@ impl ClientHandler for EventForwarder {
         params: ProgressNotificationParam,
         _context: NotificationContext<RoleClient>,
     ) {
-        // Progress is advisory: when the tenant is behind, dropping one beats queueing tasks.
-        let _ = self.events.try_send(UpstreamEvent::Progress(params));
+        // Waits only on the subscribed call, which drains its subscription while it waits
+        // for the answer; this notification's own task holds nothing else up.
+        self.progress.handle_notification(params).await;
     }
 
     fn get_info(&self) -> ClientConfig {

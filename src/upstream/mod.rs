@@ -21,6 +21,12 @@ pub use client::UpstreamClient;
 pub use error::UpstreamError;
 pub use events::UpstreamEvent;
 
+/// Where one call's progress from the upstream goes ([`UpstreamClient::call_tool`]): the
+/// notifications as the upstream sent them, still with the gateway's own progress token, for
+/// the caller to re-address to its client. Bounded, so a slow caller slows only its own call's
+/// progress.
+pub type ProgressSink = tokio::sync::mpsc::Sender<rmcp::model::ProgressNotificationParam>;
+
 /// How to reach an upstream MCP server.
 ///
 /// Mirrors `store::UpstreamTransport` (`streamable-http`, `sse`, `auto`); kept here so that this

@@ -67,9 +67,10 @@ pub async fn call(
             ("tools.list", None, result)
         }
         name => {
+            // A REST answer is one JSON body: no channel for the upstream's progress.
             let result = state
                 .tenants
-                .call_tool(tenant, name, body.params)
+                .call_tool(tenant, name, body.params, None)
                 .await
                 .and_then(|mut r| {
                     let is_error = *r.is_error.get_or_insert(false);

@@ -1,6 +1,6 @@
 //! The test upstream's MCP server: a real rmcp `ServerHandler` with a few tools (`echo`, `sleep`,
-//! `fail`, `whoami`, `add`, and `extra` while toggled on), two tools per `tools/list` page so
-//! pagination is exercised, and counters of what it received.
+//! `fail`, `whoami`, `add`, `progress`, and `extra` while toggled on), two tools per
+//! `tools/list` page so pagination is exercised, and counters of what it received.
 
 use std::{
     borrow::Cow,
@@ -14,7 +14,8 @@ use rmcp::{
     model::{
         CallToolRequestParams, CallToolResponse, CallToolResult, CancelledNotificationParam,
         ContentBlock, Implementation, InitializeRequestParams, InitializeResult, JsonObject,
-        ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+        ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities,
+        ServerConfig, Tool,
     },
     service::{NotificationContext, RequestContext},
     ErrorData as McpError, Peer, RoleServer, ServerHandler,
@@ -73,6 +74,12 @@ impl State {
                 "Adds a and b",
                 json!({"a": {"type": "number"}, "b": {"type": "number"}}),
                 &["a", "b"],
+            ),
+            tool(
+                "progress",
+                "Works `steps` steps of `ms` milliseconds, reporting progress after each",
+                json!({"steps": {"type": "integer"}, "ms": {"type": "integer"}}),
+                &[],
             ),
         ];
         if self.extra_tool.load(Ordering::SeqCst) {
@@ -202,6 +209,14 @@ impl ServerHandler for TestServer {
                 let b = args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
                 CallToolResult::success(vec![ContentBlock::text((a + b).to_string())])
             }
+            "progress" => {
+                let steps = args.get("steps").and_then(Value::as_u64).unwrap_or(3);
+                let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(10);
+                report_progress(&context, steps, std::time::Duration::from_millis(ms)).await;
+                CallToolResult::success(vec![ContentBlock::text(format!(
+                    "done after {steps} steps"
+                ))])
+            }
             "extra" if self.state.extra_tool.load(Ordering::SeqCst) => {
                 CallToolResult::success(vec![ContentBlock::text("extra")])
             }
@@ -214,6 +229,27 @@ impl ServerHandler for TestServer {
         };
         Ok(result.into())
     }
+}
+
+/// `steps` steps of work of `step` each, with `notifications/progress` (progress 1..=steps
+/// of `steps`) after each, when the request asked for progress; the answer follows the last
+/// step's notification after one more step of work.
+async fn report_progress(
+    context: &RequestContext<RoleServer>,
+    steps: u64,
+    step: std::time::Duration,
+) {
+    let token = context.meta.get_progress_token();
+    for done in 1..=steps {
+        tokio::time::sleep(step).await;
+        if let Some(token) = &token {
+            let update = ProgressNotificationParam::new(token.clone(), done as f64)
+                .with_total(steps as f64)
+                .with_message(format!("step {done} of {steps}"));
+            let _ = context.peer.notify_progress(update).await;
+        }
+    }
+    tokio::time::sleep(step).await;
 }
 
 fn string_arg(args: &JsonObject, name: &str) -> Result<String, McpError> {

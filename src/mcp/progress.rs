@@ -1,0 +1,93 @@
+//! Progress of a downstream `tools/call`: when the client's request carries
+//! `_meta.progressToken`, every progress notification the upstream sends about the gateway's
+//! own upstream request is passed to the client, re-addressed to the client's token, while the
+//! call runs and before its result. rmcp routes each one into the stream of the request it
+//! names (a session's request stream; a session-less request falls back from JSON to SSE).
+//! The upstream side (subscribing to the gateway's token) is `upstream::UpstreamClient`'s.
+
+use std::future::Future;
+
+use rmcp::model::{ProgressNotificationParam, ProgressToken};
+use rmcp::service::RequestContext;
+use rmcp::{Peer, RoleServer};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::ProgressSink;
+
+/// Upstream progress notifications one call may have queued for its client. Past this, the
+/// upstream side waits (bounded by the call's timeout) rather than dropping any.
+const QUEUE: usize = 32;
+
+/// Passes one call's upstream progress to the client that asked for it.
+pub struct ProgressRelay {
+    /// The client's token, which every relayed notification carries instead of the gateway's.
+    token: ProgressToken,
+    peer: Peer<RoleServer>,
+    updates: mpsc::Receiver<ProgressNotificationParam>,
+}
+
+impl ProgressRelay {
+    /// A relay and the sink to hand to the upstream call, when the client's request asked for
+    /// progress; `(None, None)` when it did not, so the upstream call subscribes to nothing.
+    pub fn for_request(
+        context: &RequestContext<RoleServer>,
+    ) -> (Option<ProgressSink>, Option<ProgressRelay>) {
+        let Some(token) = context.meta.get_progress_token() else {
+            return (None, None);
+        };
+        let (sink, updates) = mpsc::channel(QUEUE);
+        let relay = ProgressRelay {
+            token,
+            peer: context.peer.clone(),
+            updates,
+        };
+        (Some(sink), Some(relay))
+    }
+
+    /// The upstream's notification with the client's token; progress, total and message
+    /// as the upstream sent them, its `_meta` (about the gateway's request) left out.
+    fn readdress(&self, update: ProgressNotificationParam) -> ProgressNotificationParam {
+        let mut relayed = ProgressNotificationParam::new(self.token.clone(), update.progress);
+        relayed.total = update.total;
+        relayed.message = update.message;
+        relayed
+    }
+
+    async fn relay(&self, update: ProgressNotificationParam) {
+        // Advisory: a client gone away gets its result (or nothing) all the same.
+        if let Err(error) = self.peer.notify_progress(self.readdress(update)).await {
+            tracing::debug!(%error, "could not relay progress to the client");
+        }
+    }
+}
+
+/// Awaits `call` while relaying its progress (with a relay), or until `cancelled` (the
+/// client's `notifications/cancelled`, or its disconnect); `None` when cancelled first.
+/// `call` must own the relay's sink, so that when it ends everything it passed on is queued:
+/// that rest is relayed before this returns, so the client hears all progress before the result.
+pub async fn run_relaying<T>(
+    call: impl Future<Output = T>,
+    relay: Option<ProgressRelay>,
+    cancelled: &CancellationToken,
+) -> Option<T> {
+    let Some(mut relay) = relay else {
+        return tokio::select! {
+            result = call => Some(result),
+            _ = cancelled.cancelled() => None,
+        };
+    };
+    tokio::pin!(call);
+    let result = loop {
+        tokio::select! {
+            biased;
+            Some(update) = relay.updates.recv() => relay.relay(update).await,
+            result = &mut call => break result,
+            _ = cancelled.cancelled() => return None,
+        }
+    };
+    while let Ok(update) = relay.updates.try_recv() {
+        relay.relay(update).await;
+    }
+    Some(result)
+}
