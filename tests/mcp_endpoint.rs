@@ -339,6 +339,48 @@ async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<(
     gw.stop().await
 }
 
+/// A `subscriptions/listen` stream is as long-lived as a session: it takes a slot under
+/// the same caps while open, and gives it back when the client leaves.
+#[tokio::test]
+async fn listen_streams_count_against_the_session_caps() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 2;
+    let gw = TestGateway::start_with(config).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let filter = json!({"notifications": {"toolsListChanged": true}});
+    let _session = mcp.open_session().await?.expect("a session within the cap");
+    let mut listening = mcp
+        .session_less_stream(1, "subscriptions/listen", filter.clone())
+        .await?;
+    assert_eq!(listening.status, StatusCode::OK);
+    listening
+        .next_message(Duration::from_secs(5))
+        .await?
+        .context("no acknowledgment")?;
+    let refused = mcp
+        .session_less_stream(2, "subscriptions/listen", filter.clone())
+        .await?;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    let refused = mcp.open_session().await?.expect_err("over the tenant cap");
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    // The client goes away: the stream's slot comes back.
+    drop(listening);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if mcp.open_session().await?.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "a closed listen stream kept its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await
+}
+
 /// `tools/call` params for the upstream's `progress` tool (three steps, progress 1, 2, 3 of
 /// 3), asking for progress with `token` when there is one.
 fn progress_params(token: Option<Value>) -> Value {

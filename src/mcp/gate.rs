@@ -2,8 +2,8 @@
 //! (401 with `WWW-Authenticate: Bearer`, 403 for another tenant's credential or a disabled
 //! tenant), so no session exists for a refused caller; keeps a session to the tenant that
 //! opened it (the tenant sealed in its id, [`super::sealed`], when another replica opened
-//! it); and reserves a session slot for an `initialize` or a session rebuilt here, refusing
-//! past the caps.
+//! it); and reserves a session slot for an `initialize`, a session rebuilt here or a
+//! `subscriptions/listen` stream, refusing past the caps.
 
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 
 use rmcp::model::InitializeRequestParams;
 
@@ -127,8 +128,10 @@ fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {
     })
 }
 
-/// A POST without a session: an `initialize` opens one (within the caps); anything else is
-/// a session-less request (protocol 2026-07-28, `server/discover`) or rmcp's own error.
+/// A POST without a session: an `initialize` opens one (within the caps); a 2026-07-28
+/// `subscriptions/listen` holds a slot for as long as its stream stays open (it is as
+/// long-lived as a session, so it counts against the same caps); anything else is a
+/// session-less request (protocol 2026-07-28, `server/discover`) or rmcp's own error.
 async fn post_without_session(
     gate: &Gate,
     tenant_id: &str,
@@ -139,47 +142,98 @@ async fn post_without_session(
     let bytes = axum::body::to_bytes(body, gate.max_body_bytes)
         .await
         .map_err(|_| ApiError::PayloadTooLarge)?;
-    let opens_session = initialize_params(&bytes);
+    let opening = opening(&bytes);
     let req = Request::from_parts(parts, Body::from(bytes));
-    let Some(params) = opens_session else {
-        return Ok(next.run(req).await);
-    };
-    let reservation = reserve(gate, tenant_id)?;
-    Ok(with_pending(Pending::open(reservation, params), next.run(req)).await)
+    match opening {
+        Opening::Nothing => Ok(next.run(req).await),
+        Opening::Session(params) => {
+            let reservation = reserve(gate, tenant_id)?;
+            Ok(with_pending(Pending::open(reservation, params), next.run(req)).await)
+        }
+        Opening::Listen => {
+            let reservation = reserve(gate, tenant_id)?;
+            Ok(hold_until_sent(next.run(req).await, reservation))
+        }
+    }
 }
 
-/// The parameters of `body` if it is a JSON-RPC `initialize` request (not a batch, not a
-/// notification); they are sealed into the new session's id.
-fn initialize_params(body: &Bytes) -> Option<InitializeRequestParams> {
+/// What a session-less POST opens that outlives its request.
+enum Opening {
+    /// `initialize`: a session, whose parameters are sealed into its id.
+    Session(InitializeRequestParams),
+    /// `subscriptions/listen`: a stream open until the client or the gateway ends it.
+    Listen,
+    /// Anything else (or no JSON-RPC request at all: rmcp answers that).
+    Nothing,
+}
+
+/// Reads the method of `body` if it is one JSON-RPC request (not a batch, not a
+/// notification). Every session-less call passes here, so `params` is skipped unread
+/// unless the method is `initialize`.
+fn opening(body: &Bytes) -> Opening {
+    use serde::de::IgnoredAny;
     #[derive(serde::Deserialize)]
-    struct Probe {
-        method: Option<String>,
-        id: Option<serde_json::Value>,
-        params: Option<InitializeRequestParams>,
+    struct Probe<'a> {
+        #[serde(borrow)]
+        method: Option<std::borrow::Cow<'a, str>>,
+        id: Option<IgnoredAny>,
     }
-    let probe = serde_json::from_slice::<Probe>(body).ok()?;
+    #[derive(serde::Deserialize)]
+    struct Initialize {
+        params: InitializeRequestParams,
+    }
+    let Ok(probe) = serde_json::from_slice::<Probe>(body) else {
+        return Opening::Nothing;
+    };
     match (probe.method.as_deref(), probe.id) {
-        (Some("initialize"), Some(_)) => probe.params,
-        _ => None,
+        (Some("initialize"), Some(_)) => serde_json::from_slice::<Initialize>(body)
+            .map_or(Opening::Nothing, |init| Opening::Session(init.params)),
+        (Some("subscriptions/listen"), Some(_)) => Opening::Listen,
+        _ => Opening::Nothing,
     }
+}
+
+/// `response` with `reservation` kept until its body has been sent or dropped (the client
+/// went away): a listen stream's slot is given back when the stream ends.
+fn hold_until_sent(response: Response, reservation: Reservation) -> Response {
+    let (parts, body) = response.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _held = &reservation;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn opening_of(body: &'static [u8]) -> Opening {
+        opening(&Bytes::from_static(body))
+    }
+
     #[test]
-    fn only_an_initialize_request_opens_a_session() {
+    fn only_an_initialize_request_opens_a_session_and_only_a_listen_request_a_stream() {
         let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{
             "protocolVersion":"2025-11-25","capabilities":{},
             "clientInfo":{"name":"t","version":"1"}}}"#;
-        let params = initialize_params(&Bytes::from_static(init)).expect("initialize");
+        let Opening::Session(params) = opening_of(init) else {
+            panic!("initialize opens a session");
+        };
         assert_eq!(params.protocol_version.as_str(), "2025-11-25");
-        let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
-        assert!(initialize_params(&Bytes::from_static(list)).is_none());
-        let note = br#"{"jsonrpc":"2.0","method":"initialize","params":{}}"#;
-        assert!(initialize_params(&Bytes::from_static(note)).is_none());
-        assert!(initialize_params(&Bytes::from_static(b"[1,2]")).is_none());
-        assert!(initialize_params(&Bytes::from_static(b"not json")).is_none());
+        let listen = br#"{"jsonrpc":"2.0","id":2,"method":"subscriptions/listen",
+            "params":{"notifications":{"toolsListChanged":true}}}"#;
+        assert!(matches!(opening_of(listen), Opening::Listen));
+        for nothing in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#,
+            br#"{"jsonrpc":"2.0","method":"initialize","params":{}}"#,
+            br#"{"jsonrpc":"2.0","method":"subscriptions/listen","params":{}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"bad":1}}"#,
+            b"[1,2]",
+            b"not json",
+        ] {
+            assert!(matches!(opening_of(nothing), Opening::Nothing));
+        }
     }
 }
