@@ -122,6 +122,24 @@ pub fn call_event(facts: CallFacts<'_>) -> AuditRecord {
     record
 }
 
+/// The size in bytes of `value` as JSON, counted as it is written, without building the
+/// text: an MCP call's audit event records its sizes, which rmcp serialises elsewhere.
+pub fn json_len(value: &impl serde::Serialize) -> Option<i64> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).ok()?;
+    i64::try_from(count.0).ok()
+}
+
 /// The audit outcome of a call: `Ok(is_error)` for an answer from the upstream.
 pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
     match result {
@@ -133,5 +151,19 @@ pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
         Err(CallError::Upstream(_) | CallError::Unavailable { .. } | CallError::Busy { .. }) => {
             "upstream_error"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_len;
+
+    #[test]
+    fn json_len_counts_what_serde_json_writes() {
+        let value =
+            serde_json::json!({"text": "héllo", "n": [1, 2.5, null], "nested": {"a": true}});
+        let text = serde_json::to_vec(&value).expect("serialisable");
+        assert_eq!(json_len(&value), Some(text.len() as i64));
+        assert_eq!(json_len(&serde_json::Map::new()), Some(2));
     }
 }

@@ -171,11 +171,7 @@ impl ServerHandler for TenantMcp {
         let started = Instant::now();
         // A call in flight holds the drain open, as a REST call does.
         let _in_flight = self.lifecycle.begin_request();
-        let request_bytes = request
-            .arguments
-            .as_ref()
-            .and_then(|a| serde_json::to_vec(a).ok())
-            .map(|b| b.len() as i64);
+        let request_bytes = request.arguments.as_ref().and_then(audit::json_len);
         let arguments = self
             .audit_arguments
             .then(|| request.arguments.clone())
@@ -206,11 +202,7 @@ impl ServerHandler for TenantMcp {
             outcome: audit::call_outcome(result.as_ref().map(|r| r.is_error.unwrap_or(false))),
             started,
             request_bytes,
-            response_bytes: result
-                .as_ref()
-                .ok()
-                .and_then(|r| serde_json::to_vec(r).ok())
-                .map(|b| b.len() as i64),
+            response_bytes: result.as_ref().ok().and_then(audit::json_len),
         });
         self.runtime.audit(&ctx.tenant_id, event);
         result.map(CallToolResponse::from).map_err(call_error)
