@@ -131,7 +131,7 @@ struct Run<'a> {
 async fn throughput(run: &Run<'_>, paths: &[Path], callers: usize) -> anyhow::Result<()> {
     let mut results = Vec::new();
     for &path in paths {
-        let cpu_before = run.gw.child.cpu_time()?;
+        let cpu_before = (run.gw.child.cpu_time()?, process::cpu_time("self")?);
         let stats = match path {
             Path::Direct => mcp_run(run, run.upstream, None, callers).await?,
             Path::Rest => {
@@ -150,22 +150,22 @@ async fn throughput(run: &Run<'_>, paths: &[Path], callers: usize) -> anyhow::Re
                 mcp_run(run, &url, Some(&run.tenant.api_key), callers).await?
             }
         };
-        // Direct calls never reach the gateway: its CPU time is only counted for the others.
-        let cpu = run.gw.child.cpu_time()?.saturating_sub(cpu_before);
-        let per_call = cpu.as_secs_f64() * 1e6 / stats.calls_made.max(1) as f64;
+        // Where the CPU went, per call: the gateway process (nothing on direct calls) and
+        // this process (the callers and the echo upstream).
+        let per_call = |spent: Duration| spent.as_secs_f64() * 1e6 / stats.calls_made.max(1) as f64;
+        let gateway = per_call(run.gw.child.cpu_time()?.saturating_sub(cpu_before.0));
+        let here = per_call(process::cpu_time("self")?.saturating_sub(cpu_before.1));
         report(callers, path, &stats);
-        results.push((path, stats, per_call));
-    }
-    for (path, _, per_call) in results.iter().filter(|(p, ..)| *p != Path::Direct) {
         println!(
-            "gateway callers={callers} path={} cpu_us_per_call={per_call:.1}",
-            name(*path)
+            "cpu callers={callers} path={} gateway_us_per_call={gateway:.1} callers_and_upstream_us_per_call={here:.1}",
+            name(path)
         );
+        results.push((path, stats));
     }
-    let Some((_, direct, _)) = results.iter().find(|(p, ..)| *p == Path::Direct) else {
+    let Some((_, direct)) = results.iter().find(|(p, _)| *p == Path::Direct) else {
         return Ok(());
     };
-    for (path, s, _) in results.iter().filter(|(p, ..)| *p != Path::Direct) {
+    for (path, s) in results.iter().filter(|(p, _)| *p != Path::Direct) {
         println!(
             "ratio callers={callers} path={} throughput_vs_direct={:.3} added_p50_ms={} added_p99_ms={}",
             name(*path),

@@ -92,26 +92,30 @@ impl ChildGateway {
         Ok(kb * 1024)
     }
 
-    /// CPU time (user + system, all threads) the child has used so far, from
-    /// `/proc/<pid>/stat`, whose clock ticks are USER_HZ (100 per second on Linux).
+    /// CPU time the child has used so far (see [`cpu_time`]).
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
-        const USER_HZ: u64 = 100;
-        let pid = self.child.id().context("child exited")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // The command name (field 2) may hold spaces; count fields after its `)`.
-        let after_name = stat.rsplit_once(')').context("stat format")?.1;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // utime and stime are fields 14 and 15, i.e. 12 and 13 after the name.
-        let ticks = |i: usize| -> anyhow::Result<u64> {
-            Ok(fields.get(i).context("stat field")?.parse::<u64>()?)
-        };
-        let total = ticks(11)? + ticks(12)?;
-        Ok(Duration::from_millis(total * 1000 / USER_HZ))
+        cpu_time(&self.child.id().context("child exited")?.to_string())
     }
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// CPU time (user + system, all threads) process `pid` (or `self`) has used so far, from
+/// `/proc/<pid>/stat`, whose clock ticks are USER_HZ (100 per second on Linux).
+pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
+    const USER_HZ: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; count fields after its `)`.
+    let after_name = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 12 and 13 after the name.
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(i).context("stat field")?.parse::<u64>()?)
+    };
+    let total = ticks(11)? + ticks(12)?;
+    Ok(Duration::from_millis(total * 1000 / USER_HZ))
 }
 
 /// Polls `/ready` every 2 ms until it answers 200; the time since `started`.
