@@ -148,7 +148,7 @@ async fn post_without_session(
         Opening::Nothing => Ok(next.run(req).await),
         Opening::Session(params) => {
             let reservation = reserve(gate, tenant_id)?;
-            Ok(with_pending(Pending::open(reservation, params), next.run(req)).await)
+            Ok(with_pending(Pending::open(reservation, *params), next.run(req)).await)
         }
         Opening::Listen => {
             let reservation = reserve(gate, tenant_id)?;
@@ -160,7 +160,7 @@ async fn post_without_session(
 /// What a session-less POST opens that outlives its request.
 enum Opening {
     /// `initialize`: a session, whose parameters are sealed into its id.
-    Session(InitializeRequestParams),
+    Session(Box<InitializeRequestParams>),
     /// `subscriptions/listen`: a stream open until the client or the gateway ends it.
     Listen,
     /// Anything else (or no JSON-RPC request at all: rmcp answers that).
@@ -187,7 +187,9 @@ fn opening(body: &Bytes) -> Opening {
     };
     match (probe.method.as_deref(), probe.id) {
         (Some("initialize"), Some(_)) => serde_json::from_slice::<Initialize>(body)
-            .map_or(Opening::Nothing, |init| Opening::Session(init.params)),
+            .map_or(Opening::Nothing, |init| {
+                Opening::Session(Box::new(init.params))
+            }),
         (Some("subscriptions/listen"), Some(_)) => Opening::Listen,
         _ => Opening::Nothing,
     }
