@@ -16,12 +16,14 @@ fn short_run_prints_every_measurement() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     for prefix in [
-        "throughput callers=64 path=direct rps=",
-        "throughput callers=64 path=rest rps=",
-        "throughput callers=64 path=mcp rps=",
-        "throughput callers=1 path=direct rps=",
-        "ratio callers=64 path=rest throughput_vs_direct=",
-        "ratio callers=1 path=mcp throughput_vs_direct=",
+        "throughput callers=64 path=direct round=1 rps=",
+        "throughput callers=64 path=rest round=1 rps=",
+        "throughput callers=64 path=mcp round=1 rps=",
+        "throughput callers=1 path=direct round=1 rps=",
+        "cpu callers=64 path=rest round=1 gateway_us_per_call=",
+        "cpu callers=64 path=mcp round=1 gateway_us_per_call=",
+        "ratio callers=64 path=rest rounds=1 throughput_vs_direct=",
+        "ratio callers=1 path=mcp rounds=1 throughput_vs_direct=",
         "cold first_call_ms=",
         "burst calls=100 tool_ms=100 all_done_ms=",
         "startup ready_ms=",

@@ -28,6 +28,10 @@ struct Args {
     /// Seconds each throughput run lasts.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Rounds of throughput runs; each round runs every path once, in turn, so a slow
+    /// spell of a shared machine falls on all paths alike. Ratios are per-round medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Concurrent callers of the throughput runs (a second set of runs uses 1).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -59,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
     if args.short {
         args.duration = args.duration.min(0.5);
+        args.rounds = 1;
         args.idle_tenants = args.idle_tenants.min(100);
         args.active_tenants = args.active_tenants.min(20);
     }
@@ -84,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
             warmup,
             duration,
         };
-        throughput(&run, &paths, callers).await?;
+        throughput(&run, &paths, callers, args.rounds.max(1)).await?;
     }
     if !args.only.is_empty() {
         return Ok(());
@@ -127,54 +132,93 @@ struct Run<'a> {
     duration: Duration,
 }
 
-/// One set of runs at `callers` over `paths`; then the ratios against direct.
-async fn throughput(run: &Run<'_>, paths: &[Path], callers: usize) -> anyhow::Result<()> {
-    let mut results = Vec::new();
-    for &path in paths {
-        let cpu_before = (run.gw.child.cpu_time()?, process::cpu_time("self")?);
-        let stats = match path {
-            Path::Direct => mcp_run(run, run.upstream, None, callers).await?,
-            Path::Rest => {
-                let (http, base) = (run.gw.http.clone(), run.gw.base.clone());
-                let t = Arc::new(run.tenant.clone());
-                drive(callers, run.warmup, run.duration, move || {
-                    let (http, base, t) = (http.clone(), base.clone(), t.clone());
-                    async move {
-                        clients::rest_call(&http, &base, &t, "echo", json!({"text": "hello"})).await
-                    }
-                })
-                .await
-            }
-            Path::Mcp => {
-                let url = format!("{}/mcp/{}", run.gw.base, run.tenant.id);
-                mcp_run(run, &url, Some(&run.tenant.api_key), callers).await?
-            }
-        };
-        // Where the CPU went, per call: the gateway process (nothing on direct calls) and
-        // this process (the callers and the echo upstream).
-        let per_call = |spent: Duration| spent.as_secs_f64() * 1e6 / stats.calls_made.max(1) as f64;
-        let gateway = per_call(run.gw.child.cpu_time()?.saturating_sub(cpu_before.0));
-        let here = per_call(process::cpu_time("self")?.saturating_sub(cpu_before.1));
-        report(callers, path, &stats);
-        println!(
-            "cpu callers={callers} path={} gateway_us_per_call={gateway:.1} callers_and_upstream_us_per_call={here:.1}",
-            name(path)
-        );
-        results.push((path, stats));
+/// `rounds` rounds of runs at `callers` over `paths`; then the ratios against direct,
+/// each the median of the rounds' own ratios.
+async fn throughput(
+    run: &Run<'_>,
+    paths: &[Path],
+    callers: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let mut results: Vec<Vec<Stats>> = vec![Vec::new(); paths.len()];
+    for round in 1..=rounds {
+        for (i, &path) in paths.iter().enumerate() {
+            let stats = one_run(run, path, callers, round).await?;
+            results[i].push(stats);
+        }
     }
-    let Some((_, direct)) = results.iter().find(|(p, _)| *p == Path::Direct) else {
+    let Some(direct) = paths.iter().position(|p| *p == Path::Direct) else {
         return Ok(());
     };
-    for (path, s) in results.iter().filter(|(p, _)| *p != Path::Direct) {
+    for (i, &path) in paths
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| **p != Path::Direct)
+    {
+        let per_round = |f: &dyn Fn(&Stats, &Stats) -> f64| -> Vec<f64> {
+            results[i]
+                .iter()
+                .zip(&results[direct])
+                .map(|(s, d)| f(s, d))
+                .collect()
+        };
+        let ratios = per_round(&|s, d| s.rps / d.rps.max(1e-9));
+        let p50 = per_round(&|s, d| ms_f(s.p50) - ms_f(d.p50));
+        let p99 = per_round(&|s, d| ms_f(s.p99) - ms_f(d.p99));
         println!(
-            "ratio callers={callers} path={} throughput_vs_direct={:.3} added_p50_ms={} added_p99_ms={}",
-            name(*path),
-            s.rps / direct.rps.max(1e-9),
-            signed_ms(s.p50, direct.p50),
-            signed_ms(s.p99, direct.p99),
+            "ratio callers={callers} path={} rounds={rounds} throughput_vs_direct={:.3} (range {:.3}..{:.3}) added_p50_ms={:.3} added_p99_ms={:.3}",
+            name(path),
+            median_f(&ratios),
+            ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            ratios.iter().copied().fold(0.0, f64::max),
+            median_f(&p50),
+            median_f(&p99),
         );
     }
     Ok(())
+}
+
+/// One run of `path`, reported with where the CPU went per call: the gateway process
+/// (nothing on direct calls) and this process (the callers and the echo upstream).
+async fn one_run(run: &Run<'_>, path: Path, callers: usize, round: usize) -> anyhow::Result<Stats> {
+    let cpu_before = (run.gw.child.cpu_time()?, process::cpu_time("self")?);
+    let stats = match path {
+        Path::Direct => mcp_run(run, run.upstream, None, callers).await?,
+        Path::Rest => {
+            let (http, base) = (run.gw.http.clone(), run.gw.base.clone());
+            let t = Arc::new(run.tenant.clone());
+            drive(callers, run.warmup, run.duration, move || {
+                let (http, base, t) = (http.clone(), base.clone(), t.clone());
+                async move {
+                    clients::rest_call(&http, &base, &t, "echo", json!({"text": "hello"})).await
+                }
+            })
+            .await
+        }
+        Path::Mcp => {
+            let url = format!("{}/mcp/{}", run.gw.base, run.tenant.id);
+            mcp_run(run, &url, Some(&run.tenant.api_key), callers).await?
+        }
+    };
+    let per_call = |spent: Duration| spent.as_secs_f64() * 1e6 / stats.calls_made.max(1) as f64;
+    let gateway = per_call(run.gw.child.cpu_time()?.saturating_sub(cpu_before.0));
+    let here = per_call(process::cpu_time("self")?.saturating_sub(cpu_before.1));
+    report(callers, path, round, &stats);
+    println!(
+        "cpu callers={callers} path={} round={round} gateway_us_per_call={gateway:.1} callers_and_upstream_us_per_call={here:.1}",
+        name(path)
+    );
+    Ok(stats)
+}
+
+fn ms_f(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median_f(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 /// A run of `echo` calls from one rmcp client on `url`.
@@ -203,13 +247,9 @@ fn name(path: Path) -> &'static str {
     }
 }
 
-fn report(callers: usize, path: Path, s: &Stats) {
+fn report(callers: usize, path: Path, round: usize, s: &Stats) {
     println!(
-        "throughput callers={callers} path={} rps={:.0} p50_ms={} p99_ms={} p999_ms={} requests={} errors={}",
+        "throughput callers={callers} path={} round={round} rps={:.0} p50_ms={} p99_ms={} p999_ms={} requests={} errors={}",
         name(path), s.rps, ms(s.p50), ms(s.p99), ms(s.p999), s.requests, s.errors
     );
-}
-
-fn signed_ms(a: Duration, b: Duration) -> String {
-    format!("{:.3}", (a.as_secs_f64() - b.as_secs_f64()) * 1000.0)
 }
