@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::ops_upstream::OpsUpstream;
+use common::upstream::TestUpstream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -128,7 +128,7 @@ fn audited_request_ids(db: &std::path::Path) -> anyhow::Result<HashSet<String>> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()> {
-    let upstream = OpsUpstream::start().await?;
+    let upstream = TestUpstream::start().await?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let (logs_tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
@@ -148,7 +148,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()>
             tokio::spawn(async move { (request_id, call.await) })
         })
         .collect();
-    upstream.sleeps_started(CALLS + 1).await?;
+    upstream.wait_for_calls(CALLS + 1).await?;
     let pid = child.id().context("pid")?;
     let killed = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -177,7 +177,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()>
         let (request_id, result) = call.await?;
         let (status, body) = result.with_context(|| format!("{request_id} was cut off"))?;
         assert_eq!(status, StatusCode::OK, "{request_id}: {body}");
-        assert_eq!(body["content"][0]["text"], "slept 400ms");
+        assert_eq!(body["content"][0]["text"], "slept 400 ms");
         ok_ids.insert(request_id);
     }
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::gateway::{CreatedTenant, TestGateway};
-use common::ops_upstream::OpsUpstream;
+use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use switchboard::config::{Config, Secret};
@@ -15,7 +15,7 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-fn tenant_body(upstream: &OpsUpstream, rate_limit: Option<(u32, u32)>) -> Value {
+fn tenant_body(upstream: &TestUpstream, rate_limit: Option<(u32, u32)>) -> Value {
     let mut body = json!({
         "integrationKey": "ops",
         "integrationAppToken": "upstream-token-ops",
@@ -38,7 +38,7 @@ async fn echo(
             Method::POST,
             &path,
             &[("authorization", &auth)],
-            Some(json!({"method": "echo", "params": {"x": 1}})),
+            Some(json!({"method": "echo", "params": {"text": "x"}})),
         )
         .await?;
     Ok((status, headers))
@@ -46,7 +46,7 @@ async fn echo(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_over_its_limit_gets_429_while_another_is_served() -> anyhow::Result<()> {
-    let upstream = OpsUpstream::start().await?;
+    let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let (rps, burst) = (20u32, 10u32);
     let limited = gw
@@ -241,7 +241,7 @@ fn counter(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)
 
 #[tokio::test]
 async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()> {
-    let upstream = OpsUpstream::start().await?;
+    let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.metrics_token = Some(Secret::new("metrics-token-0123456789"));
     let gw = TestGateway::start_with(config).await?;
@@ -362,7 +362,7 @@ async fn restart(gw: TestGateway) -> anyhow::Result<TestGateway> {
 
 #[tokio::test]
 async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Result<()> {
-    let upstream = OpsUpstream::start().await?;
+    let upstream = TestUpstream::start().await?;
     for with_arguments in [false, true] {
         let mut config = Config::for_tests();
         config.audit_arguments = with_arguments;
@@ -388,7 +388,7 @@ async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Resul
         let calls = audit_items(&gw, &tenant.id, "tool.call").await?;
         assert_eq!(calls.len(), 1, "{calls:?}");
         let expected = if with_arguments {
-            json!({"x": 1})
+            json!({"text": "x"})
         } else {
             Value::Null
         };

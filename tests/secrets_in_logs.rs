@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use common::gateway::{TestGateway, TestStore};
-use common::ops_upstream::OpsUpstream;
+use common::upstream::TestUpstream;
 use reqwest::Method;
 use serde_json::json;
 use switchboard::config::Config;
@@ -62,7 +62,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         .with_env_filter("debug")
         .with_writer(logs.clone())
         .init();
-    let upstream = OpsUpstream::start().await?;
+    let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.audit_arguments = true;
     let gw = TestGateway::start_with(config).await?;
@@ -74,7 +74,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
     let tool = format!("/api/tenant/{}/tool", tenant.id);
     let auth = format!("Bearer {}", tenant.token);
     for method in ["listTools", "echo"] {
-        let body = json!({"method": method, "params": {"note": "hello"}});
+        let body = json!({"method": method, "params": {"text": "hello"}});
         let (status, _, _) = gw
             .send(Method::POST, &tool, &[("authorization", &auth)], Some(body))
             .await?;
@@ -85,7 +85,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
             Method::POST,
             &tool,
             &[("x-api-key", &tenant.api_key)],
-            Some(json!({"method": "echo"})),
+            Some(json!({"method": "echo", "params": {"text": "again"}})),
         )
         .await?;
     assert!(status.is_success());
