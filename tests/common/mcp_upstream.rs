@@ -85,6 +85,22 @@ impl McpUpstream {
     }
 }
 
+impl McpUpstream {
+    /// Changes the extra tools (`new_0`, `new_1`, ...) until `heard` is notified, at most
+    /// five rounds of 3 s; true once heard. A downstream listener subscribes in a task of its
+    /// own, so a change announced before that lands is not a bug: each round changes again.
+    pub async fn change_tools_until_heard(&self, heard: &tokio::sync::Notify) -> bool {
+        for round in 0..5 {
+            self.set_tools(&[&format!("new_{round}")]).await;
+            let wait = tokio::time::timeout(std::time::Duration::from_secs(3), heard.notified());
+            if wait.await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 impl Drop for McpUpstream {
     fn drop(&mut self) {
         self.stop.cancel();
