@@ -227,6 +227,15 @@ fn raw_mcp(gw: &TestGateway, t: &CreatedTenant) -> RawMcp {
     RawMcp::new(&gw.http, &mcp_url(gw, &t.id), &t.api_key)
 }
 
+/// A gateway with one tenant on a fresh [`TestUpstream`], and a raw MCP client of it.
+async fn raw_tenant() -> anyhow::Result<(TestUpstream, TestGateway, RawMcp)> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    Ok((upstream, gw, mcp))
+}
+
 #[tokio::test]
 async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::Result<()> {
     let upstream = McpUpstream::start(&["extra"]).await?;
@@ -420,10 +429,7 @@ fn tool_call(id: u64, params: Value) -> Value {
 
 #[tokio::test]
 async fn progress_reaches_a_2025_11_25_session_caller_before_the_result() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let t = tenant_on(&gw, &upstream.url).await?;
-    let mcp = raw_mcp(&gw, &t);
+    let (_upstream, gw, mcp) = raw_tenant().await?;
     let id = mcp.open_session().await?.expect("session opens");
     let call = tool_call(2, progress_params(Some(json!("p-1"))));
     let got = mcp.in_session(&id, &call).await?;
@@ -437,10 +443,7 @@ async fn progress_reaches_a_2025_11_25_session_caller_before_the_result() -> any
 #[tokio::test]
 async fn progress_reaches_a_2026_07_28_session_less_caller_before_the_result() -> anyhow::Result<()>
 {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let t = tenant_on(&gw, &upstream.url).await?;
-    let mcp = raw_mcp(&gw, &t);
+    let (_upstream, gw, mcp) = raw_tenant().await?;
     // The gateway answers session-less calls with JSON; a notification before the result
     // turns the answer into a stream.
     let got = mcp
@@ -453,10 +456,7 @@ async fn progress_reaches_a_2026_07_28_session_less_caller_before_the_result() -
 
 #[tokio::test]
 async fn a_call_without_a_progress_token_hears_no_progress() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let t = tenant_on(&gw, &upstream.url).await?;
-    let mcp = raw_mcp(&gw, &t);
+    let (_upstream, gw, mcp) = raw_tenant().await?;
     // The upstream reports progress all the same (the gateway's own request asks for it).
     let id = mcp.open_session().await?.expect("session opens");
     let got = mcp
@@ -489,11 +489,8 @@ async fn a_call_without_a_progress_token_hears_no_progress() -> anyhow::Result<(
 async fn a_session_less_listener_hears_tool_list_changes_and_ends_with_the_drain(
 ) -> anyhow::Result<()> {
     const WAIT: Duration = Duration::from_secs(5);
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
+    let (upstream, gw, mcp) = raw_tenant().await?;
     let drain_timeout = gw.config.drain_timeout;
-    let t = tenant_on(&gw, &upstream.url).await?;
-    let mcp = raw_mcp(&gw, &t);
     // The tenant's upstream connection opens with its first use.
     let got = mcp.session_less(1, "tools/list", json!({})).await?;
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
