@@ -68,6 +68,8 @@ impl App {
             lifecycle.tasks.spawn(task);
         }
         let admin = Arc::new(TenantAdmin::new(store.clone(), cipher, changes));
+        let auth_limiter = Arc::new(http::ratelimit::AuthLimiter::new(&config));
+        auth_limiter.spawn_cleanup(&lifecycle);
         Ok(Self {
             state: AppState {
                 config,
@@ -76,6 +78,7 @@ impl App {
                 admin,
                 tenants,
                 lifecycle,
+                auth_limiter,
             },
         })
     }

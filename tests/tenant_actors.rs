@@ -390,3 +390,51 @@ async fn reference_server_everything_through_the_gateway() -> anyhow::Result<()>
     }
     gw.stop().await
 }
+
+/// Calls on a ready tenant take their lease without messaging its actor; they must still
+/// keep its in-flight limit and its idle clock (and the rate limit: tests/ops.rs).
+#[tokio::test]
+async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_max_in_flight = 2;
+    config.tenant_idle = Duration::from_millis(400);
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let warm = gw.tool(&t, json!({"method": "echo", "params": {"text": "w"}}));
+    assert_eq!(
+        warm.await?.0,
+        StatusCode::OK,
+        "warm: connected, tools cached"
+    );
+
+    let slow = || gw.tool(&t, json!({"method": "sleep", "params": {"ms": 300}}));
+    let (a, b) = (slow(), slow());
+    let third = async {
+        upstream.wait_for_calls(3).await?; // the warm call and the two slow ones
+        gw.tool(&t, json!({"method": "echo", "params": {"text": "x"}}))
+            .await
+    };
+    let (a, b, third) = tokio::join!(a, b, third);
+    assert_eq!(a?.0, StatusCode::OK);
+    assert_eq!(b?.0, StatusCode::OK);
+    let (status, headers, body) = third?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key("retry-after"));
+
+    // Calls through the lane keep the actor from going idle: twice the idle time of calls.
+    let busy_until = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < busy_until {
+        let echo = gw.tool(&t, json!({"method": "echo", "params": {"text": "y"}}));
+        assert_eq!(echo.await?.0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An actor stopped in between would have connected again for the next call.
+    assert_eq!(upstream.initializes(), 1, "the actor stopped while in use");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.active_count() > 0 {
+        assert!(Instant::now() < deadline, "the idle actor did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await
+}

@@ -28,11 +28,21 @@ fn serves_while_draining(path: &str) -> bool {
     matches!(path, "/health" | "/ready" | "/metrics")
 }
 
+/// What the edge layer needs: the drain gate, and whether to believe a proxy's
+/// `X-Forwarded-Proto` (`TRUST_PROXY`).
+pub struct Edge {
+    pub lifecycle: Arc<Lifecycle>,
+    pub trust_proxy: bool,
+}
+
+/// The one layer of per-request context (one layer, not one per concern: every layer is
+/// cloned and boxed again for each request).
 pub async fn request_context(
-    State(lifecycle): State<Arc<Lifecycle>>,
+    State(edge): State<Arc<Edge>>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    let lifecycle = &edge.lifecycle;
     let request_id = req
         .headers()
         .get(&REQUEST_ID)
@@ -56,6 +66,7 @@ pub async fn request_context(
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
     let probe = serves_while_draining(req.uri().path());
+    let over_tls = edge.trust_proxy && forwarded_over_tls(req.headers());
     let mut response = if lifecycle.is_draining() && !probe {
         ApiError::Draining.into_response()
     } else {
@@ -69,6 +80,12 @@ pub async fn request_context(
         headers.insert(REQUEST_ID.clone(), v);
     }
     add_security_headers(headers);
+    if over_tls {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+        );
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     crate::metrics::http_request(&route, method.as_str(), status, elapsed);
@@ -132,39 +149,35 @@ fn finish_error(response: &mut Response, request_id: &str, span: &tracing::Span)
 
 /// The headers a helmet-protected service sends. JSON answers get a CSP that forbids
 /// everything, since nothing here is meant to be rendered.
+/// Header names as constants: a name given as `&str` is parsed again on every insert.
 fn add_security_headers(headers: &mut axum::http::HeaderMap) {
+    static CROSS_ORIGIN_RESOURCE_POLICY: HeaderName =
+        HeaderName::from_static("cross-origin-resource-policy");
     headers.insert(
-        "x-content-type-options",
+        header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
-        "cross-origin-resource-policy",
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        CROSS_ORIGIN_RESOURCE_POLICY.clone(),
         HeaderValue::from_static("same-origin"),
     );
     headers.insert(
-        "content-security-policy",
+        header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
     );
 }
 
-/// `Strict-Transport-Security` for requests that came over TLS. The gateway speaks plain
-/// HTTP itself, so TLS is known only from a proxy's `X-Forwarded-Proto: https`, believed
-/// when `TRUST_PROXY` is set (the state of this layer).
-pub async fn hsts(State(trust_proxy): State<bool>, req: Request, next: Next) -> Response {
-    let over_tls = trust_proxy
-        && req
-            .headers()
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
-    let mut response = next.run(req).await;
-    if over_tls {
-        response.headers_mut().insert(
-            header::STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
-        );
-    }
-    response
+/// Whether a proxy says the request came over TLS (`X-Forwarded-Proto: https`), for
+/// `Strict-Transport-Security`. The gateway speaks plain HTTP itself; the caller believes
+/// this only when `TRUST_PROXY` is set.
+fn forwarded_over_tls(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }

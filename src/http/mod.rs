@@ -38,6 +38,8 @@ pub struct AppState {
     pub admin: Arc<TenantAdmin>,
     pub tenants: TenantRuntime,
     pub lifecycle: Arc<Lifecycle>,
+    /// The per-address limit of the token endpoints.
+    pub auth_limiter: Arc<ratelimit::AuthLimiter>,
 }
 
 #[derive(OpenApi)]
@@ -97,8 +99,6 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let lifecycle = state.lifecycle.clone();
-    let auth_limiter = Arc::new(ratelimit::AuthLimiter::new(&config));
-    auth_limiter.spawn_cleanup(&lifecycle);
     let (api, spec) = api_routes().split_for_parts();
     let spec = Arc::new(spec);
     let mcp = crate::mcp::routes(&state);
@@ -117,18 +117,12 @@ pub fn router(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,
         ))
-        // Inside the request context, so a refusal still gets the JSON body and a request id.
-        .layer(axum::middleware::from_fn_with_state(
-            auth_limiter,
-            ratelimit::limit_auth,
-        ))
         .layer(cors(&config))
         .layer(axum::middleware::from_fn_with_state(
-            config.trust_proxy,
-            middleware::hsts,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            lifecycle,
+            Arc::new(middleware::Edge {
+                lifecycle,
+                trust_proxy: config.trust_proxy,
+            }),
             middleware::request_context,
         ))
 }

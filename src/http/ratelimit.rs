@@ -9,10 +9,9 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
 
@@ -90,28 +89,31 @@ fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     value.split(',').next()?.trim().parse().ok()
 }
 
-fn is_auth_endpoint(method: &Method, path: &str) -> bool {
-    method == Method::POST && matches!(path, "/api/auth/token" | "/api/auth/tenant-token")
-}
+/// Taken first by the token endpoints (before their body is read): refuses a request past
+/// its address's limit with 429 `rate_limited`. An extractor rather than a layer, so no
+/// other route pays for it.
+pub struct WithinAuthLimit;
 
-/// Refuses a token request past its address's limit with 429 `rate_limited`.
-pub async fn limit_auth(
-    State(limiter): State<Arc<AuthLimiter>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if is_auth_endpoint(req.method(), req.uri().path()) {
-        let peer = req
-            .extensions()
+impl<S> FromRequestParts<S> for WithinAuthLimit
+where
+    S: Send + Sync,
+    Arc<AuthLimiter>: FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let limiter = Arc::<AuthLimiter>::from_ref(state);
+        let peer = parts
+            .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0);
-        let client = limiter.client_of(req.headers(), peer);
-        if let Err(retry_after) = limiter.check(client) {
+        let client = limiter.client_of(&parts.headers, peer);
+        limiter.check(client).map_err(|retry_after| {
             crate::metrics::rate_limited("auth");
-            return ApiError::RateLimited { retry_after }.into_response();
-        }
+            ApiError::RateLimited { retry_after }
+        })?;
+        Ok(WithinAuthLimit)
     }
-    next.run(req).await
 }
 
 #[cfg(test)]

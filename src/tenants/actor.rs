@@ -12,6 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, Semaphore};
 
 use super::backoff::Backoff;
+use super::lane::{self, Lane};
 use super::messages::{CallError, Lease, TenantMsg, TenantNotice, ToolList};
 use super::status::{ConnectionState, UpstreamStatus};
 use super::RuntimeSettings;
@@ -30,6 +31,8 @@ pub struct TenantArgs {
     pub store: SharedStore,
     /// Read by the registry for `GET /api/tenants/{id}` without messaging the actor.
     pub status: Arc<Mutex<UpstreamStatus>>,
+    /// Where this actor publishes its ready connection for calls to take without a message.
+    pub lane: Arc<Lane>,
 }
 
 enum Connection {
@@ -55,7 +58,7 @@ pub struct TenantState {
     tool_waiters: Vec<RpcReplyPort<Result<Arc<ToolList>, CallError>>>,
     tools_loading: bool,
     in_flight: Arc<Semaphore>,
-    limiter: DefaultDirectRateLimiter,
+    limiter: Arc<DefaultDirectRateLimiter>,
     /// The replica count the limiter was built for; a new count rebuilds it.
     limiter_replicas: u32,
     /// Kept to rebuild the limiter when the replica count changes.
@@ -67,7 +70,12 @@ pub struct TenantState {
     audit: VecDeque<AuditRecord>,
     audit_writing: bool,
     ticker: tokio::task::JoinHandle<()>,
+    lane: Arc<Lane>,
+    /// What the lane shows now (generation, tool list, limiter), to publish only changes.
+    lane_shows: Option<LaneShows>,
 }
+
+type LaneShows = (u64, Arc<ToolList>, Arc<DefaultDirectRateLimiter>);
 
 /// This replica's share of the tenant's limit: the limit is for the whole fleet, so with
 /// `replicas` replicas each allows 1/N of it (rounded up, at least 1).
@@ -112,7 +120,11 @@ impl Actor for TenantActor {
         set_status(&args.status, |s| s.state = ConnectionState::Stopped);
         Ok(TenantState {
             tenant_id: args.record.id.clone(),
-            limiter: DefaultDirectRateLimiter::direct(quota(&args.record, &settings, replicas)),
+            limiter: Arc::new(DefaultDirectRateLimiter::direct(quota(
+                &args.record,
+                &settings,
+                replicas,
+            ))),
             limiter_replicas: replicas,
             record: args.record.clone(),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
@@ -131,6 +143,8 @@ impl Actor for TenantActor {
             audit: VecDeque::new(),
             audit_writing: false,
             ticker,
+            lane: args.lane,
+            lane_shows: None,
             settings,
         })
     }
@@ -161,6 +175,7 @@ impl Actor for TenantActor {
             TenantMsg::Tick => state.tick(&myself),
             TenantMsg::Panic => panic!("injected fault in tenant {}", state.tenant_id),
         }
+        state.publish_lane();
         Ok(())
     }
 
@@ -170,6 +185,7 @@ impl Actor for TenantActor {
         state: &mut TenantState,
     ) -> Result<(), ActorProcessingErr> {
         state.ticker.abort();
+        state.lane.set(None);
         state.stop().await;
         Ok(())
     }
@@ -226,8 +242,11 @@ impl TenantState {
     fn follow_replica_count(&mut self) {
         let replicas = self.settings.replica_count();
         if replicas != self.limiter_replicas {
-            self.limiter =
-                DefaultDirectRateLimiter::direct(quota(&self.record, &self.settings, replicas));
+            self.limiter = Arc::new(DefaultDirectRateLimiter::direct(quota(
+                &self.record,
+                &self.settings,
+                replicas,
+            )));
             self.limiter_replicas = replicas;
         }
     }
@@ -251,6 +270,39 @@ impl TenantState {
             .as_ref()
             .filter(|(_, at)| at.elapsed() < self.settings.tool_ttl)
             .map(|(list, _)| list.clone())
+    }
+
+    /// Publishes the ready connection with its fresh tool list on the lane, or withdraws
+    /// it when there is none; a no-op when nothing the lane shows has changed.
+    fn publish_lane(&mut self) {
+        let ready = match (&self.connection, &self.tools) {
+            (Connection::Ready(client), Some((tools, at))) => Some((client, tools, *at)),
+            _ => None,
+        };
+        let unchanged = match (&ready, &self.lane_shows) {
+            (None, None) => true,
+            (Some((_, tools, _)), Some((generation, shown_tools, limiter))) => {
+                *generation == self.generation
+                    && Arc::ptr_eq(tools, shown_tools)
+                    && Arc::ptr_eq(&self.limiter, limiter)
+            }
+            _ => false,
+        };
+        if unchanged {
+            return;
+        }
+        self.lane_shows = ready
+            .as_ref()
+            .map(|(_, tools, _)| (self.generation, (*tools).clone(), self.limiter.clone()));
+        self.lane.set(ready.map(|(client, tools, at)| lane::Ready {
+            client: client.clone(),
+            generation: self.generation,
+            tools: tools.clone(),
+            tools_until: at + self.settings.tool_ttl,
+            limiter: self.limiter.clone(),
+            replicas: self.limiter_replicas,
+            in_flight: self.in_flight.clone(),
+        }));
     }
 
     fn start_connect(&mut self, myself: &ActorRef<TenantMsg>) {
@@ -350,6 +402,8 @@ impl TenantState {
     }
 
     fn outcome(&mut self, generation: u64, failure: Option<String>) {
+        // Calls through the lane tell the actor only here that the tenant is in use.
+        self.last_used = Instant::now();
         if generation != self.generation {
             return;
         }
@@ -572,7 +626,7 @@ impl TenantState {
     }
 }
 
-fn busy() -> CallError {
+pub(super) fn busy() -> CallError {
     CallError::Busy {
         retry_after: Duration::from_secs(1),
     }

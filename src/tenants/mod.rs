@@ -5,6 +5,7 @@
 pub mod actor;
 pub mod admin;
 pub mod backoff;
+pub mod lane;
 pub mod messages;
 pub mod registry;
 pub mod runtime;

@@ -12,6 +12,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 
 use super::actor::{TenantActor, TenantArgs};
 use super::backoff::Backoff;
+use super::lane::Lane;
 use super::messages::{CallError, RegistryMsg, TenantMsg};
 use super::status::{ConnectionState, UpstreamStatus};
 use super::{ChangeFeed, RuntimeSettings, TenantChange};
@@ -25,6 +26,8 @@ pub struct Running {
     pub actor: ActorRef<TenantMsg>,
     pub version: i64,
     pub status: Arc<Mutex<UpstreamStatus>>,
+    /// The actor's ready connection, for calls that need no message (see `lane`).
+    pub lane: Arc<Lane>,
     /// Kept so that a crashed actor restarts with the same tenant (sealed secrets only).
     record: Arc<TenantRecord>,
 }
@@ -251,7 +254,9 @@ impl RegistryState {
         }
         let target = self.target(&record)?;
         let status = Arc::new(Mutex::new(UpstreamStatus::stopped()));
+        let lane = Arc::new(Lane::default());
         let args = TenantArgs {
+            lane: lane.clone(),
             record: record.clone(),
             target,
             settings: self.args.settings.clone(),
@@ -272,6 +277,7 @@ impl RegistryState {
                 actor: actor.clone(),
                 version: record.version,
                 status,
+                lane,
                 record: Arc::new(record),
             },
         );

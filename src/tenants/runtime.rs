@@ -1,7 +1,8 @@
 //! The handle the HTTP and MCP layers hold to reach tenant actors. A call finds the
-//! tenant's actor (a directory read, or a start through the registry), checks the tool
-//! against the cached list, takes a [`Lease`] and runs the upstream call in the caller's
-//! own task, so no actor mailbox waits on the upstream.
+//! tenant's actor (a directory read, or a start through the registry), takes a [`Lease`]
+//! (from the actor's lane when the tenant is ready, else by asking the actor), checks the
+//! tool against the cached list and runs the upstream call in the caller's own task, so
+//! no actor mailbox waits on the upstream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,8 +112,14 @@ impl TenantRuntime {
         arguments: Option<Map<String, Value>>,
         progress: Option<ProgressSink>,
     ) -> Result<CallToolResult, CallError> {
-        let actor = self.actor_for(tenant).await?;
-        let lease: Lease = ask(&actor, TenantMsg::Lease).await?;
+        let (actor, lease) = match self.leased_from_lane(tenant) {
+            Some((actor, lease)) => (actor, lease?),
+            None => {
+                let actor = self.actor_for(tenant).await?;
+                let lease: Lease = ask(&actor, TenantMsg::Lease).await?;
+                (actor, lease)
+            }
+        };
         let tools = match &lease.tools {
             Some(tools) => tools.clone(),
             None => {
@@ -191,6 +198,19 @@ impl TenantRuntime {
         self.directory
             .get(tenant_id)
             .is_some_and(|r| r.actor.cast(TenantMsg::Panic).is_ok())
+    }
+
+    /// A lease from the running actor's lane, when its tenant is ready: no message needed.
+    fn leased_from_lane(
+        &self,
+        tenant: &TenantRecord,
+    ) -> Option<(ActorRef<TenantMsg>, Result<Lease, CallError>)> {
+        let running = self
+            .directory
+            .get(&tenant.id)
+            .filter(|r| r.version >= tenant.version)?;
+        let lease = running.lane.try_lease(self.settings.replica_count())?;
+        Some((running.actor, lease))
     }
 
     async fn actor_for(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {

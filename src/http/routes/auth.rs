@@ -11,6 +11,7 @@ use crate::auth::AuthError;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{api_key_header, ApiJson};
 use crate::http::middleware::RequestId;
+use crate::http::ratelimit::WithinAuthLimit;
 use crate::http::AppState;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -31,6 +32,7 @@ pub struct AdminToken {
 #[utoipa::path(post, path = "/api/auth/token", tag = "auth", request_body = AdminTokenRequest,
     responses((status = 200, body = AdminToken), (status = 401, body = ErrorBody), (status = 400, body = ErrorBody)))]
 pub async fn admin_token(
+    _: WithinAuthLimit,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     ApiJson(body): ApiJson<AdminTokenRequest>,
@@ -65,6 +67,7 @@ pub struct TenantToken {
     params(("x-api-key" = String, Header, description = "the tenant API key")),
     responses((status = 200, body = TenantToken), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn tenant_token(
+    _: WithinAuthLimit,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
