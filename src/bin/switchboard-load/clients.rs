@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use rmcp::model::{CallToolRequestParams, ClientConfig};
+use rmcp::model::{CallToolRequestParams, ClientConfig, ProtocolVersion};
 use rmcp::service::RunningService;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
@@ -101,17 +101,33 @@ pub async fn rest_call(
     }
 }
 
-/// rmcp's Streamable HTTP client on `url` (initialize done), with an optional bearer.
-pub async fn mcp_connect(url: &str, bearer: Option<&str>) -> anyhow::Result<McpClient> {
+/// The MCP revision a load-tool client asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum Protocol {
+    /// rmcp's default (2026-07-28): no session, answers as JSON where the server can.
+    Default,
+    /// 2025-11-25, as the gateway talks to its upstream: a session, answers as SSE.
+    Session,
+}
+
+/// rmcp's Streamable HTTP client on `url` (connected), with an optional bearer.
+pub async fn mcp_connect(
+    url: &str,
+    bearer: Option<&str>,
+    protocol: Protocol,
+) -> anyhow::Result<McpClient> {
     let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
     if let Some(token) = bearer {
         config = config.auth_header(token);
     }
     let transport = StreamableHttpClientTransport::with_client(http_client(), config);
-    ClientConfig::default()
-        .serve(transport)
-        .await
-        .context("MCP initialize")
+    let client = match protocol {
+        Protocol::Default => ClientConfig::default(),
+        Protocol::Session => {
+            ClientConfig::default().with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
+        }
+    };
+    client.serve(transport).await.context("MCP initialize")
 }
 
 /// One `tools/call` of `echo` on an rmcp client; true when answered without error.

@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 
+use clients::Protocol;
 use drive::{drive, ms, Stats};
 
 #[derive(Parser, Debug)]
@@ -50,10 +51,16 @@ struct Args {
     only: Vec<Path>,
 }
 
-/// The three ways a tool call is made in the throughput runs.
+/// The ways a tool call is made in the throughput runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
+    /// Straight to the upstream with rmcp's default client (2026-07-28: no session, JSON
+    /// answers). The baseline of every target.
     Direct,
+    /// Straight to the upstream as the gateway itself talks to it (2025-11-25: an
+    /// initialized session, Server-Sent Events answers): a second baseline that separates
+    /// the gateway's own cost from the dearer exchange it has with the upstream.
+    DirectSession,
     Rest,
     Mcp,
 }
@@ -77,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     let gw = clients::Gateway::start(&bin, &upstream.url).await?;
     let tenant = clients::create_tenant(&gw.http, &gw.base, &gw.admin_key, &upstream.url).await?;
     let paths = if args.only.is_empty() {
-        vec![Path::Direct, Path::Rest, Path::Mcp]
+        vec![Path::Direct, Path::DirectSession, Path::Rest, Path::Mcp]
     } else {
         args.only.clone()
     };
@@ -147,18 +154,32 @@ async fn throughput(
             results[i].push(stats);
         }
     }
-    let Some(direct) = paths.iter().position(|p| *p == Path::Direct) else {
-        return Ok(());
-    };
-    for (i, &path) in paths
+    for baseline in [Path::Direct, Path::DirectSession] {
+        if let Some(base) = paths.iter().position(|p| *p == baseline) {
+            report_ratios(&results, paths, base, callers, rounds);
+        }
+    }
+    Ok(())
+}
+
+/// Each gateway path against the baseline at `base`: throughput ratio and added p50/p99,
+/// each the median of the rounds' own values.
+fn report_ratios(
+    results: &[Vec<Stats>],
+    paths: &[Path],
+    base: usize,
+    callers: usize,
+    rounds: usize,
+) {
+    let gateway_paths = paths
         .iter()
         .enumerate()
-        .filter(|(_, p)| **p != Path::Direct)
-    {
+        .filter(|(_, p)| matches!(p, Path::Rest | Path::Mcp));
+    for (i, &path) in gateway_paths {
         let per_round = |f: &dyn Fn(&Stats, &Stats) -> f64| -> Vec<f64> {
             results[i]
                 .iter()
-                .zip(&results[direct])
+                .zip(&results[base])
                 .map(|(s, d)| f(s, d))
                 .collect()
         };
@@ -166,8 +187,9 @@ async fn throughput(
         let p50 = per_round(&|s, d| ms_f(s.p50) - ms_f(d.p50));
         let p99 = per_round(&|s, d| ms_f(s.p99) - ms_f(d.p99));
         println!(
-            "ratio callers={callers} path={} rounds={rounds} throughput_vs_direct={:.3} (range {:.3}..{:.3}) added_p50_ms={:.3} added_p99_ms={:.3}",
+            "ratio callers={callers} path={} rounds={rounds} throughput_vs_{}={:.3} (range {:.3}..{:.3}) added_p50_ms={:.3} added_p99_ms={:.3}",
             name(path),
+            name(paths[base]).replace('-', "_"),
             median_f(&ratios),
             ratios.iter().copied().fold(f64::INFINITY, f64::min),
             ratios.iter().copied().fold(0.0, f64::max),
@@ -175,7 +197,6 @@ async fn throughput(
             median_f(&p99),
         );
     }
-    Ok(())
 }
 
 /// One run of `path`, reported with where the CPU went per call: the gateway process
@@ -183,7 +204,8 @@ async fn throughput(
 async fn one_run(run: &Run<'_>, path: Path, callers: usize, round: usize) -> anyhow::Result<Stats> {
     let cpu_before = (run.gw.child.cpu_time()?, process::cpu_time("self")?);
     let stats = match path {
-        Path::Direct => mcp_run(run, run.upstream, None, callers).await?,
+        Path::Direct => mcp_run(run, run.upstream, None, Protocol::Default, callers).await?,
+        Path::DirectSession => mcp_run(run, run.upstream, None, Protocol::Session, callers).await?,
         Path::Rest => {
             let (http, base) = (run.gw.http.clone(), run.gw.base.clone());
             let t = Arc::new(run.tenant.clone());
@@ -197,7 +219,8 @@ async fn one_run(run: &Run<'_>, path: Path, callers: usize, round: usize) -> any
         }
         Path::Mcp => {
             let url = format!("{}/mcp/{}", run.gw.base, run.tenant.id);
-            mcp_run(run, &url, Some(&run.tenant.api_key), callers).await?
+            let protocol = Protocol::Default;
+            mcp_run(run, &url, Some(&run.tenant.api_key), protocol, callers).await?
         }
     };
     let per_call = |spent: Duration| spent.as_secs_f64() * 1e6 / stats.calls_made.max(1) as f64;
@@ -226,9 +249,10 @@ async fn mcp_run(
     run: &Run<'_>,
     url: &str,
     bearer: Option<&str>,
+    protocol: Protocol,
     callers: usize,
 ) -> anyhow::Result<Stats> {
-    let client = clients::mcp_connect(url, bearer).await?;
+    let client = clients::mcp_connect(url, bearer, protocol).await?;
     let peer = client.peer().clone();
     let stats = drive(callers, run.warmup, run.duration, move || {
         let peer = peer.clone();
@@ -242,6 +266,7 @@ async fn mcp_run(
 fn name(path: Path) -> &'static str {
     match path {
         Path::Direct => "direct",
+        Path::DirectSession => "direct-session",
         Path::Rest => "rest",
         Path::Mcp => "mcp",
     }

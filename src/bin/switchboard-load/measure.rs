@@ -79,7 +79,8 @@ pub struct Cold {
 }
 
 /// Medians over `samples`: a new tenant's first REST call, a warm tenant's call, and a
-/// fresh rmcp client's initialize + call straight to the upstream.
+/// fresh rmcp client's initialize + call straight to the upstream (2025-11-25, the revision
+/// with an `initialize`, as the gateway connects).
 pub async fn cold_start(gw: &Gateway, upstream: &str, samples: usize) -> anyhow::Result<Cold> {
     let (mut cold, mut warm, mut own) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..samples {
@@ -95,7 +96,7 @@ pub async fn cold_start(gw: &Gateway, upstream: &str, samples: usize) -> anyhow:
         );
         warm.push(t.elapsed());
         let t = Instant::now();
-        let client = clients::mcp_connect(upstream, None).await?;
+        let client = clients::mcp_connect(upstream, None, clients::Protocol::Session).await?;
         anyhow::ensure!(clients::mcp_echo(client.peer()).await);
         own.push(t.elapsed());
         let _ = client.cancel().await;
