@@ -3,10 +3,13 @@
 //! installed once per process ([`install`]; tests start many gateways in one process) and
 //! rendered by `GET /metrics`; there is no exporter HTTP listener of its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex, OnceLock};
+use std::sync::{LazyLock, Mutex, OnceLock, RwLock};
 use std::time::Duration;
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -104,23 +107,45 @@ pub fn route_label(template: &str) -> String {
 
 /// One HTTP request answered; `route` is the route template, never the raw path.
 pub fn http_request(route: &str, method: &str, status: u16, elapsed: Duration) {
-    let labels = [
-        ("route", route_label(route)),
-        ("method", method.to_owned()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
-    metrics::histogram!(HTTP_DURATION, &labels).record(elapsed.as_secs_f64());
+    let (count, duration) = HTTP_SERIES.get(route, method, status, || {
+        let labels = [
+            ("route", route_label(route)),
+            ("method", method.to_owned()),
+            ("status", status.to_string()),
+        ];
+        let handles = (
+            metrics::counter!(HTTP_REQUESTS, &labels),
+            metrics::histogram!(HTTP_DURATION, &labels),
+        );
+        // Any method name can arrive; only the standard ones are kept.
+        (handles, is_standard_method(method))
+    });
+    count.increment(1);
+    duration.record(elapsed.as_secs_f64());
+}
+
+fn is_standard_method(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS"
+    )
 }
 
 /// One tool call finished with `outcome` (an audit outcome: `ok`, `tool_error`, ...).
 pub fn tool_call(tenant_id: &str, tool: &str, outcome: &'static str) {
-    let labels = [
-        ("tenant", TENANTS.label(tenant_id)),
-        ("tool", TOOLS.label(tool)),
-        ("outcome", outcome.to_owned()),
-    ];
-    metrics::counter!(TOOL_CALLS, &labels).increment(1);
+    let count = TOOL_SERIES.get(tenant_id, tool, outcome, || {
+        let (tenant_label, tool_label) = (TENANTS.label(tenant_id), TOOLS.label(tool));
+        // Past the series cap a tenant or tool shares `other`: not kept, so the cache
+        // stays as bounded as the series.
+        let own = tenant_label == tenant_id && tool_label == tool;
+        let labels = [
+            ("tenant", tenant_label),
+            ("tool", tool_label),
+            ("outcome", outcome.to_owned()),
+        ];
+        (metrics::counter!(TOOL_CALLS, &labels), own)
+    });
+    count.increment(1);
     if outcome == "rate_limited" {
         rate_limited("tenant");
     }
@@ -128,8 +153,58 @@ pub fn tool_call(tenant_id: &str, tool: &str, outcome: &'static str) {
 
 /// The upstream part of one tool call.
 pub fn upstream_latency(outcome: &'static str, elapsed: Duration) {
-    metrics::histogram!(UPSTREAM_DURATION, "outcome" => outcome).record(elapsed.as_secs_f64());
+    let duration = UPSTREAM_SERIES.get("", "", outcome, || {
+        let handle = metrics::histogram!(UPSTREAM_DURATION, "outcome" => outcome);
+        (handle, true)
+    });
+    duration.record(elapsed.as_secs_f64());
 }
+
+/// Handles of the series recorded on every request, looked up in the recorder once:
+/// otherwise each call builds the series' key (label strings, a hash) again. Keyed by two
+/// strings and a small copyable part, so that a lookup allocates nothing. `make` says
+/// whether its handle may be kept; nothing is kept before the recorder is installed, so
+/// no handle of the no-op recorder stays.
+struct SeriesCache<P, V> {
+    map: RwLock<SeriesMap<P, V>>,
+}
+
+type SeriesMap<P, V> = HashMap<String, HashMap<String, HashMap<P, V>>>;
+
+impl<P: Hash + Eq + Copy, V: Clone> SeriesCache<P, V> {
+    fn new() -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, a: &str, b: &str, part: P, make: impl FnOnce() -> (V, bool)) -> V {
+        let found = self
+            .map
+            .read()
+            .ok()
+            .and_then(|map| map.get(a)?.get(b)?.get(&part).cloned());
+        if let Some(handle) = found {
+            return handle;
+        }
+        let (handle, keep) = make();
+        if keep && HANDLE.get().is_some() {
+            if let Ok(mut map) = self.map.write() {
+                let by_b = map.entry(a.to_owned()).or_default();
+                by_b.entry(b.to_owned())
+                    .or_default()
+                    .insert(part, handle.clone());
+            }
+        }
+        handle
+    }
+}
+
+static HTTP_SERIES: LazyLock<SeriesCache<u16, (Counter, Histogram)>> =
+    LazyLock::new(SeriesCache::new);
+static TOOL_SERIES: LazyLock<SeriesCache<&'static str, Counter>> = LazyLock::new(SeriesCache::new);
+static UPSTREAM_SERIES: LazyLock<SeriesCache<&'static str, Histogram>> =
+    LazyLock::new(SeriesCache::new);
 
 /// A request refused by the `scope` limit (`tenant` or `auth`).
 pub fn rate_limited(scope: &'static str) {
@@ -193,5 +268,31 @@ mod tests {
         assert_eq!(kind.label("c"), OTHER);
         assert_eq!(kind.label("a"), "a");
         set_series_cap(1000);
+    }
+
+    #[test]
+    fn cached_series_keep_counting_and_odd_methods_are_not_kept() {
+        let handle = install();
+        for _ in 0..3 {
+            tool_call("series-cache-tenant", "echo", "ok");
+            http_request("/series-cache", "GET", 200, Duration::from_millis(1));
+            http_request("/series-cache", "BREW", 200, Duration::from_millis(1));
+        }
+        let text = handle.render();
+        let count = |needle: &str| {
+            text.lines()
+                .find(|l| l.contains(needle) && !l.starts_with('#'))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        assert_eq!(count("tenant=\"series-cache-tenant\""), Some(3.0), "{text}");
+        let brews = format!("{HTTP_REQUESTS}{{route=\"/series-cache\",method=\"BREW\"");
+        assert_eq!(count(&brews), Some(3.0), "{text}");
+        let cache = HTTP_SERIES.map.read().unwrap();
+        let methods = &cache["/series-cache"];
+        assert!(methods.contains_key("GET"));
+        assert!(
+            !methods.contains_key("BREW"),
+            "any method name would grow the cache"
+        );
     }
 }

@@ -149,6 +149,7 @@ fn finish_error(response: &mut Response, request_id: &str, span: &tracing::Span)
 
 /// The headers a helmet-protected service sends. JSON answers get a CSP that forbids
 /// everything, since nothing here is meant to be rendered.
+///
 /// Header names as constants: a name given as `&str` is parsed again on every insert.
 fn add_security_headers(headers: &mut axum::http::HeaderMap) {
     static CROSS_ORIGIN_RESOURCE_POLICY: HeaderName =
