@@ -191,6 +191,13 @@ impl Actor for TenantActor {
     }
 }
 
+/// However the actor ends (a panic skips `post_stop`), its lane stops serving calls.
+impl Drop for TenantState {
+    fn drop(&mut self) {
+        self.lane.set(None);
+    }
+}
+
 fn set_status(status: &Mutex<UpstreamStatus>, change: impl FnOnce(&mut UpstreamStatus)) {
     if let Ok(mut s) = status.lock() {
         change(&mut s);
