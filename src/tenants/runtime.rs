@@ -12,7 +12,7 @@ use rmcp::model::CallToolResult;
 use serde_json::{Map, Value};
 
 use super::messages::{CallError, Lease, RegistryMsg, TenantMsg, TenantNotice, ToolList};
-use super::registry::{Directory, RegistryActor, RegistryArgs};
+use super::registry::{Directory, RegistryActor, RegistryArgs, Running};
 use super::status::UpstreamStatus;
 use super::{ChangeFeed, RuntimeSettings};
 use crate::cipher::TokenCipher;
@@ -112,10 +112,18 @@ impl TenantRuntime {
         arguments: Option<Map<String, Value>>,
         progress: Option<ProgressSink>,
     ) -> Result<CallToolResult, CallError> {
-        let (actor, lease) = match self.leased_from_lane(tenant) {
-            Some((actor, lease)) => (actor, lease?),
-            None => {
-                let actor = self.actor_for(tenant).await?;
+        // A ready tenant's lane answers without a message; anything else asks the actor.
+        let running = self.running(tenant);
+        let from_lane = running
+            .as_ref()
+            .and_then(|r| r.lane.try_lease(self.settings.replica_count()));
+        let (actor, lease) = match (running, from_lane) {
+            (Some(running), Some(lease)) => (running.actor, lease?),
+            (running, _) => {
+                let actor = match running {
+                    Some(running) => running.actor,
+                    None => self.start_actor(tenant).await?,
+                };
                 let lease: Lease = ask(&actor, TenantMsg::Lease).await?;
                 (actor, lease)
             }
@@ -200,25 +208,22 @@ impl TenantRuntime {
             .is_some_and(|r| r.actor.cast(TenantMsg::Panic).is_ok())
     }
 
-    /// A lease from the running actor's lane, when its tenant is ready: no message needed.
-    fn leased_from_lane(
-        &self,
-        tenant: &TenantRecord,
-    ) -> Option<(ActorRef<TenantMsg>, Result<Lease, CallError>)> {
-        let running = self
-            .directory
+    /// The tenant's running actor, unless it runs an older version of the tenant.
+    fn running(&self, tenant: &TenantRecord) -> Option<Running> {
+        self.directory
             .get(&tenant.id)
-            .filter(|r| r.version >= tenant.version)?;
-        let lease = running.lane.try_lease(self.settings.replica_count())?;
-        Some((running.actor, lease))
+            .filter(|r| r.version >= tenant.version)
     }
 
     async fn actor_for(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {
-        if let Some(running) = self.directory.get(&tenant.id) {
-            if running.version >= tenant.version {
-                return Ok(running.actor);
-            }
+        match self.running(tenant) {
+            Some(running) => Ok(running.actor),
+            None => self.start_actor(tenant).await,
         }
+    }
+
+    /// Starts (or rebuilds, if older) the tenant's actor through the registry.
+    async fn start_actor(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {
         let record = Box::new(tenant.clone());
         ask(&self.registry, |reply| RegistryMsg::Start { record, reply }).await
     }

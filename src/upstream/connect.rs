@@ -37,8 +37,8 @@ pub(super) type Session = RunningService<RoleClient, EventForwarder>;
 const MAX_CONCURRENT_POSTS: usize = 256;
 /// Idle pooled connections kept per upstream host, and for how long. As many as the POSTs a
 /// session may have in flight: with fewer, every call past that count closed its connection
-/// on return and the next one opened a new one (connect churn cost ~10% of the gateway's CPU
-/// at 64 callers; README, Performance). Idle ones close after the timeout.
+/// on return and the next one opened a new one (at 64 callers, `connect` alone was 2% of the
+/// gateway's samples; README, Performance). Idle ones close after the timeout.
 const POOL_IDLE_PER_HOST: usize = MAX_CONCURRENT_POSTS;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The longest wait between two reconnects of a Streamable HTTP server-to-client stream.
