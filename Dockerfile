@@ -7,6 +7,10 @@
 #   docker run -p 3000:3000 --env-file .env switchboard       # serve (the default)
 
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc (the gateway's allocator) is built from source with make, which the slim image lacks.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -4,6 +4,13 @@ use clap::{Parser, Subcommand};
 use switchboard::config::{Config, LogFormat, RawConfig};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc instead of glibc's malloc: a tool call through the gateway allocates and frees
+/// many short-lived buffers on two threads, and glibc spent a quarter of the gateway's CPU on
+/// it (consolidating free chunks above all). jemalloc cut the CPU per call by 15% (REST) and
+/// 28% (`/mcp`) for 19 MB more with 1,000 active tenants (README, Performance).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "switchboard",
