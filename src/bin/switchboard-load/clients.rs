@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rmcp::model::{CallToolRequestParams, ClientConfig, ProtocolVersion};
 use rmcp::service::RunningService;
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{RoleClient, ServiceExt};
@@ -101,13 +102,17 @@ pub async fn rest_call(
     }
 }
 
-/// The MCP revision a load-tool client asks for.
+/// How a load-tool MCP client starts its lifecycle with the server.
 #[derive(Clone, Copy, Debug)]
 pub enum Protocol {
-    /// rmcp's default (2026-07-28): no session, answers as JSON where the server can.
-    Default,
-    /// 2025-11-25, as the gateway talks to its upstream: a session, answers as SSE.
-    Session,
+    /// rmcp's `serve()`, what an rmcp client does by default: an `initialize` handshake,
+    /// which the server answers with a revision that has sessions (2025-11-25), so every
+    /// answer comes as Server-Sent Events on a session. The gateway talks to its upstream
+    /// this way.
+    Initialize,
+    /// `server/discover`, then 2026-07-28 session-less requests: each call is a POST
+    /// answered with plain JSON (the servers here answer JSON where they can).
+    Stateless,
 }
 
 /// rmcp's Streamable HTTP client on `url` (connected), with an optional bearer.
@@ -121,13 +126,17 @@ pub async fn mcp_connect(
         config = config.auth_header(token);
     }
     let transport = StreamableHttpClientTransport::with_client(http_client(), config);
-    let client = match protocol {
-        Protocol::Default => ClientConfig::default(),
-        Protocol::Session => {
-            ClientConfig::default().with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
+    let client = ClientConfig::default();
+    let connected = match protocol {
+        Protocol::Initialize => client.serve(transport).await,
+        Protocol::Stateless => {
+            let lifecycle = ClientLifecycleMode::Discover {
+                preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+            };
+            client.serve_with_lifecycle(transport, lifecycle).await
         }
     };
-    client.serve(transport).await.context("MCP initialize")
+    connected.context("MCP initialize")
 }
 
 /// One `tools/call` of `echo` on an rmcp client; true when answered without error.

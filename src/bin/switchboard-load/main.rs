@@ -54,15 +54,18 @@ struct Args {
 /// The ways a tool call is made in the throughput runs.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
-    /// Straight to the upstream with rmcp's default client (2026-07-28: no session, JSON
-    /// answers). The baseline of every target.
+    /// Straight to the upstream with rmcp's default client (`serve()`: an `initialize`
+    /// handshake, a 2025-11-25 session, answers as Server-Sent Events), which is also how the
+    /// gateway talks to its upstream. The baseline of every target.
     Direct,
-    /// Straight to the upstream as the gateway itself talks to it (2025-11-25: an
-    /// initialized session, Server-Sent Events answers): a second baseline that separates
-    /// the gateway's own cost from the dearer exchange it has with the upstream.
-    DirectSession,
+    /// Straight to the upstream with 2026-07-28 session-less requests (`server/discover`,
+    /// then plain JSON answers): a second baseline, the cheapest exchange rmcp offers.
+    DirectStateless,
     Rest,
+    /// rmcp's default client on the gateway's `/mcp/{tenantId}` (a session).
     Mcp,
+    /// A 2026-07-28 session-less client on the gateway's `/mcp/{tenantId}`.
+    McpStateless,
 }
 
 #[tokio::main]
@@ -84,7 +87,13 @@ async fn main() -> anyhow::Result<()> {
     let gw = clients::Gateway::start(&bin, &upstream.url).await?;
     let tenant = clients::create_tenant(&gw.http, &gw.base, &gw.admin_key, &upstream.url).await?;
     let paths = if args.only.is_empty() {
-        vec![Path::Direct, Path::DirectSession, Path::Rest, Path::Mcp]
+        vec![
+            Path::Direct,
+            Path::DirectStateless,
+            Path::Rest,
+            Path::Mcp,
+            Path::McpStateless,
+        ]
     } else {
         args.only.clone()
     };
@@ -154,7 +163,7 @@ async fn throughput(
             results[i].push(stats);
         }
     }
-    for baseline in [Path::Direct, Path::DirectSession] {
+    for baseline in [Path::Direct, Path::DirectStateless] {
         if let Some(base) = paths.iter().position(|p| *p == baseline) {
             report_ratios(&results, paths, base, callers, rounds);
         }
@@ -174,7 +183,7 @@ fn report_ratios(
     let gateway_paths = paths
         .iter()
         .enumerate()
-        .filter(|(_, p)| matches!(p, Path::Rest | Path::Mcp));
+        .filter(|(_, p)| matches!(p, Path::Rest | Path::Mcp | Path::McpStateless));
     for (i, &path) in gateway_paths {
         let per_round = |f: &dyn Fn(&Stats, &Stats) -> f64| -> Vec<f64> {
             results[i]
@@ -204,8 +213,10 @@ fn report_ratios(
 async fn one_run(run: &Run<'_>, path: Path, callers: usize, round: usize) -> anyhow::Result<Stats> {
     let cpu_before = (run.gw.child.cpu_time()?, process::cpu_time("self")?);
     let stats = match path {
-        Path::Direct => mcp_run(run, run.upstream, None, Protocol::Default, callers).await?,
-        Path::DirectSession => mcp_run(run, run.upstream, None, Protocol::Session, callers).await?,
+        Path::Direct => mcp_run(run, run.upstream, None, Protocol::Initialize, callers).await?,
+        Path::DirectStateless => {
+            mcp_run(run, run.upstream, None, Protocol::Stateless, callers).await?
+        }
         Path::Rest => {
             let (http, base) = (run.gw.http.clone(), run.gw.base.clone());
             let t = Arc::new(run.tenant.clone());
@@ -217,9 +228,12 @@ async fn one_run(run: &Run<'_>, path: Path, callers: usize, round: usize) -> any
             })
             .await
         }
-        Path::Mcp => {
+        Path::Mcp | Path::McpStateless => {
             let url = format!("{}/mcp/{}", run.gw.base, run.tenant.id);
-            let protocol = Protocol::Default;
+            let protocol = match path {
+                Path::Mcp => Protocol::Initialize,
+                _ => Protocol::Stateless,
+            };
             mcp_run(run, &url, Some(&run.tenant.api_key), protocol, callers).await?
         }
     };
@@ -266,9 +280,10 @@ async fn mcp_run(
 fn name(path: Path) -> &'static str {
     match path {
         Path::Direct => "direct",
-        Path::DirectSession => "direct-session",
+        Path::DirectStateless => "direct-stateless",
         Path::Rest => "rest",
         Path::Mcp => "mcp",
+        Path::McpStateless => "mcp-stateless",
     }
 }
 

@@ -96,7 +96,7 @@ pub async fn cold_start(gw: &Gateway, upstream: &str, samples: usize) -> anyhow:
         );
         warm.push(t.elapsed());
         let t = Instant::now();
-        let client = clients::mcp_connect(upstream, None, clients::Protocol::Session).await?;
+        let client = clients::mcp_connect(upstream, None, clients::Protocol::Initialize).await?;
         anyhow::ensure!(clients::mcp_echo(client.peer()).await);
         own.push(t.elapsed());
         let _ = client.cancel().await;
