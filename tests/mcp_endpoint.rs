@@ -1,6 +1,6 @@
 //! The MCP endpoint `/mcp/{tenantId}` end to end: rmcp's own client and raw JSON-RPC over
 //! HTTP against the real gateway on port 0, each tenant on its own upstream MCP server on
-//! loopback (tests/common/mcp_upstream.rs; tests/common/upstream for the progress tool).
+//! loopback (tests/common/upstream).
 
 mod common;
 
@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
 use common::mcp_client::{connect, raw, Raw, RawMcp};
-use common::mcp_upstream::McpUpstream;
 use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use rmcp::model::CallToolRequestParams;
@@ -47,7 +46,7 @@ async fn tool_names(client: &common::mcp_client::McpClient) -> anyhow::Result<Ve
 
 #[tokio::test]
 async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&["extra"]).await?;
+    let upstream = TestUpstream::with_tools(&["extra"]).await?;
     let gw = TestGateway::start().await?;
     let tenant = tenant_on(&gw, &upstream.url).await?;
     for credential in [&tenant.api_key, &tenant.token] {
@@ -62,13 +61,13 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
             .tools
             .as_ref()
             .is_some_and(|t| t.list_changed == Some(true)));
-        assert_eq!(tool_names(&client).await?, ["echo", "extra", "fail"]);
+        assert_eq!(
+            tool_names(&client).await?,
+            ["add", "echo", "extra", "fail", "progress", "sleep", "whoami"]
+        );
         let result = client.peer().call_tool(echo("hi there")).await?;
         assert_eq!(result.is_error, Some(false));
-        assert_eq!(
-            result.structured_content,
-            Some(json!({"echoed": "hi there"}))
-        );
+        assert_eq!(result.structured_content, Some(json!({"echo": "hi there"})));
         let text = serde_json::to_value(&result.content)?;
         assert_eq!(text[0]["text"], "hi there");
         let failed = client
@@ -98,7 +97,7 @@ type Refusal<'a> = (&'a str, Vec<(&'a str, &'a str)>, StatusCode, &'a str);
 
 #[tokio::test]
 async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&[]).await?;
+    let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let a = tenant_on(&gw, &upstream.url).await?;
     let b = tenant_on(&gw, &upstream.url).await?;
@@ -180,15 +179,21 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
 
 #[tokio::test]
 async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
-    let up_a = McpUpstream::start(&["only_a"]).await?;
-    let up_b = McpUpstream::start(&["only_b"]).await?;
+    let up_a = TestUpstream::with_tools(&["only_a"]).await?;
+    let up_b = TestUpstream::with_tools(&["only_b"]).await?;
     let gw = TestGateway::start().await?;
     let a = tenant_on(&gw, &up_a.url).await?;
     let b = tenant_on(&gw, &up_b.url).await?;
     let (client_a, _) = connect(&mcp_url(&gw, &a.id), &a.api_key).await?;
     let (client_b, _) = connect(&mcp_url(&gw, &b.id), &b.token).await?;
-    assert_eq!(tool_names(&client_a).await?, ["echo", "fail", "only_a"]);
-    assert_eq!(tool_names(&client_b).await?, ["echo", "fail", "only_b"]);
+    assert_eq!(
+        tool_names(&client_a).await?,
+        ["add", "echo", "fail", "only_a", "progress", "sleep", "whoami"]
+    );
+    assert_eq!(
+        tool_names(&client_b).await?,
+        ["add", "echo", "fail", "only_b", "progress", "sleep", "whoami"]
+    );
     let own = client_a
         .peer()
         .call_tool(CallToolRequestParams::new("only_a"))
@@ -207,11 +212,14 @@ async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&[]).await?;
+    let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let tenant = tenant_on(&gw, &upstream.url).await?;
     let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
-    assert_eq!(tool_names(&client).await?, ["echo", "fail"]);
+    assert_eq!(
+        tool_names(&client).await?,
+        ["add", "echo", "fail", "progress", "sleep", "whoami"]
+    );
     assert!(
         upstream.change_tools_until_heard(&changed).await,
         "no notifications/tools/list_changed reached the session"
@@ -238,7 +246,7 @@ async fn raw_tenant() -> anyhow::Result<(TestUpstream, TestGateway, RawMcp)> {
 
 #[tokio::test]
 async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&["extra"]).await?;
+    let upstream = TestUpstream::with_tools(&["extra"]).await?;
     let gw = TestGateway::start().await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let other = tenant_on(&gw, &upstream.url).await?;
@@ -249,7 +257,7 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert_eq!(
         got.answer()["result"]["tools"].as_array().map(Vec::len),
-        Some(3),
+        Some(7),
         "{}",
         got.text
     );
@@ -286,7 +294,7 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert_eq!(
         got.answer()["result"]["tools"].as_array().map(Vec::len),
-        Some(3),
+        Some(7),
         "{}",
         got.text
     );
@@ -303,7 +311,7 @@ async fn raw_http_2025_11_25_sessions_and_2026_07_28_session_less() -> anyhow::R
 
 #[tokio::test]
 async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&[]).await?;
+    let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.mcp_max_sessions = 3;
     config.mcp_max_sessions_per_tenant = 2;
@@ -561,7 +569,7 @@ fn rss_bytes() -> u64 {
 #[tokio::test]
 async fn two_hundred_sessions_opened_and_closed_leave_memory_flat() -> anyhow::Result<()> {
     const LIMIT_MB: f64 = 20.0;
-    let upstream = McpUpstream::start(&[]).await?;
+    let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let url = mcp_url(&gw, &t.id);

@@ -11,7 +11,7 @@ use std::process::Output;
 
 use anyhow::Context;
 use common::gateway::TestGateway;
-use common::mcp_upstream::McpUpstream;
+use common::upstream::TestUpstream;
 use serde_json::{json, Value};
 
 fn root() -> PathBuf {
@@ -87,14 +87,14 @@ async fn inspector_cli(url: &str, token: &str, extra: &[&str]) -> anyhow::Result
 
 struct Fixture {
     gw: TestGateway,
-    _upstream: McpUpstream,
+    _upstream: TestUpstream,
     url: String,
     key: String,
     foreign_key: String,
 }
 
 async fn fixture() -> anyhow::Result<Fixture> {
-    let upstream = McpUpstream::start(&["extra"]).await?;
+    let upstream = TestUpstream::with_tools(&["extra"]).await?;
     let gw = TestGateway::start().await?;
     let body =
         json!({"integrationKey": "k", "integrationAppToken": "t", "upstreamUrl": upstream.url});
@@ -118,11 +118,15 @@ async fn python_sdk_client_lists_calls_and_is_refused_with_a_bad_credential() ->
     let (ok, out) = python_client(&f.url, &f.key).await?;
     assert!(ok, "python client failed: {out}");
     assert_eq!(out["serverName"], "switchboard", "{out}");
-    assert_eq!(out["tools"], json!(["echo", "extra", "fail"]), "{out}");
+    assert_eq!(
+        out["tools"],
+        json!(["add", "echo", "extra", "fail", "progress", "sleep", "whoami"]),
+        "{out}"
+    );
     assert_eq!(out["call"]["content"][0]["text"], "from python", "{out}");
     assert_eq!(
         out["call"]["structuredContent"],
-        json!({"echoed": "from python"}),
+        json!({"echo": "from python"}),
         "{out}"
     );
     assert_ne!(out["call"]["isError"], json!(true), "{out}");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::database::FreshDatabase;
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use common::mcp_client::{connect, raw};
-use common::mcp_upstream::McpUpstream;
+use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use switchboard::config::Config;
@@ -26,7 +26,7 @@ async fn two_replicas() -> anyhow::Result<(TestGateway, TestGateway)> {
     Ok((a, b))
 }
 
-async fn tenant_on(gw: &TestGateway, upstream: &McpUpstream) -> anyhow::Result<CreatedTenant> {
+async fn tenant_on(gw: &TestGateway, upstream: &TestUpstream) -> anyhow::Result<CreatedTenant> {
     gw.create_tenant(
         json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
                             "upstreamUrl": upstream.url}),
@@ -120,7 +120,7 @@ async fn initialise(client: &mut RoundRobin<'_>) -> anyhow::Result<String> {
 #[tokio::test]
 async fn a_round_robin_client_initialises_once_and_is_served_by_both_replicas() -> anyhow::Result<()>
 {
-    let upstream = McpUpstream::start(&["extra"]).await?;
+    let upstream = TestUpstream::with_tools(&["extra"]).await?;
     let (a, b) = two_replicas().await?;
     let tenant = tenant_on(&a, &upstream).await?;
     let mut client = RoundRobin::new([&a, &b], &tenant);
@@ -130,7 +130,7 @@ async fn a_round_robin_client_initialises_once_and_is_served_by_both_replicas() 
         let got = client.post(&list).await?;
         assert_eq!(got.status, StatusCode::OK, "round {round}: {}", got.text);
         let tools = got.body["result"]["tools"].as_array().map(Vec::len);
-        assert_eq!(tools, Some(3), "round {round}: {}", got.text);
+        assert_eq!(tools, Some(7), "round {round}: {}", got.text);
         let text = format!("hello {round}");
         let got = client.post(&call(20 + round, &text)).await?;
         assert_eq!(got.status, StatusCode::OK, "round {round}: {}", got.text);
@@ -146,7 +146,7 @@ async fn a_round_robin_client_initialises_once_and_is_served_by_both_replicas() 
 
 #[tokio::test]
 async fn forged_and_foreign_session_ids_are_never_served() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&[]).await?;
+    let upstream = TestUpstream::start().await?;
     let (a, b) = two_replicas().await?;
     let first = tenant_on(&a, &upstream).await?;
     let second = tenant_on(&a, &upstream).await?;
@@ -202,7 +202,7 @@ async fn forged_and_foreign_session_ids_are_never_served() -> anyhow::Result<()>
 
 #[tokio::test]
 async fn list_changed_heard_by_one_replica_reaches_sessions_on_the_other() -> anyhow::Result<()> {
-    let upstream = McpUpstream::start(&[]).await?;
+    let upstream = TestUpstream::start().await?;
     let (a, b) = two_replicas().await?;
     let tenant = tenant_on(&a, &upstream).await?;
     // A session on B. B's tenant actor never connects upstream (nothing is listed or

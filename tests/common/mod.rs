@@ -6,7 +6,6 @@
 pub mod database;
 pub mod gateway;
 pub mod mcp_client;
-pub mod mcp_upstream;
 pub mod peers;
 pub mod private_postgres;
 pub mod upstream;

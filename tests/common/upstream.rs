@@ -1,8 +1,8 @@
 //! [`TestUpstream`]: a real MCP server (rmcp) on a loopback port, standing in for Integration
 //! App or any tenant's upstream. It serves Streamable HTTP on `/mcp` and legacy HTTP+SSE on
 //! `/sse` + `/message`, records every bearer token and counts initializes, tool calls and
-//! cancellations, can hang tool calls, and can be stopped (every connection dropped at once)
-//! and restarted on the same port.
+//! cancellations, can hang tool calls, can change its tool list (telling every session), and
+//! can be stopped (every connection dropped at once) and restarted on the same port.
 
 mod legacy_sse;
 mod tools;
@@ -53,9 +53,15 @@ struct Running {
 
 impl TestUpstream {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::with_tools(&[]).await
+    }
+
+    /// Serves its own tools plus `named` ones, each answering its own name.
+    pub async fn with_tools(named: &[&str]) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
+        set_named(&state, named);
         let running = serve(listener, state.clone());
         Ok(Self {
             url: format!("http://{addr}/mcp"),
@@ -113,6 +119,32 @@ impl TestUpstream {
     /// Toggles the `extra` tool and sends `notifications/tools/list_changed` to every session.
     pub async fn set_tools_changed(&self) {
         self.state.extra_tool.fetch_xor(true, Ordering::SeqCst);
+        self.announce_tools_changed().await;
+    }
+
+    /// Replaces the named tools and sends `notifications/tools/list_changed` to every session.
+    pub async fn set_tools(&self, named: &[&str]) {
+        set_named(&self.state, named);
+        self.announce_tools_changed().await;
+    }
+
+    /// Changes the named tools (`new_0`, `new_1`, ...) until `heard` is notified, at most
+    /// five rounds of 3 s; true once heard. A downstream listener subscribes in a task of its
+    /// own, so a change announced before that lands is not a bug: each round changes again.
+    pub async fn change_tools_until_heard(&self, heard: &tokio::sync::Notify) -> bool {
+        for round in 0..5 {
+            self.set_tools(&[&format!("new_{round}")]).await;
+            if tokio::time::timeout(Duration::from_secs(3), heard.notified())
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    async fn announce_tools_changed(&self) {
         let peers = self
             .state
             .peers
@@ -174,6 +206,12 @@ impl Drop for TestUpstream {
                 running.task.abort();
             }
         }
+    }
+}
+
+fn set_named(state: &State, named: &[&str]) {
+    if let Ok(mut slot) = state.named.lock() {
+        *slot = named.iter().map(|name| name.to_string()).collect();
     }
 }
 

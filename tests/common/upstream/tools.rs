@@ -1,6 +1,7 @@
 //! The test upstream's MCP server: a real rmcp `ServerHandler` with a few tools (`echo`, `sleep`,
-//! `fail`, `whoami`, `add`, `progress`, and `extra` while toggled on), two tools per
-//! `tools/list` page so pagination is exercised, and counters of what it received.
+//! `fail`, `whoami`, `add`, `progress`, `extra` while toggled on, and any named by the test,
+//! each answering its own name), two tools per `tools/list` page so pagination is exercised,
+//! and counters of what it received.
 
 use std::{
     borrow::Cow,
@@ -33,6 +34,8 @@ pub struct State {
     pub tokens: Mutex<Vec<String>>,
     pub hang: AtomicBool,
     pub extra_tool: AtomicBool,
+    /// Tools named by the test; each answers its own name.
+    pub named: Mutex<Vec<String>>,
     pub calls: AtomicUsize,
     pub initializes: AtomicUsize,
     pub cancellations: AtomicUsize,
@@ -90,12 +93,22 @@ impl State {
                 &[],
             ));
         }
+        for name in self.named() {
+            tools.push(tool(name, "Answers its own name", json!({}), &[]));
+        }
         tools
+    }
+
+    pub fn named(&self) -> Vec<String> {
+        self.named
+            .lock()
+            .map(|named| named.clone())
+            .unwrap_or_default()
     }
 }
 
 fn tool(
-    name: &'static str,
+    name: impl Into<Cow<'static, str>>,
     description: &'static str,
     properties: Value,
     required: &[&str],
@@ -219,6 +232,9 @@ impl ServerHandler for TestServer {
             }
             "extra" if self.state.extra_tool.load(Ordering::SeqCst) => {
                 CallToolResult::success(vec![ContentBlock::text("extra")])
+            }
+            named if self.state.named().iter().any(|n| n == named) => {
+                CallToolResult::success(vec![ContentBlock::text(named.to_owned())])
             }
             other => {
                 return Err(McpError::invalid_params(
