@@ -5,9 +5,10 @@ use switchboard::config::{Config, LogFormat, RawConfig};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc instead of glibc's malloc: a tool call through the gateway allocates and frees
-/// many short-lived buffers on two threads, and glibc spent a quarter of the gateway's CPU on
-/// it (consolidating free chunks above all). jemalloc cut the CPU per call by 15% (REST) and
-/// 28% (`/mcp`) for 19 MB more with 1,000 active tenants (README, Performance).
+/// many short-lived buffers on two threads, and glibc's malloc was a quarter of the gateway's
+/// samples under load (consolidating free chunks above all). In A/B runs jemalloc cut the
+/// CPU per call by ~14% (REST) and ~15% (`/mcp`), for 17–19 MB more with 1,000 active tenants
+/// (README, Performance).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

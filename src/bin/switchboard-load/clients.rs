@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rmcp::model::{CallToolRequestParams, ClientConfig, ProtocolVersion};
-use rmcp::service::RunningService;
-use rmcp::service::{ClientLifecycleMode, ClientServiceExt};
+use rmcp::service::{ClientLifecycleMode, ClientServiceExt, RunningService};
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{RoleClient, ServiceExt};
@@ -136,7 +135,7 @@ pub async fn mcp_connect(
             client.serve_with_lifecycle(transport, lifecycle).await
         }
     };
-    connected.context("MCP initialize")
+    connected.context("MCP connect")
 }
 
 /// One `tools/call` of `echo` on an rmcp client; true when answered without error.

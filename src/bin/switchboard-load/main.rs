@@ -59,7 +59,8 @@ enum Path {
     /// gateway talks to its upstream. The baseline of every target.
     Direct,
     /// Straight to the upstream with 2026-07-28 session-less requests (`server/discover`,
-    /// then plain JSON answers): a second baseline, the cheapest exchange rmcp offers.
+    /// then plain JSON answers): a second baseline, rmcp's other lifecycle (measured no
+    /// cheaper than `direct`: README, Performance).
     DirectStateless,
     Rest,
     /// rmcp's default client on the gateway's `/mcp/{tenantId}` (a session).
