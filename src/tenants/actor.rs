@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use governor::{clock::Clock, DefaultDirectRateLimiter, Quota};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::backoff::Backoff;
 use super::lane::{self, Lane};
@@ -212,9 +212,8 @@ impl TenantState {
     ) {
         self.last_used = Instant::now();
         self.follow_replica_count();
-        if let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-            let _ = reply.send(Err(CallError::RateLimited { retry_after: wait }));
+        if let Err(limited) = admit(&self.limiter) {
+            let _ = reply.send(Err(limited));
             return;
         }
         match &mut self.connection {
@@ -259,11 +258,7 @@ impl TenantState {
     }
 
     fn make_lease(&self, client: UpstreamClient) -> Result<Lease, CallError> {
-        let permit = self
-            .in_flight
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| busy())?;
+        let permit = take_permit(&self.in_flight)?;
         Ok(Lease {
             client,
             generation: self.generation,
@@ -633,7 +628,19 @@ impl TenantState {
     }
 }
 
-pub(super) fn busy() -> CallError {
+/// The tenant's rate limit, as both ways to a lease (the actor and its lane) apply it.
+pub(super) fn admit(limiter: &DefaultDirectRateLimiter) -> Result<(), CallError> {
+    limiter.check().map_err(|not_until| CallError::RateLimited {
+        retry_after: not_until.wait_time_from(governor::clock::DefaultClock::default().now()),
+    })
+}
+
+/// One of the tenant's in-flight permits, or `Busy` when all are taken.
+pub(super) fn take_permit(in_flight: &Arc<Semaphore>) -> Result<OwnedSemaphorePermit, CallError> {
+    in_flight.clone().try_acquire_owned().map_err(|_| busy())
+}
+
+fn busy() -> CallError {
     CallError::Busy {
         retry_after: Duration::from_secs(1),
     }

@@ -12,10 +12,10 @@
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use governor::clock::{Clock, DefaultClock};
 use governor::DefaultDirectRateLimiter;
 use tokio::sync::Semaphore;
 
+use super::actor::{admit, take_permit};
 use super::messages::{CallError, Lease, ToolList};
 use crate::upstream::UpstreamClient;
 
@@ -44,19 +44,15 @@ impl Lane {
         if ready.replicas != replicas || Instant::now() >= ready.tools_until {
             return None;
         }
-        if let Err(not_until) = ready.limiter.check() {
-            let retry_after = not_until.wait_time_from(DefaultClock::default().now());
-            return Some(Err(CallError::RateLimited { retry_after }));
-        }
-        let Ok(permit) = ready.in_flight.clone().try_acquire_owned() else {
-            return Some(Err(super::actor::busy()));
-        };
-        Some(Ok(Lease {
-            client: ready.client.clone(),
-            generation: ready.generation,
-            tools: Some(ready.tools.clone()),
-            _permit: permit,
-        }))
+        let lease = admit(&ready.limiter)
+            .and_then(|()| take_permit(&ready.in_flight))
+            .map(|permit| Lease {
+                client: ready.client.clone(),
+                generation: ready.generation,
+                tools: Some(ready.tools.clone()),
+                _permit: permit,
+            });
+        Some(lease)
     }
 
     /// Publishes `ready`, or withdraws the lane with `None` (actor only).
