@@ -61,6 +61,10 @@ pub struct RawConfig {
     /// Port to listen on (0 picks a free one).
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
+    /// Threads running requests and tenant actors; unset: one per CPU the process may use.
+    /// Lower it when the gateway shares its machine (README, Performance).
+    #[arg(long, env = "WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     /// `postgres://…` for PostgreSQL, `sqlite://PATH` for the embedded store; unset: `sqlite://switchboard.db`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
@@ -181,6 +185,8 @@ pub struct RawConfig {
 pub struct Config {
     pub app_env: AppEnv,
     pub listen: SocketAddr,
+    /// `None`: tokio's default, one per CPU.
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     pub database_url: Option<String>,
     pub database_pool_size: usize,
     pub admin_api_key: Secret,
@@ -322,6 +328,7 @@ impl RawConfig {
         let config = Config {
             app_env: self.app_env,
             listen: SocketAddr::new(self.host, self.port),
+            worker_threads: self.worker_threads,
             database_url: self.database_url.filter(|u| !u.is_empty()),
             database_pool_size: self.database_pool_size,
             admin_api_key: Secret::new(admin_api_key),
@@ -482,6 +489,7 @@ impl Config {
         Config {
             app_env: AppEnv::Development,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            worker_threads: None,
             database_url: None,
             database_pool_size: 4,
             admin_api_key: Secret::new("test-admin-key-0123456789abcdef"),
@@ -613,6 +621,25 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode([0x22u8; 32]);
         assert_eq!(parse_encryption_key(&b64).unwrap(), [0x22; 32]);
         assert!(parse_encryption_key("too-short").is_err());
+    }
+
+    #[test]
+    fn worker_threads_is_a_positive_count_or_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secrets");
+        let file = file.to_str().unwrap();
+        let (config, _) = raw(&["--dev-secrets-file", file]).validate().unwrap();
+        assert_eq!(config.worker_threads, None);
+        let (config, _) = raw(&["--dev-secrets-file", file, "--worker-threads", "1"])
+            .validate()
+            .unwrap();
+        assert_eq!(config.worker_threads.map(|n| n.get()), Some(1));
+        for bad in ["0", "-1", "two"] {
+            let flag = format!("--worker-threads={bad}");
+            let refused = Cli::try_parse_from(["switchboard", flag.as_str()]);
+            let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains("--worker-threads"), "{bad}: {message}");
+        }
     }
 
     #[test]

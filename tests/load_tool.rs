@@ -28,6 +28,8 @@ fn short_run_prints_every_measurement() -> anyhow::Result<()> {
         "ratio callers=1 path=mcp rounds=1 throughput_vs_direct=",
         "ratio callers=64 path=rest rounds=1 throughput_vs_direct_stateless=",
         "ratio callers=64 path=mcp-stateless rounds=1 throughput_vs_direct=",
+        "throughput callers=1 path=hop round=1 rps=",
+        "floor callers=1 path=hop rounds=1 p50_ms=",
         "cold first_call_ms=",
         "burst calls=100 tool_ms=100 all_done_ms=",
         "startup ready_ms=",

@@ -2,7 +2,6 @@
 //! upstream (the baseline), the gateway's REST route, and rmcp's client on the gateway's
 //! `/mcp/{tenantId}`; and the gateway process and admin API they need.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,7 +12,7 @@ use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{RoleClient, ServiceExt};
 use serde_json::{json, Value};
 
-use crate::process::{ChildGateway, ADMIN_KEY};
+use crate::process::{ChildGateway, Launch, ADMIN_KEY};
 
 pub type McpClient = RunningService<RoleClient, ClientConfig>;
 
@@ -34,8 +33,8 @@ pub struct Tenant {
 }
 
 impl Gateway {
-    pub async fn start(bin: &Path, upstream_url: &str) -> anyhow::Result<Self> {
-        let child = ChildGateway::spawn(bin, upstream_url).await?;
+    pub async fn start(launch: &Launch, upstream_url: &str) -> anyhow::Result<Self> {
+        let child = ChildGateway::spawn(launch, upstream_url).await?;
         Ok(Self {
             base: child.base.clone(),
             admin_key: ADMIN_KEY.to_owned(),

@@ -46,6 +46,10 @@ struct Args {
     /// compare two builds on one machine.
     #[arg(long)]
     gateway: Option<std::path::PathBuf>,
+    /// The gateway's worker threads (its `WORKER_THREADS`); default: its own default, one
+    /// per CPU.
+    #[arg(long)]
+    gateway_workers: Option<std::num::NonZeroUsize>,
     /// Only the throughput runs, and only these paths (for profiling one path).
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Path>,
@@ -67,6 +71,11 @@ enum Path {
     Mcp,
     /// A 2026-07-28 session-less client on the gateway's `/mcp/{tenantId}`.
     McpStateless,
+    /// A `GET` of a route the gateway does not have: one HTTP round trip to its process
+    /// through its whole middleware stack, answered 404 by the router with no credential,
+    /// store or upstream. Not a tool call: the floor under what a gateway in a process of
+    /// its own adds to a call (one more hop each way).
+    Hop,
 }
 
 #[tokio::main]
@@ -81,11 +90,14 @@ async fn main() -> anyhow::Result<()> {
     let duration = Duration::from_secs_f64(args.duration);
     let warmup = duration.mul_f64(0.1).min(Duration::from_secs(1));
     let upstream = upstream::EchoUpstream::start().await?;
-    let bin = match &args.gateway {
-        Some(path) => path.clone(),
-        None => process::gateway_binary()?,
+    let launch = process::Launch {
+        bin: match &args.gateway {
+            Some(path) => path.clone(),
+            None => process::gateway_binary()?,
+        },
+        workers: args.gateway_workers,
     };
-    let gw = clients::Gateway::start(&bin, &upstream.url).await?;
+    let gw = clients::Gateway::start(&launch, &upstream.url).await?;
     let tenant = clients::create_tenant(&gw.http, &gw.base, &gw.admin_key, &upstream.url).await?;
     let paths = if args.only.is_empty() {
         vec![
@@ -94,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
             Path::Rest,
             Path::Mcp,
             Path::McpStateless,
+            Path::Hop,
         ]
     } else {
         args.only.clone()
@@ -121,9 +134,15 @@ async fn main() -> anyhow::Result<()> {
     let burst = measure::burst(&gw, &tenant, 100, 100).await?;
     println!("burst calls=100 tool_ms=100 all_done_ms={}", ms(burst));
     drop(gw);
-    let startup = measure::startup(&bin, &upstream.url, if args.short { 1 } else { 5 }).await?;
+    let startup = measure::startup(&launch, &upstream.url, if args.short { 1 } else { 5 }).await?;
     println!("startup ready_ms={}", ms(startup));
-    let mem = measure::memory(&bin, &upstream.url, args.idle_tenants, args.active_tenants).await?;
+    let mem = measure::memory(
+        &launch,
+        &upstream.url,
+        args.idle_tenants,
+        args.active_tenants,
+    )
+    .await?;
     let mb = |b: u64| format!("{:.1}", b as f64 / (1024.0 * 1024.0));
     println!("memory empty_rss_mb={}", mb(mem.empty_rss));
     println!(
@@ -168,6 +187,16 @@ async fn throughput(
         if let Some(base) = paths.iter().position(|p| *p == baseline) {
             report_ratios(&results, paths, base, callers, rounds);
         }
+    }
+    if let Some(hop) = paths.iter().position(|p| *p == Path::Hop) {
+        let median_ms = |f: &dyn Fn(&Stats) -> Duration| {
+            median_f(&results[hop].iter().map(|s| ms_f(f(s))).collect::<Vec<_>>())
+        };
+        println!(
+            "floor callers={callers} path=hop rounds={rounds} p50_ms={:.3} p99_ms={:.3}",
+            median_ms(&|s| s.p50),
+            median_ms(&|s| s.p99),
+        );
     }
     Ok(())
 }
@@ -229,6 +258,24 @@ async fn one_run(run: &Run<'_>, path: Path, callers: usize, round: usize) -> any
             })
             .await
         }
+        Path::Hop => {
+            let (http, url) = (
+                run.gw.http.clone(),
+                format!("{}/no-such-route", run.gw.base),
+            );
+            drive(callers, run.warmup, run.duration, move || {
+                let get = http.get(&url).send();
+                async move {
+                    match get.await {
+                        Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => {
+                            resp.bytes().await.is_ok()
+                        }
+                        _ => false,
+                    }
+                }
+            })
+            .await
+        }
         Path::Mcp | Path::McpStateless => {
             let url = format!("{}/mcp/{}", run.gw.base, run.tenant.id);
             let protocol = match path {
@@ -285,6 +332,7 @@ fn name(path: Path) -> &'static str {
         Path::Rest => "rest",
         Path::Mcp => "mcp",
         Path::McpStateless => "mcp-stateless",
+        Path::Hop => "hop",
     }
 }
 

@@ -2,7 +2,6 @@
 //! gateway process), a cold tenant's first call against a warm one and against the
 //! upstream's own initialize + call, a burst of slow calls for one tenant, and start-up.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use futures::stream::{self, StreamExt};
 use serde_json::json;
 
 use crate::clients::{self, Gateway, Tenant};
-use crate::process::{ChildGateway, ADMIN_KEY};
+use crate::process::{ChildGateway, Launch, ADMIN_KEY};
 
 /// Requests in flight while creating or activating many tenants.
 const SETUP_CONCURRENCY: usize = 16;
@@ -26,12 +25,12 @@ pub struct Memory {
 /// RSS of a child gateway: empty, with `idle` registered tenants, then with `active` of
 /// them called once (each holds a live upstream session). Idle tenants stay registered.
 pub async fn memory(
-    bin: &Path,
+    launch: &Launch,
     upstream: &str,
     idle: usize,
     active: usize,
 ) -> anyhow::Result<Memory> {
-    let gw = ChildGateway::spawn(bin, upstream).await?;
+    let gw = ChildGateway::spawn(launch, upstream).await?;
     let http = clients::http_client();
     settle().await;
     let empty_rss = gw.rss_bytes()?;
@@ -132,10 +131,10 @@ pub async fn burst(
 }
 
 /// Median time from spawning the gateway binary (fresh SQLite file) to 200 on `/ready`.
-pub async fn startup(bin: &Path, upstream: &str, samples: usize) -> anyhow::Result<Duration> {
+pub async fn startup(launch: &Launch, upstream: &str, samples: usize) -> anyhow::Result<Duration> {
     let mut times = Vec::new();
     for _ in 0..samples {
-        let gw = ChildGateway::spawn(bin, upstream).await?;
+        let gw = ChildGateway::spawn(launch, upstream).await?;
         times.push(gw.ready_after);
         gw.stop().await;
     }

@@ -2,7 +2,7 @@
 //! production): every measurement drives it, and memory and start-up must not include
 //! the load tool's own.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,14 @@ pub const ADMIN_KEY: &str = "load-admin-key-0123456789abcdef";
 
 /// How long a child may take to become ready before the run fails.
 const READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// How to start a child gateway: the binary, and its worker thread count when not the
+/// default (`WORKER_THREADS`).
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub bin: PathBuf,
+    pub workers: Option<std::num::NonZeroUsize>,
+}
 
 pub struct ChildGateway {
     pub base: String,
@@ -36,15 +44,20 @@ pub fn gateway_binary() -> anyhow::Result<PathBuf> {
 
 impl ChildGateway {
     /// Spawns the gateway on a fresh SQLite file and waits until `/ready` answers 200.
-    pub async fn spawn(bin: &Path, upstream_url: &str) -> anyhow::Result<Self> {
+    pub async fn spawn(launch: &Launch, upstream_url: &str) -> anyhow::Result<Self> {
+        let bin = &launch.bin;
         let dir = tempfile::tempdir()?;
         // Bind and release a port 0: the child needs a port number up front.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let started = Instant::now();
-        let child = Command::new(bin)
-            .env_clear()
+        let mut command = Command::new(bin);
+        command.env_clear();
+        if let Some(workers) = launch.workers {
+            command.env("WORKER_THREADS", workers.to_string());
+        }
+        let child = command
             .env("APP_ENV", "development")
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
