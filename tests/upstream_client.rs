@@ -259,6 +259,43 @@ async fn progress_reaches_the_call_that_asked_for_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Progress sent just before the answer is the racy case: with no pause between steps, each
+/// call's progress and answer follow each other on the wire. Every call, on both transports,
+/// must hear all of its progress, in order, before its answer, with the calls spread over
+/// worker threads as in the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_arrives_in_order_before_the_answer_every_time() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let upstream = TestUpstream::start().await?;
+    let ends = [
+        (upstream.url.as_str(), TransportKind::StreamableHttp),
+        (sse_url(&upstream)?, TransportKind::Sse),
+    ];
+    for (url, transport) in ends {
+        let (client, _events) = connect(url, transport).await?;
+        let calls = (0..200).map(|_| {
+            let client = client.clone();
+            async move {
+                let (tx, mut rx) = mpsc::channel(16);
+                let answer = client
+                    .call_tool("progress", args(json!({"steps": 5})), T, Some(tx))
+                    .await?;
+                anyhow::ensure!(answer.is_error == Some(false), "{answer:?}");
+                let heard: Vec<f64> = drained(&mut rx).iter().map(|u| u.progress).collect();
+                Ok(heard)
+            }
+        });
+        let results: Vec<anyhow::Result<Vec<f64>>> = futures::stream::iter(calls)
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for heard in results {
+            assert_eq!(heard?, [1.0, 2.0, 3.0, 4.0, 5.0], "{transport:?}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn tool_list_change_reaches_the_events_channel() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;

@@ -9,9 +9,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures::{FutureExt as _, StreamExt as _};
 use rmcp::{
-    handler::client::progress::{ProgressDispatcher, ProgressSubscriber},
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotificationParam,
         ClientRequest, RequestId, ServerResult, Tool,
@@ -23,8 +21,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    connect, error::redact, events::EventForwarder, ProgressSink, TransportKind, UpstreamError,
-    UpstreamEvent, UpstreamTarget,
+    connect,
+    error::redact,
+    events::EventForwarder,
+    progress::{ProgressRoute, ProgressRoutes},
+    ProgressSink, TransportKind, UpstreamError, UpstreamEvent, UpstreamTarget,
 };
 
 /// A connected upstream MCP session. Clones share the session; it closes on [`Self::close`],
@@ -36,8 +37,8 @@ pub struct UpstreamClient {
 
 struct Inner {
     peer: Peer<RoleClient>,
-    /// Shared with the session's handler, which hands it every progress notification.
-    progress: ProgressDispatcher,
+    /// Shared with the session's transport, which routes every progress notification here.
+    progress: ProgressRoutes,
     /// Kept only to shorten URLs in error messages (see [`redact`]).
     url: url::Url,
     transport: TransportKind,
@@ -57,9 +58,10 @@ impl UpstreamClient {
         events: mpsc::Sender<UpstreamEvent>,
     ) -> Result<Self, UpstreamError> {
         let shutdown = CancellationToken::new();
-        let progress = ProgressDispatcher::new();
-        let handler = EventForwarder::new(events.clone(), progress.clone(), &target.client_name);
-        let (session, transport) = connect::open(target, handler, shutdown.child_token()).await?;
+        let progress = ProgressRoutes::default();
+        let handler = EventForwarder::new(events.clone(), &target.client_name);
+        let (session, transport) =
+            connect::open(target, handler, &progress, shutdown.child_token()).await?;
         let peer = session.peer().clone();
         // The tenant actor owns the tool-list cache; rmcp's own cache could serve a stale list
         // after an upstream error, so it is off.
@@ -129,15 +131,12 @@ impl UpstreamClient {
             .await
             .map_err(|error| UpstreamError::from_service(error, &self.inner.url))?;
         let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone());
-        // Subscribed at once (subscribing never waits): the request has only been queued, so
-        // its first progress is still a network round trip away.
-        let progress = match progress {
-            Some(sink) => {
-                let updates = self.inner.progress.subscribe(handle.progress_token.clone());
-                Some((updates.await, sink))
-            }
-            None => None,
-        };
+        // Subscribed at once: the request has only been queued, so its first progress is
+        // still a network round trip away.
+        let progress = progress.map(|sink| {
+            let route = self.inner.progress.subscribe(handle.progress_token.clone());
+            (route, sink)
+        });
         let answer = tokio::time::timeout(timeout, answer_relaying(handle, progress)).await;
         let result = match answer {
             // The guard's drop at the end of this function cancels the request upstream.
@@ -194,30 +193,27 @@ impl std::fmt::Debug for UpstreamClient {
 }
 
 /// Waits for the answer to `handle`, passing the upstream's progress on that request to the
-/// sink meanwhile. A sink that is full holds up only this forwarding (the answer waits in
-/// its channel); one whose receiver is gone just gets nothing.
+/// sink meanwhile, in the order the upstream sent it. A sink that is full holds up only this
+/// forwarding (the answer waits in its channel); one whose receiver is gone just gets nothing.
 async fn answer_relaying(
     handle: RequestHandle<RoleClient>,
-    progress: Option<(ProgressSubscriber, ProgressSink)>,
+    progress: Option<(ProgressRoute, ProgressSink)>,
 ) -> Result<ServerResult, ServiceError> {
-    let Some((mut updates, sink)) = progress else {
+    let Some((mut route, sink)) = progress else {
         return handle.await_response().await;
     };
     let answer = handle.await_response();
     tokio::pin!(answer);
     loop {
         tokio::select! {
-            // Progress first: what the upstream reported before its answer goes out before it.
             biased;
-            Some(update) = updates.next() => {
+            Some(update) = route.updates.recv() => {
                 let _ = sink.send(update).await;
             }
             result = &mut answer => {
-                // rmcp hands each notification to its handler in a task of its own, so
-                // progress sent just before the answer may still be on its way: let those
-                // tasks run, then pass on whatever has arrived.
-                tokio::task::yield_now().await;
-                while let Some(Some(update)) = updates.next().now_or_never() {
+                // The transport routed each progress notification here as it read it, before
+                // it read the answer: all that the upstream sent before its answer is here.
+                while let Ok(update) = route.updates.try_recv() {
                     let _ = sink.send(update).await;
                 }
                 return result;

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     error::{init_client_error_status, redact},
     events::EventForwarder,
+    progress::{Ordered, ProgressRoutes},
     sse::SseTransport,
     TransportKind, UpstreamError, UpstreamTarget,
 };
@@ -86,27 +87,28 @@ fn shared_tls() -> Result<rustls::ClientConfig, UpstreamError> {
 pub(super) async fn open(
     target: &UpstreamTarget,
     handler: EventForwarder,
+    progress: &ProgressRoutes,
     ct: CancellationToken,
 ) -> Result<(Session, TransportKind), UpstreamError> {
     let http = http_client(target.connect_timeout)?;
     match target.transport {
         TransportKind::StreamableHttp => {
-            let session = streamable(target, http, handler, ct).await?;
+            let session = streamable(target, http, handler, progress, ct).await?;
             Ok((session, TransportKind::StreamableHttp))
         }
         TransportKind::Sse => {
-            let session = sse(target, http, handler, ct).await?;
+            let session = sse(target, http, handler, progress, ct).await?;
             Ok((session, TransportKind::Sse))
         }
         TransportKind::Auto => {
-            match streamable(target, http.clone(), handler.clone(), ct.clone()).await {
+            match streamable(target, http.clone(), handler.clone(), progress, ct.clone()).await {
                 Ok(session) => Ok((session, TransportKind::StreamableHttp)),
                 Err(Attempt::Http4xx(status)) => {
                     tracing::debug!(
                         status,
                         "upstream refused Streamable HTTP; trying legacy SSE"
                     );
-                    let session = sse(target, http, handler, ct).await?;
+                    let session = sse(target, http, handler, progress, ct).await?;
                     Ok((session, TransportKind::Sse))
                 }
                 Err(Attempt::Failed(error)) => Err(error),
@@ -136,6 +138,7 @@ async fn streamable(
     target: &UpstreamTarget,
     http: reqwest::Client,
     handler: EventForwarder,
+    progress: &ProgressRoutes,
     ct: CancellationToken,
 ) -> Result<Session, Attempt> {
     let mut config = StreamableHttpClientTransportConfig::with_uri(target.url.as_str())
@@ -147,7 +150,7 @@ async fn streamable(
     backoff.max_delay = Some(MAX_STREAM_RECONNECT_DELAY);
     config.retry_config = Arc::new(backoff);
     let transport = StreamableHttpClientTransport::with_client(http, config);
-    let handshake = handler.serve_with_ct(transport, ct);
+    let handshake = handler.serve_with_ct(Ordered::new(transport, progress.clone()), ct);
     match tokio::time::timeout(target.connect_timeout, handshake).await {
         Ok(Ok(session)) => Ok(session),
         Ok(Err(error)) => Err(classify(error, &target.url)),
@@ -167,6 +170,7 @@ async fn sse(
     target: &UpstreamTarget,
     http: reqwest::Client,
     handler: EventForwarder,
+    progress: &ProgressRoutes,
     ct: CancellationToken,
 ) -> Result<Session, UpstreamError> {
     let timeout = target.connect_timeout;
@@ -175,7 +179,7 @@ async fn sse(
             .await
             .map_err(|error| UpstreamError::Connect(format!("legacy SSE: {error}")))?;
         handler
-            .serve_with_ct(transport, ct)
+            .serve_with_ct(Ordered::new(transport, progress.clone()), ct)
             .await
             .map_err(|error| UpstreamError::from_init(error, &target.url))
     };

@@ -11,6 +11,7 @@ mod client;
 mod connect;
 mod error;
 mod events;
+mod progress;
 mod sse;
 
 use std::time::Duration;
