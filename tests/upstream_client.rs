@@ -52,6 +52,14 @@ fn sse_url(upstream: &TestUpstream) -> anyhow::Result<&str> {
         .context("the test upstream serves SSE")
 }
 
+/// The test upstream's two ends: Streamable HTTP and legacy SSE.
+fn both_transports(upstream: &TestUpstream) -> anyhow::Result<[(&str, TransportKind); 2]> {
+    Ok([
+        (upstream.url.as_str(), TransportKind::StreamableHttp),
+        (sse_url(upstream)?, TransportKind::Sse),
+    ])
+}
+
 #[tokio::test]
 async fn lists_every_tool_across_pages() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
@@ -219,11 +227,7 @@ fn drained(
 #[tokio::test]
 async fn progress_reaches_the_call_that_asked_for_it() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
-    let ends = [
-        (upstream.url.as_str(), TransportKind::StreamableHttp),
-        (sse_url(&upstream)?, TransportKind::Sse),
-    ];
-    for (url, transport) in ends {
+    for (url, transport) in both_transports(&upstream)? {
         let (client, _events) = connect(url, transport).await?;
         // Two calls at once: each hears its own request's progress and nothing else.
         let (three_tx, mut three) = mpsc::channel(16);
@@ -267,11 +271,7 @@ async fn progress_reaches_the_call_that_asked_for_it() -> anyhow::Result<()> {
 async fn progress_arrives_in_order_before_the_answer_every_time() -> anyhow::Result<()> {
     use futures::StreamExt as _;
     let upstream = TestUpstream::start().await?;
-    let ends = [
-        (upstream.url.as_str(), TransportKind::StreamableHttp),
-        (sse_url(&upstream)?, TransportKind::Sse),
-    ];
-    for (url, transport) in ends {
+    for (url, transport) in both_transports(&upstream)? {
         let (client, _events) = connect(url, transport).await?;
         let calls = (0..200).map(|_| {
             let client = client.clone();
