@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rmcp::model::{
     JsonRpcNotification, ProgressNotificationParam, ProgressToken, ServerJsonRpcMessage,
@@ -20,11 +20,14 @@ use rmcp::service::{RoleClient, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use tokio::sync::mpsc;
 
+/// Each waiting call's channel, by the progress token rmcp put on its request.
+type Routes = HashMap<ProgressToken, mpsc::UnboundedSender<ProgressNotificationParam>>;
+
 /// Where each waiting call wants its progress: one channel per progress token. Shared by a
 /// connection's [`Ordered`] transport and its [`super::UpstreamClient`].
 #[derive(Clone, Default)]
 pub(super) struct ProgressRoutes {
-    routes: Arc<Mutex<HashMap<ProgressToken, mpsc::UnboundedSender<ProgressNotificationParam>>>>,
+    routes: Arc<Mutex<Routes>>,
 }
 
 impl ProgressRoutes {
@@ -50,12 +53,7 @@ impl ProgressRoutes {
         }
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        HashMap<ProgressToken, mpsc::UnboundedSender<ProgressNotificationParam>>,
-    > {
+    fn lock(&self) -> MutexGuard<'_, Routes> {
         self.routes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
