@@ -31,6 +31,8 @@ pub const MCP_SESSIONS: &str = "switchboard_mcp_sessions";
 pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
 pub const AUDIT_PENDING: &str = "switchboard_audit_pending";
 pub const AUDIT_DROPPED: &str = "switchboard_audit_dropped_total";
+/// Upstream progress notifications dropped because their caller fell too far behind.
+pub const PROGRESS_DROPPED: &str = "switchboard_progress_dropped_total";
 /// PostgreSQL pool connections, by `state` (`in_use`, `idle`); absent on SQLite.
 pub const DB_POOL_CONNECTIONS: &str = "switchboard_db_pool_connections";
 /// The label value that stands for every tenant or tool past the series cap.
@@ -235,6 +237,10 @@ pub fn audit_pending(delta: i64) {
 
 pub fn audit_dropped(n: u64) {
     metrics::counter!(AUDIT_DROPPED).increment(n);
+}
+
+pub fn progress_dropped(n: u64) {
+    metrics::counter!(PROGRESS_DROPPED).increment(n);
 }
 
 /// Gauges read at scrape time rather than kept up to date on every change.

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::upstream::ProgressSink;
 
 /// Upstream progress notifications one call may have queued for its client. Past this, the
-/// upstream side waits (bounded by the call's timeout) rather than dropping any.
+/// upstream side holds them in the call's own bounded route (`upstream::progress`), which
+/// drops and counts what does not fit rather than hold up the upstream connection.
 const QUEUE: usize = 32;
 
 /// Passes one call's upstream progress to the client that asked for it.

@@ -7,9 +7,14 @@
 //! instead: a progress notification is routed to its call's channel as it is read, before
 //! the next message is read and long before rmcp sees the answer. So when a call has its
 //! answer, every progress the upstream sent before it is already in the call's channel.
+//!
+//! Reading the connection never waits on a call, so each call's channel is bounded
+//! ([`ROUTE_CAPACITY`]) and progress past it is dropped and counted: an upstream that floods
+//! progress faster than the caller reads it costs the gateway a bounded amount of memory.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rmcp::model::{
@@ -19,9 +24,20 @@ use rmcp::model::{
 use rmcp::service::{RoleClient, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+/// Progress notifications one call may have waiting, read off the connection but not yet
+/// taken by the call. A caller that keeps up never comes near it.
+const ROUTE_CAPACITY: usize = 256;
 
 /// Each waiting call's channel, by the progress token rmcp put on its request.
-type Routes = HashMap<ProgressToken, mpsc::UnboundedSender<ProgressNotificationParam>>;
+type Routes = HashMap<ProgressToken, Inbox>;
+
+/// The sending side of one call's route, and how much was dropped because it was full.
+struct Inbox {
+    updates: mpsc::Sender<ProgressNotificationParam>,
+    dropped: Arc<AtomicU64>,
+}
 
 /// Where each waiting call wants its progress: one channel per progress token. Shared by a
 /// connection's [`Ordered`] transport and its [`super::UpstreamClient`].
@@ -32,24 +48,31 @@ pub(super) struct ProgressRoutes {
 
 impl ProgressRoutes {
     /// Progress for `token` from now on, until the returned route is dropped.
-    ///
-    /// Unbounded, as rmcp's own per-notification tasks were: the call drains it while it
-    /// waits, and reading the connection must never wait on one slow call.
     pub(super) fn subscribe(&self, token: ProgressToken) -> ProgressRoute {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.lock().insert(token.clone(), tx);
+        let (tx, rx) = mpsc::channel(ROUTE_CAPACITY);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let inbox = Inbox {
+            updates: tx,
+            dropped: dropped.clone(),
+        };
+        self.lock().insert(token.clone(), inbox);
         ProgressRoute {
             routes: self.clone(),
             token,
             updates: rx,
+            dropped,
         }
     }
 
-    /// Hands `update` to the call waiting for its token; progress nobody waits for is dropped.
+    /// Hands `update` to the call waiting for its token without waiting: progress nobody
+    /// waits for is dropped, and so is progress for a call whose channel is full (counted).
     fn route(&self, update: ProgressNotificationParam) {
         let routes = self.lock();
-        if let Some(tx) = routes.get(&update.progress_token) {
-            let _ = tx.send(update);
+        let Some(inbox) = routes.get(&update.progress_token) else {
+            return;
+        };
+        if let Err(TrySendError::Full(_)) = inbox.updates.try_send(update) {
+            inbox.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -58,16 +81,27 @@ impl ProgressRoutes {
     }
 }
 
-/// One call's progress, in the order the upstream sent it. Unsubscribes when dropped.
+/// One call's progress, in the order the upstream sent it. Unsubscribes when dropped, and
+/// then reports (log and metric) any progress dropped because the call fell behind.
 pub(super) struct ProgressRoute {
     routes: ProgressRoutes,
     token: ProgressToken,
-    pub(super) updates: mpsc::UnboundedReceiver<ProgressNotificationParam>,
+    pub(super) updates: mpsc::Receiver<ProgressNotificationParam>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl Drop for ProgressRoute {
     fn drop(&mut self) {
         self.routes.lock().remove(&self.token);
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                capacity = ROUTE_CAPACITY,
+                "upstream progress dropped: the upstream sent it faster than the caller took it"
+            );
+            crate::metrics::progress_dropped(dropped);
+        }
     }
 }
 
@@ -109,5 +143,53 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for Ordered<T> {
 
     fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
         self.inner.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(token: &ProgressToken, step: usize) -> ProgressNotificationParam {
+        ProgressNotificationParam::new(token.clone(), step as f64)
+    }
+
+    #[test]
+    fn a_call_that_falls_behind_keeps_the_first_updates_in_order_and_the_rest_are_counted() {
+        let routes = ProgressRoutes::default();
+        let token = ProgressToken(rmcp::model::NumberOrString::Number(7));
+        let mut route = routes.subscribe(token.clone());
+        let sent = ROUTE_CAPACITY + 10;
+        for step in 0..sent {
+            routes.route(update(&token, step));
+        }
+        let mut kept = Vec::new();
+        while let Ok(update) = route.updates.try_recv() {
+            kept.push(update.progress as usize);
+        }
+        assert_eq!(kept, (0..ROUTE_CAPACITY).collect::<Vec<_>>());
+        assert_eq!(route.dropped.load(Ordering::Relaxed), 10);
+
+        // Room again once the call has read: nothing that fits is dropped.
+        routes.route(update(&token, sent));
+        assert_eq!(
+            route.updates.try_recv().map(|u| u.progress as usize),
+            Ok(sent)
+        );
+        assert_eq!(route.dropped.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn progress_for_no_waiting_call_is_dropped_and_a_dropped_route_unsubscribes() {
+        let routes = ProgressRoutes::default();
+        let token = ProgressToken(rmcp::model::NumberOrString::Number(1));
+        let other = ProgressToken(rmcp::model::NumberOrString::Number(2));
+        let mut route = routes.subscribe(token.clone());
+        routes.route(update(&other, 1));
+        assert!(route.updates.try_recv().is_err());
+        assert_eq!(route.dropped.load(Ordering::Relaxed), 0);
+        drop(route);
+        assert!(routes.lock().is_empty());
+        routes.route(update(&token, 1));
     }
 }
