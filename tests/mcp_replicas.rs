@@ -2,7 +2,8 @@
 //! sticky load balancing. A raw 2025-11-25 client sends each request to the next replica
 //! (round robin) and its session works everywhere, because the session's state is sealed in
 //! its `Mcp-Session-Id`; a forged id, or one used by another tenant, is never served. An
-//! upstream's `tools/list_changed` heard by one replica reaches sessions on the other.
+//! upstream's `tools/list_changed` heard by one replica reaches sessions on the other, and
+//! a session its client ended through one replica ends on the other too.
 
 mod common;
 
@@ -218,6 +219,80 @@ async fn list_changed_heard_by_one_replica_reaches_sessions_on_the_other() -> an
         "the change heard by replica A never reached B's session"
     );
     client.cancel().await?;
+    a.stop().await?;
+    b.stop().await
+}
+
+/// `DELETE` of the client's session on `gw`; the status.
+async fn end_session(gw: &TestGateway, tenant: &CreatedTenant, id: &str) -> anyhow::Result<u16> {
+    let auth = format!("Bearer {}", tenant.api_key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+        ("mcp-session-id", id),
+    ];
+    let url = gw.url(&format!("/mcp/{}", tenant.id));
+    Ok(raw(&gw.http, Method::DELETE, &url, &headers, None)
+        .await?
+        .status
+        .as_u16())
+}
+
+#[tokio::test]
+async fn a_session_ended_through_one_replica_ends_on_every_replica() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let db = Arc::new(FreshDatabase::create().await?);
+    let store = Arc::new(TestStore::Postgres(db));
+    // One session per tenant on each replica: B can open another for the tenant only once
+    // its copy of the ended session is gone.
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 1;
+    let a = TestGateway::start_on(config.clone(), store.clone()).await?;
+    let b = TestGateway::start_on(config, store).await?;
+    let tenant = tenant_on(&a, &upstream).await?;
+    // Opened on A, then served (so copied) by B as well.
+    let mut client = RoundRobin::new([&a, &b], &tenant);
+    let id = initialise(&mut client).await?;
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    for _ in 0..2 {
+        let got = client.post(&list).await?;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    }
+    // B is at its cap for the tenant while it holds its copy.
+    let mut fresh = RoundRobin::new([&b, &a], &tenant);
+    let got = fresh.post(&init_body()).await?;
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.text);
+
+    let status = end_session(&a, &tenant, &id).await?;
+    assert!((200..300).contains(&status), "DELETE answered {status}");
+
+    // B hears of it (NOTIFY): its copy ends, and the id is never rebuilt there.
+    let mut on_b = RoundRobin::new([&b, &b], &tenant);
+    on_b.session = Some(id.clone());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = on_b.post(&list).await?;
+        if got.status == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica B still serves a session its client ended through A"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(on_b.post(&list).await?.status, StatusCode::NOT_FOUND);
+    }
+    // A neither.
+    let mut on_a = RoundRobin::new([&a, &a], &tenant);
+    on_a.session = Some(id);
+    assert_eq!(on_a.post(&list).await?.status, StatusCode::NOT_FOUND);
+    // B's slot came back with its copy.
+    let mut fresh = RoundRobin::new([&b, &b], &tenant);
+    let got = fresh.post(&init_body()).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     a.stop().await?;
     b.stop().await
 }

@@ -6,6 +6,7 @@
 //! `subscriptions/listen` stream, refusing past the caps.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -17,7 +18,7 @@ use futures::StreamExt;
 use rmcp::model::InitializeRequestParams;
 
 use super::sealed::SessionSeal;
-use super::sessions::{with_pending, LimitError, Pending, Reservation, SessionLimits};
+use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
 use crate::auth::{Authenticator, TenantCredentials};
 use crate::http::error::ApiError;
 use crate::http::extract::{api_key_header, bearer};
@@ -111,12 +112,31 @@ async fn with_session(
     Ok(with_pending(Pending::restore(reservation), next.run(req)).await)
 }
 
-/// After a successful `DELETE`, remembers the session as ended so it is not rebuilt here.
+/// After a successful `DELETE`, remembers the session as ended so it is not rebuilt here,
+/// and tells the other replicas, which end their copies of it.
 fn ended_if(gate: &Gate, id: &str, ending: bool, response: Response) -> Response {
     if ending && response.status().is_success() {
-        gate.limits.ended(id);
+        let digest = sessions::digest(id);
+        // This replica's copy, if any, was closed by the DELETE itself.
+        gate.limits.ended(digest.clone());
+        announce_end(gate.store.clone(), digest);
     }
     response
+}
+
+/// How long announcing an ended session to the fleet may take.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One bounded NOTIFY, off the request: a lost announcement leaves another replica's copy
+/// of the session until its idle timeout (the tenant's credential is still checked on
+/// every request it serves).
+fn announce_end(store: crate::store::SharedStore, digest: String) {
+    tokio::spawn(async move {
+        let sent = tokio::time::timeout(ANNOUNCE_TIMEOUT, store.announce_session_end(&digest));
+        if !matches!(sent.await, Ok(Ok(()))) {
+            tracing::warn!("could not announce an ended MCP session to the fleet");
+        }
+    });
 }
 
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {

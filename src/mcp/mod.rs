@@ -18,6 +18,8 @@ use std::sync::Arc;
 use axum::Router;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
 use gate::Gate;
@@ -40,16 +42,45 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         max_body_bytes: config.max_body_bytes,
         store: state.store.clone(),
     };
-    Router::new()
-        .route_service("/mcp/{tenantId}", service(state, limits, seal))
-        .route_layer(axum::middleware::from_fn_with_state(gate, gate::gate))
-}
-
-fn service(state: &AppState, limits: Arc<SessionLimits>, seal: SessionSeal) -> McpService {
-    let config = &state.config;
     let mut local = LocalSessionManager::default();
     // Idle sessions (no message for this long) end, and give their slot back.
     local.session_config.keep_alive = Some(config.mcp_session_idle);
+    let sessions = Arc::new(BoundedSessions::new(local, limits, seal.clone()));
+    state.lifecycle.tasks.spawn(end_copies_ended_elsewhere(
+        state.tenants.remote_session_ends(),
+        sessions.clone(),
+        state.lifecycle.sessions.clone(),
+    ));
+    Router::new()
+        .route_service("/mcp/{tenantId}", service(state, sessions, seal))
+        .route_layer(axum::middleware::from_fn_with_state(gate, gate::gate))
+}
+
+/// Ends this replica's copies of the sessions that clients ended through other replicas
+/// (PostgreSQL fleets), until MCP sessions close. A listener that falls behind misses
+/// some: those copies last until their idle timeout.
+async fn end_copies_ended_elsewhere(
+    mut ends: broadcast::Receiver<String>,
+    sessions: Arc<BoundedSessions>,
+    stop: CancellationToken,
+) {
+    loop {
+        let heard = tokio::select! {
+            _ = stop.cancelled() => return,
+            heard = ends.recv() => heard,
+        };
+        match heard {
+            Ok(digest) => sessions.end_copy(digest).await,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "missed MCP sessions ended on other replicas");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+fn service(state: &AppState, sessions: Arc<BoundedSessions>, seal: SessionSeal) -> McpService {
+    let config = &state.config;
     let sessions_token = state.lifecycle.sessions.clone();
     let mut server_config = StreamableHttpServerConfig::default()
         // The gateway runs behind proxies under names it cannot know; every request must
@@ -73,7 +104,7 @@ fn service(state: &AppState, limits: Arc<SessionLimits>, seal: SessionSeal) -> M
                 audit_arguments,
             ))
         },
-        Arc::new(BoundedSessions::new(local, limits, seal)),
+        sessions,
         server_config,
     )
 }

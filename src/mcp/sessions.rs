@@ -7,6 +7,10 @@
 //! [`BoundedSessions::create_session`] and `restore_session` turn it into an open session,
 //! and `close_session` (DELETE, idle timeout, or the session's end) gives the slot back.
 //! New sessions get a sealed id ([`super::sealed`]) that any replica can rebuild from.
+//!
+//! A session the client ended (`DELETE`) is remembered by its id's digest, so its still
+//! well-sealed id is never rebuilt; on PostgreSQL every replica hears of it
+//! ([`BoundedSessions::end_copy`]), ends its own copy and remembers it too.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -45,9 +49,24 @@ struct State {
     /// Open sessions plus reservations not yet turned into sessions.
     total: usize,
     per_tenant: HashMap<String, usize>,
-    owners: HashMap<SessionId, String>,
-    /// Sessions ended by a `DELETE` here, so their (still well-sealed) ids are not rebuilt.
+    owners: HashMap<SessionId, Owner>,
+    /// Open sessions by their ids' digests, to find the one another replica says ended.
+    by_digest: HashMap<String, SessionId>,
+    /// Digests of sessions clients ended (here or elsewhere), so they are not rebuilt.
     ended: HashMap<String, Instant>,
+}
+
+/// Whose an open session is, and its id's digest.
+struct Owner {
+    tenant: String,
+    digest: String,
+}
+
+/// The digest by which a session id is remembered and announced to the fleet: the id
+/// itself is a credential-bound secret, and long.
+pub fn digest(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(id.as_bytes()))
 }
 
 /// How long this replica remembers a session ended by `DELETE`, and how many it remembers.
@@ -89,12 +108,14 @@ impl SessionLimits {
 
     /// The tenant that opened session `id`, if it is open.
     pub fn owner(&self, id: &str) -> Option<String> {
-        self.lock().owners.get(id).cloned()
+        self.lock().owners.get(id).map(|owner| owner.tenant.clone())
     }
 
-    /// Remembers that the client ended session `id` (DELETE), so this replica does not
-    /// rebuild it from its id. Bounded: expired entries go first; past the cap, the oldest.
-    pub fn ended(&self, id: &str) {
+    /// Remembers that the client ended the session whose id has `digest` (DELETE, here or
+    /// through another replica), so this replica does not rebuild it from its id; returns
+    /// the id of this replica's copy if one is still open, for the caller to close.
+    /// Bounded: expired entries go first; past the cap, the oldest.
+    pub fn ended(&self, digest: String) -> Option<SessionId> {
         let mut state = self.lock();
         let now = Instant::now();
         state
@@ -106,14 +127,18 @@ impl SessionLimits {
                 state.ended.remove(&oldest);
             }
         }
-        state.ended.insert(id.to_owned(), now);
+        let open = state.by_digest.get(&digest).cloned();
+        state.ended.insert(digest, now);
+        open
     }
 
-    /// Whether the client ended session `id` through this replica.
+    /// Whether the client ended session `id` (through this replica, or through another
+    /// that told this one).
     pub fn was_ended(&self, id: &str) -> bool {
+        let digest = digest(id);
         self.lock()
             .ended
-            .get(id)
+            .get(&digest)
             .is_some_and(|at| at.elapsed() < ENDED_TTL)
     }
 
@@ -126,14 +151,18 @@ impl SessionLimits {
 
     fn bind(&self, mut reservation: Reservation, id: SessionId) {
         if let Some(tenant) = reservation.tenant.take() {
-            self.lock().owners.insert(id, tenant);
+            let digest = digest(&id);
+            let mut state = self.lock();
+            state.by_digest.insert(digest.clone(), id.clone());
+            state.owners.insert(id, Owner { tenant, digest });
         }
     }
 
     fn close(&self, id: &SessionId) {
         let mut state = self.lock();
-        if let Some(tenant) = state.owners.remove(id) {
-            release(&mut state, &tenant);
+        if let Some(owner) = state.owners.remove(id) {
+            state.by_digest.remove(&owner.digest);
+            release(&mut state, &owner.tenant);
         }
     }
 }
@@ -233,6 +262,19 @@ impl BoundedSessions {
             inner,
             limits,
             seal,
+        }
+    }
+}
+
+impl BoundedSessions {
+    /// Ends this replica's copy of the session whose id has `digest`, which its client
+    /// ended through another replica, and remembers it as ended.
+    pub async fn end_copy(&self, digest: String) {
+        let Some(id) = self.limits.ended(digest) else {
+            return;
+        };
+        if let Err(error) = self.close_session(&id).await {
+            tracing::debug!(%error, "could not end a copy of a session ended elsewhere");
         }
     }
 }
@@ -347,5 +389,25 @@ mod tests {
         assert_eq!(limits.open("a"), (1, 0));
         drop(b1);
         assert_eq!(limits.open("b"), (0, 0));
+    }
+
+    #[test]
+    fn an_ended_session_is_remembered_by_digest_and_its_open_copy_named() {
+        let limits = SessionLimits::new(3, 3);
+        assert!(!limits.was_ended("s1"));
+        let id: SessionId = "s1".to_owned().into();
+        limits.bind(limits.reserve("a").expect("slot"), id.clone());
+        // Ended elsewhere while open here: the copy to close is named, and the id is ended.
+        assert_eq!(limits.ended(digest("s1")), Some(id.clone()));
+        assert!(limits.was_ended("s1"));
+        assert!(!limits.was_ended("s2"));
+        limits.close(&id);
+        assert_eq!(limits.open("a"), (0, 0));
+        // No copy open: nothing to close, and still ended.
+        assert_eq!(limits.ended(digest("s1")), None);
+        assert_eq!(limits.ended(digest("s2")), None);
+        assert!(limits.was_ended("s2"));
+        assert_eq!(digest("s1").len(), 64);
+        assert_ne!(digest("s1"), digest("s2"));
     }
 }

@@ -9,8 +9,11 @@
 //! cost a rebuild, never leave a replica stale. The same connection also hears
 //! `switchboard_replicas` (replicas joining or leaving, see [`super::replicas`]) and
 //! `switchboard_tool_changes` (a tenant's upstream tool list changed, heard by the replica
-//! named in the payload; the others pass it to their open MCP sessions of that tenant).
+//! named in the payload; the others pass it to their open MCP sessions of that tenant)
+//! and `switchboard_sessions_ended` (a client ended an MCP session through the replica
+//! named in the payload; the others end their copies and never rebuild it).
 //! A tool change missed while disconnected is not replayed: clients re-list on reconnect.
+//! Nor is a session end: a copy of it here then lasts until its idle timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,10 +32,13 @@ pub const TENANTS_CHANNEL: &str = "switchboard_tenants";
 pub const REPLICAS_CHANNEL: &str = "switchboard_replicas";
 /// The channel upstream tool-list changes are announced on; payload `<origin>/<tenant id>`.
 pub const TOOLS_CHANNEL: &str = "switchboard_tool_changes";
+/// The channel ended MCP sessions are announced on; payload `<origin>/<session id digest>`.
+pub const SESSIONS_CHANNEL: &str = "switchboard_sessions_ended";
 
-/// The payload of a tool-list change of `tenant_id` announced by replica `origin`.
-pub fn tool_change_payload(origin: &str, tenant_id: &str) -> String {
-    format!("{origin}/{tenant_id}")
+/// The payload of an announcement about `subject` (a tenant id, a session digest) made by
+/// replica `origin`.
+pub fn origin_payload(origin: &str, subject: &str) -> String {
+    format!("{origin}/{subject}")
 }
 
 /// Waits between reconnect attempts grow from this to [`RECONNECT_MAX`].
@@ -96,8 +102,10 @@ async fn session(config: &tokio_postgres::Config, sinks: &Sinks, attempt: &mut u
     };
     // The connection only makes progress while polled; its messages are our notifications.
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
-    let statement =
-        format!("LISTEN {TENANTS_CHANNEL}; LISTEN {REPLICAS_CHANNEL}; LISTEN {TOOLS_CHANNEL}");
+    let statement = format!(
+        "LISTEN {TENANTS_CHANNEL}; LISTEN {REPLICAS_CHANNEL}; LISTEN {TOOLS_CHANNEL}; \
+         LISTEN {SESSIONS_CHANNEL}"
+    );
     let listening = client.batch_execute(&statement);
     tokio::pin!(listening);
     loop {
@@ -134,12 +142,16 @@ fn deliver(
             match n.channel() {
                 TENANTS_CHANNEL => sinks.feed.publish(n.payload()),
                 REPLICAS_CHANNEL => sinks.replicas_changed.notify_one(),
-                TOOLS_CHANNEL => match n.payload().split_once('/') {
-                    Some((origin, tenant)) if origin != &*sinks.origin => {
+                TOOLS_CHANNEL => {
+                    if let Some(tenant) = from_elsewhere(n.payload(), sinks) {
                         sinks.feed.publish_tools_changed(tenant)
                     }
-                    _ => {}
-                },
+                }
+                SESSIONS_CHANNEL => {
+                    if let Some(digest) = from_elsewhere(n.payload(), sinks) {
+                        sinks.feed.publish_session_ended(digest)
+                    }
+                }
                 _ => {}
             }
             None
@@ -147,5 +159,14 @@ fn deliver(
         Some(Ok(_)) => None,
         Some(Err(e)) => Some(ListenError::Lost(super::postgres::describe(&e))),
         None => Some(ListenError::Closed),
+    }
+}
+
+/// The subject of an [`origin_payload`] announced by another replica; `None` for this
+/// replica's own announcements (it acted on them already) and for malformed payloads.
+fn from_elsewhere<'a>(payload: &'a str, sinks: &Sinks) -> Option<&'a str> {
+    match payload.split_once('/') {
+        Some((origin, subject)) if origin != &*sinks.origin => Some(subject),
+        _ => None,
     }
 }

@@ -184,6 +184,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Tells the other replicas that a client ended the MCP session whose id has `digest`,
+    /// so they end their copies of it and never rebuild it (PostgreSQL NOTIFY). Nothing to
+    /// do for a store no other process shares (SQLite).
+    async fn announce_session_end(&self, _digest: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
     /// The task that keeps `replicas` equal to the number of live replicas on this
     /// database (for fleet-wide rate limits); it ends on `shutdown`. `None` alone.
     fn replica_heartbeat(

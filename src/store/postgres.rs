@@ -123,6 +123,15 @@ impl PostgresStore {
         let row = client.query_opt(&stmt, params).await.map_err(db_err)?;
         row.as_ref().map(tenant_row).transpose()
     }
+
+    /// Sends one fleet announcement (`notify`, a `pg_notify` statement) about `subject`,
+    /// signed with this replica's origin so that its own listener skips it.
+    async fn announce(&self, notify: &str, subject: &str) -> StoreResult<()> {
+        let payload = change_feed::origin_payload(&self.origin, subject);
+        let client = self.client().await?;
+        client.execute(notify, &[&payload]).await.map_err(db_err)?;
+        Ok(())
+    }
 }
 
 fn pool_err(e: PoolError) -> StoreError {
@@ -249,6 +258,9 @@ const NOTIFY_TENANT: &str = "SELECT pg_notify('switchboard_tenants', $1)";
 /// A tenant's upstream tool list changed; the payload is `<origin>/<tenant id>`.
 const NOTIFY_TOOLS: &str = "SELECT pg_notify('switchboard_tool_changes', $1)";
 
+/// A client ended an MCP session; the payload is `<origin>/<session id digest>`.
+const NOTIFY_SESSION_END: &str = "SELECT pg_notify('switchboard_sessions_ended', $1)";
+
 /// The statement notifies in the same transaction as the delete.
 const DELETE_TENANT: &str =
     "DELETE FROM tenants WHERE id = $1 RETURNING pg_notify('switchboard_tenants', id)";
@@ -301,13 +313,11 @@ impl Store for PostgresStore {
     }
 
     async fn announce_tool_change(&self, tenant_id: &str) -> StoreResult<()> {
-        let payload = change_feed::tool_change_payload(&self.origin, tenant_id);
-        let client = self.client().await?;
-        client
-            .execute(NOTIFY_TOOLS, &[&payload])
-            .await
-            .map_err(db_err)?;
-        Ok(())
+        self.announce(NOTIFY_TOOLS, tenant_id).await
+    }
+
+    async fn announce_session_end(&self, digest: &str) -> StoreResult<()> {
+        self.announce(NOTIFY_SESSION_END, digest).await
     }
 
     fn replica_heartbeat(

@@ -89,12 +89,14 @@ pub enum TenantChange {
 /// Fed locally by [`admin`] and, on PostgreSQL, by the fleet listener with the changes
 /// other replicas made ([`crate::store::change_feed`]).
 ///
-/// It also carries "tenant X's upstream tool list changed", heard by another replica, to
-/// this replica's open MCP sessions of that tenant.
+/// It also carries what other replicas heard that this one's MCP sessions must know:
+/// "tenant X's upstream tool list changed" (for its open sessions), and "the client ended
+/// the MCP session with this digest" (so this replica's copy of it ends too).
 #[derive(Clone)]
 pub struct ChangeFeed {
     sender: broadcast::Sender<TenantChange>,
     tools: broadcast::Sender<String>,
+    sessions_ended: broadcast::Sender<String>,
 }
 
 impl ChangeFeed {
@@ -102,7 +104,12 @@ impl ChangeFeed {
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
         let (tools, _) = broadcast::channel(capacity.max(1));
-        Self { sender, tools }
+        let (sessions_ended, _) = broadcast::channel(capacity.max(1));
+        Self {
+            sender,
+            tools,
+            sessions_ended,
+        }
     }
 
     pub fn publish(&self, tenant_id: &str) {
@@ -128,5 +135,16 @@ impl ChangeFeed {
     /// Tenant ids whose tool lists changed, as heard from other replicas.
     pub fn subscribe_tools(&self) -> broadcast::Receiver<String> {
         self.tools.subscribe()
+    }
+
+    /// A client ended, through another replica, the MCP session whose id has this digest.
+    pub fn publish_session_ended(&self, digest: &str) {
+        // No MCP endpoint listening is fine: no copies of sessions to end.
+        let _ = self.sessions_ended.send(digest.to_owned());
+    }
+
+    /// Digests of MCP session ids that clients ended through other replicas.
+    pub fn subscribe_sessions_ended(&self) -> broadcast::Receiver<String> {
+        self.sessions_ended.subscribe()
     }
 }

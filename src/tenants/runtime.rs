@@ -193,6 +193,12 @@ impl TenantRuntime {
         self.changes.subscribe_tools()
     }
 
+    /// Digests of MCP session ids whose clients ended them through other replicas
+    /// (PostgreSQL fleets), for this replica to end its copies.
+    pub fn remote_session_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe_sessions_ended()
+    }
+
     /// Stops every tenant actor (their audit buffers are flushed) and then the registry.
     pub async fn shutdown(&self) {
         let wait = self.settings.stop_grace + Duration::from_secs(2);
