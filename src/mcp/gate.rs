@@ -6,7 +6,6 @@
 //! `subscriptions/listen` stream, refusing past the caps.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -119,24 +118,14 @@ fn ended_if(gate: &Gate, id: &str, ending: bool, response: Response) -> Response
         let digest = sessions::digest(id);
         // This replica's copy, if any, was closed by the DELETE itself.
         gate.limits.ended(digest.clone());
-        announce_end(gate.store.clone(), digest);
+        // Lost, it leaves another replica's copy of the session until its idle timeout
+        // (the tenant's credential is still checked on every request that copy serves).
+        let store = gate.store.clone();
+        crate::store::announce_in_background("an ended MCP session".into(), async move {
+            store.announce_session_end(&digest).await
+        });
     }
     response
-}
-
-/// How long announcing an ended session to the fleet may take.
-const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One bounded NOTIFY, off the request: a lost announcement leaves another replica's copy
-/// of the session until its idle timeout (the tenant's credential is still checked on
-/// every request it serves).
-fn announce_end(store: crate::store::SharedStore, digest: String) {
-    tokio::spawn(async move {
-        let sent = tokio::time::timeout(ANNOUNCE_TIMEOUT, store.announce_session_end(&digest));
-        if !matches!(sent.await, Ok(Ok(()))) {
-            tracing::warn!("could not announce an ended MCP session to the fleet");
-        }
-    });
 }
 
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {

@@ -264,9 +264,7 @@ impl BoundedSessions {
             seal,
         }
     }
-}
 
-impl BoundedSessions {
     /// Ends this replica's copy of the session whose id has `digest`, which its client
     /// ended through another replica, and remembers it as ended.
     pub async fn end_copy(&self, digest: String) {

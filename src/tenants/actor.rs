@@ -19,9 +19,6 @@ use super::RuntimeSettings;
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
 
-/// How long announcing a tool-list change to the other replicas may take.
-const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub struct TenantActor;
 
 pub struct TenantArgs {
@@ -515,21 +512,13 @@ impl TenantState {
     }
 
     /// Tells the other replicas (PostgreSQL NOTIFY) so their sessions of this tenant hear
-    /// the change too. One bounded statement, not a loop: it ends within
-    /// [`ANNOUNCE_TIMEOUT`] whatever the database does; a lost announcement only delays
-    /// other replicas' clients until they list tools again.
+    /// the change too; a lost announcement only delays other replicas' clients until they
+    /// list tools again.
     fn announce_tool_change(&self) {
         let (store, tenant_id) = (self.store.clone(), self.tenant_id.clone());
-        tokio::spawn(async move {
-            let sent =
-                tokio::time::timeout(ANNOUNCE_TIMEOUT, store.announce_tool_change(&tenant_id))
-                    .await;
-            if !matches!(sent, Ok(Ok(()))) {
-                tracing::warn!(
-                    tenant_id,
-                    "could not announce a tool-list change to the fleet"
-                );
-            }
+        let what = format!("a tool-list change of tenant {tenant_id}");
+        crate::store::announce_in_background(what, async move {
+            store.announce_tool_change(&tenant_id).await
         });
     }
 
