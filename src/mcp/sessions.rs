@@ -60,6 +60,9 @@ struct State {
 struct Owner {
     tenant: String,
     digest: String,
+    /// Ended by its client through another replica, and being closed here: the gate
+    /// treats it as ended already rather than hand rmcp a session about to go.
+    ending: bool,
 }
 
 /// The digest by which a session id is remembered and announced to the fleet: the id
@@ -106,9 +109,11 @@ impl SessionLimits {
         })
     }
 
-    /// The tenant that opened session `id`, if it is open.
+    /// The tenant that opened session `id`, if it is open (and not being ended).
     pub fn owner(&self, id: &str) -> Option<String> {
-        self.lock().owners.get(id).map(|owner| owner.tenant.clone())
+        let state = self.lock();
+        let owner = state.owners.get(id).filter(|owner| !owner.ending)?;
+        Some(owner.tenant.clone())
     }
 
     /// Remembers that the client ended the session whose id has `digest` (DELETE, here or
@@ -116,7 +121,8 @@ impl SessionLimits {
     /// the id of this replica's copy if one is still open, for the caller to close.
     /// Bounded: expired entries go first; past the cap, the oldest.
     pub fn ended(&self, digest: String) -> Option<SessionId> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let now = Instant::now();
         state
             .ended
@@ -128,6 +134,9 @@ impl SessionLimits {
             }
         }
         let open = state.by_digest.get(&digest).cloned();
+        if let Some(owner) = open.as_ref().and_then(|id| state.owners.get_mut(id)) {
+            owner.ending = true;
+        }
         state.ended.insert(digest, now);
         open
     }
@@ -154,7 +163,12 @@ impl SessionLimits {
             let digest = digest(&id);
             let mut state = self.lock();
             state.by_digest.insert(digest.clone(), id.clone());
-            state.owners.insert(id, Owner { tenant, digest });
+            let owner = Owner {
+                tenant,
+                digest,
+                ending: false,
+            };
+            state.owners.insert(id, owner);
         }
     }
 
@@ -395,9 +409,11 @@ mod tests {
         assert!(!limits.was_ended("s1"));
         let id: SessionId = "s1".to_owned().into();
         limits.bind(limits.reserve("a").expect("slot"), id.clone());
-        // Ended elsewhere while open here: the copy to close is named, and the id is ended.
+        // Ended elsewhere while open here: the copy to close is named, and the id is ended
+        // (no longer served as open) while it closes.
         assert_eq!(limits.ended(digest("s1")), Some(id.clone()));
         assert!(limits.was_ended("s1"));
+        assert_eq!(limits.owner("s1"), None);
         assert!(!limits.was_ended("s2"));
         limits.close(&id);
         assert_eq!(limits.open("a"), (0, 0));
