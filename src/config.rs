@@ -549,6 +549,13 @@ mod tests {
         Cli::try_parse_from(all).expect("flags parse").raw
     }
 
+    /// A development secrets file in a fresh temporary folder (kept while the guard lives).
+    fn dev_secrets_file() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secrets").to_str().unwrap().to_owned();
+        (dir, file)
+    }
+
     #[test]
     fn production_names_the_missing_secret() {
         let err = raw(&["--app-env", "production"]).validate().unwrap_err();
@@ -600,9 +607,8 @@ mod tests {
 
     #[test]
     fn development_generates_secrets_once_and_keeps_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("secrets");
-        let file = file.to_str().unwrap();
+        let (_dir, file) = dev_secrets_file();
+        let file = file.as_str();
         let (first, generated) = raw(&["--dev-secrets-file", file]).validate().unwrap();
         assert_eq!(
             generated.names,
@@ -625,9 +631,8 @@ mod tests {
 
     #[test]
     fn worker_threads_is_a_positive_count_or_unset() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("secrets");
-        let file = file.to_str().unwrap();
+        let (_dir, file) = dev_secrets_file();
+        let file = file.as_str();
         let (config, _) = raw(&["--dev-secrets-file", file]).validate().unwrap();
         assert_eq!(config.worker_threads, None);
         let (config, _) = raw(&["--dev-secrets-file", file, "--worker-threads", "1"])
