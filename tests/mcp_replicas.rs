@@ -266,32 +266,160 @@ async fn a_session_ended_through_one_replica_ends_on_every_replica() -> anyhow::
     let status = end_session(&a, &tenant, &id).await?;
     assert!((200..300).contains(&status), "DELETE answered {status}");
 
-    // B hears of it (NOTIFY) and ends its copy: its slot comes back. (Asked with new
-    // sessions, not the ended one, so that no request of that session is in flight on B
-    // while its copy closes.)
-    let mut fresh = RoundRobin::new([&b, &b], &tenant);
+    // B hears of it (NOTIFY) and ends its copy: its slot comes back.
+    wait_for_slot(
+        &b,
+        &tenant,
+        "replica B still holds a session its client ended through A",
+    )
+    .await?;
+    // And the ended id is never rebuilt: not on B, not on A.
+    for gw in [&b, &a] {
+        assert_not_served(gw, &tenant, &id).await?;
+    }
+    a.stop().await?;
+    b.stop().await
+}
+
+/// Waits (bounded) until `gw` has a session slot for `tenant` again, which it lacks while
+/// it holds its copy of an ended session (at one session per tenant). Asked with new
+/// sessions, not the ended one, so that no request of that session is in flight while the
+/// copy closes.
+async fn wait_for_slot(gw: &TestGateway, tenant: &CreatedTenant, why: &str) -> anyhow::Result<()> {
+    let mut fresh = RoundRobin::new([gw, gw], tenant);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let got = fresh.post(&init_body()).await?;
         if got.status == StatusCode::OK {
-            break;
+            return Ok(());
         }
         assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.text);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "replica B still holds a session its client ended through A"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{why}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // And the ended id is never rebuilt: not on B, not on A.
-    for gw in [&b, &a] {
-        let mut ended = RoundRobin::new([gw, gw], &tenant);
-        ended.session = Some(id.clone());
-        for _ in 0..2 {
-            let got = ended.post(&list).await?;
-            assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
-        }
+}
+
+/// Asserts that `gw` answers 404 for session `id`, twice (the second time from what the
+/// first taught it).
+async fn assert_not_served(
+    gw: &TestGateway,
+    tenant: &CreatedTenant,
+    id: &str,
+) -> anyhow::Result<()> {
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let mut ended = RoundRobin::new([gw, gw], tenant);
+    ended.session = Some(id.to_owned());
+    for _ in 0..2 {
+        let got = ended.post(&list).await?;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
     }
-    a.stop().await?;
-    b.stop().await
+    Ok(())
+}
+
+/// Ends every fleet listener's connection to the database at `url` (all replicas') and
+/// waits until those connections are gone, so that what is announced next is lost to them.
+/// The listeners reconnect on their own after their back-off (125 ms at the least).
+async fn drop_listeners(url: &str) -> anyhow::Result<()> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND datname = current_database() AND query LIKE 'LISTEN %'",
+            &[],
+        )
+        .await?;
+    let pids: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
+    anyhow::ensure!(!pids.is_empty(), "no fleet listener was connected");
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid",
+            &[&pids],
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners' connections did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_end_missed_by_a_replica_is_caught_up_and_never_rebuilt() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let db = Arc::new(FreshDatabase::create().await?);
+    let url = db.url.clone();
+    let store = Arc::new(TestStore::Postgres(db));
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 1;
+    let a = TestGateway::start_on(config.clone(), store.clone()).await?;
+    let b = TestGateway::start_on(config.clone(), store.clone()).await?;
+    let tenant = tenant_on(&a, &upstream).await?;
+    // A session opened on A and copied to B, as in the test above.
+    let mut client = RoundRobin::new([&a, &b], &tenant);
+    let id = initialise(&mut client).await?;
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let got = client.post(&list).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+
+    // The session ends while no replica listens: B never hears the announcement.
+    drop_listeners(&url).await?;
+    let status = end_session(&a, &tenant, &id).await?;
+    assert!((200..300).contains(&status), "DELETE answered {status}");
+    // B's listener reconnects, checks its open copies against the record, ends this one.
+    wait_for_slot(&b, &tenant, "replica B kept a session whose end it missed").await?;
+    assert_not_served(&b, &tenant, &id).await?;
+
+    // A replica started after the end heard nothing of it; the record is enough. A session
+    // still open is rebuilt there as usual.
+    let mut live = RoundRobin::new([&a, &a], &tenant);
+    let live_id = initialise(&mut live).await?;
+    let c = TestGateway::start_on(config, store).await?;
+    assert_not_served(&c, &tenant, &id).await?;
+    let mut on_c = RoundRobin::new([&c, &c], &tenant);
+    on_c.session = Some(live_id);
+    let got = on_c.post(&list).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    for gw in [a, b, c] {
+        gw.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_its_client_ended_stays_ended_after_a_restart() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let store = Arc::new(TestStore::Sqlite(tempfile::tempdir()?));
+    let first = TestGateway::start_on(Config::for_tests(), store.clone()).await?;
+    let tenant = tenant_on(&first, &upstream).await?;
+    let ended = initialise(&mut RoundRobin::new([&first, &first], &tenant)).await?;
+    let kept = initialise(&mut RoundRobin::new([&first, &first], &tenant)).await?;
+    let status = end_session(&first, &tenant, &ended).await?;
+    assert!((200..300).contains(&status), "DELETE answered {status}");
+    first.stop().await?;
+
+    let second = TestGateway::start_on(Config::for_tests(), store).await?;
+    assert_not_served(&second, &tenant, &ended).await?;
+    let mut client = RoundRobin::new([&second, &second], &tenant);
+    client.session = Some(kept);
+    let got = client.post(&call(3, "still here")).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(got.text.contains("still here"), "{}", got.text);
+    second.stop().await
 }

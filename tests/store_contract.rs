@@ -154,6 +154,9 @@ async fn run_suite(store: &dyn Store) -> Result<()> {
     check_prune_audit(store)
         .await
         .context(format!("{b}: prune"))?;
+    check_ended_sessions(store)
+        .await
+        .context(format!("{b}: ended sessions"))?;
     Ok(())
 }
 
@@ -614,5 +617,35 @@ async fn check_prune_audit(store: &dyn Store) -> Result<()> {
         "{left:#?}"
     );
     ensure!(store.prune_audit(cutoff).await? == 0);
+    Ok(())
+}
+
+async fn check_ended_sessions(store: &dyn Store) -> Result<()> {
+    let (ended, open, old) = (
+        format!("ended-{}", tag()),
+        format!("open-{}", tag()),
+        format!("old-{}", tag()),
+    );
+    let now = now()?;
+    let day_ago = now - chrono::Duration::hours(25);
+    ensure!(store.ended_sessions(&[]).await?.is_empty());
+    store.end_session(&ended, now, day_ago).await?;
+    // Ending it again (a retried DELETE) is fine and changes nothing.
+    store.end_session(&ended, now, day_ago).await?;
+    let asked = [open.clone(), ended.clone()];
+    ensure!(store.ended_sessions(&asked).await? == vec![ended.clone()]);
+    // A record older than the cut is removed by the next end.
+    store
+        .end_session(&old, now - chrono::Duration::hours(30), day_ago)
+        .await?;
+    ensure!(store.ended_sessions(std::slice::from_ref(&old)).await? == vec![old.clone()]);
+    store.end_session(&open, now, day_ago).await?;
+    let mut left = store
+        .ended_sessions(&[old.clone(), ended.clone(), open.clone()])
+        .await?;
+    left.sort();
+    let mut want = vec![ended, open];
+    want.sort();
+    ensure!(left == want, "{left:?}");
     Ok(())
 }

@@ -2,8 +2,9 @@
 //! (401 with `WWW-Authenticate: Bearer`, 403 for another tenant's credential or a disabled
 //! tenant), so no session exists for a refused caller; keeps a session to the tenant that
 //! opened it (the tenant sealed in its id, [`super::sealed`], when another replica opened
-//! it); and reserves a session slot for an `initialize`, a session rebuilt here or a
-//! `subscriptions/listen` stream, refusing past the caps.
+//! it); records a session's end (`DELETE`) in the store, and never rebuilds a session the
+//! store records as ended; and reserves a session slot for an `initialize`, a session
+//! rebuilt here or a `subscriptions/listen` stream, refusing past the caps.
 
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use futures::StreamExt;
 
 use rmcp::model::InitializeRequestParams;
 
-use super::sealed::SessionSeal;
+use super::sealed::{SessionSeal, SESSION_ID_LIFETIME};
 use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
 use crate::auth::{Authenticator, TenantCredentials};
 use crate::http::error::ApiError;
@@ -31,7 +32,7 @@ pub struct Gate {
     pub limits: Arc<SessionLimits>,
     pub seal: SessionSeal,
     pub max_body_bytes: usize,
-    /// For the audit trail of refused credentials.
+    /// For the audit trail of refused credentials, and the record of ended sessions.
     pub store: crate::store::SharedStore,
 }
 
@@ -81,7 +82,8 @@ fn no_session() -> ApiError {
 
 /// A request in a session. A session is used only by the tenant that opened it; to any other
 /// it does not exist. One not open on this replica is rebuilt here (by rmcp, through our
-/// session store and manager) if its id opens and names this tenant.
+/// session store and manager) if its id opens, names this tenant, and its client has not
+/// ended it.
 async fn with_session(
     gate: &Gate,
     tenant_id: &str,
@@ -94,7 +96,10 @@ async fn with_session(
         if owner != tenant_id {
             return Err(no_session());
         }
-        return Ok(ended_if(gate, id, ending, next.run(req).await));
+        if ending {
+            return end(gate, id, req, next).await;
+        }
+        return Ok(next.run(req).await);
     }
     if gate.limits.was_ended(id) {
         return Err(no_session());
@@ -105,27 +110,39 @@ async fn with_session(
     }
     // Ending a session needs no copy of it here.
     if ending {
-        return Ok(ended_if(gate, id, true, next.run(req).await));
+        return end(gate, id, req, next).await;
+    }
+    // Ended through another replica, or before this one restarted: the store remembers.
+    let digest = sessions::digest(id);
+    if !gate
+        .store
+        .ended_sessions(std::slice::from_ref(&digest))
+        .await?
+        .is_empty()
+    {
+        gate.limits.ended(digest);
+        return Err(no_session());
     }
     let reservation = reserve(gate, tenant_id)?;
     Ok(with_pending(Pending::restore(reservation), next.run(req)).await)
 }
 
-/// After a successful `DELETE`, remembers the session as ended so it is not rebuilt here,
-/// and tells the other replicas, which end their copies of it.
-fn ended_if(gate: &Gate, id: &str, ending: bool, response: Response) -> Response {
-    if ending && response.status().is_success() {
-        let digest = sessions::digest(id);
-        // This replica's copy, if any, was closed by the DELETE itself.
-        gate.limits.ended(digest.clone());
-        // Lost, it leaves another replica's copy of the session until its idle timeout
-        // (the tenant's credential is still checked on every request that copy serves).
-        let store = gate.store.clone();
-        crate::store::announce_in_background("an ended MCP session".into(), async move {
-            store.announce_session_end(&digest).await
-        });
-    }
-    response
+/// Ends session `id` for its client (`DELETE`). The end is recorded in the store first, so
+/// that no replica rebuilds the session from its id (this one after a restart included) and,
+/// on PostgreSQL, in the same transaction every other replica is told to end its copy. If
+/// it cannot be recorded the session stays open and the client may try again (503).
+async fn end(gate: &Gate, id: &str, req: Request, next: Next) -> Result<Response, ApiError> {
+    let digest = sessions::digest(id);
+    let now = chrono::Utc::now();
+    // Past the id's lifetime it no longer opens, so its record is no longer needed (an hour
+    // more allows for replicas' clocks being apart).
+    let kept_secs = SESSION_ID_LIFETIME.as_secs() + 60 * 60;
+    let forget_before = now - chrono::Duration::seconds(kept_secs as i64);
+    gate.store.end_session(&digest, now, forget_before).await?;
+    // rmcp closes this replica's copy, if it has one.
+    let response = next.run(req).await;
+    gate.limits.ended(digest);
+    Ok(response)
 }
 
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {

@@ -22,6 +22,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::AppState;
+use crate::store::SharedStore;
+use crate::tenants::SessionEnd;
 use gate::Gate;
 use handler::TenantMcp;
 use sealed::{SealedSessionStore, SessionSeal};
@@ -49,6 +51,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     state.lifecycle.tasks.spawn(end_copies_ended_elsewhere(
         state.tenants.remote_session_ends(),
         sessions.clone(),
+        state.store.clone(),
         state.lifecycle.sessions.clone(),
     ));
     Router::new()
@@ -57,11 +60,13 @@ pub fn routes(state: &AppState) -> Router<AppState> {
 }
 
 /// Ends this replica's copies of the sessions that clients ended through other replicas
-/// (PostgreSQL fleets), until MCP sessions close. A listener that falls behind misses
-/// some: those copies last until their idle timeout.
+/// (PostgreSQL fleets), until MCP sessions close. When some ends may have been missed (the
+/// fleet listener reconnected, or this task fell behind it), every open copy is checked
+/// against the store's record of ended sessions instead.
 async fn end_copies_ended_elsewhere(
-    mut ends: broadcast::Receiver<String>,
+    mut ends: broadcast::Receiver<SessionEnd>,
     sessions: Arc<BoundedSessions>,
+    store: SharedStore,
     stop: CancellationToken,
 ) {
     loop {
@@ -70,11 +75,33 @@ async fn end_copies_ended_elsewhere(
             heard = ends.recv() => heard,
         };
         match heard {
-            Ok(digest) => sessions.end_copy(digest).await,
+            Ok(SessionEnd::One(digest)) => sessions.end_copy(digest).await,
+            Ok(SessionEnd::Recheck) => recheck_copies(&sessions, &store).await,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "missed MCP sessions ended on other replicas");
+                tracing::warn!(
+                    missed,
+                    "fell behind the MCP sessions ended on other replicas"
+                );
+                recheck_copies(&sessions, &store).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Ends the copies open here of sessions the store records as ended. Should the store not
+/// answer, the copies last until their idle timeout (the tenant's credential is still
+/// checked on every request they serve).
+async fn recheck_copies(sessions: &BoundedSessions, store: &SharedStore) {
+    let open = sessions.open_digests();
+    match store.ended_sessions(&open).await {
+        Ok(ended) => {
+            for digest in ended {
+                sessions.end_copy(digest).await;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not check open MCP sessions against ended ones")
         }
     }
 }

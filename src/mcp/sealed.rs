@@ -4,9 +4,16 @@
 //! client info). Any replica can open it and rebuild the session, so a fleet needs no
 //! sticky load balancing and no shared session table.
 //!
-//! An id that does not open (forged, garbled, another key) is simply unknown: rmcp answers
-//! 404 "session not found" and the client initialises again. The associated data is a label
+//! An id opens for [`SESSION_ID_LIFETIME`] after it was sealed. That bounds how long the
+//! fleet must remember a session its client ended (`DELETE`, see [`super::sessions`]), and
+//! what a leaked id is worth. The replica that holds a session keeps serving it past that
+//! age; only rebuilding it elsewhere (or after a restart) needs a fresh id.
+//!
+//! An id that does not open (forged, garbled, another key, too old) is simply unknown: rmcp
+//! answers 404 "session not found" and the client initialises again. The associated data is a label
 //! of its own, so a sealed upstream token can never pass for a session id or the reverse.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use rmcp::model::InitializeRequestParams;
@@ -18,7 +25,12 @@ use serde::{Deserialize, Serialize};
 use crate::cipher::TokenCipher;
 
 /// Associated data of every sealed session id; bump the version to invalidate all ids.
-const SESSION_AAD: &[u8] = b"switchboard/mcp-session-id/v1";
+/// (v2 added the time of issue: v1 ids, which have none, no longer open.)
+const SESSION_AAD: &[u8] = b"switchboard/mcp-session-id/v2";
+
+/// How long after it was sealed a session id can still be opened (to rebuild the session
+/// on a replica that does not hold it).
+pub const SESSION_ID_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Longest id we try to open: a bound on work for garbage headers (real ids are far
 /// shorter unless a client sends enormous capabilities).
@@ -33,6 +45,24 @@ pub struct SessionClaims {
     /// The client's `initialize` parameters, replayed when another replica rebuilds it.
     #[serde(rename = "p")]
     pub params: InitializeRequestParams,
+    /// When the id was sealed, in seconds since the Unix epoch (the sealing replica's clock).
+    #[serde(rename = "i")]
+    pub issued: u64,
+}
+
+impl SessionClaims {
+    /// The claims of a session `tenant` opens now with `params`.
+    pub fn new(tenant: String, params: InitializeRequestParams) -> Self {
+        Self {
+            tenant,
+            params,
+            issued: unix_seconds(SystemTime::now()),
+        }
+    }
+}
+
+fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Seals and opens session ids.
@@ -62,8 +92,14 @@ impl SessionSeal {
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
     }
 
-    /// The claims of a session id sealed under this key, or `None` for anything else.
+    /// The claims of a session id sealed under this key within [`SESSION_ID_LIFETIME`], or
+    /// `None` for anything else.
     pub fn open(&self, id: &str) -> Option<SessionClaims> {
+        self.open_at(id, SystemTime::now())
+    }
+
+    /// [`Self::open`] as of `now`.
+    fn open_at(&self, id: &str, now: SystemTime) -> Option<SessionClaims> {
         if id.len() > MAX_ID_LEN {
             return None;
         }
@@ -71,7 +107,10 @@ impl SessionSeal {
             .decode(id)
             .ok()?;
         let plain = self.cipher.open_bytes(SESSION_AAD, &sealed).ok()?;
-        serde_json::from_slice(&plain).ok()
+        let claims: SessionClaims = serde_json::from_slice(&plain).ok()?;
+        // An id from a replica whose clock runs ahead counts as new.
+        let age = unix_seconds(now).saturating_sub(claims.issued);
+        (age <= SESSION_ID_LIFETIME.as_secs()).then_some(claims)
     }
 }
 
@@ -114,10 +153,10 @@ mod tests {
         let params = serde_json::json!({"protocolVersion": "2025-11-25",
             "capabilities": {"roots": {"listChanged": true}},
             "clientInfo": {"name": "c", "version": "1"}});
-        SessionClaims {
-            tenant: "acme".into(),
-            params: serde_json::from_value(params).expect("params"),
-        }
+        SessionClaims::new(
+            "acme".into(),
+            serde_json::from_value(params).expect("params"),
+        )
     }
 
     #[test]
@@ -149,5 +188,18 @@ mod tests {
         let token = cipher.seal("acme", &Secret::new("{}")).expect("seal");
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
         assert!(seal.open(&token).is_none());
+    }
+
+    #[test]
+    fn an_id_opens_for_its_lifetime_and_not_after() {
+        let seal = SessionSeal::new(TokenCipher::new(&[3; 32]));
+        let id = seal.seal(&claims()).expect("seal");
+        let now = SystemTime::now();
+        let day = SESSION_ID_LIFETIME;
+        let hour = Duration::from_secs(3600);
+        assert!(seal.open_at(&id, now + day - hour).is_some());
+        assert!(seal.open_at(&id, now + day + hour).is_none());
+        // Sealed by a replica whose clock is ahead: still open.
+        assert!(seal.open_at(&id, now - hour).is_some());
     }
 }

@@ -8,9 +8,10 @@
 //! and `close_session` (DELETE, idle timeout, or the session's end) gives the slot back.
 //! New sessions get a sealed id ([`super::sealed`]) that any replica can rebuild from.
 //!
-//! A session the client ended (`DELETE`) is remembered by its id's digest, so its still
-//! well-sealed id is never rebuilt; on PostgreSQL every replica hears of it
-//! ([`BoundedSessions::end_copy`]), ends its own copy and remembers it too.
+//! A session the client ended (`DELETE`) is recorded in the store by its id's digest (see
+//! the gate), so its still well-sealed id is never rebuilt; on PostgreSQL every replica
+//! hears of it ([`BoundedSessions::end_copy`]) and ends its own copy. Here the digests are
+//! remembered too, so an ended id asked for again costs no query.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use rmcp::transport::streamable_http_server::session::{
 };
 use rmcp::transport::WorkerTransport;
 
-use super::sealed::{SealError, SessionClaims, SessionSeal};
+use super::sealed::{SealError, SessionClaims, SessionSeal, SESSION_ID_LIFETIME};
 
 /// Which bound a new session would cross.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,8 +73,10 @@ pub fn digest(id: &str) -> String {
     hex::encode(Sha256::digest(id.as_bytes()))
 }
 
-/// How long this replica remembers a session ended by `DELETE`, and how many it remembers.
-const ENDED_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long this replica remembers a session ended by `DELETE` (past that its id no longer
+/// opens), and how many it remembers; the store's record, which the gate asks before it
+/// rebuilds a session, is the full one.
+const ENDED_TTL: Duration = SESSION_ID_LIFETIME;
 const ENDED_MAX: usize = 100_000;
 
 impl SessionLimits {
@@ -149,6 +152,13 @@ impl SessionLimits {
             .ended
             .get(&digest)
             .is_some_and(|at| at.elapsed() < ENDED_TTL)
+    }
+
+    /// The digests of the sessions open here (not those being ended).
+    pub fn open_digests(&self) -> Vec<String> {
+        let state = self.lock();
+        let open = state.owners.values().filter(|owner| !owner.ending);
+        open.map(|owner| owner.digest.clone()).collect()
     }
 
     /// Sessions open (and reserved) now, in total and for `tenant`.
@@ -279,6 +289,11 @@ impl BoundedSessions {
         }
     }
 
+    /// The digests of the sessions open here.
+    pub fn open_digests(&self) -> Vec<String> {
+        self.limits.open_digests()
+    }
+
     /// Ends this replica's copy of the session whose id has `digest`, which its client
     /// ended through another replica, and remembers it as ended.
     pub async fn end_copy(&self, digest: String) {
@@ -298,10 +313,8 @@ impl SessionManager for BoundedSessions {
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let pending = take_pending().ok_or(BoundedError::NotReserved)?;
         let params = pending.params.ok_or(BoundedError::NotReserved)?;
-        let claims = SessionClaims {
-            tenant: pending.reservation.tenant.clone().unwrap_or_default(),
-            params,
-        };
+        let tenant = pending.reservation.tenant.clone().unwrap_or_default();
+        let claims = SessionClaims::new(tenant, params);
         let id: SessionId = self.seal.seal(&claims)?.into();
         // rmcp's local manager makes a session under an id of our choosing through its
         // restore entry point.
@@ -409,11 +422,13 @@ mod tests {
         assert!(!limits.was_ended("s1"));
         let id: SessionId = "s1".to_owned().into();
         limits.bind(limits.reserve("a").expect("slot"), id.clone());
+        assert_eq!(limits.open_digests(), vec![digest("s1")]);
         // Ended elsewhere while open here: the copy to close is named, and the id is ended
         // (no longer served as open) while it closes.
         assert_eq!(limits.ended(digest("s1")), Some(id.clone()));
         assert!(limits.was_ended("s1"));
         assert_eq!(limits.owner("s1"), None);
+        assert!(limits.open_digests().is_empty());
         assert!(!limits.was_ended("s2"));
         limits.close(&id);
         assert_eq!(limits.open("a"), (0, 0));

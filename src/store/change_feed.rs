@@ -13,7 +13,9 @@
 //! and `switchboard_sessions_ended` (a client ended an MCP session through the replica
 //! named in the payload; the others end their copies and never rebuild it).
 //! A tool change missed while disconnected is not replayed: clients re-list on reconnect.
-//! Nor is a session end: a copy of it here then lasts until its idle timeout.
+//! Session ends are recorded in the database as well as announced, so after every
+//! (re)connect the listener also asks for this replica's open session copies to be checked
+//! against that record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,6 +125,7 @@ async fn session(config: &tokio_postgres::Config, sinks: &Sinks, attempt: &mut u
     tracing::info!("fleet change listener connected");
     // Anything may have changed while we were not listening.
     sinks.feed.publish_all();
+    sinks.feed.publish_sessions_recheck();
     sinks.replicas_changed.notify_one();
     // `client` stays alive until we return: dropping it would close the connection.
     loop {

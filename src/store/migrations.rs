@@ -24,6 +24,11 @@ pub static POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "replicas",
         sql: include_str!("../../sql/postgres/0002_replicas.sql"),
     },
+    Migration {
+        version: 3,
+        name: "ended_sessions",
+        sql: include_str!("../../sql/postgres/0003_ended_sessions.sql"),
+    },
 ];
 
 /// The SQLite migrations (`sql/sqlite/`), in the order they apply.
@@ -37,6 +42,11 @@ pub static SQLITE_MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "replicas",
         sql: include_str!("../../sql/sqlite/0002_replicas.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "ended_sessions",
+        sql: include_str!("../../sql/sqlite/0003_ended_sessions.sql"),
     },
 ];
 

@@ -3,8 +3,8 @@
 //! default, so a fresh clone runs with nothing else installed).
 //!
 //! The store holds only what must survive a restart: tenants (with the upstream token
-//! already sealed by [`crate::cipher`] and the API key already hashed) and the audit
-//! trail. It knows nothing of HTTP, actors or credentials in the clear.
+//! already sealed by [`crate::cipher`] and the API key already hashed), the audit trail,
+//! and the digests of MCP sessions their clients ended. It knows nothing of HTTP, actors or credentials in the clear.
 
 pub mod change_feed;
 mod columns;
@@ -184,12 +184,20 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Tells the other replicas that a client ended the MCP session whose id has `digest`,
-    /// so they end their copies of it and never rebuild it (PostgreSQL NOTIFY). Nothing to
-    /// do for a store no other process shares (SQLite).
-    async fn announce_session_end(&self, _digest: &str) -> StoreResult<()> {
-        Ok(())
-    }
+    /// Records that a client ended, at `at`, the MCP session whose id has `digest`, so that
+    /// no replica rebuilds it from its id: not this one after a restart, not one that missed
+    /// the announcement. On PostgreSQL the same transaction tells the other replicas
+    /// (NOTIFY), which end their copies. Records of sessions ended before `forget_before`
+    /// are removed (their ids no longer open anyway).
+    async fn end_session(
+        &self,
+        digest: &str,
+        at: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()>;
+
+    /// Those of `digests` whose sessions a client ended (and that are still recorded).
+    async fn ended_sessions(&self, digests: &[String]) -> StoreResult<Vec<String>>;
 
     /// The task that keeps `replicas` equal to the number of live replicas on this
     /// database (for fleet-wide rate limits); it ends on `shutdown`. `None` alone.

@@ -261,6 +261,12 @@ const NOTIFY_TOOLS: &str = "SELECT pg_notify('switchboard_tool_changes', $1)";
 /// A client ended an MCP session; the payload is `<origin>/<session id digest>`.
 const NOTIFY_SESSION_END: &str = "SELECT pg_notify('switchboard_sessions_ended', $1)";
 
+/// An ended session is recorded once; ending it again keeps the first time.
+const RECORD_ENDED_SESSION: &str = "INSERT INTO ended_sessions (digest, ended_at) \
+    VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING";
+
+const FORGET_ENDED_SESSIONS: &str = "DELETE FROM ended_sessions WHERE ended_at < $1";
+
 /// The statement notifies in the same transaction as the delete.
 const DELETE_TENANT: &str =
     "DELETE FROM tenants WHERE id = $1 RETURNING pg_notify('switchboard_tenants', id)";
@@ -316,8 +322,38 @@ impl Store for PostgresStore {
         self.announce(NOTIFY_TOOLS, tenant_id).await
     }
 
-    async fn announce_session_end(&self, digest: &str) -> StoreResult<()> {
-        self.announce(NOTIFY_SESSION_END, digest).await
+    async fn end_session(
+        &self,
+        digest: &str,
+        at: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let payload = change_feed::origin_payload(&self.origin, digest);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_err)?;
+        tx.execute(FORGET_ENDED_SESSIONS, &[&micros(forget_before)])
+            .await
+            .map_err(db_err)?;
+        tx.execute(RECORD_ENDED_SESSION, &[&digest, &micros(at)])
+            .await
+            .map_err(db_err)?;
+        tx.execute(NOTIFY_SESSION_END, &[&payload])
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn ended_sessions(&self, digests: &[String]) -> StoreResult<Vec<String>> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT digest FROM ended_sessions WHERE digest = ANY($1)")
+            .await
+            .map_err(db_err)?;
+        let rows = client.query(&stmt, &[&digests]).await.map_err(db_err)?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
     fn replica_heartbeat(

@@ -455,6 +455,52 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn end_session(
+        &self,
+        digest: &str,
+        at: DateTime<Utc>,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let digest = digest.to_owned();
+        let (at, forget_before) = (micros(at), micros(forget_before));
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().map_err(map_err)?;
+            tx.execute(
+                "DELETE FROM ended_sessions WHERE ended_at < ?1",
+                [forget_before],
+            )
+            .map_err(map_err)?;
+            tx.execute(
+                "INSERT INTO ended_sessions (digest, ended_at) VALUES (?1, ?2) \
+                 ON CONFLICT (digest) DO NOTHING",
+                params![digest, at],
+            )
+            .map_err(map_err)?;
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn ended_sessions(&self, digests: &[String]) -> StoreResult<Vec<String>> {
+        if digests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let digests = digests.to_vec();
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT 1 FROM ended_sessions WHERE digest = ?1")
+                .map_err(map_err)?;
+            let mut ended = Vec::new();
+            for digest in digests {
+                if stmt.exists([&digest]).map_err(map_err)? {
+                    ended.push(digest);
+                }
+            }
+            Ok(ended)
+        })
+        .await
+    }
+
     async fn append_audit(&self, events: &[AuditRecord]) -> StoreResult<()> {
         if events.is_empty() {
             return Ok(());

@@ -85,6 +85,16 @@ pub enum TenantChange {
     All,
 }
 
+/// What the fleet listener heard about MCP sessions clients ended on other replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The client ended, through another replica, the session whose id has this digest.
+    One(String),
+    /// Some ends may have been missed (the listener reconnected): check every open copy
+    /// against the store's record of ended sessions.
+    Recheck,
+}
+
 /// Announces "tenant X changed (or was deleted)" to whoever keeps tenant state in memory.
 /// Fed locally by [`admin`] and, on PostgreSQL, by the fleet listener with the changes
 /// other replicas made ([`crate::store::change_feed`]).
@@ -96,7 +106,7 @@ pub enum TenantChange {
 pub struct ChangeFeed {
     sender: broadcast::Sender<TenantChange>,
     tools: broadcast::Sender<String>,
-    sessions_ended: broadcast::Sender<String>,
+    sessions_ended: broadcast::Sender<SessionEnd>,
 }
 
 impl ChangeFeed {
@@ -140,11 +150,16 @@ impl ChangeFeed {
     /// A client ended, through another replica, the MCP session whose id has this digest.
     pub fn publish_session_ended(&self, digest: &str) {
         // No MCP endpoint listening is fine: no copies of sessions to end.
-        let _ = self.sessions_ended.send(digest.to_owned());
+        let _ = self.sessions_ended.send(SessionEnd::One(digest.to_owned()));
     }
 
-    /// Digests of MCP session ids that clients ended through other replicas.
-    pub fn subscribe_sessions_ended(&self) -> broadcast::Receiver<String> {
+    /// Session ends may have been missed: open copies are to be checked against the store.
+    pub fn publish_sessions_recheck(&self) {
+        let _ = self.sessions_ended.send(SessionEnd::Recheck);
+    }
+
+    /// MCP sessions that clients ended through other replicas.
+    pub fn subscribe_sessions_ended(&self) -> broadcast::Receiver<SessionEnd> {
         self.sessions_ended.subscribe()
     }
 }

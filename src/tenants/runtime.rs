@@ -197,9 +197,9 @@ impl TenantRuntime {
         self.changes.subscribe_tools()
     }
 
-    /// Digests of MCP session ids whose clients ended them through other replicas
-    /// (PostgreSQL fleets), for this replica to end its copies.
-    pub fn remote_session_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+    /// MCP sessions whose clients ended them through other replicas (PostgreSQL fleets),
+    /// for this replica to end its copies.
+    pub fn remote_session_ends(&self) -> tokio::sync::broadcast::Receiver<super::SessionEnd> {
         self.changes.subscribe_sessions_ended()
     }
 
