@@ -17,7 +17,7 @@ use futures::StreamExt;
 
 use rmcp::model::InitializeRequestParams;
 
-use super::sealed::{SessionSeal, SESSION_ID_LIFETIME};
+use super::sealed::{SessionSeal, CLOCK_SKEW_ALLOWED, SESSION_ID_LIFETIME};
 use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
 use crate::auth::{Authenticator, TenantCredentials};
 use crate::http::error::ApiError;
@@ -134,9 +134,9 @@ async fn with_session(
 async fn end(gate: &Gate, id: &str, req: Request, next: Next) -> Result<Response, ApiError> {
     let digest = sessions::digest(id);
     let now = chrono::Utc::now();
-    // Past the id's lifetime it no longer opens, so its record is no longer needed (an hour
-    // more allows for replicas' clocks being apart).
-    let kept_secs = SESSION_ID_LIFETIME.as_secs() + 60 * 60;
+    // Past the id's lifetime it no longer opens, so its record is no longer needed (kept
+    // longer by as much as replicas' clocks may be apart).
+    let kept_secs = SESSION_ID_LIFETIME.as_secs() + CLOCK_SKEW_ALLOWED.as_secs();
     let forget_before = now - chrono::Duration::seconds(kept_secs as i64);
     gate.store.end_session(&digest, now, forget_before).await?;
     // rmcp closes this replica's copy, if it has one.

@@ -32,6 +32,10 @@ const SESSION_AAD: &[u8] = b"switchboard/mcp-session-id/v2";
 /// on a replica that does not hold it).
 pub const SESSION_ID_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How far apart replicas' clocks may be: an id sealed further in the future does not open,
+/// and ended sessions are recorded this much longer than [`SESSION_ID_LIFETIME`].
+pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(60 * 60);
+
 /// Longest id we try to open: a bound on work for garbage headers (real ids are far
 /// shorter unless a client sends enormous capabilities).
 const MAX_ID_LEN: usize = 8 * 1024;
@@ -108,9 +112,12 @@ impl SessionSeal {
             .ok()?;
         let plain = self.cipher.open_bytes(SESSION_AAD, &sealed).ok()?;
         let claims: SessionClaims = serde_json::from_slice(&plain).ok()?;
-        // An id from a replica whose clock runs ahead counts as new.
-        let age = unix_seconds(now).saturating_sub(claims.issued);
-        (age <= SESSION_ID_LIFETIME.as_secs()).then_some(claims)
+        let now = unix_seconds(now);
+        // An id from a replica whose clock runs a little ahead counts as new; one from
+        // further ahead would open for longer than ended sessions are recorded.
+        let fresh = claims.issued <= now.saturating_add(CLOCK_SKEW_ALLOWED.as_secs())
+            && now.saturating_sub(claims.issued) <= SESSION_ID_LIFETIME.as_secs();
+        fresh.then_some(claims)
     }
 }
 
@@ -199,7 +206,10 @@ mod tests {
         let hour = Duration::from_secs(3600);
         assert!(seal.open_at(&id, now + day - hour).is_some());
         assert!(seal.open_at(&id, now + day + hour).is_none());
-        // Sealed by a replica whose clock is ahead: still open.
-        assert!(seal.open_at(&id, now - hour).is_some());
+        // Sealed by a replica whose clock is a little ahead: still open; far ahead: not.
+        assert!(seal
+            .open_at(&id, now - hour + Duration::from_secs(60))
+            .is_some());
+        assert!(seal.open_at(&id, now - 2 * hour).is_none());
     }
 }
