@@ -10,8 +10,9 @@
 //! age; only rebuilding it elsewhere (or after a restart) needs a fresh id.
 //!
 //! An id that does not open (forged, garbled, another key, too old) is simply unknown: rmcp
-//! answers 404 "session not found" and the client initialises again. The associated data is a label
-//! of its own, so a sealed upstream token can never pass for a session id or the reverse.
+//! answers 404 "session not found" and the client initialises again. The associated data is
+//! a label of its own, so a sealed upstream token can never pass for a session id or the
+//! reverse.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
