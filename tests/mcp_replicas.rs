@@ -316,21 +316,32 @@ async fn assert_not_served(
     Ok(())
 }
 
-/// Ends every fleet listener's connection to the database at `url` (all replicas') and
-/// waits until those connections are gone, so that what is announced next is lost to them.
-/// The listeners reconnect on their own after their back-off (125 ms at the least).
-async fn drop_listeners(url: &str) -> anyhow::Result<()> {
+/// Ends the fleet listeners' connections to the database at `url` once `replicas` of them
+/// are connected, and waits until those connections are gone, so that what is announced
+/// next is lost to them. The listeners reconnect on their own after their back-off (125 ms
+/// at the least).
+async fn drop_listeners(url: &str, replicas: usize) -> anyhow::Result<()> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     let conn = tokio::spawn(conn);
-    let rows = client
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
-             AND datname = current_database() AND query LIKE 'LISTEN %'",
-            &[],
-        )
-        .await?;
-    let pids: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
-    anyhow::ensure!(!pids.is_empty(), "no fleet listener was connected");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let pids: Vec<i32> = loop {
+        let rows = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+                 AND datname = current_database() AND query LIKE 'LISTEN %'",
+                &[],
+            )
+            .await?;
+        if rows.len() >= replicas {
+            break rows.iter().map(|row| row.get(0)).collect();
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {replicas} fleet listeners connected",
+            rows.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     client
         .execute(
             "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid",
@@ -379,7 +390,7 @@ async fn a_session_end_missed_by_a_replica_is_caught_up_and_never_rebuilt() -> a
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
 
     // The session ends while no replica listens: B never hears the announcement.
-    drop_listeners(&url).await?;
+    drop_listeners(&url, 2).await?;
     let status = end_session(&a, &tenant, &id).await?;
     assert!((200..300).contains(&status), "DELETE answered {status}");
     // B's listener reconnects, checks its open copies against the record, ends this one.
