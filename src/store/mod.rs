@@ -4,7 +4,8 @@
 //!
 //! The store holds only what must survive a restart: tenants (with the upstream token
 //! already sealed by [`crate::cipher`] and the API key already hashed), the audit trail,
-//! and the digests of MCP sessions their clients ended. It knows nothing of HTTP, actors or credentials in the clear.
+//! and the digests of MCP sessions their clients ended. It knows nothing of HTTP, actors
+//! or credentials in the clear.
 
 pub mod change_feed;
 mod columns;
