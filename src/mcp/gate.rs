@@ -97,11 +97,12 @@ async fn with_session(
             return Err(no_session());
         }
         if ending {
-            return end(gate, id, req, next).await;
+            return end(gate, sessions::digest(id), req, next).await;
         }
         return Ok(next.run(req).await);
     }
-    if gate.limits.was_ended(id) {
+    let digest = sessions::digest(id);
+    if gate.limits.was_ended(&digest) {
         return Err(no_session());
     }
     match gate.seal.open(id) {
@@ -110,10 +111,9 @@ async fn with_session(
     }
     // Ending a session needs no copy of it here.
     if ending {
-        return end(gate, id, req, next).await;
+        return end(gate, digest, req, next).await;
     }
     // Ended through another replica, or before this one restarted: the store remembers.
-    let digest = sessions::digest(id);
     if !gate
         .store
         .ended_sessions(std::slice::from_ref(&digest))
@@ -127,12 +127,12 @@ async fn with_session(
     Ok(with_pending(Pending::restore(reservation), next.run(req)).await)
 }
 
-/// Ends session `id` for its client (`DELETE`). The end is recorded in the store first, so
-/// that no replica rebuilds the session from its id (this one after a restart included) and,
-/// on PostgreSQL, in the same transaction every other replica is told to end its copy. If
-/// it cannot be recorded the session stays open and the client may try again (503).
-async fn end(gate: &Gate, id: &str, req: Request, next: Next) -> Result<Response, ApiError> {
-    let digest = sessions::digest(id);
+/// Ends for its client (`DELETE`) the session whose id has `digest`. The end is recorded in
+/// the store first, so that no replica rebuilds the session from its id (this one after a
+/// restart included) and, on PostgreSQL, in the same transaction every other replica is
+/// told to end its copy. If it cannot be recorded the session stays open and the client may
+/// try again (503).
+async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Response, ApiError> {
     let now = chrono::Utc::now();
     // Past the id's lifetime it no longer opens, so its record is no longer needed (kept
     // longer by as much as replicas' clocks may be apart).

@@ -144,13 +144,12 @@ impl SessionLimits {
         open
     }
 
-    /// Whether the client ended session `id` (through this replica, or through another
-    /// that told this one).
-    pub fn was_ended(&self, id: &str) -> bool {
-        let digest = digest(id);
+    /// Whether this replica knows that the client ended the session whose id has `digest`
+    /// (through this replica, or through another that told this one).
+    pub fn was_ended(&self, digest: &str) -> bool {
         self.lock()
             .ended
-            .get(&digest)
+            .get(digest)
             .is_some_and(|at| at.elapsed() < ENDED_TTL)
     }
 
@@ -419,23 +418,23 @@ mod tests {
     #[test]
     fn an_ended_session_is_remembered_by_digest_and_its_open_copy_named() {
         let limits = SessionLimits::new(3, 3);
-        assert!(!limits.was_ended("s1"));
+        assert!(!limits.was_ended(&digest("s1")));
         let id: SessionId = "s1".to_owned().into();
         limits.bind(limits.reserve("a").expect("slot"), id.clone());
         assert_eq!(limits.open_digests(), vec![digest("s1")]);
         // Ended elsewhere while open here: the copy to close is named, and the id is ended
         // (no longer served as open) while it closes.
         assert_eq!(limits.ended(digest("s1")), Some(id.clone()));
-        assert!(limits.was_ended("s1"));
+        assert!(limits.was_ended(&digest("s1")));
         assert_eq!(limits.owner("s1"), None);
         assert!(limits.open_digests().is_empty());
-        assert!(!limits.was_ended("s2"));
+        assert!(!limits.was_ended(&digest("s2")));
         limits.close(&id);
         assert_eq!(limits.open("a"), (0, 0));
         // No copy open: nothing to close, and still ended.
         assert_eq!(limits.ended(digest("s1")), None);
         assert_eq!(limits.ended(digest("s2")), None);
-        assert!(limits.was_ended("s2"));
+        assert!(limits.was_ended(&digest("s2")));
         assert_eq!(digest("s1").len(), 64);
         assert_ne!(digest("s1"), digest("s2"));
     }
