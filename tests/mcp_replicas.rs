@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::database::FreshDatabase;
+use common::database::{wait_for_listeners, FreshDatabase};
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use common::mcp_client::{connect, raw};
 use common::upstream::TestUpstream;
@@ -321,27 +321,9 @@ async fn assert_not_served(
 /// next is lost to them. The listeners reconnect on their own after their back-off (125 ms
 /// at the least).
 async fn drop_listeners(url: &str, replicas: usize) -> anyhow::Result<()> {
+    let pids = wait_for_listeners(url, replicas, std::time::Duration::from_secs(10)).await?;
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     let conn = tokio::spawn(conn);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let pids: Vec<i32> = loop {
-        let rows = client
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
-                 AND datname = current_database() AND query LIKE 'LISTEN %'",
-                &[],
-            )
-            .await?;
-        if rows.len() >= replicas {
-            break rows.iter().map(|row| row.get(0)).collect();
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "only {} of {replicas} fleet listeners connected",
-            rows.len()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
     client
         .execute(
             "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid",

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::database::wait_for_listeners;
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use common::private_postgres::PrivatePostgres;
 use common::upstream::TestUpstream;
@@ -137,32 +138,6 @@ async fn audited(url: &str, tenant_id: &str) -> anyhow::Result<HashSet<String>> 
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }
 
-/// Waits (bounded) until the gateway's change listener holds its LISTEN session.
-async fn wait_for_listener(url: &str) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let conn = tokio::spawn(conn);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %'",
-                &[],
-            )
-            .await?;
-        if row.get::<_, i64>(0) > 0 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the change listener never connected"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    drop(client);
-    let _ = conn.await;
-    Ok(())
-}
-
 /// Waits (bounded) until every id in `want` has its audit row; returns the ids missing.
 async fn wait_for_audit(url: &str, tenant_id: &str, want: &HashSet<String>) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -212,7 +187,7 @@ async fn tool_calls_and_audit_survive_a_database_outage() -> anyhow::Result<()> 
     // The fleet listener clears the credential cache when it (re)connects ("anything may
     // have changed"): let that happen before the cache is filled, or a slow machine could
     // start the outage with an empty cache.
-    wait_for_listener(&pg.url).await?;
+    wait_for_listeners(&pg.url, 1, Duration::from_secs(30)).await?;
     // The first call starts the tenant's actor and fills the credential cache.
     let (status, _, body) = gw
         .tool(

@@ -2,6 +2,8 @@
 //! (`TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`) and dropped
 //! afterwards. An unreachable server fails the test: it never skips.
 
+use std::time::Duration;
+
 use anyhow::Context;
 
 pub struct FreshDatabase {
@@ -65,4 +67,37 @@ impl Drop for FreshDatabase {
             eprintln!("could not drop test database {}", self.name);
         }
     }
+}
+
+/// Waits (bounded by `within`) until at least `replicas` gateways' fleet listeners hold
+/// their LISTEN session on the database at `url`; the listeners' backend pids.
+pub async fn wait_for_listeners(
+    url: &str,
+    replicas: usize,
+    within: Duration,
+) -> anyhow::Result<Vec<i32>> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    let deadline = tokio::time::Instant::now() + within;
+    let pids = loop {
+        let rows = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+                 AND datname = current_database() AND query LIKE 'LISTEN %'",
+                &[],
+            )
+            .await?;
+        if rows.len() >= replicas {
+            break rows.iter().map(|row| row.get(0)).collect();
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {replicas} fleet listeners connected",
+            rows.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    drop(client);
+    let _ = conn.await;
+    Ok(pids)
 }
