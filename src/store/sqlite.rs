@@ -160,38 +160,35 @@ fn applied_versions(conn: &Connection) -> StoreResult<Vec<i64>> {
     rows.collect::<Result<_, _>>().map_err(map_err)
 }
 
-/// Applies each pending migration in its own `BEGIN IMMEDIATE` transaction, re-checking
-/// under the write lock, so that processes sharing the file apply each one exactly once.
+/// Applies the pending migrations in one `BEGIN IMMEDIATE` transaction, reading what is
+/// applied under the write lock, so that of several processes sharing the file exactly one
+/// applies them, all or none (SQLite's DDL is transactional).
 fn migrate(conn: &mut Connection) -> StoreResult<Vec<i64>> {
     conn.execute_batch(CREATE_SCHEMA_MIGRATIONS)
         .map_err(map_err)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    let done = applied_versions(&tx)?;
     let mut applied_now = Vec::new();
-    for migration in SQLITE_MIGRATIONS {
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(map_err)?;
-        let done = applied_versions(&tx)?;
-        if pending(std::slice::from_ref(migration), &done)
-            .next()
-            .is_none()
-        {
-            continue;
-        }
+    for migration in pending(SQLITE_MIGRATIONS, &done) {
         tx.execute_batch(migration.sql).map_err(map_err)?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
             params![migration.version, migration.name, now_micros()],
         )
         .map_err(map_err)?;
-        tx.commit().map_err(map_err)?;
+        applied_now.push(migration);
+    }
+    tx.commit().map_err(map_err)?;
+    for migration in &applied_now {
         tracing::info!(
             version = migration.version,
             name = migration.name,
             "applied a sqlite migration"
         );
-        applied_now.push(migration.version);
     }
-    Ok(applied_now)
+    Ok(applied_now.iter().map(|m| m.version).collect())
 }
 
 fn insert_tenant(conn: &Connection, t: &TenantRow) -> StoreResult<()> {
