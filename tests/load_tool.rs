@@ -46,6 +46,22 @@ fn short_run_prints_every_measurement() -> anyhow::Result<()> {
             .unwrap_or_else(|_| panic!("not a number after {prefix:?}: {line}"));
         assert!(value.is_finite(), "{line}");
     }
+    // The burst's baseline and its first run are on the same line, after its median.
+    let burst = stdout
+        .lines()
+        .find(|l| l.starts_with("burst "))
+        .unwrap_or_else(|| panic!("no burst line in:\n{stdout}"));
+    for field in ["all_done_ms=", "first_ms=", "direct_ms="] {
+        let value: f64 = burst
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(field))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no number for {field:?} in {burst}"));
+        assert!(
+            value >= 100.0,
+            "a burst of 100 ms calls took {value} ms: {burst}"
+        );
+    }
     assert!(
         !stdout.contains("rps=0 "),
         "a path answered nothing:\n{stdout}"

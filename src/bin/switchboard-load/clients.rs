@@ -113,13 +113,17 @@ pub enum Protocol {
     Stateless,
 }
 
-/// rmcp's Streamable HTTP client on `url` (connected), with an optional bearer.
+/// rmcp's Streamable HTTP client on `url` (connected), with an optional bearer, that keeps
+/// up to `in_flight` requests open at once. rmcp's default is 16 and queues the rest, so 64
+/// callers on a default client would be 16 requests in flight, not 64.
 pub async fn mcp_connect(
     url: &str,
     bearer: Option<&str>,
     protocol: Protocol,
+    in_flight: usize,
 ) -> anyhow::Result<McpClient> {
-    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_owned());
+    let mut config = StreamableHttpClientTransportConfig::with_uri(url.to_owned())
+        .max_concurrent_requests(in_flight);
     if let Some(token) = bearer {
         config = config.auth_header(token);
     }
@@ -139,10 +143,14 @@ pub async fn mcp_connect(
 
 /// One `tools/call` of `echo` on an rmcp client; true when answered without error.
 pub async fn mcp_echo(peer: &rmcp::Peer<RoleClient>) -> bool {
-    let args = json!({"text": "hello"});
+    mcp_call(peer, "echo", json!({"text": "hello"})).await
+}
+
+/// One `tools/call` of `tool` on an rmcp client; true when answered without error.
+pub async fn mcp_call(peer: &rmcp::Peer<RoleClient>, tool: &'static str, args: Value) -> bool {
     let Value::Object(args) = args else {
         return false;
     };
-    let params = CallToolRequestParams::new("echo").with_arguments(args);
+    let params = CallToolRequestParams::new(tool).with_arguments(args);
     matches!(peer.call_tool(params).await, Ok(r) if r.is_error != Some(true))
 }

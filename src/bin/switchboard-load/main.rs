@@ -131,8 +131,13 @@ async fn main() -> anyhow::Result<()> {
         ms(cold.cold), ms(cold.warm), ms(cold.upstream_own),
         ms(cold.cold.saturating_sub(cold.upstream_own))
     );
-    let burst = measure::burst(&gw, &tenant, 100, 100).await?;
-    println!("burst calls=100 tool_ms=100 all_done_ms={}", ms(burst));
+    let burst = measure::burst(&gw, &tenant, &upstream.url, 100, 100, samples).await?;
+    println!(
+        "burst calls=100 tool_ms=100 all_done_ms={} first_ms={} direct_ms={}",
+        ms(burst.median),
+        ms(burst.first),
+        ms(burst.direct)
+    );
     drop(gw);
     let startup = measure::startup(&launch, &upstream.url, if args.short { 1 } else { 5 }).await?;
     println!("startup ready_ms={}", ms(startup));
@@ -314,7 +319,7 @@ async fn mcp_run(
     protocol: Protocol,
     callers: usize,
 ) -> anyhow::Result<Stats> {
-    let client = clients::mcp_connect(url, bearer, protocol).await?;
+    let client = clients::mcp_connect(url, bearer, protocol, callers).await?;
     let peer = client.peer().clone();
     let stats = drive(callers, run.warmup, run.duration, move || {
         let peer = peer.clone();

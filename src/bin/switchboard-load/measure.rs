@@ -95,7 +95,7 @@ pub async fn cold_start(gw: &Gateway, upstream: &str, samples: usize) -> anyhow:
         );
         warm.push(t.elapsed());
         let t = Instant::now();
-        let client = clients::mcp_connect(upstream, None, clients::Protocol::Initialize).await?;
+        let client = clients::mcp_connect(upstream, None, clients::Protocol::Initialize, 1).await?;
         anyhow::ensure!(clients::mcp_echo(client.peer()).await);
         own.push(t.elapsed());
         let _ = client.cancel().await;
@@ -107,23 +107,67 @@ pub async fn cold_start(gw: &Gateway, upstream: &str, samples: usize) -> anyhow:
     })
 }
 
-/// Wall time for `calls` concurrent REST calls of the `sleep` tool (`ms` each), one tenant.
+pub struct Burst {
+    /// The first burst, with no connection yet open for most of its calls (the load tool's
+    /// to the gateway, the gateway's to the upstream).
+    pub first: Duration,
+    /// The median of all the bursts through the gateway.
+    pub median: Duration,
+    /// The median of the same bursts straight to the upstream, on one rmcp session.
+    pub direct: Duration,
+}
+
+/// Wall time for `calls` concurrent calls of the `sleep` tool (`ms` each) for one tenant
+/// through the gateway's REST API, `samples` times, and the same bursts straight to the
+/// upstream at `upstream`.
 pub async fn burst(
     gw: &Gateway,
     tenant: &Tenant,
+    upstream: &str,
     calls: usize,
     ms: u64,
-) -> anyhow::Result<Duration> {
+    samples: usize,
+) -> anyhow::Result<Burst> {
     let tenant = Arc::new(tenant.clone());
-    let t = Instant::now();
-    let handles: Vec<_> = (0..calls)
-        .map(|_| {
-            let (http, base, tenant) = (gw.http.clone(), gw.base.clone(), tenant.clone());
-            tokio::spawn(async move {
-                clients::rest_call(&http, &base, &tenant, "sleep", json!({"ms": ms})).await
+    let mut through = Vec::new();
+    for _ in 0..samples.max(1) {
+        through.push(
+            all_done(calls, || {
+                let (http, base, tenant) = (gw.http.clone(), gw.base.clone(), tenant.clone());
+                async move {
+                    clients::rest_call(&http, &base, &tenant, "sleep", json!({"ms": ms})).await
+                }
             })
-        })
-        .collect();
+            .await?,
+        );
+    }
+    let client = clients::mcp_connect(upstream, None, clients::Protocol::Initialize, calls).await?;
+    let mut direct = Vec::new();
+    for _ in 0..samples.max(1) {
+        direct.push(
+            all_done(calls, || {
+                let peer = client.peer().clone();
+                async move { clients::mcp_call(&peer, "sleep", json!({"ms": ms})).await }
+            })
+            .await?,
+        );
+    }
+    let _ = client.cancel().await;
+    Ok(Burst {
+        first: through[0],
+        median: median(through),
+        direct: median(direct),
+    })
+}
+
+/// Wall time until `calls` concurrent calls made by `call` have all succeeded.
+async fn all_done<F, Fut>(calls: usize, call: F) -> anyhow::Result<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let t = Instant::now();
+    let handles: Vec<_> = (0..calls).map(|_| tokio::spawn(call())).collect();
     for h in handles {
         anyhow::ensure!(h.await?, "a sleep call failed");
     }
