@@ -129,30 +129,19 @@ pub async fn burst(
     samples: usize,
 ) -> anyhow::Result<Burst> {
     let tenant = Arc::new(tenant.clone());
-    let mut through = Vec::new();
-    for _ in 0..samples.max(1) {
-        through.push(
-            all_done(calls, || {
-                let (http, base, tenant) = (gw.http.clone(), gw.base.clone(), tenant.clone());
-                async move {
-                    clients::rest_call(&http, &base, &tenant, "sleep", json!({"ms": ms})).await
-                }
-            })
-            .await?,
-        );
-    }
+    let through = bursts(samples, calls, || {
+        let (http, base, tenant) = (gw.http.clone(), gw.base.clone(), tenant.clone());
+        async move { clients::rest_call(&http, &base, &tenant, "sleep", json!({"ms": ms})).await }
+    })
+    .await?;
     let client = clients::mcp_connect(upstream, None, clients::Protocol::Initialize, calls).await?;
-    let mut direct = Vec::new();
-    for _ in 0..samples.max(1) {
-        direct.push(
-            all_done(calls, || {
-                let peer = client.peer().clone();
-                async move { clients::mcp_call(&peer, "sleep", json!({"ms": ms})).await }
-            })
-            .await?,
-        );
-    }
+    let direct = bursts(samples, calls, || {
+        let peer = client.peer().clone();
+        async move { clients::mcp_call(&peer, "sleep", json!({"ms": ms})).await }
+    })
+    .await;
     let _ = client.cancel().await;
+    let direct = direct?;
     Ok(Burst {
         first: through[0],
         median: median(through),
@@ -160,18 +149,23 @@ pub async fn burst(
     })
 }
 
-/// Wall time until `calls` concurrent calls made by `call` have all succeeded.
-async fn all_done<F, Fut>(calls: usize, call: F) -> anyhow::Result<Duration>
+/// The wall times of `samples` (at least one) bursts, one after the other, each of `calls`
+/// concurrent calls made by `call`, until all have succeeded.
+async fn bursts<F, Fut>(samples: usize, calls: usize, call: F) -> anyhow::Result<Vec<Duration>>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool> + Send + 'static,
 {
-    let t = Instant::now();
-    let handles: Vec<_> = (0..calls).map(|_| tokio::spawn(call())).collect();
-    for h in handles {
-        anyhow::ensure!(h.await?, "a sleep call failed");
+    let mut times = Vec::new();
+    for _ in 0..samples.max(1) {
+        let t = Instant::now();
+        let handles: Vec<_> = (0..calls).map(|_| tokio::spawn(call())).collect();
+        for h in handles {
+            anyhow::ensure!(h.await?, "a call of the burst failed");
+        }
+        times.push(t.elapsed());
     }
-    Ok(t.elapsed())
+    Ok(times)
 }
 
 /// Median time from spawning the gateway binary (fresh SQLite file) to 200 on `/ready`.
