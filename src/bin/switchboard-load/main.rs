@@ -139,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         ms(burst.direct)
     );
     drop(gw);
-    let startup = measure::startup(&launch, &upstream.url, if args.short { 1 } else { 5 }).await?;
+    let startup = measure::startup(&launch, &upstream.url, samples).await?;
     println!("startup ready_ms={}", ms(startup));
     let mem = measure::memory(
         &launch,
