@@ -128,8 +128,18 @@ async fn auth_endpoints_are_limited_per_client_address() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(body["error"]["code"], "rate_limited");
     assert!(headers.get("retry-after").is_some());
-    // Behind a trusted proxy the forwarded address is the key: another client is not refused.
+    // What the client writes left of the proxy's entry does not make it someone else.
+    assert_eq!(
+        guess("203.0.113.77, 198.51.100.1").await?.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Behind a trusted proxy the address it forwarded is the key: another client is not
+    // refused, whatever it claims before that.
     assert_eq!(guess("198.51.100.2").await?.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        guess("198.51.100.1, 198.51.100.3").await?.0,
+        StatusCode::UNAUTHORIZED
+    );
     let (status, _, _) = gw
         .send(
             Method::POST,

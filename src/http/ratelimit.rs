@@ -83,10 +83,12 @@ impl AuthLimiter {
     }
 }
 
-/// The left-most (original client) address of `X-Forwarded-For`.
+/// The right-most address of `X-Forwarded-For`: the one the trusted proxy in front appended
+/// (the peer it saw). Everything left of it came from the client, which can write anything
+/// there to dodge its limit.
 fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     let value = headers.get("x-forwarded-for")?.to_str().ok()?;
-    value.split(',').next()?.trim().parse().ok()
+    value.rsplit(',').next()?.trim().parse().ok()
 }
 
 /// Taken first by the token endpoints (before their body is read): refuses a request past
@@ -133,9 +135,10 @@ mod tests {
         );
         config.trust_proxy = true;
         let proxied = AuthLimiter::new(&config);
+        // The address the trusted proxy appended, not what the client wrote before it.
         assert_eq!(
             proxied.client_of(&headers, peer),
-            IpAddr::from([203, 0, 113, 7])
+            IpAddr::from([10, 0, 0, 1])
         );
     }
 
