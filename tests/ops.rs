@@ -103,6 +103,40 @@ async fn a_tenant_over_its_limit_gets_429_while_another_is_served() -> anyhow::R
 }
 
 #[tokio::test]
+async fn refreshing_the_tool_list_counts_against_the_tenant_limit() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = gw
+        .create_tenant(tenant_body(&upstream, Some((1, 2))))
+        .await?;
+    let path = format!("/api/tenant/{}/tool", tenant.id);
+    let auth = bearer(&tenant.token);
+    let mut refused = 0;
+    // Each refresh asks the upstream again: a burst of two, then one a second.
+    for _ in 0..5 {
+        let (status, headers, body) = gw
+            .send(
+                Method::POST,
+                &path,
+                &[("authorization", &auth)],
+                Some(json!({"method": "refreshTools"})),
+            )
+            .await?;
+        match status {
+            StatusCode::OK => assert!(body["tools"].is_array(), "{body}"),
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                assert!(headers.get("retry-after").is_some());
+                refused += 1;
+            }
+            other => anyhow::bail!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(refused >= 2, "{refused} of 5 refreshes refused");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn auth_endpoints_are_limited_per_client_address() -> anyhow::Result<()> {
     let mut config = Config::for_tests();
     config.auth_rate_limit = 1;

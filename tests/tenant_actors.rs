@@ -259,6 +259,37 @@ async fn ten_failures_in_a_row_mark_the_tenant_failing() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn calls_failing_together_on_one_connection_are_one_failure() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    // The upstream goes away under a ready connection; more calls than the failing
+    // threshold (10) are sent on that connection at once, and all fail.
+    upstream.stop().await;
+    let answers = futures::future::join_all((0..30).map(|_| gw.tool(&t, echo.clone()))).await;
+    for answer in answers {
+        let (status, _, body) = answer?;
+        assert!(
+            status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{status} {body}"
+        );
+    }
+    let view = gw.tenants.status(&t.id).await;
+    assert_ne!(
+        serde_json::to_value(&view)?["state"],
+        "failing",
+        "one connection lost is not ten failures in a row: {view:?}"
+    );
+    // Back up: the next call reconnects instead of finding the tenant failing.
+    upstream.restart().await?;
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_thousand_tenants_cost_nothing_until_called_and_idle_ones_stop() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();

@@ -409,11 +409,14 @@ impl TenantState {
         match failure {
             None => self.failures = 0,
             Some(error) => {
-                // The connection is suspect: drop it so the next call reconnects.
-                if let Connection::Ready(client) = &self.connection {
-                    let client = client.clone();
-                    tokio::spawn(async move { client.close().await });
-                }
+                // The connection is suspect: drop it so the next call reconnects. Only its
+                // first failure counts: the other calls in flight on it fail with it, and one
+                // dropped connection under load must not add up to the failing threshold.
+                let Connection::Ready(client) = &self.connection else {
+                    return;
+                };
+                let client = client.clone();
+                tokio::spawn(async move { client.close().await });
                 self.record_failure(error);
             }
         }
@@ -427,6 +430,12 @@ impl TenantState {
     ) {
         self.last_used = Instant::now();
         if refresh {
+            // A refresh asks the upstream again: it counts against the tenant's rate limit
+            // as a tool call does (a cached list costs the upstream nothing, and does not).
+            if let Err(limited) = admit(&self.limiter) {
+                let _ = reply.send(Err(limited));
+                return;
+            }
             self.tools = None;
         }
         if let Some(list) = self.fresh_tools() {
@@ -527,7 +536,9 @@ impl TenantState {
         let idle = self.last_used.elapsed() >= self.settings.idle;
         let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
         if idle && quiet && self.audit.is_empty() && !self.audit_writing {
-            myself.stop(Some("idle".into()));
+            // Drained, not stopped: what is queued already (a late audit event, a call's
+            // lease) is handled first; later messages are refused to their senders.
+            let _ = myself.drain();
         }
     }
 

@@ -64,6 +64,12 @@ impl RuntimeSettings {
         }
     }
 
+    /// The longest a stopping actor takes: `stop_grace` for its leased calls, then as long
+    /// again for its last audit writes. Who waits for actors to stop waits this long.
+    pub fn actor_stop_bound(&self) -> Duration {
+        self.stop_grace * 2
+    }
+
     /// The replica count now (at least 1).
     pub fn replica_count(&self) -> u32 {
         self.replicas.load(Ordering::Relaxed).max(1)

@@ -195,7 +195,7 @@ impl Actor for RegistryActor {
             RegistryMsg::Changed(tenant_id) => state.stop_tenant(&tenant_id, "tenant changed"),
             RegistryMsg::ChangedAll => {
                 for running in state.args.directory.drain() {
-                    running.actor.stop(Some("tenants reloaded".into()));
+                    let _ = running.actor.drain();
                 }
             }
             RegistryMsg::StopAll(reply) => {
@@ -326,7 +326,8 @@ impl RegistryState {
             .get(tenant_id)
             .and_then(|r| self.args.directory.remove(tenant_id, r.actor.get_id()));
         if let Some(running) = found {
-            running.actor.stop(Some(reason.into()));
+            tracing::debug!(%tenant_id, reason, "stopping tenant actor");
+            let _ = running.actor.drain();
         }
         self.history.remove(tenant_id);
     }
@@ -386,17 +387,14 @@ impl RegistryState {
     }
 
     async fn stop_all(&mut self) {
-        let grace = self.args.settings.stop_grace + Duration::from_secs(1);
+        let grace = self.args.settings.actor_stop_bound() + Duration::from_secs(1);
         let stops = self
             .args
             .directory
             .drain()
             .into_iter()
             .map(|running| async move {
-                let _ = running
-                    .actor
-                    .stop_and_wait(Some("shutdown".into()), Some(grace))
-                    .await;
+                let _ = running.actor.drain_and_wait(Some(grace)).await;
             });
         futures::future::join_all(stops).await;
     }

@@ -205,7 +205,7 @@ impl TenantRuntime {
 
     /// Stops every tenant actor (their audit buffers are flushed) and then the registry.
     pub async fn shutdown(&self) {
-        let wait = self.settings.stop_grace + Duration::from_secs(2);
+        let wait = self.settings.actor_stop_bound() + Duration::from_secs(2);
         let _ = self.registry.call(RegistryMsg::StopAll, Some(wait)).await;
         let _ = self.registry.stop_and_wait(None, Some(wait)).await;
     }
