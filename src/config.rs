@@ -120,7 +120,7 @@ pub struct RawConfig {
     pub drain_timeout_secs: u64,
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Whole-request timeout; keep it above `UPSTREAM_TIMEOUT_MS`.
+    /// Whole-request timeout; must be above `UPSTREAM_TIMEOUT_MS`.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
     pub request_timeout_ms: u64,
     /// Comma-separated origins allowed by CORS; none by default.
@@ -287,6 +287,14 @@ impl RawConfig {
         }
         if self.upstream_timeout_ms == 0 {
             return Err(invalid("UPSTREAM_TIMEOUT_MS", "must be above 0"));
+        }
+        if self.request_timeout_ms <= self.upstream_timeout_ms {
+            // Otherwise a slow upstream would cut the whole request first: a 504 the contract
+            // does not name, and a call left out of the audit trail.
+            return Err(invalid(
+                "REQUEST_TIMEOUT_MS",
+                "must be above UPSTREAM_TIMEOUT_MS",
+            ));
         }
         if self.tenant_rate_limit == 0 || self.tenant_rate_burst == 0 {
             return Err(invalid(
@@ -603,6 +611,42 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_request_timeout_must_outlast_the_upstream_timeout() {
+        let key = "ab".repeat(32);
+        let production = [
+            "--app-env",
+            "production",
+            "--admin-api-key",
+            "an-admin-key-long-enough",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--encryption-key",
+            key.as_str(),
+        ];
+        assert!(raw(&production).validate().is_ok(), "the defaults");
+        for (upstream, request) in [("30000", "1000"), ("30000", "30000")] {
+            let mut args = production.to_vec();
+            args.extend([
+                "--upstream-timeout-ms",
+                upstream,
+                "--request-timeout-ms",
+                request,
+            ]);
+            let err = raw(&args).validate().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        key: "REQUEST_TIMEOUT_MS",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]

@@ -519,6 +519,11 @@ async fn body_errors_follow_the_contract() -> anyhow::Result<()> {
         .contains("integrationKey"));
     let bad_transport = read(post(r#"{"integrationKey":"k","integrationAppToken":"x","upstreamTransport":"carrier-pigeon"}"#, "application/json").await?).await;
     assert_error(&bad_transport, StatusCode::BAD_REQUEST, "invalid_request");
+    let message = bad_transport.2["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("upstreamTransport") && !message.contains("carrier-pigeon"),
+        "names the field, never echoes the value: {message}"
+    );
     let bad_url = read(
         post(
             r#"{"integrationKey":"k","integrationAppToken":"x","upstreamUrl":"ftp://x"}"#,
@@ -618,6 +623,14 @@ async fn tenants_list_paginates_newest_first() -> anyhow::Result<()> {
         "/api/tenants?limit=0",
         "/api/tenants?limit=501",
         "/api/tenants?cursor=%%%",
+        // Of the wrong type: still the JSON error, naming the parameter.
+        "/api/tenants?limit=abc",
+        "/api/tenants?limit=-1",
+        "/api/tenants?limit=",
+        "/api/tenants/tenant-x/audit?limit=many",
+        // A path parameter that is not UTF-8 once decoded.
+        "/api/tenants/%FF",
+        "/api/tenants/%FF/audit",
     ] {
         let got = gw
             .send(Method::GET, bad, &[("authorization", &admin)], None)
@@ -687,6 +700,26 @@ async fn get_and_patch_show_state_and_detect_races() -> anyhow::Result<()> {
         )
         .await?;
     assert_error(&unknown, StatusCode::BAD_REQUEST, "invalid_request");
+    // Only `name`, `upstreamUrl` and `rateLimit` have a `null`; for the others it is a
+    // wrong-typed field, not a change that does nothing.
+    for field in [
+        "integrationKey",
+        "integrationAppToken",
+        "upstreamTransport",
+        "enabled",
+    ] {
+        let got = gw
+            .send(
+                Method::PATCH,
+                &path,
+                &[("authorization", &admin)],
+                Some(json!({ field: null })),
+            )
+            .await?;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        let message = got.2["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "{field}: {message}");
+    }
     let missing = gw
         .send(
             Method::GET,

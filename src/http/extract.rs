@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::{header, request::Parts, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -86,7 +86,12 @@ fn describe_data_error(path: &str, message: &str) -> String {
     }
     match message.split_once(", expected ") {
         Some((kind, expected)) => {
-            let kind = kind.split(':').next().unwrap_or("invalid value");
+            // "invalid type: string \"…\"", "unknown variant `…`": keep the kind only.
+            let kind = kind
+                .split([':', '`'])
+                .next()
+                .map(str::trim_end)
+                .unwrap_or("invalid value");
             format!("{at}{kind}, expected {expected}")
         }
         None => format!("{at}invalid value"),
@@ -109,6 +114,55 @@ pub fn api_key_header(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
+}
+
+/// Query parameters. A value of the wrong type is the contract's 400 `invalid_request` in
+/// JSON, naming the parameter and never echoing the value (axum's own answer is plain text).
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(rejection) => Err(ApiError::InvalidRequest(describe_query_error(
+                &rejection.body_text(),
+            ))),
+        }
+    }
+}
+
+/// axum's text is "Failed to deserialize query string: {parameter}: {what}", where `what`
+/// may quote the value: only the parameter's name is kept.
+fn describe_query_error(text: &str) -> String {
+    text.strip_prefix("Failed to deserialize query string: ")
+        .and_then(|rest| rest.split_once(": "))
+        .map(|(name, _)| format!("query parameter `{name}`: invalid value"))
+        .unwrap_or_else(|| "malformed query string".to_owned())
+}
+
+/// A path parameter. One that does not decode (say, percent-encoded bytes that are not
+/// UTF-8) is the contract's 400 `invalid_request` in JSON, not axum's plain text.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(_) => Err(ApiError::invalid_request("malformed path parameter")),
+        }
+    }
 }
 
 /// Proof that the caller is the operator.
@@ -142,9 +196,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(tenant_id) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::invalid_request("the path must name one tenant"))?;
+        let ApiPath(tenant_id) = ApiPath::<String>::from_request_parts(parts, state).await?;
         let auth = Arc::<Authenticator>::from_ref(state);
         let creds = TenantCredentials {
             bearer: bearer(&parts.headers),
@@ -174,6 +226,14 @@ mod tests {
     struct Body {
         integration_key: String,
         enabled: Option<bool>,
+        transport: Option<Transport>,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    #[allow(dead_code)]
+    enum Transport {
+        StreamableHttp,
     }
 
     fn message(bytes: &[u8]) -> (String, String) {
@@ -195,9 +255,29 @@ mod tests {
             msg.contains("unknown field `x`") && !msg.contains("sekrit"),
             "{code} {msg}"
         );
+        let (code, msg) = message(br#"{"integrationKey":"x","transport":"sekrit-variant"}"#);
+        assert_eq!(code, "invalid_request");
+        assert!(
+            msg.contains("transport") && msg.contains("unknown variant") && !msg.contains("sekrit"),
+            "{msg}"
+        );
         let (code, _) = message(br#"{"integrationKey": "#);
         assert_eq!(code, "invalid_json");
         let (code, _) = message(br#"{"integrationKey":"x""#);
         assert_eq!(code, "invalid_json");
+    }
+
+    #[test]
+    fn query_errors_name_the_parameter_only() {
+        assert_eq!(
+            describe_query_error(
+                "Failed to deserialize query string: limit: invalid digit found in string"
+            ),
+            "query parameter `limit`: invalid value"
+        );
+        assert_eq!(
+            describe_query_error("something else"),
+            "malformed query string"
+        );
     }
 }

@@ -1,14 +1,14 @@
 //! The audit trail of one tenant, for its operator and for the tenant itself: newest
 //! first, cursor pagination, `?action=` filter.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::tenants::page_limit;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::extract::{Admin, Tenant};
+use crate::http::extract::{Admin, ApiPath, ApiQuery, Tenant};
 use crate::http::AppState;
 use crate::store::{AuditQuery, AuditRecord};
 
@@ -89,8 +89,8 @@ pub struct AuditPage {
 pub async fn for_admin(
     _: Admin,
     State(state): State<AppState>,
-    Path(tenant_id): Path<String>,
-    Query(params): Query<AuditParams>,
+    ApiPath(tenant_id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
     page(&state, tenant_id, params).await
 }
@@ -102,7 +102,7 @@ pub async fn for_admin(
 pub async fn for_tenant(
     Tenant(ctx): Tenant,
     State(state): State<AppState>,
-    Query(params): Query<AuditParams>,
+    ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
     page(&state, ctx.tenant_id, params).await
 }

@@ -2,7 +2,7 @@
 //! Request bodies are validated here into `tenants::admin` types; no response ever carries
 //! the upstream token or the key hash, and the API key only in the create/rotate answer.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use base64::Engine;
@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::config::Secret;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::extract::{Admin, ApiJson};
+use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery};
 use crate::http::middleware::RequestId;
 use crate::http::AppState;
 use crate::store::{PageCursor, RateLimit, TenantRecord, UpstreamTransport};
@@ -147,7 +147,7 @@ pub async fn create(
 pub async fn list(
     _: Admin,
     State(state): State<AppState>,
-    Query(params): Query<PageParams>,
+    ApiQuery(params): ApiQuery<PageParams>,
 ) -> Result<Json<TenantPage>, ApiError> {
     let limit = page_limit(params.limit)?;
     let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -171,7 +171,7 @@ pub async fn list(
 pub async fn get(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<TenantView>, ApiError> {
     let tenant = state.store.get_tenant(&id).await?.ok_or_else(no_tenant)?;
     let status = state.tenants.status(&id).await;
@@ -184,12 +184,16 @@ pub struct UpdateTenantRequest {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     integration_key: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     integration_app_token: Option<String>,
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     upstream_url: Option<Option<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     upstream_transport: Option<UpstreamTransport>,
+    #[serde(default, deserialize_with = "not_null")]
     enabled: Option<bool>,
     /// `null` returns the tenant to the default limit.
     #[serde(default, deserialize_with = "present")]
@@ -206,6 +210,23 @@ where
     Option::<T>::deserialize(de).map(Some)
 }
 
+/// A field that may be left out but has no `null`: sent as `null`, it is a wrong-typed
+/// field (400), not a change that silently does nothing.
+fn not_null<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    // Through `Option`: serde_json reads `null` where an enum belongs as a syntax error.
+    match Option::<T>::deserialize(de)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::invalid_type(
+            serde::de::Unexpected::Unit,
+            &"a value (this field has no null)",
+        )),
+    }
+}
+
 /// Changes a tenant; its upstream connection is rebuilt with the new values.
 #[utoipa::path(patch, path = "/api/tenants/{tenantId}", tag = "tenants", request_body = UpdateTenantRequest,
     params(("tenantId" = String, Path), ("If-Match" = Option<String>, Header, description = "only update this version")),
@@ -215,7 +236,7 @@ where
 pub async fn update(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<UpdateTenantRequest>,
@@ -264,7 +285,7 @@ pub async fn update(
 pub async fn delete(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     Extension(request_id): Extension<RequestId>,
 ) -> Result<StatusCode, ApiError> {
     state
@@ -290,7 +311,7 @@ pub struct RotatedKey {
 pub async fn rotate_key(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     Extension(request_id): Extension<RequestId>,
 ) -> Result<Json<RotatedKey>, ApiError> {
     let (tenant, api_key) = state
