@@ -89,6 +89,54 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
         );
         client.cancel().await?;
     }
+    // Both kinds of request are in the tenant's audit trail, as REST ones are, read by a
+    // gateway started again on the same store (the drain flushed the actor's buffer).
+    let (store, config) = (gw.store.clone(), gw.config.clone());
+    gw.stop().await?;
+    let gw = TestGateway::start_on(config, store).await?;
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let (status, _, audit) = gw
+        .send(
+            Method::GET,
+            &format!("/api/tenants/{}/audit", tenant.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    let items = audit["items"].as_array().cloned().unwrap_or_default();
+    let of = |action: &str| {
+        items
+            .iter()
+            .filter(|i| i["action"] == action)
+            .map(|i| {
+                (
+                    i["tool"].as_str().unwrap_or("").to_owned(),
+                    i["outcome"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let lists = of("tools.list");
+    assert!(
+        lists.len() >= 2 && lists.iter().all(|(_, outcome)| outcome == "ok"),
+        "a tools/list per session: {audit}"
+    );
+    let mut calls = of("tool.call");
+    calls.sort();
+    let call = |tool: &str, outcome: &str| (tool.to_owned(), outcome.to_owned());
+    assert_eq!(
+        calls,
+        [
+            call("echo", "ok"),
+            call("echo", "ok"),
+            call("fail", "tool_error"),
+            call("fail", "tool_error"),
+            call("nope", "refused"),
+            call("nope", "refused"),
+        ],
+        "{audit}"
+    );
     gw.stop().await
 }
 

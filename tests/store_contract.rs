@@ -151,6 +151,9 @@ async fn run_suite(store: &dyn Store) -> Result<()> {
     check_audit_append_and_list(store)
         .await
         .context(format!("{b}: audit"))?;
+    check_audit_text_with_nul(store)
+        .await
+        .context(format!("{b}: audit text with NUL"))?;
     check_prune_audit(store)
         .await
         .context(format!("{b}: prune"))?;
@@ -246,6 +249,26 @@ fn is<T: std::fmt::Debug>(
 }
 
 // ---------------------------------------------------------------- checks
+
+/// A client can put NUL in what is audited (a tool name it asks for, in JSON as `\u0000`).
+/// PostgreSQL's `TEXT` refuses it; the event must still be written, in both backends alike,
+/// and the batch around it too.
+async fn check_audit_text_with_nul(store: &dyn Store) -> Result<()> {
+    let tenant_id = format!("nul-{}", tag());
+    let ids = v7_ids(2);
+    let mut odd = audit(ids[0].clone(), &tenant_id, "tool.call", now()?);
+    odd.tool = Some("a\0b".to_owned());
+    let plain = audit(ids[1].clone(), &tenant_id, "tool.call", now()?);
+    store.append_audit(&[odd, plain]).await?;
+    let trail = store.list_audit(&audit_query(&tenant_id, 10)).await?;
+    ensure!(trail.len() == 2, "{} of 2 events written", trail.len());
+    let tools: Vec<_> = trail.iter().map(|e| e.tool.as_deref()).collect();
+    ensure!(
+        tools == [Some("search"), Some("a\u{FFFD}b")],
+        "tools read back: {tools:?}"
+    );
+    Ok(())
+}
 
 /// Several stores migrate one fresh database at once: exactly one applies everything.
 async fn check_concurrent_migrate(stores: Vec<SharedStore>, list: &[Migration]) -> Result<()> {

@@ -137,13 +137,23 @@ impl ServerHandler for TenantMcp {
     ) -> Result<ListToolsResult, ErrorData> {
         let ctx = tenant_of(&context)?;
         self.renew_forwarder(ctx, &context);
-        let list = self
-            .runtime
-            .list_tools(&ctx.tenant, false)
-            .await
-            .map_err(call_error)?;
+        let started = Instant::now();
+        let list = self.runtime.list_tools(&ctx.tenant, false).await;
+        // Audited as REST's `listTools` is.
+        let event = audit::call_event(audit::CallFacts {
+            tenant_id: &ctx.tenant_id,
+            action: "tools.list",
+            tool: None,
+            arguments: None,
+            request_id: request_id_of(&context).as_deref(),
+            outcome: audit::call_outcome(list.as_ref().map(|_| false)),
+            started,
+            request_bytes: None,
+            response_bytes: None,
+        });
+        self.runtime.audit(&ctx.tenant_id, event);
         let cursor = request.and_then(|r| r.cursor);
-        page(&list.tools, cursor.as_deref())
+        page(&list.map_err(call_error)?.tools, cursor.as_deref())
     }
 
     /// Session-less (2026-07-28) clients hear of list changes on `subscriptions/listen`;

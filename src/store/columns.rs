@@ -77,6 +77,13 @@ impl TenantRow {
     }
 }
 
+/// Text from a client (a tool name, a path's tenant id) as a column value. PostgreSQL's `TEXT`
+/// refuses the NUL character, and one refused row fails its whole audit batch, which would be
+/// retried for ever: NUL is stored as U+FFFD, in both backends alike.
+fn storable_text(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
 /// An `audit_events` row as plain column values.
 #[derive(Debug, Clone)]
 pub(super) struct AuditRow {
@@ -105,12 +112,12 @@ impl AuditRow {
         Ok(Self {
             id: e.id.clone(),
             at: micros(e.at),
-            tenant_id: e.tenant_id.clone(),
-            action: e.action.clone(),
-            actor: e.actor.clone(),
-            outcome: e.outcome.clone(),
-            request_id: e.request_id.clone(),
-            tool: e.tool.clone(),
+            tenant_id: e.tenant_id.as_deref().map(storable_text),
+            action: storable_text(&e.action),
+            actor: storable_text(&e.actor),
+            outcome: storable_text(&e.outcome),
+            request_id: e.request_id.as_deref().map(storable_text),
+            tool: e.tool.as_deref().map(storable_text),
             latency_ms: e.latency_ms,
             request_bytes: e.request_bytes,
             response_bytes: e.response_bytes,

@@ -105,6 +105,12 @@ impl TenantRuntime {
         // instructions per call boxed, much of it bytes of `rep movsb`; in time, a small gain
         // (README, Performance).
         let result = Box::pin(self.call_tool_uncounted(tenant, tool, arguments, progress)).await;
+        // A name the tenant does not have is the caller's own text: it gets no series, or
+        // one tenant's guesses would use up the cap on tool labels that all tenants share.
+        let tool = match &result {
+            Err(CallError::UnknownTool(_)) => crate::metrics::OTHER,
+            _ => tool,
+        };
         crate::metrics::tool_call(&tenant.id, tool, call_outcome(&result));
         result
     }
