@@ -18,22 +18,29 @@ use tokio::process::{Child, Command};
 const ADMIN_KEY: &str = "drain-admin-key-0123456789abcdef";
 const CALLS: usize = 200;
 
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+/// The address in the binary's `listening` log line (JSON), if `line` is that line.
+fn listening_address(line: &str) -> Option<String> {
+    let entry: Value = serde_json::from_str(line).ok()?;
+    let fields = if entry["fields"].is_object() {
+        &entry["fields"]
+    } else {
+        &entry
+    };
+    (fields["message"] == "listening")
+        .then(|| fields["address"].as_str().map(str::to_owned))
+        .flatten()
 }
 
-/// Starts the binary and returns once it logged that it listens; its output keeps being
-/// read (into `logs`) so it never blocks on a full pipe.
+/// Starts the binary on port 0 and returns once it logged the address it listens on; its
+/// output keeps being read (into `logs`) so it never blocks on a full pipe.
 async fn start_binary(
     dir: &std::path::Path,
-    port: u16,
     logs: tokio::sync::mpsc::UnboundedSender<String>,
-) -> anyhow::Result<Child> {
+) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .current_dir(dir)
         .env_clear()
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--host", "127.0.0.1", "--port", "0"])
         .env("APP_ENV", "production")
         .env("LOG_FORMAT", "json")
         .env(
@@ -57,9 +64,9 @@ async fn start_binary(
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = out.next_line().await {
-            if line.contains("\"listening\"") {
+            if let Some(address) = listening_address(&line) {
                 if let Some(tx) = listening_tx.take() {
-                    let _ = tx.send(());
+                    let _ = tx.send(address);
                 }
             }
             let _ = logs.send(line);
@@ -71,10 +78,10 @@ async fn start_binary(
             eprintln!("switchboard stderr: {line}");
         }
     });
-    tokio::time::timeout(Duration::from_secs(30), listening)
+    let address = tokio::time::timeout(Duration::from_secs(30), listening)
         .await
         .context("the binary did not start listening")??;
-    Ok(child)
+    Ok((child, address))
 }
 
 async fn create_tenant(
@@ -130,10 +137,9 @@ fn audited_request_ids(db: &std::path::Path) -> anyhow::Result<HashSet<String>> 
 async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
     let (logs_tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
-    let mut child = start_binary(dir.path(), port, logs_tx).await?;
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut child, address) = start_binary(dir.path(), logs_tx).await?;
+    let base = format!("http://{address}");
     let http = reqwest::Client::new();
     let (tenant, key) = create_tenant(&http, &base, &upstream.url).await?;
     let url = format!("{base}/api/tenant/{tenant}/tool");
