@@ -133,11 +133,17 @@ async fn python_sdk_client_lists_calls_and_is_refused_with_a_bad_credential() ->
     for bad in [format!("{}x", f.key), f.foreign_key.clone()] {
         let (ok, out) = python_client(&f.url, &bad).await?;
         assert!(!ok, "a bad credential must be refused: {out}");
-        // The SDK reports the HTTP 401/403 as a failed request; the gateway's status codes
-        // themselves are checked in tests/mcp_endpoint.rs.
+        // The SDK reports the refusal as a failed request without its status; the client
+        // script records the status of every response, so a crash or a 5xx cannot pass
+        // for a refusal. Which of 401 and 403 is checked in tests/mcp_endpoint.rs.
         let err = out["error"].as_str().unwrap_or_default();
         assert!(!err.is_empty(), "{out}");
-        println!("python client refused as expected: {err}");
+        let statuses = out["statuses"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !statuses.is_empty() && statuses.iter().all(|s| s == 401 || s == 403),
+            "refused with 401 or 403 only: {out}"
+        );
+        println!("python client refused as expected: {err} {statuses:?}");
         assert!(!err.contains(&bad), "no secret echoed: {out}");
     }
     f.gw.stop().await
@@ -172,6 +178,9 @@ async fn inspector_cli_lists_calls_and_is_refused_with_a_bad_credential() -> any
     for bad in [format!("{}x", f.key), f.foreign_key.clone()] {
         let (ok, out) = inspector_cli(&f.url, &bad, &["--method", "tools/list"]).await?;
         assert!(!ok, "a bad credential must be refused: {out}");
+        // The Inspector names a 401 (it would start OAuth) and a 403 alike: auth_required.
+        // A crash or a 5xx would not read so.
+        assert!(out.contains("\"auth_required\""), "{out}");
         assert!(!out.contains("\"echo\""), "{out}");
     }
     f.gw.stop().await

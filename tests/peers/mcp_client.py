@@ -3,7 +3,9 @@ pinned in requirements.txt) connects to a switchboard tenant endpoint over Strea
 with a bearer credential, lists the tools, calls `echo`, and prints one JSON object.
 
 usage: mcp_client.py URL TOKEN [TEXT]
-Exits 0 on success, 1 on any failure (the error is printed as {"error": ...}).
+Exits 0 on success, 1 on any failure (printed as {"error": ..., "statuses": [...]}, with
+the HTTP status of every response the client got, so that a test can tell a refusal from
+a crash).
 """
 
 import asyncio
@@ -15,9 +17,17 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 
+STATUSES: list[int] = []
+
+
+async def record_status(response: httpx2.Response) -> None:
+    STATUSES.append(response.status_code)
+
+
 async def run(url: str, token: str, text: str) -> dict:
     headers = {"Authorization": f"Bearer {token}"}
-    async with httpx2.AsyncClient(headers=headers, timeout=30.0) as http:
+    hooks = {"response": [record_status]}
+    async with httpx2.AsyncClient(headers=headers, timeout=30.0, event_hooks=hooks) as http:
         async with streamable_http_client(url, http_client=http) as streams:
             read, write = streams[0], streams[1]
             async with ClientSession(read, write) as session:
@@ -48,7 +58,7 @@ def main() -> int:
     try:
         out = asyncio.run(asyncio.wait_for(run(sys.argv[1], sys.argv[2], text), 60))
     except BaseException as err:  # noqa: BLE001 - report every failure, including groups
-        print(json.dumps({"error": describe(err)}))
+        print(json.dumps({"error": describe(err), "statuses": STATUSES}))
         return 1
     print(json.dumps(out))
     return 0
