@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::backoff::Backoff;
 use super::lane::{self, Lane};
-use super::messages::{CallError, Lease, TenantMsg, TenantNotice, ToolList};
+use super::messages::{AuditWrite, CallError, Lease, TenantMsg, TenantNotice, ToolList};
 use super::status::{ConnectionState, UpstreamStatus};
 use super::RuntimeSettings;
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
@@ -65,7 +65,9 @@ pub struct TenantState {
     last_used: Instant,
     notices: broadcast::Sender<TenantNotice>,
     audit: VecDeque<AuditRecord>,
-    audit_writing: bool,
+    /// The batch write in flight. Its task hands the outcome back by message, or, when
+    /// the actor no longer takes messages (it is stopping), as the task's own output.
+    audit_write: Option<tokio::task::JoinHandle<Option<AuditWrite>>>,
     ticker: tokio::task::JoinHandle<()>,
     lane: Arc<Lane>,
     /// What the lane shows now (generation, tool list, limiter), to publish only changes.
@@ -138,7 +140,7 @@ impl Actor for TenantActor {
             last_used: Instant::now(),
             notices,
             audit: VecDeque::new(),
-            audit_writing: false,
+            audit_write: None,
             ticker,
             lane: args.lane,
             lane_shows: None,
@@ -535,7 +537,7 @@ impl TenantState {
         self.flush_audit(myself);
         let idle = self.last_used.elapsed() >= self.settings.idle;
         let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
-        if idle && quiet && self.audit.is_empty() && !self.audit_writing {
+        if idle && quiet && self.audit.is_empty() && self.audit_write.is_none() {
             // Drained, not stopped: what is queued already (a late audit event, a call's
             // lease) is handled first; later messages are refused to their senders.
             let _ = myself.drain();
@@ -557,40 +559,46 @@ impl TenantState {
     }
 
     fn flush_audit(&mut self, myself: &ActorRef<TenantMsg>) {
-        if self.audit_writing || self.audit.is_empty() {
+        if self.audit_write.is_some() || self.audit.is_empty() {
             return;
         }
-        self.audit_writing = true;
         let n = self.audit.len().min(self.settings.audit_batch);
         let batch: Vec<AuditRecord> = self.audit.drain(..n).collect();
         let (store, me) = (self.store.clone(), myself.clone());
-        tokio::spawn(async move {
+        self.audit_write = Some(tokio::spawn(async move {
             let result = store.append_audit(&batch).await.map(|()| batch.len()).map_err(|err| {
                 tracing::warn!(error = %err, events = batch.len(), "audit batch not written; will retry");
                 batch
             });
-            let _ = me.cast(TenantMsg::AuditWritten(result));
-        });
+            match me.cast(TenantMsg::AuditWritten(result)) {
+                Ok(()) => None,
+                Err(ractor::MessagingErr::SendErr(TenantMsg::AuditWritten(result))) => Some(result),
+                Err(_) => None,
+            }
+        }));
     }
 
-    fn audit_written(
-        &mut self,
-        myself: &ActorRef<TenantMsg>,
-        result: Result<usize, Vec<AuditRecord>>,
-    ) {
-        self.audit_writing = false;
+    fn audit_written(&mut self, myself: &ActorRef<TenantMsg>, result: AuditWrite) {
+        self.audit_write = None;
+        let written = self.settle_audit_write(result);
+        if written && self.audit.len() >= self.settings.audit_batch {
+            self.flush_audit(myself);
+        }
+    }
+
+    /// Counts a written batch, or puts a failed one back in front, in order (the next tick,
+    /// or the final flush, retries it). Whether the batch was written.
+    fn settle_audit_write(&mut self, result: AuditWrite) -> bool {
         match result {
             Ok(written) => {
                 crate::metrics::audit_pending(-(written as i64));
-                if self.audit.len() >= self.settings.audit_batch {
-                    self.flush_audit(myself);
-                }
+                true
             }
             Err(batch) => {
-                // Put the batch back in front, in order; the next tick retries.
                 for event in batch.into_iter().rev() {
                     self.audit.push_front(event);
                 }
+                false
             }
         }
     }
@@ -602,6 +610,14 @@ impl TenantState {
         let _ =
             tokio::time::timeout(self.settings.stop_grace, self.in_flight.acquire_many(max)).await;
         let deadline = Instant::now() + self.settings.stop_grace;
+        // A batch still being written when the actor stopped: its outcome could no longer
+        // come by message, and a failed one must be written with the rest.
+        if let Some(write) = self.audit_write.take() {
+            let waited = tokio::time::timeout_at(deadline.into(), write).await;
+            if let Ok(Ok(Some(result))) = waited {
+                self.settle_audit_write(result);
+            }
+        }
         while !self.audit.is_empty() {
             let batch: Vec<AuditRecord> = self.audit.iter().cloned().collect();
             match self.store.append_audit(&batch).await {

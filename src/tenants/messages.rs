@@ -71,6 +71,9 @@ impl From<UpstreamError> for CallError {
     }
 }
 
+/// The outcome of one audit batch write: how many events were written, or the batch back.
+pub type AuditWrite = Result<usize, Vec<AuditRecord>>;
+
 pub enum TenantMsg {
     /// Lend a connection for one call (connecting first when needed).
     Lease(RpcReplyPort<Result<Lease, CallError>>),
@@ -102,7 +105,7 @@ pub enum TenantMsg {
         event: UpstreamEvent,
     },
     /// How an audit batch write ended: how many were written, or the batch to retry.
-    AuditWritten(Result<usize, Vec<AuditRecord>>),
+    AuditWritten(AuditWrite),
     Tick,
     /// Fault injection for the supervision tests: the handler panics.
     #[doc(hidden)]
