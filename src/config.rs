@@ -564,30 +564,27 @@ mod tests {
         (dir, file)
     }
 
+    /// A complete production configuration: each secret after the one before.
+    const PRODUCTION: [&str; 8] = [
+        "--app-env",
+        "production",
+        "--admin-api-key",
+        "an-admin-key-long-enough",
+        "--jwt-secret",
+        "0123456789abcdef0123456789abcdef",
+        "--encryption-key",
+        "abababababababababababababababababababababababababababababababab",
+    ];
+
     #[test]
     fn production_names_the_missing_secret() {
-        let err = raw(&["--app-env", "production"]).validate().unwrap_err();
+        let err = raw(&PRODUCTION[..2]).validate().unwrap_err();
         assert_eq!(err, ConfigError::Missing("ADMIN_API_KEY"));
-        let err = raw(&[
-            "--app-env",
-            "production",
-            "--admin-api-key",
-            "an-admin-key-long-enough",
-        ])
-        .validate()
-        .unwrap_err();
+        let err = raw(&PRODUCTION[..4]).validate().unwrap_err();
         assert_eq!(err, ConfigError::Missing("JWT_SECRET"));
-        let err = raw(&[
-            "--app-env",
-            "production",
-            "--admin-api-key",
-            "an-admin-key-long-enough",
-            "--jwt-secret",
-            "0123456789abcdef0123456789abcdef",
-        ])
-        .validate()
-        .unwrap_err();
+        let err = raw(&PRODUCTION[..6]).validate().unwrap_err();
         assert_eq!(err, ConfigError::Missing("ENCRYPTION_KEY"));
+        assert!(raw(&PRODUCTION).validate().is_ok());
     }
 
     #[test]
@@ -615,20 +612,8 @@ mod tests {
 
     #[test]
     fn the_request_timeout_must_outlast_the_upstream_timeout() {
-        let key = "ab".repeat(32);
-        let production = [
-            "--app-env",
-            "production",
-            "--admin-api-key",
-            "an-admin-key-long-enough",
-            "--jwt-secret",
-            "0123456789abcdef0123456789abcdef",
-            "--encryption-key",
-            key.as_str(),
-        ];
-        assert!(raw(&production).validate().is_ok(), "the defaults");
         for (upstream, request) in [("30000", "1000"), ("30000", "30000")] {
-            let mut args = production.to_vec();
+            let mut args = PRODUCTION.to_vec();
             args.extend([
                 "--upstream-timeout-ms",
                 upstream,

@@ -153,13 +153,20 @@ async fn fifty_tenants_each_reach_upstream_with_their_own_token() -> anyhow::Res
     gw.stop().await
 }
 
-#[tokio::test]
-async fn upstream_down_fails_fast_and_recovers_without_a_restart() -> anyhow::Result<()> {
+/// A tenant whose upstream connection is up (one `echo` served): its upstream, the gateway,
+/// the tenant and the `echo` call.
+async fn connected_tenant() -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, Value)> {
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
     let echo = json!({"method": "echo", "params": {"text": "x"}});
     assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    Ok((upstream, gw, t, echo))
+}
+
+#[tokio::test]
+async fn upstream_down_fails_fast_and_recovers_without_a_restart() -> anyhow::Result<()> {
+    let (upstream, gw, t, echo) = connected_tenant().await?;
     upstream.stop().await;
     for _ in 0..3 {
         let started = Instant::now();
@@ -269,11 +276,7 @@ async fn ten_failures_in_a_row_mark_the_tenant_failing() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn calls_failing_together_on_one_connection_are_one_failure() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
-    let echo = json!({"method": "echo", "params": {"text": "x"}});
-    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    let (upstream, gw, t, echo) = connected_tenant().await?;
     // The upstream goes away under a ready connection; more calls than the failing
     // threshold (10) are sent on that connection at once, and all fail.
     upstream.stop().await;
