@@ -134,7 +134,8 @@ pub struct RawConfig {
     /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
     #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
-    /// Auth endpoint limit per client address, requests per second (against key guessing).
+    /// Per client address, against key guessing: token requests and refused tenant
+    /// credentials (REST and MCP) per second.
     #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 10)]
     pub auth_rate_limit: u32,
     #[arg(long, env = "AUTH_RATE_BURST", default_value_t = 20)]

@@ -215,6 +215,50 @@ async fn auth_endpoints_are_limited_per_client_address() -> anyhow::Result<()> {
     gw.stop().await
 }
 
+#[tokio::test]
+async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.auth_rate_limit = 1;
+    config.auth_rate_burst = 4;
+    let gw = TestGateway::start_with(config).await?;
+    // Creating the tenant asks /api/auth/tenant-token once: three requests are left.
+    let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
+    let path = format!("/api/tenant/{}/tool", tenant.id);
+    let wrong = "sbk_not-the-key-of-this-tenant";
+    let wrong_key = [("x-api-key", wrong)];
+    let refused = || {
+        gw.send(
+            Method::POST,
+            &path,
+            &wrong_key,
+            Some(json!({"method": "listTools"})),
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(refused().await?.0, StatusCode::UNAUTHORIZED);
+    }
+    // Past the budget: 429, and nothing more is written to the audit trail.
+    let (status, headers, body) = refused().await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(headers.get("retry-after").is_some());
+    // The MCP endpoint spends from the same budget.
+    let (status, _, _) = gw
+        .send(
+            Method::POST,
+            &format!("/mcp/{}", tenant.id),
+            &[("authorization", &bearer(wrong))],
+            Some(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(audit_items(&gw, &tenant.id, "auth.refused").await?.len(), 3);
+    // A valid credential spends nothing, and is served.
+    assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
+    gw.stop().await
+}
+
 async fn scrape(gw: &TestGateway, token: Option<&str>) -> anyhow::Result<(StatusCode, String)> {
     let mut req = gw.http.get(gw.url("/metrics"));
     if let Some(token) = token {

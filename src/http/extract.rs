@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::middleware::RequestId;
-use crate::auth::{AuthContext, Authenticator, TenantCredentials};
+use super::ratelimit::{peer_of, AuthLimiter};
+use crate::auth::{AuthContext, AuthError, Authenticator, TenantCredentials};
 use crate::store::SharedStore;
 
 /// A JSON body. `Content-Type` must be `application/json`; errors follow API.md.
@@ -183,14 +184,38 @@ where
 }
 
 /// The tenant of a `/api/tenant/{tenantId}/…` route, after its credentials were checked
-/// against the path. A refused credential is audited (`auth.refused`, under the path's
-/// tenant, so the tenant sees attempts on it); accepted ones cost no extra write.
+/// against the path. A refused credential is audited (see [`refuse_credential`]); accepted
+/// ones cost no extra write.
 pub struct Tenant(pub AuthContext);
+
+/// The answer to a refused tenant credential (a REST tenant route or the MCP endpoint). A
+/// wrong or foreign credential spends from the caller's address budget on the auth limiter,
+/// as a token request does, and is audited (`auth.refused`, under the path's tenant, so the
+/// tenant sees attempts on it); past the budget it is 429 and nothing is written, so that
+/// refusals cannot drive database writes at any rate an anonymous caller likes.
+pub async fn refuse_credential(
+    err: AuthError,
+    limiter: &AuthLimiter,
+    parts: (&HeaderMap, &axum::http::Extensions),
+    store: &SharedStore,
+    tenant_id: &str,
+) -> ApiError {
+    let (headers, extensions) = parts;
+    if matches!(err, AuthError::Unauthorized | AuthError::Forbidden) {
+        if let Err(limited) = limiter.admit(headers, peer_of(extensions)) {
+            return limited;
+        }
+        let request_id = extensions.get::<RequestId>().map(|r| r.0.as_str());
+        crate::audit::credential_refused(store, tenant_id, &err, request_id).await;
+    }
+    err.into()
+}
 
 impl<S> FromRequestParts<S> for Tenant
 where
     S: Send + Sync,
     Arc<Authenticator>: FromRef<S>,
+    Arc<AuthLimiter>: FromRef<S>,
     SharedStore: FromRef<S>,
 {
     type Rejection = ApiError;
@@ -205,10 +230,12 @@ where
         let context = match auth.tenant(&tenant_id, creds, false).await {
             Ok(context) => context,
             Err(err) => {
-                let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.as_str());
-                let store = SharedStore::from_ref(state);
-                crate::audit::credential_refused(&store, &tenant_id, &err, request_id).await;
-                return Err(err.into());
+                let (limiter, store) = (
+                    Arc::<AuthLimiter>::from_ref(state),
+                    SharedStore::from_ref(state),
+                );
+                let parts = (&parts.headers, &parts.extensions);
+                return Err(refuse_credential(err, &limiter, parts, &store, &tenant_id).await);
             }
         };
         tracing::Span::current().record("tenant_id", context.tenant_id.as_str());

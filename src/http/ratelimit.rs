@@ -1,8 +1,9 @@
-//! The per-client-address limit on the token endpoints, against key guessing
-//! (`AUTH_RATE_LIMIT` requests per second, `AUTH_RATE_BURST`). The client address is the
-//! socket peer, or the left-most `X-Forwarded-For` address when `TRUST_PROXY` is set (only
-//! behind a proxy you run: anyone can write that header). Per-tenant limits are not here:
-//! the tenant actor owns them.
+//! The per-client-address limit against key guessing (`AUTH_RATE_LIMIT` requests per
+//! second, `AUTH_RATE_BURST`): every request to the token endpoints, and every refused
+//! credential on a tenant route, spends from it. The client address is the socket peer, or
+//! the right-most `X-Forwarded-For` address (the one the proxy in front added) when
+//! `TRUST_PROXY` is set (only behind a proxy you run). Per-tenant limits are not here: the
+//! tenant actor owns them.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -42,6 +43,16 @@ impl AuthLimiter {
         self.limiter
             .check_key(&client)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Spends one request of the caller's budget: the client address from `headers` and
+    /// the socket `peer`, as [`Self::client_of`] says. Past it, 429 `rate_limited`.
+    pub fn admit(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+        self.check(self.client_of(headers, peer))
+            .map_err(|retry_after| {
+                crate::metrics::rate_limited("auth");
+                ApiError::RateLimited { retry_after }
+            })
     }
 
     /// Addresses tracked now (for tests of the memory bound).
@@ -91,6 +102,11 @@ fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     value.rsplit(',').next()?.trim().parse().ok()
 }
 
+/// The socket address of the request's peer, when the server recorded it.
+pub fn peer_of(extensions: &axum::http::Extensions) -> Option<SocketAddr> {
+    extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
 /// Taken first by the token endpoints (before their body is read): refuses a request past
 /// its address's limit with 429 `rate_limited`. An extractor rather than a layer, so no
 /// other route pays for it.
@@ -105,15 +121,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let limiter = Arc::<AuthLimiter>::from_ref(state);
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0);
-        let client = limiter.client_of(&parts.headers, peer);
-        limiter.check(client).map_err(|retry_after| {
-            crate::metrics::rate_limited("auth");
-            ApiError::RateLimited { retry_after }
-        })?;
+        limiter.admit(&parts.headers, peer_of(&parts.extensions))?;
         Ok(WithinAuthLimit)
     }
 }

@@ -22,7 +22,6 @@ use super::sessions::{self, with_pending, LimitError, Pending, Reservation, Sess
 use crate::auth::{Authenticator, TenantCredentials};
 use crate::http::error::ApiError;
 use crate::http::extract::{api_key_header, bearer};
-use crate::http::middleware::RequestId;
 
 /// What the gate needs: the credential checker, the session bounds, the session id seal,
 /// the body limit.
@@ -34,6 +33,8 @@ pub struct Gate {
     pub max_body_bytes: usize,
     /// For the audit trail of refused credentials, and the record of ended sessions.
     pub store: crate::store::SharedStore,
+    /// The callers' budget of refused credentials (the token endpoints' limit).
+    pub auth_limiter: Arc<crate::http::ratelimit::AuthLimiter>,
 }
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -51,10 +52,16 @@ pub async fn gate(
     let context = match gate.auth.tenant(&tenant_id, creds, true).await {
         Ok(context) => context,
         Err(err) => {
-            let request_id = req.extensions().get::<RequestId>().map(|r| r.0.clone());
-            crate::audit::credential_refused(&gate.store, &tenant_id, &err, request_id.as_deref())
-                .await;
-            return ApiError::from(err).into_response();
+            let parts = (req.headers(), req.extensions());
+            return crate::http::extract::refuse_credential(
+                err,
+                &gate.auth_limiter,
+                parts,
+                &gate.store,
+                &tenant_id,
+            )
+            .await
+            .into_response();
         }
     };
     tracing::Span::current().record("tenant_id", context.tenant_id.as_str());
