@@ -260,22 +260,17 @@ pub type SharedStore = Arc<dyn Store>;
 /// How long one announcement to the other replicas may take.
 const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Sends one announcement to the other replicas (`send`, one of the store's `announce_*`)
-/// off the caller's path. One bounded statement, not a loop: it ends within
-/// [`ANNOUNCE_TIMEOUT`] whatever the database does. A lost announcement is logged with
-/// `what` it was about and not retried; each caller says what losing one costs.
-pub fn announce_in_background(
-    what: String,
-    send: impl std::future::Future<Output = StoreResult<()>> + Send + 'static,
-) {
-    tokio::spawn(async move {
-        if !matches!(
-            tokio::time::timeout(ANNOUNCE_TIMEOUT, send).await,
-            Ok(Ok(()))
-        ) {
-            tracing::warn!("could not announce {what} to the fleet");
-        }
-    });
+/// Sends one announcement to the other replicas (`send`, one of the store's `announce_*`).
+/// One bounded statement, not a loop: it ends within [`ANNOUNCE_TIMEOUT`] whatever the
+/// database does. A lost announcement is logged with `what` it was about and not retried;
+/// each caller says what losing one costs.
+pub async fn announce(what: &str, send: impl std::future::Future<Output = StoreResult<()>> + Send) {
+    if !matches!(
+        tokio::time::timeout(ANNOUNCE_TIMEOUT, send).await,
+        Ok(Ok(()))
+    ) {
+        tracing::warn!("could not announce {what} to the fleet");
+    }
 }
 
 /// Opens the store a `DATABASE_URL` names: `postgres://` / `postgresql://` for PostgreSQL,

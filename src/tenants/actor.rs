@@ -11,6 +11,7 @@ use governor::{clock::Clock, DefaultDirectRateLimiter, Quota};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
+use super::announce::Coalesced;
 use super::backoff::Backoff;
 use super::lane::{self, Lane};
 use super::messages::{AuditWrite, CallError, Lease, TenantMsg, TenantNotice, ToolList};
@@ -68,6 +69,8 @@ pub struct TenantState {
     /// The batch write in flight. Its task hands the outcome back by message, or, when
     /// the actor no longer takes messages (it is stopping), as the task's own output.
     audit_write: Option<tokio::task::JoinHandle<Option<AuditWrite>>>,
+    /// Tool-list change announcements to the other replicas, one in flight at a time.
+    announcing: Coalesced,
     ticker: tokio::task::JoinHandle<()>,
     lane: Arc<Lane>,
     /// What the lane shows now (generation, tool list, limiter), to publish only changes.
@@ -141,6 +144,7 @@ impl Actor for TenantActor {
             notices,
             audit: VecDeque::new(),
             audit_write: None,
+            announcing: Coalesced::default(),
             ticker,
             lane: args.lane,
             lane_shows: None,
@@ -525,11 +529,16 @@ impl TenantState {
     /// Tells the other replicas (PostgreSQL NOTIFY) so their sessions of this tenant hear
     /// the change too; a lost announcement only delays other replicas' clients until they
     /// list tools again.
+    /// At most one announcement is in flight; changes heard meanwhile are folded into one
+    /// more, so an upstream sending change after change does not fill the database pool.
     fn announce_tool_change(&self) {
         let (store, tenant_id) = (self.store.clone(), self.tenant_id.clone());
-        let what = format!("a tool-list change of tenant {tenant_id}");
-        crate::store::announce_in_background(what, async move {
-            store.announce_tool_change(&tenant_id).await
+        self.announcing.ask(move || {
+            let (store, tenant_id) = (store.clone(), tenant_id.clone());
+            async move {
+                let what = format!("a tool-list change of tenant {tenant_id}");
+                crate::store::announce(&what, store.announce_tool_change(&tenant_id)).await;
+            }
         });
     }
 

@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod admin;
+pub mod announce;
 pub mod backoff;
 pub mod lane;
 pub mod messages;
