@@ -91,9 +91,7 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
     }
     // Both kinds of request are in the tenant's audit trail, as REST ones are, read by a
     // gateway started again on the same store (the drain flushed the actor's buffer).
-    let (store, config) = (gw.store.clone(), gw.config.clone());
-    gw.stop().await?;
-    let gw = TestGateway::start_on(config, store).await?;
+    let gw = gw.restart().await?;
     let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
     let (status, _, audit) = gw
         .send(

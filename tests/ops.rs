@@ -441,13 +441,6 @@ async fn audit_items(
     Ok(body["items"].as_array().cloned().unwrap_or_default())
 }
 
-/// Stops `gw` (its actors flush their audit buffers) and starts a gateway on its store.
-async fn restart(gw: TestGateway) -> anyhow::Result<TestGateway> {
-    let (store, config) = (gw.store.clone(), gw.config.clone());
-    gw.stop().await?;
-    TestGateway::start_on(config, store).await
-}
-
 #[tokio::test]
 async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
@@ -472,7 +465,7 @@ async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Resul
         let refused = audit_items(&gw, &tenant.id, "auth.refused").await?;
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
-        let gw = restart(gw).await?;
+        let gw = gw.restart().await?;
         let calls = audit_items(&gw, &tenant.id, "tool.call").await?;
         assert_eq!(calls.len(), 1, "{calls:?}");
         let expected = if with_arguments {

@@ -72,9 +72,7 @@ async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedT
 /// The seed's flow, then a restart on the same store: the tenant and its key survive.
 async fn flow_survives_restart(first: TestGateway) -> anyhow::Result<()> {
     let tenant = curl_flow(&first).await?;
-    let (store, config) = (first.store.clone(), first.config.clone());
-    first.stop().await?;
-    let second = TestGateway::start_on(config, store).await?;
+    let second = first.restart().await?;
     let admin = bearer(second.config.admin_api_key.expose());
     let (status, _, body) = second
         .send(

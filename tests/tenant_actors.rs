@@ -78,9 +78,7 @@ async fn the_seed_flow_lists_and_calls_tools_unchanged() -> anyhow::Result<()> {
 
     // After the drain (the actor flushes its audit buffer) every tool call is on record,
     // as read by a gateway started again on the same store.
-    let (store, config) = (gw.store.clone(), gw.config.clone());
-    gw.stop().await?;
-    let gw = TestGateway::start_on(config, store).await?;
+    let gw = gw.restart().await?;
     let (status, _, audit) = gw
         .send(
             reqwest::Method::GET,

@@ -96,6 +96,14 @@ impl TestGateway {
         Ok(())
     }
 
+    /// Stops this gateway (its actors flush their audit buffers) and starts another on the
+    /// same store and configuration.
+    pub async fn restart(self) -> anyhow::Result<Self> {
+        let (store, config) = (self.store.clone(), self.config.clone());
+        self.stop().await?;
+        Self::start_on(config, store).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
