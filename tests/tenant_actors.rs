@@ -11,6 +11,7 @@ use common::upstream::TestUpstream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use switchboard::config::Config;
+use switchboard::tenants::messages::CallError;
 
 fn tenant_on(upstream: &str, token: &str) -> Value {
     json!({"name": "t", "integrationKey": "hubspot", "integrationAppToken": token, "upstreamUrl": upstream})
@@ -397,6 +398,81 @@ async fn changing_a_tenant_rebuilds_its_connection() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::OK);
     assert!(who.to_string().contains("tok-2"), "{who}");
     assert_eq!(second.initializes(), 1);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_record_read_before_a_change_starts_no_stale_actor() -> anyhow::Result<()> {
+    // A request authenticates (reading the tenant) just before an admin changes or deletes
+    // the tenant, and asks for the actor just after. The actor it starts must be the
+    // tenant's as it is now, and a deleted tenant's upstream must not be reached again.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let kept = gw
+        .create_tenant(tenant_on(&upstream.url, "tok-old"))
+        .await?;
+    let deleted = gw
+        .create_tenant(tenant_on(&upstream.url, "tok-gone"))
+        .await?;
+    for t in [&kept, &deleted] {
+        let (status, _, body) = gw.tool(t, json!({"method": "whoami"})).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let store = switchboard::store::open(gw.config.database_url.as_deref(), 1).await?;
+    let kept_before = store.get_tenant(&kept.id).await?.expect("kept tenant");
+    let deleted_before = store
+        .get_tenant(&deleted.id)
+        .await?
+        .expect("deleted tenant");
+
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let headers = [("authorization", admin.as_str())];
+    let patch = Some(json!({"integrationAppToken": "tok-new"}));
+    let path = format!("/api/tenants/{}", kept.id);
+    let (status, _, _) = gw
+        .send(reqwest::Method::PATCH, &path, &headers, patch)
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let path = format!("/api/tenants/{}", deleted.id);
+    let (status, _, _) = gw
+        .send(reqwest::Method::DELETE, &path, &headers, None)
+        .await?;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Both actors stopped: the registry has heard of both changes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.active_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the changed tenants' actors did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connections = upstream.initializes();
+
+    let refused = gw
+        .tenants
+        .call_tool(&deleted_before, "whoami", None, None)
+        .await;
+    assert!(
+        matches!(refused, Err(CallError::Unavailable { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(
+        gw.tenants.active_count(),
+        0,
+        "no actor for a deleted tenant"
+    );
+    assert_eq!(upstream.initializes(), connections);
+
+    let who = gw
+        .tenants
+        .call_tool(&kept_before, "whoami", None, None)
+        .await?;
+    let who = serde_json::to_string(&who)?;
+    assert!(
+        who.contains("tok-new"),
+        "the replaced token was used: {who}"
+    );
     gw.stop().await
 }
 

@@ -131,6 +131,46 @@ pub struct RegistryState {
     by_actor: HashMap<ActorId, String>,
     history: HashMap<String, History>,
     backoff: Backoff,
+    changes: RecentChanges,
+}
+
+/// How long a record a caller holds may predate a change it has not seen: the caller
+/// authenticated (and read its record) before the change, and asks for the actor after.
+/// Far longer than the microseconds this normally takes, so a loaded replica is covered.
+const STALE_RECORD_WINDOW: Duration = Duration::from_secs(60);
+
+/// The tenants that changed (or were deleted) in the last [`STALE_RECORD_WINDOW`]. A call
+/// that starts one of their actors may carry a record read before the change: the registry
+/// reads the tenant again rather than start an actor for a deleted or disabled tenant, or
+/// with credentials that were just replaced.
+#[derive(Default)]
+struct RecentChanges {
+    tenants: HashMap<String, Instant>,
+    /// When every tenant was announced changed (the fleet listener missed notifications).
+    all: Option<Instant>,
+}
+
+impl RecentChanges {
+    fn one(&mut self, tenant_id: &str, now: Instant) {
+        self.tenants
+            .retain(|_, at| now.duration_since(*at) < STALE_RECORD_WINDOW);
+        self.tenants.insert(tenant_id.to_owned(), now);
+    }
+
+    fn all(&mut self, now: Instant) {
+        self.tenants.clear();
+        self.all = Some(now);
+    }
+
+    fn recent(&self, tenant_id: &str, now: Instant) -> bool {
+        let fresh = |at: &Instant| now.duration_since(*at) < STALE_RECORD_WINDOW;
+        self.all.as_ref().is_some_and(fresh) || self.tenants.get(tenant_id).is_some_and(fresh)
+    }
+
+    /// The tenant was read again after its last change: records from now on are current.
+    fn settled(&mut self, tenant_id: &str) {
+        self.tenants.remove(tenant_id);
+    }
 }
 
 impl Actor for RegistryActor {
@@ -169,6 +209,7 @@ impl Actor for RegistryActor {
             args,
             by_actor: HashMap::new(),
             history: HashMap::new(),
+            changes: RecentChanges::default(),
         })
     }
 
@@ -192,8 +233,12 @@ impl Actor for RegistryActor {
                     }
                 }
             }
-            RegistryMsg::Changed(tenant_id) => state.stop_tenant(&tenant_id, "tenant changed"),
+            RegistryMsg::Changed(tenant_id) => {
+                state.changes.one(&tenant_id, Instant::now());
+                state.stop_tenant(&tenant_id, "tenant changed");
+            }
             RegistryMsg::ChangedAll => {
+                state.changes.all(Instant::now());
                 for running in state.args.directory.drain() {
                     let _ = running.actor.drain();
                 }
@@ -241,6 +286,16 @@ impl RegistryState {
             if running.version >= record.version {
                 return Ok(running.actor);
             }
+        }
+        let record = if from_call && self.changes.recent(&tenant_id, Instant::now()) {
+            self.current(record).await?
+        } else {
+            record
+        };
+        if let Some(running) = self.args.directory.get(&tenant_id) {
+            if running.version >= record.version {
+                return Ok(running.actor);
+            }
             self.stop_tenant(&tenant_id, "tenant changed");
         }
         if let Some(history) = self.history.get(&tenant_id) {
@@ -282,6 +337,30 @@ impl RegistryState {
             },
         );
         Ok(actor)
+    }
+
+    /// `record` as the store has it now: a caller's copy may predate a change this
+    /// registry has heard of. A tenant deleted or disabled since gets no actor.
+    async fn current(&mut self, record: TenantRecord) -> Result<TenantRecord, CallError> {
+        let now = match self.args.store.get_tenant(&record.id).await {
+            Ok(now) => now,
+            Err(err) => {
+                return Err(CallError::Unavailable {
+                    reason: format!("the tenant could not be read again after a change: {err}"),
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+        };
+        match now {
+            Some(now) if now.enabled => {
+                self.changes.settled(&now.id);
+                Ok(now)
+            }
+            _ => Err(CallError::Unavailable {
+                reason: "the tenant was changed, disabled or deleted during this request".into(),
+                retry_after: Duration::from_secs(1),
+            }),
+        }
     }
 
     /// The upstream endpoint and credentials of `record`; the token is opened here, and
