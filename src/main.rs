@@ -83,7 +83,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "listening");
+    // Its own target, so that a log filter can keep this line alone: whoever starts the
+    // binary on port 0 reads the port from it (the load tool, tests/drain.rs).
+    tracing::info!(target: "switchboard::listening", address = %listener.local_addr()?, "listening");
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {

@@ -3,6 +3,8 @@
 //! is 503 during the drain, new work gets 503 `draining`, and the exit code is 0.
 
 mod common;
+#[path = "../src/bin/switchboard-load/listening.rs"]
+mod listening;
 
 use std::collections::HashSet;
 use std::process::Stdio;
@@ -17,19 +19,6 @@ use tokio::process::{Child, Command};
 
 const ADMIN_KEY: &str = "drain-admin-key-0123456789abcdef";
 const CALLS: usize = 200;
-
-/// The address in the binary's `listening` log line (JSON), if `line` is that line.
-fn listening_address(line: &str) -> Option<String> {
-    let entry: Value = serde_json::from_str(line).ok()?;
-    let fields = if entry["fields"].is_object() {
-        &entry["fields"]
-    } else {
-        &entry
-    };
-    (fields["message"] == "listening")
-        .then(|| fields["address"].as_str().map(str::to_owned))
-        .flatten()
-}
 
 /// Starts the binary on port 0 and returns once it logged the address it listens on; its
 /// output keeps being read (into `logs`) so it never blocks on a full pipe.
@@ -59,13 +48,13 @@ async fn start_binary(
         .spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
     let stderr = child.stderr.take().context("stderr")?;
-    let (listening_tx, listening) = tokio::sync::oneshot::channel();
-    let mut listening_tx = Some(listening_tx);
+    let (address_tx, address_rx) = tokio::sync::oneshot::channel();
+    let mut address_tx = Some(address_tx);
     tokio::spawn(async move {
         let mut out = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = out.next_line().await {
-            if let Some(address) = listening_address(&line) {
-                if let Some(tx) = listening_tx.take() {
+            if let Some(address) = listening::listening_address(&line) {
+                if let Some(tx) = address_tx.take() {
                     let _ = tx.send(address);
                 }
             }
@@ -78,7 +67,7 @@ async fn start_binary(
             eprintln!("switchboard stderr: {line}");
         }
     });
-    let address = tokio::time::timeout(Duration::from_secs(30), listening)
+    let address = tokio::time::timeout(Duration::from_secs(30), address_rx)
         .await
         .context("the binary did not start listening")??;
     Ok((child, address))

@@ -7,6 +7,7 @@
 
 mod clients;
 mod drive;
+mod listening;
 mod measure;
 mod process;
 mod upstream;

@@ -7,7 +7,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::listening;
 
 /// The admin key every child gateway is given.
 pub const ADMIN_KEY: &str = "load-admin-key-0123456789abcdef";
@@ -47,20 +50,16 @@ impl ChildGateway {
     pub async fn spawn(launch: &Launch, upstream_url: &str) -> anyhow::Result<Self> {
         let bin = &launch.bin;
         let dir = tempfile::tempdir()?;
-        // Bind and release a port 0: the child needs a port number up front.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         let started = Instant::now();
         let mut command = Command::new(bin);
         command.env_clear();
         if let Some(workers) = launch.workers {
             command.env("WORKER_THREADS", workers.to_string());
         }
-        let child = command
+        let mut child = command
             .env("APP_ENV", "development")
             .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
+            .env("PORT", "0")
             .env(
                 "DATABASE_URL",
                 format!("sqlite://{}", dir.path().join("sb.db").display()),
@@ -76,14 +75,17 @@ impl ChildGateway {
             .env("AUTH_RATE_BURST", "1000000")
             // Limits out of the way: the load tool measures the path, not the limiters.
             .env("TENANT_MAX_IN_FLIGHT", "1024")
-            .env("RUST_LOG", "error")
+            // Errors, and the line that tells the port.
+            .env("RUST_LOG", "error,switchboard::listening=info")
+            .env("LOG_FORMAT", "json")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawn {}", bin.display()))?;
-        let base = format!("http://127.0.0.1:{port}");
+        let address = listening_address(&mut child).await?;
+        let base = format!("http://{address}");
         let ready_after = wait_ready(&base, started).await?;
         Ok(Self {
             base,
@@ -129,6 +131,28 @@ pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
     };
     let total = ticks(11)? + ticks(12)?;
     Ok(Duration::from_millis(total * 1000 / USER_HZ))
+}
+
+/// The address the child logs that it listens on. Its output is read on to the end after
+/// that, so it never blocks on a full pipe.
+async fn listening_address(child: &mut Child) -> anyhow::Result<String> {
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (found, address) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut found = Some(found);
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(address) = listening::listening_address(&line) {
+                if let Some(found) = found.take() {
+                    let _ = found.send(address);
+                }
+            }
+        }
+    });
+    tokio::time::timeout(READY_LIMIT, address)
+        .await
+        .context("the gateway did not log its address in time")?
+        .context("the gateway exited before it listened")
 }
 
 /// Polls `/ready` every 2 ms until it answers 200; the time since `started`.
