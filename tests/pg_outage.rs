@@ -10,6 +10,9 @@
 //! cannot hide it), with about 2 s of load before and 3 s after it. The database is a
 //! private cluster of this test ([`PrivatePostgres`]): the machine's shared PostgreSQL is
 //! never stopped.
+//!
+//! And a database failure as the gateway stops: an audit batch whose write fails after the
+//! tenant actor stopped taking messages is written by its stop before the process exits.
 
 mod common;
 
@@ -274,5 +277,106 @@ async fn tool_calls_and_audit_survive_a_database_outage() -> anyhow::Result<()> 
     let gw = Arc::into_inner(gw).ok_or_else(|| anyhow::anyhow!("gateway still shared"))?;
     gw.stop().await?;
     drop(pg);
+    Ok(())
+}
+
+/// A client of the test's own on `url`, for what the test does to the database meanwhile.
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
+) -> anyhow::Result<()> {
+    // The audit table is locked, so the tenant actor's batch write waits; the gateway is told
+    // to stop; then the waiting write fails (a constraint that refuses every row), and so do
+    // the first writes after it, until the constraint goes. The actor has stopped taking
+    // messages by then, so the failed batch can only come back through its stop, which must
+    // write it with the rest before the process exits.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.drain_timeout = Duration::from_secs(10);
+    let gw = TestGateway::start_postgres(config).await?;
+    let url = match gw.store.as_ref() {
+        TestStore::Postgres(db) => db.url.clone(),
+        _ => anyhow::bail!("not on PostgreSQL"),
+    };
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "stop", "integrationAppToken": "ia-token-stop", "upstreamUrl": upstream.url}))
+        .await?;
+    let (locker, watcher) = (connect(&url).await?, connect(&url).await?);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let mut served = HashSet::new();
+    for n in 0..3 {
+        let request_id = format!("stop-{n}");
+        let path = format!("/api/tenant/{}/tool", tenant.id);
+        let headers = [
+            ("x-api-key", tenant.api_key.as_str()),
+            ("x-request-id", request_id.as_str()),
+        ];
+        let body = json!({"method": "echo", "params": {"text": "x"}});
+        let (status, _, body) = gw
+            .send(reqwest::Method::POST, &path, &headers, Some(body))
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        served.insert(request_id);
+    }
+    // The actor's next tick sends a batch, which waits for the lock.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'audit_events' AND NOT l.granted",
+                &[],
+            )
+            .await?
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit write waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (addr, _database) = (gw.addr, gw.store.clone());
+    let stopping = tokio::spawn(gw.stop());
+    // The listener closes once HTTP has drained; the tenant actors are stopped right after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the gateway kept listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the gateway stopped with its audit write waiting"
+    );
+    locker
+        .batch_execute(
+            "ALTER TABLE audit_events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID; COMMIT",
+        )
+        .await?;
+    // The waiting write fails now, and the stop's retries with it, for a while.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the gateway stopped with audit events unwritten"
+    );
+    watcher
+        .batch_execute("ALTER TABLE audit_events DROP CONSTRAINT refuse_all")
+        .await?;
+    tokio::time::timeout(Duration::from_secs(30), stopping).await???;
+
+    let have = audited(&url, &tenant.id).await?;
+    let missing: Vec<&String> = served.difference(&have).collect();
+    assert!(missing.is_empty(), "no audit row for {missing:?}");
     Ok(())
 }
