@@ -216,6 +216,56 @@ async fn auth_endpoints_are_limited_per_client_address() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn admin_key_guesses_on_admin_routes_are_limited_per_client_address() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.auth_rate_limit = 1;
+    config.auth_rate_burst = 3;
+    config.trust_proxy = true;
+    let gw = TestGateway::start_with(config).await?;
+    let admin_key = gw.config.admin_api_key.expose().to_owned();
+    let list = |ip: &'static str, key: String| {
+        let gw = &gw;
+        async move {
+            let bearer = format!("Bearer {key}");
+            let headers = [("x-forwarded-for", ip), ("authorization", bearer.as_str())];
+            gw.send(Method::GET, "/api/tenants", &headers, None).await
+        }
+    };
+    let guess = || "a-wrong-guess-of-the-admin-key".to_owned();
+    // Right keys spend nothing.
+    for _ in 0..5 {
+        assert_eq!(
+            list("198.51.100.1", admin_key.clone()).await?.0,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            list("198.51.100.1", guess()).await?.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    let (status, headers, body) = list("198.51.100.1", guess()).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert!(headers.get("retry-after").is_some());
+    // Out of budget, a right guess is refused too: it would tell the guesser it was right.
+    assert_eq!(
+        list("198.51.100.1", admin_key.clone()).await?.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another address is not.
+    assert_eq!(
+        list("198.51.100.2", admin_key.clone()).await?.0,
+        StatusCode::OK
+    );
+    // The budget refills at AUTH_RATE_LIMIT per second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(list("198.51.100.1", admin_key).await?.0, StatusCode::OK);
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();

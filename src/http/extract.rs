@@ -166,20 +166,30 @@ where
     }
 }
 
-/// Proof that the caller is the operator.
+/// Proof that the caller is the operator. A refused admin credential spends from the
+/// caller's address budget on the auth limiter; an address past it gets 429 without its
+/// credential being checked (a right guess of the admin key included) until it refills.
 pub struct Admin;
 
 impl<S> FromRequestParts<S> for Admin
 where
     S: Send + Sync,
     Arc<Authenticator>: FromRef<S>,
+    Arc<AuthLimiter>: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let limiter = Arc::<AuthLimiter>::from_ref(state);
+        let peer = peer_of(&parts.extensions);
+        limiter.admin_allowed(&parts.headers, peer)?;
         let auth = Arc::<Authenticator>::from_ref(state);
-        auth.admin(bearer(&parts.headers))?;
-        Ok(Admin)
+        match auth.admin(bearer(&parts.headers)) {
+            Ok(()) => Ok(Admin),
+            Err(err) => Err(limiter
+                .admin_refused(&parts.headers, peer)
+                .unwrap_or_else(|| err.into())),
+        }
     }
 }
 

@@ -1,14 +1,20 @@
 //! The per-client-address limit against key guessing (`AUTH_RATE_LIMIT` requests per
 //! second, `AUTH_RATE_BURST`): every request to the token endpoints, and every refused
-//! credential on a tenant route, spends from it. The client address is the socket peer, or
-//! the right-most `X-Forwarded-For` address (the one the proxy in front added) when
-//! `TRUST_PROXY` is set (only behind a proxy you run). Per-tenant limits are not here: the
-//! tenant actor owns them.
+//! credential on a tenant or admin route, spends from it. An address that used up its
+//! budget on refused admin credentials has no admin credential checked until the budget
+//! refills, so a right guess of `ADMIN_API_KEY` is refused (429) as well.
+//!
+//! The client address is the socket peer, or the right-most `X-Forwarded-For` address (the
+//! one the proxy in front added) when `TRUST_PROXY` is set (only behind a proxy you run).
+//! An IPv6 address counts by its /64 prefix, the block one host is usually given, so that
+//! a host cannot dodge its limit (or grow the table) by changing address. Per-tenant limits
+//! are not here: the tenant actor owns them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -25,6 +31,8 @@ const RETAIN_EVERY: Duration = Duration::from_secs(60);
 
 pub struct AuthLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Addresses out of budget after refused admin credentials, and until when.
+    admin_blocked: Mutex<HashMap<IpAddr, Instant>>,
     trust_proxy: bool,
 }
 
@@ -34,6 +42,7 @@ impl AuthLimiter {
         let burst = NonZeroU32::new(config.auth_rate_burst).unwrap_or(NonZeroU32::MIN);
         Self {
             limiter: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            admin_blocked: Mutex::new(HashMap::new()),
             trust_proxy: config.trust_proxy,
         }
     }
@@ -55,9 +64,54 @@ impl AuthLimiter {
             })
     }
 
+    /// Before an admin credential is checked: 429 while the caller's address is out of the
+    /// budget it spent on refused admin credentials.
+    pub fn admin_allowed(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<(), ApiError> {
+        let client = self.client_of(headers, peer);
+        let Ok(blocked) = self.admin_blocked.lock() else {
+            return Ok(());
+        };
+        match blocked.get(&client) {
+            Some(until) if *until > Instant::now() => {
+                crate::metrics::rate_limited("auth");
+                Err(ApiError::RateLimited {
+                    retry_after: *until - Instant::now(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A refused admin credential: spends from the caller's budget; past it, the address
+    /// is blocked (see [`Self::admin_allowed`]) and the answer is 429.
+    pub fn admin_refused(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
+        let client = self.client_of(headers, peer);
+        let retry_after = self.check(client).err()?;
+        if let Ok(mut blocked) = self.admin_blocked.lock() {
+            blocked.insert(client, Instant::now() + retry_after);
+        }
+        crate::metrics::rate_limited("auth");
+        Some(ApiError::RateLimited { retry_after })
+    }
+
     /// Addresses tracked now (for tests of the memory bound).
     pub fn tracked(&self) -> usize {
         self.limiter.len()
+    }
+
+    /// Forgets the addresses whose limit is back to full, and the blocks that are over.
+    fn forget_the_past(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        if let Ok(mut blocked) = self.admin_blocked.lock() {
+            let now = Instant::now();
+            blocked.retain(|_, until| *until > now);
+            blocked.shrink_to_fit();
+        }
     }
 
     /// Forgets, every minute until shutdown, the addresses whose limit is back to full,
@@ -76,21 +130,32 @@ impl AuthLimiter {
                     _ = tick.tick() => {}
                 }
                 let Some(me) = me.upgrade() else { break };
-                me.limiter.retain_recent();
-                me.limiter.shrink_to_fit();
+                me.forget_the_past();
             }
         });
     }
 
-    /// The address a request counts against.
+    /// The address a request counts against (an IPv6 one by its /64 prefix).
     pub fn client_of(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> IpAddr {
-        if self.trust_proxy {
-            if let Some(ip) = forwarded_for(headers) {
-                return ip;
-            }
+        let address = self
+            .trust_proxy
+            .then(|| forwarded_for(headers))
+            .flatten()
+            .or(peer.map(|p| p.ip()))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        counted_as(address)
+    }
+}
+
+/// An IPv4 address as it is (also when written IPv4-mapped in IPv6); an IPv6 address as its
+/// /64 prefix.
+fn counted_as(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !(u128::from(u64::MAX));
+            IpAddr::V6(Ipv6Addr::from(prefix))
         }
-        peer.map(|p| p.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        v4 => v4,
     }
 }
 
@@ -148,6 +213,47 @@ mod tests {
             proxied.client_of(&headers, peer),
             IpAddr::from([10, 0, 0, 1])
         );
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64_prefix() {
+        let limiter = AuthLimiter::new(&Config::for_tests());
+        let peer = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 4000));
+        let headers = HeaderMap::new();
+        for n in 0..1000u32 {
+            let ip = format!("2001:db8:1:2:{:x}:{:x}::1", n >> 8, n & 0xff);
+            assert!(limiter.admit(&headers, peer(&ip)).is_ok());
+        }
+        assert_eq!(limiter.tracked(), 1, "one /64, one entry");
+        assert_eq!(
+            limiter.client_of(&headers, peer("::ffff:192.0.2.9")),
+            IpAddr::from([192, 0, 2, 9]),
+            "an IPv4-mapped address counts as the IPv4 one"
+        );
+        assert!(limiter.admit(&headers, peer("2001:db8:1:3::1")).is_ok());
+        assert_eq!(limiter.tracked(), 2);
+    }
+
+    #[test]
+    fn refused_admin_credentials_past_the_budget_block_the_address() {
+        let mut config = Config::for_tests();
+        config.auth_rate_limit = 1;
+        config.auth_rate_burst = 2;
+        let limiter = AuthLimiter::new(&config);
+        let headers = HeaderMap::new();
+        let guesser = Some(SocketAddr::from(([192, 0, 2, 1], 4000)));
+        let other = Some(SocketAddr::from(([192, 0, 2, 2], 4000)));
+        for _ in 0..2 {
+            assert!(limiter.admin_allowed(&headers, guesser).is_ok());
+            assert!(limiter.admin_refused(&headers, guesser).is_none());
+        }
+        let limited = limiter.admin_refused(&headers, guesser);
+        assert!(matches!(limited, Some(ApiError::RateLimited { .. })));
+        assert!(matches!(
+            limiter.admin_allowed(&headers, guesser),
+            Err(ApiError::RateLimited { .. })
+        ));
+        assert!(limiter.admin_allowed(&headers, other).is_ok());
     }
 
     #[test]
