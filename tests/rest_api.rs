@@ -718,6 +718,29 @@ async fn get_and_patch_show_state_and_detect_races() -> anyhow::Result<()> {
         let message = got.2["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(field), "{field}: {message}");
     }
+    // Out of the range the store keeps: the caller's mistake, not a server error.
+    for limit in [
+        json!({"requestsPerSecond": 3_000_000_000u64, "burst": 1}),
+        json!({"requestsPerSecond": 1, "burst": 0}),
+    ] {
+        let body = Some(json!({ "rateLimit": limit }));
+        let got = gw
+            .send(Method::PATCH, &path, &[("authorization", &admin)], body)
+            .await?;
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        let message = got.2["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("rateLimit"), "{message}");
+    }
+    let huge = r#"{"integrationKey":"k","integrationAppToken":"x","rateLimit":{"requestsPerSecond":1,"burst":4000000000}}"#;
+    let created = gw
+        .http
+        .post(gw.url("/api/tenants"))
+        .header("authorization", admin.clone())
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await?;
+    assert_eq!(created.status(), StatusCode::BAD_REQUEST);
     let missing = gw
         .send(
             Method::GET,

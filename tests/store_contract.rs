@@ -154,6 +154,9 @@ async fn run_suite(store: &dyn Store) -> Result<()> {
     check_audit_text_with_nul(store)
         .await
         .context(format!("{b}: audit text with NUL"))?;
+    check_keys_with_nul_match_nothing(store)
+        .await
+        .context(format!("{b}: keys with NUL"))?;
     check_prune_audit(store)
         .await
         .context(format!("{b}: prune"))?;
@@ -267,6 +270,35 @@ async fn check_audit_text_with_nul(store: &dyn Store) -> Result<()> {
         tools == [Some("search"), Some("a\u{FFFD}b")],
         "tools read back: {tools:?}"
     );
+    Ok(())
+}
+
+/// A key with a NUL (say, `%00` in a path) names no tenant and no trail, on both backends:
+/// PostgreSQL refuses NUL in text, so its store must not pass one on as an error.
+async fn check_keys_with_nul_match_nothing(store: &dyn Store) -> Result<()> {
+    let id = "tenant-a\0b";
+    ensure!(store.get_tenant(id).await?.is_none(), "get");
+    let changes = TenantChanges {
+        enabled: Some(false),
+        ..TenantChanges::default()
+    };
+    let updated = store.update_tenant(id, 1, &changes).await;
+    ensure!(
+        matches!(updated, Err(StoreError::NotFound)),
+        "update: {updated:?}"
+    );
+    let rotated = store.rotate_api_key(id, &[7; 32]).await;
+    ensure!(
+        matches!(rotated, Err(StoreError::NotFound)),
+        "rotate: {rotated:?}"
+    );
+    let deleted = store.delete_tenant(id).await;
+    ensure!(
+        matches!(deleted, Err(StoreError::NotFound)),
+        "delete: {deleted:?}"
+    );
+    let trail = store.list_audit(&audit_query(id, 10)).await?;
+    ensure!(trail.is_empty(), "audit trail: {trail:?}");
     Ok(())
 }
 

@@ -154,6 +154,12 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether `key` can be in a text column at all: PostgreSQL refuses NUL in text (as a
+/// parameter too, with an error). A key with one matches no row, as on SQLite.
+fn storable_key(key: &str) -> bool {
+    !key.contains('\0')
+}
+
 pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
     if let Some(code) = e.code() {
         if *code == SqlState::UNIQUE_VIOLATION {
@@ -414,6 +420,9 @@ impl Store for PostgresStore {
     }
 
     async fn get_tenant(&self, id: &str) -> StoreResult<Option<TenantRecord>> {
+        if !storable_key(id) {
+            return Ok(None);
+        }
         let sql = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1");
         let row = self.query_tenant(&sql, &[&id]).await?;
         row.map(TenantRow::into_record).transpose()
@@ -473,6 +482,9 @@ impl Store for PostgresStore {
         expected_version: i64,
         changes: &TenantChanges,
     ) -> StoreResult<TenantRecord> {
+        if !storable_key(id) {
+            return Err(StoreError::NotFound);
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_err)?;
         let select = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR UPDATE");
@@ -508,6 +520,9 @@ impl Store for PostgresStore {
     }
 
     async fn rotate_api_key(&self, id: &str, new_hash: &[u8]) -> StoreResult<TenantRecord> {
+        if !storable_key(id) {
+            return Err(StoreError::NotFound);
+        }
         let sql = format!(
             "UPDATE tenants SET api_key_hash = $2, version = version + 1, updated_at = $3 \
              WHERE id = $1 RETURNING {TENANT_COLUMNS}, pg_notify('{TENANTS}', id)",
@@ -520,6 +535,9 @@ impl Store for PostgresStore {
     }
 
     async fn delete_tenant(&self, id: &str) -> StoreResult<()> {
+        if !storable_key(id) {
+            return Err(StoreError::NotFound);
+        }
         let client = self.client().await?;
         let stmt = client.prepare_cached(DELETE_TENANT).await.map_err(db_err)?;
         match client.execute(&stmt, &[&id]).await.map_err(db_err)? {
@@ -570,6 +588,14 @@ impl Store for PostgresStore {
     }
 
     async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {
+        let keys = [
+            Some(&query.tenant_id),
+            query.action.as_ref(),
+            query.before_id.as_ref(),
+        ];
+        if !keys.into_iter().flatten().all(|k| storable_key(k)) {
+            return Ok(Vec::new());
+        }
         let limit = i64::from(query.limit);
         let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE tenant_id = $1");
         let mut params: Vec<Param<'_>> = vec![&query.tenant_id];

@@ -122,7 +122,7 @@ async fn page(
         }
     }
     if let Some(cursor) = params.cursor.as_deref() {
-        if uuid::Uuid::parse_str(cursor).is_err() {
+        if !is_issued_form(cursor) {
             return Err(ApiError::invalid_request(
                 "cursor is not one this service issued",
             ));
@@ -145,4 +145,31 @@ async fn page(
         items: rows.into_iter().map(AuditItem::from).collect(),
         next_cursor,
     }))
+}
+
+/// Whether `cursor` is an audit event id as this service writes it: a UUID in its
+/// lower-case hyphenated form. Other spellings of a UUID parse too, but pages are cut by
+/// comparing the text with the stored ids, so they would skip or repeat events.
+fn is_issued_form(cursor: &str) -> bool {
+    uuid::Uuid::try_parse(cursor).is_ok_and(|id| id.hyphenated().to_string() == cursor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_issued_form;
+
+    #[test]
+    fn only_the_issued_spelling_of_an_event_id_is_a_cursor() {
+        let issued = "0190a5d2-7c1e-7a3b-8f00-1234567890ab";
+        assert!(is_issued_form(issued));
+        for other in [
+            "0190A5D2-7C1E-7A3B-8F00-1234567890AB",
+            "0190a5d27c1e7a3b8f001234567890ab",
+            "{0190a5d2-7c1e-7a3b-8f00-1234567890ab}",
+            "urn:uuid:0190a5d2-7c1e-7a3b-8f00-1234567890ab",
+            "not-a-uuid",
+        ] {
+            assert!(!is_issued_form(other), "{other}");
+        }
+    }
 }

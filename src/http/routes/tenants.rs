@@ -355,6 +355,10 @@ fn decode_cursor(cursor: &str) -> Result<PageCursor, ApiError> {
         .map_err(|_| bad())?;
     let raw = String::from_utf8(raw).map_err(|_| bad())?;
     let (micros, id) = raw.split_once(':').ok_or_else(bad)?;
+    // No id this service makes has control characters (PostgreSQL cannot even take a NUL).
+    if id.chars().any(char::is_control) {
+        return Err(bad());
+    }
     let created_at = micros
         .parse::<i64>()
         .ok()
@@ -413,11 +417,15 @@ fn validate_upstream_url(url: String) -> Result<String, ApiError> {
     Ok(url)
 }
 
+/// The largest `requestsPerSecond` or `burst` the store keeps (a 32-bit signed column).
+const MAX_RATE: u32 = i32::MAX as u32;
+
 fn validate_rate_limit(limit: RateLimit) -> Result<RateLimit, ApiError> {
-    if limit.requests_per_second == 0 || limit.burst == 0 {
-        return Err(ApiError::invalid_request(
-            "field `rateLimit`: requestsPerSecond and burst must be above 0",
-        ));
+    let within = |v: u32| (1..=MAX_RATE).contains(&v);
+    if !within(limit.requests_per_second) || !within(limit.burst) {
+        return Err(ApiError::invalid_request(format!(
+            "field `rateLimit`: requestsPerSecond and burst must be from 1 to {MAX_RATE}"
+        )));
     }
     Ok(limit)
 }
