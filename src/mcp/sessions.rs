@@ -14,7 +14,7 @@
 //! remembered too, so an ended id asked for again costs no query.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,29 @@ struct State {
     by_digest: HashMap<String, SessionId>,
     /// Digests of sessions clients ended (here or elsewhere), so they are not rebuilt.
     ended: HashMap<String, Instant>,
+    /// The same, oldest first, so that forgetting the oldest never scans the map (it runs
+    /// under the lock every MCP request takes, for every session ended in the fleet).
+    ended_order: VecDeque<(Instant, String)>,
+}
+
+impl State {
+    /// Forgets ended sessions, oldest first, while they are past [`ENDED_TTL`] or more than
+    /// `keep` are remembered.
+    fn forget_ended(&mut self, now: Instant, keep: usize) {
+        while let Some((at, _)) = self.ended_order.front() {
+            let expired = now.duration_since(*at) >= ENDED_TTL;
+            if !expired && self.ended_order.len() <= keep {
+                break;
+            }
+            let Some((at, digest)) = self.ended_order.pop_front() else {
+                break;
+            };
+            // Ended again since: the map holds the later time, and a later queue entry.
+            if self.ended.get(&digest) == Some(&at) {
+                self.ended.remove(&digest);
+            }
+        }
+    }
 }
 
 /// Whose an open session is, and its id's digest.
@@ -127,20 +150,13 @@ impl SessionLimits {
         let mut guard = self.lock();
         let state = &mut *guard;
         let now = Instant::now();
-        state
-            .ended
-            .retain(|_, at| now.duration_since(*at) < ENDED_TTL);
-        if state.ended.len() >= ENDED_MAX {
-            let oldest = state.ended.iter().min_by_key(|(_, at)| **at);
-            if let Some(oldest) = oldest.map(|(id, _)| id.clone()) {
-                state.ended.remove(&oldest);
-            }
-        }
+        state.forget_ended(now, ENDED_MAX - 1);
         let open = state.by_digest.get(&digest).cloned();
         if let Some(owner) = open.as_ref().and_then(|id| state.owners.get_mut(id)) {
             owner.ending = true;
         }
-        state.ended.insert(digest, now);
+        state.ended.insert(digest.clone(), now);
+        state.ended_order.push_back((now, digest));
         open
     }
 
@@ -437,5 +453,27 @@ mod tests {
         assert!(limits.was_ended(&digest("s2")));
         assert_eq!(digest("s1").len(), 64);
         assert_ne!(digest("s1"), digest("s2"));
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_ended_session_is_forgotten_first() {
+        let limits = SessionLimits::new(1, 1);
+        let first = "first".to_owned();
+        limits.ended(first.clone());
+        for n in 1..ENDED_MAX - 1 {
+            limits.ended(format!("d{n}"));
+        }
+        // Ended again: now the newest, so it outlives the ones ended after it the first time.
+        limits.ended("d1".to_owned());
+        assert!(limits.was_ended(&first));
+        limits.ended("one more".to_owned());
+        assert!(!limits.was_ended(&first), "the oldest goes first");
+        assert!(limits.was_ended("d1") && limits.was_ended("d2"));
+        limits.ended("two more".to_owned());
+        limits.ended("three more".to_owned());
+        assert!(!limits.was_ended("d2"), "d2 was the oldest left");
+        assert!(limits.was_ended("d1") && limits.was_ended("d3"));
+        let state = limits.lock();
+        assert!(state.ended.len() <= ENDED_MAX && state.ended_order.len() <= ENDED_MAX);
     }
 }
