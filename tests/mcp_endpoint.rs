@@ -142,6 +142,89 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
 type Refusal<'a> = (&'a str, Vec<(&'a str, &'a str)>, StatusCode, &'a str);
 
 #[tokio::test]
+async fn a_drain_lets_the_calls_of_open_sessions_answer() -> anyhow::Result<()> {
+    // In a session the answer to a call streams after rmcp's handler returns: the drain
+    // must wait for it to be sent, not only for the call, before it ends the sessions.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
+    let (client, _) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let peer = client.peer().clone();
+            let args = json!({"ms": 300});
+            let params = CallToolRequestParams::new("sleep")
+                .with_arguments(args.as_object().cloned().unwrap_or_default());
+            tokio::spawn(async move { peer.call_tool(params).await })
+        })
+        .collect();
+    upstream.wait_for_calls(5).await?;
+    gw.stop().await?;
+    for call in calls {
+        let answered = tokio::time::timeout(Duration::from_secs(10), call).await;
+        let result = answered
+            .context("a call in flight was never answered")??
+            .context("a call in flight lost its answer")?;
+        assert_eq!(result.is_error, Some(false), "{result:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn requests_rmcp_refuses_get_the_contract_error_form() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let (url, key) = (mcp_url(&gw, &t.id), format!("Bearer {}", t.api_key));
+    let both = "application/json, text/event-stream";
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let cases = [
+        (
+            "application/json",
+            both,
+            "{not json",
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "text/plain",
+            both,
+            ping,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "application/json",
+            "text/html",
+            ping,
+            StatusCode::NOT_ACCEPTABLE,
+            "not_acceptable",
+        ),
+    ];
+    for (content_type, accept, body, status, code) in cases {
+        let resp = gw
+            .http
+            .post(&url)
+            .header("authorization", &key)
+            .header("content-type", content_type)
+            .header("accept", accept)
+            .header("x-request-id", "mcp-refused-1")
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), status, "{content_type}, {accept}, {body}");
+        let got: Value = resp.json().await.context("a JSON error body")?;
+        assert_eq!(got["error"]["code"], code, "{got}");
+        assert_eq!(got["error"]["requestId"], "mcp-refused-1", "{got}");
+        assert!(
+            !got.to_string().contains("not json"),
+            "no echo of the body: {got}"
+        );
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;

@@ -36,6 +36,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("unsupported media type")]
     UnsupportedMediaType,
+    /// The request's `Accept` leaves out what the answer must be (the MCP endpoint's).
+    #[error("not acceptable: {0}")]
+    NotAcceptable(String),
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
     #[error("upstream error: {0}")]
@@ -137,6 +140,7 @@ impl ApiError {
                 "unsupported_media_type",
                 "the request body must be application/json".into(),
             ),
+            NotAcceptable(m) => (StatusCode::NOT_ACCEPTABLE, "not_acceptable", m.clone()),
             RateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",

@@ -4,23 +4,24 @@
 //! opened it (the tenant sealed in its id, [`super::sealed`], when another replica opened
 //! it); records a session's end (`DELETE`) in the store, and never rebuilds a session the
 //! store records as ended; and reserves a session slot for an `initialize`, a session
-//! rebuilt here or a `subscriptions/listen` stream, refusing past the caps.
+//! rebuilt here or a `subscriptions/listen` stream, refusing past the caps. A POST's answer
+//! holds the drain open until it has been sent.
 
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
-use axum::http::Method;
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
 use rmcp::model::InitializeRequestParams;
 
-use super::sealed::{SessionSeal, CLOCK_SKEW_ALLOWED, SESSION_ID_LIFETIME};
+use super::sealed::{self, SessionSeal, CLOCK_SKEW_ALLOWED, SESSION_ID_LIFETIME};
 use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
 use crate::auth::{Authenticator, TenantCredentials};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, ErrorReport};
 use crate::http::extract::{api_key_header, bearer};
 
 /// What the gate needs: the credential checker, the session bounds, the session id seal,
@@ -35,6 +36,8 @@ pub struct Gate {
     pub store: crate::store::SharedStore,
     /// The callers' budget of refused credentials (the token endpoints' limit).
     pub auth_limiter: Arc<crate::http::ratelimit::AuthLimiter>,
+    /// For the drain: a POST's answer counts as in flight until it has been sent.
+    pub lifecycle: Arc<crate::shutdown::Lifecycle>,
 }
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -70,7 +73,7 @@ pub async fn gate(
         .headers()
         .get(SESSION_HEADER)
         .map(|v| v.to_str().ok().map(str::to_owned));
-    match session {
+    let response = match session {
         Some(Some(id)) => with_session(&gate, &tenant_id, &id, req, next)
             .await
             .unwrap_or_else(IntoResponse::into_response),
@@ -79,7 +82,48 @@ pub async fn gate(
             .await
             .unwrap_or_else(IntoResponse::into_response),
         None => next.run(req).await,
+    };
+    in_contract_form(response).await
+}
+
+/// rmcp answers some malformed requests itself, in plain text (no JSON, no request id):
+/// those answers get the error form of API.md, as every other error of the service. Its
+/// JSON-RPC errors (JSON, which MCP clients read) and every success pass unchanged.
+async fn in_contract_form(response: Response) -> Response {
+    let status = response.status();
+    let plain = !response.headers().contains_key(header::CONTENT_TYPE)
+        || response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.to_str().is_ok_and(|v| v.starts_with("text/plain")));
+    let ours = response.extensions().get::<ErrorReport>().is_some();
+    if !(status.is_client_error() || status.is_server_error()) || !plain || ours {
+        return response;
     }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let error = match status {
+        // rmcp's own words ("Bad Request: Session ID is required"): what to mend.
+        StatusCode::BAD_REQUEST => ApiError::InvalidRequest(text),
+        StatusCode::NOT_FOUND => no_session(),
+        StatusCode::NOT_ACCEPTABLE => ApiError::NotAcceptable(text),
+        // rmcp says 415 for a body that is not a JSON-RPC message; its text quotes the body.
+        StatusCode::UNSUPPORTED_MEDIA_TYPE if text.starts_with("fail to deserialize") => {
+            ApiError::InvalidJson("the body is not a JSON-RPC message".into())
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        _ => ApiError::Internal(format!("the MCP server answered {status}: {text}")),
+    };
+    let mut response = error.into_response();
+    if let Some(allow) = allow {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
+    response
 }
 
 /// The MCP "session not found" answer: the client initialises again.
@@ -106,7 +150,8 @@ async fn with_session(
         if ending {
             return end(gate, sessions::digest(id), req, next).await;
         }
-        return Ok(next.run(req).await);
+        let post = req.method() == Method::POST;
+        return Ok(answered(gate, post, next.run(req).await));
     }
     let digest = sessions::digest(id);
     if gate.limits.was_ended(&digest) {
@@ -131,7 +176,9 @@ async fn with_session(
         return Err(no_session());
     }
     let reservation = reserve(gate, tenant_id)?;
-    Ok(with_pending(Pending::restore(reservation), next.run(req)).await)
+    let post = req.method() == Method::POST;
+    let response = with_pending(Pending::restore(reservation), next.run(req)).await;
+    Ok(answered(gate, post, response))
 }
 
 /// Ends for its client (`DELETE`) the session whose id has `digest`. The end is recorded in
@@ -178,11 +225,19 @@ async fn post_without_session(
     let opening = opening(&bytes);
     let req = Request::from_parts(parts, Body::from(bytes));
     match opening {
-        Opening::Nothing => Ok(next.run(req).await),
+        Opening::Nothing => Ok(answered(gate, true, next.run(req).await)),
         Opening::Session(params) => {
+            if !sealed::params_fit(&params) {
+                return Err(ApiError::invalid_request(format!(
+                    "initialize: params take more than {} bytes of JSON",
+                    sealed::MAX_INITIALIZE_PARAMS
+                )));
+            }
             let reservation = reserve(gate, tenant_id)?;
-            Ok(with_pending(Pending::open(reservation, *params), next.run(req)).await)
+            let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
+            Ok(answered(gate, true, response))
         }
+        // A stream open until the client or the drain ends it: not in flight.
         Opening::Listen => {
             let reservation = reserve(gate, tenant_id)?;
             Ok(hold_until_sent(next.run(req).await, reservation))
@@ -228,12 +283,26 @@ fn opening(body: &Bytes) -> Opening {
     }
 }
 
-/// `response` with `reservation` kept until its body has been sent or dropped (the client
-/// went away): a listen stream's slot is given back when the stream ends.
-fn hold_until_sent(response: Response, reservation: Reservation) -> Response {
+/// A POST's answer (`post`), counted in flight until its body has been sent. In a session,
+/// rmcp answers a request with an event stream at once and writes the result into it
+/// later: the edge's count of the request ends with the headers, and without this one a
+/// drain would end the session streams (and the answers in them) while calls still run.
+/// Other requests (a session's `GET` stream) never hold the drain.
+fn answered(gate: &Gate, post: bool, response: Response) -> Response {
+    if post {
+        hold_until_sent(response, gate.lifecycle.begin_request())
+    } else {
+        response
+    }
+}
+
+/// `response` with `held` kept until its body has been sent or dropped (the client went
+/// away): a listen stream's slot is given back when the stream ends, a POST's in-flight
+/// count when its answer has been sent.
+fn hold_until_sent(response: Response, held: impl Send + 'static) -> Response {
     let (parts, body) = response.into_parts();
     let body = body.into_data_stream().map(move |chunk| {
-        let _held = &reservation;
+        let _held = &held;
         chunk
     });
     Response::from_parts(parts, Body::from_stream(body))

@@ -179,8 +179,6 @@ impl ServerHandler for TenantMcp {
         let ctx = tenant_of(&context)?;
         self.renew_forwarder(ctx, &context);
         let started = Instant::now();
-        // A call in flight holds the drain open, as a REST call does.
-        let _in_flight = self.lifecycle.begin_request();
         let request_bytes = request.arguments.as_ref().and_then(audit::json_len);
         let arguments = self
             .audit_arguments

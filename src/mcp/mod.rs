@@ -44,6 +44,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         max_body_bytes: config.max_body_bytes,
         store: state.store.clone(),
         auth_limiter: state.auth_limiter.clone(),
+        lifecycle: state.lifecycle.clone(),
     };
     let mut local = LocalSessionManager::default();
     // Idle sessions (no message for this long) end, and give their slot back.

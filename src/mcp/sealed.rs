@@ -37,9 +37,18 @@ pub const SESSION_ID_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// and ended sessions are recorded this much longer than [`SESSION_ID_LIFETIME`].
 pub const CLOCK_SKEW_ALLOWED: Duration = Duration::from_secs(60 * 60);
 
-/// Longest id we try to open: a bound on work for garbage headers (real ids are far
-/// shorter unless a client sends enormous capabilities).
+/// Longest id we try to open: a bound on work for garbage headers. No longer id is sealed.
 const MAX_ID_LEN: usize = 8 * 1024;
+
+/// The most JSON an `initialize`'s parameters may take: they travel in the session id (with
+/// the tenant id, a nonce and a tag, in base64), which must stay within [`MAX_ID_LEN`] to
+/// open on another replica, or here after a restart. Real clients send a few hundred bytes.
+pub const MAX_INITIALIZE_PARAMS: usize = 5 * 1024;
+
+/// Whether `params` fit in a session id (see [`MAX_INITIALIZE_PARAMS`]).
+pub fn params_fit(params: &InitializeRequestParams) -> bool {
+    serde_json::to_vec(params).is_ok_and(|json| json.len() <= MAX_INITIALIZE_PARAMS)
+}
 
 /// What a session id carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,7 +103,12 @@ impl SessionSeal {
             .cipher
             .seal_bytes(SESSION_AAD, &plain)
             .map_err(|_| SealError::Seal)?;
-        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed);
+        // An id that could not be opened again is no id: refused rather than handed out.
+        if id.len() > MAX_ID_LEN {
+            return Err(SealError::Seal);
+        }
+        Ok(id)
     }
 
     /// The claims of a session id sealed under this key within [`SESSION_ID_LIFETIME`], or
@@ -177,6 +191,33 @@ mod tests {
         let opened = seal.open(&id).expect("opens");
         assert_eq!(opened.tenant, "acme");
         assert_eq!(opened.params.protocol_version.as_str(), "2025-11-25");
+    }
+
+    #[test]
+    fn params_at_the_bound_seal_into_an_id_that_opens() {
+        let seal = SessionSeal::new(TokenCipher::new(&[3; 32]));
+        let params = |name_len: usize| -> InitializeRequestParams {
+            let params = serde_json::json!({"protocolVersion": "2025-11-25",
+                "capabilities": {"experimental": {"x": {}}},
+                "clientInfo": {"name": "n".repeat(name_len), "version": "1"}});
+            serde_json::from_value(params).expect("params")
+        };
+        let json_len = |p: &InitializeRequestParams| serde_json::to_vec(p).expect("json").len();
+        let base = json_len(&params(0));
+        let largest = params(MAX_INITIALIZE_PARAMS - base);
+        assert_eq!(json_len(&largest), MAX_INITIALIZE_PARAMS);
+        assert!(params_fit(&largest));
+        assert!(!params_fit(&params(MAX_INITIALIZE_PARAMS - base + 1)));
+        // With a tenant id longer than any this service makes.
+        let claims = SessionClaims::new("tenant-".repeat(10), largest);
+        let id = seal.seal(&claims).expect("seals");
+        assert!(
+            seal.open(&id).is_some(),
+            "an id of {} bytes opens",
+            id.len()
+        );
+        let too_big = SessionClaims::new("t".into(), params(2 * MAX_INITIALIZE_PARAMS));
+        assert!(seal.seal(&too_big).is_err(), "no id that would not open");
     }
 
     #[test]
