@@ -50,7 +50,8 @@ pub enum TenantAuthMode {
 }
 
 /// The settings as given. Every field is also an environment variable of the same name.
-#[derive(Debug, Clone, Args)]
+/// No `Debug`: several fields are secrets as given.
+#[derive(Clone, Args)]
 pub struct RawConfig {
     /// `development` generates missing secrets; `production` requires them.
     #[arg(long, env = "APP_ENV", value_enum, default_value = "development")]
@@ -182,7 +183,7 @@ pub struct RawConfig {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub app_env: AppEnv,
     pub listen: SocketAddr,
@@ -361,13 +362,7 @@ impl RawConfig {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
-            cors_origins: self
-                .cors_origins
-                .split(',')
-                .map(str::trim)
-                .filter(|o| !o.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            cors_origins: cors_origins(&self.cors_origins)?,
             log_format,
             tenant_auth: self.tenant_auth,
             trust_proxy: self.trust_proxy,
@@ -541,6 +536,48 @@ impl Config {
     }
 }
 
+/// `CORS_ORIGINS`: comma-separated origins as a browser sends them (`https://app.example.com`,
+/// with a port when not the scheme's own): no `*` (the API takes credentials), no path, no
+/// trailing slash (neither would ever match a browser's `Origin`).
+fn cors_origins(raw: &str) -> Result<Vec<String>, ConfigError> {
+    let bad = |origin: &str, why: &str| invalid("CORS_ORIGINS", format!("`{origin}`: {why}"));
+    let mut origins = Vec::new();
+    for origin in raw.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if origin == "*" {
+            return Err(bad(origin, "list the allowed origins; `*` is not accepted"));
+        }
+        let url = url::Url::parse(origin).map_err(|_| bad(origin, "not an origin"))?;
+        let is_origin = matches!(url.scheme(), "http" | "https")
+            && url.host().is_some()
+            && url.path() == "/"
+            && url.query().is_none()
+            && url.fragment().is_none()
+            && url.username().is_empty()
+            && url.origin().ascii_serialization() == origin;
+        if !is_origin {
+            return Err(bad(
+                origin,
+                "must be scheme://host[:port], with no path or trailing slash",
+            ));
+        }
+        origins.push(origin.to_owned());
+    }
+    Ok(origins)
+}
+
+/// What a log line or a panic message may show of the configuration: no secret, no
+/// database URL (it may hold a password).
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("app_env", &self.app_env)
+            .field("listen", &self.listen)
+            .field("database", &self.database_url.as_ref().map(|_| "(set)"))
+            .field("upstream_mcp_url", &self.upstream_mcp_url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -681,5 +718,48 @@ mod tests {
     fn secret_debug_hides_the_value() {
         let s = Secret::new("hunter2-very-secret");
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn config_debug_shows_no_secret_and_no_database_url() {
+        let mut config = Config::for_tests();
+        config.database_url = Some("postgres://sb:db-password-123@db/sb".into());
+        let shown = format!("{config:?}");
+        for secret in [
+            config.admin_api_key.expose(),
+            config.jwt_secret.expose(),
+            "db-password-123",
+        ] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let key = config.encryption_key;
+        assert!(!shown.contains(&format!("{}, {}", key[0], key[1])), "{shown}");
+        assert!(!shown.contains(&hex::encode(key)), "{shown}");
+    }
+
+    #[test]
+    fn cors_origins_are_plain_origins() {
+        let with = |origins: &str| {
+            let mut args = PRODUCTION.to_vec();
+            args.extend(["--cors-origins", origins]);
+            raw(&args).validate().map(|(config, _)| config.cors_origins)
+        };
+        assert_eq!(
+            with("https://app.example.com, http://localhost:5173").unwrap(),
+            ["https://app.example.com", "http://localhost:5173"]
+        );
+        assert!(with("").unwrap().is_empty());
+        for bad in [
+            "*",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "app.example.com",
+            "ftp://app.example.com",
+        ] {
+            match with(bad) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "CORS_ORIGINS", "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 }

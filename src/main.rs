@@ -37,11 +37,14 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    // A missing .env is normal; a malformed one is not.
-    if let Err(err) = dotenvy::dotenv() {
-        if !err.not_found() {
-            anyhow::bail!("could not read .env: {err}");
+    // A missing .env is normal; a malformed one is not. dotenvy's parse error quotes the
+    // line, which may hold a secret: only where on it the parse stopped is told.
+    match dotenvy::dotenv() {
+        Err(dotenvy::Error::LineParse(_, at)) => {
+            anyhow::bail!("could not read .env: a line does not parse (at character {at} of it)")
         }
+        Err(err) if !err.not_found() => anyhow::bail!("could not read .env: {err}"),
+        _ => {}
     }
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::Healthcheck)) {

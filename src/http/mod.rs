@@ -128,6 +128,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn cors(config: &Config) -> CorsLayer {
+    // Checked at start-up (`config::cors_origins`): each is a plain origin.
     let origins: Vec<HeaderValue> = config
         .cors_origins
         .iter()
