@@ -410,13 +410,21 @@ async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()
         .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
         .count() as f64;
     assert!(served >= 3.0 && refused >= 1.0, "{statuses:?}");
+    // Refused before its name was checked: the caller's text gets no series of its own.
+    let made_up = json!({"method": "made-up-tool-7f3a", "params": {}});
+    let (status, _, _) = gw.tool(&tenant, made_up).await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     let (_, after) = scrape(&gw, Some("metrics-token-0123456789")).await?;
+    assert!(
+        !after.contains("made-up-tool-7f3a"),
+        "a series for a made-up tool"
+    );
     let after = parse_strict(&after)?;
     assert_eq!(counter(&after, "switchboard_tool_calls_total", &ok), served);
     let limited = [("tenant", tenant.id.as_str()), ("outcome", "rate_limited")];
     assert_eq!(
         counter(&after, "switchboard_tool_calls_total", &limited),
-        refused
+        refused + 1.0
     );
     let route = [("route", "/api/tenant/:tenantId/tool"), ("status", "200")];
     let moved = counter(&after, "switchboard_http_requests_total", &route)

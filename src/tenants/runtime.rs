@@ -104,13 +104,13 @@ impl TenantRuntime {
         // MCP request) copied it whole. Callgrind counts 2.6% (REST) and 10% (`/mcp`) fewer
         // instructions per call boxed, much of it bytes of `rep movsb`; in time, a small gain
         // (README, Performance).
-        let result = Box::pin(self.call_tool_uncounted(tenant, tool, arguments, progress)).await;
-        // A name the tenant does not have is the caller's own text: it gets no series, or
-        // one tenant's guesses would use up the cap on tool labels that all tenants share.
-        let tool = match &result {
-            Err(CallError::UnknownTool(_)) => crate::metrics::OTHER,
-            _ => tool,
-        };
+        let mut known = false;
+        let call = self.call_tool_uncounted(tenant, tool, arguments, progress, &mut known);
+        let result = Box::pin(call).await;
+        // A name not (yet) found in the tenant's list is the caller's own text: it gets no
+        // series, or one tenant's guesses (refused as unknown, or before the check: rate
+        // limited, busy) would use up the cap on tool labels that all tenants share.
+        let tool = if known { tool } else { crate::metrics::OTHER };
         crate::metrics::tool_call(&tenant.id, tool, call_outcome(&result));
         result
     }
@@ -121,6 +121,7 @@ impl TenantRuntime {
         tool: &str,
         arguments: Option<Map<String, Value>>,
         progress: Option<ProgressSink>,
+        known: &mut bool,
     ) -> Result<CallToolResult, CallError> {
         // A ready tenant's lane answers without a message; anything else asks the actor.
         let running = self.running(tenant);
@@ -151,6 +152,7 @@ impl TenantRuntime {
         if !tools.contains(tool) {
             return Err(CallError::UnknownTool(tool.to_owned()));
         }
+        *known = true;
         let started = std::time::Instant::now();
         let result = lease
             .client
