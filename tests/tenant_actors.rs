@@ -209,7 +209,9 @@ async fn a_hanging_upstream_gives_504_at_the_timeout() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_idle = Duration::from_millis(600);
+    let gw = TestGateway::start_with(config).await?;
     let a = gw.create_tenant(tenant_on(&upstream.url, "tok-a")).await?;
     let b = gw.create_tenant(tenant_on(&upstream.url, "tok-b")).await?;
     let echo = json!({"method": "echo", "params": {"text": "x"}});
@@ -239,6 +241,49 @@ async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Res
     let status = gw.tenants.status(&a.id).await;
     assert_eq!(status.restarts, 1);
     assert_eq!(gw.tenants.status(&b.id).await.restarts, 0);
+    // Once it idles out, a recovered tenant shows as stopped, not as its old crash.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.tenants.active_count() > 0 {
+        assert!(Instant::now() < deadline, "the actors did not idle out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = gw.tenants.status(&a.id).await;
+    assert_eq!(
+        status.state,
+        switchboard::tenants::status::ConnectionState::Stopped,
+        "{:?}",
+        status.last_error
+    );
+    assert_eq!(status.last_error, None);
+    assert_eq!(status.restarts, 1, "the count of restarts stays");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_panicking_actor_leaves_no_audit_event_unwritten() -> anyhow::Result<()> {
+    // A panic skips the actor's stop, which writes its audit buffer: the calls just made
+    // (buffered until the next tick, a second away) must be written all the same.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    for n in 0..3 {
+        let echo = json!({"method": "echo", "params": {"text": format!("call {n}")}});
+        assert_eq!(gw.tool(&t, echo).await?.0, StatusCode::OK);
+    }
+    assert!(gw.tenants.inject_panic(&t.id));
+    let path = format!("/api/tenant/{}/audit?action=tool.call", t.id);
+    let headers = [("x-api-key", t.api_key.as_str())];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, audit) = gw.send(reqwest::Method::GET, &path, &headers, None).await?;
+        assert_eq!(status, StatusCode::OK, "{audit}");
+        let written = audit["items"].as_array().map_or(0, Vec::len);
+        if written == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{written} of 3 calls audited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.stop().await
 }
 

@@ -194,11 +194,47 @@ impl Actor for TenantActor {
     }
 }
 
-/// However the actor ends (a panic skips `post_stop`), its lane stops serving calls.
+/// However the actor ends (a panic skips `post_stop`), its lane stops serving calls, and
+/// what its audit buffer still holds is written: after a normal stop nothing is left, after
+/// a panic this is the only writer left for it (with a batch whose write was in flight and
+/// fails).
 impl Drop for TenantState {
     fn drop(&mut self) {
         self.lane.set(None);
+        let left: Vec<AuditRecord> = self.audit.drain(..).collect();
+        let in_flight = self.audit_write.take();
+        if left.is_empty() && in_flight.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        runtime.spawn(async move {
+            let mut events = Vec::new();
+            if let Some(write) = in_flight {
+                if let Ok(Some(Err(batch))) = write.await {
+                    events = batch;
+                }
+            }
+            events.extend(left);
+            write_after_a_crash(&store, events).await;
+        });
     }
+}
+
+/// The audit events a crashed actor left, written once more; if that fails they are lost,
+/// and counted so.
+async fn write_after_a_crash(store: &SharedStore, events: Vec<AuditRecord>) {
+    if events.is_empty() {
+        return;
+    }
+    let n = events.len();
+    if let Err(err) = store.append_audit(&events).await {
+        tracing::error!(error = %err, events = n, "audit events lost after a tenant actor crashed");
+        crate::metrics::audit_dropped(n as u64);
+    }
+    crate::metrics::audit_pending(-(n as i64));
 }
 
 fn set_status(status: &Mutex<UpstreamStatus>, change: impl FnOnce(&mut UpstreamStatus)) {

@@ -112,6 +112,23 @@ impl Directory {
             r.insert(tenant_id.to_owned(), (count, crash));
         }
     }
+
+    /// The tenant's actor is running again: its crash no longer stands for its state (the
+    /// count of restarts stays).
+    fn recovered(&self, tenant_id: &str) {
+        if let Ok(mut r) = self.restarts.write() {
+            if let Some((_, crash)) = r.get_mut(tenant_id) {
+                *crash = None;
+            }
+        }
+    }
+
+    /// The tenant changed or is gone: its restart history goes with its old actor.
+    fn forget_restarts(&self, tenant_id: &str) {
+        if let Ok(mut r) = self.restarts.write() {
+            r.remove(tenant_id);
+        }
+    }
 }
 
 pub struct RegistryActor;
@@ -325,6 +342,7 @@ impl RegistryState {
                 retry_after: Duration::from_secs(1),
             })?;
         crate::metrics::actor_started();
+        self.args.directory.recovered(&tenant_id);
         self.by_actor.insert(actor.get_id(), tenant_id.clone());
         self.args.directory.insert(
             tenant_id,
@@ -409,6 +427,7 @@ impl RegistryState {
             let _ = running.actor.drain();
         }
         self.history.remove(tenant_id);
+        self.args.directory.forget_restarts(tenant_id);
     }
 
     fn crashed(&mut self, myself: &ActorRef<RegistryMsg>, cell: ActorCell, error: String) {
