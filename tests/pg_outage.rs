@@ -158,7 +158,7 @@ async fn wait_for_audit(url: &str, tenant_id: &str, want: &HashSet<String>) -> V
 }
 
 /// While the database is down: `/health` answers 503 `degraded`, database `down`, fast,
-/// every time it is asked during the outage. Returns when the outage time is over.
+/// every time it is asked during the outage, and `/live` 200 at once. Returns when the outage time is over.
 async fn watch_health_while_down(gw: &TestGateway, outage_ends: Instant) -> anyhow::Result<u32> {
     let mut checks = 0;
     while Instant::now() + Duration::from_millis(500) < outage_ends {
@@ -169,6 +169,14 @@ async fn watch_health_while_down(gw: &TestGateway, outage_ends: Instant) -> anyh
         assert!(
             took < HEALTH_WITHIN,
             "/health took {took:?} while the database was down"
+        );
+        // Liveness never asks the database: an outage must not get the replica restarted.
+        let asked = Instant::now();
+        let live = gw.http.get(gw.url("/live")).send().await?.status();
+        assert_eq!(live, StatusCode::OK, "/live while the database was down");
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "/live was slow"
         );
         checks += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -774,6 +774,9 @@ async fn health_and_ready_answer() -> anyhow::Result<()> {
     assert!(health["activeTenants"].is_u64());
     let (status, _, _) = gw.send(Method::GET, "/ready", &[], None).await?;
     assert_eq!(status, StatusCode::OK);
+    let (status, _, live) = gw.send(Method::GET, "/live", &[], None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(live["live"], true);
     gw.stop().await
 }
 

@@ -25,7 +25,7 @@ pub struct RequestId(pub String);
 
 /// Routes that answer during a drain: probes must see the drain, not be refused by it.
 fn serves_while_draining(path: &str) -> bool {
-    matches!(path, "/health" | "/ready" | "/metrics")
+    matches!(path, "/live" | "/health" | "/ready" | "/metrics")
 }
 
 /// What the edge layer needs: the drain gate, and whether to believe a proxy's

@@ -75,6 +75,7 @@ impl utoipa::Modify for SecuritySchemes {
 pub fn api_routes() -> OpenApiRouter<AppState> {
     use routes::{audit, auth, health, metrics, tenants, tool};
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::live))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(metrics::metrics))

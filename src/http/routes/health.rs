@@ -1,5 +1,7 @@
-//! Probes: `/health` (liveness with detail) and `/ready` (for load balancers: the database
-//! answers and the process is not draining).
+//! Probes: `/live` (the process serves HTTP; for a liveness probe: it never asks the
+//! database, so an outage does not get every replica restarted), `/health` (a summary, 503
+//! while the database is down) and `/ready` (for load balancers: the database answers and
+//! the process is not draining).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -33,7 +35,7 @@ pub struct MemoryHealth {
     rss_bytes: u64,
 }
 
-/// Liveness and a summary of the process.
+/// A summary of the process; 503 while the database does not answer.
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, body = Health), (status = 503, description = "database down", body = Health)))]
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
@@ -56,6 +58,19 @@ pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Live {
+    live: bool,
+}
+
+/// Liveness: 200 while the process serves HTTP, draining or not, database or not. Tool calls
+/// keep being served through a database outage (credentials from the cache), so a restart
+/// would only make it worse.
+#[utoipa::path(get, path = "/live", tag = "operations", responses((status = 200, body = Live)))]
+pub async fn live() -> Json<Live> {
+    Json(Live { live: true })
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
