@@ -733,7 +733,10 @@ mod tests {
             assert!(!shown.contains(secret), "{shown}");
         }
         let key = config.encryption_key;
-        assert!(!shown.contains(&format!("{}, {}", key[0], key[1])), "{shown}");
+        assert!(
+            !shown.contains(&format!("{}, {}", key[0], key[1])),
+            "{shown}"
+        );
         assert!(!shown.contains(&hex::encode(key)), "{shown}");
     }
 
