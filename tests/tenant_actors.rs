@@ -318,6 +318,63 @@ async fn ten_failures_in_a_row_mark_the_tenant_failing() -> anyhow::Result<()> {
     gw.stop().await
 }
 
+/// Calls `body` until the answer is 503 `unavailable` (the tenant marked failing); the
+/// statuses before it. Fails past `limit` calls.
+async fn call_until_failing(
+    gw: &TestGateway,
+    t: &CreatedTenant,
+    body: Value,
+    limit: usize,
+) -> anyhow::Result<Vec<StatusCode>> {
+    let mut before = Vec::new();
+    for _ in 0..limit {
+        let (status, _, answer) = gw.tool(t, body.clone()).await?;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            anyhow::ensure!(answer["error"]["code"] == "unavailable", "{answer}");
+            return Ok(before);
+        }
+        before.push(status);
+    }
+    anyhow::bail!("not marked failing after {limit} calls: {before:?}")
+}
+
+#[tokio::test]
+async fn an_upstream_that_takes_sessions_but_fails_calls_ends_up_failing() -> anyhow::Result<()> {
+    // Each failed call drops its connection and the next one connects again, which works:
+    // the failures must still add up, or every call would cost a new session upstream.
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    upstream.set_failing(Some("tools/call"));
+    let before = call_until_failing(&gw, &t, echo, 30).await?;
+    assert!(
+        before.iter().all(|s| *s == StatusCode::BAD_GATEWAY),
+        "{before:?}"
+    );
+    assert_eq!(before.len(), 10, "the threshold: {before:?}");
+    assert!(
+        upstream.initializes() <= 11,
+        "{} sessions",
+        upstream.initializes()
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn failing_to_list_tools_counts_towards_failing() -> anyhow::Result<()> {
+    // An upstream gone for longer than the tool list's lifetime: discovering the list again
+    // fails, and that must mark the tenant failing as failed calls do.
+    let (upstream, gw, t, _) = connected_tenant().await?;
+    upstream.set_failing(Some("tools/list"));
+    let refresh = json!({"method": "refreshTools"});
+    let before = call_until_failing(&gw, &t, refresh, 30).await?;
+    assert!(
+        before.iter().all(|s| *s == StatusCode::BAD_GATEWAY),
+        "{before:?}"
+    );
+    assert_eq!(before.len(), 10, "the threshold: {before:?}");
+    upstream.set_failing(None);
+    gw.stop().await
+}
+
 #[tokio::test]
 async fn calls_failing_together_on_one_connection_are_one_failure() -> anyhow::Result<()> {
     let (upstream, gw, t, echo) = connected_tenant().await?;

@@ -388,7 +388,9 @@ impl TenantState {
         };
         match result {
             Ok(client) => {
-                self.failures = 0;
+                // Not a success yet: an upstream that accepts sessions and fails what is sent
+                // on them must still add up to failing (with back-off), not reconnect for
+                // every call. A call that succeeds resets the count.
                 self.last_error = None;
                 self.connection = Connection::Ready(client.clone());
                 set_status(&self.status, |s| {
@@ -450,18 +452,21 @@ impl TenantState {
         }
         match failure {
             None => self.failures = 0,
-            Some(error) => {
-                // The connection is suspect: drop it so the next call reconnects. Only its
-                // first failure counts: the other calls in flight on it fail with it, and one
-                // dropped connection under load must not add up to the failing threshold.
-                let Connection::Ready(client) = &self.connection else {
-                    return;
-                };
-                let client = client.clone();
-                tokio::spawn(async move { client.close().await });
-                self.record_failure(error);
-            }
+            Some(error) => self.connection_failed(error),
         }
+    }
+
+    /// The ready connection failed a request: it is suspect, so it is dropped and the next
+    /// call reconnects. Only its first failure counts: the other requests in flight on it
+    /// fail with it, and one dropped connection under load must not add up to the failing
+    /// threshold.
+    fn connection_failed(&mut self, error: String) {
+        let Connection::Ready(client) = &self.connection else {
+            return;
+        };
+        let client = client.clone();
+        tokio::spawn(async move { client.close().await });
+        self.record_failure(error);
     }
 
     fn tools(
@@ -536,7 +541,19 @@ impl TenantState {
                 }
                 Ok(list)
             }
-            Err(err) => Err(CallError::from(err)),
+            Err(err) => {
+                // A transport failure counts as a call's does: with an upstream that is
+                // gone, a tenant whose list expired must end up failing, not ready for ever.
+                let transport = matches!(
+                    err,
+                    crate::upstream::UpstreamError::Connect(_)
+                        | crate::upstream::UpstreamError::Closed
+                );
+                if transport && generation == self.generation {
+                    self.connection_failed(err.to_string());
+                }
+                Err(CallError::from(err))
+            }
         };
         for waiter in self.tool_waiters.drain(..) {
             let _ = waiter.send(result.clone());
@@ -554,9 +571,11 @@ impl TenantState {
                 self.announce_tool_change();
             }
             UpstreamEvent::Closed => {
+                // Ended by the upstream (ours end with a new generation or after a failure
+                // was counted): a failure too, or an upstream that drops every session would
+                // have every call reconnect.
                 if matches!(self.connection, Connection::Ready(_)) {
-                    self.connection = Connection::Idle;
-                    set_status(&self.status, |s| s.state = ConnectionState::Stopped);
+                    self.record_failure("the upstream ended the session".into());
                 }
             }
         }

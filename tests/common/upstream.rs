@@ -16,7 +16,7 @@ use std::{
 use axum::{
     extract::{Request, State as AxumState},
     middleware::Next,
-    response::Response,
+    response::{IntoResponse, Response},
     routing::{get, post},
     Router,
 };
@@ -84,6 +84,13 @@ impl TestUpstream {
     /// While on, tool calls never answer (until cancelled).
     pub fn set_hang(&self, on: bool) {
         self.state.hang.store(on, Ordering::SeqCst);
+    }
+
+    /// POSTs of JSON-RPC `method` get HTTP 502 (until `None`); everything else is served.
+    pub fn set_failing(&self, method: Option<&str>) {
+        if let Ok(mut failing) = self.state.failing_method.lock() {
+            *failing = method.map(str::to_owned);
+        }
     }
 
     /// Kills the server: the listener closes and every connection is dropped at once.
@@ -280,5 +287,20 @@ async fn record_token(
             tokens.push(token);
         }
     }
-    next.run(request).await
+    let failing = state.failing_method.lock().ok().and_then(|f| f.clone());
+    let Some(failing) = failing.filter(|_| request.method() == http::Method::POST) else {
+        return next.run(request).await;
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return http::StatusCode::BAD_REQUEST.into_response();
+    };
+    let method = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|m| m["method"].as_str().map(str::to_owned));
+    if method.as_deref() == Some(failing.as_str()) {
+        return (http::StatusCode::BAD_GATEWAY, "failing on purpose").into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }

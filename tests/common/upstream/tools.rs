@@ -43,6 +43,9 @@ pub struct State {
     pub changed: Notify,
     /// Sessions that finished `initialize`, for `notifications/tools/list_changed`.
     pub peers: Mutex<Vec<Peer<RoleServer>>>,
+    /// A JSON-RPC method whose POSTs get HTTP 502 (an upstream that accepts sessions but
+    /// fails that request).
+    pub failing_method: Mutex<Option<String>>,
 }
 
 impl State {
