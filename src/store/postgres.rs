@@ -73,7 +73,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("switchboard");
         }
-        let listen_config = config.clone();
+        let listen_config = listening_config(&config);
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -152,6 +152,26 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     }
+}
+
+/// The listener's connection sits idle for hours, only receiving: if the server's host
+/// vanishes, or a NAT or balancer in between forgets the connection, nothing would ever
+/// fail on it, and notifications would be missed until a restart. TCP keepalives keep such
+/// state alive in between, and end a dead connection within about 25 s, so the listener
+/// reconnects and reloads. Kept unless the URL sets them.
+fn listening_config(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut listen = config.clone();
+    listen.keepalives(true);
+    if config.get_keepalives_idle() >= Duration::from_secs(2 * 60 * 60) {
+        listen.keepalives_idle(Duration::from_secs(10));
+    }
+    if config.get_keepalives_interval().is_none() {
+        listen.keepalives_interval(Duration::from_secs(5));
+    }
+    if config.get_keepalives_retries().is_none() {
+        listen.keepalives_retries(3);
+    }
+    listen
 }
 
 /// Whether `key` can be in a text column at all: PostgreSQL refuses NUL in text (as a
@@ -625,5 +645,21 @@ impl Store for PostgresStore {
             .execute(&stmt, &[&micros(before)])
             .await
             .map_err(db_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listener_finds_out_about_a_dead_connection_in_seconds() {
+        let store = PostgresStore::connect("postgres://sb@127.0.0.1:5432/sb", 2).expect("store");
+        let listen = &store.listen_config;
+        assert!(listen.get_keepalives());
+        let idle = listen.get_keepalives_idle();
+        let interval = listen.get_keepalives_interval().expect("interval");
+        let retries = listen.get_keepalives_retries().expect("retries");
+        assert!(idle + interval * retries <= Duration::from_secs(30));
     }
 }
