@@ -12,6 +12,10 @@ use crate::tenants::messages::CallError;
 
 /// How often events past `AUDIT_RETENTION_DAYS` are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// Audit events one prune statement deletes at most.
+const PRUNE_BATCH: u32 = 5_000;
+/// The pause between two prune statements of one round.
+const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 
 /// A new event with a time-ordered id (UUIDv7), so ids sort by time across replicas.
 pub fn event(
@@ -63,7 +67,9 @@ pub async fn write_now(store: &SharedStore, event: AuditRecord) {
 }
 
 /// Deletes events older than `days` now and then every hour, until shutdown; `0` keeps
-/// everything. A failed prune (database down) is logged and tried at the next round.
+/// everything. A failed prune (database down) is logged and tried at the next round. A
+/// backlog goes in batches of [`PRUNE_BATCH`] with a pause between them, so the store
+/// serves everything else meanwhile, and shutdown never waits for more than one batch.
 pub fn spawn_retention(store: SharedStore, days: u32, lifecycle: &Lifecycle) {
     if days == 0 {
         return;
@@ -78,10 +84,27 @@ pub fn spawn_retention(store: SharedStore, days: u32, lifecycle: &Lifecycle) {
                 _ = tick.tick() => {}
             }
             let before = Utc::now() - chrono::Duration::days(i64::from(days));
-            match store.prune_audit(before).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, days, "old audit events deleted"),
-                Err(err) => tracing::warn!(error = %err, "audit retention prune failed"),
+            let mut deleted = 0;
+            let outcome = loop {
+                match store.prune_audit(before, PRUNE_BATCH).await {
+                    // A short batch was the last one.
+                    Ok(n) if n < u64::from(PRUNE_BATCH) => {
+                        deleted += n;
+                        break Ok(());
+                    }
+                    Ok(n) => deleted += n,
+                    Err(err) => break Err(err),
+                }
+                tokio::select! {
+                    _ = token.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(PRUNE_PAUSE) => {}
+                }
+            };
+            if deleted > 0 {
+                tracing::info!(deleted, days, "old audit events deleted");
+            }
+            if let Err(err) = outcome {
+                tracing::warn!(error = %err, "audit retention prune failed");
             }
         }
     });

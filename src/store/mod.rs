@@ -251,8 +251,10 @@ pub trait Store: Send + Sync + 'static {
 
     async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>>;
 
-    /// Deletes audit events older than `before`; returns how many.
-    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+    /// Deletes at most `limit` audit events older than `before`, oldest first; returns how
+    /// many. A bounded statement: a backlog goes in several, so no one of them holds the
+    /// database (or SQLite's one connection) for long.
+    async fn prune_audit(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

@@ -635,14 +635,17 @@ impl Store for PostgresStore {
         rows.iter().map(|r| audit_row(r)?.into_record()).collect()
     }
 
-    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+    async fn prune_audit(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("DELETE FROM audit_events WHERE at < $1")
+            .prepare_cached(
+                "DELETE FROM audit_events WHERE id IN \
+                 (SELECT id FROM audit_events WHERE at < $1 ORDER BY at LIMIT $2)",
+            )
             .await
             .map_err(db_err)?;
         client
-            .execute(&stmt, &[&micros(before)])
+            .execute(&stmt, &[&micros(before), &i64::from(limit)])
             .await
             .map_err(db_err)
     }

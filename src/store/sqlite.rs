@@ -515,12 +515,16 @@ impl Store for SqliteStore {
         rows.into_iter().map(AuditRow::into_record).collect()
     }
 
-    async fn prune_audit(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+    async fn prune_audit(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
         let before = micros(before);
         let n = self
             .with_conn(move |conn| {
-                conn.execute("DELETE FROM audit_events WHERE at < ?1", [before])
-                    .map_err(map_err)
+                conn.execute(
+                    "DELETE FROM audit_events WHERE rowid IN \
+                     (SELECT rowid FROM audit_events WHERE at < ?1 ORDER BY at LIMIT ?2)",
+                    [before, i64::from(limit)],
+                )
+                .map_err(map_err)
             })
             .await?;
         Ok(n as u64)
