@@ -536,3 +536,43 @@ async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_rest_call_whose_caller_went_away_is_still_audited() -> anyhow::Result<()> {
+    // The caller gives up while the tool runs: the upstream is told the call was cancelled,
+    // and the call, which may have done its work there, is on the tenant's audit trail.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()?;
+    let gave_up = impatient
+        .post(gw.url(&format!("/api/tenant/{}/tool", tenant.id)))
+        .header("x-api-key", &tenant.api_key)
+        .header("x-request-id", "gave-up-1")
+        .json(&json!({"method": "sleep", "params": {"ms": 1500}}))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client was to time out first");
+    upstream.wait_for_cancellations(1).await?;
+    let path = format!("/api/tenant/{}/audit?action=tool.call", tenant.id);
+    let headers = [("x-api-key", tenant.api_key.as_str())];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let row = loop {
+        let (status, _, audit) = gw.send(Method::GET, &path, &headers, None).await?;
+        assert_eq!(status, StatusCode::OK, "{audit}");
+        if let Some(row) = audit["items"].as_array().and_then(|items| items.first()) {
+            break row.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned call was not audited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(row["requestId"], "gave-up-1", "{row}");
+    assert_eq!(row["tool"], "sleep", "{row}");
+    assert_eq!(row["outcome"], "upstream_error", "{row}");
+    gw.stop().await
+}

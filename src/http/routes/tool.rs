@@ -19,6 +19,7 @@ use crate::http::extract::{ApiJson, Tenant};
 use crate::http::middleware::RequestId;
 use crate::http::AppState;
 use crate::tenants::messages::CallError;
+use crate::tenants::runtime::TenantRuntime;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct ToolRequest {
@@ -44,55 +45,54 @@ pub async fn call(
     headers: HeaderMap,
     ApiJson(body): ApiJson<ToolRequest>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
     let tenant = &ctx.tenant;
-    // Arguments reach the audit trail only when the operator asked for it (AUDIT_ARGUMENTS).
-    let arguments = state
-        .config
-        .audit_arguments
-        .then(|| body.params.clone())
-        .flatten();
-    let (action, tool, result) = match body.method.as_str() {
+    let (action, tool) = match body.method.as_str() {
         "" => {
             return Err(ApiError::invalid_request(
                 "field `method`: must not be empty",
             ))
         }
-        m @ ("listTools" | "refreshTools") => {
-            let result = state
-                .tenants
-                .list_tools(tenant, m == "refreshTools")
-                .await
-                .and_then(|list| to_json(&serde_json::json!({ "tools": list.tools }), false));
-            ("tools.list", None, result)
-        }
-        name => {
-            // A REST answer is one JSON body: no channel for the upstream's progress.
-            let result = state
-                .tenants
-                .call_tool(tenant, name, body.params, None)
-                .await
-                .and_then(|mut r| {
-                    let is_error = *r.is_error.get_or_insert(false);
-                    to_json(&r, is_error)
-                });
-            ("tool.call", Some(name.to_owned()), result)
-        }
+        "listTools" | "refreshTools" => ("tools.list", None),
+        name => ("tool.call", Some(name.to_owned())),
     };
-    let event = audit::call_event(audit::CallFacts {
-        tenant_id: &tenant.id,
+    let pending = PendingAudit {
+        runtime: state.tenants.clone(),
+        tenant_id: tenant.id.clone(),
         action,
-        tool: tool.as_deref(),
-        arguments,
-        request_id: Some(&request_id.0),
-        outcome: audit::call_outcome(result.as_ref().map(|(_, is_error)| *is_error)),
-        started,
+        tool,
+        // Arguments reach the audit trail only when the operator asked (AUDIT_ARGUMENTS).
+        arguments: state
+            .config
+            .audit_arguments
+            .then(|| body.params.clone())
+            .flatten(),
+        request_id: request_id.0,
+        started: Instant::now(),
         request_bytes: headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok()),
-        response_bytes: result.as_ref().ok().map(|(b, _)| b.len() as i64),
-    });
-    state.tenants.audit(&tenant.id, event);
+        written: false,
+    };
+    let result = match pending.tool.as_deref() {
+        None => state
+            .tenants
+            .list_tools(tenant, body.method == "refreshTools")
+            .await
+            .and_then(|list| to_json(&serde_json::json!({ "tools": list.tools }), false)),
+        // A REST answer is one JSON body: no channel for the upstream's progress.
+        Some(name) => state
+            .tenants
+            .call_tool(tenant, name, body.params, None)
+            .await
+            .and_then(|mut r| {
+                let is_error = *r.is_error.get_or_insert(false);
+                to_json(&r, is_error)
+            }),
+    };
+    pending.write(
+        audit::call_outcome(result.as_ref().map(|(_, is_error)| *is_error)),
+        result.as_ref().ok().map(|(b, _)| b.len() as i64),
+    );
     let (bytes, _) = result.map_err(ApiError::from)?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
@@ -122,5 +122,51 @@ impl From<CallError> for ApiError {
             }
             CallError::RateLimited { retry_after } => ApiError::RateLimited { retry_after },
         }
+    }
+}
+
+/// The audit event of one REST tool request, written once: with its outcome when the
+/// handler answers, or, if the handler is dropped first (the client went away, or
+/// `REQUEST_TIMEOUT_MS` cut the request), as an `upstream_error` that was cancelled: the
+/// call may have reached the upstream (which is told it was cancelled), so it is on record.
+struct PendingAudit {
+    runtime: TenantRuntime,
+    tenant_id: String,
+    action: &'static str,
+    tool: Option<String>,
+    arguments: Option<Map<String, Value>>,
+    request_id: String,
+    started: Instant,
+    request_bytes: Option<i64>,
+    written: bool,
+}
+
+impl PendingAudit {
+    fn write(mut self, outcome: &'static str, response_bytes: Option<i64>) {
+        self.record(outcome, response_bytes);
+    }
+
+    fn record(&mut self, outcome: &'static str, response_bytes: Option<i64>) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let event = audit::call_event(audit::CallFacts {
+            tenant_id: &self.tenant_id,
+            action: self.action,
+            tool: self.tool.as_deref(),
+            arguments: self.arguments.take(),
+            request_id: Some(&self.request_id),
+            outcome,
+            started: self.started,
+            request_bytes: self.request_bytes,
+            response_bytes,
+        });
+        self.runtime.audit(&self.tenant_id, event);
+    }
+}
+
+impl Drop for PendingAudit {
+    fn drop(&mut self) {
+        self.record("upstream_error", None);
     }
 }
