@@ -71,6 +71,15 @@ impl RuntimeSettings {
         self.stop_grace * 2
     }
 
+    /// How long a call may wait for an actor's answer to a lease or a tool list: the answer
+    /// can wait for a connect (twice the connect timeout with `auto`: Streamable HTTP, then
+    /// SSE) and then a tool-list discovery (the upstream timeout). Shorter, a slow but
+    /// working upstream would get its callers 503 "restarting".
+    pub fn actor_reply_bound(&self) -> Duration {
+        let slowest = self.connect_timeout * 2 + self.upstream_timeout + Duration::from_secs(5);
+        slowest.max(Duration::from_secs(30))
+    }
+
     /// The replica count now (at least 1).
     pub fn replica_count(&self) -> u32 {
         self.replicas.load(Ordering::Relaxed).max(1)
@@ -168,5 +177,22 @@ impl ChangeFeed {
     /// MCP sessions that clients ended through other replicas.
     pub fn subscribe_sessions_ended(&self) -> broadcast::Receiver<SessionEnd> {
         self.sessions_ended.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_waits_for_the_slowest_connect_and_list_an_actor_may_be_doing() {
+        let mut settings = RuntimeSettings::from_config(&Config::for_tests());
+        settings.connect_timeout = Duration::from_secs(10);
+        settings.upstream_timeout = Duration::from_secs(30);
+        // `auto` connects twice at worst, then lists the tools.
+        assert!(settings.actor_reply_bound() > Duration::from_secs(2 * 10 + 30));
+        settings.connect_timeout = Duration::from_millis(100);
+        settings.upstream_timeout = Duration::from_millis(200);
+        assert_eq!(settings.actor_reply_bound(), Duration::from_secs(30));
     }
 }

@@ -19,8 +19,9 @@ use crate::cipher::TokenCipher;
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
 use crate::upstream::ProgressSink;
 
-/// How long a message to an actor may wait for its answer. The actors answer at once (the
-/// slow work is in tasks), so this only bounds a wedged actor.
+/// How long a message to the registry (or an actor's subscription) may wait for its
+/// answer. They answer at once (the slow work is in tasks), so this only bounds a wedged
+/// actor. A lease or a tool list waits longer: see `RuntimeSettings::actor_reply_bound`.
 const ACTOR_REPLY: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
@@ -84,7 +85,8 @@ impl TenantRuntime {
         refresh: bool,
     ) -> Result<Arc<ToolList>, CallError> {
         let actor = self.actor_for(tenant).await?;
-        ask(&actor, |reply| TenantMsg::Tools { refresh, reply }).await
+        let wait = self.settings.actor_reply_bound();
+        ask(&actor, wait, |reply| TenantMsg::Tools { refresh, reply }).await
     }
 
     /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
@@ -135,16 +137,19 @@ impl TenantRuntime {
                     Some(running) => running.actor,
                     None => self.start_actor(tenant).await?,
                 };
-                let lease: Lease = ask(&actor, TenantMsg::Lease).await?;
+                let wait = self.settings.actor_reply_bound();
+                let lease: Lease = ask(&actor, wait, TenantMsg::Lease).await?;
                 (actor, lease)
             }
         };
         let tools = match &lease.tools {
             Some(tools) => tools.clone(),
             None => {
-                ask(&actor, |reply| TenantMsg::Tools {
-                    refresh: false,
-                    reply,
+                ask(&actor, self.settings.actor_reply_bound(), |reply| {
+                    TenantMsg::Tools {
+                        refresh: false,
+                        reply,
+                    }
                 })
                 .await?
             }
@@ -243,7 +248,11 @@ impl TenantRuntime {
     /// Starts (or rebuilds, if older) the tenant's actor through the registry.
     async fn start_actor(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {
         let record = Box::new(tenant.clone());
-        ask(&self.registry, |reply| RegistryMsg::Start { record, reply }).await
+        ask(&self.registry, ACTOR_REPLY, |reply| RegistryMsg::Start {
+            record,
+            reply,
+        })
+        .await
     }
 }
 
@@ -262,13 +271,14 @@ pub fn call_outcome(result: &Result<CallToolResult, CallError>) -> &'static str 
 /// Sends a request to an actor and waits for its answer; a gone or wedged actor is a 503.
 async fn ask<M, T>(
     actor: &ActorRef<M>,
+    wait: Duration,
     build: impl FnOnce(ractor::RpcReplyPort<Result<T, CallError>>) -> M,
 ) -> Result<T, CallError>
 where
     M: ractor::Message,
     T: Send + 'static,
 {
-    match actor.call(build, Some(ACTOR_REPLY)).await {
+    match actor.call(build, Some(wait)).await {
         Ok(CallResult::Success(result)) => result,
         _ => Err(gone()),
     }
