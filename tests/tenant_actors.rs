@@ -458,6 +458,38 @@ async fn a_thousand_tenants_cost_nothing_until_called_and_idle_ones_stop() -> an
 }
 
 #[tokio::test]
+async fn a_call_as_the_tenant_idles_out_gets_a_new_actor_not_a_503() -> anyhow::Result<()> {
+    // The idle actor drains and closes its upstream session before it leaves; with an
+    // upstream slow to end sessions that takes a while, and a call meanwhile must be served.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_idle = Duration::from_millis(300);
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    upstream.set_slow_close(Duration::from_secs(3));
+    // Idle after 300 ms, checked every 75 ms: by 600 ms it is closing its session.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let initializes = upstream.initializes();
+    let started = Instant::now();
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        upstream.initializes(),
+        initializes + 1,
+        "a new actor, a new session"
+    );
+    upstream.set_slow_close(Duration::ZERO);
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn tools_list_changed_shows_in_the_next_list() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;

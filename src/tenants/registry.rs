@@ -51,6 +51,14 @@ pub struct Directory {
     restarts: RwLock<HashMap<String, CrashInfo>>,
 }
 
+impl Running {
+    /// Whether the actor still takes work: one that idled out drains and closes its
+    /// connection before it leaves the directory, and a call must not wait for that.
+    pub fn serving(&self) -> bool {
+        self.actor.get_status() < ractor::ActorStatus::Draining
+    }
+}
+
 impl Directory {
     pub fn get(&self, tenant_id: &str) -> Option<Running> {
         self.running.read().ok()?.get(tenant_id).cloned()
@@ -299,7 +307,8 @@ impl RegistryState {
         from_call: bool,
     ) -> Result<ActorRef<TenantMsg>, CallError> {
         let tenant_id = record.id.clone();
-        if let Some(running) = self.args.directory.get(&tenant_id) {
+        // An actor that is stopping (idle) is replaced at once; it leaves on its own.
+        if let Some(running) = self.args.directory.get(&tenant_id).filter(Running::serving) {
             if running.version >= record.version {
                 return Ok(running.actor);
             }
@@ -309,7 +318,7 @@ impl RegistryState {
         } else {
             record
         };
-        if let Some(running) = self.args.directory.get(&tenant_id) {
+        if let Some(running) = self.args.directory.get(&tenant_id).filter(Running::serving) {
             if running.version >= record.version {
                 return Ok(running.actor);
             }

@@ -231,11 +231,12 @@ impl TenantRuntime {
             .is_some_and(|r| r.actor.cast(TenantMsg::Panic).is_ok())
     }
 
-    /// The tenant's running actor, unless it runs an older version of the tenant.
+    /// The tenant's running actor, unless it runs an older version of the tenant or is
+    /// stopping (then the registry starts another).
     fn running(&self, tenant: &TenantRecord) -> Option<Running> {
         self.directory
             .get(&tenant.id)
-            .filter(|r| r.version >= tenant.version)
+            .filter(|r| r.version >= tenant.version && r.serving())
     }
 
     async fn actor_for(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {

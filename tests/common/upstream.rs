@@ -86,6 +86,13 @@ impl TestUpstream {
         self.state.hang.store(on, Ordering::SeqCst);
     }
 
+    /// Session `DELETE`s wait this long before they are served (an upstream slow to end
+    /// sessions).
+    pub fn set_slow_close(&self, wait: Duration) {
+        let ms = wait.as_millis() as usize;
+        self.state.slow_close_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// POSTs of JSON-RPC `method` get HTTP 502 (until `None`); everything else is served.
     pub fn set_failing(&self, method: Option<&str>) {
         if let Ok(mut failing) = self.state.failing_method.lock() {
@@ -286,6 +293,10 @@ async fn record_token(
         if let Ok(mut tokens) = state.tokens.lock() {
             tokens.push(token);
         }
+    }
+    let slow_close = state.slow_close_ms.load(Ordering::SeqCst);
+    if request.method() == http::Method::DELETE && slow_close > 0 {
+        tokio::time::sleep(Duration::from_millis(slow_close as u64)).await;
     }
     let failing = state.failing_method.lock().ok().and_then(|f| f.clone());
     let Some(failing) = failing.filter(|_| request.method() == http::Method::POST) else {

@@ -46,6 +46,8 @@ pub struct State {
     /// A JSON-RPC method whose POSTs get HTTP 502 (an upstream that accepts sessions but
     /// fails that request).
     pub failing_method: Mutex<Option<String>>,
+    /// How long a session's `DELETE` waits before it is served (0: not at all).
+    pub slow_close_ms: AtomicUsize,
 }
 
 impl State {
