@@ -544,12 +544,7 @@ impl TenantState {
             Err(err) => {
                 // A transport failure counts as a call's does: with an upstream that is
                 // gone, a tenant whose list expired must end up failing, not ready for ever.
-                let transport = matches!(
-                    err,
-                    crate::upstream::UpstreamError::Connect(_)
-                        | crate::upstream::UpstreamError::Closed
-                );
-                if transport && generation == self.generation {
+                if err.is_transport() && generation == self.generation {
                     self.connection_failed(err.to_string());
                 }
                 Err(CallError::from(err))

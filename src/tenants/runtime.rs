@@ -163,11 +163,11 @@ impl TenantRuntime {
             .client
             .call_tool(tool, arguments, self.settings.upstream_timeout, progress)
             .await;
-        let failure = match &result {
-            Err(crate::upstream::UpstreamError::Connect(e)) => Some(e.clone()),
-            Err(crate::upstream::UpstreamError::Closed) => Some("connection closed".into()),
-            _ => None,
-        };
+        let failure = result
+            .as_ref()
+            .err()
+            .filter(|e| e.is_transport())
+            .map(ToString::to_string);
         let _ = actor.cast(TenantMsg::Outcome {
             generation: lease.generation,
             failure,

@@ -33,6 +33,13 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether the connection itself failed (unreachable, refused, broken, closed), not the
+    /// request on it (an error answer, or no answer in time): what counts towards marking a
+    /// tenant failing, and makes the connection be dropped.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Closed)
+    }
+
     /// Maps an error from an rmcp request (after a successful `initialize`).
     pub(super) fn from_service(error: ServiceError, url: &url::Url) -> Self {
         match error {
