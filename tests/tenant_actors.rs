@@ -152,6 +152,16 @@ async fn fifty_tenants_each_reach_upstream_with_their_own_token() -> anyhow::Res
     gw.stop().await
 }
 
+/// Waits until no tenant actor runs (idled out, or stopped by a change); fails with `what`
+/// after `within`.
+async fn wait_for_no_actors(gw: &TestGateway, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while gw.tenants.active_count() > 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A tenant whose upstream connection is up (one `echo` served): its upstream, the gateway,
 /// the tenant and the `echo` call.
 async fn connected_tenant() -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, Value)> {
@@ -242,11 +252,7 @@ async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Res
     assert_eq!(status.restarts, 1);
     assert_eq!(gw.tenants.status(&b.id).await.restarts, 0);
     // Once it idles out, a recovered tenant shows as stopped, not as its old crash.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.tenants.active_count() > 0 {
-        assert!(Instant::now() < deadline, "the actors did not idle out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_no_actors(&gw, Duration::from_secs(10), "the actors did not idle out").await;
     let status = gw.tenants.status(&a.id).await;
     assert_eq!(
         status.state,
@@ -445,11 +451,7 @@ async fn a_thousand_tenants_cost_nothing_until_called_and_idle_ones_stop() -> an
     );
     assert_eq!(gw.tenants.active_count(), 1);
     assert_eq!(upstream.initializes(), 1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.tenants.active_count() > 0 {
-        assert!(Instant::now() < deadline, "the idle actor did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_no_actors(&gw, Duration::from_secs(5), "the idle actor did not stop").await;
     assert_eq!(
         gw.tenants.status(&t.id).await.state,
         switchboard::tenants::status::ConnectionState::Stopped
@@ -573,14 +575,12 @@ async fn a_record_read_before_a_change_starts_no_stale_actor() -> anyhow::Result
         .await?;
     assert_eq!(status, StatusCode::NO_CONTENT);
     // Both actors stopped: the registry has heard of both changes.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.tenants.active_count() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the changed tenants' actors did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_no_actors(
+        &gw,
+        Duration::from_secs(5),
+        "the changed actors did not stop",
+    )
+    .await;
     let connections = upstream.initializes();
 
     let refused = gw
@@ -682,10 +682,6 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
     }
     // An actor stopped in between would have connected again for the next call.
     assert_eq!(upstream.initializes(), 1, "the actor stopped while in use");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while gw.tenants.active_count() > 0 {
-        assert!(Instant::now() < deadline, "the idle actor did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_no_actors(&gw, Duration::from_secs(5), "the idle actor did not stop").await;
     gw.stop().await
 }
