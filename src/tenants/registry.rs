@@ -308,20 +308,20 @@ impl RegistryState {
     ) -> Result<ActorRef<TenantMsg>, CallError> {
         let tenant_id = record.id.clone();
         // An actor that is stopping (idle) is replaced at once; it leaves on its own.
-        if let Some(running) = self.args.directory.get(&tenant_id).filter(Running::serving) {
+        let serving = self.args.directory.get(&tenant_id).filter(Running::serving);
+        if let Some(running) = &serving {
             if running.version >= record.version {
-                return Ok(running.actor);
+                return Ok(running.actor.clone());
             }
         }
+        // From here a serving actor runs an older version than `record`, and than the
+        // tenant read again below (versions only grow), so it is replaced either way.
         let record = if from_call && self.changes.recent(&tenant_id, Instant::now()) {
             self.current(record).await?
         } else {
             record
         };
-        if let Some(running) = self.args.directory.get(&tenant_id).filter(Running::serving) {
-            if running.version >= record.version {
-                return Ok(running.actor);
-            }
+        if serving.is_some() {
             self.stop_tenant(&tenant_id, "tenant changed");
         }
         if let Some(history) = self.history.get(&tenant_id) {
