@@ -29,6 +29,11 @@ pub static POSTGRES_MIGRATIONS: &[Migration] = &[
         name: "ended_sessions",
         sql: include_str!("../../sql/postgres/0003_ended_sessions.sql"),
     },
+    Migration {
+        version: 4,
+        name: "audit_action_index",
+        sql: include_str!("../../sql/postgres/0004_audit_action_index.sql"),
+    },
 ];
 
 /// The SQLite migrations (`sql/sqlite/`), in the order they apply.
@@ -47,6 +52,11 @@ pub static SQLITE_MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "ended_sessions",
         sql: include_str!("../../sql/sqlite/0003_ended_sessions.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "audit_action_index",
+        sql: include_str!("../../sql/sqlite/0004_audit_action_index.sql"),
     },
 ];
 

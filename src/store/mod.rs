@@ -260,6 +260,11 @@ pub trait Store: Send + Sync + 'static {
 pub type SharedStore = Arc<dyn Store>;
 
 /// How long one announcement to the other replicas may take.
+/// `ping` (behind `/health` and `/ready`) answers within this on either backend, even when
+/// the pool waits, a connect hangs or the embedded store's one connection is busy: a probe
+/// must say "down" quickly, not after the store's own timeouts.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Sends one announcement to the other replicas (`send`, one of the store's `announce_*`).

@@ -29,7 +29,7 @@ use super::columns::{
 use super::migrations::{pending, CREATE_SCHEMA_MIGRATIONS, POSTGRES_MIGRATIONS};
 use super::{
     AuditQuery, AuditRecord, PageCursor, Store, StoreError, StoreResult, TenantChanges,
-    TenantRecord,
+    TenantRecord, PING_TIMEOUT,
 };
 use crate::tenants::ChangeFeed;
 
@@ -37,9 +37,6 @@ use crate::tenants::ChangeFeed;
 /// may take, before the store reports `Unavailable`.
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// `ping` (behind `/health` and `/ready`) answers within this, even when the pool waits
-/// or a connect hangs: a probe must say "down" quickly, not after the pool's timeouts.
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The key of the session advisory lock held around `migrate`, so that replicas starting
 /// at once apply each migration exactly once. Any fixed value works; this is "swbd-mig".
