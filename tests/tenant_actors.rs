@@ -511,6 +511,48 @@ async fn tools_list_changed_shows_in_the_next_list() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::Result<()> {
+    // A refresh starts a load; the upstream computes its list, then changes its tools and
+    // says so before that list arrives. The list on its way is stale: it must not answer
+    // the refresh, nor be cached for TOOL_CACHE_TTL.
+    let (upstream, gw, t, _) = connected_tenant().await?;
+    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert!(!tool_names(&before).contains(&"extra".to_owned()));
+    upstream.hold_next_list();
+    let refresh = {
+        let (http, key) = (gw.http.clone(), t.api_key.clone());
+        let url = gw.url(&format!("/api/tenant/{}/tool", t.id));
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .header("x-api-key", key)
+                .json(&json!({"method": "refreshTools"}))
+                .send()
+                .await?;
+            let status = resp.status();
+            anyhow::Ok((status, resp.json::<Value>().await?))
+        })
+    };
+    upstream.wait_for_held_list().await?;
+    upstream.set_tools_changed().await;
+    // Time for the change notice to reach the tenant's actor before the stale list does.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    upstream.release_list();
+    let (status, refreshed) = refresh.await??;
+    assert_eq!(status, StatusCode::OK, "{refreshed}");
+    assert!(
+        tool_names(&refreshed).contains(&"extra".to_owned()),
+        "the refresh answered a stale list: {refreshed}"
+    );
+    let (_, _, listed) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert!(
+        tool_names(&listed).contains(&"extra".to_owned()),
+        "a stale list was cached: {listed}"
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn changing_a_tenant_rebuilds_its_connection() -> anyhow::Result<()> {
     let first = TestUpstream::start().await?;
     let second = TestUpstream::start().await?;

@@ -54,7 +54,11 @@ pub struct TenantState {
     generation: u64,
     tools: Option<(Arc<ToolList>, Instant)>,
     tool_waiters: Vec<RpcReplyPort<Result<Arc<ToolList>, CallError>>>,
-    tools_loading: bool,
+    /// Bumped whenever a list loaded from before can no longer be trusted: a refresh, a
+    /// change notice, a new connection. A load answers only if its epoch is still current.
+    tools_epoch: u64,
+    /// The epoch of the load in flight, if one is.
+    tools_loading: Option<u64>,
     in_flight: Arc<Semaphore>,
     limiter: Arc<DefaultDirectRateLimiter>,
     /// The replica count the limiter was built for; a new count rebuilds it.
@@ -137,7 +141,8 @@ impl Actor for TenantActor {
             generation: 0,
             tools: None,
             tool_waiters: Vec::new(),
-            tools_loading: false,
+            tools_epoch: 0,
+            tools_loading: None,
             failures: 0,
             last_error: None,
             last_used: Instant::now(),
@@ -172,8 +177,14 @@ impl Actor for TenantActor {
             TenantMsg::Connected { generation, result } => {
                 state.connected(&myself, generation, result)
             }
-            TenantMsg::ToolsLoaded { generation, result } => state.tools_loaded(generation, result),
-            TenantMsg::Upstream { generation, event } => state.upstream_event(generation, event),
+            TenantMsg::ToolsLoaded {
+                generation,
+                epoch,
+                result,
+            } => state.tools_loaded(&myself, generation, epoch, result),
+            TenantMsg::Upstream { generation, event } => {
+                state.upstream_event(&myself, generation, event)
+            }
             TenantMsg::AuditWritten(result) => state.audit_written(&myself, result),
             TenantMsg::Tick => state.tick(&myself),
             TenantMsg::Panic => panic!("injected fault in tenant {}", state.tenant_id),
@@ -348,6 +359,8 @@ impl TenantState {
 
     fn start_connect(&mut self, myself: &ActorRef<TenantMsg>) {
         self.generation += 1;
+        // A load on the old connection answers nobody now; the new one loads afresh.
+        self.tools_epoch += 1;
         let generation = self.generation;
         set_status(&self.status, |s| s.state = ConnectionState::Connecting);
         let (tx, mut rx) = mpsc::channel::<UpstreamEvent>(64);
@@ -483,7 +496,7 @@ impl TenantState {
                 let _ = reply.send(Err(limited));
                 return;
             }
-            self.tools = None;
+            self.forget_tools();
         }
         if let Some(list) = self.fresh_tools() {
             let _ = reply.send(Ok(list));
@@ -513,55 +526,93 @@ impl TenantState {
         let Connection::Ready(client) = &self.connection else {
             return;
         };
-        if self.tools_loading {
+        if self.tools_loading == Some(self.tools_epoch) {
             return;
         }
-        self.tools_loading = true;
+        let epoch = self.tools_epoch;
+        self.tools_loading = Some(epoch);
         let (client, me, generation) = (client.clone(), myself.clone(), self.generation);
         let timeout = self.settings.upstream_timeout;
         tokio::spawn(async move {
             let result = client.list_tools(timeout).await;
-            let _ = me.cast(TenantMsg::ToolsLoaded { generation, result });
+            let _ = me.cast(TenantMsg::ToolsLoaded {
+                generation,
+                epoch,
+                result,
+            });
         });
+    }
+
+    /// The cached list is stale; a load in flight started before now answers nobody.
+    fn forget_tools(&mut self) {
+        self.tools = None;
+        self.tools_epoch += 1;
     }
 
     fn tools_loaded(
         &mut self,
+        myself: &ActorRef<TenantMsg>,
         generation: u64,
+        epoch: u64,
         result: Result<Vec<rmcp::model::Tool>, crate::upstream::UpstreamError>,
     ) {
-        self.tools_loading = false;
+        if self.tools_loading == Some(epoch) {
+            self.tools_loading = None;
+        }
+        if let Err(err) = &result {
+            // A transport failure counts as a call's does: with an upstream that is gone,
+            // a tenant whose list expired must end up failing, not ready for ever.
+            if err.is_transport() && generation == self.generation {
+                self.connection_failed(err.to_string());
+            }
+        }
+        let current = epoch == self.tools_epoch;
+        if !current {
+            // Started before a change, a refresh or a reconnect: its list may predate them.
+            // The waiters get a load of the current epoch, on the current connection.
+            match &self.connection {
+                Connection::Ready(_) if !self.tool_waiters.is_empty() => {
+                    self.load_tools(myself);
+                    return;
+                }
+                Connection::Connecting(_) => return,
+                _ if self.tool_waiters.is_empty() => return,
+                // No connection to load on: the waiters get what came, which is not kept.
+                _ => {}
+            }
+        }
         let result = match result {
             Ok(tools) => {
                 let list = Arc::new(ToolList::new(tools));
-                if generation == self.generation {
+                if current && generation == self.generation {
                     self.tools = Some((list.clone(), Instant::now()));
                     let count = list.tools.len();
                     set_status(&self.status, |s| s.tool_count = Some(count));
                 }
                 Ok(list)
             }
-            Err(err) => {
-                // A transport failure counts as a call's does: with an upstream that is
-                // gone, a tenant whose list expired must end up failing, not ready for ever.
-                if err.is_transport() && generation == self.generation {
-                    self.connection_failed(err.to_string());
-                }
-                Err(CallError::from(err))
-            }
+            Err(err) => Err(CallError::from(err)),
         };
         for waiter in self.tool_waiters.drain(..) {
             let _ = waiter.send(result.clone());
         }
     }
 
-    fn upstream_event(&mut self, generation: u64, event: UpstreamEvent) {
+    fn upstream_event(
+        &mut self,
+        myself: &ActorRef<TenantMsg>,
+        generation: u64,
+        event: UpstreamEvent,
+    ) {
         if generation != self.generation {
             return;
         }
         match event {
             UpstreamEvent::ToolListChanged => {
-                self.tools = None;
+                self.forget_tools();
+                if !self.tool_waiters.is_empty() {
+                    self.load_tools(myself);
+                }
                 let _ = self.notices.send(TenantNotice::ToolListChanged);
                 self.announce_tool_change();
             }

@@ -98,6 +98,8 @@ pub enum TenantMsg {
     },
     ToolsLoaded {
         generation: u64,
+        /// The tool-list epoch the load started in (see `TenantState::tools_epoch`).
+        epoch: u64,
         result: Result<Vec<Tool>, UpstreamError>,
     },
     Upstream {

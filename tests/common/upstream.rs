@@ -93,6 +93,23 @@ impl TestUpstream {
         self.state.slow_close_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// The next complete `tools/list` is computed as the tools are now, and its last page
+    /// held until [`Self::release_list`].
+    pub fn hold_next_list(&self) {
+        self.state.hold_next_list.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until a list is held by [`Self::hold_next_list`] (fails after 10 s).
+    pub async fn wait_for_held_list(&self) -> anyhow::Result<()> {
+        self.wait_until(|state| state.lists_held.load(Ordering::SeqCst) >= 1)
+            .await
+    }
+
+    /// Sends the held list.
+    pub fn release_list(&self) {
+        self.state.release_list.notify_waiters();
+    }
+
     /// POSTs of JSON-RPC `method` get HTTP 502 (until `None`); everything else is served.
     pub fn set_failing(&self, method: Option<&str>) {
         if let Ok(mut failing) = self.state.failing_method.lock() {

@@ -48,6 +48,11 @@ pub struct State {
     pub failing_method: Mutex<Option<String>>,
     /// How long a session's `DELETE` waits before it is served (0: not at all).
     pub slow_close_ms: AtomicUsize,
+    /// The next `tools/list` answer that ends a listing is computed, then held until
+    /// `release_list` is notified: a list that goes stale on its way.
+    pub hold_next_list: AtomicBool,
+    pub lists_held: AtomicUsize,
+    pub release_list: Notify,
 }
 
 impl State {
@@ -188,6 +193,10 @@ impl ServerHandler for TestServer {
         let mut page = ListToolsResult::with_all_items(tools[start.min(end)..end].to_vec());
         if end < tools.len() {
             page.next_cursor = Some(end.to_string());
+        } else if self.state.hold_next_list.swap(false, Ordering::SeqCst) {
+            let released = self.state.release_list.notified();
+            self.state.bump(&self.state.lists_held);
+            released.await;
         }
         Ok(page)
     }
