@@ -354,6 +354,41 @@ async fn stopped_upstream_fails_fast_and_a_new_connect_works_after_restart() -> 
 }
 
 #[tokio::test]
+async fn an_upstream_that_never_answers_the_handshake_could_not_be_reached() -> anyhow::Result<()> {
+    // It takes the connection and says nothing: past the connect timeout that is an
+    // upstream that could not be reached (502, and a failure towards failing), on either
+    // transport, not a call that ran out of its time (504).
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/mcp", silent.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    for transport in [TransportKind::StreamableHttp, TransportKind::Sse] {
+        let mut silent_target = target(&url, transport)?;
+        silent_target.connect_timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        let error = try_connect(&silent_target)
+            .await
+            .err()
+            .context("nothing answered, yet it connected")?;
+        assert!(
+            matches!(error, UpstreamError::Connect(_)) && error.is_transport(),
+            "{transport:?}: {error:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    held.abort();
+    Ok(())
+}
+
+#[tokio::test]
 async fn close_ends_the_session_and_reports_it() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, mut events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;

@@ -154,8 +154,18 @@ async fn streamable(
     match tokio::time::timeout(target.connect_timeout, handshake).await {
         Ok(Ok(session)) => Ok(session),
         Ok(Err(error)) => Err(classify(error, &target.url)),
-        Err(_) => Err(Attempt::Failed(UpstreamError::Timeout)),
+        Err(_) => Err(Attempt::Failed(unanswered_handshake(target))),
     }
+}
+
+/// A handshake with no answer within `UPSTREAM_CONNECT_TIMEOUT_MS`: the upstream could not
+/// be reached (502 `upstream_error`, and a failure towards marking the tenant failing), not
+/// a call that ran out of `UPSTREAM_TIMEOUT_MS` (504).
+fn unanswered_handshake(target: &UpstreamTarget) -> UpstreamError {
+    UpstreamError::Connect(format!(
+        "no answer to the handshake within {} ms",
+        target.connect_timeout.as_millis()
+    ))
 }
 
 fn classify(error: ClientInitializeError, url: &url::Url) -> Attempt {
@@ -190,6 +200,6 @@ async fn sse(
             }
             other => other,
         }),
-        Err(_) => Err(UpstreamError::Timeout),
+        Err(_) => Err(unanswered_handshake(target)),
     }
 }
