@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditWriter;
 use crate::auth::Authenticator;
 use crate::cipher::TokenCipher;
 use crate::config::Config;
@@ -45,6 +46,7 @@ impl App {
         crate::metrics::set_series_cap(config.metrics_max_tenant_series);
         let lifecycle = Arc::new(Lifecycle::new(shutdown.clone()));
         crate::audit::spawn_retention(store.clone(), config.audit_retention_days, &lifecycle);
+        let audit = AuditWriter::start(store.clone(), &lifecycle, config.drain_timeout);
         let changes = ChangeFeed::new(1024);
         let cipher = TokenCipher::new(&config.encryption_key);
         let auth = Arc::new(Authenticator::new(&config, store.clone(), &changes));
@@ -53,6 +55,7 @@ impl App {
         let tenants = TenantRuntime::start(
             settings,
             store.clone(),
+            audit.clone(),
             cipher.clone(),
             config.upstream_mcp_url.clone(),
             changes.clone(),
@@ -67,13 +70,19 @@ impl App {
         for task in fleet.into_iter().flatten() {
             lifecycle.tasks.spawn(task);
         }
-        let admin = Arc::new(TenantAdmin::new(store.clone(), cipher, changes));
+        let admin = Arc::new(TenantAdmin::new(
+            store.clone(),
+            audit.clone(),
+            cipher,
+            changes,
+        ));
         let auth_limiter = Arc::new(http::ratelimit::AuthLimiter::new(&config));
         auth_limiter.spawn_cleanup(&lifecycle);
         Ok(Self {
             state: AppState {
                 config,
                 store,
+                audit,
                 auth,
                 admin,
                 tenants,
@@ -121,6 +130,8 @@ impl App {
         }
         // In-flight calls are done: stop the tenant actors, which flush their audit buffers.
         state.tenants.shutdown().await;
+        // Nothing writes audit events any more: the queued ones are written now.
+        state.audit.close();
         lifecycle.tasks.close();
         lifecycle.tasks.wait().await;
         tracing::info!("stopped");

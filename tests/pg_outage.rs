@@ -388,3 +388,102 @@ async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
     assert!(missing.is_empty(), "no audit row for {missing:?}");
     Ok(())
 }
+
+/// How many audit rows carry `request_id`, read from the database itself.
+async fn rows_of_request(db: &tokio_postgres::Client, request_id: &str) -> anyhow::Result<i64> {
+    let row = db
+        .query_one(
+            "SELECT count(*) FROM audit_events WHERE request_id = $1",
+            &[&request_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Waits until `request_id` has an audit row (fails after 15 s).
+async fn wait_for_row(db: &tokio_postgres::Client, request_id: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while rows_of_request(db, request_id).await? == 0 {
+        anyhow::ensure!(Instant::now() < deadline, "no audit row for {request_id}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audit_event_the_store_refused_is_written_once_it_accepts_again() -> anyhow::Result<()> {
+    // The store refuses every audit row for a while (as it does while it is down). A token
+    // issued meanwhile is answered 200; its `token.issue` event must be written once the
+    // store accepts rows again, not logged and forgotten.
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    let url = match gw.store.as_ref() {
+        TestStore::Postgres(db) => db.url.clone(),
+        _ => anyhow::bail!("not on PostgreSQL"),
+    };
+    let db = connect(&url).await?;
+    let dropped_before = audit_dropped(&gw).await?;
+    db.batch_execute("ALTER TABLE audit_events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+        .await?;
+    let key = gw.config.admin_api_key.expose().to_owned();
+    let (status, _, body) = gw
+        .send(
+            reqwest::Method::POST,
+            "/api/auth/token",
+            &[("x-request-id", "refused-then-written")],
+            Some(json!({ "key": key })),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Long enough for the first write and a retry or two to be refused.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rows_of_request(&db, "refused-then-written").await?, 0);
+    db.batch_execute("ALTER TABLE audit_events DROP CONSTRAINT refuse_all")
+        .await?;
+    wait_for_row(&db, "refused-then-written").await?;
+    assert_eq!(
+        audit_dropped(&gw).await?,
+        dropped_before,
+        "events were dropped"
+    );
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Result<()> {
+    // The tenants table is locked, so a DELETE waits; its client gives up meanwhile. Once
+    // the lock goes, the delete commits, and its `tenant.delete` event must be written:
+    // the change runs to its end, whoever waits for it.
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    let url = match gw.store.as_ref() {
+        TestStore::Postgres(db) => db.url.clone(),
+        _ => anyhow::bail!("not on PostgreSQL"),
+    };
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "gone", "integrationAppToken": "ia-token-gone"}))
+        .await?;
+    let (locker, watcher) = (connect(&url).await?, connect(&url).await?);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let gave_up = impatient
+        .delete(gw.url(&format!("/api/tenants/{}", tenant.id)))
+        .header("authorization", admin)
+        .header("x-request-id", "delete-gave-up")
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the delete answered while the table was locked"
+    );
+    locker.batch_execute("COMMIT").await?;
+    wait_for_row(&watcher, "delete-gave-up").await?;
+    let gone = watcher
+        .query_opt("SELECT id FROM tenants WHERE id = $1", &[&tenant.id])
+        .await?;
+    assert!(gone.is_none(), "the tenant is still there");
+    gw.stop().await
+}

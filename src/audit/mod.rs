@@ -1,6 +1,11 @@
 //! The audit trail: typed events and how they reach the store. Rare events (admin actions,
-//! tokens issued, refused credentials) are written at once; tool-call events go through a
-//! bounded buffer owned by the tenant actor and are written in batches.
+//! tokens issued, refused credentials) are written at once by the [`AuditWriter`], which
+//! retries what the store refused; tool-call events go through a bounded buffer owned by
+//! the tenant actor and are written in batches.
+
+mod writer;
+
+pub use writer::AuditWriter;
 
 use std::time::Duration;
 
@@ -44,7 +49,7 @@ pub fn event(
 /// Records a refused tenant credential (`auth.refused`) under the path's tenant, so the
 /// tenant sees attempts on it. Only 401/403 refusals count; a store outage is not a refusal.
 pub async fn credential_refused(
-    store: &SharedStore,
+    audit: &AuditWriter,
     path_tenant: &str,
     err: &crate::auth::AuthError,
     request_id: Option<&str>,
@@ -56,14 +61,7 @@ pub async fn credential_refused(
     // The id is the caller's text: keep it only when it is tenant-id sized.
     let tenant = Some(path_tenant).filter(|id| id.len() <= 64);
     let record = event(tenant, "auth.refused", "anonymous", "refused", request_id);
-    write_now(store, record).await;
-}
-
-/// Writes one event now; a failure is logged (without the event's content) and counted.
-pub async fn write_now(store: &SharedStore, event: AuditRecord) {
-    if let Err(err) = store.append_audit(std::slice::from_ref(&event)).await {
-        tracing::warn!(error = %err, action = %event.action, "audit event not written");
-    }
+    audit.write(record).await;
 }
 
 /// Deletes events older than `days` now and then every hour, until shutdown; `0` keeps

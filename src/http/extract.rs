@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 use super::middleware::RequestId;
 use super::ratelimit::{peer_of, AuthLimiter};
+use crate::audit::AuditWriter;
 use crate::auth::{AuthContext, AuthError, Authenticator, TenantCredentials};
-use crate::store::SharedStore;
 
 /// A JSON body. `Content-Type` must be `application/json`; errors follow API.md.
 pub struct ApiJson<T>(pub T);
@@ -207,7 +207,7 @@ pub async fn refuse_credential(
     err: AuthError,
     limiter: &AuthLimiter,
     parts: (&HeaderMap, &axum::http::Extensions),
-    store: &SharedStore,
+    audit: &AuditWriter,
     tenant_id: &str,
 ) -> ApiError {
     let (headers, extensions) = parts;
@@ -216,7 +216,7 @@ pub async fn refuse_credential(
             return limited;
         }
         let request_id = extensions.get::<RequestId>().map(|r| r.0.as_str());
-        crate::audit::credential_refused(store, tenant_id, &err, request_id).await;
+        crate::audit::credential_refused(audit, tenant_id, &err, request_id).await;
     }
     err.into()
 }
@@ -226,7 +226,7 @@ where
     S: Send + Sync,
     Arc<Authenticator>: FromRef<S>,
     Arc<AuthLimiter>: FromRef<S>,
-    SharedStore: FromRef<S>,
+    AuditWriter: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -240,12 +240,12 @@ where
         let context = match auth.tenant(&tenant_id, creds, false).await {
             Ok(context) => context,
             Err(err) => {
-                let (limiter, store) = (
+                let (limiter, audit) = (
                     Arc::<AuthLimiter>::from_ref(state),
-                    SharedStore::from_ref(state),
+                    AuditWriter::from_ref(state),
                 );
                 let parts = (&parts.headers, &parts.extensions);
-                return Err(refuse_credential(err, &limiter, parts, &store, &tenant_id).await);
+                return Err(refuse_credential(err, &limiter, parts, &audit, &tenant_id).await);
             }
         };
         tracing::Span::current().record("tenant_id", context.tenant_id.as_str());

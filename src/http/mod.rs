@@ -34,6 +34,8 @@ use error::ApiError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub store: SharedStore,
+    /// Writes the audit events that are not a tenant's calls.
+    pub audit: crate::audit::AuditWriter,
     pub auth: Arc<Authenticator>,
     pub admin: Arc<TenantAdmin>,
     pub tenants: TenantRuntime,

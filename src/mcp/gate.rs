@@ -34,6 +34,7 @@ pub struct Gate {
     pub max_body_bytes: usize,
     /// For the audit trail of refused credentials, and the record of ended sessions.
     pub store: crate::store::SharedStore,
+    pub audit: crate::audit::AuditWriter,
     /// The callers' budget of refused credentials (the token endpoints' limit).
     pub auth_limiter: Arc<crate::http::ratelimit::AuthLimiter>,
     /// For the drain: a POST's answer counts as in flight until it has been sent.
@@ -60,7 +61,7 @@ pub async fn gate(
                 err,
                 &gate.auth_limiter,
                 parts,
-                &gate.store,
+                &gate.audit,
                 &tenant_id,
             )
             .await

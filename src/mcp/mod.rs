@@ -43,6 +43,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         seal: seal.clone(),
         max_body_bytes: config.max_body_bytes,
         store: state.store.clone(),
+        audit: state.audit.clone(),
         auth_limiter: state.auth_limiter.clone(),
         lifecycle: state.lifecycle.clone(),
     };

@@ -6,6 +6,7 @@
 use chrono::{SubsecRound, Utc};
 
 use super::ChangeFeed;
+use crate::audit::AuditWriter;
 use crate::auth::keys;
 use crate::cipher::TokenCipher;
 use crate::config::Secret;
@@ -36,21 +37,30 @@ pub struct TenantUpdate {
 }
 
 /// Who asked, for the audit trail.
-pub struct Actor<'a> {
-    pub name: &'a str,
-    pub request_id: Option<&'a str>,
+#[derive(Clone)]
+pub struct Actor {
+    pub name: &'static str,
+    pub request_id: Option<String>,
 }
 
+#[derive(Clone)]
 pub struct TenantAdmin {
     store: SharedStore,
+    audit: AuditWriter,
     cipher: TokenCipher,
     changes: ChangeFeed,
 }
 
 impl TenantAdmin {
-    pub fn new(store: SharedStore, cipher: TokenCipher, changes: ChangeFeed) -> Self {
+    pub fn new(
+        store: SharedStore,
+        audit: AuditWriter,
+        cipher: TokenCipher,
+        changes: ChangeFeed,
+    ) -> Self {
         Self {
             store,
+            audit,
             cipher,
             changes,
         }
@@ -64,8 +74,36 @@ impl TenantAdmin {
     pub async fn create(
         &self,
         new: NewTenant,
-        actor: &Actor<'_>,
+        actor: &Actor,
     ) -> StoreResult<(TenantRecord, Secret)> {
+        let (me, actor) = (self.clone(), actor.clone());
+        to_the_end(async move { me.creating(new, &actor).await }).await
+    }
+
+    /// Applies `update`; with `if_match`, only if the tenant is still at that version.
+    pub async fn update(
+        &self,
+        id: &str,
+        update: TenantUpdate,
+        if_match: Option<i64>,
+        actor: &Actor,
+    ) -> StoreResult<TenantRecord> {
+        let (me, id, actor) = (self.clone(), id.to_owned(), actor.clone());
+        to_the_end(async move { me.updating(&id, update, if_match, &actor).await }).await
+    }
+
+    /// Replaces the API key: the old one stops working at once; the new one is shown once.
+    pub async fn rotate_key(&self, id: &str, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
+        let (me, id, actor) = (self.clone(), id.to_owned(), actor.clone());
+        to_the_end(async move { me.rotating_key(&id, &actor).await }).await
+    }
+
+    pub async fn delete(&self, id: &str, actor: &Actor) -> StoreResult<()> {
+        let (me, id, actor) = (self.clone(), id.to_owned(), actor.clone());
+        to_the_end(async move { me.deleting(&id, &actor).await }).await
+    }
+
+    async fn creating(&self, new: NewTenant, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
         // An id or key collision is astronomically unlikely; retry a few times regardless.
         for _ in 0..3 {
             let id = keys::new_tenant_id();
@@ -103,13 +141,12 @@ impl TenantAdmin {
         ))
     }
 
-    /// Applies `update`; with `if_match`, only if the tenant is still at that version.
-    pub async fn update(
+    async fn updating(
         &self,
         id: &str,
         update: TenantUpdate,
         if_match: Option<i64>,
-        actor: &Actor<'_>,
+        actor: &Actor,
     ) -> StoreResult<TenantRecord> {
         let current = self
             .store
@@ -140,12 +177,7 @@ impl TenantAdmin {
         Ok(record)
     }
 
-    /// Replaces the API key: the old one stops working at once; the new one is shown once.
-    pub async fn rotate_key(
-        &self,
-        id: &str,
-        actor: &Actor<'_>,
-    ) -> StoreResult<(TenantRecord, Secret)> {
+    async fn rotating_key(&self, id: &str, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
         let api_key = keys::new_api_key();
         let record = self
             .store
@@ -156,7 +188,7 @@ impl TenantAdmin {
         Ok((record, api_key))
     }
 
-    pub async fn delete(&self, id: &str, actor: &Actor<'_>) -> StoreResult<()> {
+    async fn deleting(&self, id: &str, actor: &Actor) -> StoreResult<()> {
         self.store.delete_tenant(id).await?;
         self.changes.publish(id);
         self.audit(id, "tenant.delete", actor).await;
@@ -164,9 +196,28 @@ impl TenantAdmin {
     }
 
     /// Admin actions are rare: written at once, before the answer, so none is lost.
-    async fn audit(&self, tenant_id: &str, action: &str, actor: &Actor<'_>) {
-        let event =
-            crate::audit::event(Some(tenant_id), action, actor.name, "ok", actor.request_id);
-        crate::audit::write_now(&self.store, event).await;
+    async fn audit(&self, tenant_id: &str, action: &str, actor: &Actor) {
+        let event = crate::audit::event(
+            Some(tenant_id),
+            action,
+            actor.name,
+            "ok",
+            actor.request_id.as_deref(),
+        );
+        self.audit.write(event).await;
     }
+}
+
+/// Runs an admin change in a task of its own, so that it ends (committed, then announced
+/// and audited) even when its caller goes away: a client that hangs up, or the request
+/// timeout, must not leave a committed change unannounced, with the tenant's old
+/// credentials working until the credential cache expires.
+async fn to_the_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::spawn(change).await.unwrap_or_else(|failed| {
+        Err(StoreError::Backend(format!(
+            "admin change failed: {failed}"
+        )))
+    })
 }

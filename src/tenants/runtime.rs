@@ -15,6 +15,7 @@ use super::messages::{CallError, Lease, RegistryMsg, TenantMsg, TenantNotice, To
 use super::registry::{Directory, RegistryActor, RegistryArgs, Running};
 use super::status::UpstreamStatus;
 use super::{ChangeFeed, RuntimeSettings};
+use crate::audit::AuditWriter;
 use crate::cipher::TokenCipher;
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
 use crate::upstream::ProgressSink;
@@ -29,7 +30,7 @@ pub struct TenantRuntime {
     registry: ActorRef<RegistryMsg>,
     directory: Arc<Directory>,
     settings: Arc<RuntimeSettings>,
-    store: SharedStore,
+    audit: AuditWriter,
     changes: ChangeFeed,
 }
 
@@ -38,6 +39,7 @@ impl TenantRuntime {
     pub async fn start(
         settings: RuntimeSettings,
         store: SharedStore,
+        audit: AuditWriter,
         cipher: TokenCipher,
         default_upstream: url::Url,
         changes: ChangeFeed,
@@ -48,7 +50,7 @@ impl TenantRuntime {
         let args = RegistryArgs {
             directory: directory.clone(),
             settings: settings.clone(),
-            store: store.clone(),
+            store,
             cipher,
             default_upstream,
             changes: changes.clone(),
@@ -59,7 +61,7 @@ impl TenantRuntime {
             registry,
             directory,
             settings,
-            store,
+            audit,
             changes,
         })
     }
@@ -178,7 +180,7 @@ impl TenantRuntime {
     }
 
     /// Hands a tool-call event to the tenant's audit buffer (written in batches). When the
-    /// actor is gone already, the event is written directly.
+    /// actor is gone already, the audit writer's queue takes it.
     pub fn audit(&self, tenant_id: &str, event: AuditRecord) {
         let event = match self.directory.get(tenant_id) {
             Some(running) => match running.actor.cast(TenantMsg::Audit(Box::new(event))) {
@@ -188,8 +190,7 @@ impl TenantRuntime {
             },
             None => event,
         };
-        let store = self.store.clone();
-        tokio::spawn(async move { crate::audit::write_now(&store, event).await });
+        self.audit.queue(event);
     }
 
     /// Notices (tool-list changes) of a tenant, for a downstream MCP session.

@@ -47,7 +47,7 @@ pub async fn admin_token(
         .issue_admin()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let event = audit::event(None, "token.issue", "admin", "ok", Some(&request_id.0));
-    audit::write_now(&state.store, event).await;
+    state.audit.write(event).await;
     Ok(Json(AdminToken {
         token: issued.token,
         expires_in: issued.expires_in,
@@ -94,7 +94,7 @@ pub async fn tenant_token(
         "ok",
         Some(&request_id.0),
     );
-    audit::write_now(&state.store, event).await;
+    state.audit.write(event).await;
     Ok(Json(TenantToken {
         token: issued.token,
         expires_in: issued.expires_in,
@@ -110,5 +110,5 @@ async fn refused(state: &AppState, tenant_id: Option<&str>, request_id: &Request
         "refused",
         Some(&request_id.0),
     );
-    audit::write_now(&state.store, event).await;
+    state.audit.write(event).await;
 }

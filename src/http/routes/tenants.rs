@@ -96,10 +96,10 @@ pub struct PageParams {
     cursor: Option<String>,
 }
 
-fn actor<'a>(request_id: &'a RequestId) -> Actor<'a> {
+fn actor(request_id: &RequestId) -> Actor {
     Actor {
         name: "admin",
-        request_id: Some(&request_id.0),
+        request_id: Some(request_id.0.clone()),
     }
 }
 
