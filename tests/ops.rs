@@ -485,6 +485,63 @@ async fn hsts_only_behind_a_trusted_tls_proxy() -> anyhow::Result<()> {
     gw.stop().await
 }
 
+#[tokio::test]
+async fn cors_lets_an_allowed_origin_send_and_read_the_contract_headers() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.cors_origins = vec!["http://app.test".to_owned()];
+    let gw = TestGateway::start_with(config).await?;
+    let list = |headers: &reqwest::header::HeaderMap, name: &str| -> String {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase()
+    };
+    // A PATCH that names the version it changes (If-Match) passes the preflight.
+    let preflight = [
+        ("origin", "http://app.test"),
+        ("access-control-request-method", "PATCH"),
+        (
+            "access-control-request-headers",
+            "authorization, content-type, if-match",
+        ),
+    ];
+    let (status, h, _) = gw
+        .send(Method::OPTIONS, "/api/tenants/tenant-x", &preflight, None)
+        .await?;
+    assert!(status.is_success(), "preflight: {status}");
+    assert!(
+        list(&h, "access-control-allow-headers").contains("if-match"),
+        "{h:?}"
+    );
+    // A refusal's Retry-After and WWW-Authenticate are readable by the page.
+    let (status, h, _) = gw
+        .send(
+            Method::GET,
+            "/api/tenants",
+            &[("origin", "http://app.test")],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(list(&h, "access-control-allow-origin"), "http://app.test");
+    let exposed = list(&h, "access-control-expose-headers");
+    for name in ["x-request-id", "retry-after", "www-authenticate"] {
+        assert!(exposed.contains(name), "{name} not exposed: {exposed}");
+    }
+    // Another origin is not let in.
+    let (_, h, _) = gw
+        .send(
+            Method::GET,
+            "/api/tenants",
+            &[("origin", "http://other.test")],
+            None,
+        )
+        .await?;
+    assert!(h.get("access-control-allow-origin").is_none(), "{h:?}");
+    gw.stop().await
+}
+
 async fn audit_items(
     gw: &TestGateway,
     tenant_id: &str,
@@ -535,6 +592,33 @@ async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Resul
         gw.stop().await?;
     }
     Ok(())
+}
+
+#[tokio::test]
+async fn a_tool_calls_sizes_are_audited_also_for_a_chunked_body() -> anyhow::Result<()> {
+    // A client that streams its body sends no Content-Length: the size is what was read.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
+    let body = r#"{"method":"echo","params":{"text":"in two chunks"}}"#;
+    let (first, second) = body.split_at(20);
+    let chunks: Vec<Result<&'static str, std::io::Error>> = vec![Ok(first), Ok(second)];
+    let resp = gw
+        .http
+        .post(gw.url(&format!("/api/tenant/{}/tool", tenant.id)))
+        .header("x-api-key", &tenant.api_key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answer = resp.bytes().await?;
+    let gw = gw.restart().await?;
+    let calls = audit_items(&gw, &tenant.id, "tool.call").await?;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["requestBytes"], json!(body.len()), "{calls:?}");
+    assert_eq!(calls[0]["responseBytes"], json!(answer.len()), "{calls:?}");
+    gw.stop().await
 }
 
 #[tokio::test]

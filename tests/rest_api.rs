@@ -471,6 +471,23 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
     assert!(actions.contains(&"auth.refused"), "{actions:?}");
     let newest_admin_action = actions.iter().find(|a| **a != "auth.refused");
     assert_eq!(newest_admin_action, Some(&"tenant.delete"), "newest first");
+    // A deleted tenant's trail filtered to an action it never had: an empty page. An id
+    // that never was a tenant: 404.
+    let path = format!("/api/tenants/{}/audit?action=tool.call", t.id);
+    let (status, _, none) = gw
+        .send(Method::GET, &path, &[("authorization", &admin)], None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{none}");
+    assert_eq!(none["items"], json!([]));
+    let never = gw
+        .send(
+            Method::GET,
+            "/api/tenants/tenant-never-was/audit",
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_error(&never, StatusCode::NOT_FOUND, "not_found");
     gw.stop().await
 }
 
@@ -555,6 +572,39 @@ async fn body_errors_follow_the_contract() -> anyhow::Result<()> {
     let wrong_method = gw.send(Method::PUT, "/api/tenants", &[], None).await?;
     assert_eq!(wrong_method.0, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(wrong_method.2["error"]["code"], "method_not_allowed");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn control_characters_in_names_and_urls_are_400_on_postgres() -> anyhow::Result<()> {
+    // PostgreSQL cannot store a NUL in text: unchecked, it was a 500 there (and a 201 on
+    // the embedded store). A line break in a name would forge log lines.
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    let admin = bearer(gw.config.admin_api_key.expose());
+    let auth = [("authorization", admin.as_str())];
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "ctl", "integrationAppToken": "t"}))
+        .await?;
+    let bodies = [
+        json!({"name": "a\u{0}b", "integrationKey": "k", "integrationAppToken": "t"}),
+        json!({"name": "a\nb", "integrationKey": "k", "integrationAppToken": "t"}),
+        json!({"integrationKey": "k", "integrationAppToken": "t", "upstreamUrl": "http://a.example/x\u{0}"}),
+        json!({"integrationKey": "k", "integrationAppToken": "t", "upstreamUrl": "http://a.example/ x"}),
+    ];
+    for body in bodies {
+        let created = gw
+            .send(Method::POST, "/api/tenants", &auth, Some(body.clone()))
+            .await?;
+        assert_error(&created, StatusCode::BAD_REQUEST, "invalid_request");
+        let mut change = body;
+        if let Some(map) = change.as_object_mut() {
+            map.remove("integrationKey");
+            map.remove("integrationAppToken");
+        }
+        let path = format!("/api/tenants/{}", tenant.id);
+        let patched = gw.send(Method::PATCH, &path, &auth, Some(change)).await?;
+        assert_error(&patched, StatusCode::BAD_REQUEST, "invalid_request");
+    }
     gw.stop().await
 }
 

@@ -166,9 +166,11 @@ impl ApiError {
                 "upstream_timeout",
                 "the upstream MCP server did not answer in time".into(),
             ),
+            // API.md's one 504: in practice only a chain of upstream steps (connect, list,
+            // call, each within its own bound) outlasts the whole request.
             RequestTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
-                "request_timeout",
+                "upstream_timeout",
                 "the request took longer than REQUEST_TIMEOUT_MS".into(),
             ),
             Internal(_) => (
@@ -236,6 +238,21 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict | StoreError::Duplicate => Self::Conflict,
             StoreError::Unavailable(_) => Self::unavailable("database"),
             StoreError::Backend(cause) => Self::Internal(format!("store: {cause}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 504 carries API.md's one 504 code, the whole-request timeout's too.
+    #[test]
+    fn every_gateway_timeout_is_upstream_timeout() {
+        for err in [ApiError::UpstreamTimeout, ApiError::RequestTimeout] {
+            let (status, code, _) = err.parts();
+            assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(code, "upstream_timeout");
         }
     }
 }

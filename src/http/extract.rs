@@ -26,18 +26,47 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !is_json(req.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::invalid_request("the request body could not be read")
-            }
-        })?;
+        let bytes = json_bytes(req, state).await?;
         parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// A JSON body, as [`ApiJson`], with its size in bytes as read (also when it came in
+/// chunks, with no `Content-Length`): for the audit trail's `requestBytes`.
+pub struct MeasuredJson<T> {
+    pub body: T,
+    pub bytes: usize,
+}
+
+impl<S, T> FromRequest<S> for MeasuredJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = json_bytes(req, state).await?;
+        let body = parse_json(&bytes)?;
+        Ok(MeasuredJson {
+            body,
+            bytes: bytes.len(),
+        })
+    }
+}
+
+/// The body of a request that says it is JSON, within the body limit.
+async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    if !is_json(req.headers()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::invalid_request("the request body could not be read")
+        }
+    })
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -75,8 +104,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 fn describe_data_error(path: &str, message: &str) -> String {
-    // serde's message ends with " at line L column C"; drop it, the path says where.
-    let message = message.split(" at line ").next().unwrap_or(message);
+    // serde's message ends with " at line L column C"; drop it, the path says where. Both
+    // splits are from the right: a quoted value sent by the caller comes before serde's own
+    // words, and may contain them.
+    let message = message
+        .rsplit_once(" at line ")
+        .map_or(message, |(message, _)| message);
     let at = if path == "." {
         String::new()
     } else {
@@ -85,7 +118,7 @@ fn describe_data_error(path: &str, message: &str) -> String {
     if message.starts_with("missing field") || message.starts_with("unknown field") {
         return format!("{at}{message}");
     }
-    match message.split_once(", expected ") {
+    match message.rsplit_once(", expected ") {
         Some((kind, expected)) => {
             // "invalid type: string \"…\"", "unknown variant `…`": keep the kind only.
             let kind = kind
@@ -99,9 +132,17 @@ fn describe_data_error(path: &str, message: &str) -> String {
     }
 }
 
-/// The `Authorization: Bearer` value, if any.
+/// What a credential header that is not visible ASCII counts as: a credential sent that
+/// matches nothing. Ignoring it would let the other credential alone through, where API.md
+/// says that when both are sent, both must be valid.
+const UNREADABLE: &str = "\u{0}";
+
+/// The `Authorization: Bearer` value, if any. An empty one counts as none, as it did for
+/// the old service; one that is not visible ASCII counts as a wrong one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let Ok(value) = headers.get(header::AUTHORIZATION)?.to_str() else {
+        return Some(UNREADABLE);
+    };
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -109,12 +150,12 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The `x-api-key` value, if any; empty counts as none, not visible ASCII as a wrong key.
 pub fn api_key_header(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
+    let Ok(value) = headers.get("x-api-key")?.to_str() else {
+        return Some(UNREADABLE);
+    };
+    Some(value.trim()).filter(|v| !v.is_empty())
 }
 
 /// Query parameters. A value of the wrong type is the contract's 400 `invalid_request` in
@@ -256,6 +297,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -298,10 +340,38 @@ mod tests {
             msg.contains("transport") && msg.contains("unknown variant") && !msg.contains("sekrit"),
             "{msg}"
         );
+        for planted in [
+            r#"{"integrationKey":"x","enabled":"x, expected sekrit"}"#,
+            r#"{"integrationKey":"x","enabled":"x, expected sekrit at line 1"}"#,
+            r#"{"integrationKey":"x","transport":"a`, expected sekrit"}"#,
+        ] {
+            let (code, msg) = message(planted.as_bytes());
+            assert_eq!(code, "invalid_request");
+            assert!(!msg.contains("sekrit"), "{planted}: {msg}");
+        }
         let (code, _) = message(br#"{"integrationKey": "#);
         assert_eq!(code, "invalid_json");
         let (code, _) = message(br#"{"integrationKey":"x""#);
         assert_eq!(code, "invalid_json");
+    }
+
+    #[test]
+    fn an_unreadable_credential_header_is_a_wrong_credential_not_none() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-api-key",
+            HeaderValue::from_bytes(b"sbk_\xc3\xa9").unwrap(),
+        );
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer \xc3\xa9").unwrap(),
+        );
+        assert_eq!(api_key_header(&headers), Some(UNREADABLE));
+        assert_eq!(bearer(&headers), Some(UNREADABLE));
+        headers.insert("x-api-key", HeaderValue::from_static(" "));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(api_key_header(&headers), None, "empty is none");
+        assert_eq!(bearer(&headers), None, "empty is none");
     }
 
     #[test]

@@ -147,10 +147,16 @@ fn cors(config: &Config) -> CorsLayer {
             axum::http::HeaderName::from_static("x-request-id"),
             axum::http::HeaderName::from_static("mcp-session-id"),
             axum::http::HeaderName::from_static("mcp-protocol-version"),
+            axum::http::HeaderName::from_static("last-event-id"),
+            header::IF_MATCH,
         ])
+        // What a browser app must read: the request id, the MCP session, how long to wait
+        // after a 429 or 503, and which credential a 401 wants.
         .expose_headers([
             axum::http::HeaderName::from_static("x-request-id"),
             axum::http::HeaderName::from_static("mcp-session-id"),
+            header::RETRY_AFTER,
+            header::WWW_AUTHENTICATE,
         ])
         .max_age(Duration::from_secs(600))
 }

@@ -82,17 +82,38 @@ pub struct AuditPage {
     next_cursor: Option<String>,
 }
 
-/// A tenant's audit trail, for the operator.
+/// A tenant's audit trail, for the operator: also a deleted tenant's (its trail outlives
+/// it); 404 for an id that names no tenant and has no trail.
 #[utoipa::path(get, path = "/api/tenants/{tenantId}/audit", tag = "audit",
     params(("tenantId" = String, Path), AuditParams), security(("bearer" = [])),
-    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = AuditPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
 pub async fn for_admin(
     _: Admin,
     State(state): State<AppState>,
     ApiPath(tenant_id): ApiPath<String>,
     ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    page(&state, tenant_id, params).await
+    let page = page(&state, tenant_id.clone(), params).await?;
+    if page.items.is_empty() && !has_tenant_or_trail(&state, tenant_id).await? {
+        return Err(ApiError::NotFound("no such tenant".into()));
+    }
+    Ok(page)
+}
+
+/// Whether `tenant_id` is a tenant now, or was one whose trail is still kept (every tenant's
+/// trail starts with its `tenant.create`).
+async fn has_tenant_or_trail(state: &AppState, tenant_id: String) -> Result<bool, ApiError> {
+    if state.store.get_tenant(&tenant_id).await?.is_some() {
+        return Ok(true);
+    }
+    let any = AuditQuery {
+        tenant_id,
+        action: None,
+        before_id: None,
+        limit: 1,
+    };
+    Ok(!state.store.list_audit(&any).await?.is_empty())
 }
 
 /// The calling tenant's own audit trail.

@@ -370,11 +370,15 @@ fn decode_cursor(cursor: &str) -> Result<PageCursor, ApiError> {
     })
 }
 
+/// A name is text for people: at most 200 characters, none of them a control character
+/// (a NUL, which PostgreSQL cannot store, or a line break that would forge log lines).
 fn validate_name(name: Option<String>) -> Result<Option<String>, ApiError> {
     match name {
-        Some(n) if n.chars().count() > 200 => Err(ApiError::invalid_request(
-            "field `name`: at most 200 characters",
-        )),
+        Some(n) if n.chars().count() > 200 || n.chars().any(char::is_control) => {
+            Err(ApiError::invalid_request(
+                "field `name`: at most 200 characters, no control characters",
+            ))
+        }
         other => Ok(other),
     }
 }
@@ -405,6 +409,10 @@ fn validate_token(token: String) -> Result<Secret, ApiError> {
 
 fn validate_upstream_url(url: String) -> Result<String, ApiError> {
     let bad = || ApiError::invalid_request("field `upstreamUrl`: must be an http or https URL");
+    // The URL parser would quietly encode or drop these; the text stored is the one sent.
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(bad());
+    }
     let parsed = url::Url::parse(&url).map_err(|_| bad())?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
         return Err(bad());

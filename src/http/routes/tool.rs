@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde::Deserialize;
@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::audit;
 use crate::http::error::{ApiError, ErrorBody};
-use crate::http::extract::{ApiJson, Tenant};
+use crate::http::extract::{MeasuredJson, Tenant};
 use crate::http::middleware::RequestId;
 use crate::http::AppState;
 use crate::tenants::messages::CallError;
@@ -42,8 +42,7 @@ pub async fn call(
     Tenant(ctx): Tenant,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<ToolRequest>,
+    MeasuredJson { body, bytes }: MeasuredJson<ToolRequest>,
 ) -> Result<Response, ApiError> {
     let tenant = &ctx.tenant;
     let (action, tool) = match body.method.as_str() {
@@ -68,9 +67,7 @@ pub async fn call(
             .flatten(),
         request_id: request_id.0,
         started: Instant::now(),
-        request_bytes: headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        request_bytes: i64::try_from(bytes).ok(),
         written: false,
     };
     let result = match pending.tool.as_deref() {
