@@ -1,5 +1,6 @@
 //! Criterion benches of the gateway's hot paths: the credential check (API key hash and
-//! store lookup on SQLite; JWT verify), routing a call through the registry to a warm
+//! credential-cache hit, as most calls are; the same with no cache, a lookup in SQLite;
+//! JWT verify), routing a call through the registry to a warm
 //! tenant actor (`TenantRuntime::list_tools`, upstream on loopback), and audit batching
 //! (`append_audit` of a batch on SQLite). Short measurement windows keep
 //! `cargo test --all-targets` (which runs each once) fast.
@@ -12,10 +13,11 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use switchboard::app::App;
 use switchboard::auth::jwt::Role;
-use switchboard::auth::TenantCredentials;
+use switchboard::auth::{Authenticator, TenantCredentials};
 use switchboard::config::{Config, Secret};
 use switchboard::store::{TenantRecord, UpstreamTransport};
 use switchboard::tenants::admin::{Actor, NewTenant};
+use switchboard::tenants::ChangeFeed;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
@@ -67,9 +69,26 @@ fn benches(c: &mut Criterion) {
         bearer: None,
         api_key: Some(fx.api_key.expose()),
     };
-    c.bench_function("auth/api_key_hash_and_sqlite_lookup", |b| {
+    // Every call after the first finds the key in the credential cache (30 s by default).
+    c.bench_function("auth/api_key_hash_cache_hit", |b| {
         b.to_async(&rt).iter(|| async {
             auth.tenant(&fx.tenant.id, creds, false)
+                .await
+                .expect("authorised")
+        })
+    });
+    // With no cache every call reads the store: a cold key, or a cache that was cleared.
+    let mut uncached_config = Config::for_tests();
+    uncached_config.credential_cache_size = 0;
+    let uncached = Authenticator::new(
+        &uncached_config,
+        fx.app.state.store.clone(),
+        &ChangeFeed::new(16),
+    );
+    c.bench_function("auth/api_key_hash_and_sqlite_lookup", |b| {
+        b.to_async(&rt).iter(|| async {
+            uncached
+                .tenant(&fx.tenant.id, creds, false)
                 .await
                 .expect("authorised")
         })

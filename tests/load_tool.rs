@@ -66,5 +66,30 @@ fn short_run_prints_every_measurement() -> anyhow::Result<()> {
         !stdout.contains("rps=0 "),
         "a path answered nothing:\n{stdout}"
     );
+    // Every call of every path answered, as a success: a failing path is not a number.
+    for line in stdout.lines().filter(|l| l.starts_with("throughput ")) {
+        assert_eq!(field(line, "errors="), 0.0, "{line}");
+        assert!(field(line, "requests=") > 0.0, "{line}");
+    }
+    // The gateway's memory was read, in each state.
+    for (prefix, rss) in [
+        ("memory empty_rss_mb=", "empty_rss_mb="),
+        ("memory idle_tenants=", "rss_mb="),
+        ("memory active_tenants=", "rss_mb="),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{stdout}"));
+        assert!(field(line, rss) > 1.0, "{line}");
+    }
     Ok(())
+}
+
+/// The number after `name` among the words of `line`.
+fn field(line: &str, name: &str) -> f64 {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(name))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number for {name:?} in {line}"))
 }

@@ -94,8 +94,13 @@ pub async fn rest_call(
         .json(&json!({"method": tool, "params": args}))
         .send()
         .await;
+    // A tool error is 200 with `isError: true`: a failed call, as `mcp_call` counts it.
     match sent {
-        Ok(resp) if resp.status().is_success() => resp.bytes().await.is_ok(),
+        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+            Ok(body) => serde_json::from_slice::<Value>(&body)
+                .is_ok_and(|answer| answer["isError"] != Value::Bool(true)),
+            Err(_) => false,
+        },
         _ => false,
     }
 }
@@ -117,6 +122,7 @@ pub enum Protocol {
 /// up to `in_flight` requests open at once. rmcp's default is 16 and queues the rest, so 64
 /// callers on a default client would be 16 requests in flight, not 64.
 pub async fn mcp_connect(
+    http: reqwest::Client,
     url: &str,
     bearer: Option<&str>,
     protocol: Protocol,
@@ -127,7 +133,7 @@ pub async fn mcp_connect(
     if let Some(token) = bearer {
         config = config.auth_header(token);
     }
-    let transport = StreamableHttpClientTransport::with_client(http_client(), config);
+    let transport = StreamableHttpClientTransport::with_client(http, config);
     let client = ClientConfig::default();
     let connected = match protocol {
         Protocol::Initialize => client.serve(transport).await,
