@@ -230,6 +230,9 @@ pub struct Config {
     pub mcp_session_idle: Duration,
 }
 
+/// The longest any duration setting may be.
+const LONGEST_SETTING_SECS: u64 = 365 * 24 * 3600;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{0} is required when APP_ENV=production")]
@@ -286,6 +289,31 @@ impl RawConfig {
             .map_err(|e| invalid("UPSTREAM_MCP_URL", e.to_string()))?;
         if !matches!(upstream_mcp_url.scheme(), "http" | "https") {
             return Err(invalid("UPSTREAM_MCP_URL", "must be an http or https URL"));
+        }
+        // Durations are added to instants (a tool list's expiry, a stop's deadline), which
+        // panics past what the clock can hold: no setting may exceed a year.
+        let ms = |v: u64| v / 1000;
+        for (key, secs) in [
+            ("JWT_TTL_SECS", self.jwt_ttl_secs),
+            ("UPSTREAM_TIMEOUT_MS", ms(self.upstream_timeout_ms)),
+            (
+                "UPSTREAM_CONNECT_TIMEOUT_MS",
+                ms(self.upstream_connect_timeout_ms),
+            ),
+            ("TENANT_IDLE_SECS", self.tenant_idle_secs),
+            ("TOOL_CACHE_TTL_SECS", self.tool_cache_ttl_secs),
+            (
+                "TENANT_RESTART_WINDOW_SECS",
+                self.tenant_restart_window_secs,
+            ),
+            ("DRAIN_TIMEOUT_SECS", self.drain_timeout_secs),
+            ("REQUEST_TIMEOUT_MS", ms(self.request_timeout_ms)),
+            ("CREDENTIAL_CACHE_TTL_SECS", self.credential_cache_ttl_secs),
+            ("MCP_SESSION_IDLE_SECS", self.mcp_session_idle_secs),
+        ] {
+            if secs > LONGEST_SETTING_SECS {
+                return Err(invalid(key, "must be at most a year"));
+            }
         }
         if self.upstream_timeout_ms == 0 {
             return Err(invalid("UPSTREAM_TIMEOUT_MS", "must be above 0"));
@@ -670,6 +698,24 @@ mod tests {
                 "{err:?}"
             );
         }
+    }
+
+    #[test]
+    fn no_duration_may_exceed_a_year() {
+        for (flag, key) in [
+            ("--tool-cache-ttl-secs", "TOOL_CACHE_TTL_SECS"),
+            ("--drain-timeout-secs", "DRAIN_TIMEOUT_SECS"),
+        ] {
+            let mut args = PRODUCTION.to_vec();
+            args.extend([flag, "18446744073709551615"]);
+            match raw(&args).validate() {
+                Err(ConfigError::Invalid { key: refused, .. }) => assert_eq!(refused, key),
+                other => panic!("{flag}: {other:?}"),
+            }
+        }
+        let mut args = PRODUCTION.to_vec();
+        args.extend(["--tool-cache-ttl-secs", "31536000"]);
+        assert!(raw(&args).validate().is_ok(), "a year is allowed");
     }
 
     #[test]
