@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
 use common::peers::{EverythingMode, EverythingServer};
 use common::upstream::TestUpstream;
@@ -262,6 +263,46 @@ async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Res
     );
     assert_eq!(status.last_error, None);
     assert_eq!(status.restarts, 1, "the count of restarts stays");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_full_reload_forgets_a_crashed_tenants_back_off() -> anyhow::Result<()> {
+    // With no restart allowed, one crash puts the tenant in a 30 s back-off, from the
+    // record it had. "Anything may have changed" (the fleet listener reconnected, maybe
+    // after missing a fix of the tenant) ends that: the next call starts it afresh.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_max_restarts = 0;
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    assert!(gw.tenants.inject_panic(&t.id));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.status(&t.id).await.restarts == 0 {
+        assert!(Instant::now() < deadline, "the crash was not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "in back-off: {body}"
+    );
+    gw.tenants.announce_all_changed();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in back-off: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.stop().await
 }
 
@@ -533,7 +574,7 @@ async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::R
             anyhow::Ok((status, resp.json::<Value>().await?))
         })
     };
-    upstream.wait_for_held_list().await?;
+    upstream.wait_for_held_lists(1).await?;
     upstream.set_tools_changed().await;
     // Time for the change notice to reach the tenant's actor before the stale list does.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -549,6 +590,48 @@ async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::R
         tool_names(&listed).contains(&"extra".to_owned()),
         "a stale list was cached: {listed}"
     );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_list_asked_while_the_tools_keep_changing_is_answered() -> anyhow::Result<()> {
+    // Every list the upstream sends is stale by the time it arrives (its tools changed
+    // meanwhile). Waiting for a list that is not stale would wait for ever: the caller
+    // gets a list after a couple of tries, and the gateway has one load in flight at a time.
+    let (upstream, gw, t, _) = connected_tenant().await?;
+    upstream.set_tools_changed().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    upstream.hold_next_list();
+    let mut list = {
+        let (http, key) = (gw.http.clone(), t.api_key.clone());
+        let url = gw.url(&format!("/api/tenant/{}/tool", t.id));
+        tokio::spawn(async move {
+            let resp = http
+                .post(url)
+                .header("x-api-key", key)
+                .json(&json!({"method": "listTools"}))
+                .send()
+                .await?;
+            anyhow::Ok(resp.status())
+        })
+    };
+    // Each list the gateway asks for is held until the tools changed again.
+    let mut answered = None;
+    for held in 1..=10 {
+        tokio::select! {
+            waited = upstream.wait_for_held_lists(held) => waited?,
+            done = &mut list => {
+                answered = Some(done);
+                break;
+            }
+        }
+        upstream.hold_next_list();
+        upstream.set_tools_changed().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        upstream.release_list();
+    }
+    let status = answered.context("no list after ten changes")???;
+    assert_eq!(status, StatusCode::OK);
     gw.stop().await
 }
 

@@ -43,6 +43,9 @@ enum Connection {
     },
 }
 
+/// Stale tool-list loads in a row after which waiting calls get the latest list anyway.
+const MAX_STALE_LOADS: u32 = 2;
+
 pub struct TenantState {
     tenant_id: String,
     target: UpstreamTarget,
@@ -57,8 +60,10 @@ pub struct TenantState {
     /// Bumped whenever a list loaded from before can no longer be trusted: a refresh, a
     /// change notice, a new connection. A load answers only if its epoch is still current.
     tools_epoch: u64,
-    /// The epoch of the load in flight, if one is.
-    tools_loading: Option<u64>,
+    /// Whether a load is in flight: one at a time, however often the list changes.
+    tools_loading: bool,
+    /// Loads in a row that came back stale while calls waited for the list.
+    stale_loads: u32,
     in_flight: Arc<Semaphore>,
     limiter: Arc<DefaultDirectRateLimiter>,
     /// The replica count the limiter was built for; a new count rebuilds it.
@@ -142,7 +147,8 @@ impl Actor for TenantActor {
             tools: None,
             tool_waiters: Vec::new(),
             tools_epoch: 0,
-            tools_loading: None,
+            tools_loading: false,
+            stale_loads: 0,
             failures: 0,
             last_error: None,
             last_used: Instant::now(),
@@ -526,11 +532,11 @@ impl TenantState {
         let Connection::Ready(client) = &self.connection else {
             return;
         };
-        if self.tools_loading == Some(self.tools_epoch) {
+        if self.tools_loading {
             return;
         }
+        self.tools_loading = true;
         let epoch = self.tools_epoch;
-        self.tools_loading = Some(epoch);
         let (client, me, generation) = (client.clone(), myself.clone(), self.generation);
         let timeout = self.settings.upstream_timeout;
         tokio::spawn(async move {
@@ -556,9 +562,7 @@ impl TenantState {
         epoch: u64,
         result: Result<Vec<rmcp::model::Tool>, crate::upstream::UpstreamError>,
     ) {
-        if self.tools_loading == Some(epoch) {
-            self.tools_loading = None;
-        }
+        self.tools_loading = false;
         if let Err(err) = &result {
             // A transport failure counts as a call's does: with an upstream that is gone,
             // a tenant whose list expired must end up failing, not ready for ever.
@@ -569,18 +573,26 @@ impl TenantState {
         let current = epoch == self.tools_epoch;
         if !current {
             // Started before a change, a refresh or a reconnect: its list may predate them.
-            // The waiters get a load of the current epoch, on the current connection.
+            // The waiters get a load of the current epoch, on the current connection; but
+            // not for ever: an upstream whose list changes faster than it can be listed
+            // would starve every call, so past MAX_STALE_LOADS they get the latest.
+            if self.tool_waiters.is_empty() {
+                self.stale_loads = 0;
+                return;
+            }
+            self.stale_loads += 1;
             match &self.connection {
-                Connection::Ready(_) if !self.tool_waiters.is_empty() => {
+                Connection::Ready(_) if self.stale_loads <= MAX_STALE_LOADS => {
                     self.load_tools(myself);
                     return;
                 }
                 Connection::Connecting(_) => return,
-                _ if self.tool_waiters.is_empty() => return,
-                // No connection to load on: the waiters get what came, which is not kept.
+                // Changing too fast, or no connection to load on: the waiters get what
+                // came, which is not kept.
                 _ => {}
             }
         }
+        self.stale_loads = 0;
         let result = match result {
             Ok(tools) => {
                 let list = Arc::new(ToolList::new(tools));

@@ -163,6 +163,8 @@ pub struct RegistryState {
 /// authenticated (and read its record) before the change, and asks for the actor after.
 /// Far longer than the microseconds this normally takes, so a loaded replica is covered.
 const STALE_RECORD_WINDOW: Duration = Duration::from_secs(60);
+/// How long the registry waits to read a recently changed tenant again before a start.
+const REREAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The tenants that changed (or were deleted) in the last [`STALE_RECORD_WINDOW`]. A call
 /// that starts one of their actors may carry a record read before the change: the registry
@@ -267,6 +269,12 @@ impl Actor for RegistryActor {
                 for running in state.args.directory.drain() {
                     let _ = running.actor.drain();
                 }
+                // As for one changed tenant: a crashed actor's record may be stale now (a
+                // restart pending would start from it), and its back-off belongs to the
+                // tenant as it was.
+                for tenant_id in std::mem::take(&mut state.history).into_keys() {
+                    state.args.directory.forget_restarts(&tenant_id);
+                }
             }
             RegistryMsg::StopAll(reply) => {
                 state.stop_all().await;
@@ -367,13 +375,22 @@ impl RegistryState {
     }
 
     /// `record` as the store has it now: a caller's copy may predate a change this
-    /// registry has heard of. A tenant deleted or disabled since gets no actor.
+    /// registry has heard of. A tenant deleted or disabled since gets no actor. The read
+    /// runs in the registry's mailbox, so it is bounded by [`REREAD_TIMEOUT`]: a slow
+    /// store makes this caller retry, it does not hold up every other tenant's start.
     async fn current(&mut self, record: TenantRecord) -> Result<TenantRecord, CallError> {
-        let now = match self.args.store.get_tenant(&record.id).await {
-            Ok(now) => now,
-            Err(err) => {
+        let read = tokio::time::timeout(REREAD_TIMEOUT, self.args.store.get_tenant(&record.id));
+        let now = match read.await {
+            Ok(Ok(now)) => now,
+            Ok(Err(err)) => {
                 return Err(CallError::Unavailable {
                     reason: format!("the tenant could not be read again after a change: {err}"),
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+            Err(_) => {
+                return Err(CallError::Unavailable {
+                    reason: "the store was too slow to read the tenant again after a change".into(),
                     retry_after: Duration::from_secs(1),
                 })
             }

@@ -224,6 +224,13 @@ impl TenantRuntime {
         let _ = self.registry.stop_and_wait(None, Some(wait)).await;
     }
 
+    /// Announces that any tenant may have changed, as the fleet listener does when it
+    /// reconnects (for tests of what a full reload does).
+    #[doc(hidden)]
+    pub fn announce_all_changed(&self) {
+        self.changes.publish_all();
+    }
+
     /// Fault injection for supervision tests: makes the tenant's actor panic.
     #[doc(hidden)]
     pub fn inject_panic(&self, tenant_id: &str) -> bool {

@@ -99,9 +99,10 @@ impl TestUpstream {
         self.state.hold_next_list.store(true, Ordering::SeqCst);
     }
 
-    /// Waits until a list is held by [`Self::hold_next_list`] (fails after 10 s).
-    pub async fn wait_for_held_list(&self) -> anyhow::Result<()> {
-        self.wait_until(|state| state.lists_held.load(Ordering::SeqCst) >= 1)
+    /// Waits until `n` lists in all were held by [`Self::hold_next_list`] (fails after
+    /// 10 s).
+    pub async fn wait_for_held_lists(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_until(|state| state.lists_held.load(Ordering::SeqCst) >= n)
             .await
     }
 
