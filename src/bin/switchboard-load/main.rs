@@ -128,10 +128,10 @@ async fn main() -> anyhow::Result<()> {
     let samples = if args.short { 1 } else { 5 };
     let cold = measure::cold_start(&gw, &upstream.url, samples).await?;
     println!(
-        "cold first_call_ms={} warm_call_ms={} upstream_initialize_and_call_ms={} extra_over_upstream_ms={}",
+        "cold first_call_ms={} warm_call_ms={} upstream_initialize_and_call_ms={} extra_over_upstream_ms={:.3}",
         ms(cold.cold), ms(cold.warm), ms(cold.upstream_own),
         // Signed: a cold call below the upstream's own would be a measurement to doubt.
-        format!("{:.3}", ms_f(cold.cold) - ms_f(cold.upstream_own))
+        ms_f(cold.cold) - ms_f(cold.upstream_own)
     );
     let burst = measure::burst(&gw, &tenant, &upstream.url, 100, 100, samples).await?;
     println!(
