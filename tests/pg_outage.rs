@@ -487,3 +487,63 @@ async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Re
     assert!(gone.is_none(), "the tenant is still there");
     gw.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Result<()> {
+    // A tenant actor stopped by a reload (it leaves the directory at once) is still writing
+    // its audit buffer, held up by a lock on the audit table; the gateway is told to stop.
+    // It must wait for that actor, not only for those still in the directory.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.drain_timeout = Duration::from_secs(10);
+    let gw = TestGateway::start_postgres(config).await?;
+    let url = match gw.store.as_ref() {
+        TestStore::Postgres(db) => db.url.clone(),
+        _ => anyhow::bail!("not on PostgreSQL"),
+    };
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "reload", "integrationAppToken": "ia-token-reload", "upstreamUrl": upstream.url}))
+        .await?;
+    let locker = connect(&url).await?;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let mut served = HashSet::new();
+    for n in 0..3 {
+        let request_id = format!("reload-{n}");
+        let path = format!("/api/tenant/{}/tool", tenant.id);
+        let headers = [
+            ("x-api-key", tenant.api_key.as_str()),
+            ("x-request-id", request_id.as_str()),
+        ];
+        let body = json!({"method": "echo", "params": {"text": "x"}});
+        let (status, _, body) = gw
+            .send(reqwest::Method::POST, &path, &headers, Some(body))
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        served.insert(request_id);
+    }
+    gw.tenants.announce_all_changed();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.active_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the reload left the actor in the directory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The test's database outlives the gateway, so the rows can be read after it stops.
+    let _database = gw.store.clone();
+    let stopping = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the gateway stopped with a stopping actor's audit events unwritten"
+    );
+    locker.batch_execute("COMMIT").await?;
+    tokio::time::timeout(Duration::from_secs(30), stopping).await???;
+    let have = audited(&url, &tenant.id).await?;
+    let missing: Vec<&String> = served.difference(&have).collect();
+    assert!(missing.is_empty(), "no audit row for {missing:?}");
+    Ok(())
+}

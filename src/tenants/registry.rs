@@ -153,7 +153,9 @@ pub struct RegistryArgs {
 
 pub struct RegistryState {
     args: RegistryArgs,
-    by_actor: HashMap<ActorId, String>,
+    /// Every tenant actor not yet gone, also those out of the directory that are still
+    /// stopping (flushing their audit buffers): shutdown waits for all of them.
+    by_actor: HashMap<ActorId, (String, ActorRef<TenantMsg>)>,
     history: HashMap<String, History>,
     backoff: Backoff,
     changes: RecentChanges,
@@ -295,7 +297,7 @@ impl Actor for RegistryActor {
                 state.crashed(&myself, cell, err.to_string())
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                if let Some(tenant_id) = state.by_actor.remove(&cell.get_id()) {
+                if let Some((tenant_id, _)) = state.by_actor.remove(&cell.get_id()) {
                     state.args.directory.remove(&tenant_id, cell.get_id());
                     tracing::debug!(%tenant_id, ?reason, "tenant actor stopped");
                     crate::metrics::actor_stopped();
@@ -360,7 +362,8 @@ impl RegistryState {
             })?;
         crate::metrics::actor_started();
         self.args.directory.recovered(&tenant_id);
-        self.by_actor.insert(actor.get_id(), tenant_id.clone());
+        self.by_actor
+            .insert(actor.get_id(), (tenant_id.clone(), actor.clone()));
         self.args.directory.insert(
             tenant_id,
             Running {
@@ -457,7 +460,7 @@ impl RegistryState {
     }
 
     fn crashed(&mut self, myself: &ActorRef<RegistryMsg>, cell: ActorCell, error: String) {
-        let Some(tenant_id) = self.by_actor.remove(&cell.get_id()) else {
+        let Some((tenant_id, _)) = self.by_actor.remove(&cell.get_id()) else {
             return;
         };
         let Some(running) = self.args.directory.remove(&tenant_id, cell.get_id()) else {
@@ -512,14 +515,16 @@ impl RegistryState {
 
     async fn stop_all(&mut self) {
         let grace = self.args.settings.actor_stop_bound() + Duration::from_secs(1);
+        for running in self.args.directory.drain() {
+            let _ = running.actor.drain();
+        }
+        // Those just drained, and those stopped before (a tenant changed, a full reload, an
+        // idle one) that are still letting calls finish and writing their audit buffers:
+        // the process must not exit under them.
         let stops = self
-            .args
-            .directory
-            .drain()
-            .into_iter()
-            .map(|running| async move {
-                let _ = running.actor.drain_and_wait(Some(grace)).await;
-            });
+            .by_actor
+            .values()
+            .map(|(_, actor)| actor.wait(Some(grace)));
         futures::future::join_all(stops).await;
     }
 }

@@ -11,7 +11,7 @@ use ractor::{rpc::CallResult, Actor, ActorRef};
 use rmcp::model::CallToolResult;
 use serde_json::{Map, Value};
 
-use super::messages::{CallError, Lease, RegistryMsg, TenantMsg, TenantNotice, ToolList};
+use super::messages::{CallError, RegistryMsg, TenantMsg, TenantNotice, ToolList};
 use super::registry::{Directory, RegistryActor, RegistryArgs, Running};
 use super::status::UpstreamStatus;
 use super::{ChangeFeed, RuntimeSettings};
@@ -87,8 +87,10 @@ impl TenantRuntime {
         refresh: bool,
     ) -> Result<Arc<ToolList>, CallError> {
         let actor = self.actor_for(tenant).await?;
-        let wait = self.settings.actor_reply_bound();
-        ask(&actor, wait, |reply| TenantMsg::Tools { refresh, reply }).await
+        let (_, tools) = self
+            .ask_tenant(tenant, actor, |reply| TenantMsg::Tools { refresh, reply })
+            .await?;
+        Ok(tools)
     }
 
     /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
@@ -139,21 +141,17 @@ impl TenantRuntime {
                     Some(running) => running.actor,
                     None => self.start_actor(tenant).await?,
                 };
-                let wait = self.settings.actor_reply_bound();
-                let lease: Lease = ask(&actor, wait, TenantMsg::Lease).await?;
-                (actor, lease)
+                self.ask_tenant(tenant, actor, TenantMsg::Lease).await?
             }
         };
-        let tools = match &lease.tools {
-            Some(tools) => tools.clone(),
+        let (actor, tools) = match &lease.tools {
+            Some(tools) => (actor, tools.clone()),
             None => {
-                ask(&actor, self.settings.actor_reply_bound(), |reply| {
-                    TenantMsg::Tools {
-                        refresh: false,
-                        reply,
-                    }
-                })
-                .await?
+                let tools = |reply| TenantMsg::Tools {
+                    refresh: false,
+                    reply,
+                };
+                self.ask_tenant(tenant, actor, tools).await?
             }
         };
         if !tools.contains(tool) {
@@ -254,6 +252,27 @@ impl TenantRuntime {
         }
     }
 
+    /// Asks the tenant's `actor`. One that stopped taking messages between being found and
+    /// being asked (it idled out just then) is replaced through the registry, once: the
+    /// tenant is healthy, and its caller must not get a 503 for that race.
+    async fn ask_tenant<T: Send + 'static>(
+        &self,
+        tenant: &TenantRecord,
+        actor: ActorRef<TenantMsg>,
+        build: impl Fn(ractor::RpcReplyPort<Result<T, CallError>>) -> TenantMsg,
+    ) -> Result<(ActorRef<TenantMsg>, T), CallError> {
+        let wait = self.settings.actor_reply_bound();
+        match try_ask(&actor, wait, &build).await {
+            Asked::Answered(answer) => answer.map(|t| (actor, t)),
+            Asked::Gone => Err(gone()),
+            Asked::Refused => {
+                let actor = self.start_actor(tenant).await?;
+                let answer = ask(&actor, wait, build).await?;
+                Ok((actor, answer))
+            }
+        }
+    }
+
     /// Starts (or rebuilds, if older) the tenant's actor through the registry.
     async fn start_actor(&self, tenant: &TenantRecord) -> Result<ActorRef<TenantMsg>, CallError> {
         let record = Box::new(tenant.clone());
@@ -287,9 +306,36 @@ where
     M: ractor::Message,
     T: Send + 'static,
 {
+    match try_ask(actor, wait, build).await {
+        Asked::Answered(answer) => answer,
+        Asked::Refused | Asked::Gone => Err(gone()),
+    }
+}
+
+/// What became of a request to an actor.
+enum Asked<T> {
+    Answered(Result<T, CallError>),
+    /// It was not taken: the actor is draining or stopped (so another may be asked).
+    Refused,
+    /// It was taken and not answered in time, or dropped unanswered.
+    Gone,
+}
+
+async fn try_ask<M, T>(
+    actor: &ActorRef<M>,
+    wait: Duration,
+    build: impl FnOnce(ractor::RpcReplyPort<Result<T, CallError>>) -> M,
+) -> Asked<T>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
     match actor.call(build, Some(wait)).await {
-        Ok(CallResult::Success(result)) => result,
-        _ => Err(gone()),
+        Ok(CallResult::Success(result)) => Asked::Answered(result),
+        Err(ractor::MessagingErr::SendErr(_) | ractor::MessagingErr::ChannelClosed) => {
+            Asked::Refused
+        }
+        _ => Asked::Gone,
     }
 }
 
@@ -307,6 +353,51 @@ mod tests {
     /// The size of the future an async fn of five arguments returns, without calling it.
     fn future_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    /// Answers every request with 7.
+    struct Answers;
+
+    impl Actor for Answers {
+        type Msg = ractor::RpcReplyPort<Result<u8, CallError>>;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<Self::Msg>,
+            _: (),
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            Ok(())
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<Self::Msg>,
+            reply: Self::Msg,
+            _: &mut (),
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            let _ = reply.send(Ok(7));
+            Ok(())
+        }
+    }
+
+    /// A request an actor did not take (it had stopped) is told apart from one it took and
+    /// left unanswered: only the first may go to a new actor.
+    #[tokio::test]
+    async fn a_request_to_a_stopped_actor_is_refused() {
+        let (actor, handle) = Actor::spawn(None, Answers, ()).await.expect("spawned");
+        let wait = Duration::from_secs(1);
+        assert!(matches!(
+            try_ask(&actor, wait, |reply| reply).await,
+            Asked::Answered(Ok(7))
+        ));
+        actor.drain().expect("drained");
+        handle.await.expect("stopped");
+        assert!(matches!(
+            try_ask(&actor, wait, |reply| reply).await,
+            Asked::Refused
+        ));
     }
 
     #[test]
