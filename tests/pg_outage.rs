@@ -288,6 +288,39 @@ async fn tool_calls_and_audit_survive_a_database_outage() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// The URL of the gateway's own PostgreSQL database.
+fn database_url(gw: &TestGateway) -> anyhow::Result<String> {
+    match gw.store.as_ref() {
+        TestStore::Postgres(db) => Ok(db.url.clone()),
+        _ => anyhow::bail!("not on PostgreSQL"),
+    }
+}
+
+/// `n` `echo` calls of `tenant`, each answered 200; their request ids (`prefix-0`, ...).
+async fn echo_calls(
+    gw: &TestGateway,
+    tenant: &CreatedTenant,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<HashSet<String>> {
+    let mut served = HashSet::new();
+    for n in 0..n {
+        let request_id = format!("{prefix}-{n}");
+        let path = format!("/api/tenant/{}/tool", tenant.id);
+        let headers = [
+            ("x-api-key", tenant.api_key.as_str()),
+            ("x-request-id", request_id.as_str()),
+        ];
+        let body = json!({"method": "echo", "params": {"text": "x"}});
+        let (status, _, body) = gw
+            .send(reqwest::Method::POST, &path, &headers, Some(body))
+            .await?;
+        anyhow::ensure!(status == StatusCode::OK, "{request_id}: {status} {body}");
+        served.insert(request_id);
+    }
+    Ok(served)
+}
+
 /// A client of the test's own on `url`, for what the test does to the database meanwhile.
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
@@ -307,10 +340,7 @@ async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
     let mut config = Config::for_tests();
     config.drain_timeout = Duration::from_secs(10);
     let gw = TestGateway::start_postgres(config).await?;
-    let url = match gw.store.as_ref() {
-        TestStore::Postgres(db) => db.url.clone(),
-        _ => anyhow::bail!("not on PostgreSQL"),
-    };
+    let url = database_url(&gw)?;
     let tenant = gw
         .create_tenant(json!({"integrationKey": "stop", "integrationAppToken": "ia-token-stop", "upstreamUrl": upstream.url}))
         .await?;
@@ -318,21 +348,7 @@ async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
     locker
         .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
         .await?;
-    let mut served = HashSet::new();
-    for n in 0..3 {
-        let request_id = format!("stop-{n}");
-        let path = format!("/api/tenant/{}/tool", tenant.id);
-        let headers = [
-            ("x-api-key", tenant.api_key.as_str()),
-            ("x-request-id", request_id.as_str()),
-        ];
-        let body = json!({"method": "echo", "params": {"text": "x"}});
-        let (status, _, body) = gw
-            .send(reqwest::Method::POST, &path, &headers, Some(body))
-            .await?;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        served.insert(request_id);
-    }
+    let served = echo_calls(&gw, &tenant, "stop", 3).await?;
     // The actor's next tick sends a batch, which waits for the lock.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -416,10 +432,7 @@ async fn an_audit_event_the_store_refused_is_written_once_it_accepts_again() -> 
     // issued meanwhile is answered 200; its `token.issue` event must be written once the
     // store accepts rows again, not logged and forgotten.
     let gw = TestGateway::start_postgres(Config::for_tests()).await?;
-    let url = match gw.store.as_ref() {
-        TestStore::Postgres(db) => db.url.clone(),
-        _ => anyhow::bail!("not on PostgreSQL"),
-    };
+    let url = database_url(&gw)?;
     let db = connect(&url).await?;
     let dropped_before = audit_dropped(&gw).await?;
     db.batch_execute("ALTER TABLE audit_events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
@@ -454,10 +467,7 @@ async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Re
     // the lock goes, the delete commits, and its `tenant.delete` event must be written:
     // the change runs to its end, whoever waits for it.
     let gw = TestGateway::start_postgres(Config::for_tests()).await?;
-    let url = match gw.store.as_ref() {
-        TestStore::Postgres(db) => db.url.clone(),
-        _ => anyhow::bail!("not on PostgreSQL"),
-    };
+    let url = database_url(&gw)?;
     let tenant = gw
         .create_tenant(json!({"integrationKey": "gone", "integrationAppToken": "ia-token-gone"}))
         .await?;
@@ -497,10 +507,7 @@ async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Resul
     let mut config = Config::for_tests();
     config.drain_timeout = Duration::from_secs(10);
     let gw = TestGateway::start_postgres(config).await?;
-    let url = match gw.store.as_ref() {
-        TestStore::Postgres(db) => db.url.clone(),
-        _ => anyhow::bail!("not on PostgreSQL"),
-    };
+    let url = database_url(&gw)?;
     let tenant = gw
         .create_tenant(json!({"integrationKey": "reload", "integrationAppToken": "ia-token-reload", "upstreamUrl": upstream.url}))
         .await?;
@@ -508,21 +515,7 @@ async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Resul
     locker
         .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
         .await?;
-    let mut served = HashSet::new();
-    for n in 0..3 {
-        let request_id = format!("reload-{n}");
-        let path = format!("/api/tenant/{}/tool", tenant.id);
-        let headers = [
-            ("x-api-key", tenant.api_key.as_str()),
-            ("x-request-id", request_id.as_str()),
-        ];
-        let body = json!({"method": "echo", "params": {"text": "x"}});
-        let (status, _, body) = gw
-            .send(reqwest::Method::POST, &path, &headers, Some(body))
-            .await?;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        served.insert(request_id);
-    }
+    let served = echo_calls(&gw, &tenant, "reload", 3).await?;
     gw.tenants.announce_all_changed();
     let deadline = Instant::now() + Duration::from_secs(5);
     while gw.tenants.active_count() > 0 {

@@ -163,6 +163,27 @@ async fn wait_for_no_actors(gw: &TestGateway, within: Duration, what: &str) {
     }
 }
 
+/// `POST /api/tenant/{id}/tool` with `body` in a task of its own (for a request that
+/// waits while the test acts): its status and JSON body.
+fn spawn_tool(
+    gw: &TestGateway,
+    t: &CreatedTenant,
+    body: Value,
+) -> tokio::task::JoinHandle<anyhow::Result<(StatusCode, Value)>> {
+    let (http, key) = (gw.http.clone(), t.api_key.clone());
+    let url = gw.url(&format!("/api/tenant/{}/tool", t.id));
+    tokio::spawn(async move {
+        let resp = http
+            .post(url)
+            .header("x-api-key", key)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status();
+        anyhow::Ok((status, resp.json::<Value>().await?))
+    })
+}
+
 /// A tenant whose upstream connection is up (one `echo` served): its upstream, the gateway,
 /// the tenant and the `echo` call.
 async fn connected_tenant() -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, Value)> {
@@ -560,20 +581,7 @@ async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::R
     let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
     assert!(!tool_names(&before).contains(&"extra".to_owned()));
     upstream.hold_next_list();
-    let refresh = {
-        let (http, key) = (gw.http.clone(), t.api_key.clone());
-        let url = gw.url(&format!("/api/tenant/{}/tool", t.id));
-        tokio::spawn(async move {
-            let resp = http
-                .post(url)
-                .header("x-api-key", key)
-                .json(&json!({"method": "refreshTools"}))
-                .send()
-                .await?;
-            let status = resp.status();
-            anyhow::Ok((status, resp.json::<Value>().await?))
-        })
-    };
+    let refresh = spawn_tool(&gw, &t, json!({"method": "refreshTools"}));
     upstream.wait_for_held_lists(1).await?;
     upstream.set_tools_changed().await;
     // Time for the change notice to reach the tenant's actor before the stale list does.
@@ -602,19 +610,7 @@ async fn a_list_asked_while_the_tools_keep_changing_is_answered() -> anyhow::Res
     upstream.set_tools_changed().await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     upstream.hold_next_list();
-    let mut list = {
-        let (http, key) = (gw.http.clone(), t.api_key.clone());
-        let url = gw.url(&format!("/api/tenant/{}/tool", t.id));
-        tokio::spawn(async move {
-            let resp = http
-                .post(url)
-                .header("x-api-key", key)
-                .json(&json!({"method": "listTools"}))
-                .send()
-                .await?;
-            anyhow::Ok(resp.status())
-        })
-    };
+    let mut list = spawn_tool(&gw, &t, json!({"method": "listTools"}));
     // Each list the gateway asks for is held until the tools changed again.
     let mut answered = None;
     for held in 1..=10 {
@@ -630,8 +626,8 @@ async fn a_list_asked_while_the_tools_keep_changing_is_answered() -> anyhow::Res
         tokio::time::sleep(Duration::from_millis(200)).await;
         upstream.release_list();
     }
-    let status = answered.context("no list after ten changes")???;
-    assert_eq!(status, StatusCode::OK);
+    let (status, body) = answered.context("no list after ten changes")???;
+    assert_eq!(status, StatusCode::OK, "{body}");
     gw.stop().await
 }
 

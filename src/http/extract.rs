@@ -26,8 +26,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = json_bytes(req, state).await?;
-        parse_json(&bytes).map(ApiJson)
+        let measured = MeasuredJson::from_request(req, state).await?;
+        Ok(ApiJson(measured.body))
     }
 }
 
@@ -46,27 +46,22 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = json_bytes(req, state).await?;
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::invalid_request("the request body could not be read")
+            }
+        })?;
         let body = parse_json(&bytes)?;
         Ok(MeasuredJson {
             body,
             bytes: bytes.len(),
         })
     }
-}
-
-/// The body of a request that says it is JSON, within the body limit.
-async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    if !is_json(req.headers()) {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    Bytes::from_request(req, state).await.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge
-        } else {
-            ApiError::invalid_request("the request body could not be read")
-        }
-    })
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
