@@ -130,8 +130,10 @@ impl App {
         }
         // In-flight calls are done: stop the tenant actors, which flush their audit buffers.
         state.tenants.shutdown().await;
-        // Nothing writes audit events any more: the queued ones are written now.
-        state.audit.close();
+        // Admin changes whose callers went away end, then nothing writes audit events any
+        // more: the queued ones are written now.
+        state.admin.finish(drain_timeout).await;
+        state.audit.close(drain_timeout).await;
         lifecycle.tasks.close();
         lifecycle.tasks.wait().await;
         tracing::info!("stopped");

@@ -540,3 +540,37 @@ async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Resul
     assert!(missing.is_empty(), "no audit row for {missing:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refusal_whose_caller_went_away_is_still_audited() -> anyhow::Result<()> {
+    // The audit table is locked, so the `auth.refused` write of a wrong key waits; the
+    // caller gives up meanwhile. Its event must still be written once the lock goes.
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    let url = database_url(&gw)?;
+    let tenant = gw
+        .create_tenant(
+            json!({"integrationKey": "refused", "integrationAppToken": "ia-token-refused"}),
+        )
+        .await?;
+    let (locker, watcher) = (connect(&url).await?, connect(&url).await?);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let gave_up = impatient
+        .post(gw.url(&format!("/api/tenant/{}/tool", tenant.id)))
+        .header("x-api-key", "sbk_not-the-key")
+        .header("x-request-id", "refused-gave-up")
+        .json(&json!({"method": "listTools"}))
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the refusal answered while the table was locked"
+    );
+    locker.batch_execute("COMMIT").await?;
+    wait_for_row(&watcher, "refused-gave-up").await?;
+    gw.stop().await
+}

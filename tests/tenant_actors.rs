@@ -578,14 +578,20 @@ async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::R
     // says so before that list arrives. The list on its way is stale: it must not answer
     // the refresh, nor be cached for TOOL_CACHE_TTL.
     let (upstream, gw, t, _) = connected_tenant().await?;
+    // An MCP session of the tenant, which hears a change once the actor has handled it;
+    // opened first, so that it listens well before the change.
+    let mcp = gw.url(&format!("/mcp/{}", t.id));
+    let (_session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
     let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
     assert!(!tool_names(&before).contains(&"extra".to_owned()));
     upstream.hold_next_list();
     let refresh = spawn_tool(&gw, &t, json!({"method": "refreshTools"}));
     upstream.wait_for_held_lists(1).await?;
     upstream.set_tools_changed().await;
-    // Time for the change notice to reach the tenant's actor before the stale list does.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The change notice must reach the tenant's actor before the stale list does.
+    tokio::time::timeout(Duration::from_secs(10), heard.notified())
+        .await
+        .context("the change notice did not reach the tenant")?;
     upstream.release_list();
     let (status, refreshed) = refresh.await??;
     assert_eq!(status, StatusCode::OK, "{refreshed}");

@@ -81,7 +81,12 @@ pub fn spawn_retention(store: SharedStore, days: u32, lifecycle: &Lifecycle) {
                 _ = token.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let before = Utc::now() - chrono::Duration::days(i64::from(days));
+            // A count of days older than the calendar (to mean "for ever") prunes nothing.
+            let Some(before) =
+                Utc::now().checked_sub_signed(chrono::Duration::days(i64::from(days)))
+            else {
+                continue;
+            };
             let mut deleted = 0;
             let outcome = loop {
                 match store.prune_audit(before, PRUNE_BATCH).await {

@@ -10,9 +10,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::shutdown::Lifecycle;
-use crate::store::{AuditRecord, SharedStore};
+use crate::store::{AuditRecord, SharedStore, StoreError};
 
 /// Events waiting for the store at most; past it, new ones are dropped and counted.
 const QUEUE: usize = 10_000;
@@ -22,10 +23,16 @@ const BATCH: usize = 500;
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MOST: Duration = Duration::from_secs(5);
 
+/// How long one write may take before it counts as refused (a store that hangs).
+const ATTEMPT: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct AuditWriter {
     store: SharedStore,
     queue: mpsc::Sender<AuditRecord>,
+    /// The writes begun by `write`, each in a task of its own: one whose caller went away
+    /// (a client that hung up, the request timeout) still ends, written or queued.
+    writes: TaskTracker,
     stop: CancellationToken,
 }
 
@@ -38,15 +45,25 @@ impl AuditWriter {
         lifecycle
             .tasks
             .spawn(write_queued(store.clone(), queued, stop.clone(), grace));
-        Self { store, queue, stop }
+        Self {
+            store,
+            queue,
+            writes: TaskTracker::new(),
+            stop,
+        }
     }
 
     /// Writes `event` now; when the store refuses it, it is queued and written later.
     pub async fn write(&self, event: AuditRecord) {
-        if let Err(err) = self.store.append_audit(std::slice::from_ref(&event)).await {
-            tracing::warn!(error = %err, action = %event.action, "audit event not written; will retry");
-            self.queue(event);
-        }
+        let me = self.clone();
+        let attempt = self.writes.spawn(async move {
+            let written = append_within(&me.store, std::slice::from_ref(&event), ATTEMPT).await;
+            if let Err(err) = written {
+                tracing::warn!(error = %err, action = %event.action, "audit event not written; will retry");
+                me.queue(event);
+            }
+        });
+        let _ = attempt.await;
     }
 
     /// Hands `event` to the writing task without waiting for the store.
@@ -65,9 +82,11 @@ impl AuditWriter {
         }
     }
 
-    /// No more events come (in-flight requests are done): the writing task writes what is
-    /// queued and ends.
-    pub fn close(&self) {
+    /// No more events come (in-flight requests and admin changes are done): the writes
+    /// begun end (within `within`), then the writing task writes what is queued and ends.
+    pub async fn close(&self, within: Duration) {
+        self.writes.close();
+        let _ = tokio::time::timeout(within, self.writes.wait()).await;
         self.stop.cancel();
     }
 }
@@ -98,7 +117,7 @@ async fn write_queued(
                 Err(_) => break,
             }
         }
-        match store.append_audit(&waiting).await {
+        match append_within(&store, &waiting, ATTEMPT).await {
             Ok(()) => {
                 crate::metrics::audit_pending(-(waiting.len() as i64));
                 waiting.clear();
@@ -121,7 +140,8 @@ async fn write_queued(
     let deadline = Instant::now() + grace;
     while !waiting.is_empty() {
         let n = waiting.len().min(BATCH);
-        match store.append_audit(&waiting[..n]).await {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match append_within(&store, &waiting[..n], left.max(RETRY_FIRST)).await {
             Ok(()) => {
                 crate::metrics::audit_pending(-(n as i64));
                 waiting.drain(..n);
@@ -138,4 +158,20 @@ async fn write_queued(
             }
         }
     }
+}
+
+/// `append_audit`, refused when the store has not answered within `limit` (a lock held,
+/// a connection black-holed): no write may hold up the writer, or shutdown, for ever.
+async fn append_within(
+    store: &SharedStore,
+    events: &[AuditRecord],
+    limit: Duration,
+) -> Result<(), StoreError> {
+    tokio::time::timeout(limit, store.append_audit(events))
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the audit write took too long".into(),
+            ))
+        })
 }

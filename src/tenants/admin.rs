@@ -4,6 +4,7 @@
 //! and announced on the change feed.
 
 use chrono::{SubsecRound, Utc};
+use tokio_util::task::TaskTracker;
 
 use super::ChangeFeed;
 use crate::audit::AuditWriter;
@@ -49,6 +50,8 @@ pub struct TenantAdmin {
     audit: AuditWriter,
     cipher: TokenCipher,
     changes: ChangeFeed,
+    /// The changes running (each in a task of its own, see [`Self::run_to_the_end`]).
+    running: TaskTracker,
 }
 
 impl TenantAdmin {
@@ -63,7 +66,15 @@ impl TenantAdmin {
             audit,
             cipher,
             changes,
+            running: TaskTracker::new(),
         }
+    }
+
+    /// At shutdown, once no request is in flight: waits (within `within`) for the changes
+    /// whose callers went away, which audit through the writer before it closes.
+    pub async fn finish(&self, within: std::time::Duration) {
+        self.running.close();
+        let _ = tokio::time::timeout(within, self.running.wait()).await;
     }
 
     pub fn cipher(&self) -> &TokenCipher {
@@ -77,7 +88,8 @@ impl TenantAdmin {
         actor: &Actor,
     ) -> StoreResult<(TenantRecord, Secret)> {
         let (me, actor) = (self.clone(), actor.clone());
-        to_the_end(async move { me.creating(new, &actor).await }).await
+        self.run_to_the_end(async move { me.creating(new, &actor).await })
+            .await
     }
 
     /// Applies `update`; with `if_match`, only if the tenant is still at that version.
@@ -89,18 +101,37 @@ impl TenantAdmin {
         actor: &Actor,
     ) -> StoreResult<TenantRecord> {
         let (me, id, actor) = (self.clone(), id.to_owned(), actor.clone());
-        to_the_end(async move { me.updating(&id, update, if_match, &actor).await }).await
+        self.run_to_the_end(async move { me.updating(&id, update, if_match, &actor).await })
+            .await
     }
 
     /// Replaces the API key: the old one stops working at once; the new one is shown once.
     pub async fn rotate_key(&self, id: &str, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
         let (me, id, actor) = (self.clone(), id.to_owned(), actor.clone());
-        to_the_end(async move { me.rotating_key(&id, &actor).await }).await
+        self.run_to_the_end(async move { me.rotating_key(&id, &actor).await })
+            .await
     }
 
     pub async fn delete(&self, id: &str, actor: &Actor) -> StoreResult<()> {
         let (me, id, actor) = (self.clone(), id.to_owned(), actor.clone());
-        to_the_end(async move { me.deleting(&id, &actor).await }).await
+        self.run_to_the_end(async move { me.deleting(&id, &actor).await })
+            .await
+    }
+
+    /// Runs an admin change in a task of its own, so that it ends (committed, then
+    /// announced and audited) even when its caller goes away: a client that hangs up, or
+    /// the request timeout, must not leave a committed change unannounced, with the
+    /// tenant's old credentials working until the credential cache expires. Shutdown waits
+    /// for these tasks ([`Self::finish`]).
+    async fn run_to_the_end<T: Send + 'static>(
+        &self,
+        change: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
+    ) -> StoreResult<T> {
+        self.running.spawn(change).await.unwrap_or_else(|failed| {
+            Err(StoreError::Backend(format!(
+                "admin change failed: {failed}"
+            )))
+        })
     }
 
     async fn creating(&self, new: NewTenant, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
@@ -206,18 +237,4 @@ impl TenantAdmin {
         );
         self.audit.write(event).await;
     }
-}
-
-/// Runs an admin change in a task of its own, so that it ends (committed, then announced
-/// and audited) even when its caller goes away: a client that hangs up, or the request
-/// timeout, must not leave a committed change unannounced, with the tenant's old
-/// credentials working until the credential cache expires.
-async fn to_the_end<T: Send + 'static>(
-    change: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
-) -> StoreResult<T> {
-    tokio::spawn(change).await.unwrap_or_else(|failed| {
-        Err(StoreError::Backend(format!(
-            "admin change failed: {failed}"
-        )))
-    })
 }

@@ -144,14 +144,16 @@ impl TenantRuntime {
                 self.ask_tenant(tenant, actor, TenantMsg::Lease).await?
             }
         };
-        let (actor, tools) = match &lease.tools {
-            Some(tools) => (actor, tools.clone()),
+        // The list may come from another actor (this one idled out as it was asked); the
+        // call runs on this actor's lease, and its outcome goes back to this actor.
+        let tools = match &lease.tools {
+            Some(tools) => tools.clone(),
             None => {
                 let tools = |reply| TenantMsg::Tools {
                     refresh: false,
                     reply,
                 };
-                self.ask_tenant(tenant, actor, tools).await?
+                self.ask_tenant(tenant, actor.clone(), tools).await?.1
             }
         };
         if !tools.contains(tool) {
