@@ -515,8 +515,28 @@ pub fn parse_encryption_key(text: &str) -> Result<[u8; 32], ConfigError> {
         .map_err(|_| invalid("ENCRYPTION_KEY", "must decode to exactly 32 bytes"))
 }
 
+/// A loopback address that refuses every connection at once, for tests and benches: a
+/// socket bound for the life of the process but never listening, so that no other test is
+/// given its port (as a port bound and released could be) and nothing else answers on it.
+pub fn refusing_loopback() -> SocketAddr {
+    static REFUSING: std::sync::OnceLock<(tokio::net::TcpSocket, SocketAddr)> =
+        std::sync::OnceLock::new();
+    REFUSING
+        .get_or_init(|| {
+            tokio::net::TcpSocket::new_v4()
+                .and_then(|socket| {
+                    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+                    let addr = socket.local_addr()?;
+                    Ok((socket, addr))
+                })
+                .expect("a loopback socket for tests")
+        })
+        .1
+}
+
 impl Config {
-    /// A configuration for tests and benches: loopback, port 0, fixed secrets, embedded store.
+    /// A configuration for tests and benches: loopback, port 0, fixed secrets, embedded store;
+    /// the default upstream refuses connections ([`refusing_loopback`]).
     pub fn for_tests() -> Self {
         Config {
             app_env: AppEnv::Development,
@@ -530,7 +550,8 @@ impl Config {
             jwt_ttl: Duration::from_secs(3600),
             jwt_issuer: "switchboard".into(),
             jwt_audience: "switchboard".into(),
-            upstream_mcp_url: url::Url::parse("http://127.0.0.1:9/mcp").expect("static url"),
+            upstream_mcp_url: url::Url::parse(&format!("http://{}/mcp", refusing_loopback()))
+                .expect("a loopback url"),
             upstream_timeout: Duration::from_secs(5),
             upstream_connect_timeout: Duration::from_secs(2),
             tenant_rate_limit: 1000,

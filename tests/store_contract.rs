@@ -83,10 +83,8 @@ async fn postgres_store_contract() -> Result<()> {
 
 #[tokio::test]
 async fn postgres_down_is_unavailable_fast_and_quiet() -> Result<()> {
-    // A loopback port nobody listens on (bound, then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    // A loopback port nobody listens on, and no other test is given.
+    let port = switchboard::config::refusing_loopback().port();
     let url = format!("postgres://switchboard:s3cret-pw@127.0.0.1:{port}/nothing");
     let store = PostgresStore::connect(&url, 2)?;
     let started = Instant::now();

@@ -60,6 +60,9 @@ impl PrivatePostgres {
             self.dir.path().display()
         );
         let log = self.dir.path().join("server.log");
+        // Before the start: a server that comes up after `pg_ctl` gave up waiting must still
+        // be stopped on drop (a stop of one that never started only prints a message).
+        self.running = true;
         run(self
             .command("pg_ctl")
             .args(["-w", "-t", "30", "-D"])
@@ -68,7 +71,6 @@ impl PrivatePostgres {
             .arg(&log)
             .args(["-o", &options, "start"]))
         .with_context(|| format!("pg_ctl start (log: {})", log.display()))?;
-        self.running = true;
         Ok(())
     }
 
