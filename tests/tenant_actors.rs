@@ -359,19 +359,24 @@ async fn a_panicking_actor_leaves_no_audit_event_unwritten() -> anyhow::Result<(
 async fn ten_failures_in_a_row_mark_the_tenant_failing() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
     // Nothing listens on this port: every connect is refused at once.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let url = format!("http://{}/mcp", closed.local_addr()?);
-    drop(closed);
+    let url = format!("http://{}/mcp", switchboard::config::refusing_loopback());
     let t = gw.create_tenant(tenant_on(&url, "tok")).await?;
     let echo = json!({"method": "echo", "params": {"text": "x"}});
     for i in 0..10 {
-        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        let (status, headers, body) = gw.tool(&t, echo.clone()).await?;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "call {i}: {body}");
+        // Not failing yet: the upstream was tried, and no retry time is given.
+        assert!(
+            !headers.contains_key("retry-after"),
+            "call {i}: {headers:?}"
+        );
     }
+    // Failing: API.md's 502 (the upstream could not be reached), without trying it again,
+    // and with the time the next attempt is allowed.
     let (status, headers, body) = gw.tool(&t, echo).await?;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "unavailable");
-    assert!(headers.contains_key("retry-after"));
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_error");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
     let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
     let (_, _, view) = gw
         .send(
@@ -386,8 +391,8 @@ async fn ten_failures_in_a_row_mark_the_tenant_failing() -> anyhow::Result<()> {
     gw.stop().await
 }
 
-/// Calls `body` until the answer is 503 `unavailable` (the tenant marked failing); the
-/// statuses before it. Fails past `limit` calls.
+/// Calls `body` until the answer is the failing tenant's: 502 `upstream_error` with
+/// `Retry-After`. Returns the statuses before it; fails past `limit` calls.
 async fn call_until_failing(
     gw: &TestGateway,
     t: &CreatedTenant,
@@ -396,9 +401,10 @@ async fn call_until_failing(
 ) -> anyhow::Result<Vec<StatusCode>> {
     let mut before = Vec::new();
     for _ in 0..limit {
-        let (status, _, answer) = gw.tool(t, body.clone()).await?;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            anyhow::ensure!(answer["error"]["code"] == "unavailable", "{answer}");
+        let (status, headers, answer) = gw.tool(t, body.clone()).await?;
+        if headers.contains_key("retry-after") {
+            anyhow::ensure!(status == StatusCode::BAD_GATEWAY, "{status} {answer}");
+            anyhow::ensure!(answer["error"]["code"] == "upstream_error", "{answer}");
             return Ok(before);
         }
         before.push(status);

@@ -174,9 +174,12 @@ pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
         Err(CallError::Timeout) => "timeout",
         Err(CallError::RateLimited { .. }) => "rate_limited",
         Err(CallError::UnknownTool(_)) => "refused",
-        Err(CallError::Upstream(_) | CallError::Unavailable { .. } | CallError::Busy { .. }) => {
-            "upstream_error"
-        }
+        Err(
+            CallError::Upstream(_)
+            | CallError::Failing { .. }
+            | CallError::Unavailable { .. }
+            | CallError::Busy { .. },
+        ) => "upstream_error",
     }
 }
 

@@ -43,6 +43,13 @@ pub enum ApiError {
     RateLimited { retry_after: Duration },
     #[error("upstream error: {0}")]
     Upstream(String),
+    /// The tenant's upstream failed too many times in a row: 502 as [`Self::Upstream`], with
+    /// `Retry-After` saying when it is tried again.
+    #[error("upstream failing: {reason}")]
+    UpstreamFailing {
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("unavailable: {reason}")]
     Unavailable {
         reason: &'static str,
@@ -151,6 +158,14 @@ impl ApiError {
                 "upstream_error",
                 format!("upstream MCP server error: {m}"),
             ),
+            UpstreamFailing { reason, .. } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!(
+                    "the upstream MCP server failed repeatedly and is not tried again before \
+                     Retry-After: {reason}"
+                ),
+            ),
             Unavailable { reason, .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -183,9 +198,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after } | Self::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::RateLimited { retry_after }
+            | Self::UpstreamFailing { retry_after, .. }
+            | Self::Unavailable { retry_after, .. } => Some(*retry_after),
             Self::Draining => Some(Duration::from_secs(5)),
             _ => None,
         }
@@ -254,5 +269,20 @@ mod tests {
             assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
             assert_eq!(code, "upstream_timeout");
         }
+    }
+
+    /// A tenant whose upstream keeps failing answers as API.md says an unreachable upstream
+    /// does (502 `upstream_error`), with `Retry-After` for when it is tried again.
+    #[test]
+    fn a_failing_upstream_is_a_bad_gateway_with_retry_after() {
+        let err = ApiError::UpstreamFailing {
+            reason: "connection refused".into(),
+            retry_after: Duration::from_millis(2_500),
+        };
+        let (status, code, _) = err.parts();
+        assert_eq!((status, code), (StatusCode::BAD_GATEWAY, "upstream_error"));
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
     }
 }

@@ -26,6 +26,14 @@ pub fn call_error(err: CallError) -> ErrorData {
             format!("upstream MCP server error: {reason}"),
             Some(json!({ "code": "upstream_error" })),
         ),
+        CallError::Failing {
+            reason,
+            retry_after,
+        } => ErrorData::new(
+            UPSTREAM_ERROR,
+            format!("upstream MCP server failing, not tried again for a while: {reason}"),
+            Some(json!({ "code": "upstream_error", "retryAfterSeconds": secs(retry_after) })),
+        ),
         CallError::Timeout => ErrorData::new(
             UPSTREAM_TIMEOUT,
             "the upstream MCP server did not answer in time",
@@ -34,7 +42,7 @@ pub fn call_error(err: CallError) -> ErrorData {
         CallError::Unavailable { retry_after, .. } | CallError::Busy { retry_after } => {
             ErrorData::new(
                 UNAVAILABLE,
-                "the tenant's upstream is failing or busy; retry later",
+                "the tenant is restarting or busy; retry later",
                 Some(json!({ "code": "unavailable", "retryAfterSeconds": secs(retry_after) })),
             )
         }
@@ -54,4 +62,23 @@ fn secs(wait: std::time::Duration) -> u64 {
 /// client's fault, and never a reason to touch any tenant.
 pub fn no_tenant() -> ErrorData {
     ErrorData::internal_error("no authenticated tenant for this request", None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failing upstream reads to an MCP client as an upstream error, not as the gateway
+    /// being unavailable, and says when to retry.
+    #[test]
+    fn a_failing_upstream_is_an_upstream_error_with_a_retry_time() {
+        let error = call_error(CallError::Failing {
+            reason: "connection refused".into(),
+            retry_after: std::time::Duration::from_millis(2_500),
+        });
+        assert_eq!(error.code, UPSTREAM_ERROR);
+        let data = error.data.expect("data");
+        assert_eq!(data["code"], "upstream_error");
+        assert_eq!(data["retryAfterSeconds"], 3);
+    }
 }

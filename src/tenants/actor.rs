@@ -287,7 +287,7 @@ impl TenantState {
             Connection::Failing { until } if Instant::now() < *until => {
                 let retry_after = until.saturating_duration_since(Instant::now());
                 let reason = self.last_error.clone().unwrap_or_else(|| "failing".into());
-                let _ = reply.send(Err(CallError::Unavailable {
+                let _ = reply.send(Err(CallError::Failing {
                     reason,
                     retry_after,
                 }));
@@ -513,7 +513,7 @@ impl TenantState {
             Connection::Ready(_) => self.load_tools(myself),
             Connection::Connecting(_) => {}
             Connection::Failing { until } if Instant::now() < *until => {
-                let err = CallError::Unavailable {
+                let err = CallError::Failing {
                     reason: self.last_error.clone().unwrap_or_else(|| "failing".into()),
                     retry_after: until.saturating_duration_since(Instant::now()),
                 };

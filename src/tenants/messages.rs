@@ -49,7 +49,15 @@ pub enum CallError {
     Upstream(String),
     #[error("upstream timeout")]
     Timeout,
-    /// The tenant is failing or restarting; retry after the given time.
+    /// The tenant's upstream failed too many times in a row (`Failing`): it is not tried
+    /// again before `retry_after`. API.md's 502: the upstream could not be reached.
+    #[error("upstream failing: {reason}")]
+    Failing {
+        reason: String,
+        retry_after: Duration,
+    },
+    /// The tenant is restarting (a crashed actor's back-off, a change in flight); retry after
+    /// the given time.
     #[error("tenant unavailable: {reason}")]
     Unavailable {
         reason: String,

@@ -110,10 +110,17 @@ impl From<CallError> for ApiError {
         match err {
             CallError::UnknownTool(name) => ApiError::UnknownTool(name),
             CallError::Upstream(reason) => ApiError::Upstream(reason),
+            CallError::Failing {
+                reason,
+                retry_after,
+            } => ApiError::UpstreamFailing {
+                reason,
+                retry_after,
+            },
             CallError::Timeout => ApiError::UpstreamTimeout,
             CallError::Unavailable { retry_after, .. } | CallError::Busy { retry_after } => {
                 ApiError::Unavailable {
-                    reason: "the tenant's upstream is failing or busy",
+                    reason: "the tenant is restarting or busy",
                     retry_after,
                 }
             }
