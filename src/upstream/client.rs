@@ -125,6 +125,31 @@ impl UpstreamClient {
             params = params.with_arguments(arguments);
         }
         let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        // The deadline covers sending too: a session with every POST slot taken queues it.
+        let answer = tokio::time::timeout(timeout, self.request(request, progress)).await;
+        // A timed-out request's drop guard has cancelled it upstream.
+        let Ok(result) = answer else {
+            return Err(UpstreamError::Timeout);
+        };
+        match result {
+            Ok(ServerResult::CallToolResult(result)) => Ok(result),
+            // Some servers answer a tool without output with a bare `{}`.
+            Ok(ServerResult::EmptyResult(_)) => Ok(CallToolResult::success(Vec::new())),
+            Ok(_) => Err(UpstreamError::Protocol(
+                "tools/call was answered with another kind of result".to_owned(),
+            )),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Sends `request` and waits for its answer, relaying the upstream's progress on it to
+    /// `progress`. When this future is dropped before the answer (a timeout, a caller gone),
+    /// the upstream gets `notifications/cancelled`, and rmcp lets go of the request's POST.
+    async fn request(
+        &self,
+        request: ClientRequest,
+        progress: Option<ProgressSink>,
+    ) -> Result<ServerResult, UpstreamError> {
         let peer = &self.inner.peer;
         let handle = peer
             .send_cancellable_request(request, PeerRequestOptions::no_options())
@@ -137,22 +162,9 @@ impl UpstreamClient {
             let route = self.inner.progress.subscribe(handle.progress_token.clone());
             (route, sink)
         });
-        let answer = tokio::time::timeout(timeout, answer_relaying(handle, progress)).await;
-        let result = match answer {
-            // The guard's drop at the end of this function cancels the request upstream.
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(result) => result,
-        };
+        let result = answer_relaying(handle, progress).await;
         guard.disarm();
-        match result {
-            Ok(ServerResult::CallToolResult(result)) => Ok(result),
-            // Some servers answer a tool without output with a bare `{}`.
-            Ok(ServerResult::EmptyResult(_)) => Ok(CallToolResult::success(Vec::new())),
-            Ok(_) => Err(UpstreamError::Protocol(
-                "tools/call was answered with another kind of result".to_owned(),
-            )),
-            Err(error) => Err(UpstreamError::from_service(error, &self.inner.url)),
-        }
+        result.map_err(|error| UpstreamError::from_service(error, &self.inner.url))
     }
 
     /// True once the session has ended; every call then fails with [`UpstreamError::Closed`].

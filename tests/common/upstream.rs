@@ -118,6 +118,25 @@ impl TestUpstream {
         }
     }
 
+    /// POSTs of JSON-RPC `method` are never answered, not even with headers, until the
+    /// client gives up on them (until `None`); everything else is served.
+    pub fn set_stalling(&self, method: Option<&str>) {
+        if let Ok(mut stalling) = self.state.stalling_method.lock() {
+            *stalling = method.map(str::to_owned);
+        }
+    }
+
+    /// Stalled POSTs (see [`Self::set_stalling`]) whose connection is still open.
+    pub fn stalled_open(&self) -> usize {
+        self.state.stalled_open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every stalled POST has been given up by its client (fails after 10 s).
+    pub async fn wait_for_no_stalled_posts(&self) -> anyhow::Result<()> {
+        self.wait_until(|state| state.stalled_open.load(Ordering::SeqCst) == 0)
+            .await
+    }
+
     /// Kills the server: the listener closes and every connection is dropped at once.
     pub async fn stop(&self) {
         let running = self
@@ -317,9 +336,10 @@ async fn record_token(
         tokio::time::sleep(Duration::from_millis(slow_close as u64)).await;
     }
     let failing = state.failing_method.lock().ok().and_then(|f| f.clone());
-    let Some(failing) = failing.filter(|_| request.method() == http::Method::POST) else {
+    let stalling = state.stalling_method.lock().ok().and_then(|s| s.clone());
+    if request.method() != http::Method::POST || (failing.is_none() && stalling.is_none()) {
         return next.run(request).await;
-    };
+    }
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
         return http::StatusCode::BAD_REQUEST.into_response();
@@ -327,9 +347,32 @@ async fn record_token(
     let method = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|m| m["method"].as_str().map(str::to_owned));
-    if method.as_deref() == Some(failing.as_str()) {
+    if method.is_some() && method == failing {
         return (http::StatusCode::BAD_GATEWAY, "failing on purpose").into_response();
+    }
+    if method.is_some() && method == stalling {
+        // Counted while this future lives: hyper drops it when the client closes the
+        // connection.
+        let _open = StalledPost::open(state);
+        std::future::pending::<()>().await;
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// One stalled POST, counted in `stalled_open` until dropped.
+struct StalledPost(Arc<State>);
+
+impl StalledPost {
+    fn open(state: Arc<State>) -> Self {
+        state.bump(&state.stalled_open);
+        Self(state)
+    }
+}
+
+impl Drop for StalledPost {
+    fn drop(&mut self) {
+        self.0.stalled_open.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }

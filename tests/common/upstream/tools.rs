@@ -46,6 +46,11 @@ pub struct State {
     /// A JSON-RPC method whose POSTs get HTTP 502 (an upstream that accepts sessions but
     /// fails that request).
     pub failing_method: Mutex<Option<String>>,
+    /// A JSON-RPC method whose POSTs are never answered, not even with headers (an upstream
+    /// that hangs and ignores cancellation).
+    pub stalling_method: Mutex<Option<String>>,
+    /// Stalled POSTs whose connection the client still holds open.
+    pub stalled_open: AtomicUsize,
     /// How long a session's `DELETE` waits before it is served (0: not at all).
     pub slow_close_ms: AtomicUsize,
     /// The next `tools/list` answer that ends a listing is computed, then held until
