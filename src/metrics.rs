@@ -62,38 +62,69 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Label values kept per kind (tenants, tools): the first `cap` distinct values get
-/// their own series, later ones share [`OTHER`].
+/// Label values kept per kind (tenants, a tenant's tools): the first `cap` distinct values
+/// get their own series, later ones share [`OTHER`].
 struct Bounded {
     seen: Mutex<HashSet<String>>,
+    /// `None`: [`SERIES_CAP`], the configured cap.
+    cap: Option<usize>,
 }
 
 impl Bounded {
     fn new() -> Self {
         Self {
             seen: Mutex::new(HashSet::new()),
+            cap: None,
         }
     }
 
-    fn label(&self, value: &str) -> String {
-        let cap = SERIES_CAP.load(Ordering::Relaxed);
+    /// Whether `value` has (or now gets) a series of its own.
+    fn admits(&self, value: &str) -> bool {
+        let cap = self
+            .cap
+            .unwrap_or_else(|| SERIES_CAP.load(Ordering::Relaxed));
         let Ok(mut seen) = self.seen.lock() else {
-            return OTHER.to_owned();
+            return false;
         };
         if seen.contains(value) {
-            return value.to_owned();
+            return true;
         }
         if seen.len() < cap {
             seen.insert(value.to_owned());
-            return value.to_owned();
+            return true;
         }
-        OTHER.to_owned()
+        false
+    }
+
+    fn label(&self, value: &str) -> String {
+        if self.admits(value) {
+            value.to_owned()
+        } else {
+            OTHER.to_owned()
+        }
     }
 }
 
 static SERIES_CAP: AtomicUsize = AtomicUsize::new(1000);
 static TENANTS: LazyLock<Bounded> = LazyLock::new(Bounded::new);
-static TOOLS: LazyLock<Bounded> = LazyLock::new(Bounded::new);
+/// Tenant and tool together: a tool name is a label only for the tenants it was admitted
+/// for, so the series are bounded by the cap, not by the cap of tenants times that of tools.
+static TENANT_TOOLS: LazyLock<Bounded> = LazyLock::new(Bounded::new);
+
+/// The `tenant` and `tool` labels of a call: each within its cap.
+fn tool_call_labels(
+    tenants: &Bounded,
+    tenant_tools: &Bounded,
+    tenant_id: &str,
+    tool: &str,
+) -> (String, String) {
+    let tool_label = if tenant_tools.admits(&format!("{tenant_id}\n{tool}")) {
+        tool.to_owned()
+    } else {
+        OTHER.to_owned()
+    };
+    (tenants.label(tenant_id), tool_label)
+}
 
 /// Sets the cap on tenant and tool label values (`METRICS_MAX_TENANT_SERIES`).
 pub fn set_series_cap(cap: usize) {
@@ -142,7 +173,7 @@ fn is_standard_method(method: &str) -> bool {
 /// One tool call finished with `outcome` (an audit outcome: `ok`, `tool_error`, ...).
 pub fn tool_call(tenant_id: &str, tool: &str, outcome: &'static str) {
     let count = TOOL_SERIES.get(tenant_id, tool, outcome, || {
-        let (tenant_label, tool_label) = (TENANTS.label(tenant_id), TOOLS.label(tool));
+        let (tenant_label, tool_label) = tool_call_labels(&TENANTS, &TENANT_TOOLS, tenant_id, tool);
         // Past the series cap a tenant or tool shares `other`: not kept, so the cache
         // stays as bounded as the series.
         let own = tenant_label == tenant_id && tool_label == tool;
@@ -271,15 +302,38 @@ mod tests {
         );
     }
 
+    fn capped(cap: usize) -> Bounded {
+        Bounded {
+            cap: Some(cap),
+            ..Bounded::new()
+        }
+    }
+
     #[test]
     fn labels_past_the_cap_become_other() {
-        let kind = Bounded::new();
-        set_series_cap(2);
+        let kind = capped(2);
         assert_eq!(kind.label("a"), "a");
         assert_eq!(kind.label("b"), "b");
         assert_eq!(kind.label("c"), OTHER);
         assert_eq!(kind.label("a"), "a");
-        set_series_cap(1000);
+    }
+
+    #[test]
+    fn tool_call_series_are_bounded_by_the_cap_not_its_square() {
+        let (tenants, tenant_tools) = (capped(3), capped(3));
+        let mut series = HashSet::new();
+        for tenant in ["t1", "t2", "t3"] {
+            for tool in ["a", "b", "c"] {
+                series.insert(tool_call_labels(&tenants, &tenant_tools, tenant, tool));
+            }
+        }
+        let own_tool = series.iter().filter(|(_, tool)| tool != OTHER).count();
+        assert_eq!(own_tool, 3, "{series:?}");
+        // At most one `other` tool series per tenant label besides.
+        assert!(series.len() <= 3 + 3, "{series:?}");
+        // A tool admitted for one tenant is no label for another.
+        let (_, tool) = tool_call_labels(&tenants, &tenant_tools, "t3", "a");
+        assert_eq!(tool, OTHER);
     }
 
     #[test]

@@ -307,6 +307,59 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
 }
 
 #[tokio::test]
+async fn an_api_key_in_both_headers_works_and_two_keys_must_name_the_tenant() -> anyhow::Result<()>
+{
+    // API.md: when both headers are sent, both must be valid and name the same tenant. A
+    // client configured with its key as the bearer and as `x-api-key` is let in.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let a = tenant_on(&gw, &upstream.url).await?;
+    let b = tenant_on(&gw, &upstream.url).await?;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    let a_bearer = format!("Bearer {}", a.api_key);
+    let b_bearer = format!("Bearer {}", b.api_key);
+    let wrong_bearer = format!("Bearer {}x", a.api_key);
+    let cases = [
+        ("the same key twice", &a_bearer, StatusCode::OK),
+        (
+            "another tenant's key as the bearer",
+            &b_bearer,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "a wrong key as the bearer",
+            &wrong_bearer,
+            StatusCode::UNAUTHORIZED,
+        ),
+    ];
+    for (name, bearer, status) in cases {
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("x-api-key", a.api_key.as_str()),
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+        ];
+        let got = raw(
+            &gw.http,
+            Method::POST,
+            &mcp_url(&gw, &a.id),
+            &headers,
+            Some(&init),
+        )
+        .await?;
+        assert_eq!(got.status, status, "{name}: {}", got.text);
+        assert_eq!(
+            got.headers.get("mcp-session-id").is_some(),
+            status == StatusCode::OK,
+            "{name}: a session only when let in"
+        );
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
     let up_a = TestUpstream::with_tools(&["only_a"]).await?;
     let up_b = TestUpstream::with_tools(&["only_b"]).await?;

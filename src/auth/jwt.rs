@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use super::keys::{hash_api_key, key_generation};
 use crate::config::Config;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,9 @@ pub struct JwtKeys {
     issuer: String,
     audience: String,
     ttl_secs: u64,
+    /// The `kid` of admin tokens: the generation of `ADMIN_API_KEY`, so that a new admin key
+    /// also retires every admin JWT issued under the old one (as a rotated tenant key does).
+    admin_kid: String,
 }
 
 /// A signed token and its lifetime in seconds (`expiresIn`).
@@ -72,11 +76,17 @@ impl JwtKeys {
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
             ttl_secs: config.jwt_ttl.as_secs(),
+            admin_kid: key_generation(&hash_api_key(config.admin_api_key.expose())),
         }
     }
 
     pub fn issue_admin(&self) -> Result<IssuedToken, JwtError> {
-        self.issue("admin".into(), Role::Admin, None, None)
+        self.issue(
+            "admin".into(),
+            Role::Admin,
+            None,
+            Some(self.admin_kid.clone()),
+        )
     }
 
     pub fn issue_tenant(&self, tenant_id: &str, kid: String) -> Result<IssuedToken, JwtError> {
@@ -115,13 +125,16 @@ impl JwtKeys {
         })
     }
 
-    /// Verifies signature, algorithm, `exp`, `iss`, `aud` and that `role` is `role`.
+    /// Verifies signature, algorithm, `exp`, `iss`, `aud` and that `role` is `role`; an admin
+    /// token must also be of the current `ADMIN_API_KEY`.
     pub fn verify(&self, token: &str, role: Role) -> Result<Claims, JwtError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| JwtError::Invalid)?;
         let claims = data.claims;
         let shape_ok = match role {
-            Role::Admin => claims.role == Role::Admin,
+            Role::Admin => {
+                claims.role == Role::Admin && claims.kid.as_deref() == Some(self.admin_kid.as_str())
+            }
             Role::Tenant => {
                 claims.role == Role::Tenant && claims.tid.as_deref() == Some(claims.sub.as_str())
             }
@@ -189,6 +202,20 @@ mod tests {
     }
 
     #[test]
+    fn admin_tokens_end_with_the_admin_key_they_were_issued_under() {
+        let k = keys();
+        let token = k.issue_admin().unwrap().token;
+        assert!(k.verify(&token, Role::Admin).is_ok());
+        let mut rotated = Config::for_tests();
+        rotated.admin_api_key = crate::config::Secret::new("a-new-admin-key-0123456789abcdef");
+        let after = JwtKeys::new(&rotated);
+        assert_eq!(after.verify(&token, Role::Admin), Err(JwtError::Invalid));
+        assert!(after
+            .verify(&after.issue_admin().unwrap().token, Role::Admin)
+            .is_ok());
+    }
+
+    #[test]
     fn expired_and_wrong_audience_are_refused() {
         let k = keys();
         let mut cfg = Config::for_tests();
@@ -200,7 +227,7 @@ mod tests {
             sub: "admin".into(),
             role: Role::Admin,
             tid: None,
-            kid: None,
+            kid: Some(k.admin_kid.clone()),
             iat: past,
             exp: past + 60,
             iss: "switchboard".into(),

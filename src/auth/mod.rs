@@ -120,9 +120,16 @@ impl Authenticator {
         bearer_may_be_key: bool,
     ) -> Result<AuthContext, AuthError> {
         let (mut jwt_token, mut api_key) = (creds.bearer, creds.api_key);
-        if bearer_may_be_key && api_key.is_none() {
+        // A bearer API key beside an `x-api-key`: both are checked, and must name the same
+        // tenant (API.md: when both are sent, both must be valid).
+        let mut bearer_key = None;
+        if bearer_may_be_key {
             if let Some(b) = jwt_token.filter(|b| keys::looks_like_api_key(b)) {
-                (jwt_token, api_key) = (None, Some(b));
+                jwt_token = None;
+                match api_key {
+                    None => api_key = Some(b),
+                    Some(_) => bearer_key = Some(b),
+                }
             }
         }
         let via = match (jwt_token.is_some(), api_key.is_some()) {
@@ -158,6 +165,11 @@ impl Authenticator {
             }
             None => self.lookup(CacheKey::TenantId(path_tenant)).await?,
         };
+        if let Some(key) = bearer_key.filter(|&b| Some(b) != api_key) {
+            if self.lookup_key(key).await?.id != path_tenant {
+                return Err(AuthError::Forbidden);
+            }
+        }
         // A JWT issued under a rotated key is retired with it.
         if let Some(claims) = &claims {
             if claims.kid.as_deref() != Some(keys::key_generation(&tenant.api_key_hash).as_str()) {

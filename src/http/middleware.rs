@@ -175,10 +175,13 @@ fn add_security_headers(headers: &mut axum::http::HeaderMap) {
 
 /// Whether a proxy says the request came over TLS (`X-Forwarded-Proto: https`), for
 /// `Strict-Transport-Security`. The gateway speaks plain HTTP itself; the caller believes
-/// this only when `TRUST_PROXY` is set.
+/// this only when `TRUST_PROXY` is set, and only the last line (the proxy's, as for
+/// `X-Forwarded-For`).
 fn forwarded_over_tls(headers: &axum::http::HeaderMap) -> bool {
     headers
-        .get("x-forwarded-proto")
+        .get_all("x-forwarded-proto")
+        .iter()
+        .next_back()
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }

@@ -161,9 +161,15 @@ fn counted_as(address: IpAddr) -> IpAddr {
 
 /// The right-most address of `X-Forwarded-For`: the one the trusted proxy in front appended
 /// (the peer it saw). Everything left of it came from the client, which can write anything
-/// there to dodge its limit.
+/// there to dodge its limit. A proxy may append a header line of its own rather than extend
+/// the client's (HAProxy's `option forwardfor` does), so it is the last line that counts.
 fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
-    let value = headers.get("x-forwarded-for")?.to_str().ok()?;
+    let value = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()?
+        .to_str()
+        .ok()?;
     value.rsplit(',').next()?.trim().parse().ok()
 }
 
@@ -213,6 +219,25 @@ mod tests {
             proxied.client_of(&headers, peer),
             IpAddr::from([10, 0, 0, 1])
         );
+    }
+
+    #[test]
+    fn a_proxy_that_adds_its_own_header_line_is_the_one_believed() {
+        let mut config = Config::for_tests();
+        config.trust_proxy = true;
+        let limiter = AuthLimiter::new(&config);
+        let peer = Some(SocketAddr::from(([10, 0, 0, 2], 4000)));
+        // The client's own line first, then the one the proxy added.
+        for forged in ["6.6.6.6", "not an address"] {
+            let mut headers = HeaderMap::new();
+            headers.append("x-forwarded-for", forged.parse().unwrap());
+            headers.append("x-forwarded-for", "203.0.113.7".parse().unwrap());
+            assert_eq!(
+                limiter.client_of(&headers, peer),
+                IpAddr::from([203, 0, 113, 7]),
+                "{forged}"
+            );
+        }
     }
 
     #[test]
