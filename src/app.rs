@@ -134,8 +134,16 @@ impl App {
         // more: the queued ones are written now.
         state.admin.finish(drain_timeout).await;
         state.audit.close(drain_timeout).await;
+        // The background tasks (fleet listener and heartbeat, audit retention, clean-ups)
+        // end on the shutdown token; one stuck on a database that stopped answering must
+        // not keep the process from exiting.
         lifecycle.tasks.close();
-        lifecycle.tasks.wait().await;
+        if tokio::time::timeout(drain_timeout, lifecycle.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within the drain timeout");
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -574,3 +574,25 @@ async fn a_refusal_whose_caller_went_away_is_still_audited() -> anyhow::Result<(
     wait_for_row(&watcher, "refused-gave-up").await?;
     gw.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_that_stops_answering_does_not_keep_the_gateway_from_stopping(
+) -> anyhow::Result<()> {
+    // The fleet heartbeat removes this replica's row as the gateway stops; a lock holds that
+    // statement as a database that stopped answering would (no error, no answer). The
+    // gateway must still exit, within its drain bounds, not when the lock goes.
+    let mut config = Config::for_tests();
+    config.drain_timeout = Duration::from_secs(1);
+    let gw = TestGateway::start_postgres(config).await?;
+    let url = database_url(&gw)?;
+    let locker = connect(&url).await?;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE replicas IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    // The test's database outlives the gateway, so the lock can be let go after it stops.
+    let _database = gw.store.clone();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), gw.stop()).await;
+    locker.batch_execute("COMMIT").await?;
+    stopped.map_err(|_| anyhow::anyhow!("the gateway waited for the locked table to stop"))??;
+    Ok(())
+}

@@ -34,7 +34,10 @@ pub(super) async fn heartbeat(
     tracing::info!(%replica_id, "joining the fleet");
     let mut announced = false;
     loop {
-        match beat(&store, &replica_id, !announced).await {
+        // Bounded, as the leave below is: a database that stops answering must not keep
+        // this task, and with it the gateway's shutdown, waiting.
+        let beaten = tokio::time::timeout(BEAT, beat(&store, &replica_id, !announced)).await;
+        match beaten.unwrap_or_else(|_| Err(too_slow())) {
             Ok(n) => {
                 announced = true;
                 let n = u32::try_from(n).unwrap_or(u32::MAX).max(1);
@@ -52,9 +55,14 @@ pub(super) async fn heartbeat(
             _ = tokio::time::sleep(BEAT) => {}
         }
     }
-    if let Err(e) = leave(&store, &replica_id).await {
+    let left = tokio::time::timeout(BEAT, leave(&store, &replica_id)).await;
+    if let Err(e) = left.unwrap_or_else(|_| Err(too_slow())) {
         tracing::warn!(error = %e, "could not leave the fleet; the row expires on its own");
     }
+}
+
+fn too_slow() -> super::StoreError {
+    super::StoreError::Unavailable(format!("no answer within {} s", BEAT.as_secs()))
 }
 
 /// Renews this replica's row (announcing it when `announce`) and returns the live count.
