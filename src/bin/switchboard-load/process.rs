@@ -98,13 +98,8 @@ impl ChildGateway {
     /// Resident memory of the child, from `/proc/<pid>/status` (`VmRSS`), in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let pid = self.child.id().context("child exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .context("VmRSS")?;
-        Ok(kb * 1024)
+        switchboard::http::routes::health::resident_memory_bytes_of(&pid.to_string())
+            .context("VmRSS")
     }
 
     /// CPU time the child has used so far (see [`cpu_time`]).

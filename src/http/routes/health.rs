@@ -91,11 +91,34 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(Ready { ready }))
 }
 
-/// Resident set size from `/proc/self/statm` (0 where there is no procfs).
+/// This process's resident set size (0 where there is no procfs).
 pub fn resident_memory_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0);
-    pages * 4096
+    resident_memory_bytes_of("self").unwrap_or(0)
+}
+
+/// The resident set size of process `pid` (or `self`), from `VmRSS` in its
+/// `/proc/<pid>/status`: in bytes whatever the kernel's page size (`statm` counts pages).
+pub fn resident_memory_bytes_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_is_read_in_bytes() {
+        let rss = resident_memory_bytes();
+        // A test binary holds more than a megabyte and less than its machine's memory.
+        assert!(rss > 1 << 20, "{rss}");
+    }
 }
