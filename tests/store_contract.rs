@@ -113,7 +113,43 @@ async fn run_postgres(url: &str) -> Result<()> {
     }
     check_concurrent_migrate(racers, POSTGRES_MIGRATIONS).await?;
     let store = PostgresStore::connect(url, 4)?;
+    check_concurrent_index_migration_runs_again(&store, url).await?;
     run_suite(&store).await
+}
+
+/// Migration 4 builds its index CONCURRENTLY, outside a transaction, so a failure can leave
+/// it half done: run again from the start (here, with its record gone), it must succeed and
+/// leave a valid index.
+async fn check_concurrent_index_migration_runs_again(
+    store: &PostgresStore,
+    url: &str,
+) -> Result<()> {
+    let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let valid = || async {
+        let row = db
+            .query_opt(
+                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE c.relname = 'audit_events_tenant_action_idx'",
+                &[],
+            )
+            .await?;
+        anyhow::Ok(row.map(|row| row.get::<_, bool>(0)))
+    };
+    ensure!(
+        valid().await? == Some(true),
+        "migration 4 left no valid index"
+    );
+    db.batch_execute("DELETE FROM schema_migrations WHERE version = 4")
+        .await?;
+    let applied = store.migrate().await?;
+    ensure!(applied == vec![4], "applied again: {applied:?}");
+    ensure!(
+        valid().await? == Some(true),
+        "the second run left no valid index"
+    );
+    connection.abort();
+    Ok(())
 }
 
 /// `admin_url` with its database replaced by `db`.

@@ -1,6 +1,7 @@
 //! The schema migrations of both backends, embedded from the repository's `sql/` folder so
 //! the binary carries its own schema. Each backend's `migrate` records applied versions in
-//! `schema_migrations` and runs each migration once, in a transaction with its record row;
+//! `schema_migrations` and runs each migration once, in a transaction with its record row
+//! (or, for one marked `in_transaction: false`, statement by statement and then its row);
 //! this module only lists the migrations and says which are still pending.
 
 /// One schema change, applied once per database.
@@ -10,6 +11,22 @@ pub struct Migration {
     pub version: i64,
     pub name: &'static str,
     pub sql: &'static str,
+    /// False for a PostgreSQL migration that cannot run in a transaction (`CREATE INDEX
+    /// CONCURRENTLY`): its statements run one by one, each on its own, so it must be
+    /// written to be run again from the start after a failure halfway. Its statements are
+    /// split at `;`, so its comments carry none.
+    pub in_transaction: bool,
+}
+
+impl Migration {
+    /// The migration's statements, one by one, without comment-only pieces.
+    pub fn statements(&self) -> impl Iterator<Item = &'static str> {
+        self.sql.split(';').map(str::trim).filter(|piece| {
+            piece
+                .lines()
+                .any(|line| !line.trim().is_empty() && !line.trim_start().starts_with("--"))
+        })
+    }
 }
 
 /// The PostgreSQL migrations (`sql/postgres/`), in the order they apply.
@@ -18,21 +35,25 @@ pub static POSTGRES_MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "init",
         sql: include_str!("../../sql/postgres/0001_init.sql"),
+        in_transaction: true,
     },
     Migration {
         version: 2,
         name: "replicas",
         sql: include_str!("../../sql/postgres/0002_replicas.sql"),
+        in_transaction: true,
     },
     Migration {
         version: 3,
         name: "ended_sessions",
         sql: include_str!("../../sql/postgres/0003_ended_sessions.sql"),
+        in_transaction: true,
     },
     Migration {
         version: 4,
         name: "audit_action_index",
         sql: include_str!("../../sql/postgres/0004_audit_action_index.sql"),
+        in_transaction: false,
     },
 ];
 
@@ -42,21 +63,25 @@ pub static SQLITE_MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "init",
         sql: include_str!("../../sql/sqlite/0001_init.sql"),
+        in_transaction: true,
     },
     Migration {
         version: 2,
         name: "replicas",
         sql: include_str!("../../sql/sqlite/0002_replicas.sql"),
+        in_transaction: true,
     },
     Migration {
         version: 3,
         name: "ended_sessions",
         sql: include_str!("../../sql/sqlite/0003_ended_sessions.sql"),
+        in_transaction: true,
     },
     Migration {
         version: 4,
         name: "audit_action_index",
         sql: include_str!("../../sql/sqlite/0004_audit_action_index.sql"),
+        in_transaction: true,
     },
 ];
 
@@ -94,6 +119,36 @@ mod tests {
             .map(|m| (m.version, m.name))
             .collect();
         assert_eq!(pg, lite, "both backends carry the same migrations");
+    }
+
+    #[test]
+    fn migrations_outside_a_transaction_split_into_their_statements() {
+        for m in POSTGRES_MIGRATIONS.iter().chain(SQLITE_MIGRATIONS) {
+            if m.in_transaction {
+                continue;
+            }
+            assert!(
+                m.sql
+                    .lines()
+                    .filter(|line| line.trim_start().starts_with("--"))
+                    .all(|line| !line.contains(';')),
+                "{}: a semicolon in a comment would split a statement",
+                m.name
+            );
+        }
+        let index = POSTGRES_MIGRATIONS
+            .iter()
+            .find(|m| m.version == 4)
+            .expect("migration 4");
+        let statements: Vec<_> = index.statements().collect();
+        assert_eq!(statements.len(), 2, "{statements:?}");
+        // The first piece carries the file's leading comments.
+        assert!(statements[0].contains("\nDROP INDEX CONCURRENTLY IF EXISTS"));
+        assert!(statements[1].starts_with("CREATE INDEX CONCURRENTLY"));
+        assert!(
+            SQLITE_MIGRATIONS.iter().all(|m| m.in_transaction),
+            "SQLite runs every migration in a transaction"
+        );
     }
 
     #[test]

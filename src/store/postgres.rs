@@ -41,6 +41,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The key of the session advisory lock held around `migrate`, so that replicas starting
 /// at once apply each migration exactly once. Any fixed value works; this is "swbd-mig".
 const MIGRATION_LOCK_KEY: i64 = 0x7377_6264_2d6d_6967;
+/// How often a replica waiting for the migration lock asks for it again. It asks rather
+/// than waits in `pg_advisory_lock`: a statement waiting there holds a snapshot, which
+/// `CREATE INDEX CONCURRENTLY` in the holder's migration would wait for in turn.
+const MIGRATION_LOCK_RETRY: Duration = Duration::from_millis(100);
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
@@ -240,7 +244,8 @@ fn audit_row(row: &Row) -> StoreResult<AuditRow> {
 }
 
 /// Creates `schema_migrations` and applies each pending migration in a transaction with
-/// its record row. The caller holds the migration lock.
+/// its record row; one marked `in_transaction: false` statement by statement, then its
+/// row. The caller holds the migration lock.
 async fn apply_migrations(client: &mut ClientWrapper) -> StoreResult<Vec<i64>> {
     client
         .batch_execute(CREATE_SCHEMA_MIGRATIONS)
@@ -255,16 +260,22 @@ async fn apply_migrations(client: &mut ClientWrapper) -> StoreResult<Vec<i64>> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(db_err)?;
     let mut applied_now = Vec::new();
+    const RECORD: &str =
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)";
     for migration in pending(POSTGRES_MIGRATIONS, &done) {
-        let tx = client.transaction().await.map_err(db_err)?;
-        tx.batch_execute(migration.sql).await.map_err(db_err)?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
-            &[&migration.version, &migration.name, &now_micros()],
-        )
-        .await
-        .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
+        let record: [Param; 3] = [&migration.version, &migration.name, &now_micros()];
+        if migration.in_transaction {
+            let tx = client.transaction().await.map_err(db_err)?;
+            tx.batch_execute(migration.sql).await.map_err(db_err)?;
+            tx.execute(RECORD, &record).await.map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+        } else {
+            // One statement per request: several in one would run as one transaction block.
+            for statement in migration.statements() {
+                client.batch_execute(statement).await.map_err(db_err)?;
+            }
+            client.execute(RECORD, &record).await.map_err(db_err)?;
+        }
         tracing::info!(
             version = migration.version,
             name = migration.name,
@@ -315,10 +326,17 @@ impl Store for PostgresStore {
         // connection, and a detached connection closes when dropped, so even a migrate
         // cancelled halfway cannot hand a pooled connection back still holding the lock.
         let mut client = Object::take(self.client().await?);
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-            .await
-            .map_err(db_err)?;
+        loop {
+            let locked: bool = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+                .await
+                .and_then(|row| row.try_get(0))
+                .map_err(db_err)?;
+            if locked {
+                break;
+            }
+            tokio::time::sleep(MIGRATION_LOCK_RETRY).await;
+        }
         let result = apply_migrations(&mut client).await;
         // Best effort: closing the connection (on drop) releases the lock anyway.
         let _ = client
