@@ -92,6 +92,10 @@ async fn create_tenant(
     Ok((id, key))
 }
 
+/// How long each call sleeps upstream: long enough that the probes of the drain (`/ready`,
+/// a late call) are answered while the calls are still in flight, on a slow machine too.
+const SLEEP_MS: u64 = 1500;
+
 /// One tool call; `Ok((status, body))` only when the whole answer arrived.
 async fn sleep_call(
     http: reqwest::Client,
@@ -103,7 +107,7 @@ async fn sleep_call(
         .post(url)
         .header("x-api-key", key)
         .header("x-request-id", request_id)
-        .json(&json!({"method": "sleep", "params": {"ms": 400}}))
+        .json(&json!({"method": "sleep", "params": {"ms": SLEEP_MS}}))
         .send()
         .await?;
     let status = resp.status();
@@ -172,7 +176,10 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()>
         let (request_id, result) = call.await?;
         let (status, body) = result.with_context(|| format!("{request_id} was cut off"))?;
         assert_eq!(status, StatusCode::OK, "{request_id}: {body}");
-        assert_eq!(body["content"][0]["text"], "slept 400 ms");
+        assert_eq!(
+            body["content"][0]["text"],
+            format!("slept {SLEEP_MS} ms").as_str()
+        );
         ok_ids.insert(request_id);
     }
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;

@@ -218,6 +218,8 @@ async fn list_changed_heard_by_one_replica_reaches_sessions_on_the_other() -> an
         upstream.change_tools_until_heard(&changed).await,
         "the change heard by replica A never reached B's session"
     );
+    // Only A ever had an upstream session: B's session heard the change through A.
+    assert_eq!(upstream.initializes(), 1, "B connected upstream itself");
     client.cancel().await?;
     a.stop().await?;
     b.stop().await

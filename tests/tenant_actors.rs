@@ -792,7 +792,9 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
         "warm: connected, tools cached"
     );
 
-    let slow = || gw.tool(&t, json!({"method": "sleep", "params": {"ms": 300}}));
+    // Long enough that the third call surely comes while both are in flight, and longer
+    // than the idle time: calls in flight keep the actor too.
+    let slow = || gw.tool(&t, json!({"method": "sleep", "params": {"ms": 1000}}));
     let (a, b) = (slow(), slow());
     let third = async {
         upstream.wait_for_calls(3).await?; // the warm call and the two slow ones
