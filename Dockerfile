@@ -27,7 +27,8 @@ ENV APP_ENV=production \
 # 65532 is the "nonroot" user of the distroless image.
 USER 65532:65532
 EXPOSE 3000
-# SIGTERM starts the drain: /ready turns 503, calls in flight finish, audit is flushed.
+# SIGTERM starts the drain: /ready turns 503, calls in flight finish, audit is flushed; a
+# second SIGTERM cuts it short. The health check probes /live (liveness), not /ready.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["switchboard", "healthcheck"]

@@ -31,8 +31,9 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
-    /// Exit 0 when this container's gateway answers `GET /ready` with 200, else 1 (for
-    /// Docker's HEALTHCHECK: the runtime image has no curl).
+    /// Exit 0 when this container's gateway answers `GET /live` with 200, else 1 (for
+    /// Docker's HEALTHCHECK: the runtime image has no curl). Liveness, not readiness: a
+    /// database outage, which tool calls are served through, must not get it restarted.
     Healthcheck,
 }
 
@@ -49,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::Healthcheck)) {
         // Before validation: checking health must not need (or generate) any secret.
-        std::process::exit(healthcheck(cli.config.port));
+        std::process::exit(healthcheck(cli.config.host, cli.config.port));
     }
     let (config, generated) = match cli.config.validate() {
         Ok(ok) => ok,
@@ -94,6 +95,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(async move {
         switchboard::shutdown::signal().await;
         on_signal.cancel();
+        // A second signal is an operator's "stop now": the drain is cut short.
+        switchboard::shutdown::signal().await;
+        tracing::warn!("a second signal: exiting without finishing the drain");
+        std::process::exit(130);
     });
     switchboard::app::run(config, listener, shutdown).await
 }
@@ -106,13 +111,19 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `GET http://127.0.0.1:{port}/ready` with a short timeout: 0 on 200, 1 otherwise.
-fn healthcheck(port: u16) -> i32 {
+/// `GET http://{host}:{port}/live` with a short timeout (loopback when listening on every
+/// address): 0 on 200, 1 otherwise.
+fn healthcheck(host: std::net::IpAddr, port: u16) -> i32 {
+    let host = match host {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        other => other,
+    };
     let ready = async {
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(2))
             .build()?;
-        let url = format!("http://127.0.0.1:{port}/ready");
+        let url = format!("http://{}/live", std::net::SocketAddr::new(host, port));
         anyhow::Ok(client.get(url).send().await?.status() == reqwest::StatusCode::OK)
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

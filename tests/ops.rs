@@ -660,3 +660,32 @@ async fn a_rest_call_whose_caller_went_away_is_still_audited() -> anyhow::Result
     assert_eq!(row["outcome"], "upstream_error", "{row}");
     gw.stop().await
 }
+
+/// `switchboard healthcheck` (Docker's HEALTHCHECK) as a container runs it: 0 while the
+/// gateway on its port is alive, 1 where nothing answers. It probes liveness, which never
+/// asks the database.
+#[tokio::test]
+async fn the_healthcheck_command_probes_the_gateways_liveness() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let check = |port: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args([
+                "--host",
+                "0.0.0.0",
+                "--port",
+                &port.to_string(),
+                "healthcheck",
+            ])
+            .env_clear()
+            .status()
+    };
+    let alive = tokio::task::spawn_blocking({
+        let port = gw.addr.port();
+        move || check(port)
+    });
+    assert_eq!(alive.await??.code(), Some(0), "a live gateway is healthy");
+    let refusing = switchboard::config::refusing_loopback().port();
+    let gone = tokio::task::spawn_blocking(move || check(refusing)).await??;
+    assert_eq!(gone.code(), Some(1), "nothing answering is unhealthy");
+    gw.stop().await
+}
