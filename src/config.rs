@@ -161,7 +161,8 @@ pub struct RawConfig {
     /// When set, `GET /metrics` needs `Authorization: Bearer <METRICS_TOKEN>`.
     #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
-    /// Distinct tenants (and tools) given their own metric series; the rest count as "other".
+    /// Distinct tenants, and (tenant, tool) pairs, given their own metric series; the rest
+    /// count as "other".
     #[arg(long, env = "METRICS_MAX_TENANT_SERIES", default_value_t = 1000)]
     pub metrics_max_tenant_series: usize,
     /// Open MCP sessions (`/mcp/{tenantId}`) allowed in this process, over all tenants.

@@ -114,7 +114,42 @@ async fn run_postgres(url: &str) -> Result<()> {
     check_concurrent_migrate(racers, POSTGRES_MIGRATIONS).await?;
     let store = PostgresStore::connect(url, 4)?;
     check_concurrent_index_migration_runs_again(&store, url).await?;
+    check_abandoned_work_leaves_no_connection_waiting(url).await?;
     run_suite(&store).await
+}
+
+/// An audit write given up on (a timeout, as the audit writer bounds every attempt) while a
+/// lock holds it must not leave its statement queued on a pooled connection: with one
+/// connection in the pool, the next read would wait behind it for as long as the lock.
+async fn check_abandoned_work_leaves_no_connection_waiting(url: &str) -> Result<()> {
+    let store = PostgresStore::connect(url, 1)?;
+    let (locker, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let event = audit(
+        Uuid::now_v7().to_string(),
+        "tenant-abandoned",
+        "tool.call",
+        now()?,
+    );
+    let write = store.append_audit(std::slice::from_ref(&event));
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(300), write)
+            .await
+            .is_err(),
+        "the audit write went through a held lock"
+    );
+    let read =
+        tokio::time::timeout(Duration::from_secs(3), store.get_tenant("tenant-abandoned")).await;
+    locker.batch_execute("COMMIT").await?;
+    connection.abort();
+    ensure!(
+        matches!(read, Ok(Ok(None))),
+        "a read queued behind the abandoned write: {read:?}"
+    );
+    Ok(())
 }
 
 /// Migration 4 builds its index CONCURRENTLY, outside a transaction, so a failure can leave

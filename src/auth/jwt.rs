@@ -50,8 +50,10 @@ pub struct JwtKeys {
     issuer: String,
     audience: String,
     ttl_secs: u64,
-    /// The `kid` of admin tokens: the generation of `ADMIN_API_KEY`, so that a new admin key
+    /// The `kid` of admin tokens: a generation of `ADMIN_API_KEY`, so that a new admin key
     /// also retires every admin JWT issued under the old one (as a rotated tenant key does).
+    /// Taken with `JWT_SECRET`: the key is the operator's choice, not 256 random bits like a
+    /// tenant key, and a token's readable `kid` must not let its holder test guesses of it.
     admin_kid: String,
 }
 
@@ -76,7 +78,11 @@ impl JwtKeys {
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
             ttl_secs: config.jwt_ttl.as_secs(),
-            admin_kid: key_generation(&hash_api_key(config.admin_api_key.expose())),
+            admin_kid: key_generation(&hash_api_key(&format!(
+                "{}\n{}",
+                config.jwt_secret.expose(),
+                config.admin_api_key.expose()
+            ))),
         }
     }
 
@@ -205,7 +211,13 @@ mod tests {
     fn admin_tokens_end_with_the_admin_key_they_were_issued_under() {
         let k = keys();
         let token = k.issue_admin().unwrap().token;
-        assert!(k.verify(&token, Role::Admin).is_ok());
+        let claims = k.verify(&token, Role::Admin).unwrap();
+        let bare = key_generation(&hash_api_key(Config::for_tests().admin_api_key.expose()));
+        assert_ne!(
+            claims.kid.as_deref(),
+            Some(bare.as_str()),
+            "the readable kid must not be a bare hash of the admin key"
+        );
         let mut rotated = Config::for_tests();
         rotated.admin_api_key = crate::config::Secret::new("a-new-admin-key-0123456789abcdef");
         let after = JwtKeys::new(&rotated);

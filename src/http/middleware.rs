@@ -175,13 +175,36 @@ fn add_security_headers(headers: &mut axum::http::HeaderMap) {
 
 /// Whether a proxy says the request came over TLS (`X-Forwarded-Proto: https`), for
 /// `Strict-Transport-Security`. The gateway speaks plain HTTP itself; the caller believes
-/// this only when `TRUST_PROXY` is set, and only the last line (the proxy's, as for
-/// `X-Forwarded-For`).
+/// this only when `TRUST_PROXY` is set, and only the last entry of the last line (the
+/// proxy's, as for `X-Forwarded-For`).
 fn forwarded_over_tls(headers: &axum::http::HeaderMap) -> bool {
     headers
         .get_all("x-forwarded-proto")
         .iter()
         .next_back()
         .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_proxys_own_forwarded_proto_counts() {
+        let over_tls = |lines: &[&str]| {
+            let mut headers = axum::http::HeaderMap::new();
+            for line in lines {
+                headers.append("x-forwarded-proto", line.parse().unwrap());
+            }
+            forwarded_over_tls(&headers)
+        };
+        assert!(over_tls(&["https"]));
+        assert!(over_tls(&["http, https"]), "the proxy appended to the line");
+        assert!(over_tls(&["http", "https"]), "the proxy added a line");
+        assert!(!over_tls(&["https", "http"]), "the client's own line");
+        assert!(!over_tls(&["https, http"]));
+        assert!(!over_tls(&[]));
+    }
 }

@@ -48,6 +48,46 @@ const MIGRATION_LOCK_RETRY: Duration = Duration::from_millis(100);
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
+/// A pooled connection that goes back to the pool only when [`Checkout::release`]d, once its
+/// work has ended (with or without an error). Dropped before that, because the future using
+/// it was dropped (a timeout gave up on it), it closes instead: a statement it had sent would
+/// still be queued on it (dropping a tokio-postgres future does not cancel the statement),
+/// and the pool's next user would wait behind it, a lock wait for instance.
+pub(super) struct Checkout(Option<Client>);
+
+impl Checkout {
+    /// The work is done: the connection goes back to the pool.
+    pub(super) fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        self.0
+            .as_ref()
+            .expect("a checkout holds its connection until released")
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.0
+            .as_mut()
+            .expect("a checkout holds its connection until released")
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(abandoned) = self.0.take() {
+            drop(Object::take(abandoned));
+        }
+    }
+}
+
 /// The PostgreSQL store: a pool, cheap to clone.
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -108,21 +148,60 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_err)
     }
 
-    /// A pooled connection, for the fleet tasks of this module's siblings.
-    pub(super) async fn pooled(&self) -> StoreResult<Client> {
-        self.client().await
+    /// A pooled connection for work that its caller may give up on halfway (under a
+    /// timeout): see [`Checkout`]. For the fleet tasks of this module's siblings too.
+    pub(super) async fn checkout(&self) -> StoreResult<Checkout> {
+        Ok(Checkout(Some(self.client().await?)))
     }
 
-    /// The first tenant a query returning `TENANT_COLUMNS` yields.
+    /// The first tenant a query returning `TENANT_COLUMNS` yields. Through a [`Checkout`]:
+    /// the registry reads a tenant under a timeout.
     async fn query_tenant(
         &self,
         sql: &str,
         params: &[Param<'_>],
     ) -> StoreResult<Option<TenantRow>> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
-        let row = client.query_opt(&stmt, params).await.map_err(db_err)?;
-        row.as_ref().map(tenant_row).transpose()
+        let client = self.checkout().await?;
+        let row = async {
+            let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+            client.query_opt(&stmt, params).await.map_err(db_err)
+        }
+        .await;
+        client.release();
+        row?.as_ref().map(tenant_row).transpose()
+    }
+
+    /// Writes audit rows in one transaction, the inserts pipelined on the one connection.
+    async fn insert_audit_rows(client: &mut Client, rows: &[AuditRow]) -> StoreResult<()> {
+        let tx = client.transaction().await.map_err(db_err)?;
+        let sql = format!(
+            "INSERT INTO audit_events ({AUDIT_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (id) DO NOTHING"
+        );
+        let stmt = tx.prepare_cached(&sql).await.map_err(db_err)?;
+        let (tx_ref, stmt_ref) = (&tx, &stmt);
+        let inserts = rows.iter().map(|e| async move {
+            let params: [Param<'_>; 12] = [
+                &e.id,
+                &e.at,
+                &e.tenant_id,
+                &e.action,
+                &e.actor,
+                &e.outcome,
+                &e.request_id,
+                &e.tool,
+                &e.latency_ms,
+                &e.request_bytes,
+                &e.response_bytes,
+                &e.detail,
+            ];
+            tx_ref.execute(stmt_ref, &params).await
+        });
+        futures::future::try_join_all(inserts)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
     }
 
     /// Sends one fleet announcement (`notify`, a `pg_notify` statement) about `subject`,
@@ -414,9 +493,10 @@ impl Store for PostgresStore {
 
     async fn ping(&self) -> StoreResult<()> {
         let round_trip = async {
-            let client = self.client().await?;
-            client.simple_query("SELECT 1").await.map_err(db_err)?;
-            Ok(())
+            let client = self.checkout().await?;
+            let answered = client.simple_query("SELECT 1").await.map_err(db_err);
+            client.release();
+            answered.map(drop)
         };
         tokio::time::timeout(PING_TIMEOUT, round_trip)
             .await
@@ -589,37 +669,11 @@ impl Store for PostgresStore {
             .iter()
             .map(AuditRow::from_record)
             .collect::<StoreResult<Vec<_>>>()?;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_err)?;
-        let sql = format!(
-            "INSERT INTO audit_events ({AUDIT_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (id) DO NOTHING"
-        );
-        let stmt = tx.prepare_cached(&sql).await.map_err(db_err)?;
-        let (tx_ref, stmt_ref) = (&tx, &stmt);
-        // The inserts are pipelined on the one connection, inside the one transaction.
-        let inserts = rows.iter().map(|e| async move {
-            let params: [Param<'_>; 12] = [
-                &e.id,
-                &e.at,
-                &e.tenant_id,
-                &e.action,
-                &e.actor,
-                &e.outcome,
-                &e.request_id,
-                &e.tool,
-                &e.latency_ms,
-                &e.request_bytes,
-                &e.response_bytes,
-                &e.detail,
-            ];
-            tx_ref.execute(stmt_ref, &params).await
-        });
-        futures::future::try_join_all(inserts)
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        // Through a checkout: the audit writer bounds each attempt with a timeout.
+        let mut client = self.checkout().await?;
+        let written = Self::insert_audit_rows(&mut client, &rows).await;
+        client.release();
+        written
     }
 
     async fn list_audit(&self, query: &AuditQuery) -> StoreResult<Vec<AuditRecord>> {

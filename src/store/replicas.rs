@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::Client;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -67,7 +68,14 @@ fn too_slow() -> super::StoreError {
 
 /// Renews this replica's row (announcing it when `announce`) and returns the live count.
 async fn beat(store: &PostgresStore, replica_id: &str, announce: bool) -> StoreResult<i64> {
-    let client = store.pooled().await?;
+    // A checkout: the heartbeat gives up on a beat that takes longer than BEAT.
+    let client = store.checkout().await?;
+    let count = beat_on(&client, replica_id, announce).await;
+    client.release();
+    count
+}
+
+async fn beat_on(client: &Client, replica_id: &str, announce: bool) -> StoreResult<i64> {
     let db = super::postgres::db_err;
     client
         .execute(
@@ -104,7 +112,13 @@ async fn beat(store: &PostgresStore, replica_id: &str, announce: bool) -> StoreR
 }
 
 async fn leave(store: &PostgresStore, replica_id: &str) -> StoreResult<()> {
-    let client = store.pooled().await?;
+    let client = store.checkout().await?;
+    let left = leave_on(&client, replica_id).await;
+    client.release();
+    left
+}
+
+async fn leave_on(client: &Client, replica_id: &str) -> StoreResult<()> {
     let db = super::postgres::db_err;
     client
         .execute("DELETE FROM replicas WHERE replica_id = $1", &[&replica_id])
