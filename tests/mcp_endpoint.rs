@@ -567,6 +567,53 @@ async fn listen_streams_count_against_the_session_caps() -> anyhow::Result<()> {
     gw.stop().await
 }
 
+#[tokio::test]
+async fn a_listen_stream_sent_with_a_session_id_still_counts_against_the_caps() -> anyhow::Result<()>
+{
+    // rmcp serves a 2026-07-28 listen whatever session id comes with it: with one, it must
+    // not slip past the caps as if it were a request of that session.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 2;
+    let gw = TestGateway::start_with(config).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let filter = json!({"notifications": {"toolsListChanged": true}});
+    let session = mcp.open_session().await?.expect("a session within the cap");
+    let with_id = [("mcp-session-id", session.as_str())];
+    let mut listening = mcp
+        .session_less_stream_with(1, "subscriptions/listen", filter.clone(), &with_id)
+        .await?;
+    assert_eq!(listening.status, StatusCode::OK);
+    listening
+        .next_message(Duration::from_secs(5))
+        .await?
+        .context("no acknowledgment")?;
+    let refused = mcp
+        .session_less_stream_with(2, "subscriptions/listen", filter, &with_id)
+        .await?;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_delete_the_mcp_server_refuses_leaves_the_session_open() -> anyhow::Result<()> {
+    let (_upstream, gw, mcp) = raw_tenant().await?;
+    let id = mcp.open_session().await?.expect("session opens");
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    for (version, status) in [
+        ("1999-01-01", StatusCode::BAD_REQUEST),
+        ("2026-07-28", StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let got = mcp.delete_with_version(&id, version).await?;
+        assert_eq!(got.status, status, "{version}: {}", got.text);
+        let got = mcp.in_session(&id, &list).await?;
+        assert_eq!(got.status, StatusCode::OK, "{version}: {}", got.text);
+    }
+    assert!(mcp.close_session(&id).await?.is_success());
+    gw.stop().await
+}
+
 /// `tools/call` params for the upstream's `progress` tool (three steps, progress 1, 2, 3 of
 /// 3), asking for progress with `token` when there is one.
 fn progress_params(token: Option<Value>) -> Value {

@@ -16,7 +16,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
-use rmcp::model::InitializeRequestParams;
+use rmcp::model::{InitializeRequestParams, ProtocolVersion};
 
 use super::sealed::{self, SessionSeal, CLOCK_SKEW_ALLOWED, SESSION_ID_LIFETIME};
 use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
@@ -75,6 +75,11 @@ pub async fn gate(
         .get(SESSION_HEADER)
         .map(|v| v.to_str().ok().map(str::to_owned));
     let response = match session {
+        Some(Some(id)) if req.method() == Method::POST => {
+            post_in_session(&gate, &tenant_id, &id, req, next)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
+        }
         Some(Some(id)) => with_session(&gate, &tenant_id, &id, req, next)
             .await
             .unwrap_or_else(IntoResponse::into_response),
@@ -188,6 +193,11 @@ async fn with_session(
 /// told to end its copy. If it cannot be recorded the session stays open and the client may
 /// try again (503).
 async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Response, ApiError> {
+    // What rmcp would refuse after the end was recorded is refused before: an error answer
+    // leaves the session open.
+    if let Some(refusal) = refused_delete(req.headers()) {
+        return Err(refusal);
+    }
     let now = chrono::Utc::now();
     // Past the id's lifetime it no longer opens, so its record is no longer needed (kept
     // longer by as much as replicas' clocks may be apart).
@@ -200,6 +210,25 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     Ok(response)
 }
 
+/// Why rmcp refuses a `DELETE` by its `MCP-Protocol-Version`: a version it does not know
+/// (400), or one without sessions (2026-07-28 on: 405). With no header it takes the
+/// 2025-03-26 default, which has them.
+fn refused_delete(headers: &axum::http::HeaderMap) -> Option<ApiError> {
+    let value = headers.get("mcp-protocol-version")?;
+    let known = value.to_str().ok().and_then(|value| {
+        ProtocolVersion::KNOWN_VERSIONS
+            .iter()
+            .find(|known| known.as_str() == value)
+    });
+    match known {
+        None => Some(ApiError::invalid_request(
+            "MCP-Protocol-Version: not a protocol version this server knows",
+        )),
+        Some(version) if !version.has_initialize() => Some(ApiError::MethodNotAllowed),
+        Some(_) => None,
+    }
+}
+
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {
     gate.limits.reserve(tenant_id).map_err(|err| match err {
         LimitError::Total => ApiError::unavailable("too many open MCP sessions on this server"),
@@ -207,6 +236,48 @@ fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {
             ApiError::unavailable("this tenant has too many open MCP sessions; close some")
         }
     })
+}
+
+/// A POST with a session id. rmcp serves a 2026-07-28 `subscriptions/listen` as the
+/// session-less stream it is, whatever session id comes with it: it counts as a listen
+/// stream (a slot for as long as it is open, and not in flight for the drain), never as a
+/// request of the session, or a tenant could open such streams past every cap.
+async fn post_in_session(
+    gate: &Gate,
+    tenant_id: &str,
+    id: &str,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (req, opening) = read_opening(gate, req).await?;
+    match opening {
+        Opening::Listen => listen(gate, tenant_id, req, next).await,
+        Opening::Session(_) | Opening::Nothing => {
+            with_session(gate, tenant_id, id, req, next).await
+        }
+    }
+}
+
+/// The request, its body read (within `MAX_BODY_BYTES`), and what it opens.
+async fn read_opening(gate: &Gate, req: Request) -> Result<(Request, Opening), ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, gate.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge)?;
+    let opening = opening(&bytes);
+    Ok((Request::from_parts(parts, Body::from(bytes)), opening))
+}
+
+/// A `subscriptions/listen` stream: a session slot, held until the stream ends. A stream
+/// open until the client or the drain ends it is not in flight.
+async fn listen(
+    gate: &Gate,
+    tenant_id: &str,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let reservation = reserve(gate, tenant_id)?;
+    Ok(hold_until_sent(next.run(req).await, reservation))
 }
 
 /// A POST without a session: an `initialize` opens one (within the caps); a 2026-07-28
@@ -219,12 +290,7 @@ async fn post_without_session(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, gate.max_body_bytes)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge)?;
-    let opening = opening(&bytes);
-    let req = Request::from_parts(parts, Body::from(bytes));
+    let (req, opening) = read_opening(gate, req).await?;
     match opening {
         Opening::Nothing => Ok(answered(gate, true, next.run(req).await)),
         Opening::Session(params) => {
@@ -238,11 +304,7 @@ async fn post_without_session(
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
             Ok(answered(gate, true, response))
         }
-        // A stream open until the client or the drain ends it: not in flight.
-        Opening::Listen => {
-            let reservation = reserve(gate, tenant_id)?;
-            Ok(hold_until_sent(next.run(req).await, reservation))
-        }
+        Opening::Listen => listen(gate, tenant_id, req, next).await,
     }
 }
 
@@ -312,6 +374,25 @@ fn hold_until_sent(response: Response, held: impl Send + 'static) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delete_rmcp_would_refuse_is_refused_before_it_is_recorded() {
+        let refusal = |version: Option<&str>| {
+            let mut headers = axum::http::HeaderMap::new();
+            if let Some(version) = version {
+                headers.insert("mcp-protocol-version", version.parse().unwrap());
+            }
+            refused_delete(&headers).map(|err| err.parts().0)
+        };
+        assert_eq!(refusal(None), None);
+        assert_eq!(refusal(Some("2025-11-25")), None);
+        assert_eq!(refusal(Some("2024-11-05")), None);
+        assert_eq!(refusal(Some("1999-01-01")), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(
+            refusal(Some("2026-07-28")),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+    }
 
     fn opening_of(body: &'static [u8]) -> Opening {
         opening(&Bytes::from_static(body))

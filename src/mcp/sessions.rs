@@ -391,13 +391,21 @@ impl SessionManager for BoundedSessions {
     }
 
     /// Rebuilds here a session opened on another replica (or before a restart). rmcp calls
-    /// this only after our session store opened the id, and the gate checked that it names
-    /// the authenticated tenant and reserved the slot.
+    /// this after our session store opened the id, and the gate checked that it names the
+    /// authenticated tenant and reserved the slot. It also calls it for a request of a
+    /// session that closed here after the gate saw it open (a `DELETE` or the idle timeout
+    /// in between), with no slot reserved: that session is gone (404, and the client
+    /// initialises again), as is one whose end was heard meanwhile.
     async fn restore_session(
         &self,
         id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
-        let pending = take_pending().ok_or(BoundedError::NotReserved)?;
+        let Some(pending) = take_pending() else {
+            return Ok(RestoreOutcome::NotSupported);
+        };
+        if self.limits.was_ended(&digest(&id)) {
+            return Ok(RestoreOutcome::NotSupported);
+        }
         let outcome = self.inner.restore_session(id.clone()).await?;
         if matches!(outcome, RestoreOutcome::Restored(_)) {
             self.limits.bind(pending.reservation, id);

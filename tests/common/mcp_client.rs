@@ -199,6 +199,23 @@ impl RawMcp {
         self.post(&headers, message).await
     }
 
+    /// `DELETE` of session `id` sent with `MCP-Protocol-Version: version`.
+    pub async fn delete_with_version(&self, id: &str, version: &str) -> anyhow::Result<Raw> {
+        let headers = [
+            ("authorization", self.auth.as_str()),
+            ("mcp-session-id", id),
+            ("mcp-protocol-version", version),
+        ];
+        raw(
+            &self.http,
+            reqwest::Method::DELETE,
+            &self.url,
+            &headers,
+            None,
+        )
+        .await
+    }
+
     /// Ends session `id` with `DELETE`.
     pub async fn close_session(&self, id: &str) -> anyhow::Result<reqwest::StatusCode> {
         let headers = [
@@ -234,12 +251,24 @@ impl RawMcp {
         method: &str,
         params: Value,
     ) -> anyhow::Result<EventStream> {
+        self.session_less_stream_with(id, method, params, &[]).await
+    }
+
+    /// The same, with `extra` headers (a stray `Mcp-Session-Id`, say).
+    pub async fn session_less_stream_with(
+        &self,
+        id: u64,
+        method: &str,
+        params: Value,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<EventStream> {
         let (headers, body) = session_less_request(id, method, params);
         let mut all = vec![
             ("authorization", self.auth.as_str()),
             ("content-type", "application/json"),
         ];
         all.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
+        all.extend_from_slice(extra);
         let resp = request(
             &self.http,
             reqwest::Method::POST,
