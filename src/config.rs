@@ -54,129 +54,218 @@ pub enum TenantAuthMode {
 #[derive(Clone, Args)]
 pub struct RawConfig {
     /// `development` generates missing secrets; `production` requires them.
-    #[arg(long, env = "APP_ENV", value_enum, default_value = "development")]
+    #[arg(
+        long,
+        global = true,
+        env = "APP_ENV",
+        value_enum,
+        default_value = "development"
+    )]
     pub app_env: AppEnv,
     /// Address to listen on.
-    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    #[arg(long, global = true, env = "HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
     /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "PORT", default_value_t = 3000)]
+    #[arg(long, global = true, env = "PORT", default_value_t = 3000)]
     pub port: u16,
     /// Threads running requests and tenant actors; unset: one per CPU the process may use.
     /// Lower it when the gateway shares its machine (README, Performance).
-    #[arg(long, env = "WORKER_THREADS")]
+    #[arg(long, global = true, env = "WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
     /// `postgres://…` for PostgreSQL, `sqlite://PATH` for the embedded store; unset: `sqlite://switchboard.db`.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Connections in the PostgreSQL pool.
-    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
+    #[arg(long, global = true, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
     pub database_pool_size: usize,
-    #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,
     /// HS256 secret for admin and tenant JWTs, at least 32 bytes.
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// 32 bytes as 64 hex digits or base64: seals upstream tokens at rest.
-    #[arg(long, env = "ENCRYPTION_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "ENCRYPTION_KEY", hide_env_values = true)]
     pub encryption_key: Option<String>,
-    #[arg(long, env = "JWT_TTL_SECS", default_value_t = 3600)]
+    #[arg(long, global = true, env = "JWT_TTL_SECS", default_value_t = 3600)]
     pub jwt_ttl_secs: u64,
-    #[arg(long, env = "JWT_ISSUER", default_value = "switchboard")]
+    #[arg(long, global = true, env = "JWT_ISSUER", default_value = "switchboard")]
     pub jwt_issuer: String,
-    #[arg(long, env = "JWT_AUDIENCE", default_value = "switchboard")]
+    #[arg(
+        long,
+        global = true,
+        env = "JWT_AUDIENCE",
+        default_value = "switchboard"
+    )]
     pub jwt_audience: String,
     /// Default upstream MCP endpoint; `integrationKey` is added to its query per tenant.
     #[arg(
         long,
+        global = true,
         env = "UPSTREAM_MCP_URL",
         default_value = "https://api.integration.app/mcp"
     )]
     pub upstream_mcp_url: String,
-    #[arg(long, env = "UPSTREAM_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "UPSTREAM_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
     pub upstream_timeout_ms: u64,
-    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "UPSTREAM_CONNECT_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     pub upstream_connect_timeout_ms: u64,
     /// Default tenant rate limit, requests per second.
-    #[arg(long, env = "TENANT_RATE_LIMIT", default_value_t = 50)]
+    #[arg(long, global = true, env = "TENANT_RATE_LIMIT", default_value_t = 50)]
     pub tenant_rate_limit: u32,
-    #[arg(long, env = "TENANT_RATE_BURST", default_value_t = 100)]
+    #[arg(long, global = true, env = "TENANT_RATE_BURST", default_value_t = 100)]
     pub tenant_rate_burst: u32,
     /// A tenant actor with no call for this long stops and closes its upstream connection.
-    #[arg(long, env = "TENANT_IDLE_SECS", default_value_t = 300)]
+    #[arg(long, global = true, env = "TENANT_IDLE_SECS", default_value_t = 300)]
     pub tenant_idle_secs: u64,
     /// Upstream calls one tenant may have in flight; past it, 503 with `Retry-After`.
-    #[arg(long, env = "TENANT_MAX_IN_FLIGHT", default_value_t = 256)]
+    #[arg(
+        long,
+        global = true,
+        env = "TENANT_MAX_IN_FLIGHT",
+        default_value_t = 256
+    )]
     pub tenant_max_in_flight: usize,
     /// A tenant's cached tool list is discovered again after this long.
-    #[arg(long, env = "TOOL_CACHE_TTL_SECS", default_value_t = 300)]
+    #[arg(
+        long,
+        global = true,
+        env = "TOOL_CACHE_TTL_SECS",
+        default_value_t = 300
+    )]
     pub tool_cache_ttl_secs: u64,
     /// Restarts of one tenant actor allowed within `TENANT_RESTART_WINDOW_SECS` before the
     /// tenant is marked failing.
-    #[arg(long, env = "TENANT_MAX_RESTARTS", default_value_t = 10)]
+    #[arg(long, global = true, env = "TENANT_MAX_RESTARTS", default_value_t = 10)]
     pub tenant_max_restarts: u32,
-    #[arg(long, env = "TENANT_RESTART_WINDOW_SECS", default_value_t = 60)]
+    #[arg(
+        long,
+        global = true,
+        env = "TENANT_RESTART_WINDOW_SECS",
+        default_value_t = 60
+    )]
     pub tenant_restart_window_secs: u64,
-    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, global = true, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, global = true, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
     /// Whole-request timeout; must be above `UPSTREAM_TIMEOUT_MS`.
-    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "REQUEST_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
     pub request_timeout_ms: u64,
     /// Comma-separated origins allowed by CORS; none by default.
-    #[arg(long, env = "CORS_ORIGINS", default_value = "")]
+    #[arg(long, global = true, env = "CORS_ORIGINS", default_value = "")]
     pub cors_origins: String,
     /// `pretty` or `json`; unset: pretty in development, json in production.
-    #[arg(long, env = "LOG_FORMAT", value_enum)]
+    #[arg(long, global = true, env = "LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
-    #[arg(long, env = "TENANT_AUTH", value_enum, default_value = "either")]
+    #[arg(
+        long,
+        global = true,
+        env = "TENANT_AUTH",
+        value_enum,
+        default_value = "either"
+    )]
     pub tenant_auth: TenantAuthMode,
     /// Take the client address from `X-Forwarded-For` (only behind a proxy you run).
-    #[arg(long, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
     /// Per client address, against key guessing: token requests and refused tenant
     /// credentials (REST and MCP) per second.
-    #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 10)]
+    #[arg(long, global = true, env = "AUTH_RATE_LIMIT", default_value_t = 10)]
     pub auth_rate_limit: u32,
-    #[arg(long, env = "AUTH_RATE_BURST", default_value_t = 20)]
+    #[arg(long, global = true, env = "AUTH_RATE_BURST", default_value_t = 20)]
     pub auth_rate_burst: u32,
     /// Put tool arguments into the tool-call audit event (off: they may hold personal data).
-    #[arg(long, env = "AUDIT_ARGUMENTS", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, global = true, env = "AUDIT_ARGUMENTS", default_value_t = false, action = clap::ArgAction::Set)]
     pub audit_arguments: bool,
     /// Audit events older than this many days are deleted (0 keeps them forever).
-    #[arg(long, env = "AUDIT_RETENTION_DAYS", default_value_t = 90)]
+    #[arg(
+        long,
+        global = true,
+        env = "AUDIT_RETENTION_DAYS",
+        default_value_t = 90
+    )]
     pub audit_retention_days: u32,
     /// Tool-call audit events one tenant actor may hold while the database is slow or down.
-    #[arg(long, env = "AUDIT_BUFFER_SIZE", default_value_t = 10_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "AUDIT_BUFFER_SIZE",
+        default_value_t = 10_000
+    )]
     pub audit_buffer_size: usize,
-    #[arg(long, env = "AUDIT_BATCH_SIZE", default_value_t = 200)]
+    #[arg(long, global = true, env = "AUDIT_BATCH_SIZE", default_value_t = 200)]
     pub audit_batch_size: usize,
     /// Tenant credentials (API key hashes and tenant ids) remembered after a lookup.
-    #[arg(long, env = "CREDENTIAL_CACHE_SIZE", default_value_t = 10_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "CREDENTIAL_CACHE_SIZE",
+        default_value_t = 10_000
+    )]
     pub credential_cache_size: usize,
     /// A remembered credential is trusted without asking the database for this long.
-    #[arg(long, env = "CREDENTIAL_CACHE_TTL_SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        global = true,
+        env = "CREDENTIAL_CACHE_TTL_SECS",
+        default_value_t = 30
+    )]
     pub credential_cache_ttl_secs: u64,
     /// When set, `GET /metrics` needs `Authorization: Bearer <METRICS_TOKEN>`.
-    #[arg(long, env = "METRICS_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
     /// Distinct tenants, and (tenant, tool) pairs, given their own metric series; the rest
     /// count as "other".
-    #[arg(long, env = "METRICS_MAX_TENANT_SERIES", default_value_t = 1000)]
+    #[arg(
+        long,
+        global = true,
+        env = "METRICS_MAX_TENANT_SERIES",
+        default_value_t = 1000
+    )]
     pub metrics_max_tenant_series: usize,
     /// Open MCP sessions (`/mcp/{tenantId}`) allowed in this process, over all tenants.
-    #[arg(long, env = "MCP_MAX_SESSIONS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        global = true,
+        env = "MCP_MAX_SESSIONS",
+        default_value_t = 10_000
+    )]
     pub mcp_max_sessions: usize,
     /// Open MCP sessions allowed per tenant in this process.
-    #[arg(long, env = "MCP_MAX_SESSIONS_PER_TENANT", default_value_t = 100)]
+    #[arg(
+        long,
+        global = true,
+        env = "MCP_MAX_SESSIONS_PER_TENANT",
+        default_value_t = 100
+    )]
     pub mcp_max_sessions_per_tenant: usize,
     /// An MCP session with no message for this long is closed.
-    #[arg(long, env = "MCP_SESSION_IDLE_SECS", default_value_t = 600)]
+    #[arg(
+        long,
+        global = true,
+        env = "MCP_SESSION_IDLE_SECS",
+        default_value_t = 600
+    )]
     pub mcp_session_idle_secs: u64,
     /// Where development mode keeps the secrets it generated, so restarts reuse them.
     #[arg(
         long,
+        global = true,
         env = "DEV_SECRETS_FILE",
         default_value = ".switchboard-dev-secrets"
     )]

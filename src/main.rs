@@ -148,3 +148,24 @@ fn init_tracing(config: &Config) {
         LogFormat::Pretty => builder.init(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags (and their variables) are the same before and after the subcommand:
+    /// `docker run … migrate --database-url …` and `switchboard serve --port 8080` work.
+    #[test]
+    fn flags_work_after_the_subcommand_too() {
+        for args in [
+            ["switchboard", "--port", "8080", "serve"],
+            ["switchboard", "serve", "--port", "8080"],
+        ] {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            assert_eq!(cli.config.port, 8080, "{args:?}");
+            assert!(matches!(cli.command, Some(Command::Serve)));
+        }
+        let cli = Cli::try_parse_from(["switchboard", "healthcheck", "--port", "9"]).unwrap();
+        assert_eq!(cli.config.port, 9);
+    }
+}
