@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
-use common::mcp_client::{connect, raw, Raw, RawMcp};
+use common::mcp_client::{connect, initialize_request, raw, Raw, RawMcp};
 use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use rmcp::model::CallToolRequestParams;
@@ -230,9 +230,7 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
     let gw = TestGateway::start().await?;
     let a = tenant_on(&gw, &upstream.url).await?;
     let b = tenant_on(&gw, &upstream.url).await?;
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"}}});
+    let init = initialize_request("raw");
     let wrong = format!("Bearer {}x", a.api_key);
     let a_key = format!("Bearer {}", a.api_key);
     let a_jwt = format!("Bearer {}", a.token);
@@ -315,9 +313,7 @@ async fn an_api_key_in_both_headers_works_and_two_keys_must_name_the_tenant() ->
     let gw = TestGateway::start().await?;
     let a = tenant_on(&gw, &upstream.url).await?;
     let b = tenant_on(&gw, &upstream.url).await?;
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"}}});
+    let init = initialize_request("raw");
     let a_bearer = format!("Bearer {}", a.api_key);
     let b_bearer = format!("Bearer {}", b.api_key);
     let wrong_bearer = format!("Bearer {}x", a.api_key);

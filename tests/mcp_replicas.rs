@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::database::{wait_for_listeners, FreshDatabase};
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
-use common::mcp_client::{connect, raw};
+use common::mcp_client::{connect, initialize_request, raw};
 use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -95,9 +95,7 @@ impl<'a> RoundRobin<'a> {
 }
 
 fn init_body() -> Value {
-    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "round-robin", "version": "1"}}})
+    initialize_request("round-robin")
 }
 
 fn call(id: u64, text: &str) -> Value {

@@ -328,6 +328,18 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// A connection holding `table` locked (ACCESS EXCLUSIVE, in an open transaction) until it
+/// commits: a database that stops answering for that table, as far as the gateway sees.
+async fn locking(url: &str, table: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let locker = connect(url).await?;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await?;
+    Ok(locker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
 ) -> anyhow::Result<()> {
@@ -344,10 +356,7 @@ async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
     let tenant = gw
         .create_tenant(json!({"integrationKey": "stop", "integrationAppToken": "ia-token-stop", "upstreamUrl": upstream.url}))
         .await?;
-    let (locker, watcher) = (connect(&url).await?, connect(&url).await?);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let (locker, watcher) = (locking(&url, "audit_events").await?, connect(&url).await?);
     let served = echo_calls(&gw, &tenant, "stop", 3).await?;
     // The actor's next tick sends a batch, which waits for the lock.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -471,10 +480,7 @@ async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Re
     let tenant = gw
         .create_tenant(json!({"integrationKey": "gone", "integrationAppToken": "ia-token-gone"}))
         .await?;
-    let (locker, watcher) = (connect(&url).await?, connect(&url).await?);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let (locker, watcher) = (locking(&url, "tenants").await?, connect(&url).await?);
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()?;
@@ -511,10 +517,7 @@ async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Resul
     let tenant = gw
         .create_tenant(json!({"integrationKey": "reload", "integrationAppToken": "ia-token-reload", "upstreamUrl": upstream.url}))
         .await?;
-    let locker = connect(&url).await?;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let locker = locking(&url, "audit_events").await?;
     let served = echo_calls(&gw, &tenant, "reload", 3).await?;
     gw.tenants.announce_all_changed();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -552,10 +555,7 @@ async fn a_refusal_whose_caller_went_away_is_still_audited() -> anyhow::Result<(
             json!({"integrationKey": "refused", "integrationAppToken": "ia-token-refused"}),
         )
         .await?;
-    let (locker, watcher) = (connect(&url).await?, connect(&url).await?);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let (locker, watcher) = (locking(&url, "audit_events").await?, connect(&url).await?);
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()?;
@@ -585,10 +585,7 @@ async fn a_database_that_stops_answering_does_not_keep_the_gateway_from_stopping
     config.drain_timeout = Duration::from_secs(1);
     let gw = TestGateway::start_postgres(config).await?;
     let url = database_url(&gw)?;
-    let locker = connect(&url).await?;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE replicas IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let locker = locking(&url, "replicas").await?;
     // The test's database outlives the gateway, so the lock can be let go after it stops.
     let _database = gw.store.clone();
     let stopped = tokio::time::timeout(Duration::from_secs(20), gw.stop()).await;

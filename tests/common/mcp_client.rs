@@ -134,6 +134,13 @@ fn event_data(line: &str) -> Option<Value> {
 
 /// The protocol revision of the sessions opened here.
 pub const SESSIONS: &str = "2025-11-25";
+
+/// A 2025-11-25 `initialize` request (id 1) from a client named `client`.
+pub fn initialize_request(client: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": SESSIONS, "capabilities": {},
+        "clientInfo": {"name": client, "version": "1"}}})
+}
 /// The protocol revision of the session-less requests sent here.
 pub const SESSION_LESS: &str = "2026-07-28";
 
@@ -172,10 +179,7 @@ impl RawMcp {
     /// Opens a 2025-11-25 session (`initialize`, then `notifications/initialized`) and
     /// returns its id, or the error body of a refused `initialize`.
     pub async fn open_session(&self) -> anyhow::Result<Result<String, Value>> {
-        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": SESSIONS, "capabilities": {},
-            "clientInfo": {"name": "raw-http", "version": "1"}}});
-        let got = self.post(&[], &init).await?;
+        let got = self.post(&[], &initialize_request("raw-http")).await?;
         if got.status != reqwest::StatusCode::OK {
             return Ok(Err(serde_json::from_str(&got.text)?));
         }
