@@ -593,6 +593,33 @@ async fn a_listen_stream_sent_with_a_session_id_still_counts_against_the_caps() 
 }
 
 #[tokio::test]
+async fn opening_and_ending_sessions_spend_the_tenants_rate_limit() -> anyhow::Result<()> {
+    // Neither reaches the upstream, but each costs the gateway (a session; a write to the
+    // store): a tenant churning sessions is held to its rate, as its calls are.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 2}}),
+        )
+        .await?;
+    let mcp = raw_mcp(&gw, &t);
+    let first = mcp.open_session().await?.expect("within the burst");
+    let _second = mcp.open_session().await?.expect("within the burst");
+    let refused = mcp.open_session().await?.expect_err("past the burst");
+    assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+    // Ending one spends too: refused for now, and the session stays open.
+    let got = mcp.delete_with_version(&first, "2025-11-25").await?;
+    assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "{}", got.text);
+    assert!(got.headers.contains_key("retry-after"), "{:?}", got.headers);
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let got = mcp.in_session(&first, &list).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_delete_the_mcp_server_refuses_leaves_the_session_open() -> anyhow::Result<()> {
     let (_upstream, gw, mcp) = raw_tenant().await?;
     let id = mcp.open_session().await?.expect("session opens");

@@ -39,6 +39,8 @@ pub struct Gate {
     pub auth_limiter: Arc<crate::http::ratelimit::AuthLimiter>,
     /// For the drain: a POST's answer counts as in flight until it has been sent.
     pub lifecycle: Arc<crate::shutdown::Lifecycle>,
+    /// The tenants' rate limits, which an `initialize` and a `DELETE` spend from.
+    pub tenants: crate::tenants::runtime::TenantRuntime,
 }
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -198,6 +200,8 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     if let Some(refusal) = refused_delete(req.headers()) {
         return Err(refusal);
     }
+    // Each end is a write to the store (and a notice to the fleet): within the tenant's rate.
+    spend_rate_limit(gate, authenticated(&req)).await?;
     let now = chrono::Utc::now();
     // Past the id's lifetime it no longer opens, so its record is no longer needed (kept
     // longer by as much as replicas' clocks may be apart).
@@ -227,6 +231,32 @@ fn refused_delete(headers: &axum::http::HeaderMap) -> Option<ApiError> {
         Some(version) if !version.has_initialize() => Some(ApiError::MethodNotAllowed),
         Some(_) => None,
     }
+}
+
+/// Spends one request of the authenticated tenant's rate limit on session work (opening
+/// one, ending one): a tenant churning sessions is held to its rate as its calls are. Only
+/// the limit refuses: if the tenant's actor cannot be asked (restarting), the work goes on
+/// as it did before sessions were counted.
+async fn spend_rate_limit(
+    gate: &Gate,
+    tenant: Option<crate::store::TenantRecord>,
+) -> Result<(), ApiError> {
+    let Some(tenant) = tenant else {
+        return Ok(());
+    };
+    match gate.tenants.spend_rate_limit(&tenant).await {
+        Err(crate::tenants::messages::CallError::RateLimited { retry_after }) => {
+            Err(ApiError::RateLimited { retry_after })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The tenant the request authenticated as (owned: a request is not `Sync`, so no borrow of
+/// it may be held across an await of the gate's future, which must be `Send`).
+fn authenticated(req: &Request) -> Option<crate::store::TenantRecord> {
+    let context = req.extensions().get::<crate::auth::AuthContext>()?;
+    Some(context.tenant.clone())
 }
 
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {
@@ -300,6 +330,7 @@ async fn post_without_session(
                     sealed::MAX_INITIALIZE_PARAMS
                 )));
             }
+            spend_rate_limit(gate, authenticated(&req)).await?;
             let reservation = reserve(gate, tenant_id)?;
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
             Ok(answered(gate, true, response))

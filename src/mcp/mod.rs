@@ -46,6 +46,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         audit: state.audit.clone(),
         auth_limiter: state.auth_limiter.clone(),
         lifecycle: state.lifecycle.clone(),
+        tenants: state.tenants.clone(),
     };
     let mut local = LocalSessionManager::default();
     // Idle sessions (no message for this long) end, and give their slot back.

@@ -172,6 +172,10 @@ impl Actor for TenantActor {
         match msg {
             TenantMsg::Lease(reply) => state.lease(&myself, reply),
             TenantMsg::Tools { refresh, reply } => state.tools(&myself, refresh, reply),
+            TenantMsg::Spend(reply) => {
+                state.follow_replica_count();
+                let _ = reply.send(admit(&state.limiter));
+            }
             TenantMsg::Outcome {
                 generation,
                 failure,

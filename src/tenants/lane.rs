@@ -55,6 +55,14 @@ impl Lane {
         Some(lease)
     }
 
+    /// One request of the tenant's rate limit spent (see `TenantMsg::Spend`), or `None` when
+    /// the lane cannot tell: the actor is asked.
+    pub fn try_spend(&self, replicas: u32) -> Option<Result<(), CallError>> {
+        let guard = self.0.read().ok()?;
+        let ready = guard.as_ref()?;
+        (ready.replicas == replicas).then(|| admit(&ready.limiter))
+    }
+
     /// Publishes `ready`, or withdraws the lane with `None` (actor only).
     pub(super) fn set(&self, ready: Option<Ready>) {
         if let Ok(mut lane) = self.0.write() {

@@ -90,6 +90,10 @@ pub enum TenantMsg {
         refresh: bool,
         reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
     },
+    /// Spend one request of the tenant's rate limit on work that does not reach the upstream
+    /// but costs the gateway: an MCP session's `initialize` or `DELETE` (which writes the
+    /// store).
+    Spend(RpcReplyPort<Result<(), CallError>>),
     /// How a leased call ended: transport failures count towards marking the tenant failing.
     Outcome {
         generation: u64,

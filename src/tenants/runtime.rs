@@ -93,6 +93,23 @@ impl TenantRuntime {
         Ok(tools)
     }
 
+    /// Spends one request of the tenant's rate limit on MCP session work that does not reach
+    /// the upstream but costs the gateway: an `initialize` (a session), a `DELETE` (a write
+    /// to the store). `RateLimited` past the limit.
+    pub async fn spend_rate_limit(&self, tenant: &TenantRecord) -> Result<(), CallError> {
+        let replicas = self.settings.replica_count();
+        if let Some(spent) = self
+            .running(tenant)
+            .and_then(|running| running.lane.try_spend(replicas))
+        {
+            return spent;
+        }
+        let actor = self.actor_for(tenant).await?;
+        self.ask_tenant(tenant, actor, TenantMsg::Spend)
+            .await
+            .map(drop)
+    }
+
     /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
     /// tenant does not have is `UnknownTool`, and never reaches the upstream. Counted in
     /// the tool-call metrics by outcome. With `progress` (an MCP caller that asked for it),
