@@ -3,9 +3,10 @@
 //! tenant), so no session exists for a refused caller; keeps a session to the tenant that
 //! opened it (the tenant sealed in its id, [`super::sealed`], when another replica opened
 //! it); records a session's end (`DELETE`) in the store, and never rebuilds a session the
-//! store records as ended; and reserves a session slot for an `initialize`, a session
-//! rebuilt here or a `subscriptions/listen` stream, refusing past the caps. A POST's answer
-//! holds the drain open until it has been sent.
+//! store records as ended; reserves a session slot for an `initialize`, a session rebuilt
+//! here or a `subscriptions/listen` stream, refusing past the caps; and spends the tenant's
+//! rate limit on an `initialize` and a `DELETE`. A POST's answer holds the drain open until
+//! it has been sent.
 
 use std::sync::Arc;
 
