@@ -5,7 +5,7 @@
 //! it); records a session's end (`DELETE`) in the store, and never rebuilds a session the
 //! store records as ended; reserves a session slot for an `initialize`, a session rebuilt
 //! here or a `subscriptions/listen` stream, refusing past the caps; and spends the tenant's
-//! rate limit on an `initialize` and a `DELETE`. A POST's answer holds the drain open until
+//! rate limit on an `initialize`. A POST's answer holds the drain open until
 //! it has been sent.
 
 use std::sync::Arc;
@@ -40,7 +40,7 @@ pub struct Gate {
     pub auth_limiter: Arc<crate::http::ratelimit::AuthLimiter>,
     /// For the drain: a POST's answer counts as in flight until it has been sent.
     pub lifecycle: Arc<crate::shutdown::Lifecycle>,
-    /// The tenants' rate limits, which an `initialize` and a `DELETE` spend from.
+    /// The tenants' rate limits, which an `initialize` spends from.
     pub tenants: crate::tenants::runtime::TenantRuntime,
 }
 
@@ -199,10 +199,8 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     // What rmcp would refuse after the end was recorded is refused before: an error answer
     // leaves the session open.
     if let Some(refusal) = refused_delete(req.headers()) {
-        return Err(refusal);
+        return Ok(refusal);
     }
-    // Each end is a write to the store (and a notice to the fleet): within the tenant's rate.
-    spend_rate_limit(gate, authenticated(&req)).await?;
     let now = chrono::Utc::now();
     // Past the id's lifetime it no longer opens, so its record is no longer needed (kept
     // longer by as much as replicas' clocks may be apart).
@@ -216,9 +214,9 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
 }
 
 /// Why rmcp refuses a `DELETE` by its `MCP-Protocol-Version`: a version it does not know
-/// (400), or one without sessions (2026-07-28 on: 405). With no header it takes the
-/// 2025-03-26 default, which has them.
-fn refused_delete(headers: &axum::http::HeaderMap) -> Option<ApiError> {
+/// (400), or one without sessions (2026-07-28 on: 405, with `Allow: POST` as rmcp says it).
+/// With no header it takes the 2025-03-26 default, which has them.
+fn refused_delete(headers: &axum::http::HeaderMap) -> Option<Response> {
     let value = headers.get("mcp-protocol-version")?;
     let known = value.to_str().ok().and_then(|value| {
         ProtocolVersion::KNOWN_VERSIONS
@@ -226,18 +224,28 @@ fn refused_delete(headers: &axum::http::HeaderMap) -> Option<ApiError> {
             .find(|known| known.as_str() == value)
     });
     match known {
-        None => Some(ApiError::invalid_request(
-            "MCP-Protocol-Version: not a protocol version this server knows",
-        )),
-        Some(version) if !version.has_initialize() => Some(ApiError::MethodNotAllowed),
+        None => Some(
+            ApiError::invalid_request(
+                "MCP-Protocol-Version: not a protocol version this server knows",
+            )
+            .into_response(),
+        ),
+        Some(version) if !version.has_initialize() => {
+            let mut response = ApiError::MethodNotAllowed.into_response();
+            let allow = axum::http::HeaderValue::from_static("POST");
+            response.headers_mut().insert(header::ALLOW, allow);
+            Some(response)
+        }
         Some(_) => None,
     }
 }
 
-/// Spends one request of the authenticated tenant's rate limit on session work (opening
-/// one, ending one): a tenant churning sessions is held to its rate as its calls are. Only
-/// the limit refuses: if the tenant's actor cannot be asked (restarting), the work goes on
-/// as it did before sessions were counted.
+/// Spends one request of the authenticated tenant's rate limit on opening a session: a
+/// tenant churning sessions is held to its rate, as its calls are. Ending one does not
+/// spend: clients send their `DELETE` once, so refusing it would leave the session open
+/// until it idles out, and each end was paid for by its `initialize`. Only the limit
+/// refuses: if the tenant's actor cannot be asked (restarting), the session opens as it
+/// did before sessions were counted.
 async fn spend_rate_limit(
     gate: &Gate,
     tenant: Option<crate::store::TenantRecord>,
@@ -282,6 +290,16 @@ async fn post_in_session(
 ) -> Result<Response, ApiError> {
     let (req, opening) = read_opening(gate, req).await?;
     match opening {
+        // rmcp takes a listen without 2026-07-28 `_meta` into the session it names: that
+        // session is another tenant's no more here than anywhere.
+        Opening::Listen
+            if gate
+                .limits
+                .owner(id)
+                .is_some_and(|owner| owner != tenant_id) =>
+        {
+            Err(no_session())
+        }
         Opening::Listen => listen(gate, tenant_id, req, next).await,
         Opening::Session(_) | Opening::Nothing => {
             with_session(gate, tenant_id, id, req, next).await
@@ -294,9 +312,20 @@ async fn read_opening(gate: &Gate, req: Request) -> Result<(Request, Opening), A
     let (parts, body) = req.into_parts();
     let bytes = axum::body::to_bytes(body, gate.max_body_bytes)
         .await
-        .map_err(|_| ApiError::PayloadTooLarge)?;
+        .map_err(unread_body)?;
     let opening = opening(&bytes);
     Ok((Request::from_parts(parts, Body::from(bytes)), opening))
+}
+
+/// 413 for a body over `MAX_BODY_BYTES`; 400 for one that could not be read (cut off).
+fn unread_body(err: axum::Error) -> ApiError {
+    let too_large = std::error::Error::source(&err)
+        .is_some_and(|cause| cause.is::<http_body_util::LengthLimitError>());
+    if too_large {
+        ApiError::PayloadTooLarge
+    } else {
+        ApiError::invalid_request("the request body could not be read")
+    }
 }
 
 /// A `subscriptions/listen` stream: a session slot, held until the stream ends. A stream
@@ -414,7 +443,13 @@ mod tests {
             if let Some(version) = version {
                 headers.insert("mcp-protocol-version", version.parse().unwrap());
             }
-            refused_delete(&headers).map(|err| err.parts().0)
+            refused_delete(&headers).map(|response| {
+                let allow = response.headers().get(header::ALLOW).cloned();
+                if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    assert_eq!(allow.as_ref().map(|v| v.as_bytes()), Some(&b"POST"[..]));
+                }
+                response.status()
+            })
         };
         assert_eq!(refusal(None), None);
         assert_eq!(refusal(Some("2025-11-25")), None);
@@ -424,6 +459,19 @@ mod tests {
             refusal(Some("2026-07-28")),
             Some(StatusCode::METHOD_NOT_ALLOWED)
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_and_one_cut_off_is_400() {
+        let over = axum::body::to_bytes(Body::from(vec![b'x'; 10]), 5)
+            .await
+            .expect_err("over the limit");
+        assert_eq!(unread_body(over).parts().0, StatusCode::PAYLOAD_TOO_LARGE);
+        let broken = futures::stream::iter([Err::<Bytes, _>(std::io::Error::other("reset"))]);
+        let cut = axum::body::to_bytes(Body::from_stream(broken), 5)
+            .await
+            .expect_err("cut off");
+        assert_eq!(unread_body(cut).parts().0, StatusCode::BAD_REQUEST);
     }
 
     fn opening_of(body: &'static [u8]) -> Opening {
