@@ -27,6 +27,23 @@ fn mcp_url(gw: &TestGateway, tenant: &str) -> String {
     gw.url(&format!("/mcp/{tenant}"))
 }
 
+/// A raw POST of `body` to `tenant`'s MCP endpoint with exactly `headers`.
+async fn post_mcp(
+    gw: &TestGateway,
+    tenant: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> anyhow::Result<Raw> {
+    raw(
+        &gw.http,
+        Method::POST,
+        &mcp_url(gw, tenant),
+        headers,
+        Some(body),
+    )
+    .await
+}
+
 fn echo(text: &str) -> CallToolRequestParams {
     let args = json!({ "text": text });
     CallToolRequestParams::new("echo").with_arguments(args.as_object().cloned().unwrap_or_default())
@@ -264,14 +281,7 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
     for (name, headers, status, code) in cases {
         let mut headers = headers;
         headers.push(("content-type", "application/json"));
-        let got = raw(
-            &gw.http,
-            Method::POST,
-            &mcp_url(&gw, &b.id),
-            &headers,
-            Some(&init),
-        )
-        .await?;
+        let got = post_mcp(&gw, &b.id, &headers, &init).await?;
         assert_eq!(got.status, status, "{name}: {}", got.text);
         assert!(
             got.headers.get("mcp-session-id").is_none(),
@@ -337,14 +347,7 @@ async fn an_api_key_in_both_headers_works_and_two_keys_must_name_the_tenant() ->
             ("content-type", "application/json"),
             ("accept", "application/json, text/event-stream"),
         ];
-        let got = raw(
-            &gw.http,
-            Method::POST,
-            &mcp_url(&gw, &a.id),
-            &headers,
-            Some(&init),
-        )
-        .await?;
+        let got = post_mcp(&gw, &a.id, &headers, &init).await?;
         assert_eq!(got.status, status, "{name}: {}", got.text);
         assert_eq!(
             got.headers.get("mcp-session-id").is_some(),
@@ -645,14 +648,7 @@ async fn a_listen_with_another_tenants_session_id_finds_no_session() -> anyhow::
     ];
     let listen = json!({"jsonrpc": "2.0", "id": 7, "method": "subscriptions/listen",
                         "params": {"notifications": {"toolsListChanged": true}}});
-    let got = raw(
-        &gw.http,
-        Method::POST,
-        &mcp_url(&gw, &b.id),
-        &headers,
-        Some(&listen),
-    )
-    .await?;
+    let got = post_mcp(&gw, &b.id, &headers, &listen).await?;
     assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
     gw.stop().await
 }
