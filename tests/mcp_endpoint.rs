@@ -241,12 +241,19 @@ async fn requests_rmcp_refuses_get_the_contract_error_form() -> anyhow::Result<(
     gw.stop().await
 }
 
-#[tokio::test]
-async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow::Result<()> {
+/// A gateway with two tenants on one fresh [`TestUpstream`].
+async fn two_tenants() -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, CreatedTenant)>
+{
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let a = tenant_on(&gw, &upstream.url).await?;
     let b = tenant_on(&gw, &upstream.url).await?;
+    Ok((upstream, gw, a, b))
+}
+
+#[tokio::test]
+async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow::Result<()> {
+    let (_upstream, gw, a, b) = two_tenants().await?;
     let init = initialize_request("raw");
     let wrong = format!("Bearer {}x", a.api_key);
     let a_key = format!("Bearer {}", a.api_key);
@@ -319,10 +326,7 @@ async fn an_api_key_in_both_headers_works_and_two_keys_must_name_the_tenant() ->
 {
     // API.md: when both headers are sent, both must be valid and name the same tenant. A
     // client configured with its key as the bearer and as `x-api-key` is let in.
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let a = tenant_on(&gw, &upstream.url).await?;
-    let b = tenant_on(&gw, &upstream.url).await?;
+    let (_upstream, gw, a, b) = two_tenants().await?;
     let init = initialize_request("raw");
     let a_bearer = format!("Bearer {}", a.api_key);
     let b_bearer = format!("Bearer {}", b.api_key);
@@ -633,10 +637,7 @@ async fn opening_a_session_spends_the_tenants_rate_limit_and_ending_one_does_not
 #[tokio::test]
 async fn a_listen_with_another_tenants_session_id_finds_no_session() -> anyhow::Result<()> {
     // Without 2026-07-28 `_meta`, rmcp takes a listen into the session its id names.
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let a = tenant_on(&gw, &upstream.url).await?;
-    let b = tenant_on(&gw, &upstream.url).await?;
+    let (_upstream, gw, a, b) = two_tenants().await?;
     let a_session = raw_mcp(&gw, &a).open_session().await?.expect("A's session");
     let b_key = format!("Bearer {}", b.api_key);
     let headers = [
