@@ -91,8 +91,7 @@ pub enum TenantMsg {
         reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
     },
     /// Spend one request of the tenant's rate limit on work that does not reach the upstream
-    /// but costs the gateway: an MCP session's `initialize` or `DELETE` (which writes the
-    /// store).
+    /// but costs the gateway: an MCP session's `initialize`.
     Spend(RpcReplyPort<Result<(), CallError>>),
     /// How a leased call ended: transport failures count towards marking the tenant failing.
     Outcome {

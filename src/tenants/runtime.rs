@@ -94,8 +94,8 @@ impl TenantRuntime {
     }
 
     /// Spends one request of the tenant's rate limit on MCP session work that does not reach
-    /// the upstream but costs the gateway: an `initialize` (a session), a `DELETE` (a write
-    /// to the store). `RateLimited` past the limit.
+    /// the upstream but costs the gateway: an `initialize` (a session). `RateLimited` past
+    /// the limit.
     pub async fn spend_rate_limit(&self, tenant: &TenantRecord) -> Result<(), CallError> {
         let replicas = self.settings.replica_count();
         if let Some(spent) = self
