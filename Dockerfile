@@ -3,7 +3,7 @@
 # (glibc, CA certificates, no shell, no package manager) that runs as a non-root user.
 #
 #   docker build -t switchboard .
-#   docker run --rm -e DATABASE_URL=... switchboard migrate   # as an init step
+#   docker run --rm -e DATABASE_URL=... switchboard migrate   # as an init step; needs no secret
 #   docker run -p 3000:3000 --env-file .env switchboard       # serve (the default)
 
 FROM rust:1.95-slim-bookworm AS build

@@ -184,7 +184,7 @@ pub struct RawConfig {
     #[arg(long, global = true, env = "TRUST_PROXY", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
     /// Per client address, against key guessing: token requests and refused tenant
-    /// credentials (REST and MCP) per second.
+    /// credentials (REST and MCP) and refused admin credentials per second.
     #[arg(long, global = true, env = "AUTH_RATE_LIMIT", default_value_t = 10)]
     pub auth_rate_limit: u32,
     #[arg(long, global = true, env = "AUTH_RATE_BURST", default_value_t = 20)]
@@ -340,6 +340,15 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// What `switchboard migrate` runs with ([`RawConfig::for_migrate`]).
+#[derive(Debug)]
+pub struct MigrateConfig {
+    /// As [`Config::database_url`]: unset means the embedded store's default file.
+    pub database_url: Option<String>,
+    pub database_pool_size: usize,
+    pub log_format: LogFormat,
+}
+
 /// The secrets that development mode made up because they were missing.
 #[derive(Debug, Default)]
 pub struct GeneratedSecrets {
@@ -347,6 +356,28 @@ pub struct GeneratedSecrets {
 }
 
 impl RawConfig {
+    /// The settings `switchboard migrate` needs: the store and the log format, and no
+    /// secret, so a pipeline step or init container can run it with only `DATABASE_URL`.
+    /// Unlike [`Self::validate`] it never creates the dev secrets file.
+    pub fn for_migrate(self) -> Result<MigrateConfig, ConfigError> {
+        if self.database_pool_size == 0 {
+            return Err(invalid("DATABASE_POOL_SIZE", "must be above 0"));
+        }
+        Ok(MigrateConfig {
+            log_format: self.chosen_log_format(),
+            database_url: self.database_url.filter(|u| !u.is_empty()),
+            database_pool_size: self.database_pool_size,
+        })
+    }
+
+    /// `LOG_FORMAT`, or the default of `APP_ENV`: pretty in development, json in production.
+    fn chosen_log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or(match self.app_env {
+            AppEnv::Development => LogFormat::Pretty,
+            AppEnv::Production => LogFormat::Json,
+        })
+    }
+
     /// Validates; in development fills missing secrets from (or into) the dev secrets file.
     pub fn validate(mut self) -> Result<(Config, GeneratedSecrets), ConfigError> {
         let generated = match self.app_env {
@@ -449,10 +480,7 @@ impl RawConfig {
         if self.database_pool_size == 0 {
             return Err(invalid("DATABASE_POOL_SIZE", "must be above 0"));
         }
-        let log_format = self.log_format.unwrap_or(match self.app_env {
-            AppEnv::Development => LogFormat::Pretty,
-            AppEnv::Production => LogFormat::Json,
-        });
+        let log_format = self.chosen_log_format();
         let config = Config {
             app_env: self.app_env,
             listen: SocketAddr::new(self.host, self.port),

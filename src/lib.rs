@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cipher;
 pub mod config;
 pub mod http;
+pub mod logging;
 pub mod mcp;
 pub mod metrics;
 pub mod shutdown;

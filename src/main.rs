@@ -1,7 +1,7 @@
 //! The `switchboard` binary: parse flags and environment, set up logging, run.
 
 use clap::{Parser, Subcommand};
-use switchboard::config::{Config, LogFormat, RawConfig};
+use switchboard::config::{Config, MigrateConfig, RawConfig};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc instead of glibc's malloc: a tool call through the gateway allocates and frees
@@ -48,41 +48,51 @@ fn main() -> anyhow::Result<()> {
         _ => {}
     }
     let cli = Cli::parse();
-    if matches!(cli.command, Some(Command::Healthcheck)) {
+    match cli.command.unwrap_or(Command::Serve) {
         // Before validation: checking health must not need (or generate) any secret.
-        std::process::exit(healthcheck(cli.config.host, cli.config.port));
-    }
-    let (config, generated) = match cli.config.validate() {
-        Ok(ok) => ok,
-        Err(err) => {
-            eprintln!("switchboard: configuration error: {err}");
-            std::process::exit(2);
+        Command::Healthcheck => std::process::exit(healthcheck(cli.config.host, cli.config.port)),
+        // Only the store: a pipeline step or init container needs no secret for it.
+        Command::Migrate => {
+            let config = cli
+                .config
+                .for_migrate()
+                .unwrap_or_else(|err| config_error(err));
+            switchboard::logging::init(config.log_format);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(migrate(config))
         }
-    };
-    init_tracing(&config);
-    if !generated.names.is_empty() {
-        // Printed once, to the terminal, not through the log pipeline.
-        eprintln!(
-            "WARNING: development mode generated {} and saved them to the dev secrets file; \
-             set them explicitly in production:",
-            generated.names.join(", ")
-        );
-        if generated.names.contains(&"ADMIN_API_KEY") {
-            eprintln!("  ADMIN_API_KEY={}", config.admin_api_key.expose());
+        Command::Serve => {
+            let (config, generated) = cli
+                .config
+                .validate()
+                .unwrap_or_else(|err| config_error(err));
+            switchboard::logging::init(config.log_format);
+            if !generated.names.is_empty() {
+                // Printed once, to the terminal, not through the log pipeline.
+                eprintln!(
+                    "WARNING: development mode generated {} and saved them to the dev secrets \
+                     file; set them explicitly in production:",
+                    generated.names.join(", ")
+                );
+                if generated.names.contains(&"ADMIN_API_KEY") {
+                    eprintln!("  ADMIN_API_KEY={}", config.admin_api_key.expose());
+                }
+            }
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(threads) = config.worker_threads {
+                runtime.worker_threads(threads.get());
+            }
+            runtime.enable_all().build()?.block_on(serve(config))
         }
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.worker_threads {
-        runtime.worker_threads(threads.get());
-    }
-    let runtime = runtime.enable_all().build()?;
-    runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => serve(config).await,
-            Command::Migrate => migrate(config).await,
-            Command::Healthcheck => Ok(()),
-        }
-    })
+}
+
+/// A setting that does not validate: said on stderr (logging is not set up yet), exit 2.
+fn config_error(err: switchboard::config::ConfigError) -> ! {
+    eprintln!("switchboard: configuration error: {err}");
+    std::process::exit(2);
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -103,7 +113,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     switchboard::app::run(config, listener, shutdown).await
 }
 
-async fn migrate(config: Config) -> anyhow::Result<()> {
+async fn migrate(config: MigrateConfig) -> anyhow::Result<()> {
     let store =
         switchboard::store::open(config.database_url.as_deref(), config.database_pool_size).await?;
     let applied = store.migrate().await?;
@@ -132,20 +142,6 @@ fn healthcheck(host: std::net::IpAddr, port: u16) -> i32 {
     match runtime.map(|rt| rt.block_on(ready)) {
         Ok(Ok(true)) => 0,
         _ => 1,
-    }
-}
-
-fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log_format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init(),
-        LogFormat::Pretty => builder.init(),
     }
 }
 

@@ -12,7 +12,8 @@ use common::gateway::{TestGateway, TestStore};
 use common::upstream::TestUpstream;
 use reqwest::Method;
 use serde_json::json;
-use switchboard::config::Config;
+use switchboard::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Default)]
 struct Buffer(Arc<Mutex<Vec<u8>>>);
@@ -68,14 +69,8 @@ fn part_of<'s>(secret: &'s str, text: &str) -> Option<&'s str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
     let logs = Buffer::default();
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(true)
-        .with_env_filter("debug")
-        .with_writer(logs.clone())
-        .init();
+    // The gateway's own log pipeline, at debug level, into the buffer.
+    switchboard::logging::install(LogFormat::Json, EnvFilter::new("debug"), logs.clone());
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.audit_arguments = true;
@@ -127,6 +122,27 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         Some(json!({"method": "echo"})),
     )
     .await?;
+    // A tenant whose upstream refuses connections, with a key in its URL's query: rmcp
+    // logs its transport's failure itself, with the whole URL in it.
+    let query_key = "upstream-query-key-SECRET-77";
+    let unreachable = format!(
+        "http://{}/mcp?apiKey={query_key}",
+        switchboard::config::refusing_loopback()
+    );
+    let down = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "t", "upstreamUrl": unreachable}),
+        )
+        .await?;
+    let (status, _, _) = gw
+        .send(
+            Method::POST,
+            &format!("/api/tenant/{}/tool", down.id),
+            &[("authorization", &format!("Bearer {}", down.token))],
+            Some(json!({"method": "echo"})),
+        )
+        .await?;
+    assert!(status.is_server_error(), "unreachable upstream: {status}");
     let admin = format!("Bearer {admin_jwt}");
     let (_, _, rotated) = gw
         .send(
@@ -149,6 +165,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         ("rotated tenant key", new_key),
         ("tenant JWT", tenant.token.clone()),
         ("integrationAppToken", app_token.to_owned()),
+        ("key in an upstream URL's query", query_key.to_owned()),
     ];
     let store = gw.store.clone();
     gw.stop().await?;
@@ -166,6 +183,11 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         rows.iter()
             .any(|r| r.contains("auth.refused") && !r.contains(&tenant.id)),
         "every audit row is searched"
+    );
+    // The failing upstream's URL was logged, and cut at its query.
+    assert!(
+        text.contains("/mcp?…"),
+        "a redacted upstream URL is in the logs"
     );
     let audit = rows.join("\n");
     for (what, secret) in &secrets {

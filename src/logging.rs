@@ -1,0 +1,201 @@
+//! The log pipeline: one line per event, JSON or pretty, on stdout, with no URL's query
+//! string or user information (a password in a `postgres://` URL) in it.
+//!
+//! Our own errors shorten upstream URLs before they are logged (`upstream::error`), but
+//! libraries log too: rmcp logs its transport's failures itself, with reqwest's error and
+//! the full URL in it, and a tenant's upstream URL may carry a key in its query
+//! (`integrationKey`, or whatever a custom `upstreamUrl` holds). So every formatted line
+//! passes through [`redact_urls`] on its way out, whoever wrote the event.
+
+use std::borrow::Cow;
+use std::io::{self, Write};
+
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the process's subscriber: `RUST_LOG`, or `info`, to stdout.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    install(format, filter, io::stdout);
+}
+
+/// Installs the process's subscriber, writing to `writer` (tests read their logs back).
+pub fn install<W>(format: LogFormat, filter: EnvFilter, writer: W)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(Redacting(writer));
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+/// A [`MakeWriter`] whose writers pass [`redact_urls`] over what they are given. The
+/// formatter hands each event over whole, in one write, so a URL is never split.
+struct Redacting<W>(W);
+
+impl<'w, W: MakeWriter<'w>> MakeWriter<'w> for Redacting<W> {
+    type Writer = RedactingWriter<W::Writer>;
+
+    fn make_writer(&'w self) -> Self::Writer {
+        RedactingWriter(self.0.make_writer())
+    }
+
+    fn make_writer_for(&'w self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        RedactingWriter(self.0.make_writer_for(meta))
+    }
+}
+
+struct RedactingWriter<W>(W);
+
+impl<W: Write> Write for RedactingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.0.write_all(redact_urls(text).as_bytes())?,
+            Err(_) => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `text` with every URL (`http://`, `postgres://`, any `scheme://`) cut to its scheme,
+/// host, port and path:
+/// the query and fragment become `?…`, user information `…@`. A URL ends at white space,
+/// a quote, a backslash (an escaped quote in a JSON line) or an angle bracket.
+pub fn redact_urls(text: &str) -> Cow<'_, str> {
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(found) = find_scheme(&text[from..]) {
+        let start = from + found;
+        let rest = &text[start..];
+        let len = rest.find(ends_url).unwrap_or(rest.len());
+        let url = &rest[..len];
+        let redacted = redact_one(url);
+        if let Cow::Owned(redacted) = redacted {
+            out.push_str(&text[copied..start]);
+            out.push_str(&redacted);
+            copied = start + len;
+        }
+        from = start + len;
+    }
+    if copied == 0 {
+        return Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    Cow::Owned(out)
+}
+
+/// Where the first URL in `text` starts: a scheme (letters, digits, `+`, `-`, `.`) and
+/// `://`.
+fn find_scheme(text: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(found) = text[from..].find("://") {
+        let colon = from + found;
+        let start = text[..colon]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |i| i + 1);
+        if start < colon {
+            return Some(start);
+        }
+        from = colon + 3;
+    }
+    None
+}
+
+fn ends_url(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '<' | '>' | '`')
+}
+
+/// One URL (`scheme://rest`), without its user information and query.
+fn redact_one(url: &str) -> Cow<'_, str> {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let authority_len = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .unwrap_or(url.len() - after_scheme);
+    let authority = &url[after_scheme..after_scheme + authority_len];
+    let tail = &url[after_scheme + authority_len..];
+    let user = authority.rfind('@');
+    let query = tail.find(['?', '#']);
+    if user.is_none() && query.is_none() {
+        return Cow::Borrowed(url);
+    }
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..after_scheme]);
+    match user {
+        Some(at) => {
+            out.push_str("…@");
+            out.push_str(&authority[at + 1..]);
+        }
+        None => out.push_str(authority),
+    }
+    match query {
+        Some(q) => {
+            out.push_str(&tail[..q]);
+            out.push_str("?…");
+        }
+        None => out.push_str(tail),
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_and_user_information_are_cut_from_every_url() {
+        let cases = [
+            (
+                r#"worker quit: reqwest::Error { url: "https://mcp.example/mcp?integrationKey=hubspot&x=1" }"#,
+                r#"worker quit: reqwest::Error { url: "https://mcp.example/mcp?…" }"#,
+            ),
+            (
+                r#"{"error":"url: \"http://127.0.0.1:9/mcp?api_key=s3cret\", source"}"#,
+                r#"{"error":"url: \"http://127.0.0.1:9/mcp?…\", source"}"#,
+            ),
+            (
+                "db postgres://user:pw@db:5432/x#frag and https://a.b?k=v end",
+                "db postgres://…@db:5432/x?… and https://a.b?… end",
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(redact_urls(line), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_line_without_a_secret_in_a_url_is_not_copied() {
+        for line in [
+            "no url here",
+            "http://127.0.0.1:3000/mcp/t1 answered",
+            "https://example.com/",
+            "http://",
+            "a :// b",
+        ] {
+            assert!(matches!(redact_urls(line), Cow::Borrowed(_)), "{line}");
+        }
+    }
+
+    #[test]
+    fn the_writer_redacts_each_event_it_is_given() {
+        let mut out = Vec::new();
+        RedactingWriter(&mut out)
+            .write_all(b"GET https://up/mcp?integrationKey=k failed\n")
+            .unwrap();
+        assert_eq!(out, b"GET https://up/mcp?\xE2\x80\xA6 failed\n");
+    }
+}
