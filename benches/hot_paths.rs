@@ -68,6 +68,7 @@ fn benches(c: &mut Criterion) {
     let creds = TenantCredentials {
         bearer: None,
         api_key: Some(fx.api_key.expose()),
+        cached_only: false,
     };
     // Every call after the first finds the key in the credential cache (30 s by default).
     c.bench_function("auth/api_key_hash_cache_hit", |b| {

@@ -106,6 +106,12 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
         );
         client.cancel().await?;
     }
+    // A cursor the gateway never handed out: refused, and audited so.
+    let mcp = RawMcp::new(&gw.http, &mcp_url(&gw, &tenant.id), &tenant.api_key);
+    let got = mcp
+        .session_less(9, "tools/list", json!({"cursor": "999"}))
+        .await?;
+    assert_eq!(got.answer()["error"]["code"], -32602, "{}", got.text);
     // Both kinds of request are in the tenant's audit trail, as REST ones are, read by a
     // gateway started again on the same store (the drain flushed the actor's buffer).
     let gw = gw.restart().await?;
@@ -133,9 +139,16 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
             .collect::<Vec<_>>()
     };
     let lists = of("tools.list");
+    let listed = |outcome: &str| lists.iter().filter(|(_, o)| o == outcome).count();
+    assert!(listed("ok") >= 2, "a tools/list per session: {audit}");
+    assert_eq!(listed("refused"), 1, "the bad cursor: {audit}");
+    assert_eq!(listed("ok") + 1, lists.len(), "{audit}");
     assert!(
-        lists.len() >= 2 && lists.iter().all(|(_, outcome)| outcome == "ok"),
-        "a tools/list per session: {audit}"
+        items
+            .iter()
+            .filter(|i| i["action"] == "tools.list" && i["outcome"] == "ok")
+            .all(|i| i["responseBytes"].as_i64().is_some_and(|n| n > 0)),
+        "a list's size is on record: {audit}"
     );
     let mut calls = of("tool.call");
     calls.sort();
@@ -184,6 +197,28 @@ async fn a_drain_lets_the_calls_of_open_sessions_answer() -> anyhow::Result<()> 
             .context("a call in flight lost its answer")?;
         assert_eq!(result.is_error, Some(false), "{result:?}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_less_call_cut_off_by_the_drain_is_told_draining() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.drain_timeout = Duration::from_millis(300);
+    let gw = TestGateway::start_with(config).await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
+    let mcp = RawMcp::new(&gw.http, &mcp_url(&gw, &tenant.id), &tenant.api_key);
+    let params = json!({"name": "sleep", "arguments": {"ms": 5000}});
+    let call = tokio::spawn(async move { mcp.session_less(1, "tools/call", params).await });
+    upstream.wait_for_calls(1).await?;
+    gw.stop().await?;
+    let got = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .context("the call was never answered")???;
+    // Not a 500 internal_error: the service is going away, and says so (API.md's 503).
+    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.text);
+    let body: Value = serde_json::from_str(&got.text)?;
+    assert_eq!(body["error"]["code"], "draining", "{body}");
     Ok(())
 }
 

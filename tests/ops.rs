@@ -272,6 +272,20 @@ async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::R
     config.auth_rate_limit = 1;
     config.auth_rate_burst = 4;
     let gw = TestGateway::start_with(config).await?;
+    // A tenant whose key nobody has used yet, so the credential cache does not hold it
+    // (created before the address runs out of budget: an admin route refuses it then).
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let (status, _, unused) = gw
+        .send(
+            Method::POST,
+            "/api/tenants",
+            &[("authorization", &admin)],
+            Some(tenant_body(&upstream, None)),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{unused}");
+    let unused_path = format!("/api/tenant/{}/tool", unused["tenantId"].as_str().unwrap());
+    let unused_key = [("x-api-key", unused["apiKey"].as_str().unwrap())];
     // Creating the tenant asks /api/auth/tenant-token once: three requests are left.
     let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
     let path = format!("/api/tenant/{}/tool", tenant.id);
@@ -303,9 +317,23 @@ async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::R
         )
         .await?;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(audit_items(&gw, &tenant.id, "auth.refused").await?.len(), 3);
     // A valid credential spends nothing, and is served.
     assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
+    // Past the budget, a key is looked up in the credential cache only, not in the store,
+    // so guessing cannot make the database work: one the cache lacks is refused...
+    let list = json!({"method": "listTools"});
+    let (status, _, body) = gw
+        .send(Method::POST, &unused_path, &unused_key, Some(list.clone()))
+        .await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    // ...until the budget refills (AUTH_RATE_LIMIT per second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _, body) = gw
+        .send(Method::POST, &unused_path, &unused_key, Some(list))
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Read now the address is no longer blocked (an admin route refuses it while it is).
+    assert_eq!(audit_items(&gw, &tenant.id, "auth.refused").await?.len(), 3);
     gw.stop().await
 }
 

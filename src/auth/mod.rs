@@ -55,6 +55,10 @@ pub struct TenantCredentials<'a> {
     pub bearer: Option<&'a str>,
     /// `x-api-key` value.
     pub api_key: Option<&'a str>,
+    /// API keys are looked up in the credential cache only, never in the store: set for
+    /// an address past its refusal budget (`AuthLimiter::blocked`), so that guessed keys
+    /// cost no database read. A key the cache does not hold is refused.
+    pub cached_only: bool,
 }
 
 pub struct Authenticator {
@@ -103,7 +107,7 @@ impl Authenticator {
 
     /// The tenant an API key belongs to, for `POST /api/auth/tenant-token`.
     pub async fn tenant_for_key(&self, key: &str) -> Result<TenantRecord, AuthError> {
-        let tenant = self.lookup_key(key).await?;
+        let tenant = self.lookup_key(key, false).await?;
         if tenant.enabled {
             Ok(tenant)
         } else {
@@ -157,7 +161,7 @@ impl Authenticator {
         };
         let tenant = match api_key {
             Some(key) => {
-                let tenant = self.lookup_key(key).await?;
+                let tenant = self.lookup_key(key, creds.cached_only).await?;
                 if tenant.id != path_tenant {
                     return Err(AuthError::Forbidden);
                 }
@@ -166,7 +170,7 @@ impl Authenticator {
             None => self.lookup(CacheKey::TenantId(path_tenant)).await?,
         };
         if let Some(key) = bearer_key.filter(|&b| Some(b) != api_key) {
-            if self.lookup_key(key).await?.id != path_tenant {
+            if self.lookup_key(key, creds.cached_only).await?.id != path_tenant {
                 return Err(AuthError::Forbidden);
             }
         }
@@ -186,12 +190,19 @@ impl Authenticator {
         })
     }
 
-    async fn lookup_key(&self, key: &str) -> Result<TenantRecord, AuthError> {
+    async fn lookup_key(&self, key: &str, cached_only: bool) -> Result<TenantRecord, AuthError> {
         if !keys::looks_like_api_key(key) {
             return Err(AuthError::Unauthorized);
         }
         let hash = keys::hash_api_key(key);
-        self.lookup(CacheKey::KeyHash(&hash)).await
+        let key = CacheKey::KeyHash(&hash);
+        if cached_only {
+            return self
+                .cache
+                .get(key, Freshness::Fresh)
+                .ok_or(AuthError::Unauthorized);
+        }
+        self.lookup(key).await
     }
 
     /// The tenant under `key`: from the cache while fresh, else from the store (filling

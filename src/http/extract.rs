@@ -218,7 +218,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let limiter = Arc::<AuthLimiter>::from_ref(state);
         let peer = peer_of(&parts.extensions);
-        limiter.admin_allowed(&parts.headers, peer)?;
+        limiter.blocked(&parts.headers, peer)?;
         let auth = Arc::<Authenticator>::from_ref(state);
         match auth.admin(bearer(&parts.headers)) {
             Ok(()) => Ok(Admin),
@@ -269,17 +269,16 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let ApiPath(tenant_id) = ApiPath::<String>::from_request_parts(parts, state).await?;
         let auth = Arc::<Authenticator>::from_ref(state);
+        let limiter = Arc::<AuthLimiter>::from_ref(state);
         let creds = TenantCredentials {
             bearer: bearer(&parts.headers),
             api_key: api_key_header(&parts.headers),
+            cached_only: limiter.is_blocked(&parts.headers, peer_of(&parts.extensions)),
         };
         let context = match auth.tenant(&tenant_id, creds, false).await {
             Ok(context) => context,
             Err(err) => {
-                let (limiter, audit) = (
-                    Arc::<AuthLimiter>::from_ref(state),
-                    AuditWriter::from_ref(state),
-                );
+                let audit = AuditWriter::from_ref(state);
                 let parts = (&parts.headers, &parts.extensions);
                 return Err(refuse_credential(err, &limiter, parts, &audit, &tenant_id).await);
             }

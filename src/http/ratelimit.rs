@@ -1,19 +1,15 @@
 //! The per-client-address limit against key guessing (`AUTH_RATE_LIMIT` requests per
 //! second, `AUTH_RATE_BURST`): every request to the token endpoints, and every refused
-//! credential on a tenant or admin route, spends from it. An address that used up its
-//! budget on refused admin credentials has no admin credential checked until the budget
-//! refills, so a right guess of `ADMIN_API_KEY` is refused (429) as well.
+//! credential on a tenant or admin route, spends from it. An address that has used up its
+//! budget is blocked until it refills: no admin credential is checked for it (so a right
+//! guess of `ADMIN_API_KEY` is refused with 429 as well), and a tenant API key it sends is
+//! looked up only in the credential cache, never in the store, so that guessing keys
+//! cannot drive database reads at any rate an anonymous caller likes.
 //!
-//! The client address is the socket peer, or the right-most `X-Forwarded-For` address (the
-//! one the proxy in front added) when `TRUST_PROXY` is set (only behind a proxy you run).
-//! An IPv6 address counts by its /64 prefix, the block one host is usually given, so that
-//! a host cannot dodge its limit (or grow the table) by changing address. Per-tenant limits
-//! are not here: the tenant actor owns them.
-
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
@@ -31,8 +27,8 @@ const RETAIN_EVERY: Duration = Duration::from_secs(60);
 
 pub struct AuthLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    /// Addresses out of budget after refused admin credentials, and until when.
-    admin_blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// Addresses that ran out of budget, and until when.
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
     trust_proxy: bool,
 }
 
@@ -42,16 +38,21 @@ impl AuthLimiter {
         let burst = NonZeroU32::new(config.auth_rate_burst).unwrap_or(NonZeroU32::MIN);
         Self {
             limiter: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
-            admin_blocked: Mutex::new(HashMap::new()),
+            blocked: Mutex::new(HashMap::new()),
             trust_proxy: config.trust_proxy,
         }
     }
 
-    /// Checks one request from `client`; `Err` holds how long to wait.
+    /// Spends one request of `client`'s budget; `Err` holds how long to wait, and the
+    /// address stays blocked (see [`Self::blocked`]) that long.
     pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
-        self.limiter
-            .check_key(&client)
-            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        self.limiter.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            // A poisoned lock is taken as it is: the map holds only instants.
+            let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
+            blocked.insert(client, Instant::now() + wait);
+            wait
+        })
     }
 
     /// Spends one request of the caller's budget: the client address from `headers` and
@@ -64,38 +65,37 @@ impl AuthLimiter {
             })
     }
 
-    /// Before an admin credential is checked: 429 while the caller's address is out of the
-    /// budget it spent on refused admin credentials.
-    pub fn admin_allowed(
-        &self,
-        headers: &HeaderMap,
-        peer: Option<SocketAddr>,
-    ) -> Result<(), ApiError> {
-        let client = self.client_of(headers, peer);
-        let Ok(blocked) = self.admin_blocked.lock() else {
-            return Ok(());
-        };
-        match blocked.get(&client) {
-            Some(until) if *until > Instant::now() => {
+    /// 429 while the caller's address is out of budget, without spending from it. Taken
+    /// before an admin credential is checked.
+    pub fn blocked(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+        match self.blocked_for(self.client_of(headers, peer)) {
+            Some(retry_after) => {
                 crate::metrics::rate_limited("auth");
-                Err(ApiError::RateLimited {
-                    retry_after: *until - Instant::now(),
-                })
+                Err(ApiError::RateLimited { retry_after })
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
+    /// Whether the caller's address is out of budget: a tenant route then looks its API
+    /// key up in the credential cache only (`TenantCredentials::cached_only`).
+    pub fn is_blocked(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> bool {
+        self.blocked_for(self.client_of(headers, peer)).is_some()
+    }
+
+    /// How long `client` stays blocked, if it is.
+    fn blocked_for(&self, client: IpAddr) -> Option<Duration> {
+        let blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
+        let left = blocked
+            .get(&client)?
+            .checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then_some(left)
+    }
+
     /// A refused admin credential: spends from the caller's budget; past it, the address
-    /// is blocked (see [`Self::admin_allowed`]) and the answer is 429.
+    /// is blocked (see [`Self::blocked`]) and the answer is 429.
     pub fn admin_refused(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
-        let client = self.client_of(headers, peer);
-        let retry_after = self.check(client).err()?;
-        if let Ok(mut blocked) = self.admin_blocked.lock() {
-            blocked.insert(client, Instant::now() + retry_after);
-        }
-        crate::metrics::rate_limited("auth");
-        Some(ApiError::RateLimited { retry_after })
+        self.admit(headers, peer).err()
     }
 
     /// Addresses tracked now (for tests of the memory bound).
@@ -107,11 +107,10 @@ impl AuthLimiter {
     fn forget_the_past(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
-        if let Ok(mut blocked) = self.admin_blocked.lock() {
-            let now = Instant::now();
-            blocked.retain(|_, until| *until > now);
-            blocked.shrink_to_fit();
-        }
+        let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        blocked.retain(|_, until| *until > now);
+        blocked.shrink_to_fit();
     }
 
     /// Forgets, every minute until shutdown, the addresses whose limit is back to full,
@@ -260,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn refused_admin_credentials_past_the_budget_block_the_address() {
+    fn an_address_past_its_budget_is_blocked() {
         let mut config = Config::for_tests();
         config.auth_rate_limit = 1;
         config.auth_rate_burst = 2;
@@ -269,16 +268,21 @@ mod tests {
         let guesser = Some(SocketAddr::from(([192, 0, 2, 1], 4000)));
         let other = Some(SocketAddr::from(([192, 0, 2, 2], 4000)));
         for _ in 0..2 {
-            assert!(limiter.admin_allowed(&headers, guesser).is_ok());
+            assert!(limiter.blocked(&headers, guesser).is_ok());
             assert!(limiter.admin_refused(&headers, guesser).is_none());
         }
         let limited = limiter.admin_refused(&headers, guesser);
         assert!(matches!(limited, Some(ApiError::RateLimited { .. })));
         assert!(matches!(
-            limiter.admin_allowed(&headers, guesser),
+            limiter.blocked(&headers, guesser),
             Err(ApiError::RateLimited { .. })
         ));
-        assert!(limiter.admin_allowed(&headers, other).is_ok());
+        assert!(limiter.blocked(&headers, other).is_ok());
+        // Any budget spent out blocks, the token endpoints' too.
+        assert!(limiter.admit(&headers, other).is_ok());
+        assert!(limiter.admit(&headers, other).is_ok());
+        assert!(limiter.admit(&headers, other).is_err());
+        assert!(limiter.blocked(&headers, other).is_err());
     }
 
     #[test]

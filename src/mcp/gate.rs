@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,7 @@ use super::sealed::{self, SessionSeal, CLOCK_SKEW_ALLOWED, SESSION_ID_LIFETIME};
 use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
 use crate::auth::{Authenticator, TenantCredentials};
 use crate::http::error::{ApiError, ErrorReport};
-use crate::http::extract::{api_key_header, bearer};
+use crate::http::extract::{api_key_header, bearer, ApiPath};
 
 /// What the gate needs: the credential checker, the session bounds, the session id seal,
 /// the body limit.
@@ -48,13 +48,15 @@ const SESSION_HEADER: &str = "mcp-session-id";
 
 pub async fn gate(
     State(gate): State<Gate>,
-    Path(tenant_id): Path<String>,
+    ApiPath(tenant_id): ApiPath<String>,
     mut req: Request,
     next: Next,
 ) -> Response {
+    let peer = crate::http::ratelimit::peer_of(req.extensions());
     let creds = TenantCredentials {
         bearer: bearer(req.headers()),
         api_key: api_key_header(req.headers()),
+        cached_only: gate.auth_limiter.is_blocked(req.headers(), peer),
     };
     let context = match gate.auth.tenant(&tenant_id, creds, true).await {
         Ok(context) => context,
@@ -92,13 +94,13 @@ pub async fn gate(
             .unwrap_or_else(IntoResponse::into_response),
         None => next.run(req).await,
     };
-    in_contract_form(response).await
+    in_contract_form(response, gate.lifecycle.is_draining()).await
 }
 
 /// rmcp answers some malformed requests itself, in plain text (no JSON, no request id):
 /// those answers get the error form of API.md, as every other error of the service. Its
 /// JSON-RPC errors (JSON, which MCP clients read) and every success pass unchanged.
-async fn in_contract_form(response: Response) -> Response {
+async fn in_contract_form(response: Response, draining: bool) -> Response {
     let status = response.status();
     let plain = !response.headers().contains_key(header::CONTENT_TYPE)
         || response
@@ -126,6 +128,9 @@ async fn in_contract_form(response: Response) -> Response {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
         StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+        // Past the drain timeout rmcp's sessions are cancelled, and a call still running
+        // without a session gets rmcp's plain 500: for the client it is the drain's 503.
+        _ if status.is_server_error() && draining => ApiError::Draining,
         _ => ApiError::Internal(format!("the MCP server answered {status}: {text}")),
     };
     let mut response = error.into_response();
@@ -207,10 +212,17 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     let kept_secs = SESSION_ID_LIFETIME.as_secs() + CLOCK_SKEW_ALLOWED.as_secs();
     let forget_before = now - chrono::Duration::seconds(kept_secs as i64);
     gate.store.end_session(&digest, now, forget_before).await?;
-    // rmcp closes this replica's copy, if it has one.
-    let response = next.run(req).await;
-    gate.limits.ended(digest);
-    Ok(response)
+    // rmcp closes this replica's copy, if it has one. The end is on record now, so the
+    // rest runs to its end in a task of its own even if the client hangs up (or the
+    // request timeout cuts it): this replica must not go on serving an ended session.
+    let limits = gate.limits.clone();
+    let rest = tokio::spawn(async move {
+        let response = next.run(req).await;
+        limits.ended(digest);
+        response
+    });
+    rest.await
+        .map_err(|err| ApiError::Internal(format!("ending an MCP session: {err}")))
 }
 
 /// Why rmcp refuses a `DELETE` by its `MCP-Protocol-Version`: a version it does not know

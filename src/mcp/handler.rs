@@ -139,21 +139,35 @@ impl ServerHandler for TenantMcp {
         self.renew_forwarder(ctx, &context);
         let started = Instant::now();
         let list = self.runtime.list_tools(&ctx.tenant, false).await;
-        // Audited as REST's `listTools` is.
+        let cursor = request.and_then(|r| r.cursor);
+        let answer = list
+            .as_ref()
+            .map(|list| page(&list.tools, cursor.as_deref()));
+        // Audited as REST's `listTools` is; a cursor this server never handed out is the
+        // client's mistake, refused.
+        let outcome = match &answer {
+            Ok(Err(_)) => "refused",
+            _ => audit::call_outcome(list.as_ref().map(|_| false)),
+        };
         let event = audit::call_event(audit::CallFacts {
             tenant_id: &ctx.tenant_id,
             action: "tools.list",
             tool: None,
             arguments: None,
             request_id: request_id_of(&context).as_deref(),
-            outcome: audit::call_outcome(list.as_ref().map(|_| false)),
+            outcome,
             started,
             request_bytes: None,
-            response_bytes: None,
+            response_bytes: match &answer {
+                Ok(Ok(result)) => audit::json_len(result),
+                _ => None,
+            },
         });
         self.runtime.audit(&ctx.tenant_id, event);
-        let cursor = request.and_then(|r| r.cursor);
-        page(&list.map_err(call_error)?.tools, cursor.as_deref())
+        match answer {
+            Ok(result) => result,
+            Err(err) => Err(call_error(err.clone())),
+        }
     }
 
     /// Session-less (2026-07-28) clients hear of list changes on `subscriptions/listen`;

@@ -20,6 +20,11 @@ use crate::upstream::ProgressSink;
 /// drops and counts what does not fit rather than hold up the upstream connection.
 const QUEUE: usize = 32;
 
+/// How long relaying one notification may wait for room on the client's stream. The call
+/// is not polled meanwhile (its progress is relayed in order, before its result), so this
+/// bounds how long a client that stopped reading can hold it.
+const SEND: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Passes one call's upstream progress to the client that asked for it.
 pub struct ProgressRelay {
     /// The client's token, which every relayed notification carries instead of the gateway's.
@@ -56,9 +61,13 @@ impl ProgressRelay {
     }
 
     async fn relay(&self, update: ProgressNotificationParam) {
-        // Advisory: a client gone away gets its result (or nothing) all the same.
-        if let Err(error) = self.peer.notify_progress(self.readdress(update)).await {
-            tracing::debug!(%error, "could not relay progress to the client");
+        // Advisory: a client gone away gets its result (or nothing) all the same, and one
+        // that does not read its stream cannot hold the call up for longer than SEND.
+        let sent = tokio::time::timeout(SEND, self.peer.notify_progress(self.readdress(update)));
+        match sent.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::debug!(%error, "could not relay progress to the client"),
+            Err(_) => tracing::debug!("progress not relayed: the client is not reading"),
         }
     }
 }
