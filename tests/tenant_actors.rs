@@ -239,6 +239,39 @@ async fn a_hanging_upstream_gives_504_at_the_timeout() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_request_cut_off_by_its_timeout_is_audited_as_a_timeout() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.request_timeout = Duration::from_millis(400);
+    config.upstream_timeout = Duration::from_secs(10);
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    gw.tool(&t, json!({"method": "listTools"})).await?;
+    upstream.set_hang(true);
+    let (status, _, body) = gw
+        .tool(&t, json!({"method": "echo", "params": {"text": "x"}}))
+        .await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    upstream.wait_for_cancellations(1).await?;
+    upstream.set_hang(false);
+    // The client was told it timed out: the audit trail says the same.
+    let gw = gw.restart().await?;
+    let (status, _, audit) = gw
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/tenant/{}/audit?action=tool.call", t.id),
+            &[("x-api-key", &t.api_key)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    assert_eq!(audit["items"][0]["tool"], "echo", "{audit}");
+    assert_eq!(audit["items"][0]["outcome"], "timeout", "{audit}");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();

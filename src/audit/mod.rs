@@ -6,6 +6,7 @@
 mod writer;
 
 pub use writer::AuditWriter;
+pub(crate) use writer::{append_within, ATTEMPT};
 
 use std::time::Duration;
 

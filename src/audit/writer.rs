@@ -5,6 +5,7 @@
 //! queue, or a store still refusing when the process stops, drops events, and those are
 //! counted (`switchboard_audit_dropped_total`) and logged.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -24,7 +25,7 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MOST: Duration = Duration::from_secs(5);
 
 /// How long one write may take before it counts as refused (a store that hangs).
-const ATTEMPT: Duration = Duration::from_secs(10);
+pub(crate) const ATTEMPT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct AuditWriter {
@@ -64,6 +65,17 @@ impl AuditWriter {
             }
         });
         let _ = attempt.await;
+    }
+
+    /// Queues the events `later` yields, when it does: for events still on their way (a
+    /// crashed tenant actor's batch write). [`Self::close`] waits for it like a write.
+    pub fn queue_later(&self, later: impl Future<Output = Vec<AuditRecord>> + Send + 'static) {
+        let me = self.clone();
+        self.writes.spawn(async move {
+            for event in later.await {
+                me.queue(event);
+            }
+        });
     }
 
     /// Hands `event` to the writing task without waiting for the store.
@@ -162,7 +174,7 @@ async fn write_queued(
 
 /// `append_audit`, refused when the store has not answered within `limit` (a lock held,
 /// a connection black-holed): no write may hold up the writer, or shutdown, for ever.
-async fn append_within(
+pub(crate) async fn append_within(
     store: &SharedStore,
     events: &[AuditRecord],
     limit: Duration,

@@ -23,6 +23,11 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// When the request reached the gateway, as a request extension: `REQUEST_TIMEOUT_MS`
+/// counts from about here.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestStarted(pub Instant);
+
 /// Routes that answer during a drain: probes must see the drain, not be refused by it.
 fn serves_while_draining(path: &str) -> bool {
     matches!(path, "/live" | "/health" | "/ready" | "/metrics")
@@ -43,6 +48,8 @@ pub async fn request_context(
     next: Next,
 ) -> Response {
     let lifecycle = &edge.lifecycle;
+    let started = Instant::now();
+    req.extensions_mut().insert(RequestStarted(started));
     let request_id = req
         .headers()
         .get(&REQUEST_ID)
@@ -58,7 +65,6 @@ pub async fn request_context(
         path = %req.uri().path(),
         tenant_id = tracing::field::Empty,
     );
-    let started = Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()

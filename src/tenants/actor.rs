@@ -17,6 +17,7 @@ use super::lane::{self, Lane};
 use super::messages::{AuditWrite, CallError, Lease, TenantMsg, TenantNotice, ToolList};
 use super::status::{ConnectionState, UpstreamStatus};
 use super::RuntimeSettings;
+use crate::audit::{append_within, AuditWriter, ATTEMPT};
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
 
@@ -27,6 +28,8 @@ pub struct TenantArgs {
     pub target: UpstreamTarget,
     pub settings: Arc<RuntimeSettings>,
     pub store: SharedStore,
+    /// Takes what the audit buffer holds when the actor crashes.
+    pub audit: AuditWriter,
     /// Read by the registry for `GET /api/tenants/{id}` without messaging the actor.
     pub status: Arc<Mutex<UpstreamStatus>>,
     /// Where this actor publishes its ready connection for calls to take without a message.
@@ -75,9 +78,13 @@ pub struct TenantState {
     last_used: Instant,
     notices: broadcast::Sender<TenantNotice>,
     audit: VecDeque<AuditRecord>,
-    /// The batch write in flight. Its task hands the outcome back by message, or, when
-    /// the actor no longer takes messages (it is stopping), as the task's own output.
-    audit_write: Option<tokio::task::JoinHandle<Option<AuditWrite>>>,
+    /// The batch write in flight, and how many events it carries. Its outcome is the
+    /// task's output, which the actor takes when the task's `AuditWritten` arrives, or
+    /// when it stops; after a crash, `Drop` hands it to `audit_queue`.
+    audit_write: Option<(tokio::task::JoinHandle<AuditWrite>, usize)>,
+    /// The process's audit writer, which takes what a crashed actor's buffer held: it
+    /// retries while the store refuses, and is flushed at shutdown.
+    audit_queue: AuditWriter,
     /// Tool-list change announcements to the other replicas, one in flight at a time.
     announcing: Coalesced,
     ticker: tokio::task::JoinHandle<()>,
@@ -155,6 +162,7 @@ impl Actor for TenantActor {
             notices,
             audit: VecDeque::new(),
             audit_write: None,
+            audit_queue: args.audit,
             announcing: Coalesced::default(),
             ticker,
             lane: args.lane,
@@ -195,7 +203,7 @@ impl Actor for TenantActor {
             TenantMsg::Upstream { generation, event } => {
                 state.upstream_event(&myself, generation, event)
             }
-            TenantMsg::AuditWritten(result) => state.audit_written(&myself, result),
+            TenantMsg::AuditWritten => state.audit_written(&myself).await,
             TenantMsg::Tick => state.tick(&myself),
             TenantMsg::Panic => panic!("injected fault in tenant {}", state.tenant_id),
         }
@@ -216,46 +224,51 @@ impl Actor for TenantActor {
 }
 
 /// However the actor ends (a panic skips `post_stop`), its lane stops serving calls, and
-/// what its audit buffer still holds is written: after a normal stop nothing is left, after
-/// a panic this is the only writer left for it (with a batch whose write was in flight and
-/// fails).
+/// what its audit buffer still holds goes to the audit writer's queue: after a normal stop
+/// nothing is left, after a panic this is the only way left for it (with the outcome of a
+/// batch write that was in flight: a failed batch goes to the queue too).
 impl Drop for TenantState {
     fn drop(&mut self) {
         self.lane.set(None);
         let left: Vec<AuditRecord> = self.audit.drain(..).collect();
-        let in_flight = self.audit_write.take();
-        if left.is_empty() && in_flight.is_none() {
-            return;
+        // The writer counts them as waiting again.
+        crate::metrics::audit_pending(-(left.len() as i64));
+        for event in left {
+            self.audit_queue.queue(event);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some((write, n)) = self.audit_write.take() else {
             return;
         };
-        let store = self.store.clone();
-        runtime.spawn(async move {
-            let mut events = Vec::new();
-            if let Some(write) = in_flight {
-                if let Ok(Some(Err(batch))) = write.await {
-                    events = batch;
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No runtime left to wait on it in (the process is ending).
+            write.abort();
+            crate::metrics::audit_dropped(n as u64);
+            crate::metrics::audit_pending(-(n as i64));
+            return;
+        }
+        self.audit_queue.queue_later(async move {
+            match write.await {
+                Ok(Ok(written)) => {
+                    crate::metrics::audit_pending(-(written as i64));
+                    Vec::new()
+                }
+                // Counted again by the writer's queue.
+                Ok(Err(batch)) => {
+                    crate::metrics::audit_pending(-(batch.len() as i64));
+                    batch
+                }
+                Err(_) => {
+                    tracing::error!(
+                        events = n,
+                        "an audit batch write of a crashed tenant actor failed"
+                    );
+                    crate::metrics::audit_dropped(n as u64);
+                    crate::metrics::audit_pending(-(n as i64));
+                    Vec::new()
                 }
             }
-            events.extend(left);
-            write_after_a_crash(&store, events).await;
         });
     }
-}
-
-/// The audit events a crashed actor left, written once more; if that fails they are lost,
-/// and counted so.
-async fn write_after_a_crash(store: &SharedStore, events: Vec<AuditRecord>) {
-    if events.is_empty() {
-        return;
-    }
-    let n = events.len();
-    if let Err(err) = store.append_audit(&events).await {
-        tracing::error!(error = %err, events = n, "audit events lost after a tenant actor crashed");
-        crate::metrics::audit_dropped(n as u64);
-    }
-    crate::metrics::audit_pending(-(n as i64));
 }
 
 fn set_status(status: &Mutex<UpstreamStatus>, change: impl FnOnce(&mut UpstreamStatus)) {
@@ -512,6 +525,13 @@ impl TenantState {
             let _ = reply.send(Ok(list));
             return;
         }
+        // As many waiting as calls may be in flight: callers that gave up leave their
+        // place until the load ends, and a list request spends no rate limit.
+        self.tool_waiters.retain(|waiter| !waiter.is_closed());
+        if self.tool_waiters.len() >= self.settings.max_in_flight {
+            let _ = reply.send(Err(busy()));
+            return;
+        }
         self.tool_waiters.push(reply);
         match &self.connection {
             Connection::Ready(_) => self.load_tools(myself),
@@ -691,22 +711,35 @@ impl TenantState {
         let n = self.audit.len().min(self.settings.audit_batch);
         let batch: Vec<AuditRecord> = self.audit.drain(..n).collect();
         let (store, me) = (self.store.clone(), myself.clone());
-        self.audit_write = Some(tokio::spawn(async move {
-            let result = store.append_audit(&batch).await.map(|()| batch.len()).map_err(|err| {
+        let write = tokio::spawn(async move {
+            let written = append_within(&store, &batch, ATTEMPT).await;
+            let result = written.map(|()| batch.len()).map_err(|err| {
                 tracing::warn!(error = %err, events = batch.len(), "audit batch not written; will retry");
                 batch
             });
-            match me.cast(TenantMsg::AuditWritten(result)) {
-                Ok(()) => None,
-                Err(ractor::MessagingErr::SendErr(TenantMsg::AuditWritten(result))) => Some(result),
-                Err(_) => None,
-            }
-        }));
+            // Only a wake-up: the outcome is this task's output, so that it is not lost
+            // with the mailbox if the actor crashes before it reads the message.
+            let _ = me.cast(TenantMsg::AuditWritten);
+            result
+        });
+        self.audit_write = Some((write, n));
     }
 
-    fn audit_written(&mut self, myself: &ActorRef<TenantMsg>, result: AuditWrite) {
-        self.audit_write = None;
-        let written = self.settle_audit_write(result);
+    /// The write in flight told it ended: its outcome is taken (its task is returning, so
+    /// the wait is short) and settled.
+    async fn audit_written(&mut self, myself: &ActorRef<TenantMsg>) {
+        let Some((write, n)) = self.audit_write.take() else {
+            return;
+        };
+        let written = match write.await {
+            Ok(result) => self.settle_audit_write(result),
+            Err(_) => {
+                tracing::error!(events = n, "an audit batch write failed");
+                crate::metrics::audit_dropped(n as u64);
+                crate::metrics::audit_pending(-(n as i64));
+                false
+            }
+        };
         if written && self.audit.len() >= self.settings.audit_batch {
             self.flush_audit(myself);
         }
@@ -738,15 +771,32 @@ impl TenantState {
         let deadline = Instant::now() + self.settings.stop_grace;
         // A batch still being written when the actor stopped: its outcome could no longer
         // come by message, and a failed one must be written with the rest.
-        if let Some(write) = self.audit_write.take() {
-            let waited = tokio::time::timeout_at(deadline.into(), write).await;
-            if let Ok(Ok(Some(result))) = waited {
-                self.settle_audit_write(result);
+        if let Some((mut write, n)) = self.audit_write.take() {
+            match tokio::time::timeout_at(deadline.into(), &mut write).await {
+                Ok(Ok(result)) => {
+                    self.settle_audit_write(result);
+                }
+                waited => {
+                    write.abort();
+                    let why = if waited.is_err() {
+                        "timed out"
+                    } else {
+                        "failed"
+                    };
+                    tracing::error!(
+                        events = n,
+                        "an audit batch write {why} on stop: events lost"
+                    );
+                    crate::metrics::audit_dropped(n as u64);
+                    crate::metrics::audit_pending(-(n as i64));
+                }
             }
         }
         while !self.audit.is_empty() {
             let batch: Vec<AuditRecord> = self.audit.iter().cloned().collect();
-            match self.store.append_audit(&batch).await {
+            // Each attempt bounded too: a store that hangs must not hold the stop for ever.
+            let left = deadline.saturating_duration_since(Instant::now());
+            match append_within(&self.store, &batch, left.min(ATTEMPT)).await {
                 Ok(()) => {
                     crate::metrics::audit_pending(-(batch.len() as i64));
                     self.audit.clear();

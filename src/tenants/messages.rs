@@ -117,8 +117,8 @@ pub enum TenantMsg {
         generation: u64,
         event: UpstreamEvent,
     },
-    /// How an audit batch write ended: how many were written, or the batch to retry.
-    AuditWritten(AuditWrite),
+    /// The audit batch write in flight has ended; its outcome is its task's output.
+    AuditWritten,
     Tick,
     /// Fault injection for the supervision tests: the handler panics.
     #[doc(hidden)]

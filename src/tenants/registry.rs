@@ -5,7 +5,7 @@
 //! [`super::runtime::TenantRuntime`], so routing a call to a running actor costs a map read.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -16,6 +16,7 @@ use super::lane::Lane;
 use super::messages::{CallError, RegistryMsg, TenantMsg};
 use super::status::{ConnectionState, UpstreamStatus};
 use super::{ChangeFeed, RuntimeSettings, TenantChange};
+use crate::audit::AuditWriter;
 use crate::cipher::TokenCipher;
 use crate::store::{SharedStore, TenantRecord};
 use crate::upstream::{TransportKind, UpstreamTarget};
@@ -60,12 +61,22 @@ impl Running {
 }
 
 impl Directory {
+    // A poisoned lock is read as it is: the maps hold whole entries, never half-written
+    // ones, and treating them as empty would start a second actor for a running tenant.
+    fn running(&self) -> RwLockReadGuard<'_, HashMap<String, Running>> {
+        self.running.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn running_mut(&self) -> RwLockWriteGuard<'_, HashMap<String, Running>> {
+        self.running.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn get(&self, tenant_id: &str) -> Option<Running> {
-        self.running.read().ok()?.get(tenant_id).cloned()
+        self.running().get(tenant_id).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.running.read().map(|r| r.len()).unwrap_or(0)
+        self.running().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,14 +104,12 @@ impl Directory {
     }
 
     fn insert(&self, tenant_id: String, running: Running) {
-        if let Ok(mut r) = self.running.write() {
-            r.insert(tenant_id, running);
-        }
+        self.running_mut().insert(tenant_id, running);
     }
 
     /// Removes the entry only if it is still `actor`'s (a newer one may have replaced it).
     fn remove(&self, tenant_id: &str, actor: ActorId) -> Option<Running> {
-        let mut r = self.running.write().ok()?;
+        let mut r = self.running_mut();
         if r.get(tenant_id).is_some_and(|e| e.actor.get_id() == actor) {
             r.remove(tenant_id)
         } else {
@@ -145,6 +154,8 @@ pub struct RegistryArgs {
     pub directory: Arc<Directory>,
     pub settings: Arc<RuntimeSettings>,
     pub store: SharedStore,
+    /// Takes what a crashed tenant actor's audit buffer held.
+    pub audit: AuditWriter,
     pub cipher: TokenCipher,
     pub default_upstream: url::Url,
     pub changes: ChangeFeed,
@@ -352,6 +363,7 @@ impl RegistryState {
             target,
             settings: self.args.settings.clone(),
             store: self.args.store.clone(),
+            audit: self.args.audit.clone(),
             status: status.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, TenantActor, args, myself.get_cell())

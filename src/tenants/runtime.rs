@@ -51,6 +51,7 @@ impl TenantRuntime {
             directory: directory.clone(),
             settings: settings.clone(),
             store,
+            audit: audit.clone(),
             cipher,
             default_upstream,
             changes: changes.clone(),

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::audit;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{MeasuredJson, Tenant};
-use crate::http::middleware::RequestId;
+use crate::http::middleware::{RequestId, RequestStarted};
 use crate::http::AppState;
 use crate::tenants::messages::CallError;
 use crate::tenants::runtime::TenantRuntime;
@@ -42,6 +42,7 @@ pub async fn call(
     Tenant(ctx): Tenant,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
+    Extension(RequestStarted(request_started)): Extension<RequestStarted>,
     MeasuredJson { body, bytes }: MeasuredJson<ToolRequest>,
 ) -> Result<Response, ApiError> {
     let tenant = &ctx.tenant;
@@ -68,6 +69,7 @@ pub async fn call(
         request_id: request_id.0,
         started: Instant::now(),
         request_bytes: i64::try_from(bytes).ok(),
+        cut_off_at: request_started + state.config.request_timeout,
         written: false,
     };
     let result = match pending.tool.as_deref() {
@@ -130,9 +132,10 @@ impl From<CallError> for ApiError {
 }
 
 /// The audit event of one REST tool request, written once: with its outcome when the
-/// handler answers, or, if the handler is dropped first (the client went away, or
-/// `REQUEST_TIMEOUT_MS` cut the request), as an `upstream_error` that was cancelled: the
-/// call may have reached the upstream (which is told it was cancelled), so it is on record.
+/// handler answers, or, if the handler is dropped first, as a `timeout` when
+/// `REQUEST_TIMEOUT_MS` cut the request (the client was answered 504), else as an
+/// `upstream_error` that was cancelled (the client went away). Either way the call may have
+/// reached the upstream (which is told it was cancelled), so it is on record.
 struct PendingAudit {
     runtime: TenantRuntime,
     tenant_id: String,
@@ -142,6 +145,8 @@ struct PendingAudit {
     request_id: String,
     started: Instant,
     request_bytes: Option<i64>,
+    /// When `REQUEST_TIMEOUT_MS` cuts the request off.
+    cut_off_at: Instant,
     written: bool,
 }
 
@@ -171,6 +176,16 @@ impl PendingAudit {
 
 impl Drop for PendingAudit {
     fn drop(&mut self) {
-        self.record("upstream_error", None);
+        // The timeout layer starts its timer after `RequestStarted` and fires no earlier
+        // than its deadline: a request it cut off is past `cut_off_at` here.
+        let timed_out = Instant::now() >= self.cut_off_at;
+        self.record(
+            if timed_out {
+                "timeout"
+            } else {
+                "upstream_error"
+            },
+            None,
+        );
     }
 }
