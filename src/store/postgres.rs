@@ -148,6 +148,19 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_err)
     }
 
+    /// Runs `work` on a pooled connection through a [`Checkout`]: back to the pool once
+    /// `work` has ended, closed if the caller gave up halfway (a timeout, a client that
+    /// hung up), so that no statement is left queued on a pooled connection.
+    async fn with_client<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut Client) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut client = self.checkout().await?;
+        let done = work(&mut *client).await;
+        client.release();
+        done
+    }
+
     /// A pooled connection for work that its caller may give up on halfway (under a
     /// timeout): see [`Checkout`]. For the fleet tasks of this module's siblings too.
     pub(super) async fn checkout(&self) -> StoreResult<Checkout> {
@@ -208,9 +221,11 @@ impl PostgresStore {
     /// signed with this replica's origin so that its own listener skips it.
     async fn announce(&self, notify: &str, subject: &str) -> StoreResult<()> {
         let payload = change_feed::origin_payload(&self.origin, subject);
-        let client = self.client().await?;
-        client.execute(notify, &[&payload]).await.map_err(db_err)?;
-        Ok(())
+        self.with_client(async |client: &mut Client| {
+            client.execute(notify, &[&payload]).await.map_err(db_err)?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -449,31 +464,35 @@ impl Store for PostgresStore {
         forget_before: DateTime<Utc>,
     ) -> StoreResult<()> {
         let payload = change_feed::origin_payload(&self.origin, digest);
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_err)?;
-        tx.execute(FORGET_ENDED_SESSIONS, &[&micros(forget_before)])
-            .await
-            .map_err(db_err)?;
-        tx.execute(RECORD_ENDED_SESSION, &[&digest, &micros(at)])
-            .await
-            .map_err(db_err)?;
-        tx.execute(NOTIFY_SESSION_END, &[&payload])
-            .await
-            .map_err(db_err)?;
-        tx.commit().await.map_err(db_err)
+        self.with_client(async |client: &mut Client| {
+            let tx = client.transaction().await.map_err(db_err)?;
+            tx.execute(FORGET_ENDED_SESSIONS, &[&micros(forget_before)])
+                .await
+                .map_err(db_err)?;
+            tx.execute(RECORD_ENDED_SESSION, &[&digest, &micros(at)])
+                .await
+                .map_err(db_err)?;
+            tx.execute(NOTIFY_SESSION_END, &[&payload])
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)
+        })
+        .await
     }
 
     async fn ended_sessions(&self, digests: &[String]) -> StoreResult<Vec<String>> {
         if digests.is_empty() {
             return Ok(Vec::new());
         }
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT digest FROM ended_sessions WHERE digest = ANY($1)")
-            .await
-            .map_err(db_err)?;
-        let rows = client.query(&stmt, &[&digests]).await.map_err(db_err)?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+        self.with_client(async |client: &mut Client| {
+            let stmt = client
+                .prepare_cached("SELECT digest FROM ended_sessions WHERE digest = ANY($1)")
+                .await
+                .map_err(db_err)?;
+            let rows = client.query(&stmt, &[&digests]).await.map_err(db_err)?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+        .await
     }
 
     fn replica_heartbeat(
@@ -509,29 +528,31 @@ impl Store for PostgresStore {
 
     async fn create_tenant(&self, tenant: &TenantRecord) -> StoreResult<()> {
         let t = TenantRow::from_record(tenant)?;
-        let client = self.client().await?;
-        let sql = format!(
-            "INSERT INTO tenants ({TENANT_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-        );
-        let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
-        let params: [Param<'_>; 13] = [
-            &t.id,
-            &t.name,
-            &t.integration_key,
-            &t.sealed_token,
-            &t.api_key_hash,
-            &t.upstream_url,
-            &t.upstream_transport,
-            &t.enabled,
-            &t.rate_rps,
-            &t.rate_burst,
-            &t.created_at,
-            &t.updated_at,
-            &t.version,
-        ];
-        client.execute(&stmt, &params).await.map_err(db_err)?;
-        Ok(())
+        self.with_client(async |client: &mut Client| {
+            let sql = format!(
+                "INSERT INTO tenants ({TENANT_COLUMNS}) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            );
+            let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+            let params: [Param<'_>; 13] = [
+                &t.id,
+                &t.name,
+                &t.integration_key,
+                &t.sealed_token,
+                &t.api_key_hash,
+                &t.upstream_url,
+                &t.upstream_transport,
+                &t.enabled,
+                &t.rate_rps,
+                &t.rate_burst,
+                &t.created_at,
+                &t.updated_at,
+                &t.version,
+            ];
+            client.execute(&stmt, &params).await.map_err(db_err)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn get_tenant(&self, id: &str) -> StoreResult<Option<TenantRecord>> {
@@ -555,40 +576,44 @@ impl Store for PostgresStore {
         after: Option<&PageCursor>,
     ) -> StoreResult<Vec<TenantRecord>> {
         let limit = i64::from(limit);
-        let client = self.client().await?;
-        // Two statements rather than `$1 IS NULL OR ...`, so each page is an index range.
-        let rows = match after {
-            None => {
-                let sql = format!(
-                    "SELECT {TENANT_COLUMNS} FROM tenants \
-                     ORDER BY created_at DESC, id DESC LIMIT $1"
-                );
-                let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
-                client.query(&stmt, &[&limit]).await
+        self.with_client(async |client: &mut Client| {
+            // Two statements rather than `$1 IS NULL OR ...`, so each page is an index range.
+            let rows = match after {
+                None => {
+                    let sql = format!(
+                        "SELECT {TENANT_COLUMNS} FROM tenants \
+                         ORDER BY created_at DESC, id DESC LIMIT $1"
+                    );
+                    let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+                    client.query(&stmt, &[&limit]).await
+                }
+                Some(cursor) => {
+                    let sql = format!(
+                        "SELECT {TENANT_COLUMNS} FROM tenants WHERE (created_at, id) < ($1, $2) \
+                         ORDER BY created_at DESC, id DESC LIMIT $3"
+                    );
+                    let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+                    let at = micros(cursor.created_at);
+                    client.query(&stmt, &[&at, &cursor.id, &limit]).await
+                }
             }
-            Some(cursor) => {
-                let sql = format!(
-                    "SELECT {TENANT_COLUMNS} FROM tenants WHERE (created_at, id) < ($1, $2) \
-                     ORDER BY created_at DESC, id DESC LIMIT $3"
-                );
-                let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
-                let at = micros(cursor.created_at);
-                client.query(&stmt, &[&at, &cursor.id, &limit]).await
-            }
-        }
-        .map_err(db_err)?;
-        rows.iter().map(|r| tenant_row(r)?.into_record()).collect()
+            .map_err(db_err)?;
+            rows.iter().map(|r| tenant_row(r)?.into_record()).collect()
+        })
+        .await
     }
 
     async fn count_tenants(&self) -> StoreResult<u64> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("SELECT COUNT(*) FROM tenants")
-            .await
-            .map_err(db_err)?;
-        let row = client.query_one(&stmt, &[]).await.map_err(db_err)?;
-        let n: i64 = row.try_get(0).map_err(db_err)?;
-        u64::try_from(n).map_err(|_| StoreError::Backend("negative tenant count".into()))
+        self.with_client(async |client: &mut Client| {
+            let stmt = client
+                .prepare_cached("SELECT COUNT(*) FROM tenants")
+                .await
+                .map_err(db_err)?;
+            let row = client.query_one(&stmt, &[]).await.map_err(db_err)?;
+            let n: i64 = row.try_get(0).map_err(db_err)?;
+            u64::try_from(n).map_err(|_| StoreError::Backend("negative tenant count".into()))
+        })
+        .await
     }
 
     async fn update_tenant(
@@ -600,38 +625,40 @@ impl Store for PostgresStore {
         if !storable_key(id) {
             return Err(StoreError::NotFound);
         }
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_err)?;
-        let select = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR UPDATE");
-        let stmt = tx.prepare_cached(&select).await.map_err(db_err)?;
-        let current = tx.query_opt(&stmt, &[&id]).await.map_err(db_err)?;
-        let current = tenant_row(&current.ok_or(StoreError::NotFound)?)?;
-        if current.version != expected_version {
-            return Err(StoreError::Conflict);
-        }
-        let r = apply_changes(current, changes, now_micros())?;
-        let stmt = tx.prepare_cached(UPDATE_TENANT).await.map_err(db_err)?;
-        let params: [Param<'_>; 12] = [
-            &r.id,
-            &expected_version,
-            &r.name,
-            &r.integration_key,
-            &r.sealed_token,
-            &r.upstream_url,
-            &r.upstream_transport,
-            &r.enabled,
-            &r.rate_rps,
-            &r.rate_burst,
-            &r.updated_at,
-            &r.version,
-        ];
-        if tx.execute(&stmt, &params).await.map_err(db_err)? != 1 {
-            return Err(StoreError::Conflict);
-        }
-        // Delivered to every replica's listener when (and only if) the change commits.
-        tx.execute(NOTIFY_TENANT, &[&r.id]).await.map_err(db_err)?;
-        tx.commit().await.map_err(db_err)?;
-        r.into_record()
+        self.with_client(async |client: &mut Client| {
+            let tx = client.transaction().await.map_err(db_err)?;
+            let select = format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE id = $1 FOR UPDATE");
+            let stmt = tx.prepare_cached(&select).await.map_err(db_err)?;
+            let current = tx.query_opt(&stmt, &[&id]).await.map_err(db_err)?;
+            let current = tenant_row(&current.ok_or(StoreError::NotFound)?)?;
+            if current.version != expected_version {
+                return Err(StoreError::Conflict);
+            }
+            let r = apply_changes(current, changes, now_micros())?;
+            let stmt = tx.prepare_cached(UPDATE_TENANT).await.map_err(db_err)?;
+            let params: [Param<'_>; 12] = [
+                &r.id,
+                &expected_version,
+                &r.name,
+                &r.integration_key,
+                &r.sealed_token,
+                &r.upstream_url,
+                &r.upstream_transport,
+                &r.enabled,
+                &r.rate_rps,
+                &r.rate_burst,
+                &r.updated_at,
+                &r.version,
+            ];
+            if tx.execute(&stmt, &params).await.map_err(db_err)? != 1 {
+                return Err(StoreError::Conflict);
+            }
+            // Delivered to every replica's listener when (and only if) the change commits.
+            tx.execute(NOTIFY_TENANT, &[&r.id]).await.map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            r.into_record()
+        })
+        .await
     }
 
     async fn rotate_api_key(&self, id: &str, new_hash: &[u8]) -> StoreResult<TenantRecord> {
@@ -653,12 +680,14 @@ impl Store for PostgresStore {
         if !storable_key(id) {
             return Err(StoreError::NotFound);
         }
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(DELETE_TENANT).await.map_err(db_err)?;
-        match client.execute(&stmt, &[&id]).await.map_err(db_err)? {
-            0 => Err(StoreError::NotFound),
-            _ => Ok(()),
-        }
+        self.with_client(async |client: &mut Client| {
+            let stmt = client.prepare_cached(DELETE_TENANT).await.map_err(db_err)?;
+            match client.execute(&stmt, &[&id]).await.map_err(db_err)? {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(()),
+            }
+        })
+        .await
     }
 
     async fn append_audit(&self, events: &[AuditRecord]) -> StoreResult<()> {
@@ -698,25 +727,29 @@ impl Store for PostgresStore {
         }
         params.push(&limit);
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len()));
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
-        let rows = client.query(&stmt, &params).await.map_err(db_err)?;
-        rows.iter().map(|r| audit_row(r)?.into_record()).collect()
+        self.with_client(async |client: &mut Client| {
+            let stmt = client.prepare_cached(&sql).await.map_err(db_err)?;
+            let rows = client.query(&stmt, &params).await.map_err(db_err)?;
+            rows.iter().map(|r| audit_row(r)?.into_record()).collect()
+        })
+        .await
     }
 
     async fn prune_audit(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "DELETE FROM audit_events WHERE id IN \
-                 (SELECT id FROM audit_events WHERE at < $1 ORDER BY at LIMIT $2)",
-            )
-            .await
-            .map_err(db_err)?;
-        client
-            .execute(&stmt, &[&micros(before), &i64::from(limit)])
-            .await
-            .map_err(db_err)
+        self.with_client(async |client: &mut Client| {
+            let stmt = client
+                .prepare_cached(
+                    "DELETE FROM audit_events WHERE id IN \
+                     (SELECT id FROM audit_events WHERE at < $1 ORDER BY at LIMIT $2)",
+                )
+                .await
+                .map_err(db_err)?;
+            client
+                .execute(&stmt, &[&micros(before), &i64::from(limit)])
+                .await
+                .map_err(db_err)
+        })
+        .await
     }
 }
 
