@@ -1,7 +1,7 @@
 //! Wiring and the order of things: open the store and migrate, build the credential
 //! checker, tenant admin and tenant runtime, serve HTTP; on shutdown, drain in the order
-//! DESIGN.md gives (readiness off, in-flight work finishes, actors stop and flush, the
-//! store closes).
+//! DESIGN.md gives (readiness off, in-flight work finishes, actors stop and flush, queued
+//! audit events are written, background tasks end).
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! The HTTP layer (axum): the router, its state, the middleware stack and the OpenAPI
-//! description generated from the same route definitions (utoipa-axum), so the served
-//! routes and `/openapi.json` cannot drift apart.
+//! description of the REST routes ([`api_routes`]) generated from the same route
+//! definitions (utoipa-axum), so those routes and `/openapi.json` cannot drift apart. The
+//! MCP endpoint (`/mcp/{tenantId}`) is mounted beside them and is not in the description.
 
 pub mod error;
 pub mod extract;

@@ -2,10 +2,11 @@
 //! (deadpool-postgres, for production and fleets) and an embedded SQLite file (the
 //! default, so a fresh clone runs with nothing else installed).
 //!
-//! The store holds only what must survive a restart: tenants (with the upstream token
-//! already sealed by [`crate::cipher`] and the API key already hashed), the audit trail,
-//! and the digests of MCP sessions their clients ended. It knows nothing of HTTP, actors
-//! or credentials in the clear.
+//! The store holds only what must survive a restart or be shared by a fleet: tenants (with
+//! the upstream token already sealed by [`crate::cipher`] and the API key already hashed),
+//! the audit trail, the digests of MCP sessions their clients ended, and the replicas of a
+//! fleet with when each was last seen ([`replicas`]; only PostgreSQL fills it). It knows
+//! nothing of HTTP, actors or credentials in the clear.
 
 pub mod change_feed;
 mod columns;

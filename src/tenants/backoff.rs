@@ -1,5 +1,6 @@
-//! Exponential back-off with full jitter, for restarting crashed tenant actors and for
-//! pausing a tenant whose upstream keeps failing.
+//! Exponential back-off with equal jitter (a random point in the upper half of each
+//! interval), for restarting crashed tenant actors and for pausing a tenant whose upstream
+//! keeps failing.
 
 use std::time::Duration;
 

@@ -5,11 +5,16 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnectionState {
-    /// No actor runs (never called, idle, or stopped).
+    /// No connection: no actor runs (never called, idle, or stopped), or its actor runs
+    /// but has not connected yet, or its last connection attempt or connection failed
+    /// (fewer failures in a row than the failing threshold; the next call connects again).
     Stopped,
     Connecting,
     Ready,
-    /// Restarted too often within the window; calls get 503 until the back-off ends.
+    /// Either its actor restarted too often within the window (calls get 503 `unavailable`
+    /// until the back-off ends), or its upstream failed too many times in a row (calls get
+    /// 502 `upstream_error` with `Retry-After`, without trying the upstream, until the
+    /// back-off ends).
     Failing,
 }
 

@@ -1,5 +1,6 @@
 //! Upstream failures, sorted into the few kinds the gateway answers differently (502 for an
-//! unreachable or misbehaving upstream, 504 for a timeout, a retry for a closed connection).
+//! unreachable or misbehaving upstream or a closed connection, 504 for a timeout). Nothing
+//! is retried: a connection that failed or closed is dropped and the next call reconnects.
 //!
 //! Messages are built from rmcp and reqwest errors, which never contain the bearer token (it
 //! lives only in a header). The URL's query (`integrationKey`) is cut out all the same, so a
