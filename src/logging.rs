@@ -105,8 +105,11 @@ fn find_scheme(text: &str) -> Option<usize> {
     let mut from = 0;
     while let Some(found) = text[from..].find("://") {
         let colon = from + found;
-        let start = text[..colon]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        // By bytes: a scheme is ASCII, so the byte after any other one (the last byte of
+        // a multi-byte character included) starts a character.
+        let start = text.as_bytes()[..colon]
+            .iter()
+            .rposition(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')))
             .map_or(0, |i| i + 1);
         if start < colon {
             return Some(start);
@@ -117,31 +120,31 @@ fn find_scheme(text: &str) -> Option<usize> {
 }
 
 fn ends_url(c: char) -> bool {
-    c.is_whitespace() || matches!(c, '"' | '\'' | '\\' | '<' | '>' | '`')
+    c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\' | '<' | '>' | '`')
 }
 
-/// One URL (`scheme://rest`), without its user information and query.
+/// One URL (`scheme://rest`), without its user information and query. User information
+/// runs to the last `@` of the URL: a password may hold a raw `/`, `?` or `#`, and cutting
+/// there would leave part of it.
 fn redact_one(url: &str) -> Cow<'_, str> {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let authority_len = url[after_scheme..]
-        .find(['/', '?', '#'])
-        .unwrap_or(url.len() - after_scheme);
-    let authority = &url[after_scheme..after_scheme + authority_len];
-    let tail = &url[after_scheme + authority_len..];
-    let user = authority.rfind('@');
+    let rest = &url[after_scheme..];
+    let (user, rest) = match rest.rfind('@') {
+        Some(at) => (true, &rest[at + 1..]),
+        None => (false, rest),
+    };
+    let host_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (host, tail) = rest.split_at(host_len);
     let query = tail.find(['?', '#']);
-    if user.is_none() && query.is_none() {
+    if !user && query.is_none() {
         return Cow::Borrowed(url);
     }
     let mut out = String::with_capacity(url.len());
     out.push_str(&url[..after_scheme]);
-    match user {
-        Some(at) => {
-            out.push_str("…@");
-            out.push_str(&authority[at + 1..]);
-        }
-        None => out.push_str(authority),
+    if user {
+        out.push_str("…@");
     }
+    out.push_str(host);
     match query {
         Some(q) => {
             out.push_str(&tail[..q]);
@@ -171,6 +174,23 @@ mod tests {
                 "db postgres://user:pw@db:5432/x#frag and https://a.b?k=v end",
                 "db postgres://…@db:5432/x?… and https://a.b?… end",
             ),
+            // Not even part of a password with a raw `/`, `?` or `#` in it.
+            (
+                "postgres://u:pa/ss#w?rd@db/x done",
+                "postgres://…@db/x done",
+            ),
+            // A multi-byte character right before the scheme or the `://`.
+            ("éhttp://x?k=v", "éhttp://x?…"),
+            (
+                "链接：https://a.example/p?k=v",
+                "链接：https://a.example/p?…",
+            ),
+            ("«https://a?k=v»", "«https://a?…"),
+            // A control character (an ANSI colour code) ends a URL.
+            (
+                "{url=https://a/p?k=v\u{1b}[0m}",
+                "{url=https://a/p?…\u{1b}[0m}",
+            ),
         ];
         for (line, want) in cases {
             assert_eq!(redact_urls(line), want, "{line}");
@@ -185,6 +205,7 @@ mod tests {
             "https://example.com/",
             "http://",
             "a :// b",
+            "é://x?k=v",
         ] {
             assert!(matches!(redact_urls(line), Cow::Borrowed(_)), "{line}");
         }

@@ -647,6 +647,46 @@ async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::R
 }
 
 #[tokio::test]
+async fn callers_waiting_for_a_tool_list_are_bounded() -> anyhow::Result<()> {
+    // While a list loads, as many callers may wait for it as calls may be in flight; the
+    // next one is told the tenant is busy at once instead of queueing without bound.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_max_in_flight = 2;
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    assert_eq!(
+        gw.tool(&t, json!({"method": "listTools"})).await?.0,
+        StatusCode::OK
+    );
+    upstream.hold_next_list();
+    let refresh = spawn_tool(&gw, &t, json!({"method": "refreshTools"}));
+    upstream.wait_for_held_lists(1).await?;
+    let mut lists: Vec<_> = (0..2)
+        .map(|_| spawn_tool(&gw, &t, json!({"method": "listTools"})))
+        .collect();
+    // One of the two finds both places taken: answered before the list is let go.
+    let (first, done, rest) = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::future::select_all(lists.iter_mut()),
+    )
+    .await
+    .context("no caller was turned away while the list was held")?;
+    let (status, body) = first??;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    drop(rest);
+    lists.remove(done);
+    upstream.release_list();
+    assert_eq!(refresh.await??.0, StatusCode::OK);
+    for list in lists {
+        let (status, body) = list.await??;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_list_asked_while_the_tools_keep_changing_is_answered() -> anyhow::Result<()> {
     // Every list the upstream sends is stale by the time it arrives (its tools changed
     // meanwhile). Waiting for a list that is not stale would wait for ever: the caller

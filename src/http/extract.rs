@@ -223,7 +223,7 @@ where
         match auth.admin(bearer(&parts.headers)) {
             Ok(()) => Ok(Admin),
             Err(err) => Err(limiter
-                .admin_refused(&parts.headers, peer)
+                .refused(&parts.headers, peer)
                 .unwrap_or_else(|| err.into())),
         }
     }
@@ -248,7 +248,7 @@ pub async fn refuse_credential(
 ) -> ApiError {
     let (headers, extensions) = parts;
     if matches!(err, AuthError::Unauthorized | AuthError::Forbidden) {
-        if let Err(limited) = limiter.admit(headers, peer_of(extensions)) {
+        if let Some(limited) = limiter.refused(headers, peer_of(extensions)) {
             return limited;
         }
         let request_id = extensions.get::<RequestId>().map(|r| r.0.as_str());

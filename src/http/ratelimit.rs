@@ -1,14 +1,22 @@
 //! The per-client-address limit against key guessing (`AUTH_RATE_LIMIT` requests per
 //! second, `AUTH_RATE_BURST`): every request to the token endpoints, and every refused
-//! credential on a tenant or admin route, spends from it. An address that has used up its
-//! budget is blocked until it refills: no admin credential is checked for it (so a right
-//! guess of `ADMIN_API_KEY` is refused with 429 as well), and a tenant API key it sends is
-//! looked up only in the credential cache, never in the store, so that guessing keys
-//! cannot drive database reads at any rate an anonymous caller likes.
+//! credential on a tenant or admin route, spends from it. An address whose refused
+//! credentials ran its budget out is blocked until it refills: no admin credential is
+//! checked for it (so a right guess of `ADMIN_API_KEY` is refused with 429 as well), and a
+//! tenant API key it sends is looked up only in the credential cache, never in the store,
+//! so that guessing keys cannot drive database reads at any rate an anonymous caller likes.
+//! Token requests spend without blocking: a client exchanging many keys is not guessing.
 //!
+//! The client address is the socket peer, or the right-most `X-Forwarded-For` address (the
+//! one the proxy in front added) when `TRUST_PROXY` is set (only behind a proxy you run).
+//! An IPv6 address counts by its /64 prefix, the block one host is usually given, so that
+//! a host cannot dodge its limit (or grow the table) by changing address. Per-tenant limits
+//! are not here: the tenant actor owns them.
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,6 +37,9 @@ pub struct AuthLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// Addresses that ran out of budget, and until when.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+    /// Whether `blocked` may hold an address: false, as it is unless someone is guessing,
+    /// every tenant request skips its lock.
+    any_blocked: AtomicBool,
     trust_proxy: bool,
 }
 
@@ -39,40 +50,42 @@ impl AuthLimiter {
         Self {
             limiter: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             blocked: Mutex::new(HashMap::new()),
+            any_blocked: AtomicBool::new(false),
             trust_proxy: config.trust_proxy,
         }
     }
 
-    /// Spends one request of `client`'s budget; `Err` holds how long to wait, and the
-    /// address stays blocked (see [`Self::blocked`]) that long.
+    /// Spends one request of `client`'s budget; `Err` holds how long to wait.
     pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
-        self.limiter.check_key(&client).map_err(|not_until| {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            // A poisoned lock is taken as it is: the map holds only instants.
-            let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
-            blocked.insert(client, Instant::now() + wait);
-            wait
-        })
+        self.limiter
+            .check_key(&client)
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     /// Spends one request of the caller's budget: the client address from `headers` and
     /// the socket `peer`, as [`Self::client_of`] says. Past it, 429 `rate_limited`.
     pub fn admit(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
-        self.check(self.client_of(headers, peer))
-            .map_err(|retry_after| {
-                crate::metrics::rate_limited("auth");
-                ApiError::RateLimited { retry_after }
-            })
+        self.check(self.client_of(headers, peer)).map_err(limited)
+    }
+
+    /// A refused credential (tenant or admin route): spends from the caller's budget; past
+    /// it, the address is blocked (see [`Self::blocked`]) until it refills, and the answer
+    /// is 429.
+    pub fn refused(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
+        let client = self.client_of(headers, peer);
+        let wait = self.check(client).err()?;
+        // A poisoned lock is taken as it is: the map holds only instants.
+        let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
+        blocked.insert(client, Instant::now() + wait);
+        self.any_blocked.store(true, Ordering::Release);
+        Some(limited(wait))
     }
 
     /// 429 while the caller's address is out of budget, without spending from it. Taken
     /// before an admin credential is checked.
     pub fn blocked(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
         match self.blocked_for(self.client_of(headers, peer)) {
-            Some(retry_after) => {
-                crate::metrics::rate_limited("auth");
-                Err(ApiError::RateLimited { retry_after })
-            }
+            Some(retry_after) => Err(limited(retry_after)),
             None => Ok(()),
         }
     }
@@ -80,22 +93,21 @@ impl AuthLimiter {
     /// Whether the caller's address is out of budget: a tenant route then looks its API
     /// key up in the credential cache only (`TenantCredentials::cached_only`).
     pub fn is_blocked(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> bool {
-        self.blocked_for(self.client_of(headers, peer)).is_some()
+        // Every tenant request asks: the address is not worked out while nobody is blocked.
+        self.any_blocked.load(Ordering::Acquire)
+            && self.blocked_for(self.client_of(headers, peer)).is_some()
     }
 
     /// How long `client` stays blocked, if it is.
     fn blocked_for(&self, client: IpAddr) -> Option<Duration> {
+        if !self.any_blocked.load(Ordering::Acquire) {
+            return None;
+        }
         let blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
         let left = blocked
             .get(&client)?
             .checked_duration_since(Instant::now())?;
         (!left.is_zero()).then_some(left)
-    }
-
-    /// A refused admin credential: spends from the caller's budget; past it, the address
-    /// is blocked (see [`Self::blocked`]) and the answer is 429.
-    pub fn admin_refused(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
-        self.admit(headers, peer).err()
     }
 
     /// Addresses tracked now (for tests of the memory bound).
@@ -111,6 +123,9 @@ impl AuthLimiter {
         let now = Instant::now();
         blocked.retain(|_, until| *until > now);
         blocked.shrink_to_fit();
+        // Under the lock, so that no insert is missed between the two.
+        self.any_blocked
+            .store(!blocked.is_empty(), Ordering::Release);
     }
 
     /// Forgets, every minute until shutdown, the addresses whose limit is back to full,
@@ -144,6 +159,12 @@ impl AuthLimiter {
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         counted_as(address)
     }
+}
+
+/// The 429 of an address past its budget, counted.
+fn limited(retry_after: Duration) -> ApiError {
+    crate::metrics::rate_limited("auth");
+    ApiError::RateLimited { retry_after }
 }
 
 /// An IPv4 address as it is (also when written IPv4-mapped in IPv6); an IPv6 address as its
@@ -269,20 +290,23 @@ mod tests {
         let other = Some(SocketAddr::from(([192, 0, 2, 2], 4000)));
         for _ in 0..2 {
             assert!(limiter.blocked(&headers, guesser).is_ok());
-            assert!(limiter.admin_refused(&headers, guesser).is_none());
+            assert!(limiter.refused(&headers, guesser).is_none());
         }
-        let limited = limiter.admin_refused(&headers, guesser);
+        let limited = limiter.refused(&headers, guesser);
         assert!(matches!(limited, Some(ApiError::RateLimited { .. })));
         assert!(matches!(
             limiter.blocked(&headers, guesser),
             Err(ApiError::RateLimited { .. })
         ));
         assert!(limiter.blocked(&headers, other).is_ok());
-        // Any budget spent out blocks, the token endpoints' too.
+        // Token requests spend the same budget, but do not block: exchanging keys is not
+        // guessing them.
         assert!(limiter.admit(&headers, other).is_ok());
         assert!(limiter.admit(&headers, other).is_ok());
         assert!(limiter.admit(&headers, other).is_err());
-        assert!(limiter.blocked(&headers, other).is_err());
+        assert!(limiter.blocked(&headers, other).is_ok());
+        assert!(!limiter.is_blocked(&headers, other));
+        assert!(limiter.is_blocked(&headers, guesser));
     }
 
     #[test]

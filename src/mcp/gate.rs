@@ -16,6 +16,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
+use tracing::Instrument;
 
 use rmcp::model::{InitializeRequestParams, ProtocolVersion};
 
@@ -211,18 +212,20 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     // longer by as much as replicas' clocks may be apart).
     let kept_secs = SESSION_ID_LIFETIME.as_secs() + CLOCK_SKEW_ALLOWED.as_secs();
     let forget_before = now - chrono::Duration::seconds(kept_secs as i64);
-    gate.store.end_session(&digest, now, forget_before).await?;
-    // rmcp closes this replica's copy, if it has one. The end is on record now, so the
-    // rest runs to its end in a task of its own even if the client hangs up (or the
-    // request timeout cuts it): this replica must not go on serving an ended session.
-    let limits = gate.limits.clone();
-    let rest = tokio::spawn(async move {
+    // In a task of its own, so that it runs to its end even if the client hangs up (or
+    // the request timeout cuts it) once the store may have the end on record: this
+    // replica must not go on serving a session the fleet has ended.
+    let (store, limits) = (gate.store.clone(), gate.limits.clone());
+    let ending = async move {
+        store.end_session(&digest, now, forget_before).await?;
+        // rmcp closes this replica's copy, if it has one.
         let response = next.run(req).await;
         limits.ended(digest);
-        response
-    });
-    rest.await
-        .map_err(|err| ApiError::Internal(format!("ending an MCP session: {err}")))
+        Ok::<_, ApiError>(response)
+    };
+    tokio::spawn(ending.in_current_span())
+        .await
+        .map_err(|err| ApiError::Internal(format!("ending an MCP session: {err}")))?
 }
 
 /// Why rmcp refuses a `DELETE` by its `MCP-Protocol-Version`: a version it does not know

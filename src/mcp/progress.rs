@@ -21,8 +21,8 @@ use crate::upstream::ProgressSink;
 const QUEUE: usize = 32;
 
 /// How long relaying one notification may wait for room on the client's stream. The call
-/// is not polled meanwhile (its progress is relayed in order, before its result), so this
-/// bounds how long a client that stopped reading can hold it.
+/// is not polled meanwhile (its progress is relayed in order, before its result); past it
+/// the relay stops trying, so a client that stopped reading holds its call up once.
 const SEND: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Passes one call's upstream progress to the client that asked for it.
@@ -31,6 +31,9 @@ pub struct ProgressRelay {
     token: ProgressToken,
     peer: Peer<RoleServer>,
     updates: mpsc::Receiver<ProgressNotificationParam>,
+    /// A send timed out: the client is not reading, and the rest is dropped (and counted)
+    /// without waiting, so that it cannot hold the call up any longer.
+    stalled: bool,
 }
 
 impl ProgressRelay {
@@ -47,6 +50,7 @@ impl ProgressRelay {
             token,
             peer: context.peer.clone(),
             updates,
+            stalled: false,
         };
         (Some(sink), Some(relay))
     }
@@ -60,14 +64,24 @@ impl ProgressRelay {
         relayed
     }
 
-    async fn relay(&self, update: ProgressNotificationParam) {
+    async fn relay(&mut self, update: ProgressNotificationParam) {
+        if self.stalled {
+            crate::metrics::progress_dropped(1);
+            return;
+        }
         // Advisory: a client gone away gets its result (or nothing) all the same, and one
-        // that does not read its stream cannot hold the call up for longer than SEND.
+        // that does not read its stream holds the call up once, for SEND at most.
         let sent = tokio::time::timeout(SEND, self.peer.notify_progress(self.readdress(update)));
         match sent.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "could not relay progress to the client"),
-            Err(_) => tracing::debug!("progress not relayed: the client is not reading"),
+            Err(_) => {
+                tracing::debug!(
+                    "the client is not reading: its call's further progress is dropped"
+                );
+                crate::metrics::progress_dropped(1);
+                self.stalled = true;
+            }
         }
     }
 }

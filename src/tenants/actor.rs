@@ -224,50 +224,12 @@ impl Actor for TenantActor {
 }
 
 /// However the actor ends (a panic skips `post_stop`), its lane stops serving calls, and
-/// what its audit buffer still holds goes to the audit writer's queue: after a normal stop
-/// nothing is left, after a panic this is the only way left for it (with the outcome of a
-/// batch write that was in flight: a failed batch goes to the queue too).
+/// what its audit buffer still holds goes to the audit writer's queue (see
+/// [`TenantState::hand_over_audit`]): after a normal stop nothing is left.
 impl Drop for TenantState {
     fn drop(&mut self) {
         self.lane.set(None);
-        let left: Vec<AuditRecord> = self.audit.drain(..).collect();
-        // The writer counts them as waiting again.
-        crate::metrics::audit_pending(-(left.len() as i64));
-        for event in left {
-            self.audit_queue.queue(event);
-        }
-        let Some((write, n)) = self.audit_write.take() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            // No runtime left to wait on it in (the process is ending).
-            write.abort();
-            crate::metrics::audit_dropped(n as u64);
-            crate::metrics::audit_pending(-(n as i64));
-            return;
-        }
-        self.audit_queue.queue_later(async move {
-            match write.await {
-                Ok(Ok(written)) => {
-                    crate::metrics::audit_pending(-(written as i64));
-                    Vec::new()
-                }
-                // Counted again by the writer's queue.
-                Ok(Err(batch)) => {
-                    crate::metrics::audit_pending(-(batch.len() as i64));
-                    batch
-                }
-                Err(_) => {
-                    tracing::error!(
-                        events = n,
-                        "an audit batch write of a crashed tenant actor failed"
-                    );
-                    crate::metrics::audit_dropped(n as u64);
-                    crate::metrics::audit_pending(-(n as i64));
-                    Vec::new()
-                }
-            }
-        });
+        self.hand_over_audit();
     }
 }
 
@@ -512,6 +474,15 @@ impl TenantState {
         reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
     ) {
         self.last_used = Instant::now();
+        // As many waiting for a load as calls may be in flight (before a refresh spends
+        // the rate limit): callers that gave up leave their place, and a list request that
+        // finds the list fresh spends nothing and never waits.
+        self.tool_waiters.retain(|waiter| !waiter.is_closed());
+        let waits = refresh || self.fresh_tools().is_none();
+        if waits && self.tool_waiters.len() >= self.settings.max_in_flight {
+            let _ = reply.send(Err(busy()));
+            return;
+        }
         if refresh {
             // A refresh asks the upstream again: it counts against the tenant's rate limit
             // as a tool call does (a cached list costs the upstream nothing, and does not).
@@ -523,13 +494,6 @@ impl TenantState {
         }
         if let Some(list) = self.fresh_tools() {
             let _ = reply.send(Ok(list));
-            return;
-        }
-        // As many waiting as calls may be in flight: callers that gave up leave their
-        // place until the load ends, and a list request spends no rate limit.
-        self.tool_waiters.retain(|waiter| !waiter.is_closed());
-        if self.tool_waiters.len() >= self.settings.max_in_flight {
-            let _ = reply.send(Err(busy()));
             return;
         }
         self.tool_waiters.push(reply);
@@ -704,6 +668,48 @@ impl TenantState {
         }
     }
 
+    /// Hands what the audit buffer holds, and the outcome of a batch write in flight (a
+    /// failed batch), to the audit writer's queue, which retries while the store refuses
+    /// and is flushed at shutdown: for a crashed actor, and for a stop whose deadline
+    /// passed with events left.
+    fn hand_over_audit(&mut self) {
+        let left: Vec<AuditRecord> = self.audit.drain(..).collect();
+        // The writer counts them as waiting again.
+        crate::metrics::audit_pending(-(left.len() as i64));
+        for event in left {
+            self.audit_queue.queue(event);
+        }
+        let Some((write, n)) = self.audit_write.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No runtime left to wait on it in (the process is ending).
+            write.abort();
+            crate::metrics::audit_dropped(n as u64);
+            crate::metrics::audit_pending(-(n as i64));
+            return;
+        }
+        self.audit_queue.queue_later(async move {
+            match write.await {
+                Ok(Ok(written)) => {
+                    crate::metrics::audit_pending(-(written as i64));
+                    Vec::new()
+                }
+                // Counted again by the writer's queue.
+                Ok(Err(batch)) => {
+                    crate::metrics::audit_pending(-(batch.len() as i64));
+                    batch
+                }
+                Err(_) => {
+                    tracing::error!(events = n, "an audit batch write of a tenant actor failed");
+                    crate::metrics::audit_dropped(n as u64);
+                    crate::metrics::audit_pending(-(n as i64));
+                    Vec::new()
+                }
+            }
+        });
+    }
+
     fn flush_audit(&mut self, myself: &ActorRef<TenantMsg>) {
         if self.audit_write.is_some() || self.audit.is_empty() {
             return;
@@ -776,23 +782,19 @@ impl TenantState {
                 Ok(Ok(result)) => {
                     self.settle_audit_write(result);
                 }
-                waited => {
-                    write.abort();
-                    let why = if waited.is_err() {
-                        "timed out"
-                    } else {
-                        "failed"
-                    };
+                Ok(Err(_)) => {
                     tracing::error!(
                         events = n,
-                        "an audit batch write {why} on stop: events lost"
+                        "an audit batch write failed on stop: events lost"
                     );
                     crate::metrics::audit_dropped(n as u64);
                     crate::metrics::audit_pending(-(n as i64));
                 }
+                // Still running at the deadline: handed over below.
+                Err(_) => self.audit_write = Some((write, n)),
             }
         }
-        while !self.audit.is_empty() {
+        while self.audit_write.is_none() && !self.audit.is_empty() && Instant::now() < deadline {
             let batch: Vec<AuditRecord> = self.audit.iter().cloned().collect();
             // Each attempt bounded too: a store that hangs must not hold the stop for ever.
             let left = deadline.saturating_duration_since(Instant::now());
@@ -801,17 +803,19 @@ impl TenantState {
                     crate::metrics::audit_pending(-(batch.len() as i64));
                     self.audit.clear();
                 }
-                Err(err) if Instant::now() < deadline => {
-                    tracing::warn!(error = %err, "audit flush on stop failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
                 Err(err) => {
-                    tracing::error!(error = %err, events = batch.len(), "audit events lost on stop");
-                    crate::metrics::audit_dropped(batch.len() as u64);
-                    crate::metrics::audit_pending(-(batch.len() as i64));
-                    self.audit.clear();
+                    tracing::warn!(error = %err, "audit flush on stop failed; retrying");
+                    let pause = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
                 }
             }
+        }
+        if self.audit_write.is_some() || !self.audit.is_empty() {
+            tracing::warn!(
+                events = self.audit.len(),
+                "audit events not written by the actor's stop: handed to the audit writer"
+            );
+            self.hand_over_audit();
         }
         if let Connection::Ready(client) = &self.connection {
             client.close().await;
