@@ -88,6 +88,7 @@ impl App {
                 tenants,
                 lifecycle,
                 auth_limiter,
+                probe: Arc::default(),
             },
         })
     }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub lifecycle: Arc<Lifecycle>,
     /// The per-address limit of the token endpoints.
     pub auth_limiter: Arc<ratelimit::AuthLimiter>,
+    /// The probes' database check, one ping at a time.
+    pub probe: Arc<routes::health::DatabaseProbe>,
 }
 
 #[derive(OpenApi)]

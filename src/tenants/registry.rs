@@ -4,7 +4,7 @@
 //! them all on shutdown. The [`Directory`] it keeps is shared read-only with the
 //! [`super::runtime::TenantRuntime`], so routing a call to a running actor costs a map read.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -188,6 +188,8 @@ struct RecentChanges {
     tenants: HashMap<String, Instant>,
     /// When every tenant was announced changed (the fleet listener missed notifications).
     all: Option<Instant>,
+    /// The tenants read again since `all`: each is read once after it, not on every start.
+    settled_since_all: HashSet<String>,
 }
 
 impl RecentChanges {
@@ -199,17 +201,29 @@ impl RecentChanges {
 
     fn all(&mut self, now: Instant) {
         self.tenants.clear();
+        self.settled_since_all.clear();
         self.all = Some(now);
     }
 
     fn recent(&self, tenant_id: &str, now: Instant) -> bool {
         let fresh = |at: &Instant| now.duration_since(*at) < STALE_RECORD_WINDOW;
-        self.all.as_ref().is_some_and(fresh) || self.tenants.get(tenant_id).is_some_and(fresh)
+        let all =
+            self.all.as_ref().is_some_and(fresh) && !self.settled_since_all.contains(tenant_id);
+        all || self.tenants.get(tenant_id).is_some_and(fresh)
     }
 
     /// The tenant was read again after its last change: records from now on are current.
-    fn settled(&mut self, tenant_id: &str) {
+    fn settled(&mut self, tenant_id: &str, now: Instant) {
         self.tenants.remove(tenant_id);
+        match self.all {
+            Some(at) if now.duration_since(at) < STALE_RECORD_WINDOW => {
+                self.settled_since_all.insert(tenant_id.to_owned());
+            }
+            _ => {
+                self.all = None;
+                self.settled_since_all = HashSet::new();
+            }
+        }
     }
 }
 
@@ -261,6 +275,11 @@ impl Actor for RegistryActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RegistryMsg::Start { record, reply } => {
+                // A caller that gave up (its request timed out while this mailbox was
+                // busy) is not worth a start, nor the store read a start may need.
+                if reply.is_closed() {
+                    return Ok(());
+                }
                 let result = state.start(&myself, *record, true).await;
                 let _ = reply.send(result);
             }
@@ -412,7 +431,7 @@ impl RegistryState {
         };
         match now {
             Some(now) if now.enabled => {
-                self.changes.settled(&now.id);
+                self.changes.settled(&now.id, Instant::now());
                 Ok(now)
             }
             _ => Err(CallError::Unavailable {
@@ -538,5 +557,32 @@ impl RegistryState {
             .values()
             .map(|(_, actor)| actor.wait(Some(grace)));
         futures::future::join_all(stops).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_full_reload_each_tenant_is_read_again_once() {
+        let mut changes = RecentChanges::default();
+        let now = Instant::now();
+        assert!(!changes.recent("a", now));
+        changes.all(now);
+        assert!(changes.recent("a", now) && changes.recent("b", now));
+        changes.settled("a", now);
+        assert!(!changes.recent("a", now), "read again since the reload");
+        assert!(changes.recent("b", now), "not read yet");
+        // A change of its own after that makes it recent again.
+        changes.one("a", now);
+        assert!(changes.recent("a", now));
+        changes.settled("a", now);
+        assert!(!changes.recent("a", now));
+        // Another reload: every tenant once more.
+        changes.all(now);
+        assert!(changes.recent("a", now));
+        // Past the window nothing is recent.
+        assert!(!changes.recent("b", now + STALE_RECORD_WINDOW));
     }
 }
