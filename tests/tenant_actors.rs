@@ -81,15 +81,7 @@ async fn the_seed_flow_lists_and_calls_tools_unchanged() -> anyhow::Result<()> {
     // After the drain (the actor flushes its audit buffer) every tool call is on record,
     // as read by a gateway started again on the same store.
     let gw = gw.restart().await?;
-    let (status, _, audit) = gw
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/tenant/{}/audit?action=tool.call", t.id),
-            &[("x-api-key", &t.api_key)],
-            None,
-        )
-        .await?;
-    assert_eq!(status, StatusCode::OK, "{audit}");
+    let audit = tool_call_audit(&gw, &t).await?;
     let calls: Vec<(&str, &str)> = audit["items"]
         .as_array()
         .unwrap()
@@ -184,6 +176,20 @@ fn spawn_tool(
     })
 }
 
+/// The tenant's `tool.call` audit trail, newest first, as the tenant reads it.
+async fn tool_call_audit(gw: &TestGateway, t: &CreatedTenant) -> anyhow::Result<Value> {
+    let (status, _, audit) = gw
+        .send(
+            reqwest::Method::GET,
+            &format!("/api/tenant/{}/audit?action=tool.call", t.id),
+            &[("x-api-key", &t.api_key)],
+            None,
+        )
+        .await?;
+    anyhow::ensure!(status == StatusCode::OK, "audit: {status} {audit}");
+    Ok(audit)
+}
+
 /// A tenant whose upstream connection is up (one `echo` served): its upstream, the gateway,
 /// the tenant and the `echo` call.
 async fn connected_tenant() -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, Value)> {
@@ -257,15 +263,7 @@ async fn a_request_cut_off_by_its_timeout_is_audited_as_a_timeout() -> anyhow::R
     upstream.set_hang(false);
     // The client was told it timed out: the audit trail says the same.
     let gw = gw.restart().await?;
-    let (status, _, audit) = gw
-        .send(
-            reqwest::Method::GET,
-            &format!("/api/tenant/{}/audit?action=tool.call", t.id),
-            &[("x-api-key", &t.api_key)],
-            None,
-        )
-        .await?;
-    assert_eq!(status, StatusCode::OK, "{audit}");
+    let audit = tool_call_audit(&gw, &t).await?;
     assert_eq!(audit["items"][0]["tool"], "echo", "{audit}");
     assert_eq!(audit["items"][0]["outcome"], "timeout", "{audit}");
     gw.stop().await
@@ -372,12 +370,9 @@ async fn a_panicking_actor_leaves_no_audit_event_unwritten() -> anyhow::Result<(
         assert_eq!(gw.tool(&t, echo).await?.0, StatusCode::OK);
     }
     assert!(gw.tenants.inject_panic(&t.id));
-    let path = format!("/api/tenant/{}/audit?action=tool.call", t.id);
-    let headers = [("x-api-key", t.api_key.as_str())];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (status, _, audit) = gw.send(reqwest::Method::GET, &path, &headers, None).await?;
-        assert_eq!(status, StatusCode::OK, "{audit}");
+        let audit = tool_call_audit(&gw, &t).await?;
         let written = audit["items"].as_array().map_or(0, Vec::len);
         if written == 3 {
             break;

@@ -251,7 +251,7 @@ pub async fn refuse_credential(
         if let Some(limited) = limiter.refused(headers, peer_of(extensions)) {
             return limited;
         }
-        let request_id = extensions.get::<RequestId>().map(|r| r.0.as_str());
+        let request_id = extensions.get::<RequestId>().map(|r| r.id.as_str());
         crate::audit::credential_refused(audit, tenant_id, &err, request_id).await;
     }
     err.into()

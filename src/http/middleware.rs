@@ -19,14 +19,14 @@ use crate::shutdown::Lifecycle;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The request id, as a request extension for handlers that record it (audit).
+/// The request id, and when the request reached the gateway, as one request extension
+/// for handlers that record them (audit).
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
-
-/// When the request reached the gateway, as a request extension: `REQUEST_TIMEOUT_MS`
-/// counts from about here.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestStarted(pub Instant);
+pub struct RequestId {
+    pub id: String,
+    /// `REQUEST_TIMEOUT_MS` counts from about here.
+    pub started: Instant,
+}
 
 /// Routes that answer during a drain: probes must see the drain, not be refused by it.
 fn serves_while_draining(path: &str) -> bool {
@@ -49,7 +49,6 @@ pub async fn request_context(
 ) -> Response {
     let lifecycle = &edge.lifecycle;
     let started = Instant::now();
-    req.extensions_mut().insert(RequestStarted(started));
     let request_id = req
         .headers()
         .get(&REQUEST_ID)
@@ -57,7 +56,10 @@ pub async fn request_context(
         .filter(|v| is_sane_request_id(v))
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    req.extensions_mut().insert(RequestId(request_id.clone()));
+    req.extensions_mut().insert(RequestId {
+        id: request_id.clone(),
+        started,
+    });
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,

@@ -98,7 +98,7 @@ fn request_id_of(context: &RequestContext<RoleServer>) -> Option<String> {
         .extensions
         .get::<http::request::Parts>()
         .and_then(|parts| parts.extensions.get::<RequestId>())
-        .map(|id| id.0.clone())
+        .map(|id| id.id.clone())
 }
 
 impl ServerHandler for TenantMcp {

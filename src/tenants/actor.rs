@@ -233,6 +233,14 @@ impl Drop for TenantState {
     }
 }
 
+/// A batch write whose task ended without an outcome (it panicked, or was aborted): its
+/// `n` events are lost, and counted so.
+fn batch_lost(n: usize) {
+    tracing::error!(events = n, "an audit batch write failed: events lost");
+    crate::metrics::audit_dropped(n as u64);
+    crate::metrics::audit_pending(-(n as i64));
+}
+
 fn set_status(status: &Mutex<UpstreamStatus>, change: impl FnOnce(&mut UpstreamStatus)) {
     if let Ok(mut s) = status.lock() {
         change(&mut s);
@@ -685,8 +693,7 @@ impl TenantState {
         if tokio::runtime::Handle::try_current().is_err() {
             // No runtime left to wait on it in (the process is ending).
             write.abort();
-            crate::metrics::audit_dropped(n as u64);
-            crate::metrics::audit_pending(-(n as i64));
+            batch_lost(n);
             return;
         }
         self.audit_queue.queue_later(async move {
@@ -701,9 +708,7 @@ impl TenantState {
                     batch
                 }
                 Err(_) => {
-                    tracing::error!(events = n, "an audit batch write of a tenant actor failed");
-                    crate::metrics::audit_dropped(n as u64);
-                    crate::metrics::audit_pending(-(n as i64));
+                    batch_lost(n);
                     Vec::new()
                 }
             }
@@ -740,9 +745,7 @@ impl TenantState {
         let written = match write.await {
             Ok(result) => self.settle_audit_write(result),
             Err(_) => {
-                tracing::error!(events = n, "an audit batch write failed");
-                crate::metrics::audit_dropped(n as u64);
-                crate::metrics::audit_pending(-(n as i64));
+                batch_lost(n);
                 false
             }
         };
@@ -782,14 +785,7 @@ impl TenantState {
                 Ok(Ok(result)) => {
                     self.settle_audit_write(result);
                 }
-                Ok(Err(_)) => {
-                    tracing::error!(
-                        events = n,
-                        "an audit batch write failed on stop: events lost"
-                    );
-                    crate::metrics::audit_dropped(n as u64);
-                    crate::metrics::audit_pending(-(n as i64));
-                }
+                Ok(Err(_)) => batch_lost(n),
                 // Still running at the deadline: handed over below.
                 Err(_) => self.audit_write = Some((write, n)),
             }

@@ -46,7 +46,7 @@ pub async fn admin_token(
         .jwt()
         .issue_admin()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let event = audit::event(None, "token.issue", "admin", "ok", Some(&request_id.0));
+    let event = audit::event(None, "token.issue", "admin", "ok", Some(&request_id.id));
     state.audit.write(event).await;
     Ok(Json(AdminToken {
         token: issued.token,
@@ -92,7 +92,7 @@ pub async fn tenant_token(
         "token.issue",
         "tenant",
         "ok",
-        Some(&request_id.0),
+        Some(&request_id.id),
     );
     state.audit.write(event).await;
     Ok(Json(TenantToken {
@@ -108,7 +108,7 @@ async fn refused(state: &AppState, tenant_id: Option<&str>, request_id: &Request
         "auth.refused",
         "anonymous",
         "refused",
-        Some(&request_id.0),
+        Some(&request_id.id),
     );
     state.audit.write(event).await;
 }

@@ -99,7 +99,7 @@ pub struct PageParams {
 fn actor(request_id: &RequestId) -> Actor {
     Actor {
         name: "admin",
-        request_id: Some(request_id.0.clone()),
+        request_id: Some(request_id.id.clone()),
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::audit;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{MeasuredJson, Tenant};
-use crate::http::middleware::{RequestId, RequestStarted};
+use crate::http::middleware::RequestId;
 use crate::http::AppState;
 use crate::tenants::messages::CallError;
 use crate::tenants::runtime::TenantRuntime;
@@ -42,7 +42,6 @@ pub async fn call(
     Tenant(ctx): Tenant,
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    Extension(RequestStarted(request_started)): Extension<RequestStarted>,
     MeasuredJson { body, bytes }: MeasuredJson<ToolRequest>,
 ) -> Result<Response, ApiError> {
     let tenant = &ctx.tenant;
@@ -66,10 +65,10 @@ pub async fn call(
             .audit_arguments
             .then(|| body.params.clone())
             .flatten(),
-        request_id: request_id.0,
+        request_id: request_id.id,
         started: Instant::now(),
         request_bytes: i64::try_from(bytes).ok(),
-        cut_off_at: request_started + state.config.request_timeout,
+        cut_off_at: request_id.started + state.config.request_timeout,
         written: false,
     };
     let result = match pending.tool.as_deref() {
@@ -176,7 +175,7 @@ impl PendingAudit {
 
 impl Drop for PendingAudit {
     fn drop(&mut self) {
-        // The timeout layer starts its timer after `RequestStarted` and fires no earlier
+        // The timeout layer starts its timer after `RequestId::started` and fires no earlier
         // than its deadline: a request it cut off is past `cut_off_at` here.
         let timed_out = Instant::now() >= self.cut_off_at;
         self.record(
