@@ -35,7 +35,7 @@ const RETAIN_EVERY: Duration = Duration::from_secs(60);
 
 pub struct AuthLimiter {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    /// Addresses that ran out of budget, and until when.
+    /// Addresses whose refused credentials ran their budget out, and until when.
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     /// Whether `blocked` may hold an address: false, as it is unless someone is guessing,
     /// every tenant request skips its lock.
