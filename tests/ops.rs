@@ -274,18 +274,9 @@ async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::R
     let gw = TestGateway::start_with(config).await?;
     // A tenant whose key nobody has used yet, so the credential cache does not hold it
     // (created before the address runs out of budget: an admin route refuses it then).
-    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
-    let (status, _, unused) = gw
-        .send(
-            Method::POST,
-            "/api/tenants",
-            &[("authorization", &admin)],
-            Some(tenant_body(&upstream, None)),
-        )
-        .await?;
-    assert_eq!(status, StatusCode::CREATED, "{unused}");
-    let unused_path = format!("/api/tenant/{}/tool", unused["tenantId"].as_str().unwrap());
-    let unused_key = [("x-api-key", unused["apiKey"].as_str().unwrap())];
+    let (unused_id, unused_api_key) = gw.register_tenant(tenant_body(&upstream, None)).await?;
+    let unused_path = format!("/api/tenant/{unused_id}/tool");
+    let unused_key = [("x-api-key", unused_api_key.as_str())];
     // Creating the tenant asks /api/auth/tenant-token once: three requests are left.
     let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
     let path = format!("/api/tenant/{}/tool", tenant.id);

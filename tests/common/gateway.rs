@@ -152,6 +152,14 @@ impl TestGateway {
 
     /// Creates a tenant with `body` (as an admin) and fetches its tenant JWT.
     pub async fn create_tenant(&self, body: Value) -> anyhow::Result<CreatedTenant> {
+        let (id, api_key) = self.register_tenant(body).await?;
+        let token = self.tenant_token(&api_key).await?;
+        Ok(CreatedTenant { id, api_key, token })
+    }
+
+    /// Creates a tenant with `body` (as an admin), and nothing more: its id and API key,
+    /// which nothing has used yet (no token fetched, so no credential cached).
+    pub async fn register_tenant(&self, body: Value) -> anyhow::Result<(String, String)> {
         let admin = format!("Bearer {}", self.config.admin_api_key.expose());
         let (status, _, created) = self
             .send(
@@ -164,8 +172,7 @@ impl TestGateway {
         anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {created}");
         let id = created["tenantId"].as_str().context("tenantId")?.to_owned();
         let api_key = created["apiKey"].as_str().context("apiKey")?.to_owned();
-        let token = self.tenant_token(&api_key).await?;
-        Ok(CreatedTenant { id, api_key, token })
+        Ok((id, api_key))
     }
 
     /// `POST /api/tenant/{id}/tool` with the tenant's API key.
