@@ -319,6 +319,38 @@ async fn a_panicking_actor_restarts_and_no_other_tenant_notices() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn tool_call_events_recorded_as_the_actor_crashes_are_all_written() -> anyhow::Result<()> {
+    // Events recorded right behind the panic used to wait in the actor's mailbox, which
+    // ractor drops with the crashed actor. They go to the tenant's audit buffer now,
+    // which the crashed actor hands to the audit writer whole.
+    let (_upstream, gw, t, _) = connected_tenant().await?;
+    assert!(gw.tenants.inject_panic(&t.id));
+    let ids: Vec<String> = (0..5).map(|n| format!("crash-{n}")).collect();
+    for id in &ids {
+        let mut event =
+            switchboard::audit::event(Some(&t.id), "tool.call", &t.id, "success", Some(id));
+        event.tool = Some("echo".into());
+        gw.tenants.audit(&t.id, event);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let audit = tool_call_audit(&gw, &t).await?;
+        let written: Vec<&str> = audit["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item["requestId"].as_str())
+            .collect();
+        if ids.iter().all(|id| written.contains(&id.as_str())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "written: {written:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_full_reload_forgets_a_crashed_tenants_back_off() -> anyhow::Result<()> {
     // With no restart allowed, one crash puts the tenant in a 30 s back-off, from the
     // record it had. "Anything may have changed" (the fleet listener reconnected, maybe

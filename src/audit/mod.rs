@@ -1,7 +1,7 @@
 //! The audit trail: typed events and how they reach the store. Rare events (admin actions,
 //! tokens issued, refused credentials) are written at once by the [`AuditWriter`], which
-//! retries what the store refused; tool-call events go through a bounded buffer owned by
-//! the tenant actor and are written in batches.
+//! retries what the store refused; tool-call events go through a bounded buffer per tenant
+//! (`tenants::audit_buffer`), which the tenant's actor writes in batches.
 
 mod writer;
 

@@ -3,7 +3,6 @@
 //! upstream inside a handler: connects, tool listings and audit writes run as tasks that
 //! report back by message, and calls run in the caller's task with a [`Lease`].
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,13 +11,14 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::announce::Coalesced;
+use super::audit_buffer::AuditBuffer;
 use super::backoff::Backoff;
 use super::lane::{self, Lane};
 use super::messages::{AuditWrite, CallError, Lease, TenantMsg, TenantNotice, ToolList};
 use super::status::{ConnectionState, UpstreamStatus};
 use super::RuntimeSettings;
 use crate::audit::{append_within, AuditWriter, ATTEMPT};
-use crate::store::{AuditRecord, SharedStore, TenantRecord};
+use crate::store::{SharedStore, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
 
 pub struct TenantActor;
@@ -28,8 +28,10 @@ pub struct TenantArgs {
     pub target: UpstreamTarget,
     pub settings: Arc<RuntimeSettings>,
     pub store: SharedStore,
-    /// Takes what the audit buffer holds when the actor crashes.
+    /// Takes the audit batch a crashed actor was writing.
     pub audit: AuditWriter,
+    /// The tenant's tool-call events, which this actor writes in batches.
+    pub audit_buffer: Arc<AuditBuffer>,
     /// Read by the registry for `GET /api/tenants/{id}` without messaging the actor.
     pub status: Arc<Mutex<UpstreamStatus>>,
     /// Where this actor publishes its ready connection for calls to take without a message.
@@ -77,12 +79,14 @@ pub struct TenantState {
     last_error: Option<String>,
     last_used: Instant,
     notices: broadcast::Sender<TenantNotice>,
-    audit: VecDeque<AuditRecord>,
+    /// The tenant's tool-call events, appended by callers; shared with the registry's
+    /// directory, and handed to `audit_queue` (closed) when this state drops.
+    audit: Arc<AuditBuffer>,
     /// The batch write in flight, and how many events it carries. Its outcome is the
     /// task's output, which the actor takes when the task's `AuditWritten` arrives, or
     /// when it stops; after a crash, `Drop` hands it to `audit_queue`.
     audit_write: Option<(tokio::task::JoinHandle<AuditWrite>, usize)>,
-    /// The process's audit writer, which takes what a crashed actor's buffer held: it
+    /// The process's audit writer, which takes the batch a crashed actor was writing: it
     /// retries while the store refuses, and is flushed at shutdown.
     audit_queue: AuditWriter,
     /// Tool-list change announcements to the other replicas, one in flight at a time.
@@ -160,7 +164,7 @@ impl Actor for TenantActor {
             last_error: None,
             last_used: Instant::now(),
             notices,
-            audit: VecDeque::new(),
+            audit: args.audit_buffer,
             audit_write: None,
             audit_queue: args.audit,
             announcing: Coalesced::default(),
@@ -188,7 +192,7 @@ impl Actor for TenantActor {
                 generation,
                 failure,
             } => state.outcome(generation, failure),
-            TenantMsg::Audit(event) => state.push_audit(&myself, *event),
+            TenantMsg::AuditBatch => state.flush_audit(&myself),
             TenantMsg::Subscribe(reply) => {
                 let _ = reply.send(state.notices.subscribe());
             }
@@ -224,8 +228,9 @@ impl Actor for TenantActor {
 }
 
 /// However the actor ends (a panic skips `post_stop`), its lane stops serving calls, and
-/// what its audit buffer still holds goes to the audit writer's queue (see
-/// [`TenantState::hand_over_audit`]): after a normal stop nothing is left.
+/// its audit buffer is closed: what it still holds, and every event appended later, goes
+/// to the audit writer's queue (see [`TenantState::hand_over_audit`]). After a normal stop
+/// nothing is left but the events appended since.
 impl Drop for TenantState {
     fn drop(&mut self) {
         self.lane.set(None);
@@ -320,6 +325,7 @@ impl TenantState {
     /// Publishes the ready connection with its fresh tool list on the lane, or withdraws
     /// it when there is none; a no-op when nothing the lane shows has changed.
     fn publish_lane(&mut self) {
+        self.lane.set_counting_failures(self.failures > 0);
         let ready = match (&self.connection, &self.tools) {
             (Connection::Ready(client), Some((tools, at))) => Some((client, tools, *at)),
             _ => None,
@@ -451,7 +457,8 @@ impl TenantState {
     }
 
     fn outcome(&mut self, generation: u64, failure: Option<String>) {
-        // Calls through the lane tell the actor only here that the tenant is in use.
+        // Calls through the lane tell the actor here, or through the lane's `used` flag
+        // (read on the tick), that the tenant is in use.
         self.last_used = Instant::now();
         if generation != self.generation {
             return;
@@ -653,40 +660,24 @@ impl TenantState {
 
     fn tick(&mut self, myself: &ActorRef<TenantMsg>) {
         self.flush_audit(myself);
+        if self.lane.take_used() {
+            self.last_used = Instant::now();
+        }
         let idle = self.last_used.elapsed() >= self.settings.idle;
         let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
         if idle && quiet && self.audit.is_empty() && self.audit_write.is_none() {
-            // Drained, not stopped: what is queued already (a late audit event, a call's
-            // lease) is handled first; later messages are refused to their senders.
+            // Drained, not stopped: what is queued already (a call's lease) is handled
+            // first; later messages are refused to their senders.
             let _ = myself.drain();
         }
     }
 
-    fn push_audit(&mut self, myself: &ActorRef<TenantMsg>, event: AuditRecord) {
-        if self.audit.len() >= self.settings.audit_buffer {
-            // Bounded: the oldest event is dropped and counted, never unbounded memory.
-            self.audit.pop_front();
-            crate::metrics::audit_dropped(1);
-            crate::metrics::audit_pending(-1);
-        }
-        self.audit.push_back(event);
-        crate::metrics::audit_pending(1);
-        if self.audit.len() >= self.settings.audit_batch {
-            self.flush_audit(myself);
-        }
-    }
-
-    /// Hands what the audit buffer holds, and the outcome of a batch write in flight (a
-    /// failed batch), to the audit writer's queue, which retries while the store refuses
-    /// and is flushed at shutdown: for a crashed actor, and for a stop whose deadline
-    /// passed with events left.
+    /// Closes the audit buffer, which hands what it holds and every later event to the
+    /// audit writer's queue (it retries while the store refuses, and is flushed at
+    /// shutdown), and hands over the outcome of a batch write in flight (a failed batch)
+    /// too: for a crashed actor, and for a stop whose deadline passed with events left.
     fn hand_over_audit(&mut self) {
-        let left: Vec<AuditRecord> = self.audit.drain(..).collect();
-        // The writer counts them as waiting again.
-        crate::metrics::audit_pending(-(left.len() as i64));
-        for event in left {
-            self.audit_queue.queue(event);
-        }
+        self.audit.close();
         let Some((write, n)) = self.audit_write.take() else {
             return;
         };
@@ -716,11 +707,14 @@ impl TenantState {
     }
 
     fn flush_audit(&mut self, myself: &ActorRef<TenantMsg>) {
-        if self.audit_write.is_some() || self.audit.is_empty() {
+        if self.audit_write.is_some() {
             return;
         }
-        let n = self.audit.len().min(self.settings.audit_batch);
-        let batch: Vec<AuditRecord> = self.audit.drain(..n).collect();
+        let batch = self.audit.take_batch();
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len();
         let (store, me) = (self.store.clone(), myself.clone());
         let write = tokio::spawn(async move {
             let written = append_within(&store, &batch, ATTEMPT).await;
@@ -749,7 +743,7 @@ impl TenantState {
                 false
             }
         };
-        if written && self.audit.len() >= self.settings.audit_batch {
+        if written && self.audit.has_batch() {
             self.flush_audit(myself);
         }
     }
@@ -763,9 +757,7 @@ impl TenantState {
                 true
             }
             Err(batch) => {
-                for event in batch.into_iter().rev() {
-                    self.audit.push_front(event);
-                }
+                self.audit.put_back(batch);
                 false
             }
         }
@@ -790,25 +782,27 @@ impl TenantState {
                 Err(_) => self.audit_write = Some((write, n)),
             }
         }
-        while self.audit_write.is_none() && !self.audit.is_empty() && Instant::now() < deadline {
-            let batch: Vec<AuditRecord> = self.audit.iter().cloned().collect();
+        while self.audit_write.is_none() && Instant::now() < deadline {
+            let batch = self.audit.take_all();
+            if batch.is_empty() {
+                break;
+            }
             // Each attempt bounded too: a store that hangs must not hold the stop for ever.
             let left = deadline.saturating_duration_since(Instant::now());
             match append_within(&self.store, &batch, left.min(ATTEMPT)).await {
-                Ok(()) => {
-                    crate::metrics::audit_pending(-(batch.len() as i64));
-                    self.audit.clear();
-                }
+                Ok(()) => crate::metrics::audit_pending(-(batch.len() as i64)),
                 Err(err) => {
                     tracing::warn!(error = %err, "audit flush on stop failed; retrying");
+                    self.audit.put_back(batch);
                     let pause = deadline.saturating_duration_since(Instant::now());
                     tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
                 }
             }
         }
-        if self.audit_write.is_some() || !self.audit.is_empty() {
+        let left = self.audit.len();
+        if self.audit_write.is_some() || left > 0 {
             tracing::warn!(
-                events = self.audit.len(),
+                events = left,
                 "audit events not written by the actor's stop: handed to the audit writer"
             );
             self.hand_over_audit();

@@ -98,9 +98,8 @@ pub enum TenantMsg {
         generation: u64,
         failure: Option<String>,
     },
-    /// A tool-call event for the audit buffer. Boxed: it is by far the largest message, and
-    /// every message in the mailbox would otherwise take its size.
-    Audit(Box<AuditRecord>),
+    /// The audit buffer holds a whole batch (see `audit_buffer`): write it.
+    AuditBatch,
     /// Subscribe to the tenant's notices (tool-list changes), for downstream MCP sessions.
     Subscribe(RpcReplyPort<tokio::sync::broadcast::Receiver<TenantNotice>>),
     Connected {

@@ -5,6 +5,7 @@
 pub mod actor;
 pub mod admin;
 pub mod announce;
+pub mod audit_buffer;
 pub mod backoff;
 pub mod lane;
 pub mod messages;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::actor::{TenantActor, TenantArgs};
+use super::audit_buffer::AuditBuffer;
 use super::backoff::Backoff;
 use super::lane::Lane;
 use super::messages::{CallError, RegistryMsg, TenantMsg};
@@ -29,6 +30,8 @@ pub struct Running {
     pub status: Arc<Mutex<UpstreamStatus>>,
     /// The actor's ready connection, for calls that need no message (see `lane`).
     pub lane: Arc<Lane>,
+    /// The actor's audit buffer, which callers append to without a message.
+    pub audit: Arc<AuditBuffer>,
     /// Kept so that a crashed actor restarts with the same tenant (sealed secrets only).
     record: Arc<TenantRecord>,
 }
@@ -376,8 +379,15 @@ impl RegistryState {
         let target = self.target(&record)?;
         let status = Arc::new(Mutex::new(UpstreamStatus::stopped()));
         let lane = Arc::new(Lane::default());
+        let settings = &self.args.settings;
+        let audit = Arc::new(AuditBuffer::new(
+            settings.audit_buffer,
+            settings.audit_batch,
+            self.args.audit.clone(),
+        ));
         let args = TenantArgs {
             lane: lane.clone(),
+            audit_buffer: audit.clone(),
             record: record.clone(),
             target,
             settings: self.args.settings.clone(),
@@ -402,6 +412,7 @@ impl RegistryState {
                 version: record.version,
                 status,
                 lane,
+                audit,
                 record: Arc::new(record),
             },
         );

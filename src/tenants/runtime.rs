@@ -11,6 +11,7 @@ use ractor::{rpc::CallResult, Actor, ActorRef};
 use rmcp::model::CallToolResult;
 use serde_json::{Map, Value};
 
+use super::audit_buffer::Appended;
 use super::messages::{CallError, RegistryMsg, TenantMsg, TenantNotice, ToolList};
 use super::registry::{Directory, RegistryActor, RegistryArgs, Running};
 use super::status::UpstreamStatus;
@@ -152,14 +153,15 @@ impl TenantRuntime {
         let from_lane = running
             .as_ref()
             .and_then(|r| r.lane.try_lease(self.settings.replica_count()));
-        let (actor, lease) = match (running, from_lane) {
-            (Some(running), Some(lease)) => (running.actor, lease?),
+        let (actor, lease, lane) = match (running, from_lane) {
+            (Some(running), Some(lease)) => (running.actor, lease?, Some(running.lane)),
             (running, _) => {
                 let actor = match running {
                     Some(running) => running.actor,
                     None => self.start_actor(tenant).await?,
                 };
-                self.ask_tenant(tenant, actor, TenantMsg::Lease).await?
+                let (actor, lease) = self.ask_tenant(tenant, actor, TenantMsg::Lease).await?;
+                (actor, lease, None)
             }
         };
         // The list may come from another actor (this one idled out as it was asked); the
@@ -188,27 +190,35 @@ impl TenantRuntime {
             .err()
             .filter(|e| e.is_transport())
             .map(ToString::to_string);
-        let _ = actor.cast(TenantMsg::Outcome {
-            generation: lease.generation,
-            failure,
-        });
+        // A success on the lane's lease tells the actor only what it needs (see `lane`).
+        let report = match (&failure, &lane) {
+            (None, Some(lane)) => lane.report_success(),
+            _ => true,
+        };
+        if report {
+            let _ = actor.cast(TenantMsg::Outcome {
+                generation: lease.generation,
+                failure,
+            });
+        }
         let result = result.map_err(CallError::from);
         crate::metrics::upstream_latency(call_outcome(&result), started.elapsed());
         result
     }
 
-    /// Hands a tool-call event to the tenant's audit buffer (written in batches). When the
-    /// actor is gone already, the audit writer's queue takes it.
+    /// Hands a tool-call event to the tenant's audit buffer (written in batches by its
+    /// actor). When the actor is gone already, the audit writer's queue takes it.
     pub fn audit(&self, tenant_id: &str, event: AuditRecord) {
-        let event = match self.directory.get(tenant_id) {
-            Some(running) => match running.actor.cast(TenantMsg::Audit(Box::new(event))) {
-                Ok(()) => return,
-                Err(ractor::MessagingErr::SendErr(TenantMsg::Audit(event))) => *event,
-                Err(_) => return,
-            },
-            None => event,
-        };
-        self.audit.queue(event);
+        match self.directory.get(tenant_id) {
+            Some(running) => {
+                if running.audit.append(event) == Appended::BatchFull {
+                    // A wake-up only. Should the actor be gone, its buffer goes to the
+                    // writer as the actor drops.
+                    let _ = running.actor.cast(TenantMsg::AuditBatch);
+                }
+            }
+            None => self.audit.queue(event),
+        }
     }
 
     /// Notices (tool-list changes) of a tenant, for a downstream MCP session.
