@@ -1,5 +1,6 @@
 //! One actor per tenant. It owns the tenant's upstream connection (and so its credentials),
-//! tool-list cache, rate limiter, in-flight limit and audit buffer. It never waits on the
+//! tool-list cache, rate limiter and in-flight limit, and writes the tenant's audit buffer
+//! (which callers append to, see [`super::audit_buffer`]). It never waits on the
 //! upstream inside a handler: connects, tool listings and audit writes run as tasks that
 //! report back by message, and calls run in the caller's task with a [`Lease`].
 
@@ -660,11 +661,13 @@ impl TenantState {
 
     fn tick(&mut self, myself: &ActorRef<TenantMsg>) {
         self.flush_audit(myself);
+        // Quiet first: a lane call marks the lane used before it gives its permit back,
+        // so one that ends between the two reads is seen as a use.
+        let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
         if self.lane.take_used() {
             self.last_used = Instant::now();
         }
         let idle = self.last_used.elapsed() >= self.settings.idle;
-        let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
         if idle && quiet && self.audit.is_empty() && self.audit_write.is_none() {
             // Drained, not stopped: what is queued already (a call's lease) is handled
             // first; later messages are refused to their senders.
@@ -783,17 +786,18 @@ impl TenantState {
             }
         }
         while self.audit_write.is_none() && Instant::now() < deadline {
+            // Put back unless written, also should this stop be cut off mid-write.
             let batch = self.audit.take_all();
             if batch.is_empty() {
                 break;
             }
             // Each attempt bounded too: a store that hangs must not hold the stop for ever.
             let left = deadline.saturating_duration_since(Instant::now());
-            match append_within(&self.store, &batch, left.min(ATTEMPT)).await {
-                Ok(()) => crate::metrics::audit_pending(-(batch.len() as i64)),
+            match append_within(&self.store, batch.events(), left.min(ATTEMPT)).await {
+                Ok(()) => crate::metrics::audit_pending(-(batch.written() as i64)),
                 Err(err) => {
                     tracing::warn!(error = %err, "audit flush on stop failed; retrying");
-                    self.audit.put_back(batch);
+                    drop(batch);
                     let pause = deadline.saturating_duration_since(Instant::now());
                     tokio::time::sleep(pause.min(Duration::from_millis(200))).await;
                 }

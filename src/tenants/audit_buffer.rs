@@ -3,7 +3,8 @@
 //! the actor's mailbox:
 //!
 //! - an event costs its caller a short lock, not a message that wakes the actor (the actor
-//!   is woken once a batch is full; its tick writes what is left);
+//!   is woken when a batch is full, writes the next full one as soon as a write ends, and
+//!   otherwise a batch on each tick);
 //! - when the actor crashes, ractor drops its mailbox with every message in it, but this
 //!   buffer is whole, and is handed to the process's [`AuditWriter`] ("closed"). A closed
 //!   buffer gives each later event to the writer too.
@@ -62,34 +63,25 @@ impl AuditBuffer {
     }
 
     pub fn append(&self, event: AuditRecord) -> Appended {
-        let (dropped, appended) = {
-            let mut state = self.lock();
-            if state.closed {
-                drop(state);
-                self.writer.queue(event);
-                return Appended::HandedOver;
-            }
-            let dropped = state.events.len() >= self.capacity;
-            if dropped {
-                state.events.pop_front();
-            }
-            state.events.push_back(event);
-            let full = state.events.len() == self.batch;
-            (
-                dropped,
-                if full {
-                    Appended::BatchFull
-                } else {
-                    Appended::Held
-                },
-            )
-        };
-        if dropped {
+        let mut state = self.lock();
+        if state.closed {
+            drop(state);
+            self.writer.queue(event);
+            return Appended::HandedOver;
+        }
+        // Counted under the lock, before a write can take the event and count it written.
+        if state.events.len() >= self.capacity {
+            state.events.pop_front();
             crate::metrics::audit_dropped(1);
         } else {
             crate::metrics::audit_pending(1);
         }
-        appended
+        state.events.push_back(event);
+        if state.events.len() == self.batch {
+            Appended::BatchFull
+        } else {
+            Appended::Held
+        }
     }
 
     /// The oldest events, a batch at most, for a write.
@@ -99,9 +91,12 @@ impl AuditBuffer {
         state.events.drain(..n).collect()
     }
 
-    /// Every event held (the stopping actor's last writes).
-    pub(super) fn take_all(&self) -> Vec<AuditRecord> {
-        self.lock().events.drain(..).collect()
+    /// Every event held (the stopping actor's last writes), put back unless written.
+    pub(super) fn take_all(&self) -> Taken<'_> {
+        Taken {
+            buffer: self,
+            events: self.lock().events.drain(..).collect(),
+        }
     }
 
     /// Puts events whose write failed back in front, in their order, for the next attempt.
@@ -152,6 +147,37 @@ impl AuditBuffer {
     }
 }
 
+/// Events taken for a write. Dropped before [`Taken::written`] (the write failed, or its
+/// future was dropped mid-write), they go back in front of the buffer, or to the writer
+/// once it is closed.
+pub(super) struct Taken<'a> {
+    buffer: &'a AuditBuffer,
+    events: Vec<AuditRecord>,
+}
+
+impl Taken<'_> {
+    pub fn events(&self) -> &[AuditRecord] {
+        &self.events
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// The write succeeded: how many events it wrote.
+    pub fn written(mut self) -> usize {
+        std::mem::take(&mut self.events).len()
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.events.is_empty() {
+            self.buffer.put_back(std::mem::take(&mut self.events));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -196,7 +222,11 @@ mod tests {
         // A failed write goes back in front of what came meanwhile, in its order.
         assert_eq!(buffer.append(event(7)), BatchFull);
         buffer.put_back(batch);
-        assert_eq!(numbers(&buffer.take_all()), [2, 3, 4, 5, 6, 7]);
+        // Taken for a write that did not end (failed, or cut off): all back, in order.
+        drop(buffer.take_all());
+        let all = buffer.take_all();
+        assert_eq!(numbers(all.events()), [2, 3, 4, 5, 6, 7]);
+        assert_eq!(all.written(), 6);
         assert!(buffer.is_empty());
     }
 

@@ -165,7 +165,7 @@ impl TenantRuntime {
             }
         };
         // The list may come from another actor (this one idled out as it was asked); the
-        // call runs on this actor's lease, and its outcome goes back to this actor.
+        // call runs on this actor's lease, and its outcome, when told, goes to this actor.
         let tools = match &lease.tools {
             Some(tools) => tools.clone(),
             None => {
