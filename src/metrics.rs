@@ -35,6 +35,10 @@ pub const AUDIT_DROPPED: &str = "switchboard_audit_dropped_total";
 pub const PROGRESS_DROPPED: &str = "switchboard_progress_dropped_total";
 /// PostgreSQL pool connections, by `state` (`in_use`, `idle`); absent on SQLite.
 pub const DB_POOL_CONNECTIONS: &str = "switchboard_db_pool_connections";
+/// Replicas sharing the PostgreSQL database, as the heartbeat last counted them.
+pub const FLEET_REPLICAS: &str = "switchboard_fleet_replicas";
+/// Reconnects of the fleet's change listener (PostgreSQL `LISTEN`).
+pub const CHANGE_LISTENER_RECONNECTS: &str = "switchboard_change_listener_reconnects_total";
 /// The label value that stands for every tenant or tool past the series cap.
 pub const OTHER: &str = "other";
 
@@ -278,6 +282,14 @@ pub fn audit_dropped(n: u64) {
 
 pub fn progress_dropped(n: u64) {
     metrics::counter!(PROGRESS_DROPPED).increment(n);
+}
+
+pub fn fleet_replicas(n: u32) {
+    metrics::gauge!(FLEET_REPLICAS).set(f64::from(n));
+}
+
+pub fn change_listener_reconnected() {
+    metrics::counter!(CHANGE_LISTENER_RECONNECTS).increment(1);
 }
 
 /// Gauges read at scrape time rather than kept up to date on every change.

@@ -87,7 +87,7 @@ pub(super) async fn listen(
         attempt += 1;
         let delay = backoff.delay(attempt);
         tracing::warn!(error = %ended, retry_in = ?delay, "fleet change listener disconnected");
-        metrics::counter!("switchboard_change_listener_reconnects_total").increment(1);
+        crate::metrics::change_listener_reconnected();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

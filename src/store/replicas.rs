@@ -45,7 +45,7 @@ pub(super) async fn heartbeat(
                 if count.swap(n, Ordering::Relaxed) != n {
                     tracing::info!(replicas = n, "fleet size changed");
                 }
-                metrics::gauge!("switchboard_fleet_replicas").set(f64::from(n));
+                crate::metrics::fleet_replicas(n);
             }
             // Keep the last count: a database blip should not double every limit.
             Err(e) => tracing::warn!(error = %e, "replica heartbeat failed"),
