@@ -12,7 +12,7 @@ use crate::audit::AuditWriter;
 use crate::auth::Authenticator;
 use crate::cipher::TokenCipher;
 use crate::config::Config;
-use crate::http::{self, AppState};
+use crate::http::{self, AppParts, AppState};
 use crate::shutdown::Lifecycle;
 use crate::store::{self, SharedStore};
 use crate::tenants::admin::TenantAdmin;
@@ -79,7 +79,7 @@ impl App {
         let auth_limiter = Arc::new(http::ratelimit::AuthLimiter::new(&config));
         auth_limiter.spawn_cleanup(&lifecycle);
         Ok(Self {
-            state: AppState {
+            state: AppState::new(AppParts {
                 config,
                 store,
                 audit,
@@ -89,7 +89,7 @@ impl App {
                 lifecycle,
                 auth_limiter,
                 probe: Arc::default(),
-            },
+            }),
         })
     }
 

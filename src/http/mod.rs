@@ -30,9 +30,14 @@ use crate::tenants::admin::TenantAdmin;
 use crate::tenants::runtime::TenantRuntime;
 use error::ApiError;
 
-/// What handlers can reach. Handlers take the narrow parts through `FromRef`.
-#[derive(Clone, FromRef)]
-pub struct AppState {
+/// What handlers can reach, behind one `Arc`: axum clones the state with every handler
+/// and layer a request passes through, and a clone is then one reference count, where the
+/// parts' own clones took a lock (the cancellation tokens) and a dozen atomic counts. The
+/// extractors take the narrow parts they need through `FromRef` (below).
+#[derive(Clone)]
+pub struct AppState(Arc<AppParts>);
+
+pub struct AppParts {
     pub config: Arc<Config>,
     pub store: SharedStore,
     /// Writes the audit events that are not a tenant's calls.
@@ -45,6 +50,38 @@ pub struct AppState {
     pub auth_limiter: Arc<ratelimit::AuthLimiter>,
     /// The probes' database check, one ping at a time.
     pub probe: Arc<routes::health::DatabaseProbe>,
+}
+
+impl AppState {
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+impl FromRef<AppState> for Arc<Authenticator> {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<ratelimit::AuthLimiter> {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth_limiter.clone()
+    }
+}
+
+impl FromRef<AppState> for crate::audit::AuditWriter {
+    fn from_ref(state: &AppState) -> Self {
+        state.audit.clone()
+    }
 }
 
 #[derive(OpenApi)]

@@ -48,7 +48,7 @@ pub struct Gate {
 const SESSION_HEADER: &str = "mcp-session-id";
 
 pub async fn gate(
-    State(gate): State<Gate>,
+    State(gate): State<Arc<Gate>>,
     ApiPath(tenant_id): ApiPath<String>,
     mut req: Request,
     next: Next,

@@ -60,7 +60,11 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     ));
     Router::new()
         .route_service("/mcp/{tenantId}", service(state, sessions, seal))
-        .route_layer(axum::middleware::from_fn_with_state(gate, gate::gate))
+        // In an `Arc`: axum clones a layer's state for every request.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::new(gate),
+            gate::gate,
+        ))
 }
 
 /// Ends this replica's copies of the sessions that clients ended through other replicas
