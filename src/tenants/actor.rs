@@ -774,15 +774,21 @@ impl TenantState {
             tokio::time::timeout(self.settings.stop_grace, self.in_flight.acquire_many(max)).await;
         let deadline = Instant::now() + self.settings.stop_grace;
         // A batch still being written when the actor stopped: its outcome could no longer
-        // come by message, and a failed one must be written with the rest.
-        if let Some((mut write, n)) = self.audit_write.take() {
-            match tokio::time::timeout_at(deadline.into(), &mut write).await {
+        // come by message, and a failed one must be written with the rest. Waited for in
+        // place, so that a stop cut off here leaves it for `Drop` to hand over.
+        if let Some((write, n)) = self.audit_write.as_mut() {
+            let n = *n;
+            match tokio::time::timeout_at(deadline.into(), write).await {
                 Ok(Ok(result)) => {
+                    self.audit_write = None;
                     self.settle_audit_write(result);
                 }
-                Ok(Err(_)) => batch_lost(n),
+                Ok(Err(_)) => {
+                    self.audit_write = None;
+                    batch_lost(n);
+                }
                 // Still running at the deadline: handed over below.
-                Err(_) => self.audit_write = Some((write, n)),
+                Err(_) => {}
             }
         }
         while self.audit_write.is_none() && Instant::now() < deadline {

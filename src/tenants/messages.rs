@@ -94,6 +94,8 @@ pub enum TenantMsg {
     /// but costs the gateway: an MCP session's `initialize`.
     Spend(RpcReplyPort<Result<(), CallError>>),
     /// How a leased call ended: transport failures count towards marking the tenant failing.
+    /// A call leased from the lane sends it for a failure, and for a success only while the
+    /// actor counts failures in a row (see `lane`); a call leased from the actor always.
     Outcome {
         generation: u64,
         failure: Option<String>,
