@@ -1,9 +1,10 @@
 //! Writes the audit events that do not go through a tenant's audit buffer: admin actions,
 //! tokens issued, refused credentials, and the events of calls whose actor is gone (the
-//! events of its closed buffer, and a crashed actor's batch in flight). Each is written at once; one the store refuses (the database is down) waits in
-//! a bounded queue that one task retries, so an outage loses none of them. Only a full
-//! queue, or a store still refusing when the process stops, drops events, and those are
-//! counted (`switchboard_audit_dropped_total`) and logged.
+//! events of its closed buffer, and a crashed actor's batch in flight). Each is written at
+//! once; one the store refuses (the database is down) waits in a bounded queue that one
+//! task retries, so an outage loses none of them. Only a full queue, or a store still
+//! refusing when the process stops, drops events, and those are counted
+//! (`switchboard_audit_dropped_total`) and logged.
 
 use std::future::Future;
 use std::time::Duration;
