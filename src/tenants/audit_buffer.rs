@@ -100,7 +100,8 @@ impl AuditBuffer {
     }
 
     /// Puts events whose write failed back in front, in their order, for the next attempt.
-    /// Should the buffer be closed already, they go to the audit writer.
+    /// Should the buffer be closed already, they go to the audit writer. The bound holds as
+    /// it does for an append: past it the oldest are dropped, and counted.
     pub(super) fn put_back(&self, events: Vec<AuditRecord>) {
         let mut state = self.lock();
         if state.closed {
@@ -110,6 +111,12 @@ impl AuditBuffer {
         }
         for event in events.into_iter().rev() {
             state.events.push_front(event);
+        }
+        let over = state.events.len().saturating_sub(self.capacity);
+        if over > 0 {
+            state.events.drain(..over);
+            crate::metrics::audit_dropped(over as u64);
+            crate::metrics::audit_pending(-(over as i64));
         }
     }
 
@@ -219,14 +226,16 @@ mod tests {
         let batch = buffer.take_batch();
         assert_eq!(numbers(&batch), [2, 3, 4]);
         assert!(!buffer.has_batch());
-        // A failed write goes back in front of what came meanwhile, in its order.
+        // A failed write goes back in front of what came meanwhile, in its order; past the
+        // bound of five the oldest goes, as for an append.
         assert_eq!(buffer.append(event(7)), BatchFull);
         buffer.put_back(batch);
+        assert_eq!(buffer.len(), 5);
         // Taken for a write that did not end (failed, or cut off): all back, in order.
         drop(buffer.take_all());
         let all = buffer.take_all();
-        assert_eq!(numbers(all.events()), [2, 3, 4, 5, 6, 7]);
-        assert_eq!(all.written(), 6);
+        assert_eq!(numbers(all.events()), [3, 4, 5, 6, 7]);
+        assert_eq!(all.written(), 5);
         assert!(buffer.is_empty());
     }
 
