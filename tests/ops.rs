@@ -137,6 +137,39 @@ async fn refreshing_the_tool_list_counts_against_the_tenant_limit() -> anyhow::R
 }
 
 #[tokio::test]
+async fn a_call_of_an_unknown_tool_spends_none_of_the_tenant_limit() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = gw
+        .create_tenant(tenant_body(&upstream, Some((1, 2))))
+        .await?;
+    let path = format!("/api/tenant/{}/tool", tenant.id);
+    let auth = bearer(&tenant.token);
+    let headers = [("authorization", auth.as_str())];
+    let call = |body: Value| gw.send(Method::POST, &path, &headers, Some(body));
+    // A first list connects the tenant and caches its tools; a cached list spends nothing.
+    let (status, _, list) = call(json!({"method": "listTools"})).await?;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    // More unknown names than the burst: each is 404, none reaches the upstream or spends.
+    for _ in 0..5 {
+        let (status, _, body) = call(json!({"method": "no_such_tool"})).await?;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"]["code"], "unknown_tool");
+    }
+    // The whole burst of two is still there for real calls.
+    for _ in 0..2 {
+        let (status, _, body) = call(json!({"method": "echo", "params": {"text": "x"}})).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        upstream.calls(),
+        2,
+        "only the known tool reached the upstream"
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn auth_endpoints_are_limited_per_client_address() -> anyhow::Result<()> {
     let mut config = Config::for_tests();
     config.auth_rate_limit = 1;
@@ -429,10 +462,11 @@ async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()
         .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
         .count() as f64;
     assert!(served >= 3.0 && refused >= 1.0, "{statuses:?}");
-    // Refused before its name was checked: the caller's text gets no series of its own.
+    // Refused as unknown (checked against the cached list before the limit, which it
+    // does not spend): the caller's text gets no series of its own.
     let made_up = json!({"method": "made-up-tool-7f3a", "params": {}});
     let (status, _, _) = gw.tool(&tenant, made_up).await?;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, after) = scrape(&gw, Some("metrics-token-0123456789")).await?;
     assert!(
         !after.contains("made-up-tool-7f3a"),
@@ -443,7 +477,16 @@ async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()
     let limited = [("tenant", tenant.id.as_str()), ("outcome", "rate_limited")];
     assert_eq!(
         counter(&after, "switchboard_tool_calls_total", &limited),
-        refused + 1.0
+        refused
+    );
+    let unknown = [
+        ("tenant", tenant.id.as_str()),
+        ("tool", "other"),
+        ("outcome", "refused"),
+    ];
+    assert_eq!(
+        counter(&after, "switchboard_tool_calls_total", &unknown),
+        1.0
     );
     let route = [("route", "/api/tenant/:tenantId/tool"), ("status", "200")];
     let moved = counter(&after, "switchboard_http_requests_total", &route)

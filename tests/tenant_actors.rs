@@ -536,6 +536,28 @@ async fn calls_failing_together_on_one_connection_are_one_failure() -> anyhow::R
     gw.stop().await
 }
 
+/// With its connection lost but its tool list still fresh, the actor (the lane is withdrawn)
+/// refuses a tool not in that list before it spends the rate limit or connects again.
+#[tokio::test]
+async fn the_actor_refuses_an_unknown_tool_from_its_fresh_list_without_connecting(
+) -> anyhow::Result<()> {
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    upstream.stop().await;
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    // The failure reaches the actor as a message: wait until it has dropped the connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while serde_json::to_value(gw.tenants.status(&t.id).await)?["state"] != "stopped" {
+        anyhow::ensure!(Instant::now() < deadline, "the failure was not recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Were the name not checked first, the call would try to connect, and fail (502).
+    let (status, _, body) = gw.tool(&t, json!({"method": "no_such_tool"})).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_tool");
+    gw.stop().await
+}
+
 #[tokio::test]
 async fn a_thousand_tenants_cost_nothing_until_called_and_idle_ones_stop() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
@@ -918,5 +940,14 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
     // An actor stopped in between would have connected again for the next call.
     assert_eq!(upstream.initializes(), 1, "the actor stopped while in use");
     wait_for_no_actors(&gw, Duration::from_secs(5), "the idle actor did not stop").await;
+    // The actor flushed its audit buffer as it stopped. The gateway refused the third call
+    // itself; the upstream never saw it.
+    let refused_id = headers["x-request-id"].to_str()?;
+    let audit = tool_call_audit(&gw, &t).await?;
+    let refused = audit["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|row| row["requestId"] == refused_id))
+        .ok_or_else(|| anyhow::anyhow!("the refused call is not audited: {audit}"))?;
+    assert_eq!(refused["outcome"], "refused", "{refused}");
     gw.stop().await
 }

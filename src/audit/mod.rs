@@ -174,19 +174,52 @@ pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
         Ok(false) => "ok",
         Err(CallError::Timeout) => "timeout",
         Err(CallError::RateLimited { .. }) => "rate_limited",
-        Err(CallError::UnknownTool(_)) => "refused",
-        Err(
-            CallError::Upstream(_)
-            | CallError::Failing { .. }
-            | CallError::Unavailable { .. }
-            | CallError::Busy { .. },
-        ) => "upstream_error",
+        // Refused by the gateway itself (an unknown tool, the tenant's in-flight limit, a
+        // tenant restarting): the upstream never saw the call.
+        Err(CallError::UnknownTool(_) | CallError::Busy { .. } | CallError::Unavailable { .. }) => {
+            "refused"
+        }
+        Err(CallError::Upstream(_) | CallError::Failing { .. }) => "upstream_error",
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::json_len;
+    use std::time::Duration;
+
+    use super::{call_outcome, json_len};
+    use crate::tenants::messages::CallError;
+
+    #[test]
+    fn a_call_the_gateway_refused_itself_is_refused_and_one_the_upstream_failed_is_not() {
+        let wait = Duration::from_secs(1);
+        let refused = [
+            CallError::UnknownTool("nope".into()),
+            CallError::Busy { retry_after: wait },
+            CallError::Unavailable {
+                reason: "restarting".into(),
+                retry_after: wait,
+            },
+        ];
+        for error in &refused {
+            assert_eq!(call_outcome(Err(error)), "refused", "{error}");
+        }
+        let upstream = [
+            CallError::Upstream("reset".into()),
+            CallError::Failing {
+                reason: "reset".into(),
+                retry_after: wait,
+            },
+        ];
+        for error in &upstream {
+            assert_eq!(call_outcome(Err(error)), "upstream_error", "{error}");
+        }
+        assert_eq!(call_outcome(Err(&CallError::Timeout)), "timeout");
+        let limited = CallError::RateLimited { retry_after: wait };
+        assert_eq!(call_outcome(Err(&limited)), "rate_limited");
+        assert_eq!(call_outcome(Ok(true)), "tool_error");
+        assert_eq!(call_outcome(Ok(false)), "ok");
+    }
 
     #[test]
     fn json_len_counts_what_serde_json_writes() {

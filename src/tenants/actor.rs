@@ -183,7 +183,7 @@ impl Actor for TenantActor {
         state: &mut TenantState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            TenantMsg::Lease(reply) => state.lease(&myself, reply),
+            TenantMsg::Lease { tool, reply } => state.lease(&myself, tool, reply),
             TenantMsg::Tools { refresh, reply } => state.tools(&myself, refresh, reply),
             TenantMsg::Spend(reply) => {
                 state.follow_replica_count();
@@ -257,10 +257,21 @@ impl TenantState {
     fn lease(
         &mut self,
         myself: &ActorRef<TenantMsg>,
+        tool: String,
         reply: RpcReplyPort<Result<Lease, CallError>>,
     ) {
         self.last_used = Instant::now();
         self.follow_replica_count();
+        // A name the fresh list does not hold never reaches the upstream, so it spends no
+        // part of the limit (nor starts a connection). Without a fresh list the name cannot
+        // be checked yet, and the call spends as any call does.
+        if self
+            .fresh_tools()
+            .is_some_and(|tools| !tools.contains(&tool))
+        {
+            let _ = reply.send(Err(CallError::UnknownTool(tool)));
+            return;
+        }
         if let Err(limited) = admit(&self.limiter) {
             let _ = reply.send(Err(limited));
             return;

@@ -46,13 +46,18 @@ pub(super) struct Ready {
 }
 
 impl Lane {
-    /// A lease on the ready connection, or the refusal the actor would give (rate limited,
-    /// busy). `None` when the lane cannot tell: the call goes through the actor.
-    pub fn try_lease(&self, replicas: u32) -> Option<Result<Lease, CallError>> {
+    /// A lease on the ready connection for a call of `tool`, or the refusal the actor would
+    /// give (unknown tool, rate limited, busy). `None` when the lane cannot tell: the call
+    /// goes through the actor.
+    pub fn try_lease(&self, replicas: u32, tool: &str) -> Option<Result<Lease, CallError>> {
         let guard = self.ready.read().ok()?;
         let ready = guard.as_ref()?;
         if ready.replicas != replicas || Instant::now() >= ready.tools_until {
             return None;
+        }
+        // Checked before the limit is spent: an unknown tool never reaches the upstream.
+        if !ready.tools.contains(tool) {
+            return Some(Err(CallError::UnknownTool(tool.to_owned())));
         }
         let lease = admit(&ready.limiter)
             .and_then(|()| take_permit(&ready.in_flight))

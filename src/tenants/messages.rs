@@ -83,8 +83,12 @@ impl From<UpstreamError> for CallError {
 pub type AuditWrite = Result<usize, Vec<AuditRecord>>;
 
 pub enum TenantMsg {
-    /// Lend a connection for one call (connecting first when needed).
-    Lease(RpcReplyPort<Result<Lease, CallError>>),
+    /// Lend a connection for one call of `tool` (connecting first when needed). A tool not
+    /// in a fresh tool list is refused before the rate limit is spent.
+    Lease {
+        tool: String,
+        reply: RpcReplyPort<Result<Lease, CallError>>,
+    },
     /// The tool list, from the cache or discovered again (`refresh`).
     Tools {
         refresh: bool,

@@ -132,9 +132,10 @@ impl TenantRuntime {
         let mut known = false;
         let call = self.call_tool_uncounted(tenant, tool, arguments, progress, &mut known);
         let result = Box::pin(call).await;
-        // A name not (yet) found in the tenant's list is the caller's own text: it gets no
-        // series, or one tenant's guesses (refused as unknown, or before the check: rate
-        // limited, busy) would use up the cap on tool labels that all tenants share.
+        // A call that ended before its name was confirmed in the tenant's list (refused as
+        // unknown, rate limited, busy) gets no series of its own: the name is the caller's
+        // own text, and one tenant's guesses would use up the cap on tool labels that all
+        // tenants share.
         let tool = if known { tool } else { crate::metrics::OTHER };
         crate::metrics::tool_call(&tenant.id, tool, call_outcome(&result));
         result
@@ -152,7 +153,7 @@ impl TenantRuntime {
         let running = self.running(tenant);
         let from_lane = running
             .as_ref()
-            .and_then(|r| r.lane.try_lease(self.settings.replica_count()));
+            .and_then(|r| r.lane.try_lease(self.settings.replica_count(), tool));
         let (actor, lease, lane) = match (running, from_lane) {
             (Some(running), Some(lease)) => (running.actor, lease?, Some(running.lane)),
             (running, _) => {
@@ -160,7 +161,11 @@ impl TenantRuntime {
                     Some(running) => running.actor,
                     None => self.start_actor(tenant).await?,
                 };
-                let (actor, lease) = self.ask_tenant(tenant, actor, TenantMsg::Lease).await?;
+                let lease = |reply| TenantMsg::Lease {
+                    tool: tool.to_owned(),
+                    reply,
+                };
+                let (actor, lease) = self.ask_tenant(tenant, actor, lease).await?;
                 (actor, lease, None)
             }
         };
@@ -315,15 +320,8 @@ impl TenantRuntime {
 }
 
 /// The audit outcome of a tool call (API.md), also its metrics label.
-pub fn call_outcome(result: &Result<CallToolResult, CallError>) -> &'static str {
-    match result {
-        Ok(r) if r.is_error == Some(true) => "tool_error",
-        Ok(_) => "ok",
-        Err(CallError::Timeout) => "timeout",
-        Err(CallError::RateLimited { .. }) => "rate_limited",
-        Err(CallError::UnknownTool(_)) => "refused",
-        Err(_) => "upstream_error",
-    }
+fn call_outcome(result: &Result<CallToolResult, CallError>) -> &'static str {
+    crate::audit::call_outcome(result.as_ref().map(|r| r.is_error == Some(true)))
 }
 
 /// Sends a request to an actor and waits for its answer; a gone or wedged actor is a 503.
