@@ -387,6 +387,11 @@ async fn stopped_upstream_fails_fast_and_a_new_connect_works_after_restart() -> 
         "{:?}",
         refused.err()
     );
+    // The message says why (reqwest keeps the cause out of its own), and does not name the
+    // transport's Rust type (rmcp's wrapper does).
+    let said = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.to_lowercase().contains("refused"), "{said}");
+    assert!(!said.contains("Transport ["), "{said}");
 
     upstream.restart().await?;
     let (fresh, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;

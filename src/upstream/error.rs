@@ -7,7 +7,8 @@
 //! message can go to a log as it is.
 
 use rmcp::{
-    service::ClientInitializeError, transport::streamable_http_client::StreamableHttpError,
+    service::ClientInitializeError,
+    transport::{streamable_http_client::StreamableHttpError, DynamicTransportError},
     ServiceError,
 };
 
@@ -48,7 +49,7 @@ impl UpstreamError {
                 code: data.code.0,
                 message: redact(&data.message, url),
             },
-            ServiceError::TransportSend(error) => Self::Connect(redact(&error.to_string(), url)),
+            ServiceError::TransportSend(error) => Self::Connect(redact(&failure(&error), url)),
             ServiceError::TransportClosed | ServiceError::Cancelled { .. } => Self::Closed,
             ServiceError::Timeout { .. } => Self::Timeout,
             other => Self::Protocol(redact(&other.to_string(), url)),
@@ -62,8 +63,10 @@ impl UpstreamError {
                 code: data.code.0,
                 message: redact(&data.message, url),
             },
-            ClientInitializeError::TransportError { .. }
-            | ClientInitializeError::ConnectionClosed(_) => {
+            ClientInitializeError::TransportError { error, context } => {
+                Self::Connect(redact(&format!("{}, when {context}", failure(&error)), url))
+            }
+            ClientInitializeError::ConnectionClosed(_) => {
                 Self::Connect(redact(&error.to_string(), url))
             }
             ClientInitializeError::Cancelled => Self::Closed,
@@ -95,6 +98,29 @@ pub(super) fn init_client_error_status(error: &ClientInitializeError) -> Option<
         source = current.source();
     }
     None
+}
+
+/// A transport's failure as a person reads it: the error and each of its causes (a refused
+/// connection, a TLS or DNS failure), which reqwest keeps out of its own message, and not
+/// rmcp's wrapper around them, which names the transport's Rust type.
+fn failure(error: &DynamicTransportError) -> String {
+    let mut text = String::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error.error);
+    while let Some(current) = cause {
+        let said = current.to_string();
+        if !text.contains(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+        cause = match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            // rmcp does not give its HTTP client's error as the source: follow it anyway.
+            Some(StreamableHttpError::Client(client)) => Some(client),
+            _ => current.source(),
+        };
+    }
+    text
 }
 
 /// `message` with every occurrence of `url` shortened to its origin and path, so that a query
