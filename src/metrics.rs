@@ -1,11 +1,14 @@
 //! Every metric the gateway exports: names, labels and the helpers that record them, so
 //! the set stays in one place and its label sets stay bounded. The Prometheus recorder is
 //! installed once per process ([`install`]; tests start many gateways in one process) and
-//! rendered by `GET /metrics`; there is no exporter HTTP listener of its own.
+//! rendered by `GET /metrics`; there is no exporter HTTP listener of its own. A thread of
+//! its own folds the histograms' samples into their buckets every [`UPKEEP_EVERY`]: the
+//! recorder holds each sample until then (or until a scrape), so a gateway nobody scraped
+//! grew by about 36 bytes per tool call, some 1 GB an hour at 9,000 calls a second.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -48,8 +51,15 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// How often the recorder's upkeep runs (see the module doc).
+const UPKEEP_EVERY: Duration = Duration::from_secs(2);
+
+/// Upkeeps run so far in this process.
+static UPKEEPS: AtomicU64 = AtomicU64::new(0);
+
 /// Installs the Prometheus recorder as the global recorder, once per process, and returns
-/// the handle that renders it. A later call returns the same handle.
+/// the handle that renders it. A later call returns the same handle. The recorder's upkeep
+/// runs on a thread of its own, so that it outlives any one runtime (tests run several).
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
@@ -60,6 +70,17 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was installed already; /metrics stays empty");
+            }
+            let upkeep = handle.clone();
+            let started = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                    UPKEEPS.fetch_add(1, Ordering::Relaxed);
+                });
+            if let Err(error) = started {
+                tracing::error!(%error, "no metrics upkeep thread: histograms grow until scraped");
             }
             handle
         })
@@ -346,6 +367,17 @@ mod tests {
         // A tool admitted for one tenant is no label for another.
         let (_, tool) = tool_call_labels(&tenants, &tenant_tools, "t3", "a");
         assert_eq!(tool, OTHER);
+    }
+
+    #[test]
+    fn the_recorders_upkeep_runs_without_a_scrape() {
+        install();
+        let before = UPKEEPS.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + UPKEEP_EVERY * 3;
+        while UPKEEPS.load(Ordering::Relaxed) == before {
+            assert!(std::time::Instant::now() < deadline, "no upkeep ran");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
