@@ -30,10 +30,14 @@ where
         .with_env_filter(filter)
         .with_writer(Redacting(writer));
     match format {
+        // Each line carries its spans once, outermost first (`spans`: the request's id,
+        // method and path, then any span inside it). The current span on its own
+        // (`span`) would repeat the last of them: about a third of an access line.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            .with_current_span(false)
+            .with_span_list(true)
             .init(),
         LogFormat::Pretty => builder.init(),
     }

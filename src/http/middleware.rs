@@ -98,7 +98,11 @@ pub async fn request_context(
     let elapsed = started.elapsed();
     crate::metrics::http_request(&route, method.as_str(), status, elapsed);
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
-    span.in_scope(|| tracing::info!(status, latency_ms, "request finished"));
+    // A target of its own, so that an operator can drop the access line alone
+    // (`RUST_LOG=info,switchboard::access=off`) and keep the request span on other lines.
+    span.in_scope(
+        || tracing::info!(target: "switchboard::access", status, latency_ms, "request finished"),
+    );
     response
 }
 
