@@ -392,6 +392,10 @@ async fn stopped_upstream_fails_fast_and_a_new_connect_works_after_restart() -> 
     let said = refused.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(said.to_lowercase().contains("refused"), "{said}");
     assert!(!said.contains("Transport ["), "{said}");
+    // The same on the legacy SSE transport.
+    let refused = try_connect(&target(sse_url(&upstream)?, TransportKind::Sse)?).await;
+    let said = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.to_lowercase().contains("refused"), "{said}");
 
     upstream.restart().await?;
     let (fresh, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;

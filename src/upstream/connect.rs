@@ -187,7 +187,9 @@ async fn sse(
     let handshake = async {
         let transport = SseTransport::connect(http, &target.url, target.token.clone(), timeout)
             .await
-            .map_err(|error| UpstreamError::Connect(format!("legacy SSE: {error}")))?;
+            .map_err(|error| {
+                UpstreamError::Connect(format!("legacy SSE: {}", super::error::failure(&error)))
+            })?;
         handler
             .serve_with_ct(Ordered::new(transport, progress.clone()), ct)
             .await

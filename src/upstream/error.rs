@@ -7,8 +7,7 @@
 //! message can go to a log as it is.
 
 use rmcp::{
-    service::ClientInitializeError,
-    transport::{streamable_http_client::StreamableHttpError, DynamicTransportError},
+    service::ClientInitializeError, transport::streamable_http_client::StreamableHttpError,
     ServiceError,
 };
 
@@ -49,7 +48,9 @@ impl UpstreamError {
                 code: data.code.0,
                 message: redact(&data.message, url),
             },
-            ServiceError::TransportSend(error) => Self::Connect(redact(&failure(&error), url)),
+            ServiceError::TransportSend(error) => {
+                Self::Connect(redact(&failure(&*error.error), url))
+            }
             ServiceError::TransportClosed | ServiceError::Cancelled { .. } => Self::Closed,
             ServiceError::Timeout { .. } => Self::Timeout,
             other => Self::Protocol(redact(&other.to_string(), url)),
@@ -64,12 +65,18 @@ impl UpstreamError {
                 message: redact(&data.message, url),
             },
             ClientInitializeError::TransportError { error, context } => {
-                Self::Connect(redact(&format!("{}, when {context}", failure(&error)), url))
+                let failed = failure(&*error.error);
+                Self::Connect(redact(&format!("{failed}, when {context}"), url))
             }
             ClientInitializeError::ConnectionClosed(_) => {
                 Self::Connect(redact(&error.to_string(), url))
             }
             ClientInitializeError::Cancelled => Self::Closed,
+            // rmcp's own text for these quotes what the upstream sent, as Rust debug output.
+            ClientInitializeError::ExpectedInitResponse(_)
+            | ClientInitializeError::ExpectedInitResult(_) => Self::Protocol(
+                "the upstream did not answer initialize with an initialize result".into(),
+            ),
             other => Self::Protocol(redact(&other.to_string(), url)),
         }
     }
@@ -102,11 +109,19 @@ pub(super) fn init_client_error_status(error: &ClientInitializeError) -> Option<
 
 /// A transport's failure as a person reads it: the error and each of its causes (a refused
 /// connection, a TLS or DNS failure), which reqwest keeps out of its own message, and not
-/// rmcp's wrapper around them, which names the transport's Rust type.
-fn failure(error: &DynamicTransportError) -> String {
+/// rmcp's wrappers around them (one names the transport's Rust type, another says "Client
+/// error" of what is no HTTP 4xx).
+pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error.error);
+    let mut cause = Some(error);
     while let Some(current) = cause {
+        // rmcp does not give its HTTP client's error as the source: follow it anyway.
+        if let Some(StreamableHttpError::Client(client)) =
+            current.downcast_ref::<StreamableHttpError<reqwest::Error>>()
+        {
+            cause = Some(client);
+            continue;
+        }
         let said = current.to_string();
         if !text.contains(&said) {
             if !text.is_empty() {
@@ -114,29 +129,64 @@ fn failure(error: &DynamicTransportError) -> String {
             }
             text.push_str(&said);
         }
-        cause = match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
-            // rmcp does not give its HTTP client's error as the source: follow it anyway.
-            Some(StreamableHttpError::Client(client)) => Some(client),
-            _ => current.source(),
-        };
+        cause = current.source();
     }
     text
 }
 
 /// `message` with every occurrence of `url` shortened to its origin and path, so that a query
-/// string never reaches a log or an API response.
+/// string never reaches a log or an API response. Any other URL in it (the same one as an
+/// HTTP client printed it without its user information, a redirect's) loses its query and
+/// user information too.
 pub(super) fn redact(message: &str, url: &url::Url) -> String {
-    if url.query().is_none() {
-        return message.to_owned();
-    }
-    let mut bare = url.clone();
-    bare.set_query(None);
-    message.replace(url.as_str(), bare.as_str())
+    let shortened = if url.query().is_none() {
+        std::borrow::Cow::Borrowed(message)
+    } else {
+        let mut bare = url.clone();
+        bare.set_query(None);
+        std::borrow::Cow::Owned(message.replace(url.as_str(), bare.as_str()))
+    };
+    crate::logging::redact_urls(&shortened).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_in_another_form_loses_its_query_and_user_information_too() {
+        let url = url::Url::parse("http://user:pw@127.0.0.1:1/mcp?integrationKey=k").expect("url");
+        // As reqwest prints it: no user information, so not `url` itself.
+        let message = "error sending request for url (http://127.0.0.1:1/mcp?integrationKey=k)";
+        let redacted = redact(message, &url);
+        assert!(!redacted.contains("integrationKey"), "{redacted}");
+        let message = format!("redirected from {url}");
+        let redacted = redact(&message, &url);
+        assert!(
+            !redacted.contains("pw") && !redacted.contains("integrationKey"),
+            "{redacted}"
+        );
+    }
+
+    #[test]
+    fn a_failure_says_its_causes_once_and_none_of_rmcps_wrappers() {
+        // A reqwest error made without a network: its cause is kept out of its own text.
+        let client_error = reqwest::Client::new()
+            .get("not a url")
+            .build()
+            .expect_err("no base URL");
+        let wrapped = StreamableHttpError::<reqwest::Error>::Client(client_error);
+        let said = failure(&wrapped);
+        assert!(!said.contains("Client error"), "{said}");
+        assert!(said.starts_with("builder error: "), "{said}");
+        assert!(said.contains("relative URL without a base"), "{said}");
+        // A cause the error already quotes is not said twice.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Outer(#[source] std::io::Error);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(failure(&Outer(io)), "outer: refused");
+    }
 
     #[test]
     fn redact_drops_the_query() {
