@@ -22,7 +22,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     connect,
-    error::redact,
+    error::Redaction,
     events::EventForwarder,
     progress::{ProgressRoute, ProgressRoutes},
     ProgressSink, TransportKind, UpstreamError, UpstreamEvent, UpstreamTarget,
@@ -39,8 +39,8 @@ struct Inner {
     peer: Peer<RoleClient>,
     /// Shared with the session's transport, which routes every progress notification here.
     progress: ProgressRoutes,
-    /// Kept only to shorten URLs in error messages (see [`redact`]).
-    url: url::Url,
+    /// What error messages about this upstream must not show (its URL's query, its token).
+    redaction: Redaction,
     transport: TransportKind,
     /// Ends the rmcp session; cancelled by [`UpstreamClient::close`] or by `_cancel_on_drop`.
     shutdown: CancellationToken,
@@ -80,7 +80,7 @@ impl UpstreamClient {
             inner: Arc::new(Inner {
                 peer,
                 progress,
-                url: target.url.clone(),
+                redaction: Redaction::new(&target.url, &target.token),
                 transport,
                 _cancel_on_drop: shutdown.clone().drop_guard(),
                 shutdown,
@@ -101,7 +101,7 @@ impl UpstreamClient {
         // rmcp cancels the page in flight upstream when this future is dropped on timeout.
         match tokio::time::timeout(timeout, self.inner.peer.list_all_tools()).await {
             Ok(result) => {
-                result.map_err(|error| UpstreamError::from_service(error, &self.inner.url))
+                result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))
             }
             Err(_) => Err(UpstreamError::Timeout),
         }
@@ -154,7 +154,7 @@ impl UpstreamClient {
         let handle = peer
             .send_cancellable_request(request, PeerRequestOptions::no_options())
             .await
-            .map_err(|error| UpstreamError::from_service(error, &self.inner.url))?;
+            .map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))?;
         let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone());
         // Subscribed at once: the request has only been queued, so its first progress is
         // still a network round trip away.
@@ -164,7 +164,7 @@ impl UpstreamClient {
         });
         let result = answer_relaying(handle, progress).await;
         guard.disarm();
-        result.map_err(|error| UpstreamError::from_service(error, &self.inner.url))
+        result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))
     }
 
     /// True once the session has ended; every call then fails with [`UpstreamError::Closed`].
@@ -197,7 +197,7 @@ impl UpstreamClient {
 impl std::fmt::Debug for UpstreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamClient")
-            .field("url", &redact(self.inner.url.as_str(), &self.inner.url))
+            .field("url", &self.inner.redaction.shown_url())
             .field("transport", &self.inner.transport)
             .field("closed", &self.is_closed())
             .finish()

@@ -22,7 +22,7 @@ use rmcp::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    error::{init_client_error_status, redact},
+    error::{init_client_error_status, Redaction},
     events::EventForwarder,
     progress::{Ordered, ProgressRoutes},
     sse::SseTransport,
@@ -153,7 +153,7 @@ async fn streamable(
     let handshake = handler.serve_with_ct(Ordered::new(transport, progress.clone()), ct);
     match tokio::time::timeout(target.connect_timeout, handshake).await {
         Ok(Ok(session)) => Ok(session),
-        Ok(Err(error)) => Err(classify(error, &target.url)),
+        Ok(Err(error)) => Err(classify(error, &Redaction::new(&target.url, &target.token))),
         Err(_) => Err(Attempt::Failed(unanswered_handshake(target))),
     }
 }
@@ -168,11 +168,11 @@ fn unanswered_handshake(target: &UpstreamTarget) -> UpstreamError {
     ))
 }
 
-fn classify(error: ClientInitializeError, url: &url::Url) -> Attempt {
+fn classify(error: ClientInitializeError, redaction: &Redaction) -> Attempt {
     match init_client_error_status(&error) {
         // 401 and 403 are about the token, not the transport: SSE would fail the same way.
         Some(status) if status != 401 && status != 403 => Attempt::Http4xx(status),
-        _ => Attempt::Failed(UpstreamError::from_init(error, url)),
+        _ => Attempt::Failed(UpstreamError::from_init(error, redaction)),
     }
 }
 
@@ -184,6 +184,7 @@ async fn sse(
     ct: CancellationToken,
 ) -> Result<Session, UpstreamError> {
     let timeout = target.connect_timeout;
+    let redaction = Redaction::new(&target.url, &target.token);
     let handshake = async {
         let transport = SseTransport::connect(http, &target.url, target.token.clone(), timeout)
             .await
@@ -193,13 +194,11 @@ async fn sse(
         handler
             .serve_with_ct(Ordered::new(transport, progress.clone()), ct)
             .await
-            .map_err(|error| UpstreamError::from_init(error, &target.url))
+            .map_err(|error| UpstreamError::from_init(error, &redaction))
     };
     match tokio::time::timeout(timeout, handshake).await {
         Ok(result) => result.map_err(|error| match error {
-            UpstreamError::Connect(message) => {
-                UpstreamError::Connect(redact(&message, &target.url))
-            }
+            UpstreamError::Connect(message) => UpstreamError::Connect(redaction.apply(&message)),
             other => other,
         }),
         Err(_) => Err(unanswered_handshake(target)),

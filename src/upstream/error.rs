@@ -6,6 +6,7 @@
 //! lives only in a header). The URL's query (`integrationKey`) is cut out all the same, so a
 //! message can go to a log as it is.
 
+use crate::config::Secret;
 use rmcp::{
     service::ClientInitializeError, transport::streamable_http_client::StreamableHttpError,
     ServiceError,
@@ -42,34 +43,32 @@ impl UpstreamError {
     }
 
     /// Maps an error from an rmcp request (after a successful `initialize`).
-    pub(super) fn from_service(error: ServiceError, url: &url::Url) -> Self {
+    pub(super) fn from_service(error: ServiceError, url: &Redaction) -> Self {
         match error {
             ServiceError::McpError(data) => Self::Rpc {
                 code: data.code.0,
-                message: redact(&data.message, url),
+                message: url.apply(&data.message),
             },
-            ServiceError::TransportSend(error) => {
-                Self::Connect(redact(&failure(&*error.error), url))
-            }
+            ServiceError::TransportSend(error) => Self::Connect(url.apply(&failure(&*error.error))),
             ServiceError::TransportClosed | ServiceError::Cancelled { .. } => Self::Closed,
             ServiceError::Timeout { .. } => Self::Timeout,
-            other => Self::Protocol(redact(&other.to_string(), url)),
+            other => Self::Protocol(url.apply(&other.to_string())),
         }
     }
 
     /// Maps an error from the `initialize` handshake.
-    pub(super) fn from_init(error: ClientInitializeError, url: &url::Url) -> Self {
+    pub(super) fn from_init(error: ClientInitializeError, url: &Redaction) -> Self {
         match error {
             ClientInitializeError::JsonRpcError(data) => Self::Rpc {
                 code: data.code.0,
-                message: redact(&data.message, url),
+                message: url.apply(&data.message),
             },
             ClientInitializeError::TransportError { error, context } => {
                 let failed = failure(&*error.error);
-                Self::Connect(redact(&format!("{failed}, when {context}"), url))
+                Self::Connect(url.apply(&format!("{failed}, when {context}")))
             }
             ClientInitializeError::ConnectionClosed(_) => {
-                Self::Connect(redact(&error.to_string(), url))
+                Self::Connect(url.apply(&error.to_string()))
             }
             ClientInitializeError::Cancelled => Self::Closed,
             // rmcp's own text for these quotes what the upstream sent, as Rust debug output.
@@ -77,7 +76,7 @@ impl UpstreamError {
             | ClientInitializeError::ExpectedInitResult(_) => Self::Protocol(
                 "the upstream did not answer initialize with an initialize result".into(),
             ),
-            other => Self::Protocol(redact(&other.to_string(), url)),
+            other => Self::Protocol(url.apply(&other.to_string())),
         }
     }
 }
@@ -134,6 +133,38 @@ pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What a message about one upstream must not show: the query and user information of its
+/// URL (or of any URL), and the bearer token the gateway sends it, should the upstream quote
+/// it back (rmcp puts the body of an upstream's HTTP error answer in its error).
+#[derive(Clone)]
+pub(super) struct Redaction {
+    url: url::Url,
+    token: Secret,
+}
+
+impl Redaction {
+    pub(super) fn new(url: &url::Url, token: &Secret) -> Self {
+        Self {
+            url: url.clone(),
+            token: token.clone(),
+        }
+    }
+
+    /// The URL as a message may show it.
+    pub(super) fn shown_url(&self) -> String {
+        self.apply(self.url.as_str())
+    }
+
+    pub(super) fn apply(&self, message: &str) -> String {
+        let token = self.token.expose();
+        let redacted = redact(message, &self.url);
+        if token.is_empty() || !redacted.contains(token) {
+            return redacted;
+        }
+        redacted.replace(token, "…")
+    }
+}
+
 /// `message` with every occurrence of `url` shortened to its origin and path, so that a query
 /// string never reaches a log or an API response. Any other URL in it (the same one as an
 /// HTTP client printed it without its user information, a redirect's) loses its query and
@@ -186,6 +217,14 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(failure(&Outer(io)), "outer: refused");
+    }
+
+    #[test]
+    fn a_token_the_upstream_quotes_back_is_cut_out() {
+        let url = url::Url::parse("http://127.0.0.1:1/mcp?integrationKey=k").expect("url");
+        let redaction = Redaction::new(&url, &Secret::new("ia-token-31337"));
+        let said = redaction.apply("HTTP 400: bad header Authorization: Bearer ia-token-31337");
+        assert_eq!(said, "HTTP 400: bad header Authorization: Bearer …");
     }
 
     #[test]
