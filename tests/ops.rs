@@ -143,10 +143,7 @@ async fn a_call_of_an_unknown_tool_spends_none_of_the_tenant_limit() -> anyhow::
     let tenant = gw
         .create_tenant(tenant_body(&upstream, Some((1, 2))))
         .await?;
-    let path = format!("/api/tenant/{}/tool", tenant.id);
-    let auth = bearer(&tenant.token);
-    let headers = [("authorization", auth.as_str())];
-    let call = |body: Value| gw.send(Method::POST, &path, &headers, Some(body));
+    let call = |body: Value| gw.tool(&tenant, body);
     // A first list connects the tenant and caches its tools; a cached list spends nothing.
     let (status, _, list) = call(json!({"method": "listTools"})).await?;
     assert_eq!(status, StatusCode::OK, "{list}");
