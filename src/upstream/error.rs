@@ -2,15 +2,18 @@
 //! unreachable or misbehaving upstream or a closed connection, 504 for a timeout). Nothing
 //! is retried: a connection that failed or closed is dropped and the next call reconnects.
 //!
-//! Messages are built from rmcp and reqwest errors, which never contain the bearer token (it
-//! lives only in a header). The URL's query (`integrationKey`) is cut out all the same, so a
-//! message can go to a log as it is.
+//! Messages are built from rmcp and reqwest errors. The bearer token travels only in a
+//! header, but rmcp quotes the body of an upstream's HTTP error answer, which could quote the
+//! token back; so every message passes a [`Redaction`]: the token is cut out, and the query
+//! (`integrationKey`) and user information of every URL, so a message can go to a log as it
+//! is.
 
-use crate::config::Secret;
 use rmcp::{
     service::ClientInitializeError, transport::streamable_http_client::StreamableHttpError,
     ServiceError,
 };
+
+use crate::config::Secret;
 
 /// Why an upstream operation failed. A tool that fails inside the upstream is not an error: it
 /// is an `Ok(CallToolResult)` with `is_error: Some(true)`.
@@ -43,32 +46,34 @@ impl UpstreamError {
     }
 
     /// Maps an error from an rmcp request (after a successful `initialize`).
-    pub(super) fn from_service(error: ServiceError, url: &Redaction) -> Self {
+    pub(super) fn from_service(error: ServiceError, redaction: &Redaction) -> Self {
         match error {
             ServiceError::McpError(data) => Self::Rpc {
                 code: data.code.0,
-                message: url.apply(&data.message),
+                message: redaction.apply(&data.message),
             },
-            ServiceError::TransportSend(error) => Self::Connect(url.apply(&failure(&*error.error))),
+            ServiceError::TransportSend(error) => {
+                Self::Connect(redaction.apply(&failure(&*error.error)))
+            }
             ServiceError::TransportClosed | ServiceError::Cancelled { .. } => Self::Closed,
             ServiceError::Timeout { .. } => Self::Timeout,
-            other => Self::Protocol(url.apply(&other.to_string())),
+            other => Self::Protocol(redaction.apply(&other.to_string())),
         }
     }
 
     /// Maps an error from the `initialize` handshake.
-    pub(super) fn from_init(error: ClientInitializeError, url: &Redaction) -> Self {
+    pub(super) fn from_init(error: ClientInitializeError, redaction: &Redaction) -> Self {
         match error {
             ClientInitializeError::JsonRpcError(data) => Self::Rpc {
                 code: data.code.0,
-                message: url.apply(&data.message),
+                message: redaction.apply(&data.message),
             },
             ClientInitializeError::TransportError { error, context } => {
                 let failed = failure(&*error.error);
-                Self::Connect(url.apply(&format!("{failed}, when {context}")))
+                Self::Connect(redaction.apply(&format!("{failed}, when {context}")))
             }
             ClientInitializeError::ConnectionClosed(_) => {
-                Self::Connect(url.apply(&error.to_string()))
+                Self::Connect(redaction.apply(&error.to_string()))
             }
             ClientInitializeError::Cancelled => Self::Closed,
             // rmcp's own text for these quotes what the upstream sent, as Rust debug output.
@@ -76,7 +81,7 @@ impl UpstreamError {
             | ClientInitializeError::ExpectedInitResult(_) => Self::Protocol(
                 "the upstream did not answer initialize with an initialize result".into(),
             ),
-            other => Self::Protocol(url.apply(&other.to_string())),
+            other => Self::Protocol(redaction.apply(&other.to_string())),
         }
     }
 }
