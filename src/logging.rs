@@ -15,23 +15,38 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// rmcp's transport worker logs why it quit as Rust debug output, which quotes the body of
+/// an upstream's HTTP error answer as sent: an upstream that echoes the request's
+/// `Authorization` header would put the tenant's token in the log. Always off; the gateway
+/// logs the same failure itself, redacted (`upstream connect failed`).
+const QUIET: &str = "rmcp::transport::worker=off";
+
 /// Installs the process's subscriber: `RUST_LOG`, or `info`, to stdout.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     install(format, filter, io::stdout);
 }
 
-/// Installs the process's subscriber, writing to `writer` (tests read their logs back).
+/// `filter` with [`QUIET`] added, whatever `RUST_LOG` said about those targets.
+fn quieted(filter: EnvFilter) -> EnvFilter {
+    match QUIET.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+/// Installs the process's subscriber, writing to `writer` (tests read their logs back), with
+/// `filter` and [`QUIET`].
 pub fn install<W>(format: LogFormat, filter: EnvFilter, writer: W)
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(quieted(filter))
         .with_writer(Redacting(writer));
     match format {
         // Each line carries its spans once, outermost first (`spans`: the request's id,
-        // method and path, then any span inside it). The current span on its own
+        // method, path and tenant, then any span inside it). The current span on its own
         // (`span`) would repeat the last of them: about a third of an access line.
         LogFormat::Json => builder
             .json()
@@ -129,7 +144,9 @@ fn ends_url(c: char) -> bool {
 
 /// One URL (`scheme://rest`), without its user information and query. User information
 /// runs to the last `@` of the URL: a password may hold a raw `/`, `?` or `#`, and cutting
-/// there would leave part of it.
+/// there would leave part of it. But an `@` may as well be in the query
+/// (`?email=a@b.example&key=…`): when what would be the host is no host name, everything
+/// after the scheme goes.
 fn redact_one(url: &str) -> Cow<'_, str> {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let rest = &url[after_scheme..];
@@ -139,6 +156,10 @@ fn redact_one(url: &str) -> Cow<'_, str> {
     };
     let host_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (host, tail) = rest.split_at(host_len);
+    let host_name = |c: char| c.is_alphanumeric() || matches!(c, '-' | '.' | ':' | '[' | ']' | '_');
+    if user && !host.chars().all(host_name) {
+        return Cow::Owned(format!("{}…", &url[..after_scheme]));
+    }
     let query = tail.find(['?', '#']);
     if !user && query.is_none() {
         return Cow::Borrowed(url);
@@ -182,6 +203,11 @@ mod tests {
             (
                 "postgres://u:pa/ss#w?rd@db/x done",
                 "postgres://…@db/x done",
+            ),
+            // An `@` in the query: no part of the query is left.
+            (
+                "GET https://a/p?email=u@x.example&key=S3cret done",
+                "GET https://… done",
             ),
             // A multi-byte character right before the scheme or the `://`.
             ("éhttp://x?k=v", "éhttp://x?…"),

@@ -54,6 +54,41 @@ fn audit_rows(store: &TestStore) -> anyhow::Result<Vec<String>> {
     Ok(rows)
 }
 
+/// A loopback HTTP server that answers every request 403, its body quoting the request's
+/// `Authorization` header; its address.
+async fn quoting_upstream() -> anyhow::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match socket.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let authorization = head
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                    .unwrap_or("no authorization");
+                let body = format!("bad request; you sent {authorization}");
+                let answer = format!(
+                    "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
 /// The first part of `secret` (16 characters, or the whole of a shorter one) that `text`
 /// holds: a secret must not show up even in part.
 fn part_of<'s>(secret: &'s str, text: &str) -> Option<&'s str> {
@@ -143,6 +178,27 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         )
         .await?;
     assert!(status.is_server_error(), "unreachable upstream: {status}");
+    // An upstream that answers every request 403 (about the token, so not a cue to try
+    // legacy SSE), quoting the request's Authorization
+    // header: the tenant's token must not come back in the 502 or reach a log line.
+    let echo_token = "echoed-upstream-token-SECRET-99";
+    let echoing = quoting_upstream().await?;
+    let echoed = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": echo_token,
+            "upstreamUrl": format!("http://{echoing}/mcp")}),
+        )
+        .await?;
+    let (status, _, echoed_answer) = gw
+        .send(
+            Method::POST,
+            &format!("/api/tenant/{}/tool", echoed.id),
+            &[("authorization", &format!("Bearer {}", echoed.token))],
+            Some(json!({"method": "echo"})),
+        )
+        .await?;
+    assert!(status.is_server_error(), "quoting upstream: {status}");
+    let echoed_answer = echoed_answer.to_string();
     let admin = format!("Bearer {admin_jwt}");
     let (_, _, rotated) = gw
         .send(
@@ -166,6 +222,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         ("tenant JWT", tenant.token.clone()),
         ("integrationAppToken", app_token.to_owned()),
         ("key in an upstream URL's query", query_key.to_owned()),
+        ("token an upstream quoted back", echo_token.to_owned()),
     ];
     let store = gw.store.clone();
     gw.stop().await?;
@@ -184,17 +241,26 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
             .any(|r| r.contains("auth.refused") && !r.contains(&tenant.id)),
         "every audit row is searched"
     );
-    // The failing upstream's URL was logged, and cut at its query.
+    // The failing upstream's connect was logged in the gateway's words, with its URL cut
+    // at its query (rmcp's own line of it is off: it quotes error bodies as sent).
+    let failed = text
+        .lines()
+        .find(|l| l.contains("upstream connect failed") && l.contains(&down.id))
+        .unwrap_or_default();
     assert!(
-        text.contains("/mcp?…"),
-        "a redacted upstream URL is in the logs"
+        failed.contains("/mcp"),
+        "the connect failure is logged: {failed}"
     );
+    assert!(!text.contains("worker quit"), "rmcp's worker lines are off");
+    // The upstream that quoted the token back was answered 502, without the token.
+    assert!(echoed_answer.contains("upstream_error"), "{echoed_answer}");
     let audit = rows.join("\n");
     for (what, secret) in &secrets {
         for (place, haystack) in [
             ("/metrics", &metrics),
             ("the logs", &text),
             ("the audit trail", &audit),
+            ("the quoting upstream's 502", &echoed_answer),
         ] {
             if let Some(part) = part_of(secret, haystack) {
                 panic!("a part of the {what} is in {place}: {part}");

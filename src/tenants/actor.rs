@@ -430,6 +430,8 @@ impl TenantState {
             }
             Err(err) => {
                 let err = CallError::from(err);
+                // The reason in our own words, redacted (rmcp's own line is off: `logging`).
+                tracing::warn!(tenant_id = %self.tenant_id, error = %err, "upstream connect failed");
                 self.record_failure(err.to_string());
                 for waiter in waiters {
                     let _ = waiter.send(Err(err.clone()));
