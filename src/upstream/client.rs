@@ -40,7 +40,7 @@ struct Inner {
     /// Shared with the session's transport, which routes every progress notification here.
     progress: ProgressRoutes,
     /// What error messages about this upstream must not show (its URL's query, its token).
-    redaction: Redaction,
+    redaction: Arc<Redaction>,
     transport: TransportKind,
     /// Ends the rmcp session; cancelled by [`UpstreamClient::close`] or by `_cancel_on_drop`.
     shutdown: CancellationToken,
@@ -80,7 +80,7 @@ impl UpstreamClient {
             inner: Arc::new(Inner {
                 peer,
                 progress,
-                redaction: Redaction::new(&target.url, &target.token),
+                redaction: Arc::new(Redaction::new(&target.url, &target.token)),
                 transport,
                 _cancel_on_drop: shutdown.clone().drop_guard(),
                 shutdown,
@@ -155,7 +155,7 @@ impl UpstreamClient {
             .send_cancellable_request(request, PeerRequestOptions::no_options())
             .await
             .map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))?;
-        let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone());
+        let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone(), &self.inner.redaction);
         // Subscribed at once: the request has only been queued, so its first progress is
         // still a network round trip away.
         let progress = progress.map(|sink| {
@@ -239,13 +239,18 @@ async fn answer_relaying(
 struct CancelOnDrop {
     peer: Peer<RoleClient>,
     id: Option<RequestId>,
+    redaction: Arc<Redaction>,
 }
 
 impl CancelOnDrop {
     const REASON: &'static str = "the gateway's caller stopped waiting";
 
-    fn new(peer: Peer<RoleClient>, id: RequestId) -> Self {
-        Self { peer, id: Some(id) }
+    fn new(peer: Peer<RoleClient>, id: RequestId, redaction: &Arc<Redaction>) -> Self {
+        Self {
+            peer,
+            id: Some(id),
+            redaction: redaction.clone(),
+        }
     }
 
     fn disarm(&mut self) {
@@ -261,10 +266,11 @@ impl Drop for CancelOnDrop {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let peer = self.peer.clone();
+        let (peer, redaction) = (self.peer.clone(), self.redaction.clone());
         runtime.spawn(async move {
             let params = CancelledNotificationParam::new(Some(id), Some(Self::REASON.to_owned()));
             if let Err(error) = peer.notify_cancelled(params).await {
+                let error = UpstreamError::from_service(error, &redaction);
                 tracing::debug!(%error, "could not cancel an abandoned upstream request");
             }
         });

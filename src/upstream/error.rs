@@ -119,14 +119,19 @@ pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
     let mut cause = Some(error);
     while let Some(current) = cause {
-        // rmcp does not give its HTTP client's error as the source: follow it anyway.
-        if let Some(StreamableHttpError::Client(client)) =
-            current.downcast_ref::<StreamableHttpError<reqwest::Error>>()
-        {
-            cause = Some(client);
-            continue;
-        }
-        let said = current.to_string();
+        let said = match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            // rmcp does not give its HTTP client's error as the source: follow it anyway.
+            Some(StreamableHttpError::Client(client)) => {
+                cause = Some(client);
+                continue;
+            }
+            // rmcp's text is Rust debug output (`Some("text/html")`).
+            Some(StreamableHttpError::UnexpectedContentType(got)) => format!(
+                "the upstream answered with content type {}, not JSON or an event stream",
+                got.as_deref().unwrap_or("(none)")
+            ),
+            _ => current.to_string(),
+        };
         if !text.contains(&said) {
             if !text.is_empty() {
                 text.push_str(": ");
@@ -137,6 +142,9 @@ pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// See [`Redaction::apply`].
+const SHORTEST_TOKEN_CUT: usize = 8;
 
 /// What a message about one upstream must not show: the query and user information of its
 /// URL (or of any URL), and the bearer token the gateway sends it, should the upstream quote
@@ -160,18 +168,21 @@ impl Redaction {
         self.apply(self.url.as_str())
     }
 
+    /// The token is cut first (the URL cuts could split it), and only when it has at least
+    /// [`SHORTEST_TOKEN_CUT`] bytes: a shorter one would be found inside ordinary words,
+    /// and where those were cut would spell it out.
     pub(super) fn apply(&self, message: &str) -> String {
         let token = self.token.expose();
-        let redacted = redact(message, &self.url);
-        if token.is_empty() || !redacted.contains(token) {
-            return redacted;
+        if token.len() >= SHORTEST_TOKEN_CUT && message.contains(token) {
+            return redact(&message.replace(token, "…"), &self.url);
         }
-        redacted.replace(token, "…")
+        redact(message, &self.url)
     }
 }
 
-/// `message` with every occurrence of `url` shortened to its origin and path, so that a query
-/// string never reaches a log or an API response. Any other URL in it (the same one as an
+/// `message` with every occurrence of `url` shortened to its origin and path (and user
+/// information, if any, to `…@`), so that a query string never reaches a log or an API
+/// response. Any other URL in it (the same one as an
 /// HTTP client printed it without its user information, a redirect's) loses its query and
 /// user information too.
 pub(super) fn redact(message: &str, url: &url::Url) -> String {
@@ -230,6 +241,22 @@ mod tests {
         let redaction = Redaction::new(&url, &Secret::new("ia-token-31337"));
         let said = redaction.apply("HTTP 400: bad header Authorization: Bearer ia-token-31337");
         assert_eq!(said, "HTTP 400: bad header Authorization: Bearer …");
+        // One too short to be told from ordinary text is left alone.
+        let redaction = Redaction::new(&url, &Secret::new("t"));
+        let said = redaction.apply("tcp connect error");
+        assert_eq!(said, "tcp connect error");
+    }
+
+    #[test]
+    fn an_unexpected_content_type_is_said_without_debug_output() {
+        let got = StreamableHttpError::<reqwest::Error>::UnexpectedContentType(Some(
+            "text/html; charset=utf-8".into(),
+        ));
+        let said = failure(&got);
+        assert_eq!(
+            said,
+            "the upstream answered with content type text/html; charset=utf-8, not JSON or an event stream"
+        );
     }
 
     #[test]
