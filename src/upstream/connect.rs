@@ -189,7 +189,8 @@ async fn sse(
         let transport = SseTransport::connect(http, &target.url, target.token.clone(), timeout)
             .await
             .map_err(|error| {
-                UpstreamError::Connect(format!("legacy SSE: {}", super::error::failure(&error)))
+                let failed = super::error::failure(&error);
+                UpstreamError::Connect(redaction.apply(&format!("legacy SSE: {failed}")))
             })?;
         handler
             .serve_with_ct(Ordered::new(transport, progress.clone()), ct)
@@ -197,10 +198,7 @@ async fn sse(
             .map_err(|error| UpstreamError::from_init(error, &redaction))
     };
     match tokio::time::timeout(timeout, handshake).await {
-        Ok(result) => result.map_err(|error| match error {
-            UpstreamError::Connect(message) => UpstreamError::Connect(redaction.apply(&message)),
-            other => other,
-        }),
+        Ok(result) => result,
         Err(_) => Err(unanswered_handshake(target)),
     }
 }

@@ -149,7 +149,6 @@ const SHORTEST_TOKEN_CUT: usize = 8;
 /// What a message about one upstream must not show: the query and user information of its
 /// URL (or of any URL), and the bearer token the gateway sends it, should the upstream quote
 /// it back (rmcp puts the body of an upstream's HTTP error answer in its error).
-#[derive(Clone)]
 pub(super) struct Redaction {
     url: url::Url,
     token: Secret,
@@ -182,10 +181,9 @@ impl Redaction {
 
 /// `message` with every occurrence of `url` shortened to its origin and path (and user
 /// information, if any, to `…@`), so that a query string never reaches a log or an API
-/// response. Any other URL in it (the same one as an
-/// HTTP client printed it without its user information, a redirect's) loses its query and
-/// user information too.
-pub(super) fn redact(message: &str, url: &url::Url) -> String {
+/// response. Any other URL in it (the same one as an HTTP client printed it without its
+/// user information, a redirect's) loses its query and user information too.
+fn redact(message: &str, url: &url::Url) -> String {
     let shortened = if url.query().is_none() {
         std::borrow::Cow::Borrowed(message)
     } else {
