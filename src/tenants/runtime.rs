@@ -169,20 +169,24 @@ impl TenantRuntime {
                 (actor, lease, None)
             }
         };
+        // A lease from the lane was taken only for a name in its list. One from the actor
+        // may have come without a list, or with one that turned fresh while it connected.
         // The list may come from another actor (this one idled out as it was asked); the
         // call runs on this actor's lease, and its outcome, when told, goes to this actor.
-        let tools = match &lease.tools {
-            Some(tools) => tools.clone(),
-            None => {
-                let tools = |reply| TenantMsg::Tools {
-                    refresh: false,
-                    reply,
-                };
-                self.ask_tenant(tenant, actor.clone(), tools).await?.1
+        if lane.is_none() {
+            let tools = match &lease.tools {
+                Some(tools) => tools.clone(),
+                None => {
+                    let tools = |reply| TenantMsg::Tools {
+                        refresh: false,
+                        reply,
+                    };
+                    self.ask_tenant(tenant, actor.clone(), tools).await?.1
+                }
+            };
+            if !tools.contains(tool) {
+                return Err(CallError::UnknownTool(tool.to_owned()));
             }
-        };
-        if !tools.contains(tool) {
-            return Err(CallError::UnknownTool(tool.to_owned()));
         }
         *known = true;
         let started = std::time::Instant::now();
