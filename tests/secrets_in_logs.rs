@@ -8,7 +8,7 @@ mod common;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::gateway::{TestGateway, TestStore};
+use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use common::upstream::TestUpstream;
 use reqwest::Method;
 use serde_json::json;
@@ -52,6 +52,22 @@ fn audit_rows(store: &TestStore) -> anyhow::Result<Vec<String>> {
         .query_map([], |row| row.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+/// A REST `echo` call of `tenant`'s, with its tenant JWT: the status and the body.
+async fn echo_with_jwt(
+    gw: &TestGateway,
+    tenant: &CreatedTenant,
+) -> anyhow::Result<(reqwest::StatusCode, serde_json::Value)> {
+    let (status, _, body) = gw
+        .send(
+            Method::POST,
+            &format!("/api/tenant/{}/tool", tenant.id),
+            &[("authorization", &format!("Bearer {}", tenant.token))],
+            Some(json!({"method": "echo"})),
+        )
+        .await?;
+    Ok((status, body))
 }
 
 /// A loopback HTTP server that answers every request 403, its body quoting the request's
@@ -169,18 +185,11 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
             json!({"integrationKey": "k", "integrationAppToken": "t", "upstreamUrl": unreachable}),
         )
         .await?;
-    let (status, _, _) = gw
-        .send(
-            Method::POST,
-            &format!("/api/tenant/{}/tool", down.id),
-            &[("authorization", &format!("Bearer {}", down.token))],
-            Some(json!({"method": "echo"})),
-        )
-        .await?;
+    let (status, _) = echo_with_jwt(&gw, &down).await?;
     assert!(status.is_server_error(), "unreachable upstream: {status}");
     // An upstream that answers every request 403 (about the token, so not a cue to try
-    // legacy SSE), quoting the request's Authorization
-    // header: the tenant's token must not come back in the 502 or reach a log line.
+    // legacy SSE), quoting the request's Authorization header: the tenant's token must not
+    // come back in the 502 or reach a log line.
     let echo_token = "echoed-upstream-token-SECRET-99";
     let echoing = quoting_upstream().await?;
     let echoed = gw
@@ -189,14 +198,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
             "upstreamUrl": format!("http://{echoing}/mcp")}),
         )
         .await?;
-    let (status, _, echoed_answer) = gw
-        .send(
-            Method::POST,
-            &format!("/api/tenant/{}/tool", echoed.id),
-            &[("authorization", &format!("Bearer {}", echoed.token))],
-            Some(json!({"method": "echo"})),
-        )
-        .await?;
+    let (status, echoed_answer) = echo_with_jwt(&gw, &echoed).await?;
     assert!(status.is_server_error(), "quoting upstream: {status}");
     let echoed_answer = echoed_answer.to_string();
     let admin = format!("Bearer {admin_jwt}");
