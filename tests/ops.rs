@@ -471,7 +471,13 @@ async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()
     );
     let after = parse_strict(&after)?;
     assert_eq!(counter(&after, "switchboard_tool_calls_total", &ok), served);
-    let limited = [("tenant", tenant.id.as_str()), ("outcome", "rate_limited")];
+    // Refused for the limit by the ready tenant's lane, which checked the name first: the
+    // tool's own label.
+    let limited = [
+        ("tenant", tenant.id.as_str()),
+        ("tool", "echo"),
+        ("outcome", "rate_limited"),
+    ];
     assert_eq!(
         counter(&after, "switchboard_tool_calls_total", &limited),
         refused

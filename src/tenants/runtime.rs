@@ -133,7 +133,8 @@ impl TenantRuntime {
         let call = self.call_tool_uncounted(tenant, tool, arguments, progress, &mut known);
         let result = Box::pin(call).await;
         // A call that ended before its name was confirmed in the tenant's list (refused as
-        // unknown, rate limited, busy) gets no series of its own: the name is the caller's
+        // unknown, or for a limit by the actor before a list was checked) gets no series of
+        // its own: the name is the caller's
         // own text, and one tenant's guesses would use up the cap on tool labels that all
         // tenants share.
         let tool = if known { tool } else { crate::metrics::OTHER };
@@ -155,7 +156,15 @@ impl TenantRuntime {
             .as_ref()
             .and_then(|r| r.lane.try_lease(self.settings.replica_count(), tool));
         let (actor, lease, lane) = match (running, from_lane) {
-            (Some(running), Some(lease)) => (running.actor, lease?, Some(running.lane)),
+            (Some(running), Some(lease)) => {
+                // The lane refuses for the limits only a name it found in its fresh list:
+                // such a refusal is counted under the tool's own label.
+                *known = matches!(
+                    lease,
+                    Ok(_) | Err(CallError::RateLimited { .. } | CallError::Busy { .. })
+                );
+                (running.actor, lease?, Some(running.lane))
+            }
             (running, _) => {
                 let actor = match running {
                     Some(running) => running.actor,
