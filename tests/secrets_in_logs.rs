@@ -70,9 +70,13 @@ async fn echo_with_jwt(
     Ok((status, body))
 }
 
+/// rmcp quotes this much of an HTTP error body (`max_error_response_size`'s default).
+const RMCP_QUOTES: usize = 64 * 1024;
+
 /// A loopback HTTP server that answers every request 403, its body quoting the request's
-/// `Authorization` header; its address.
-async fn quoting_upstream() -> anyhow::Result<std::net::SocketAddr> {
+/// `Authorization` header; its address. With `split_at`, that quote comes after padding
+/// that puts the end of what rmcp quotes `split_at` bytes into the token.
+async fn quoting_upstream(split_at: Option<usize>) -> anyhow::Result<std::net::SocketAddr> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
@@ -92,7 +96,15 @@ async fn quoting_upstream() -> anyhow::Result<std::net::SocketAddr> {
                     .lines()
                     .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
                     .unwrap_or("no authorization");
-                let body = format!("bad request; you sent {authorization}");
+                let quote = format!("bad request; you sent {authorization}");
+                let body = match split_at {
+                    None => quote,
+                    Some(split_at) => {
+                        let token_at = quote.find("Bearer ").map_or(0, |at| at + 7);
+                        let pad = RMCP_QUOTES - token_at - split_at;
+                        format!("{}{quote}{}", "x".repeat(pad), "y".repeat(1024))
+                    }
+                };
                 let answer = format!(
                     "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\n\
                      content-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -191,7 +203,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
     // legacy SSE), quoting the request's Authorization header: the tenant's token must not
     // come back in the 502 or reach a log line.
     let echo_token = "echoed-upstream-token-SECRET-99";
-    let echoing = quoting_upstream().await?;
+    let echoing = quoting_upstream(None).await?;
     let echoed = gw
         .create_tenant(
             json!({"integrationKey": "k", "integrationAppToken": echo_token,
@@ -201,6 +213,20 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
     let (status, echoed_answer) = echo_with_jwt(&gw, &echoed).await?;
     assert!(status.is_server_error(), "quoting upstream: {status}");
     let echoed_answer = echoed_answer.to_string();
+    // One that quotes it where rmcp's quote of the body ends, splitting it: the part before
+    // the split is no exact match of the token, yet it must not be shown either.
+    let split_token = "split-upstream-token-SECRET-0123456789";
+    let splitting = quoting_upstream(Some(20)).await?;
+    let split = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": split_token,
+            "upstreamUrl": format!("http://{splitting}/mcp")}),
+        )
+        .await?;
+    let (status, split_answer) = echo_with_jwt(&gw, &split).await?;
+    assert!(status.is_server_error(), "splitting upstream: {status}");
+    let split_answer = split_answer.to_string();
+    assert!(split_answer.contains("(cut)"), "{split_answer}");
     let admin = format!("Bearer {admin_jwt}");
     let (_, _, rotated) = gw
         .send(
@@ -225,6 +251,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         ("integrationAppToken", app_token.to_owned()),
         ("key in an upstream URL's query", query_key.to_owned()),
         ("token an upstream quoted back", echo_token.to_owned()),
+        ("token an upstream's quote split", split_token.to_owned()),
     ];
     let store = gw.store.clone();
     gw.stop().await?;
@@ -263,6 +290,7 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
             ("the logs", &text),
             ("the audit trail", &audit),
             ("the quoting upstream's 502", &echoed_answer),
+            ("the splitting upstream's 502", &split_answer),
         ] {
             if let Some(part) = part_of(secret, haystack) {
                 panic!("a part of the {what} is in {place}: {part}");

@@ -444,6 +444,35 @@ async fn an_upstream_that_never_answers_the_handshake_could_not_be_reached() -> 
 }
 
 #[tokio::test]
+async fn an_answer_that_is_json_but_no_json_rpc_message_is_said_in_our_words() -> anyhow::Result<()>
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/mcp", listener.local_addr()?);
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                r#"{"hello":"world"}"#,
+            )
+        }),
+    );
+    let served = tokio::spawn(async move { axum::serve(listener, app).await });
+    let error = try_connect(&target(&url, TransportKind::StreamableHttp)?)
+        .await
+        .err()
+        .context("connected to an upstream that answers no JSON-RPC")?;
+    served.abort();
+    let said = error.to_string();
+    assert!(
+        said.contains("JSON answer is no JSON-RPC message"),
+        "{said}"
+    );
+    assert!(!said.contains("ServerJsonRpcMessage"), "{said}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn close_ends_the_session_and_reports_it() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, mut events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;

@@ -125,6 +125,15 @@ pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
                 cause = Some(client);
                 continue;
             }
+            // rmcp's text names its Rust type for the message it expected.
+            Some(StreamableHttpError::UnexpectedServerResponse(said)) => {
+                match said.strip_prefix(RMCP_UNPARSED_ANSWER) {
+                    Some(rest) => {
+                        format!("the upstream's JSON answer is no JSON-RPC message{rest}")
+                    }
+                    None => said.to_string(),
+                }
+            }
             // rmcp's text is Rust debug output (`Some("text/html")`).
             Some(StreamableHttpError::UnexpectedContentType(got)) => format!(
                 "the upstream answered with content type {}, not JSON or an event stream",
@@ -143,8 +152,16 @@ pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// How rmcp's text for an answer that is JSON but no JSON-RPC message begins (see
+/// [`failure`]).
+const RMCP_UNPARSED_ANSWER: &str = "could not parse JSON response as ServerJsonRpcMessage";
+
 /// See [`Redaction::apply`].
 const SHORTEST_TOKEN_CUT: usize = 8;
+
+/// The longest message about an upstream that the gateway passes on, in bytes (see
+/// [`Redaction::apply`]).
+const LONGEST_MESSAGE: usize = 1024;
 
 /// What a message about one upstream must not show: the query and user information of its
 /// URL (or of any URL), and the bearer token the gateway sends it, should the upstream quote
@@ -170,13 +187,36 @@ impl Redaction {
     /// The token is cut first (the URL cuts could split it), and only when it has at least
     /// [`SHORTEST_TOKEN_CUT`] bytes: a shorter one would be found inside ordinary words,
     /// and where those were cut would spell it out.
+    ///
+    /// Then the message is cut to [`LONGEST_MESSAGE`] bytes: it goes into a 502's body or an
+    /// MCP error, a log line and the tenant's status, and an upstream decides its length
+    /// (rmcp quotes up to 64 KiB of an HTTP error body, a JSON-RPC error's message whole).
+    /// That cut comes last, when no token is left to split, and falls far before rmcp's
+    /// own: a token rmcp's cut split, which the exact match above misses, is never shown.
     pub(super) fn apply(&self, message: &str) -> String {
         let token = self.token.expose();
-        if token.len() >= SHORTEST_TOKEN_CUT && message.contains(token) {
-            return redact(&message.replace(token, "…"), &self.url);
-        }
-        redact(message, &self.url)
+        let mut said = if token.len() >= SHORTEST_TOKEN_CUT && message.contains(token) {
+            redact(&message.replace(token, "…"), &self.url)
+        } else {
+            redact(message, &self.url)
+        };
+        shorten(&mut said, LONGEST_MESSAGE);
+        said
     }
+}
+
+/// Cuts `message` to at most `longest` bytes (on a character boundary), saying so at its end.
+fn shorten(message: &mut String, longest: usize) {
+    const CUT: &str = " … (cut)";
+    if message.len() <= longest {
+        return;
+    }
+    let mut end = longest.saturating_sub(CUT.len());
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(CUT);
 }
 
 /// `message` with every occurrence of `url` shortened to its origin and path (and user
@@ -243,6 +283,21 @@ mod tests {
         let redaction = Redaction::new(&url, &Secret::new("t"));
         let said = redaction.apply("tcp connect error");
         assert_eq!(said, "tcp connect error");
+    }
+
+    #[test]
+    fn a_long_message_is_cut_and_a_token_split_past_the_cut_is_not_shown() {
+        let url = url::Url::parse("http://127.0.0.1:1/mcp").expect("url");
+        let token = "ia-token-0123456789abcdef";
+        let redaction = Redaction::new(&url, &Secret::new(token));
+        // As rmcp quotes a 64 KiB prefix of an error body: the token split at its end.
+        let body = format!("{}{}", "é".repeat(32 * 1024 - 5), &token[..10]);
+        let said = redaction.apply(&format!("HTTP 403: {body}"));
+        assert!(said.len() <= LONGEST_MESSAGE, "{}", said.len());
+        assert!(said.starts_with("HTTP 403: éé") && said.ends_with(" … (cut)"));
+        assert!(!said.contains(&token[..4]), "part of the token shown");
+        // A short one is left whole.
+        assert_eq!(redaction.apply("HTTP 403: no"), "HTTP 403: no");
     }
 
     #[test]
