@@ -96,6 +96,18 @@ async fn quoting_upstream(split_at: Option<usize>) -> anyhow::Result<std::net::S
                     .lines()
                     .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
                     .unwrap_or("no authorization");
+                // The request's body is read before the answer: closing a socket with unread
+                // bytes resets it, and could lose the end of a long answer.
+                let length = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; length.min(1 << 20)];
+                if socket.read_exact(&mut body).await.is_err() {
+                    return;
+                }
                 let quote = format!("bad request; you sent {authorization}");
                 let body = match split_at {
                     None => quote,

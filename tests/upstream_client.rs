@@ -448,12 +448,22 @@ async fn an_answer_that_is_json_but_no_json_rpc_message_is_said_in_our_words() -
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/mcp", listener.local_addr()?);
+    // It quotes the token back where rmcp's 256-byte preview of the answer ends, 12 bytes
+    // into it: what is left of the token must not be shown either.
     let app = axum::Router::new().route(
         "/mcp",
-        axum::routing::post(|| async {
+        axum::routing::post(|headers: axum::http::HeaderMap| async move {
+            let sent = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default()
+                .to_owned();
+            let start = r#"{"hello":""#;
+            let pad = "x".repeat(256 - start.len() - 12);
             (
                 [(axum::http::header::CONTENT_TYPE, "application/json")],
-                r#"{"hello":"world"}"#,
+                format!(r#"{start}{pad}{sent}"}}"#),
             )
         }),
     );
@@ -469,6 +479,8 @@ async fn an_answer_that_is_json_but_no_json_rpc_message_is_said_in_our_words() -
         "{said}"
     );
     assert!(!said.contains("ServerJsonRpcMessage"), "{said}");
+    assert!(said.contains("xxxx"), "the preview is shown: {said}");
+    assert!(!said.contains(&TOKEN[..8]), "a part of the token: {said}");
     Ok(())
 }
 

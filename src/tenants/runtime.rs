@@ -133,8 +133,8 @@ impl TenantRuntime {
         let call = self.call_tool_uncounted(tenant, tool, arguments, progress, &mut known);
         let result = Box::pin(call).await;
         // A call that ended before its name was confirmed in the tenant's list (refused as
-        // unknown, or for a limit by the actor before a list was checked) gets no series of
-        // its own: the name is the caller's
+        // unknown, or for a limit by the actor, which may refuse before it has a list) gets
+        // no series of its own: the name is the caller's
         // own text, and one tenant's guesses would use up the cap on tool labels that all
         // tenants share.
         let tool = if known { tool } else { crate::metrics::OTHER };

@@ -69,8 +69,9 @@ impl UpstreamError {
                 message: redaction.apply(&data.message),
             },
             ClientInitializeError::TransportError { error, context } => {
-                let failed = failure(&*error.error);
-                Self::Connect(redaction.apply(&format!("{failed}, when {context}")))
+                // The context is rmcp's own short text: the cut must not fall on it.
+                let failed = redaction.apply(&failure(&*error.error));
+                Self::Connect(format!("{failed}, when {context}"))
             }
             ClientInitializeError::ConnectionClosed(_) => {
                 Self::Connect(redaction.apply(&error.to_string()))
@@ -186,23 +187,63 @@ impl Redaction {
 
     /// The token is cut first (the URL cuts could split it), and only when it has at least
     /// [`SHORTEST_TOKEN_CUT`] bytes: a shorter one would be found inside ordinary words,
-    /// and where those were cut would spell it out.
+    /// and where those were cut would spell it out. So is a part of it that someone's cut
+    /// left ([`cut_token`]).
     ///
     /// Then the message is cut to [`LONGEST_MESSAGE`] bytes: it goes into a 502's body or an
     /// MCP error, a log line and the tenant's status, and an upstream decides its length
     /// (rmcp quotes up to 64 KiB of an HTTP error body, a JSON-RPC error's message whole).
-    /// That cut comes last, when no token is left to split, and falls far before rmcp's
-    /// own: a token rmcp's cut split, which the exact match above misses, is never shown.
+    /// That cut comes last, when no token is left to split.
     pub(super) fn apply(&self, message: &str) -> String {
         let token = self.token.expose();
-        let mut said = if token.len() >= SHORTEST_TOKEN_CUT && message.contains(token) {
-            redact(&message.replace(token, "…"), &self.url)
+        let mut said = if token.len() >= SHORTEST_TOKEN_CUT {
+            redact(&cut_token(message, token), &self.url)
         } else {
             redact(message, &self.url)
         };
         shorten(&mut said, LONGEST_MESSAGE);
         said
     }
+}
+
+/// `message` with `token` cut out, and every part of it that someone else's cut left:
+/// rmcp quotes a 64 KiB prefix of an HTTP error body and 256 bytes of a body it could not
+/// parse, and either end can fall inside a token the upstream quoted back. A part is its
+/// first or its last [`SHORTEST_TOKEN_CUT`] bytes and as much of the rest as goes on from
+/// there. Parts are cut only of an ASCII token (as a header value is), so that every cut
+/// falls between characters.
+fn cut_token(message: &str, token: &str) -> String {
+    let whole = message.replace(token, "…");
+    if !token.is_ascii() {
+        return whole;
+    }
+    let head = &token[..SHORTEST_TOKEN_CUT];
+    let mut cut = String::with_capacity(whole.len());
+    let mut rest = whole.as_str();
+    while let Some(at) = rest.find(head) {
+        let matched = common_len(rest[at..].bytes(), token.bytes());
+        cut.push_str(&rest[..at]);
+        cut.push('…');
+        rest = &rest[at + matched..];
+    }
+    cut.push_str(rest);
+    let foot = &token[token.len() - SHORTEST_TOKEN_CUT..];
+    let mut tail_cut = String::with_capacity(cut.len());
+    let mut rest = cut.as_str();
+    while let Some(at) = rest.find(foot) {
+        let end = at + foot.len();
+        let matched = common_len(rest[..end].bytes().rev(), token.bytes().rev());
+        tail_cut.push_str(&rest[..end - matched]);
+        tail_cut.push('…');
+        rest = &rest[end..];
+    }
+    tail_cut.push_str(rest);
+    tail_cut
+}
+
+/// How many bytes two sequences share from their start.
+fn common_len(a: impl Iterator<Item = u8>, b: impl Iterator<Item = u8>) -> usize {
+    a.zip(b).take_while(|(a, b)| a == b).count()
 }
 
 /// Cuts `message` to at most `longest` bytes (on a character boundary), saying so at its end.
@@ -290,14 +331,34 @@ mod tests {
         let url = url::Url::parse("http://127.0.0.1:1/mcp").expect("url");
         let token = "ia-token-0123456789abcdef";
         let redaction = Redaction::new(&url, &Secret::new(token));
-        // As rmcp quotes a 64 KiB prefix of an error body: the token split at its end.
+        // As rmcp quotes a 64 KiB prefix of an error body: the token split at its end. The
+        // odd-length start puts the cut inside a two-byte character.
         let body = format!("{}{}", "é".repeat(32 * 1024 - 5), &token[..10]);
-        let said = redaction.apply(&format!("HTTP 403: {body}"));
+        let said = redaction.apply(&format!("HTTP 403:{body}"));
         assert!(said.len() <= LONGEST_MESSAGE, "{}", said.len());
-        assert!(said.starts_with("HTTP 403: éé") && said.ends_with(" … (cut)"));
+        assert!(said.starts_with("HTTP 403:éé") && said.ends_with("é … (cut)"));
         assert!(!said.contains(&token[..4]), "part of the token shown");
         // A short one is left whole.
         assert_eq!(redaction.apply("HTTP 403: no"), "HTTP 403: no");
+    }
+
+    #[test]
+    fn a_part_of_the_token_that_a_cut_left_is_cut_out_too() {
+        let url = url::Url::parse("http://127.0.0.1:1/mcp").expect("url");
+        let token = "ia-token-0123456789abcdef";
+        let redaction = Redaction::new(&url, &Secret::new(token));
+        // Its start, as a 256-byte preview cut it, with more text after it.
+        let said = redaction.apply(&format!(
+            "preview: {{\"t\":\"{}: when sending",
+            &token[..12]
+        ));
+        assert_eq!(said, "preview: {\"t\":\"…: when sending");
+        // Its end, as a cut from the front would leave it; and the whole token twice.
+        let said = redaction.apply(&format!("{}\" and {token}, {token}", &token[15..]));
+        assert_eq!(said, "…\" and …, …");
+        // Fewer than 8 of its bytes are left alone: ordinary text shares as many.
+        let said = redaction.apply("ia-toke, 9abcdef");
+        assert_eq!(said, "ia-toke, 9abcdef");
     }
 
     #[test]

@@ -185,9 +185,12 @@ where
                     break;
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, "upstream sent an SSE message that is not JSON-RPC")
-            }
+            // Where it failed, not serde's text: that quotes what the upstream sent.
+            Err(error) => tracing::warn!(
+                line = error.line(),
+                column = error.column(),
+                "upstream sent an SSE message that is not JSON-RPC"
+            ),
         }
     }
 }
