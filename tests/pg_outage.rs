@@ -593,3 +593,42 @@ async fn a_database_that_stops_answering_does_not_keep_the_gateway_from_stopping
     stopped.map_err(|_| anyhow::anyhow!("the gateway waited for the locked table to stop"))??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_guessed_while_the_store_cannot_answer_spend_the_address_budget() -> anyhow::Result<()>
+{
+    // The store fails every tenant lookup (its table is away), as it does in an outage.
+    // Each guessed key costs a lookup of it: past the address's budget the answer must be
+    // 429 without one, as for a token request, not 503 at any rate the guesser likes.
+    let mut config = Config::for_tests();
+    config.auth_rate_limit = 1;
+    config.auth_rate_burst = 3;
+    let gw = TestGateway::start_postgres(config).await?;
+    let db = connect(&database_url(&gw)?).await?;
+    db.batch_execute("ALTER TABLE tenants RENAME TO tenants_away")
+        .await?;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let key = switchboard::auth::keys::new_api_key();
+        let (status, _, _) = gw
+            .send(
+                reqwest::Method::POST,
+                "/api/tenant/tenant-guessed/tool",
+                &[("x-api-key", key.expose())],
+                Some(json!({"method": "listTools"})),
+            )
+            .await?;
+        statuses.push(status);
+    }
+    db.batch_execute("ALTER TABLE tenants_away RENAME TO tenants")
+        .await?;
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    assert_eq!(&statuses[..3], [unavailable; 3], "{statuses:?}");
+    assert!(
+        statuses[3..]
+            .iter()
+            .all(|s| *s == StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    gw.stop().await
+}

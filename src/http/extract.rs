@@ -238,7 +238,10 @@ pub struct Tenant(pub AuthContext);
 /// wrong or foreign credential spends from the caller's address budget on the auth limiter,
 /// as a token request does, and is audited (`auth.refused`, under the path's tenant, so the
 /// tenant sees attempts on it); past the budget it is 429 and nothing is written, so that
-/// refusals cannot drive database writes at any rate an anonymous caller likes.
+/// refusals cannot drive database writes at any rate an anonymous caller likes. A
+/// credential the store could not be asked about (503) spends from the budget too, with no
+/// audit row (the store is what failed): else keys guessed during an outage would each
+/// cost a lookup of a database that is trying to recover, and a warning, at any rate.
 pub async fn refuse_credential(
     err: AuthError,
     limiter: &AuthLimiter,
@@ -247,12 +250,20 @@ pub async fn refuse_credential(
     tenant_id: &str,
 ) -> ApiError {
     let (headers, extensions) = parts;
-    if matches!(err, AuthError::Unauthorized | AuthError::Forbidden) {
-        if let Some(limited) = limiter.refused(headers, peer_of(extensions)) {
-            return limited;
+    match err {
+        AuthError::Unauthorized | AuthError::Forbidden => {
+            if let Some(limited) = limiter.refused(headers, peer_of(extensions)) {
+                return limited;
+            }
+            let request_id = extensions.get::<RequestId>().map(|r| r.id.as_str());
+            crate::audit::credential_refused(audit, tenant_id, &err, request_id).await;
         }
-        let request_id = extensions.get::<RequestId>().map(|r| r.id.as_str());
-        crate::audit::credential_refused(audit, tenant_id, &err, request_id).await;
+        AuthError::Unavailable => {
+            if let Err(limited) = limiter.admit(headers, peer_of(extensions)) {
+                return limited;
+            }
+        }
+        AuthError::TenantDisabled => {}
     }
     err.into()
 }
