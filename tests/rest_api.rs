@@ -471,7 +471,17 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
     let newest_admin_action = actions.iter().find(|a| **a != "auth.refused");
     assert_eq!(newest_admin_action, Some(&"tenant.delete"), "newest first");
     // A deleted tenant's trail filtered to an action it never had: an empty page. An id
-    // that never was a tenant: 404.
+    // that never was a tenant: 404, also once an anonymous caller had a credential refused
+    // under it (that refusal is audited under the id its path named).
+    let refused = gw
+        .send(
+            Method::GET,
+            "/api/tenant/tenant-never-was/audit",
+            &[("x-api-key", "sbk_guessed")],
+            None,
+        )
+        .await?;
+    assert_error(&refused, StatusCode::UNAUTHORIZED, "unauthorized");
     let path = format!("/api/tenants/{}/audit?action=tool.call", t.id);
     let (status, _, none) = gw
         .send(Method::GET, &path, &[("authorization", &admin)], None)

@@ -95,25 +95,34 @@ pub async fn for_admin(
     ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
     let page = page(&state, tenant_id.clone(), params).await?;
-    if page.items.is_empty() && !has_tenant_or_trail(&state, tenant_id).await? {
+    // A refusal is written under whatever id the refused request's path named, so
+    // refusals alone do not show that a tenant of this id ever was.
+    let proven = page.items.iter().any(|item| item.action != "auth.refused");
+    if !proven && !has_tenant_or_trail(&state, tenant_id).await? {
         return Err(ApiError::NotFound("no such tenant".into()));
     }
     Ok(page)
 }
 
-/// Whether `tenant_id` is a tenant now, or was one whose trail is still kept (every tenant's
-/// trail starts with its `tenant.create`).
+/// Whether `tenant_id` is a tenant now, or was one whose trail is still kept: every
+/// tenant's trail starts with its `tenant.create` and a deleted one's ends with its
+/// `tenant.delete` (the newest of its events that retention keeps longest).
 async fn has_tenant_or_trail(state: &AppState, tenant_id: String) -> Result<bool, ApiError> {
     if state.store.get_tenant(&tenant_id).await?.is_some() {
         return Ok(true);
     }
-    let any = AuditQuery {
-        tenant_id,
-        action: None,
-        before_id: None,
-        limit: 1,
-    };
-    Ok(!state.store.list_audit(&any).await?.is_empty())
+    for action in ["tenant.delete", "tenant.create"] {
+        let query = AuditQuery {
+            tenant_id: tenant_id.clone(),
+            action: Some(action.to_owned()),
+            before_id: None,
+            limit: 1,
+        };
+        if !state.store.list_audit(&query).await?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The calling tenant's own audit trail.
