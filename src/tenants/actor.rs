@@ -223,6 +223,7 @@ impl Actor for TenantActor {
     ) -> Result<(), ActorProcessingErr> {
         state.ticker.abort();
         state.lane.set(None);
+        state.let_waiters_go();
         state.stop().await;
         Ok(())
     }
@@ -781,6 +782,17 @@ impl TenantState {
 
     /// Final work when the actor stops: let leased calls finish (bounded), write what is
     /// left in the audit buffer (retrying while the store is down, bounded), close upstream.
+    /// Lets the callers that wait on this actor go (for a connection, or for a tool list):
+    /// what they wait for comes by messages that a stopping actor no longer takes, and one
+    /// of them may hold an in-flight permit that [`Self::stop`] waits for. Their replies
+    /// dropped by an actor that is stopping, they ask a new one (`runtime::try_ask`).
+    fn let_waiters_go(&mut self) {
+        self.tool_waiters.clear();
+        if let Connection::Connecting(waiters) = &mut self.connection {
+            waiters.clear();
+        }
+    }
+
     async fn stop(&mut self) {
         let max = self.settings.max_in_flight as u32;
         let _ =

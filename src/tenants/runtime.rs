@@ -356,9 +356,10 @@ where
 /// What became of a request to an actor.
 enum Asked<T> {
     Answered(Result<T, CallError>),
-    /// It was not taken: the actor is draining or stopped (so another may be asked).
+    /// It was not taken, or taken and let go unanswered as the actor stopped: the actor is
+    /// draining or stopped (so another may be asked).
     Refused,
-    /// It was taken and not answered in time, or dropped unanswered.
+    /// It was taken and not answered in time, or dropped unanswered by a running actor.
     Gone,
 }
 
@@ -374,6 +375,11 @@ where
     match actor.call(build, Some(wait)).await {
         Ok(CallResult::Success(result)) => Asked::Answered(result),
         Err(ractor::MessagingErr::SendErr(_) | ractor::MessagingErr::ChannelClosed) => {
+            Asked::Refused
+        }
+        // A tenant actor drops the requests still waiting on it when it stops (see
+        // `TenantState::let_waiters_go`): nothing was handed out for them.
+        Ok(CallResult::SenderError) if !ractor::ACTIVE_STATES.contains(&actor.get_status()) => {
             Asked::Refused
         }
         _ => Asked::Gone,
