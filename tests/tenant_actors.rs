@@ -989,3 +989,44 @@ async fn a_call_waiting_for_the_tool_list_as_its_tenant_changes_is_served_at_onc
     );
     gw.stop().await
 }
+
+#[tokio::test]
+async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::Result<()> {
+    // The upstream goes away (a call fails on it, and the tenant drops the connection),
+    // and comes back with other tools, with no session left to be told. The tenant
+    // connects again on its next call: the list cached from the old session must not
+    // serve for the rest of its TTL (5 minutes).
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
+    upstream.stop().await;
+    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+    assert!(status.is_server_error(), "{status} {body}");
+    upstream.set_tools(&["redeployed"]).await;
+    upstream.restart().await?;
+    // Calls until one reconnects (the first may still find the old session's end).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = gw.tool(&t, echo.clone()).await?;
+        if status == StatusCode::OK {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no call served after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        let (_, _, listed) = gw.tool(&t, json!({"method": "listTools"})).await?;
+        if tool_names(&listed).contains(&"redeployed".to_owned()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the old session's list still serves: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await
+}

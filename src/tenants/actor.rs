@@ -425,7 +425,10 @@ impl TenantState {
                 for waiter in waiters {
                     let _ = waiter.send(self.make_lease(client.clone()));
                 }
-                if !self.tool_waiters.is_empty() {
+                // A new session may serve another list (an upstream redeployed as the old
+                // one broke), and says nothing of it: a cached list is checked again at
+                // once, and serves until the answer comes.
+                if !self.tool_waiters.is_empty() || self.tools.is_some() {
                     self.load_tools(myself);
                 }
             }
@@ -615,9 +618,16 @@ impl TenantState {
             Ok(tools) => {
                 let list = Arc::new(ToolList::new(tools));
                 if current && generation == self.generation {
-                    self.tools = Some((list.clone(), Instant::now()));
+                    let before = self.tools.replace((list.clone(), Instant::now()));
                     let count = list.tools.len();
                     set_status(&self.status, |s| s.tool_count = Some(count));
+                    // A list that changed unannounced (found on a new session, or as the
+                    // cached one expired): the tenant's MCP sessions hear of it as of an
+                    // announced change.
+                    if before.is_some_and(|(before, _)| before.tools != list.tools) {
+                        let _ = self.notices.send(TenantNotice::ToolListChanged);
+                        self.announce_tool_change();
+                    }
                 }
                 Ok(list)
             }
