@@ -3,7 +3,8 @@
 //! while the database is down) and `/ready` (for load balancers: the database answers and
 //! the process is not draining).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -19,9 +20,18 @@ use crate::store::SharedStore;
 /// like: requests that come while a ping is in flight share it, so a flood of probes costs
 /// one ping at a time (one pooled connection), not one per request. Nothing is cached
 /// past the ping: every answer is about a ping that was still running when it was asked.
+/// The ping runs in a task of its own, so that one whose probers all gave up (a load
+/// balancer's probe timing out) still ends, within the store's ping timeout, and is not
+/// left half done for the next prober to finish with an answer from long ago.
 #[derive(Default)]
 pub struct DatabaseProbe {
-    in_flight: Mutex<Option<Shared<BoxFuture<'static, bool>>>>,
+    in_flight: Mutex<Option<Ping>>,
+}
+
+/// A ping's answer, shared by its probers, and whether its task has ended.
+struct Ping {
+    answer: Shared<BoxFuture<'static, bool>>,
+    ended: Arc<AtomicBool>,
 }
 
 impl DatabaseProbe {
@@ -39,12 +49,29 @@ impl DatabaseProbe {
                 .in_flight
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            match slot.as_ref() {
-                Some(ping) => ping.clone(),
+            // A ping that ended with nobody left to take it off is not joined: it is old.
+            match slot
+                .as_ref()
+                .filter(|ping| !ping.ended.load(Ordering::Acquire))
+            {
+                Some(ping) => ping.answer.clone(),
                 None => {
-                    let ping = start().shared();
-                    *slot = Some(ping.clone());
-                    ping
+                    let ended = Arc::new(AtomicBool::new(false));
+                    let ping = start();
+                    let task = tokio::spawn({
+                        let ended = ended.clone();
+                        async move {
+                            let up = ping.await;
+                            ended.store(true, Ordering::Release);
+                            up
+                        }
+                    });
+                    let answer = task.map(|up| up.unwrap_or(false)).boxed().shared();
+                    *slot = Some(Ping {
+                        answer: answer.clone(),
+                        ended,
+                    });
+                    answer
                 }
             }
         };
@@ -53,7 +80,10 @@ impl DatabaseProbe {
             .in_flight
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if slot.as_ref().is_some_and(|current| current.ptr_eq(&ping)) {
+        if slot
+            .as_ref()
+            .is_some_and(|current| current.answer.ptr_eq(&ping))
+        {
             *slot = None;
         }
         answered
@@ -166,8 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn probes_asked_together_share_one_ping_and_later_ones_ping_again() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
         let probe = DatabaseProbe::default();
         let pings = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Notify::new());
@@ -186,7 +215,7 @@ mod tests {
         let release = async {
             // Every prober has joined by the time the first ping is let go.
             tokio::task::yield_now().await;
-            gate.notify_waiters();
+            gate.notify_one();
         };
         let (answers, ()) = tokio::join!(together, release);
         assert!(answers.into_iter().all(|up| up));
@@ -195,10 +224,44 @@ mod tests {
         let again = probe.join(ping());
         let release = async {
             tokio::task::yield_now().await;
-            gate.notify_waiters();
+            gate.notify_one();
         };
         let (up, ()) = tokio::join!(again, release);
         assert!(up);
+        assert_eq!(pings.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_ping_every_prober_gave_up_on_ends_and_the_next_prober_pings_again() {
+        use std::sync::atomic::AtomicUsize;
+        let probe = DatabaseProbe::default();
+        let pings = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        // The first ping waits for the gate and says the database is down; later ones
+        // say it is up.
+        let ping = || {
+            let (pings, gate) = (pings.clone(), gate.clone());
+            move || {
+                async move {
+                    if pings.fetch_add(1, Ordering::SeqCst) == 0 {
+                        gate.notified().await;
+                        return false;
+                    }
+                    true
+                }
+                .boxed()
+            }
+        };
+        let wait = std::time::Duration::from_millis(20);
+        let gave_up = tokio::time::timeout(wait, probe.join(ping())).await;
+        assert!(gave_up.is_err(), "the first ping was held");
+        gate.notify_one();
+        // The abandoned ping ends in its own task, with no prober.
+        tokio::time::sleep(wait).await;
+        assert!(
+            probe.join(ping()).await,
+            "an answer from the abandoned ping"
+        );
         assert_eq!(pings.load(Ordering::SeqCst), 2);
     }
 
