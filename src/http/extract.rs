@@ -238,10 +238,12 @@ pub struct Tenant(pub AuthContext);
 /// wrong or foreign credential spends from the caller's address budget on the auth limiter,
 /// as a token request does, and is audited (`auth.refused`, under the path's tenant, so the
 /// tenant sees attempts on it); past the budget it is 429 and nothing is written, so that
-/// refusals cannot drive database writes at any rate an anonymous caller likes. A
-/// credential the store could not be asked about (503) spends from the budget too, with no
-/// audit row (the store is what failed): else keys guessed during an outage would each
-/// cost a lookup of a database that is trying to recover, and a warning, at any rate.
+/// refusals cannot drive database writes at any rate an anonymous caller likes. An API
+/// key the store could not be asked about (503) counts as a refused one too, with no audit
+/// row (the store is what failed): else keys guessed during an outage would each cost a
+/// lookup of a database that is trying to recover, and a warning, at any rate. Past the
+/// budget the address is blocked as for refusals, so its keys are looked up in the cache
+/// only until it refills. A JWT was verified before its lookup: not a guess, not counted.
 pub async fn refuse_credential(
     err: AuthError,
     limiter: &AuthLimiter,
@@ -258,14 +260,21 @@ pub async fn refuse_credential(
             let request_id = extensions.get::<RequestId>().map(|r| r.id.as_str());
             crate::audit::credential_refused(audit, tenant_id, &err, request_id).await;
         }
-        AuthError::Unavailable => {
-            if let Err(limited) = limiter.admit(headers, peer_of(extensions)) {
+        AuthError::Unavailable if carries_api_key(headers) => {
+            if let Some(limited) = limiter.refused(headers, peer_of(extensions)) {
                 return limited;
             }
         }
+        AuthError::Unavailable => {}
         AuthError::TenantDisabled => {}
     }
     err.into()
+}
+
+/// Whether the request sends a tenant API key (as `x-api-key`, or as a bearer token).
+fn carries_api_key(headers: &HeaderMap) -> bool {
+    api_key_header(headers).is_some()
+        || bearer(headers).is_some_and(crate::auth::keys::looks_like_api_key)
 }
 
 impl<S> FromRequestParts<S> for Tenant
