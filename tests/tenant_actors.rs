@@ -956,16 +956,18 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
 async fn a_call_waiting_for_the_tool_list_as_its_tenant_changes_is_served_at_once(
 ) -> anyhow::Result<()> {
     // The first call of a tenant takes a lease (an in-flight permit) and then waits for the
-    // tool list, which the upstream holds. The admin changes the tenant meanwhile: its actor
-    // stops, and a stopping actor no longer hears its own load finish. The call must go
-    // to the new actor at once, not wait for the stop (which waits for the call's permit)
-    // to run out of time and then get 503.
-    let upstream = TestUpstream::start().await?;
+    // tool list, which the upstream holds. The admin moves the tenant to another upstream
+    // meanwhile: its actor stops, and a stopping actor no longer hears its own load finish.
+    // The call must go to the new actor at once, not wait for the stop (which waits for the
+    // call's permit) to run out of time and then get 503; and it must run on the new
+    // actor's connection, with the new token, not on the old one, which is closing.
+    let first = TestUpstream::start().await?;
+    let second = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
-    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
-    upstream.hold_next_list();
-    let call = spawn_tool(&gw, &t, json!({"method": "echo", "params": {"text": "x"}}));
-    upstream.wait_for_held_lists(1).await?;
+    let t = gw.create_tenant(tenant_on(&first.url, "tok-1")).await?;
+    first.hold_next_list();
+    let call = spawn_tool(&gw, &t, json!({"method": "whoami"}));
+    first.wait_for_held_lists(1).await?;
     let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
     let started = Instant::now();
     let (status, _, _) = gw
@@ -973,7 +975,7 @@ async fn a_call_waiting_for_the_tool_list_as_its_tenant_changes_is_served_at_onc
             reqwest::Method::PATCH,
             &format!("/api/tenants/{}", t.id),
             &[("authorization", &admin)],
-            Some(json!({"rateLimit": {"requestsPerSecond": 50, "burst": 50}})),
+            Some(json!({"upstreamUrl": second.url, "integrationAppToken": "tok-2"})),
         )
         .await?;
     assert_eq!(status, StatusCode::OK);
@@ -981,12 +983,14 @@ async fn a_call_waiting_for_the_tool_list_as_its_tenant_changes_is_served_at_onc
         .await
         .context("the call never ended")???;
     let took = started.elapsed();
-    upstream.release_list();
+    first.release_list();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
         took < gw.config.drain_timeout / 2,
         "the call waited {took:?} for the old actor's stop"
     );
+    assert!(body.to_string().contains("tok-2"), "{body}");
+    assert_eq!(first.calls(), 0, "the call ran on the old connection");
     gw.stop().await
 }
 

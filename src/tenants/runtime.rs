@@ -155,7 +155,11 @@ impl TenantRuntime {
         let from_lane = running
             .as_ref()
             .and_then(|r| r.lane.try_lease(self.settings.replica_count(), tool));
-        let (actor, lease, lane) = match (running, from_lane) {
+        let lease_of = |reply| TenantMsg::Lease {
+            tool: tool.to_owned(),
+            reply,
+        };
+        let (mut actor, mut lease, lane) = match (running, from_lane) {
             (Some(running), Some(lease)) => {
                 // The lane refuses for the limits only a name it found in its fresh list:
                 // such a refusal is counted under the tool's own label.
@@ -170,18 +174,12 @@ impl TenantRuntime {
                     Some(running) => running.actor,
                     None => self.start_actor(tenant).await?,
                 };
-                let lease = |reply| TenantMsg::Lease {
-                    tool: tool.to_owned(),
-                    reply,
-                };
-                let (actor, lease) = self.ask_tenant(tenant, actor, lease).await?;
+                let (actor, lease) = self.ask_tenant(tenant, actor, lease_of).await?;
                 (actor, lease, None)
             }
         };
         // A lease from the lane was taken only for a name in its list. One from the actor
         // may have come without a list, or with one that turned fresh while it connected.
-        // The list may come from another actor (this one idled out as it was asked); the
-        // call runs on this actor's lease, and its outcome, when told, goes to this actor.
         if lane.is_none() {
             let tools = match &lease.tools {
                 Some(tools) => tools.clone(),
@@ -190,7 +188,20 @@ impl TenantRuntime {
                         refresh: false,
                         reply,
                     };
-                    self.ask_tenant(tenant, actor.clone(), tools).await?.1
+                    let (answered_by, tools) =
+                        self.ask_tenant(tenant, actor.clone(), tools).await?;
+                    if answered_by.get_id() != actor.get_id() {
+                        // The actor stopped as it was asked (a change, a reload, idling
+                        // out), and a new one answered: the call runs on the new one's
+                        // connection, with the tenant as it is now, not on the old one,
+                        // which closes.
+                        if !tools.contains(tool) {
+                            return Err(CallError::UnknownTool(tool.to_owned()));
+                        }
+                        drop(lease);
+                        (actor, lease) = self.ask_tenant(tenant, answered_by, lease_of).await?;
+                    }
+                    tools
                 }
             };
             if !tools.contains(tool) {
