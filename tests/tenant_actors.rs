@@ -1034,3 +1034,25 @@ async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::R
     }
     gw.stop().await
 }
+
+#[tokio::test]
+async fn a_refresh_that_finds_another_list_tells_the_tenants_mcp_sessions() -> anyhow::Result<()> {
+    // The upstream's tools change and nobody is told (it restarted with no sessions). A
+    // refresh finds the new list: the tenant's MCP sessions must hear of it, as they do of
+    // a change the upstream announces.
+    let (upstream, gw, t, _) = connected_tenant().await?;
+    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
+    let mcp = gw.url(&format!("/mcp/{}", t.id));
+    let (_session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
+    upstream.stop().await;
+    upstream.set_tools(&["redeployed"]).await;
+    upstream.restart().await?;
+    let (status, _, refreshed) = gw.tool(&t, json!({"method": "refreshTools"})).await?;
+    assert_eq!(status, StatusCode::OK, "{refreshed}");
+    assert!(tool_names(&refreshed).contains(&"redeployed".to_owned()));
+    tokio::time::timeout(Duration::from_secs(5), heard.notified())
+        .await
+        .context("the MCP session was not told of the new list")?;
+    gw.stop().await
+}

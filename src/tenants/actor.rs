@@ -62,6 +62,12 @@ pub struct TenantState {
     /// Bumped per connect attempt; messages about older connections are ignored.
     generation: u64,
     tools: Option<(Arc<ToolList>, Instant)>,
+    /// The connection (`generation`) the cached list was loaded on.
+    tools_from: u64,
+    /// The list last loaded, kept when the cache is dropped (a refresh, the TTL), so that a
+    /// load that finds another list can tell the tenant's MCP sessions; none after an
+    /// upstream's own change notice, which they were told of already.
+    last_loaded: Option<Arc<ToolList>>,
     tool_waiters: Vec<RpcReplyPort<Result<Arc<ToolList>, CallError>>>,
     /// Bumped whenever a list loaded from before can no longer be trusted: a refresh, a
     /// change notice, a new connection. A load answers only if its epoch is still current.
@@ -157,6 +163,8 @@ impl Actor for TenantActor {
             connection: Connection::Idle,
             generation: 0,
             tools: None,
+            tools_from: 0,
+            last_loaded: None,
             tool_waiters: Vec::new(),
             tools_epoch: 0,
             tools_loading: false,
@@ -599,6 +607,11 @@ impl TenantState {
             // would starve every call, so past MAX_STALE_LOADS they get the latest.
             if self.tool_waiters.is_empty() {
                 self.stale_loads = 0;
+                // A new connection's check of the cached list (see `connected`) found this
+                // load of an older one running, and did not start: it starts now.
+                if self.tools.is_some() && self.tools_from != self.generation {
+                    self.load_tools(myself);
+                }
                 return;
             }
             self.stale_loads += 1;
@@ -618,13 +631,15 @@ impl TenantState {
             Ok(tools) => {
                 let list = Arc::new(ToolList::new(tools));
                 if current && generation == self.generation {
-                    let before = self.tools.replace((list.clone(), Instant::now()));
+                    self.tools = Some((list.clone(), Instant::now()));
+                    self.tools_from = generation;
                     let count = list.tools.len();
                     set_status(&self.status, |s| s.tool_count = Some(count));
-                    // A list that changed unannounced (found on a new session, or as the
-                    // cached one expired): the tenant's MCP sessions hear of it as of an
-                    // announced change.
-                    if before.is_some_and(|(before, _)| before.tools != list.tools) {
+                    // A list that changed unannounced (found on a new session, by a refresh
+                    // or as the cached one expired): the tenant's MCP sessions hear of it as
+                    // of an announced change.
+                    let before = self.last_loaded.replace(list.clone());
+                    if before.is_some_and(|before| before.tools != list.tools) {
                         let _ = self.notices.send(TenantNotice::ToolListChanged);
                         self.announce_tool_change();
                     }
@@ -650,6 +665,8 @@ impl TenantState {
         match event {
             UpstreamEvent::ToolListChanged => {
                 self.forget_tools();
+                // Told below: the next load is not compared with the list before it.
+                self.last_loaded = None;
                 if !self.tool_waiters.is_empty() {
                     self.load_tools(myself);
                 }
