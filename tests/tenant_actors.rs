@@ -994,6 +994,14 @@ async fn a_call_waiting_for_the_tool_list_as_its_tenant_changes_is_served_at_onc
     gw.stop().await
 }
 
+/// The upstream comes back (stopped first, if it is not yet) with a `redeployed` tool and
+/// no session left to be told of it: a change of its tools that nobody announces.
+async fn redeploy_unannounced(upstream: &TestUpstream) -> anyhow::Result<()> {
+    upstream.stop().await;
+    upstream.set_tools(&["redeployed"]).await;
+    upstream.restart().await
+}
+
 #[tokio::test]
 async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::Result<()> {
     // The upstream goes away (a call fails on it, and the tenant drops the connection),
@@ -1006,8 +1014,7 @@ async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::R
     upstream.stop().await;
     let (status, _, body) = gw.tool(&t, echo.clone()).await?;
     assert!(status.is_server_error(), "{status} {body}");
-    upstream.set_tools(&["redeployed"]).await;
-    upstream.restart().await?;
+    redeploy_unannounced(&upstream).await?;
     // Calls until one reconnects (the first may still find the old session's end).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1045,9 +1052,7 @@ async fn a_refresh_that_finds_another_list_tells_the_tenants_mcp_sessions() -> a
     assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
     let mcp = gw.url(&format!("/mcp/{}", t.id));
     let (_session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
-    upstream.stop().await;
-    upstream.set_tools(&["redeployed"]).await;
-    upstream.restart().await?;
+    redeploy_unannounced(&upstream).await?;
     let (status, _, refreshed) = gw.tool(&t, json!({"method": "refreshTools"})).await?;
     assert_eq!(status, StatusCode::OK, "{refreshed}");
     assert!(tool_names(&refreshed).contains(&"redeployed".to_owned()));

@@ -807,8 +807,6 @@ impl TenantState {
         }
     }
 
-    /// Final work when the actor stops: let leased calls finish (bounded), write what is
-    /// left in the audit buffer (retrying while the store is down, bounded), close upstream.
     /// Lets the callers that wait on this actor go (for a connection, or for a tool list):
     /// what they wait for comes by messages that a stopping actor no longer takes, and one
     /// of them may hold an in-flight permit that [`Self::stop`] waits for. Their replies
@@ -820,6 +818,8 @@ impl TenantState {
         }
     }
 
+    /// Final work when the actor stops: let leased calls finish (bounded), write what is
+    /// left in the audit buffer (retrying while the store is down, bounded), close upstream.
     async fn stop(&mut self) {
         let max = self.settings.max_in_flight as u32;
         let _ =

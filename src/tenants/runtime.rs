@@ -181,31 +181,25 @@ impl TenantRuntime {
         // A lease from the lane was taken only for a name in its list. One from the actor
         // may have come without a list, or with one that turned fresh while it connected.
         if lane.is_none() {
-            let tools = match &lease.tools {
-                Some(tools) => tools.clone(),
+            let (answered_by, tools) = match &lease.tools {
+                Some(tools) => (actor.clone(), tools.clone()),
                 None => {
                     let tools = |reply| TenantMsg::Tools {
                         refresh: false,
                         reply,
                     };
-                    let (answered_by, tools) =
-                        self.ask_tenant(tenant, actor.clone(), tools).await?;
-                    if answered_by.get_id() != actor.get_id() {
-                        // The actor stopped as it was asked (a change, a reload, idling
-                        // out), and a new one answered: the call runs on the new one's
-                        // connection, with the tenant as it is now, not on the old one,
-                        // which closes.
-                        if !tools.contains(tool) {
-                            return Err(CallError::UnknownTool(tool.to_owned()));
-                        }
-                        drop(lease);
-                        (actor, lease) = self.ask_tenant(tenant, answered_by, lease_of).await?;
-                    }
-                    tools
+                    self.ask_tenant(tenant, actor.clone(), tools).await?
                 }
             };
             if !tools.contains(tool) {
                 return Err(CallError::UnknownTool(tool.to_owned()));
+            }
+            if answered_by.get_id() != actor.get_id() {
+                // The actor stopped as it was asked (a change, a reload, idling out), and a
+                // new one answered: the call runs on the new one's connection, with the
+                // tenant as it is now, not on the old one, which closes.
+                drop(lease);
+                (actor, lease) = self.ask_tenant(tenant, answered_by, lease_of).await?;
             }
         }
         *known = true;
