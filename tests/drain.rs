@@ -1,6 +1,8 @@
 //! Graceful drain of the real binary: SIGTERM while 200 tool calls are in flight. Every
 //! call that got a 2xx has its audit row after the exit, no answer is cut off, `/ready`
-//! is 503 during the drain, new work gets 503 `draining`, and the exit code is 0.
+//! is 503 during the drain, new work gets 503 `draining`, and the exit code is 0. And an
+//! audit event the database still holds up as the process stops is said lost before it
+//! exits, within its drain bound.
 
 mod common;
 #[path = "../src/bin/switchboard-load/listening.rs"]
@@ -8,9 +10,10 @@ mod listening;
 
 use std::collections::HashSet;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use common::database::FreshDatabase;
 use common::upstream::TestUpstream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -20,10 +23,12 @@ use tokio::process::{Child, Command};
 const ADMIN_KEY: &str = "drain-admin-key-0123456789abcdef";
 const CALLS: usize = 200;
 
-/// Starts the binary on port 0 and returns once it logged the address it listens on; its
-/// output keeps being read (into `logs`) so it never blocks on a full pipe.
+/// Starts the binary on port 0 on `database_url` and returns once it logged the address it
+/// listens on; its output keeps being read (into `logs`) so it never blocks on a full pipe.
 async fn start_binary(
     dir: &std::path::Path,
+    database_url: &str,
+    drain_secs: u32,
     logs: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> anyhow::Result<(Child, String)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -32,16 +37,13 @@ async fn start_binary(
         .args(["--host", "127.0.0.1", "--port", "0"])
         .env("APP_ENV", "production")
         .env("LOG_FORMAT", "json")
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.join("sb.db").display()),
-        )
+        .env("DATABASE_URL", database_url)
         .env("ADMIN_API_KEY", ADMIN_KEY)
         .env("JWT_SECRET", "drain-jwt-secret-0123456789abcdef0123456789")
         .env("ENCRYPTION_KEY", "ab".repeat(32))
         .env("TENANT_RATE_LIMIT", "100000")
         .env("TENANT_RATE_BURST", "100000")
-        .env("DRAIN_TIMEOUT_SECS", "20")
+        .env("DRAIN_TIMEOUT_SECS", drain_secs.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -115,6 +117,15 @@ async fn sleep_call(
     Ok((status, body))
 }
 
+async fn sigterm(pid: u32) -> anyhow::Result<()> {
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(killed.success(), "kill -TERM {pid}: {killed}");
+    Ok(())
+}
+
 fn audited_request_ids(db: &std::path::Path) -> anyhow::Result<HashSet<String>> {
     let conn = rusqlite::Connection::open(db)?;
     let mut stmt = conn.prepare(
@@ -131,7 +142,8 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()>
     let upstream = TestUpstream::start().await?;
     let dir = tempfile::tempdir()?;
     let (logs_tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
-    let (mut child, address) = start_binary(dir.path(), logs_tx).await?;
+    let database = format!("sqlite://{}", dir.path().join("sb.db").display());
+    let (mut child, address) = start_binary(dir.path(), &database, 20, logs_tx).await?;
     let base = format!("http://{address}");
     let http = reqwest::Client::new();
     let (tenant, key) = create_tenant(&http, &base, &upstream.url).await?;
@@ -149,11 +161,7 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()>
         .collect();
     upstream.wait_for_calls(CALLS + 1).await?;
     let pid = child.id().context("pid")?;
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    assert!(killed.success());
+    sigterm(pid).await?;
 
     // Readiness turns 503 at once (the process answers probes while it drains).
     let probe = reqwest::Client::new();
@@ -194,5 +202,79 @@ async fn sigterm_under_load_loses_nothing_and_exits_zero() -> anyhow::Result<()>
     }
     assert!(lines.iter().any(|l| l.contains("shutdown requested")));
     assert!(lines.iter().any(|l| l.contains("\"stopped\"")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_event_the_database_holds_up_at_the_stop_is_said_lost_before_the_exit(
+) -> anyhow::Result<()> {
+    // The tenant's `tenant.create` event is refused (a constraint no row meets), so it
+    // waits in the audit writer's queue; then a lock holds up the writer's retry, as a
+    // database that stopped answering would. On SIGTERM the process must still exit within
+    // its drain bound, and say (log, count) that the event was lost: before, the retry in
+    // progress kept the writer from its stop until the process exited without a word.
+    let database = FreshDatabase::create().await?;
+    let dir = tempfile::tempdir()?;
+    let (logs_tx, mut logs) = tokio::sync::mpsc::unbounded_channel();
+    let (mut child, address) = start_binary(dir.path(), &database.url, 1, logs_tx).await?;
+    let http = reqwest::Client::new();
+    // It listens before it has migrated the database: ready says it has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http.get(format!("http://{address}/ready")).send().await, Ok(r) if r.status() == StatusCode::OK)
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the binary did not get ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (db, conn) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    db.batch_execute("ALTER TABLE audit_events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+        .await?;
+    create_tenant(
+        &http,
+        &format!("http://{address}"),
+        "http://127.0.0.1:9/mcp",
+    )
+    .await?;
+    let (locker, conn) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'audit_events' AND NOT l.granted",
+                &[],
+            )
+            .await?
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no audit retry waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    sigterm(child.id().context("pid")?).await?;
+    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await;
+    locker.batch_execute("COMMIT").await?;
+    let exit = exit.context("the process did not exit within its drain bounds")??;
+    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+    // Until the output's end (the reader drops its sender there).
+    let mut lines = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), logs.recv()).await {
+        lines.push(line);
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("audit events lost on stop") && l.contains("\"events\":1")),
+        "no word of the lost event: {lines:#?}"
+    );
     Ok(())
 }

@@ -23,6 +23,9 @@ const PRUNE_BATCH: u32 = 5_000;
 /// The pause between two prune statements of one round.
 const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 
+/// The action of a refused credential, on a tenant route, `/mcp/{id}` or a token request.
+pub const REFUSED: &str = "auth.refused";
+
 /// A new event with a time-ordered id (UUIDv7), so ids sort by time across replicas.
 pub fn event(
     tenant_id: Option<&str>,
@@ -61,7 +64,7 @@ pub async fn credential_refused(
     }
     // The id is the caller's text: keep it only when it is tenant-id sized.
     let tenant = Some(path_tenant).filter(|id| id.len() <= 64);
-    let record = event(tenant, "auth.refused", "anonymous", "refused", request_id);
+    let record = event(tenant, REFUSED, "anonymous", "refused", request_id);
     audit.write(record).await;
 }
 

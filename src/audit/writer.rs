@@ -4,9 +4,13 @@
 //! once; one the store refuses (the database is down) waits in a bounded queue that one
 //! task retries, so an outage loses none of them. Only a full queue, or a store still
 //! refusing when the process stops, drops events, and those are counted
-//! (`switchboard_audit_dropped_total`) and logged.
+//! (`switchboard_audit_dropped_total`) and logged. Refused credentials, which anyone can
+//! cause, may take only a share of the queue, so that they cannot push out the events of
+//! admin actions and tool calls during an outage.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -19,6 +23,9 @@ use crate::store::{AuditRecord, SharedStore, StoreError};
 
 /// Events waiting for the store at most; past it, new ones are dropped and counted.
 const QUEUE: usize = 10_000;
+/// Of those, refused credentials (`auth.refused`) at most: anyone can cause them, at the
+/// per-address auth limit from every address they have.
+const REFUSALS_QUEUED: usize = QUEUE / 10;
 /// Events one write carries at most.
 const BATCH: usize = 500;
 /// The pause after a refused write, doubled after each one up to [`RETRY_MOST`].
@@ -36,6 +43,8 @@ pub struct AuditWriter {
     /// (a client that hung up, the request timeout) still ends, written or queued.
     writes: TaskTracker,
     stop: CancellationToken,
+    /// Refused credentials in the queue (see [`REFUSALS_QUEUED`]).
+    refusals: Arc<AtomicUsize>,
 }
 
 impl AuditWriter {
@@ -44,6 +53,11 @@ impl AuditWriter {
     pub fn start(store: SharedStore, lifecycle: &Lifecycle, grace: Duration) -> Self {
         let (queue, queued) = mpsc::channel(QUEUE);
         let stop = CancellationToken::new();
+        let refusals = Arc::new(AtomicUsize::new(0));
+        let queued = Queued {
+            events: queued,
+            refusals: refusals.clone(),
+        };
         lifecycle
             .tasks
             .spawn(write_queued(store.clone(), queued, stop.clone(), grace));
@@ -52,6 +66,7 @@ impl AuditWriter {
             queue,
             writes: TaskTracker::new(),
             stop,
+            refusals,
         }
     }
 
@@ -81,9 +96,20 @@ impl AuditWriter {
 
     /// Hands `event` to the writing task without waiting for the store.
     pub fn queue(&self, event: AuditRecord) {
+        let refusal = is_refusal(&event);
+        if refusal && self.refusals.fetch_add(1, Ordering::Relaxed) >= REFUSALS_QUEUED {
+            self.refusals.fetch_sub(1, Ordering::Relaxed);
+            // One line per event would let the same callers flood the log as well.
+            tracing::debug!("audit queue's share of refused credentials full: event dropped");
+            crate::metrics::audit_dropped(1);
+            return;
+        }
         match self.queue.try_send(event) {
             Ok(()) => crate::metrics::audit_pending(1),
             Err(refused) => {
+                if refusal {
+                    self.refusals.fetch_sub(1, Ordering::Relaxed);
+                }
                 let action = match &refused {
                     mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e) => {
                         e.action.clone()
@@ -104,40 +130,89 @@ impl AuditWriter {
     }
 }
 
+/// Whether `event` is a refused credential (see [`REFUSALS_QUEUED`]).
+fn is_refusal(event: &AuditRecord) -> bool {
+    event.action == super::REFUSED
+}
+
+/// The receiving end of the queue, with its count of refused credentials.
+struct Queued {
+    events: mpsc::Receiver<AuditRecord>,
+    refusals: Arc<AtomicUsize>,
+}
+
+/// Events taken from the queue and not written yet. What is left of them when the writing
+/// task ends, or when it is dropped unfinished (a shutdown that stopped waiting for it drops
+/// the runtime), is counted as dropped and logged: no event goes without a trace.
+struct Waiting {
+    events: Vec<AuditRecord>,
+    refusals: Arc<AtomicUsize>,
+}
+
+impl Waiting {
+    /// The first `n` events are done with: written, or counted as lost.
+    fn done(&mut self, n: usize) {
+        let refusals = self.events[..n].iter().filter(|e| is_refusal(e)).count();
+        self.refusals.fetch_sub(refusals, Ordering::Relaxed);
+        crate::metrics::audit_pending(-(n as i64));
+        self.events.drain(..n);
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let lost = self.events.len();
+        if lost > 0 {
+            tracing::error!(events = lost, "audit events lost on stop");
+            crate::metrics::audit_dropped(lost as u64);
+            self.done(lost);
+        }
+    }
+}
+
 /// Writes queued events in batches, pausing longer after each refused write, until `stop`;
-/// then writes what is left for at most `grace`, and counts what it could not.
+/// then writes what is left for at most `grace` from then, and counts what it could not.
 async fn write_queued(
     store: SharedStore,
-    mut queued: mpsc::Receiver<AuditRecord>,
+    mut queued: Queued,
     stop: CancellationToken,
     grace: Duration,
 ) {
-    let mut waiting: Vec<AuditRecord> = Vec::new();
+    let mut waiting = Waiting {
+        events: Vec::new(),
+        refusals: queued.refusals.clone(),
+    };
     let mut pause = RETRY_FIRST;
     loop {
-        if waiting.is_empty() {
+        if waiting.events.is_empty() {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                got = queued.recv() => match got {
-                    Some(event) => waiting.push(event),
+                got = queued.events.recv() => match got {
+                    Some(event) => waiting.events.push(event),
                     None => break,
                 },
             }
         }
-        while waiting.len() < BATCH {
-            match queued.try_recv() {
-                Ok(event) => waiting.push(event),
+        while waiting.events.len() < BATCH {
+            match queued.events.try_recv() {
+                Ok(event) => waiting.events.push(event),
                 Err(_) => break,
             }
         }
-        match append_within(&store, &waiting, ATTEMPT).await {
+        // A write still waiting for the store when the process stops gives way to the
+        // bounded writes below: a hung store must not take the grace with it (an event
+        // written twice is stored once).
+        let written = tokio::select! {
+            _ = stop.cancelled() => break,
+            written = append_within(&store, &waiting.events, ATTEMPT) => written,
+        };
+        match written {
             Ok(()) => {
-                crate::metrics::audit_pending(-(waiting.len() as i64));
-                waiting.clear();
+                waiting.done(waiting.events.len());
                 pause = RETRY_FIRST;
             }
             Err(err) => {
-                tracing::warn!(error = %err, events = waiting.len(), "queued audit events not written; will retry");
+                tracing::warn!(error = %err, events = waiting.events.len(), "queued audit events not written; will retry");
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
@@ -146,28 +221,26 @@ async fn write_queued(
             }
         }
     }
-    queued.close();
-    while let Ok(event) = queued.try_recv() {
-        waiting.push(event);
+    queued.events.close();
+    while let Ok(event) = queued.events.try_recv() {
+        waiting.events.push(event);
     }
+    // Every write and pause ends by the deadline. What is left then is counted by
+    // `waiting`'s drop: here, or when the runtime drops this task because the shutdown
+    // (which waits for it about as long) stopped waiting first.
     let deadline = Instant::now() + grace;
-    while !waiting.is_empty() {
-        let n = waiting.len().min(BATCH);
+    while !waiting.events.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
-        match append_within(&store, &waiting[..n], left.max(RETRY_FIRST)).await {
-            Ok(()) => {
-                crate::metrics::audit_pending(-(n as i64));
-                waiting.drain(..n);
-            }
-            Err(err) if Instant::now() < deadline => {
-                tracing::warn!(error = %err, "queued audit events not written on stop; retrying");
-                tokio::time::sleep(RETRY_FIRST).await;
-            }
+        if left.is_zero() {
+            break;
+        }
+        let n = waiting.events.len().min(BATCH);
+        match append_within(&store, &waiting.events[..n], left).await {
+            Ok(()) => waiting.done(n),
             Err(err) => {
-                tracing::error!(error = %err, events = waiting.len(), "audit events lost on stop");
-                crate::metrics::audit_dropped(waiting.len() as u64);
-                crate::metrics::audit_pending(-(waiting.len() as i64));
-                waiting.clear();
+                tracing::warn!(error = %err, "queued audit events not written on stop; retrying");
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(RETRY_FIRST.min(left)).await;
             }
         }
     }
@@ -187,4 +260,66 @@ pub(crate) async fn append_within(
                 "the audit write took too long".into(),
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::*;
+    use crate::store::{sqlite::SqliteStore, AuditQuery};
+
+    /// Every event of `tenant` with `action` in the store.
+    async fn stored(store: &SharedStore, tenant: &str, action: &str) -> usize {
+        let mut query = AuditQuery {
+            tenant_id: tenant.into(),
+            action: Some(action.into()),
+            before_id: None,
+            limit: 500,
+        };
+        let mut count = 0;
+        loop {
+            let page = store.list_audit(&query).await.unwrap();
+            count += page.len();
+            match page.last() {
+                Some(last) if page.len() == 500 => query.before_id = Some(last.id.clone()),
+                _ => return count,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_cannot_push_other_events_out_of_the_queue() {
+        // No tables yet: every write fails, as in an outage, until the migration below.
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let writer = AuditWriter::start(store.clone(), &lifecycle, Duration::from_secs(1));
+        for _ in 0..QUEUE {
+            writer.queue(crate::audit::event(
+                Some("anyone"),
+                crate::audit::REFUSED,
+                "anonymous",
+                "refused",
+                None,
+            ));
+        }
+        writer.queue(crate::audit::event(
+            Some("t"),
+            "tenant.delete",
+            "admin",
+            "success",
+            None,
+        ));
+        store.migrate().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored(&store, "t", "tenant.delete").await == 0 {
+            assert!(Instant::now() < deadline, "the admin event was not written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            stored(&store, "anyone", crate::audit::REFUSED).await,
+            REFUSALS_QUEUED
+        );
+        // Written ones free their share again.
+        assert_eq!(writer.refusals.load(Ordering::Relaxed), 0);
+    }
 }

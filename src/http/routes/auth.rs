@@ -105,7 +105,7 @@ pub async fn tenant_token(
 async fn refused(state: &AppState, tenant_id: Option<&str>, request_id: &RequestId) {
     let event = audit::event(
         tenant_id,
-        "auth.refused",
+        audit::REFUSED,
         "anonymous",
         "refused",
         Some(&request_id.id),
