@@ -430,6 +430,66 @@ async fn tenants_never_see_each_others_tools() -> anyhow::Result<()> {
     gw.stop().await
 }
 
+/// A session's tenant actor stops while the session is quiet (the tenant idled out); a
+/// REST call starts another, whose upstream then announces a change: the session hears it
+/// without having sent anything since.
+#[tokio::test]
+async fn a_quiet_session_hears_list_changes_after_its_tenant_idled_out() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_idle = Duration::from_secs(1);
+    let gw = TestGateway::start_with(config).await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
+    let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    tool_names(&client).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.tenants.active_count() > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "the idle actor did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    let (status, _, body) = gw.tool(&tenant, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        upstream.change_tools_until_heard(&changed).await,
+        "no notifications/tools/list_changed reached the session"
+    );
+    client.cancel().await?;
+    gw.stop().await
+}
+
+/// An admin points the tenant at another upstream, with other tools: a session open on the
+/// tenant hears of the new list once the gateway has loaded it (by the tenant's next actor,
+/// not the one that loaded the list before).
+#[tokio::test]
+async fn a_session_hears_of_the_tools_of_its_tenants_new_upstream() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let other = TestUpstream::with_tools(&["extra"]).await?;
+    let gw = TestGateway::start().await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
+    let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    assert!(!tool_names(&client).await?.contains(&"extra".to_owned()));
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let (status, _, body) = gw
+        .send(
+            Method::PATCH,
+            &format!("/api/tenants/{}", tenant.id),
+            &[("authorization", &admin)],
+            Some(json!({"upstreamUrl": other.url})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _, listed) = gw.tool(&tenant, json!({"method": "listTools"})).await?;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert!(listed.to_string().contains("\"extra\""), "{listed}");
+    tokio::time::timeout(Duration::from_secs(5), changed.notified())
+        .await
+        .context("the session was not told of the new upstream's tools")?;
+    assert!(tool_names(&client).await?.contains(&"extra".to_owned()));
+    client.cancel().await?;
+    gw.stop().await
+}
+
 #[tokio::test]
 async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
@@ -602,6 +662,55 @@ async fn listen_streams_count_against_the_session_caps() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    gw.stop().await
+}
+
+/// A listen stream that accepts nothing the gateway sends still ends when its tenant
+/// changes (here its key is rotated): it must not hold a session slot for ever on a
+/// credential that no longer works.
+#[tokio::test]
+async fn a_listen_stream_that_accepts_nothing_ends_when_its_tenant_changes() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 1;
+    let gw = TestGateway::start_with(config).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mut listening = raw_mcp(&gw, &t)
+        .session_less_stream(1, "subscriptions/listen", json!({"notifications": {}}))
+        .await?;
+    assert_eq!(listening.status, StatusCode::OK);
+    listening
+        .next_message(Duration::from_secs(5))
+        .await?
+        .context("no acknowledgment")?;
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let (status, _, rotated) = gw
+        .send(
+            Method::POST,
+            &format!("/api/tenants/{}/api-key", t.id),
+            &[("authorization", &admin)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let new_key = rotated["apiKey"].as_str().context("apiKey")?;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while listening
+            .next_message(Duration::from_secs(5))
+            .await?
+            .is_some()
+        {}
+        anyhow::Ok(())
+    })
+    .await;
+    ended
+        .context("the stream outlived its tenant's change")?
+        .context("reading the stream")?;
+    // Its slot is free for the tenant's own clients.
+    RawMcp::new(&gw.http, &mcp_url(&gw, &t.id), new_key)
+        .open_session()
+        .await?
+        .expect("a session once the stream ended");
     gw.stop().await
 }
 

@@ -58,32 +58,6 @@ impl TenantMcp {
     }
 }
 
-impl TenantMcp {
-    fn forwarder_for(
-        &self,
-        tenant: crate::store::TenantRecord,
-        context: &RequestContext<RoleServer>,
-    ) -> Forwarder {
-        notify::spawn_forwarder(
-            &self.lifecycle,
-            self.runtime.clone(),
-            tenant,
-            context.peer.clone(),
-            &self.sessions,
-        )
-    }
-
-    /// In a session whose forwarder ended (its tenant actor stopped), starts a new one
-    /// with this request's freshly authenticated tenant record.
-    fn renew_forwarder(&self, ctx: &AuthContext, context: &RequestContext<RoleServer>) {
-        if let Ok(mut slot) = self.forwarder.lock() {
-            if slot.as_ref().is_some_and(Forwarder::finished) {
-                *slot = Some(self.forwarder_for(ctx.tenant.clone(), context));
-            }
-        }
-    }
-}
-
 /// The gate's [`AuthContext`] for this request. Absent only if the gate was bypassed.
 fn tenant_of(context: &RequestContext<RoleServer>) -> Result<&AuthContext, ErrorData> {
     context
@@ -121,11 +95,18 @@ impl ServerHandler for TenantMcp {
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
-        let tenant = tenant_of(&context)?.tenant.clone();
+        let tenant_id = tenant_of(&context)?.tenant_id.clone();
         context.peer.set_peer_info(request.clone());
         let result = self.negotiate_initialize(&request)?;
+        let forwarder = notify::spawn_forwarder(
+            &self.lifecycle,
+            &self.runtime,
+            tenant_id,
+            context.peer.clone(),
+            &self.sessions,
+        );
         if let Ok(mut slot) = self.forwarder.lock() {
-            *slot = Some(self.forwarder_for(tenant, &context));
+            *slot = Some(forwarder);
         }
         Ok(result)
     }
@@ -136,7 +117,6 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let ctx = tenant_of(&context)?;
-        self.renew_forwarder(ctx, &context);
         let started = Instant::now();
         let list = self.runtime.list_tools(&ctx.tenant, false).await;
         let cursor = request.and_then(|r| r.cursor);
@@ -191,7 +171,6 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let ctx = tenant_of(&context)?;
-        self.renew_forwarder(ctx, &context);
         let started = Instant::now();
         let request_bytes = request.arguments.as_ref().and_then(audit::json_len);
         let arguments = self

@@ -4,20 +4,22 @@
 //! upstream inside a handler: connects, tool listings and audit writes run as tasks that
 //! report back by message, and calls run in the caller's task with a [`Lease`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::{clock::Clock, DefaultDirectRateLimiter, Quota};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::announce::Coalesced;
 use super::audit_buffer::AuditBuffer;
 use super::backoff::Backoff;
 use super::lane::{self, Lane};
-use super::messages::{AuditWrite, CallError, Lease, TenantMsg, TenantNotice, ToolList};
+use super::messages::{AuditWrite, CallError, Lease, TenantMsg, ToolList};
 use super::status::{ConnectionState, UpstreamStatus};
-use super::RuntimeSettings;
+use super::{ChangeFeed, RuntimeSettings};
 use crate::audit::{append_within, AuditWriter, ATTEMPT};
 use crate::store::{SharedStore, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
@@ -37,6 +39,11 @@ pub struct TenantArgs {
     pub status: Arc<Mutex<UpstreamStatus>>,
     /// Where this actor publishes its ready connection for calls to take without a message.
     pub lane: Arc<Lane>,
+    /// Where this actor tells the tenant's MCP sessions that its tool list changed.
+    pub changes: ChangeFeed,
+    /// The fingerprint of the tenant's tool list as last loaded, kept by the registry
+    /// from one actor of the tenant to the next (see `TenantState::tools_print`).
+    pub tools_print: Arc<AtomicU64>,
 }
 
 enum Connection {
@@ -64,10 +71,11 @@ pub struct TenantState {
     tools: Option<(Arc<ToolList>, Instant)>,
     /// The connection (`generation`) the cached list was loaded on.
     tools_from: u64,
-    /// The list last loaded, kept when the cache is dropped (a refresh, the TTL), so that a
-    /// load that finds another list can tell the tenant's MCP sessions; none after an
-    /// upstream's own change notice, which they were told of already.
-    last_loaded: Option<Arc<ToolList>>,
+    /// The fingerprint of the list last loaded, by this actor or the tenant's actor before
+    /// it (0: none yet, or after an upstream's own change notice, which the tenant's MCP
+    /// sessions were told of already), so that a load that finds another list (after a
+    /// refresh, the TTL, a new connection, a change of the tenant) can tell them.
+    tools_print: Arc<AtomicU64>,
     tool_waiters: Vec<RpcReplyPort<Result<Arc<ToolList>, CallError>>>,
     /// Bumped whenever a list loaded from before can no longer be trusted: a refresh, a
     /// change notice, a new connection. A load answers only if its epoch is still current.
@@ -85,7 +93,12 @@ pub struct TenantState {
     failures: u32,
     last_error: Option<String>,
     last_used: Instant,
-    notices: broadcast::Sender<TenantNotice>,
+    /// Cancelled when this state drops (the actor stopped or crashed): see
+    /// `TenantMsg::WatchStop`.
+    stopped: CancellationToken,
+    _stopping: DropGuard,
+    /// The process's tool-change feed, which the tenant's MCP sessions hear.
+    changes: ChangeFeed,
     /// The tenant's tool-call events, appended by callers; shared with the registry's
     /// directory, and handed to `audit_queue` (closed) when this state drops.
     audit: Arc<AuditBuffer>,
@@ -144,7 +157,7 @@ impl Actor for TenantActor {
                 }
             }
         });
-        let (notices, _) = broadcast::channel(16);
+        let stopped = CancellationToken::new();
         let replicas = settings.replica_count();
         set_status(&args.status, |s| s.state = ConnectionState::Stopped);
         Ok(TenantState {
@@ -164,7 +177,7 @@ impl Actor for TenantActor {
             generation: 0,
             tools: None,
             tools_from: 0,
-            last_loaded: None,
+            tools_print: args.tools_print,
             tool_waiters: Vec::new(),
             tools_epoch: 0,
             tools_loading: false,
@@ -172,7 +185,9 @@ impl Actor for TenantActor {
             failures: 0,
             last_error: None,
             last_used: Instant::now(),
-            notices,
+            _stopping: stopped.clone().drop_guard(),
+            stopped,
+            changes: args.changes,
             audit: args.audit_buffer,
             audit_write: None,
             audit_queue: args.audit,
@@ -202,8 +217,8 @@ impl Actor for TenantActor {
                 failure,
             } => state.outcome(generation, failure),
             TenantMsg::AuditBatch => state.flush_audit(&myself),
-            TenantMsg::Subscribe(reply) => {
-                let _ = reply.send(state.notices.subscribe());
+            TenantMsg::WatchStop(reply) => {
+                let _ = reply.send(state.stopped.clone());
             }
             TenantMsg::Connected { generation, result } => {
                 state.connected(&myself, generation, result)
@@ -638,10 +653,10 @@ impl TenantState {
                     // A list that changed unannounced (found on a new session, by a refresh
                     // or as the cached one expired): the tenant's MCP sessions hear of it as
                     // of an announced change.
-                    let before = self.last_loaded.replace(list.clone());
-                    if before.is_some_and(|before| before.tools != list.tools) {
-                        let _ = self.notices.send(TenantNotice::ToolListChanged);
-                        self.announce_tool_change();
+                    let print = list.fingerprint();
+                    let before = self.tools_print.swap(print, Ordering::Relaxed);
+                    if before != 0 && before != print {
+                        self.tell_tool_change();
                     }
                 }
                 Ok(list)
@@ -666,12 +681,11 @@ impl TenantState {
             UpstreamEvent::ToolListChanged => {
                 self.forget_tools();
                 // Told below: the next load is not compared with the list before it.
-                self.last_loaded = None;
+                self.tools_print.store(0, Ordering::Relaxed);
                 if !self.tool_waiters.is_empty() {
                     self.load_tools(myself);
                 }
-                let _ = self.notices.send(TenantNotice::ToolListChanged);
-                self.announce_tool_change();
+                self.tell_tool_change();
             }
             UpstreamEvent::Closed => {
                 // Ended by the upstream (ours end with a new generation or after a failure
@@ -682,6 +696,13 @@ impl TenantState {
                 }
             }
         }
+    }
+
+    /// Tells the tenant's MCP sessions on this replica (the process's tool-change feed) and
+    /// on the other replicas (see `announce_tool_change`) that its tool list changed.
+    fn tell_tool_change(&self) {
+        self.changes.publish_tools_changed(&self.tenant_id);
+        self.announce_tool_change();
     }
 
     /// Tells the other replicas (PostgreSQL NOTIFY) so their sessions of this tenant hear

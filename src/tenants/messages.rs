@@ -7,6 +7,7 @@ use std::time::Duration;
 use ractor::{ActorRef, RpcReplyPort};
 use rmcp::model::Tool;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{AuditRecord, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent};
@@ -22,6 +23,15 @@ impl ToolList {
     pub fn new(tools: Vec<Tool>) -> Self {
         let names = tools.iter().map(|t| t.name.to_string()).collect();
         Self { tools, names }
+    }
+
+    /// A digest of the whole list (names, descriptions, schemas), never 0, to tell one list
+    /// from another without keeping it.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{DefaultHasher, Hasher};
+        let mut hasher = DefaultHasher::new();
+        hasher.write(&serde_json::to_vec(&self.tools).unwrap_or_default());
+        hasher.finish().max(1)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -106,8 +116,9 @@ pub enum TenantMsg {
     },
     /// The audit buffer holds a whole batch (see `audit_buffer`): write it.
     AuditBatch,
-    /// Subscribe to the tenant's notices (tool-list changes), for downstream MCP sessions.
-    Subscribe(RpcReplyPort<tokio::sync::broadcast::Receiver<TenantNotice>>),
+    /// A token cancelled when this actor stops (or crashes): the end of a downstream
+    /// `subscriptions/listen` stream, which then authenticates again.
+    WatchStop(RpcReplyPort<CancellationToken>),
     Connected {
         generation: u64,
         result: Result<UpstreamClient, UpstreamError>,
@@ -128,12 +139,6 @@ pub enum TenantMsg {
     /// Fault injection for the supervision tests: the handler panics.
     #[doc(hidden)]
     Panic,
-}
-
-/// What a tenant tells its downstream sessions.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TenantNotice {
-    ToolListChanged,
 }
 
 pub enum RegistryMsg {

@@ -153,13 +153,13 @@ impl ChangeFeed {
         self.sender.subscribe()
     }
 
-    /// Another replica heard `tenant_id`'s upstream say its tool list changed.
+    /// `tenant_id`'s tool list changed, as its actor here or another replica found.
     pub fn publish_tools_changed(&self, tenant_id: &str) {
         // No open session of any tenant is fine: nobody to tell.
         let _ = self.tools.send(tenant_id.to_owned());
     }
 
-    /// Tenant ids whose tool lists changed, as heard from other replicas.
+    /// Tenant ids whose tool lists changed, here or on other replicas.
     pub fn subscribe_tools(&self) -> broadcast::Receiver<String> {
         self.tools.subscribe()
     }

@@ -5,6 +5,7 @@
 //! [`super::runtime::TenantRuntime`], so routing a call to a running actor costs a map read.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -171,6 +172,9 @@ pub struct RegistryState {
     /// stopping (flushing their audit buffers): shutdown waits for all of them.
     by_actor: HashMap<ActorId, (String, ActorRef<TenantMsg>)>,
     history: HashMap<String, History>,
+    /// Each started tenant's tool-list fingerprint, handed from one of its actors to the
+    /// next (see `TenantArgs::tools_print`); at most [`TOOL_PRINTS_MAX`].
+    tool_prints: HashMap<String, Arc<AtomicU64>>,
     backoff: Backoff,
     changes: RecentChanges,
 }
@@ -181,6 +185,9 @@ pub struct RegistryState {
 const STALE_RECORD_WINDOW: Duration = Duration::from_secs(60);
 /// How long the registry waits to read a recently changed tenant again before a start.
 const REREAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tool-list fingerprints kept at most (one per tenant started since): past it they are
+/// all forgotten, and the next list each tenant loads is told to no MCP session.
+const TOOL_PRINTS_MAX: usize = 100_000;
 
 /// The tenants that changed (or were deleted) in the last [`STALE_RECORD_WINDOW`]. A call
 /// that starts one of their actors may carry a record read before the change: the registry
@@ -266,6 +273,7 @@ impl Actor for RegistryActor {
             args,
             by_actor: HashMap::new(),
             history: HashMap::new(),
+            tool_prints: HashMap::new(),
             changes: RecentChanges::default(),
         })
     }
@@ -394,6 +402,8 @@ impl RegistryState {
             store: self.args.store.clone(),
             audit: self.args.audit.clone(),
             status: status.clone(),
+            changes: self.args.changes.clone(),
+            tools_print: self.tools_print(&tenant_id),
         };
         let (actor, _) = Actor::spawn_linked(None, TenantActor, args, myself.get_cell())
             .await
@@ -485,6 +495,18 @@ impl RegistryState {
             connect_timeout: self.args.settings.connect_timeout,
             client_name: "switchboard".into(),
         })
+    }
+
+    /// The tenant's tool-list fingerprint, kept for its next actor.
+    fn tools_print(&mut self, tenant_id: &str) -> Arc<AtomicU64> {
+        if self.tool_prints.len() >= TOOL_PRINTS_MAX && !self.tool_prints.contains_key(tenant_id)
+        {
+            self.tool_prints.clear();
+        }
+        self.tool_prints
+            .entry(tenant_id.to_owned())
+            .or_default()
+            .clone()
     }
 
     fn stop_tenant(&mut self, tenant_id: &str, reason: &str) {

@@ -10,9 +10,10 @@ use std::time::Duration;
 use ractor::{rpc::CallResult, Actor, ActorRef};
 use rmcp::model::CallToolResult;
 use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
 
 use super::audit_buffer::Appended;
-use super::messages::{CallError, RegistryMsg, TenantMsg, TenantNotice, ToolList};
+use super::messages::{CallError, RegistryMsg, TenantMsg, ToolList};
 use super::registry::{Directory, RegistryActor, RegistryArgs, Running};
 use super::status::UpstreamStatus;
 use super::{ChangeFeed, RuntimeSettings};
@@ -44,7 +45,7 @@ impl TenantRuntime {
         cipher: TokenCipher,
         default_upstream: url::Url,
         changes: ChangeFeed,
-        shutdown: tokio_util::sync::CancellationToken,
+        shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         let directory = Arc::new(Directory::default());
@@ -244,21 +245,19 @@ impl TenantRuntime {
         }
     }
 
-    /// Notices (tool-list changes) of a tenant, for a downstream MCP session.
-    pub async fn subscribe(
-        &self,
-        tenant: &TenantRecord,
-    ) -> Result<tokio::sync::broadcast::Receiver<TenantNotice>, CallError> {
+    /// A token cancelled when `tenant`'s actor (started now if need be) stops: idle,
+    /// changed, deleted or crashed.
+    pub async fn actor_stop(&self, tenant: &TenantRecord) -> Result<CancellationToken, CallError> {
         let actor = self.actor_for(tenant).await?;
-        match actor.call(TenantMsg::Subscribe, Some(ACTOR_REPLY)).await {
-            Ok(CallResult::Success(rx)) => Ok(rx),
+        match actor.call(TenantMsg::WatchStop, Some(ACTOR_REPLY)).await {
+            Ok(CallResult::Success(stop)) => Ok(stop),
             _ => Err(gone()),
         }
     }
 
-    /// Tenant ids whose upstream tool lists changed as heard by other replicas (PostgreSQL
-    /// fleets), for downstream MCP sessions to pass on.
-    pub fn remote_tool_changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+    /// Tenant ids whose tool lists changed, as this replica's tenant actors and the other
+    /// replicas (PostgreSQL fleets) found, for downstream MCP sessions to pass on.
+    pub fn tool_changes(&self) -> tokio::sync::broadcast::Receiver<String> {
         self.changes.subscribe_tools()
     }
 
