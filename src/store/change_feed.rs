@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use crate::tenants::backoff::Backoff;
@@ -71,6 +72,7 @@ pub(super) struct Sinks {
 /// Listens until `shutdown`, reconnecting with back-off whenever the connection drops.
 pub(super) async fn listen(
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     sinks: Sinks,
     shutdown: CancellationToken,
 ) {
@@ -82,7 +84,7 @@ pub(super) async fn listen(
     loop {
         let ended = tokio::select! {
             _ = shutdown.cancelled() => return,
-            ended = session(&config, &sinks, &mut attempt) => ended,
+            ended = session(&config, &tls, &sinks, &mut attempt) => ended,
         };
         attempt += 1;
         let delay = backoff.delay(attempt);
@@ -97,8 +99,13 @@ pub(super) async fn listen(
 
 /// One connection: LISTEN, publish a full reload, then forward notifications until the
 /// connection ends. Resets `attempt` once listening.
-async fn session(config: &tokio_postgres::Config, sinks: &Sinks, attempt: &mut u32) -> ListenError {
-    let (client, mut connection) = match config.connect(NoTls).await {
+async fn session(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    sinks: &Sinks,
+    attempt: &mut u32,
+) -> ListenError {
+    let (client, mut connection) = match config.connect(tls.clone()).await {
         Ok(pair) => pair,
         Err(e) => return ListenError::Connect(super::postgres::describe(&e)),
     };

@@ -12,6 +12,7 @@ pub mod change_feed;
 mod columns;
 mod migrations;
 pub mod postgres;
+mod postgres_tls;
 pub mod replicas;
 pub mod sqlite;
 

@@ -19,7 +19,8 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
 use super::change_feed::{self, Sinks};
@@ -94,6 +95,8 @@ pub struct PostgresStore {
     pool: Pool,
     /// For the fleet's LISTEN connection, which lives outside the pool.
     listen_config: tokio_postgres::Config,
+    /// How connections (the pool's and the listener's) talk TLS, if they do.
+    tls: MakeRustlsConnect,
     /// Woken by the listener when a replica joins or leaves; the heartbeat recounts.
     replicas_changed: Arc<Notify>,
     /// Names this process in tool-change notifications, so its listener skips its own.
@@ -101,9 +104,11 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Builds the pool for `url` (`postgres://` or `postgresql://`, no TLS). Connections
-    /// open lazily, so this succeeds while the database is down; `ping` tells.
+    /// Builds the pool for `url` (`postgres://` or `postgresql://`; TLS as its `sslmode`
+    /// says, see [`super::postgres_tls`]). Connections open lazily, so this succeeds while
+    /// the database is down; `ping` tells.
     pub fn connect(url: &str, pool_size: usize) -> anyhow::Result<Self> {
+        let (url, root_cert) = super::postgres_tls::split_url(url)?;
         let mut config: tokio_postgres::Config = url.parse().map_err(|_| {
             // The parser's message could quote part of the URL, password included.
             anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL connection string")
@@ -114,10 +119,11 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("switchboard");
         }
+        let tls = super::postgres_tls::connector(&mut config, root_cert.as_deref())?;
         let listen_config = listening_config(&config);
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -134,6 +140,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             listen_config,
+            tls,
             replicas_changed: Arc::new(Notify::new()),
             origin: uuid::Uuid::new_v4().to_string().into(),
         })
@@ -245,7 +252,12 @@ fn pool_err(e: PoolError) -> StoreError {
 pub(super) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        // With its cause, when the message leaves it out (a TLS handshake's: which
+        // certificate check failed).
+        None => match std::error::Error::source(e) {
+            Some(cause) if !e.to_string().contains(&cause.to_string()) => format!("{e}: {cause}"),
+            _ => e.to_string(),
+        },
     }
 }
 
@@ -450,7 +462,12 @@ impl Store for PostgresStore {
             origin: self.origin.clone(),
         };
         let config = self.listen_config.clone();
-        Some(Box::pin(change_feed::listen(config, sinks, shutdown)))
+        Some(Box::pin(change_feed::listen(
+            config,
+            self.tls.clone(),
+            sinks,
+            shutdown,
+        )))
     }
 
     async fn announce_tool_change(&self, tenant_id: &str) -> StoreResult<()> {

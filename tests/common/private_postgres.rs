@@ -5,6 +5,7 @@
 //! the test runs as root the server runs as the `postgres` user (through `runuser`).
 //! Dropping it stops the server and removes the folder.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -21,11 +22,20 @@ pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     running: bool,
+    /// Server settings (`-c name=value`) beyond the defaults.
+    settings: Vec<String>,
 }
 
 impl PrivatePostgres {
     /// Makes a new cluster and starts it.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[], &[])
+    }
+
+    /// Makes a new cluster, writes `files` (name, contents) into its data folder (owned by
+    /// the server, readable by it alone: what PostgreSQL asks of a key file), and starts it
+    /// with the server `settings` (`name=value`) added.
+    pub fn start_with(files: &[(&str, &str)], settings: &[&str]) -> anyhow::Result<Self> {
         let bin = find_bin()?;
         let dir = tempfile::Builder::new().prefix("sb-pg-").tempdir()?;
         let port = free_port()?;
@@ -35,6 +45,7 @@ impl PrivatePostgres {
             dir,
             bin,
             running: false,
+            settings: settings.iter().map(|s| format!("-c {s}")).collect(),
         };
         if is_root() {
             run(Command::new("chown")
@@ -47,6 +58,14 @@ impl PrivatePostgres {
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
             .arg(&data))
         .context("initdb")?;
+        for (name, contents) in files {
+            let path = data.join(name);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if is_root() {
+                run(Command::new("chown").arg(SERVER_USER).arg(&path))?;
+            }
+        }
         pg.start_again()?;
         Ok(pg)
     }
@@ -55,9 +74,10 @@ impl PrivatePostgres {
     /// connections (`pg_ctl -w`).
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         let options = format!(
-            "-h 127.0.0.1 -p {} -k {} -c fsync=off",
+            "-h 127.0.0.1 -p {} -k {} -c fsync=off {}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings.join(" ")
         );
         let log = self.dir.path().join("server.log");
         // Before the start: a server that comes up after `pg_ctl` gave up waiting must still
