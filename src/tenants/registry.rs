@@ -499,8 +499,7 @@ impl RegistryState {
 
     /// The tenant's tool-list fingerprint, kept for its next actor.
     fn tools_print(&mut self, tenant_id: &str) -> Arc<AtomicU64> {
-        if self.tool_prints.len() >= TOOL_PRINTS_MAX && !self.tool_prints.contains_key(tenant_id)
-        {
+        if self.tool_prints.len() >= TOOL_PRINTS_MAX && !self.tool_prints.contains_key(tenant_id) {
             self.tool_prints.clear();
         }
         self.tool_prints
