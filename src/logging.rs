@@ -15,11 +15,17 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// rmcp's transport worker logs why it quit as Rust debug output, which quotes the body of
-/// an upstream's HTTP error answer as sent: an upstream that echoes the request's
-/// `Authorization` header would put the tenant's token in the log. Always off; the gateway
-/// logs the same failure itself, redacted (`upstream connect failed`).
-const QUIET: &str = "rmcp::transport::worker=off";
+/// Library targets that log what a peer sent, as Rust debug output, whatever `RUST_LOG`
+/// says; the gateway logs what it needs of the same events itself, redacted.
+/// - rmcp's transport worker logs why it quit, quoting the body of an upstream's HTTP error
+///   answer as sent: an upstream that echoes the request's `Authorization` header would
+///   put the tenant's token in the log (the gateway logs `upstream connect failed`).
+/// - rmcp's service loop logs every notification a peer sends (info), an upstream's whole
+///   `initialize` result (info), every request and answer (debug) and unexpected messages
+///   (warn), in either direction: a tenant's upstream quoting its token in a notification,
+///   or any client's 16 MiB notification, would be written as sent. Only its errors, which
+///   quote nothing, are kept.
+const QUIET: &[&str] = &["rmcp::transport::worker=off", "rmcp::service=error"];
 
 /// Installs the process's subscriber: `RUST_LOG`, or `info`, to stdout.
 pub fn init(format: LogFormat) {
@@ -29,10 +35,10 @@ pub fn init(format: LogFormat) {
 
 /// `filter` with [`QUIET`] added, whatever `RUST_LOG` said about those targets.
 fn quieted(filter: EnvFilter) -> EnvFilter {
-    match QUIET.parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    }
+    QUIET
+        .iter()
+        .filter_map(|quiet| quiet.parse().ok())
+        .fold(filter, EnvFilter::add_directive)
 }
 
 /// Installs the process's subscriber, writing to `writer` (tests read their logs back), with

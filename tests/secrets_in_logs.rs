@@ -157,7 +157,8 @@ async fn a_full_run_logs_and_audits_no_secret() -> anyhow::Result<()> {
         .await?;
     let tool = format!("/api/tenant/{}/tool", tenant.id);
     let auth = format!("Bearer {}", tenant.token);
-    for method in ["listTools", "echo"] {
+    // `whoami` answers with the upstream token, and says it in a log notification first.
+    for method in ["listTools", "echo", "whoami"] {
         let body = json!({"method": method, "params": {"text": "hello"}});
         let (status, _, _) = gw
             .send(Method::POST, &tool, &[("authorization", &auth)], Some(body))

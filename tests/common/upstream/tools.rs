@@ -235,7 +235,11 @@ impl ServerHandler for TestServer {
                 CallToolResult::success(vec![ContentBlock::text(format!("slept {ms} ms"))])
             }
             "fail" => CallToolResult::error(vec![ContentBlock::text("the tool failed")]),
-            "whoami" => CallToolResult::success(vec![ContentBlock::text(bearer_of(&context))]),
+            "whoami" => {
+                let bearer = bearer_of(&context);
+                tell_log(&context, json!({ "caller": bearer })).await;
+                CallToolResult::success(vec![ContentBlock::text(bearer)])
+            }
             "add" => {
                 let a = args.get("a").and_then(Value::as_f64).unwrap_or(0.0);
                 let b = args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
@@ -292,6 +296,16 @@ fn string_arg(args: &JsonObject, name: &str) -> Result<String, McpError> {
         .and_then(Value::as_str)
         .map(str::to_owned)
         .ok_or_else(|| McpError::invalid_params(format!("missing string argument {name}"), None))
+}
+
+/// Says `data` in a log notification (deprecated in MCP, still sent by servers out there):
+/// an upstream may quote anything it was sent in one, which the gateway must not write into
+/// its own log.
+#[allow(deprecated)]
+async fn tell_log(context: &RequestContext<RoleServer>, data: Value) {
+    let said =
+        rmcp::model::LoggingMessageNotificationParam::new(rmcp::model::LoggingLevel::Info, data);
+    let _ = context.peer.notify_logging_message(said).await;
 }
 
 /// The bearer token of the HTTP request that carried this MCP request (empty when none).
