@@ -443,6 +443,49 @@ async fn an_upstream_that_never_answers_the_handshake_could_not_be_reached() -> 
     Ok(())
 }
 
+/// An upstream URL whose server redirects every request with `status` to `location`; the
+/// server stops when the handle is dropped.
+async fn redirecting(
+    status: u16,
+    location: String,
+) -> anyhow::Result<(String, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!(
+        "http://{}/mcp?apiKey=key-in-the-query",
+        listener.local_addr()?
+    );
+    let status = axum::http::StatusCode::from_u16(status)?;
+    let app = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move { (status, [(axum::http::header::LOCATION, location)]) }
+    });
+    Ok((
+        url,
+        tokio::spawn(async move { axum::serve(listener, app).await }),
+    ))
+}
+
+#[tokio::test]
+async fn a_redirect_to_another_origin_or_one_that_drops_the_body_is_not_followed(
+) -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let port = url::Url::parse(&upstream.url)?.port().context("port")?;
+    // Another origin (the same server, by another host name): it would get the call's
+    // body, and the URL's query in a Referer. A 303 would make the POST a GET.
+    for (status, location) in [
+        (307, format!("http://localhost:{port}/mcp")),
+        (308, format!("http://localhost:{port}/mcp")),
+        (303, upstream.url.clone()),
+    ] {
+        let (url, server) = redirecting(status, location).await?;
+        let refused = try_connect(&target(&url, TransportKind::StreamableHttp)?).await;
+        server.abort();
+        assert!(refused.is_err(), "{status} followed");
+        assert_eq!(upstream.initializes(), 0, "{status} reached the upstream");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_answer_that_is_json_but_no_json_rpc_message_is_said_in_our_words() -> anyhow::Result<()>
 {

@@ -42,6 +42,8 @@ const MAX_CONCURRENT_POSTS: usize = 256;
 /// gateway's samples; README, Performance). Idle ones close after the timeout.
 const POOL_IDLE_PER_HOST: usize = MAX_CONCURRENT_POSTS;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Redirects one upstream request follows at most (see [`same_origin_redirects`]).
+const MAX_REDIRECTS: usize = 3;
 /// The longest wait between two reconnects of a Streamable HTTP server-to-client stream.
 const MAX_STREAM_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 
@@ -54,10 +56,37 @@ pub(super) fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, 
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
         .tcp_keepalive(Duration::from_secs(30))
-        // reqwest drops `Authorization` on a redirect to another host.
-        .redirect(reqwest::redirect::Policy::limited(3))
+        .redirect(same_origin_redirects())
+        // A Referer would carry the URL's query (`integrationKey`, a custom URL's key).
+        .referer(false)
         .build()
         .map_err(|error| UpstreamError::Connect(format!("HTTP client: {}", error.without_url())))
+}
+
+/// The redirects an upstream request follows: at most [`MAX_REDIRECTS`], each a 307 or 308
+/// (which keep the method and the body) to the origin the request was sent to. A redirect
+/// elsewhere would take the call's arguments and session id to another host (and let an
+/// upstream have the gateway read a host its URL could not name), and a 301, 302 or 303
+/// would turn the POST into a GET; either is answered as it is, as an HTTP error.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    use reqwest::StatusCode;
+    reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        let keeps_the_body = matches!(
+            attempt.status(),
+            StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT
+        );
+        if !(same_origin && keeps_the_body) {
+            attempt.stop()
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 /// The process's one TLS client configuration: the platform's root certificates through
