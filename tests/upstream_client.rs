@@ -76,6 +76,30 @@ async fn lists_every_tool_across_pages() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_tool_list_that_never_ends_is_refused_not_collected() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    upstream.list_endlessly();
+    let started = Instant::now();
+    let refused = client.list_tools(Duration::from_secs(60)).await;
+    let Err(UpstreamError::Protocol(said)) = refused else {
+        anyhow::bail!("not refused as too long: {refused:?}");
+    };
+    assert!(said.contains("too long"), "{said}");
+    assert!(
+        upstream.lists() <= 1_000,
+        "{} pages asked for",
+        upstream.lists()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn echo_result_passes_through_unchanged() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;

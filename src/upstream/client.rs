@@ -7,12 +7,12 @@
 //! A call given a [`ProgressSink`] passes on the upstream's progress for its own request
 //! while it waits (rmcp puts a progress token on every request it sends).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use rmcp::{
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotificationParam,
-        ClientRequest, RequestId, ServerResult, Tool,
+        ClientRequest, PaginatedRequestParams, RequestId, ServerResult, Tool,
     },
     service::{ClientCacheConfig, PeerRequestOptions, RequestHandle, RoleClient, ServiceError},
     Peer,
@@ -27,6 +27,13 @@ use super::{
     progress::{ProgressRoute, ProgressRoutes},
     ProgressSink, TransportKind, UpstreamError, UpstreamEvent, UpstreamTarget,
 };
+
+/// How long one upstream's tool list may be: tools, pages and bytes (as JSON) at most. The
+/// upstream decides, and a list that never ends (a cursor handed out for ever) would
+/// otherwise grow for as long as the listing's timeout lets it, in every tenant on it.
+const MOST_TOOLS: usize = 10_000;
+const MOST_PAGES: usize = 1_000;
+const MOST_LIST_BYTES: usize = 32 * 1024 * 1024;
 
 /// A connected upstream MCP session. Clones share the session; it closes on [`Self::close`],
 /// when the upstream goes away, or when the last clone is dropped.
@@ -99,12 +106,45 @@ impl UpstreamClient {
     pub async fn list_tools(&self, timeout: Duration) -> Result<Vec<Tool>, UpstreamError> {
         self.ensure_open()?;
         // rmcp cancels the page in flight upstream when this future is dropped on timeout.
-        match tokio::time::timeout(timeout, self.inner.peer.list_all_tools()).await {
-            Ok(result) => {
-                result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))
-            }
+        match tokio::time::timeout(timeout, self.all_tools()).await {
+            Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout),
         }
+    }
+
+    /// Every page of the tool list, within [`MOST_TOOLS`], [`MOST_PAGES`] and
+    /// [`MOST_LIST_BYTES`], refusing a cursor the upstream handed out before.
+    async fn all_tools(&self) -> Result<Vec<Tool>, UpstreamError> {
+        let too_long = |what: String| {
+            UpstreamError::Protocol(format!("the upstream's tool list is too long: {what}"))
+        };
+        let (mut tools, mut bytes, mut cursors) = (Vec::new(), 0, HashSet::new());
+        let mut cursor = None;
+        for _ in 0..MOST_PAGES {
+            let params = PaginatedRequestParams::default().with_cursor(cursor);
+            let page = self
+                .inner
+                .peer
+                .list_tools(Some(params))
+                .await
+                .map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))?;
+            bytes += crate::audit::json_len(&page.tools).map_or(0, |n| n as usize);
+            tools.extend(page.tools);
+            if tools.len() > MOST_TOOLS {
+                return Err(too_long(format!("more than {MOST_TOOLS} tools")));
+            }
+            if bytes > MOST_LIST_BYTES {
+                return Err(too_long(format!("more than {} MiB", MOST_LIST_BYTES >> 20)));
+            }
+            match page.next_cursor {
+                None => return Ok(tools),
+                Some(next) if !cursors.insert(next.clone()) => {
+                    return Err(too_long("a cursor handed out twice".into()));
+                }
+                next => cursor = next,
+            }
+        }
+        Err(too_long(format!("more than {MOST_PAGES} pages")))
     }
 
     /// Forwards one `tools/call` and returns the upstream's `CallToolResult` unchanged. A tool

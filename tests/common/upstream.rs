@@ -95,6 +95,16 @@ impl TestUpstream {
 
     /// The next complete `tools/list` is computed as the tools are now, and its last page
     /// held until [`Self::release_list`].
+    /// From now on every `tools/list` page names a next one: a list that never ends.
+    pub fn list_endlessly(&self) {
+        self.state.endless_list.store(true, Ordering::SeqCst);
+    }
+
+    /// `tools/list` requests served so far (each page is one).
+    pub fn lists(&self) -> usize {
+        self.state.lists.load(Ordering::SeqCst)
+    }
+
     pub fn hold_next_list(&self) {
         self.state.hold_next_list.store(true, Ordering::SeqCst);
     }
@@ -303,6 +313,9 @@ async fn accept_loop(listener: TcpListener, router: Router, ct: CancellationToke
             _ = ct.cancelled() => break,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // rmcp writes an answer in parts: without it, each part after the first
+                // waits for the client's delayed ACK (~40 ms).
+                let _ = stream.set_nodelay(true);
                 let service = router
                     .clone()
                     .map_request(|request: Request<hyper::body::Incoming>| {

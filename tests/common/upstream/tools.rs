@@ -56,6 +56,11 @@ pub struct State {
     /// The next `tools/list` answer that ends a listing is computed, then held until
     /// `release_list` is notified: a list that goes stale on its way.
     pub hold_next_list: AtomicBool,
+    /// Every `tools/list` page names a next one (a fresh cursor each time): a list that
+    /// never ends.
+    pub endless_list: AtomicBool,
+    /// `tools/list` requests served.
+    pub lists: AtomicUsize,
     pub lists_held: AtomicUsize,
     pub release_list: Notify,
 }
@@ -194,9 +199,12 @@ impl ServerHandler for TestServer {
                 .map_err(|_| McpError::invalid_params("bad cursor", None))?,
             None => 0,
         };
+        self.state.bump(&self.state.lists);
         let end = (start + PAGE_SIZE).min(tools.len());
         let mut page = ListToolsResult::with_all_items(tools[start.min(end)..end].to_vec());
-        if end < tools.len() {
+        if self.state.endless_list.load(Ordering::SeqCst) {
+            page.next_cursor = Some((start + 1).to_string());
+        } else if end < tools.len() {
             page.next_cursor = Some(end.to_string());
         } else if self.state.hold_next_list.swap(false, Ordering::SeqCst) {
             let released = self.state.release_list.notified();
