@@ -320,6 +320,9 @@ pub struct Config {
     pub mcp_session_idle: Duration,
 }
 
+/// `TENANT_MAX_IN_FLIGHT` at most: each call in flight holds an upstream request (and, on
+/// an upstream that answers with JSON, a connection) open.
+pub const MOST_IN_FLIGHT: usize = 10_000;
 /// The longest any duration setting may be.
 const LONGEST_SETTING_SECS: u64 = 365 * 24 * 3600;
 
@@ -439,6 +442,10 @@ impl RawConfig {
         if self.upstream_timeout_ms == 0 {
             return Err(invalid("UPSTREAM_TIMEOUT_MS", "must be above 0"));
         }
+        if self.upstream_connect_timeout_ms == 0 {
+            // Every connect would fail at once.
+            return Err(invalid("UPSTREAM_CONNECT_TIMEOUT_MS", "must be above 0"));
+        }
         if self.request_timeout_ms <= self.upstream_timeout_ms {
             // Otherwise a slow upstream would cut the whole request first: a 504 the contract
             // does not name, and a call left out of the audit trail.
@@ -465,8 +472,11 @@ impl RawConfig {
                 "AUDIT_BUFFER_SIZE and AUDIT_BATCH_SIZE must be above 0",
             ));
         }
-        if self.tenant_max_in_flight == 0 {
-            return Err(invalid("TENANT_MAX_IN_FLIGHT", "must be above 0"));
+        if self.tenant_max_in_flight == 0 || self.tenant_max_in_flight > MOST_IN_FLIGHT {
+            return Err(invalid(
+                "TENANT_MAX_IN_FLIGHT",
+                format!("must be between 1 and {MOST_IN_FLIGHT}"),
+            ));
         }
         if self.max_body_bytes == 0 {
             return Err(invalid("MAX_BODY_BYTES", "must be above 0"));
@@ -495,9 +505,7 @@ impl RawConfig {
             jwt_audience: self.jwt_audience,
             upstream_mcp_url,
             upstream_timeout: Duration::from_millis(self.upstream_timeout_ms),
-            upstream_connect_timeout: Duration::from_millis(
-                self.upstream_connect_timeout_ms.max(1),
-            ),
+            upstream_connect_timeout: Duration::from_millis(self.upstream_connect_timeout_ms),
             tenant_rate_limit: self.tenant_rate_limit,
             tenant_rate_burst: self.tenant_rate_burst,
             tenant_idle: Duration::from_secs(self.tenant_idle_secs.max(1)),
@@ -813,6 +821,35 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn settings_that_would_break_at_run_time_are_refused() {
+        for (flag, value, key) in [
+            (
+                "--upstream-connect-timeout-ms",
+                "0",
+                "UPSTREAM_CONNECT_TIMEOUT_MS",
+            ),
+            ("--tenant-max-in-flight", "0", "TENANT_MAX_IN_FLIGHT"),
+            ("--tenant-max-in-flight", "10001", "TENANT_MAX_IN_FLIGHT"),
+            (
+                "--tenant-max-in-flight",
+                "18446744073709551615",
+                "TENANT_MAX_IN_FLIGHT",
+            ),
+        ] {
+            let mut args = PRODUCTION.to_vec();
+            args.extend([flag, value]);
+            let err = raw(&args).validate().unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { key: k, .. } if k == key),
+                "{flag} {value}: {err:?}"
+            );
+        }
+        let mut args = PRODUCTION.to_vec();
+        args.extend(["--tenant-max-in-flight", "10000"]);
+        assert!(raw(&args).validate().is_ok());
     }
 
     #[test]

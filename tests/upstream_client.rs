@@ -26,6 +26,7 @@ fn target(url: &str, transport: TransportKind) -> anyhow::Result<UpstreamTarget>
         transport,
         connect_timeout: Duration::from_secs(5),
         client_name: "switchboard-test".to_owned(),
+        max_in_flight: 256,
     })
 }
 

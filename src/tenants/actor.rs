@@ -842,7 +842,7 @@ impl TenantState {
     /// Final work when the actor stops: let leased calls finish (bounded), write what is
     /// left in the audit buffer (retrying while the store is down, bounded), close upstream.
     async fn stop(&mut self) {
-        let max = self.settings.max_in_flight as u32;
+        let max = u32::try_from(self.settings.max_in_flight).unwrap_or(u32::MAX);
         let _ =
             tokio::time::timeout(self.settings.stop_grace, self.in_flight.acquire_many(max)).await;
         let deadline = Instant::now() + self.settings.stop_grace;

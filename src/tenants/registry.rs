@@ -494,6 +494,7 @@ impl RegistryState {
             },
             connect_timeout: self.args.settings.connect_timeout,
             client_name: "switchboard".into(),
+            max_in_flight: self.args.settings.max_in_flight,
         })
     }
 

@@ -32,9 +32,10 @@ use super::{
 /// A running rmcp client session, whichever transport carries it.
 pub(super) type Session = RunningService<RoleClient, EventForwarder>;
 
-/// Ordinary POSTs one Streamable HTTP session may have in flight (rmcp's default is 16). A POST
-/// stops counting once the server opens an SSE answer, but JSON-answering servers hold it for
-/// the whole call, and the tenant actor wants many concurrent calls on one session.
+/// Ordinary POSTs one Streamable HTTP session may have in flight (rmcp's default is 16), or
+/// the tenant's `TENANT_MAX_IN_FLIGHT` if that is more. A POST stops counting once the
+/// server opens an SSE answer, but JSON-answering servers hold it for the whole call, and
+/// the tenant actor wants many concurrent calls on one session.
 const MAX_CONCURRENT_POSTS: usize = 256;
 /// Idle pooled connections kept per upstream host, and for how long. As many as the POSTs a
 /// session may have in flight: with fewer, every call past that count closed its connection
@@ -172,7 +173,7 @@ async fn streamable(
 ) -> Result<Session, Attempt> {
     let mut config = StreamableHttpClientTransportConfig::with_uri(target.url.as_str())
         .auth_header(target.token.expose())
-        .max_concurrent_requests(MAX_CONCURRENT_POSTS);
+        .max_concurrent_requests(MAX_CONCURRENT_POSTS.max(target.max_in_flight));
     // rmcp doubles the delay between reconnects of the server-to-client stream without bound;
     // capped, the stream comes back soon after an upstream restart.
     let mut backoff = ExponentialBackoff::default();

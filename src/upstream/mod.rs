@@ -59,4 +59,7 @@ pub struct UpstreamTarget {
     pub connect_timeout: Duration,
     /// `clientInfo.name` sent in `initialize`, e.g. `"switchboard"`.
     pub client_name: String,
+    /// The tenant's calls in flight at most (`TENANT_MAX_IN_FLIGHT`): the session takes at
+    /// least as many requests at once, so that none of them queues inside it.
+    pub max_in_flight: usize,
 }
