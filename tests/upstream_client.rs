@@ -207,7 +207,22 @@ async fn calls_an_upstream_never_answers_do_not_use_up_the_session() -> anyhow::
     // `notifications/cancelled`: each call the gateway gave up on must let go of its POST,
     // or after one session's worth of POSTs (256) the tenant could send nothing at all.
     let upstream = TestUpstream::start().await?;
-    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    for (url, transport) in both_transports(&upstream)? {
+        abandon_calls_to_a_stalling_upstream(&upstream, url, transport)
+            .await
+            .with_context(|| format!("{transport:?}"))?;
+    }
+    Ok(())
+}
+
+/// 300 calls the upstream never answers, each given up on after 500 ms; then the session
+/// must have let go of every POST, and still serve a call.
+async fn abandon_calls_to_a_stalling_upstream(
+    upstream: &TestUpstream,
+    url: &str,
+    transport: TransportKind,
+) -> anyhow::Result<()> {
+    let (client, _events) = connect(url, transport).await?;
     upstream.set_stalling(Some("tools/call"));
     let abandoned = (0..300).map(|_| {
         client.call_tool(

@@ -58,10 +58,16 @@ pub(super) struct SseTransport {
     token: Arc<Secret>,
     inbound: mpsc::Receiver<ServerJsonRpcMessage>,
     reader: Option<AbortOnDropHandle<()>>,
+    /// How long a POST may take to be accepted (the connect timeout). Its answer comes on
+    /// the stream, so the POST itself is quick; rmcp never cancels a transport's send, so
+    /// without this a server that never accepts one would keep its connection open until
+    /// the session ends, one per call given up on.
+    post_timeout: Duration,
 }
 
 impl SseTransport {
-    /// Opens the event stream and waits (up to `timeout`) for the endpoint to POST to.
+    /// Opens the event stream and waits (up to `timeout`) for the endpoint to POST to; each
+    /// POST must then be accepted within `timeout` too.
     pub(super) async fn connect(
         http: reqwest::Client,
         sse_url: &url::Url,
@@ -107,6 +113,7 @@ impl SseTransport {
             token: Arc::new(token),
             inbound,
             reader: Some(reader),
+            post_timeout: timeout,
         })
     }
 }
@@ -121,10 +128,12 @@ impl Transport<RoleClient> for SseTransport {
         let http = self.http.clone();
         let url = self.post_url.clone();
         let token = self.token.clone();
+        let timeout = self.post_timeout;
         async move {
             let body = serde_json::to_vec(&item)?;
             let response = http
                 .post(url.as_str())
+                .timeout(timeout)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .bearer_auth(token.expose())
                 .body(body)
