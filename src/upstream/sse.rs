@@ -205,23 +205,31 @@ where
 }
 
 /// Fails the byte stream when one SSE event grows past [`MAX_EVENT_BYTES`], so a server cannot
-/// make us buffer without bound. An event ends at a blank line (`\n\n`, `\r` ignored).
+/// make us buffer without bound. An event ends at a blank line: two line ends in a row, each
+/// `\r\n`, `\n` or `\r` (as the SSE standard has them, and as the parser reads them).
 fn bounded<S>(stream: S) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin
 where
     S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin,
 {
     let mut event_bytes = 0usize;
-    let mut after_newline = false;
+    // Line ends in a row so far, and whether the last byte was a `\r` (whose `\n` would
+    // end the same line).
+    let (mut line_ends, mut after_cr) = (0u8, false);
     stream.map(move |chunk| {
         let chunk = chunk.map_err(|error| std::io::Error::other(error.without_url()))?;
         for &byte in chunk.iter() {
             match byte {
-                b'\n' if after_newline => event_bytes = 0,
-                b'\n' => after_newline = true,
-                b'\r' => {}
-                _ => after_newline = false,
+                b'\n' if after_cr => after_cr = false,
+                b'\n' | b'\r' => {
+                    line_ends = line_ends.saturating_add(1);
+                    after_cr = byte == b'\r';
+                }
+                _ => (line_ends, after_cr) = (0, false),
             }
             event_bytes += 1;
+            if line_ends >= 2 {
+                event_bytes = 0;
+            }
         }
         if event_bytes > MAX_EVENT_BYTES {
             return Err(std::io::Error::other("SSE event too large"));
@@ -240,6 +248,27 @@ mod tests {
         let post = endpoint_url(&sse, "/message?sessionId=abc").expect("relative endpoint");
         assert_eq!(post.as_str(), "http://127.0.0.1:8080/message?sessionId=abc");
         assert!(endpoint_url(&sse, "http://evil.example/message").is_err());
+    }
+
+    #[tokio::test]
+    async fn events_end_at_a_blank_line_whatever_the_line_ends() {
+        for event in [
+            "event: message\ndata: {}\n\n",
+            "event: message\r\ndata: {}\r\n\r\n",
+            "event: message\rdata: {}\r\r",
+        ] {
+            // Many small events, more than one event's bound in all.
+            let chunk = Bytes::from(event.repeat(MAX_EVENT_BYTES / event.len() + 100));
+            let mut stream = bounded(futures::stream::iter(vec![Ok::<_, reqwest::Error>(chunk)]));
+            assert!(
+                matches!(stream.next().await, Some(Ok(_))),
+                "{event:?} counted as one event"
+            );
+        }
+        // A line end that is no blank line does not end the event.
+        let chunk = Bytes::from("data: x\r\n".repeat(MAX_EVENT_BYTES / 9 + 1));
+        let mut stream = bounded(futures::stream::iter(vec![Ok::<_, reqwest::Error>(chunk)]));
+        assert!(matches!(stream.next().await, Some(Err(_))));
     }
 
     #[tokio::test]
