@@ -491,6 +491,24 @@ async fn a_session_hears_of_the_tools_of_its_tenants_new_upstream() -> anyhow::R
 }
 
 #[tokio::test]
+async fn a_tool_name_past_its_bound_is_an_invalid_params_error() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
+    let (client, _) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    let refused = client
+        .peer()
+        .call_tool(CallToolRequestParams::new("x".repeat(513)))
+        .await
+        .expect_err("a 513-byte tool name");
+    let said = format!("{refused:?}");
+    assert!(said.contains("longer than 512 bytes"), "{said}");
+    assert_eq!(upstream.calls(), 0);
+    client.cancel().await?;
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;

@@ -892,3 +892,42 @@ async fn openapi_describes_every_served_route() -> anyhow::Result<()> {
     assert!(required.contains(&"integrationKey") && required.contains(&"integrationAppToken"));
     gw.stop().await
 }
+
+/// A tool name past `LONGEST_TOOL_NAME` (512 bytes) is the caller's mistake: 400, and no
+/// audit row of its size. At the bound, a name is looked up as any other.
+#[tokio::test]
+async fn a_tool_name_past_its_bound_is_400_and_not_audited() -> anyhow::Result<()> {
+    let upstream = common::upstream::TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "x", "upstreamUrl": upstream.url}),
+        )
+        .await?;
+    let too_long = gw.tool(&t, json!({"method": "x".repeat(513)})).await?;
+    assert_error(&too_long, StatusCode::BAD_REQUEST, "invalid_request");
+    let message = too_long.2["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("method"), "{message}");
+    let at_bound = gw.tool(&t, json!({"method": "x".repeat(512)})).await?;
+    assert_error(&at_bound, StatusCode::NOT_FOUND, "unknown_tool");
+    let path = format!("/api/tenant/{}/audit?action=tool.call", t.id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let items = loop {
+        let (status, _, page) = gw
+            .send(Method::GET, &path, &[("x-api-key", &t.api_key)], None)
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        if !items.is_empty() {
+            break items;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no audit row");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let tools: Vec<usize> = items
+        .iter()
+        .map(|item| item["tool"].as_str().map_or(0, str::len))
+        .collect();
+    assert_eq!(tools, [512], "only the call at the bound is audited");
+    gw.stop().await
+}

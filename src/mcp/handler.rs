@@ -22,6 +22,7 @@ use crate::audit;
 use crate::auth::AuthContext;
 use crate::http::middleware::RequestId;
 use crate::shutdown::Lifecycle;
+use crate::tenants::messages::LONGEST_TOOL_NAME;
 use crate::tenants::runtime::TenantRuntime;
 
 /// Tools per `tools/list` page; a longer list is paged with an opaque cursor.
@@ -171,6 +172,12 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let ctx = tenant_of(&context)?;
+        if request.name.len() > LONGEST_TOOL_NAME {
+            return Err(ErrorData::invalid_params(
+                format!("the tool name is longer than {LONGEST_TOOL_NAME} bytes"),
+                None,
+            ));
+        }
         let started = Instant::now();
         let request_bytes = request.arguments.as_ref().and_then(audit::json_len);
         let arguments = self

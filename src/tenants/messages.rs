@@ -12,6 +12,12 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{AuditRecord, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent};
 
+/// The longest tool name a call may name, in bytes: four times what MCP advises (128
+/// characters). A longer one is refused as the caller's mistake before it is audited, so a
+/// tenant cannot write audit rows of a request body's size at no cost to its rate limit (an
+/// unknown tool is refused from the cached list without spending it).
+pub const LONGEST_TOOL_NAME: usize = 512;
+
 /// A tenant's tools as its upstream listed them, with an index for name lookups.
 #[derive(Debug)]
 pub struct ToolList {

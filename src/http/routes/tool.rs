@@ -18,7 +18,7 @@ use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{MeasuredJson, Tenant};
 use crate::http::middleware::RequestId;
 use crate::http::AppState;
-use crate::tenants::messages::CallError;
+use crate::tenants::messages::{CallError, LONGEST_TOOL_NAME};
 use crate::tenants::runtime::TenantRuntime;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -52,6 +52,11 @@ pub async fn call(
             ))
         }
         "listTools" | "refreshTools" => ("tools.list", None),
+        name if name.len() > LONGEST_TOOL_NAME => {
+            return Err(ApiError::invalid_request(format!(
+                "field `method`: at most {LONGEST_TOOL_NAME} bytes"
+            )))
+        }
         name => ("tool.call", Some(name.to_owned())),
     };
     let pending = PendingAudit {
