@@ -133,6 +133,11 @@ pub struct CallFacts<'a> {
     pub response_bytes: Option<i64>,
 }
 
+/// A call's arguments an audit event keeps at most, as JSON; larger ones are recorded by
+/// their size alone (`{"argumentsOmitted":{"bytes":…}}`): the trail is no place for a
+/// call's payload, and every event waits in memory while the database is down.
+pub const LONGEST_ARGUMENTS: usize = 16 * 1024;
+
 /// The event of one tenant call (actor `tenant`).
 pub fn call_event(facts: CallFacts<'_>) -> AuditRecord {
     let mut record = event(
@@ -143,7 +148,14 @@ pub fn call_event(facts: CallFacts<'_>) -> AuditRecord {
         facts.request_id,
     );
     if let (Some(arguments), Some(_)) = (facts.arguments, facts.tool) {
-        record.detail = Some(serde_json::json!({ "arguments": arguments }));
+        let bytes = json_len(&arguments).unwrap_or(i64::MAX);
+        record.detail = Some(
+            if usize::try_from(bytes).is_ok_and(|b| b <= LONGEST_ARGUMENTS) {
+                serde_json::json!({ "arguments": arguments })
+            } else {
+                serde_json::json!({ "argumentsOmitted": { "bytes": bytes } })
+            },
+        );
     }
     record.tool = facts.tool.map(str::to_owned);
     record.latency_ms = Some(facts.started.elapsed().as_millis() as i64);
@@ -190,8 +202,34 @@ pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
 mod tests {
     use std::time::Duration;
 
-    use super::{call_outcome, json_len};
+    use super::{call_event, call_outcome, json_len, CallFacts, LONGEST_ARGUMENTS};
     use crate::tenants::messages::CallError;
+
+    #[test]
+    fn arguments_past_their_bound_are_recorded_by_their_size() {
+        let facts = |text: String| CallFacts {
+            tenant_id: "t",
+            action: "tool.call",
+            tool: Some("echo"),
+            arguments: serde_json::json!({ "text": text }).as_object().cloned(),
+            request_id: None,
+            outcome: "ok",
+            started: std::time::Instant::now(),
+            request_bytes: None,
+            response_bytes: None,
+        };
+        // `{"text":"…"}` is 11 bytes around the text.
+        let kept = call_event(facts("a".repeat(LONGEST_ARGUMENTS - 11)));
+        assert_eq!(
+            kept.detail.as_ref().and_then(|d| json_len(&d["arguments"])),
+            Some(LONGEST_ARGUMENTS as i64)
+        );
+        let omitted = call_event(facts("a".repeat(LONGEST_ARGUMENTS - 10)));
+        assert_eq!(
+            omitted.detail,
+            Some(serde_json::json!({"argumentsOmitted": {"bytes": LONGEST_ARGUMENTS + 1}}))
+        );
+    }
 
     #[test]
     fn a_call_the_gateway_refused_itself_is_refused_and_one_the_upstream_failed_is_not() {
