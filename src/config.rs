@@ -210,6 +210,15 @@ pub struct RawConfig {
     pub audit_buffer_size: usize,
     #[arg(long, global = true, env = "AUDIT_BATCH_SIZE", default_value_t = 200)]
     pub audit_batch_size: usize,
+    /// Bytes all tenants' audit buffers may hold together (while the database is down
+    /// every tenant's buffer fills); past it a tenant's oldest events are dropped first.
+    #[arg(
+        long,
+        global = true,
+        env = "AUDIT_BUFFER_BYTES",
+        default_value_t = 256 * 1024 * 1024
+    )]
+    pub audit_buffer_bytes: usize,
     /// Tenant credentials (API key hashes and tenant ids) remembered after a lookup.
     #[arg(
         long,
@@ -311,6 +320,7 @@ pub struct Config {
     pub audit_retention_days: u32,
     pub audit_buffer_size: usize,
     pub audit_batch_size: usize,
+    pub audit_buffer_bytes: usize,
     pub credential_cache_size: usize,
     pub credential_cache_ttl: Duration,
     pub metrics_token: Option<Secret>,
@@ -466,6 +476,9 @@ impl RawConfig {
                 "AUTH_RATE_LIMIT and AUTH_RATE_BURST must be above 0",
             ));
         }
+        if self.audit_buffer_bytes == 0 {
+            return Err(invalid("AUDIT_BUFFER_BYTES", "must be above 0"));
+        }
         if self.audit_buffer_size == 0 || self.audit_batch_size == 0 {
             return Err(invalid(
                 "AUDIT_BUFFER_SIZE",
@@ -526,6 +539,7 @@ impl RawConfig {
             audit_retention_days: self.audit_retention_days,
             audit_buffer_size: self.audit_buffer_size,
             audit_batch_size: self.audit_batch_size,
+            audit_buffer_bytes: self.audit_buffer_bytes,
             credential_cache_size: self.credential_cache_size,
             credential_cache_ttl: Duration::from_secs(self.credential_cache_ttl_secs),
             metrics_token: self
@@ -700,6 +714,7 @@ impl Config {
             audit_retention_days: 90,
             audit_buffer_size: 10_000,
             audit_batch_size: 200,
+            audit_buffer_bytes: 256 * 1024 * 1024,
             credential_cache_size: 10_000,
             credential_cache_ttl: Duration::from_secs(30),
             metrics_token: None,

@@ -9,14 +9,74 @@
 //!   buffer is whole, and is handed to the process's [`AuditWriter`] ("closed"). A closed
 //!   buffer gives each later event to the writer too.
 //!
-//! So an event is buffered, written, or counted as dropped (the buffer's bound, the writer's
-//! full queue): never lost uncounted.
+//! So an event is buffered, written, or counted as dropped (the buffer's bounds, the
+//! writer's full queue): never lost uncounted.
+//!
+//! Two bounds hold: each buffer's count of events (`AUDIT_BUFFER_SIZE`), and the bytes all of
+//! a process's buffers hold together ([`AuditBudget`], `AUDIT_BUFFER_BYTES`), since during
+//! a database outage every tenant's buffer fills at once. Past either, the appending
+//! tenant's oldest events go first; past the bytes, the new event too when that tenant
+//! holds none.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::audit::AuditWriter;
 use crate::store::AuditRecord;
+
+/// The bytes all of a process's tenant audit buffers hold (each event's size in memory, as
+/// [`held_bytes`] reckons it), and how many they may hold.
+#[derive(Debug)]
+pub struct AuditBudget {
+    held: AtomicUsize,
+    most: usize,
+}
+
+impl AuditBudget {
+    pub fn new(most: usize) -> Self {
+        Self {
+            held: AtomicUsize::new(0),
+            most,
+        }
+    }
+
+    /// What the buffers hold now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Takes `bytes` of the budget, if that many are left.
+    fn take(&self, bytes: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|&after| after <= self.most)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// An event's size in memory, near enough: the record, its text and its detail as JSON.
+fn held_bytes(event: &AuditRecord) -> usize {
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    std::mem::size_of::<AuditRecord>()
+        + event.id.len()
+        + event.action.len()
+        + event.actor.len()
+        + event.outcome.len()
+        + text(&event.tenant_id)
+        + text(&event.request_id)
+        + text(&event.tool)
+        + event
+            .detail
+            .as_ref()
+            .and_then(crate::audit::json_len)
+            .map_or(0, |n| n as usize)
+}
 
 pub struct AuditBuffer {
     state: Mutex<Buffered>,
@@ -26,11 +86,19 @@ pub struct AuditBuffer {
     batch: usize,
     /// Where events go once the buffer is closed.
     writer: AuditWriter,
+    /// The process's bound on what all buffers hold, shared with every other tenant's.
+    budget: Arc<AuditBudget>,
+}
+
+/// An event and the bytes of the budget it holds.
+struct Held {
+    event: AuditRecord,
+    bytes: usize,
 }
 
 #[derive(Default)]
 struct Buffered {
-    events: VecDeque<AuditRecord>,
+    events: VecDeque<Held>,
     closed: bool,
 }
 
@@ -43,17 +111,46 @@ pub enum Appended {
     BatchFull,
     /// Given to the audit writer: the actor is gone.
     HandedOver,
+    /// Dropped, and counted: the process's buffers hold all the bytes they may, and this
+    /// tenant's none of them.
+    Dropped,
 }
 
 impl AuditBuffer {
-    pub fn new(capacity: usize, batch: usize, writer: AuditWriter) -> Self {
+    pub fn new(
+        capacity: usize,
+        batch: usize,
+        writer: AuditWriter,
+        budget: Arc<AuditBudget>,
+    ) -> Self {
         let capacity = capacity.max(1);
         Self {
             state: Mutex::default(),
             capacity,
             batch: batch.clamp(1, capacity),
             writer,
+            budget,
         }
+    }
+
+    /// Takes events out of the buffer, giving their bytes back to the budget.
+    fn release(&self, held: impl Iterator<Item = Held>) -> Vec<AuditRecord> {
+        held.map(|held| {
+            self.budget.give(held.bytes);
+            held.event
+        })
+        .collect()
+    }
+
+    /// Drops the oldest event held, if any, and counts it.
+    fn drop_oldest(&self, state: &mut Buffered) -> bool {
+        let Some(oldest) = state.events.pop_front() else {
+            return false;
+        };
+        self.budget.give(oldest.bytes);
+        crate::metrics::audit_dropped(1);
+        crate::metrics::audit_pending(-1);
+        true
     }
 
     // A poisoned lock is used as it is: every change under it is one whole `VecDeque`
@@ -71,12 +168,17 @@ impl AuditBuffer {
         }
         // Counted under the lock, before a write can take the event and count it written.
         if state.events.len() >= self.capacity {
-            state.events.pop_front();
-            crate::metrics::audit_dropped(1);
-        } else {
-            crate::metrics::audit_pending(1);
+            self.drop_oldest(&mut state);
         }
-        state.events.push_back(event);
+        let bytes = held_bytes(&event);
+        while !self.budget.take(bytes) {
+            if !self.drop_oldest(&mut state) {
+                crate::metrics::audit_dropped(1);
+                return Appended::Dropped;
+            }
+        }
+        crate::metrics::audit_pending(1);
+        state.events.push_back(Held { event, bytes });
         if state.events.len() == self.batch {
             Appended::BatchFull
         } else {
@@ -88,20 +190,20 @@ impl AuditBuffer {
     pub(super) fn take_batch(&self) -> Vec<AuditRecord> {
         let mut state = self.lock();
         let n = state.events.len().min(self.batch);
-        state.events.drain(..n).collect()
+        self.release(state.events.drain(..n))
     }
 
     /// Every event held (the stopping actor's last writes), put back unless written.
     pub(super) fn take_all(&self) -> Taken<'_> {
         Taken {
             buffer: self,
-            events: self.lock().events.drain(..).collect(),
+            events: self.release(self.lock().events.drain(..)),
         }
     }
 
     /// Puts events whose write failed back in front, in their order, for the next attempt.
-    /// Should the buffer be closed already, they go to the audit writer. The bound holds as
-    /// it does for an append: past it the oldest are dropped, and counted.
+    /// Should the buffer be closed already, they go to the audit writer. The bounds hold as
+    /// they do for an append: past them the oldest are dropped, and counted.
     pub(super) fn put_back(&self, events: Vec<AuditRecord>) {
         let mut state = self.lock();
         if state.closed {
@@ -109,14 +211,19 @@ impl AuditBuffer {
             self.hand_to_writer(events);
             return;
         }
+        // The newest first, each in front: when the bytes run out, the older ones are left.
         for event in events.into_iter().rev() {
-            state.events.push_front(event);
+            let bytes = held_bytes(&event);
+            if self.budget.take(bytes) {
+                state.events.push_front(Held { event, bytes });
+            } else {
+                crate::metrics::audit_dropped(1);
+                crate::metrics::audit_pending(-1);
+            }
         }
         let over = state.events.len().saturating_sub(self.capacity);
-        if over > 0 {
-            state.events.drain(..over);
-            crate::metrics::audit_dropped(over as u64);
-            crate::metrics::audit_pending(-(over as i64));
+        for _ in 0..over {
+            self.drop_oldest(&mut state);
         }
     }
 
@@ -140,7 +247,7 @@ impl AuditBuffer {
         let left: Vec<AuditRecord> = {
             let mut state = self.lock();
             state.closed = true;
-            state.events.drain(..).collect()
+            self.release(state.events.drain(..))
         };
         self.hand_to_writer(left);
     }
@@ -151,6 +258,14 @@ impl AuditBuffer {
         for event in events {
             self.writer.queue(event);
         }
+    }
+}
+
+impl Drop for AuditBuffer {
+    /// A buffer is closed before it goes (see `TenantState`); one that was not gives its
+    /// events to the writer all the same, and its bytes back.
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -212,7 +327,46 @@ mod tests {
         store.migrate().await.unwrap();
         let lifecycle = Lifecycle::new(CancellationToken::new());
         let writer = AuditWriter::start(store.clone(), &lifecycle, Duration::from_secs(1));
-        (AuditBuffer::new(capacity, batch, writer), store)
+        let budget = Arc::new(AuditBudget::new(usize::MAX));
+        (AuditBuffer::new(capacity, batch, writer, budget), store)
+    }
+
+    /// An event whose detail makes it about 4 KiB in memory.
+    fn big_event(n: u32) -> AuditRecord {
+        let mut event = event(n);
+        event.detail = Some(serde_json::json!({ "arguments": { "text": "a".repeat(4096) } }));
+        event
+    }
+
+    #[tokio::test]
+    async fn the_bytes_all_buffers_hold_are_bounded_the_appending_tenants_oldest_first() {
+        let (_, store) = buffer(1, 1).await;
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let writer = AuditWriter::start(store, &lifecycle, Duration::from_secs(1));
+        let size = held_bytes(&big_event(1));
+        let budget = Arc::new(AuditBudget::new(2 * size + size / 2));
+        let a = AuditBuffer::new(100, 100, writer.clone(), budget.clone());
+        let b = AuditBuffer::new(100, 100, writer, budget.clone());
+        for n in 1..=3 {
+            assert_eq!(a.append(big_event(n)), Appended::Held);
+        }
+        assert_eq!(a.len(), 2, "the third took the place of the first");
+        assert_eq!(budget.held(), 2 * size);
+        assert_eq!(
+            b.append(big_event(10)),
+            Appended::Dropped,
+            "another tenant holds every byte, this one none"
+        );
+        let batch = a.take_batch();
+        assert_eq!(numbers(&batch), [2, 3]);
+        assert_eq!(budget.held(), 0, "taken events give their bytes back");
+        assert_eq!(b.append(big_event(11)), Appended::Held);
+        // A failed write comes back while the budget has room for one of its two: the
+        // older one goes.
+        a.put_back(batch);
+        assert_eq!(numbers(&a.take_batch()), [3]);
+        b.close();
+        assert_eq!(budget.held(), 0, "a closed buffer holds nothing");
     }
 
     #[tokio::test]

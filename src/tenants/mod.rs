@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use crate::config::Config;
+use audit_buffer::AuditBudget;
 
 /// The numbers the tenant runtime works by, all from the configuration.
 #[derive(Debug, Clone)]
@@ -38,6 +39,8 @@ pub struct RuntimeSettings {
     pub rate_burst: u32,
     pub audit_buffer: usize,
     pub audit_batch: usize,
+    /// What all tenants' audit buffers may hold together, shared by them.
+    pub audit_budget: Arc<AuditBudget>,
     /// How long a stopping actor waits for its leased calls and audit writes.
     pub stop_grace: Duration,
     /// Replicas sharing the database (1 alone or on SQLite), kept current by the
@@ -61,6 +64,7 @@ impl RuntimeSettings {
             rate_burst: config.tenant_rate_burst,
             audit_buffer: config.audit_buffer_size,
             audit_batch: config.audit_batch_size,
+            audit_budget: Arc::new(AuditBudget::new(config.audit_buffer_bytes)),
             stop_grace: config.drain_timeout,
             replicas: Arc::new(AtomicU32::new(1)),
         }
