@@ -722,8 +722,8 @@ async fn callers_waiting_for_a_tool_list_are_bounded() -> anyhow::Result<()> {
     .await
     .context("no caller was turned away while the list was held")?;
     let (status, body) = first??;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     drop(rest);
     lists.remove(done);
     upstream.release_list();
@@ -927,7 +927,8 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
     assert_eq!(a?.0, StatusCode::OK);
     assert_eq!(b?.0, StatusCode::OK);
     let (status, headers, body) = third?;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
     assert!(headers.contains_key("retry-after"));
 
     // Calls through the lane keep the actor from going idle: twice the idle time of calls.
@@ -948,7 +949,7 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
         .as_array()
         .and_then(|items| items.iter().find(|row| row["requestId"] == refused_id))
         .ok_or_else(|| anyhow::anyhow!("the refused call is not audited: {audit}"))?;
-    assert_eq!(refused["outcome"], "refused", "{refused}");
+    assert_eq!(refused["outcome"], "rate_limited", "{refused}");
     gw.stop().await
 }
 

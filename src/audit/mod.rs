@@ -188,12 +188,11 @@ pub fn call_outcome(result: Result<bool, &CallError>) -> &'static str {
         Ok(true) => "tool_error",
         Ok(false) => "ok",
         Err(CallError::Timeout) => "timeout",
-        Err(CallError::RateLimited { .. }) => "rate_limited",
-        // Refused by the gateway itself (an unknown tool, the tenant's in-flight limit, a
-        // tenant restarting): the upstream never saw the call.
-        Err(CallError::UnknownTool(_) | CallError::Busy { .. } | CallError::Unavailable { .. }) => {
-            "refused"
-        }
+        // The tenant's rate limit, or its in-flight limit (both answered 429).
+        Err(CallError::RateLimited { .. } | CallError::Busy { .. }) => "rate_limited",
+        // Refused by the gateway itself (an unknown tool, a tenant restarting): the upstream
+        // never saw the call.
+        Err(CallError::UnknownTool(_) | CallError::Unavailable { .. }) => "refused",
         Err(CallError::Upstream(_) | CallError::Failing { .. }) => "upstream_error",
     }
 }
@@ -236,7 +235,6 @@ mod tests {
         let wait = Duration::from_secs(1);
         let refused = [
             CallError::UnknownTool("nope".into()),
-            CallError::Busy { retry_after: wait },
             CallError::Unavailable {
                 reason: "restarting".into(),
                 retry_after: wait,
@@ -256,8 +254,12 @@ mod tests {
             assert_eq!(call_outcome(Err(error)), "upstream_error", "{error}");
         }
         assert_eq!(call_outcome(Err(&CallError::Timeout)), "timeout");
-        let limited = CallError::RateLimited { retry_after: wait };
-        assert_eq!(call_outcome(Err(&limited)), "rate_limited");
+        for limited in [
+            CallError::RateLimited { retry_after: wait },
+            CallError::Busy { retry_after: wait },
+        ] {
+            assert_eq!(call_outcome(Err(&limited)), "rate_limited", "{limited}");
+        }
         assert_eq!(call_outcome(Ok(true)), "tool_error");
         assert_eq!(call_outcome(Ok(false)), "ok");
     }

@@ -41,6 +41,9 @@ pub enum ApiError {
     NotAcceptable(String),
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
+    /// The tenant's `TENANT_MAX_IN_FLIGHT` is reached: its limit too (429), said as such.
+    #[error("too many calls in flight")]
+    TooManyInFlight { retry_after: Duration },
     #[error("upstream error: {0}")]
     Upstream(String),
     /// The tenant's upstream failed too many times in a row: 502 as [`Self::Upstream`], with
@@ -153,6 +156,12 @@ impl ApiError {
                 "rate_limited",
                 "rate limit exceeded; retry after the time in Retry-After".into(),
             ),
+            TooManyInFlight { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many calls of this tenant in flight; retry after the time in Retry-After"
+                    .into(),
+            ),
             Upstream(m) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
@@ -199,6 +208,7 @@ impl ApiError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited { retry_after }
+            | Self::TooManyInFlight { retry_after }
             | Self::UpstreamFailing { retry_after, .. }
             | Self::Unavailable { retry_after, .. } => Some(*retry_after),
             Self::Draining => Some(Duration::from_secs(5)),

@@ -39,13 +39,16 @@ pub fn call_error(err: CallError) -> ErrorData {
             "the upstream MCP server did not answer in time",
             Some(json!({ "code": "upstream_timeout" })),
         ),
-        CallError::Unavailable { retry_after, .. } | CallError::Busy { retry_after } => {
-            ErrorData::new(
-                UNAVAILABLE,
-                "the tenant is restarting or busy; retry later",
-                Some(json!({ "code": "unavailable", "retryAfterSeconds": secs(retry_after) })),
-            )
-        }
+        CallError::Unavailable { retry_after, .. } => ErrorData::new(
+            UNAVAILABLE,
+            "the tenant is restarting; retry later",
+            Some(json!({ "code": "unavailable", "retryAfterSeconds": secs(retry_after) })),
+        ),
+        CallError::Busy { retry_after } => ErrorData::new(
+            RATE_LIMITED,
+            "too many calls of this tenant in flight; retry later",
+            Some(json!({ "code": "rate_limited", "retryAfterSeconds": secs(retry_after) })),
+        ),
         CallError::RateLimited { retry_after } => ErrorData::new(
             RATE_LIMITED,
             "rate limit exceeded; retry later",

@@ -124,12 +124,11 @@ impl From<CallError> for ApiError {
                 retry_after,
             },
             CallError::Timeout => ApiError::UpstreamTimeout,
-            CallError::Unavailable { retry_after, .. } | CallError::Busy { retry_after } => {
-                ApiError::Unavailable {
-                    reason: "the tenant is restarting or busy",
-                    retry_after,
-                }
-            }
+            CallError::Unavailable { retry_after, .. } => ApiError::Unavailable {
+                reason: "the tenant is restarting",
+                retry_after,
+            },
+            CallError::Busy { retry_after } => ApiError::TooManyInFlight { retry_after },
             CallError::RateLimited { retry_after } => ApiError::RateLimited { retry_after },
         }
     }
