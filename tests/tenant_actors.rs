@@ -1062,3 +1062,40 @@ async fn a_refresh_that_finds_another_list_tells_the_tenants_mcp_sessions() -> a
         .context("the MCP session was not told of the new list")?;
     gw.stop().await
 }
+
+#[tokio::test]
+async fn a_session_the_upstream_renewed_by_itself_checks_the_tool_list_again() -> anyhow::Result<()>
+{
+    // The upstream restarts between two calls, with other tools: it no longer knows the
+    // tenant's session, and rmcp opens a new one inside the same connection when the next
+    // call meets the 404. The list cached from the old session must not serve for the rest
+    // of its TTL, and the tenant's MCP sessions hear of the change.
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
+    let mcp = gw.url(&format!("/mcp/{}", t.id));
+    let (_session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
+    redeploy_unannounced(&upstream).await?;
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the call is served on a new session: {body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, listed) = gw.tool(&t, json!({"method": "listTools"})).await?;
+        if tool_names(&listed).contains(&"redeployed".to_owned()) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the old session's list still serves: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), heard.notified())
+        .await
+        .context("the MCP session was not told of the new list")?;
+    gw.stop().await
+}

@@ -69,7 +69,8 @@ pub struct TenantState {
     /// Bumped per connect attempt; messages about older connections are ignored.
     generation: u64,
     tools: Option<(Arc<ToolList>, Instant)>,
-    /// The connection (`generation`) the cached list was loaded on.
+    /// The connection (`generation`) the cached list was loaded on; 0 once that session was
+    /// renewed (`UpstreamEvent::SessionRenewed`).
     tools_from: u64,
     /// The fingerprint of the list last loaded, by this actor or the tenant's actor before
     /// it (0: none yet, or after an upstream's own change notice, which the tenant's MCP
@@ -686,6 +687,17 @@ impl TenantState {
                     self.load_tools(myself);
                 }
                 self.tell_tool_change();
+            }
+            UpstreamEvent::SessionRenewed => {
+                // As for a new connection (see `connected`): the new session may serve
+                // another list, and says nothing of it. The cached list serves until the
+                // check comes; a load running began on the old session, answers nobody,
+                // and the check starts when it returns (`tools_loaded`).
+                self.tools_epoch += 1;
+                self.tools_from = 0;
+                if !self.tool_waiters.is_empty() || self.tools.is_some() {
+                    self.load_tools(myself);
+                }
             }
             UpstreamEvent::Closed => {
                 // Ended by the upstream (ours end with a new generation or after a failure

@@ -25,6 +25,7 @@ use super::{
     error::{init_client_error_status, Redaction},
     events::EventForwarder,
     progress::{Ordered, ProgressRoutes},
+    renewal::RenewalWatch,
     sse::SseTransport,
     TransportKind, UpstreamError, UpstreamTarget,
 };
@@ -179,6 +180,7 @@ async fn streamable(
     let mut backoff = ExponentialBackoff::default();
     backoff.max_delay = Some(MAX_STREAM_RECONNECT_DELAY);
     config.retry_config = Arc::new(backoff);
+    let http = RenewalWatch::new(http, handler.events());
     let transport = StreamableHttpClientTransport::with_client(http, config);
     let handshake = handler.serve_with_ct(Ordered::new(transport, progress.clone()), ct);
     match tokio::time::timeout(target.connect_timeout, handshake).await {

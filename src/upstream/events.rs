@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 pub enum UpstreamEvent {
     /// The upstream sent `notifications/tools/list_changed`: a cached tool list is stale.
     ToolListChanged,
+    /// The upstream forgot the session, and rmcp opened a new one in the same connection
+    /// ([`super::renewal`]): what the old session listed may no longer be what it serves.
+    SessionRenewed,
     /// The connection ended (transport closed, upstream gone, or [`super::UpstreamClient::close`]).
     /// Sent once, after which every call fails with [`super::UpstreamError::Closed`].
     Closed,
@@ -29,6 +32,11 @@ pub(super) struct EventForwarder {
 }
 
 impl EventForwarder {
+    /// Where this connection's events go, for its transport's own ([`super::renewal`]).
+    pub(super) fn events(&self) -> mpsc::Sender<UpstreamEvent> {
+        self.events.clone()
+    }
+
     pub(super) fn new(events: mpsc::Sender<UpstreamEvent>, client_name: &str) -> Self {
         // 2025-11-25 is the newest revision with an `initialize` handshake and sessions; the
         // default (2026-07-28) would move list-changed notifications onto listen subscriptions,

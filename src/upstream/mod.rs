@@ -12,6 +12,7 @@ mod connect;
 mod error;
 mod events;
 mod progress;
+mod renewal;
 mod sse;
 
 use std::time::Duration;

@@ -1,0 +1,174 @@
+//! Noticing that an upstream renewed a Streamable HTTP session by itself. When the upstream
+//! forgets a session (it restarted, or expired it) and answers 404, rmcp runs the
+//! `initialize` handshake again inside the same connection and retries the request: the
+//! call succeeds, and nothing above the transport hears of it. But the new session may
+//! serve another tool list (an upstream redeployed), which nobody announces. So the
+//! session's HTTP client is [`RenewalWatch`]: reqwest's, unchanged, except that every
+//! `initialize` after the connection's first that the upstream accepts is told to the tenant
+//! ([`UpstreamEvent::SessionRenewed`]), which checks its tool list again.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use http::{HeaderName, HeaderValue};
+use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage};
+use rmcp::transport::streamable_http_client::{
+    SseError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
+    StreamableHttpResponseLimits,
+};
+use sse_stream::Sse;
+use tokio::sync::mpsc;
+
+use super::UpstreamEvent;
+
+type PostResult = Result<StreamableHttpPostResponse, StreamableHttpError<reqwest::Error>>;
+
+/// reqwest's Streamable HTTP client, telling the tenant of each renewed session.
+#[derive(Clone)]
+pub(super) struct RenewalWatch {
+    http: reqwest::Client,
+    /// Whether the connection's own `initialize` has gone out: any later one is a renewal.
+    initialized: Arc<AtomicBool>,
+    events: mpsc::Sender<UpstreamEvent>,
+}
+
+impl RenewalWatch {
+    pub(super) fn new(http: reqwest::Client, events: mpsc::Sender<UpstreamEvent>) -> Self {
+        Self {
+            http,
+            initialized: Arc::default(),
+            events,
+        }
+    }
+
+    /// Whether `message` renews the session: an `initialize` after the first.
+    fn renews(&self, message: &ClientJsonRpcMessage) -> bool {
+        let initialize = matches!(
+            message,
+            JsonRpcMessage::Request(request)
+                if matches!(request.request, ClientRequest::InitializeRequest(_))
+        );
+        initialize && self.initialized.swap(true, Ordering::AcqRel)
+    }
+
+    /// Passes `posted` on; a renewal the upstream accepted is told to the tenant first.
+    async fn watched(&self, renews: bool, posted: impl Future<Output = PostResult>) -> PostResult {
+        let answer = posted.await;
+        if renews && answer.is_ok() {
+            // Waits for room, as a list change does: a renewal must not be lost. The send
+            // only queues; the tenant actor loads the list on its own task.
+            let _ = self.events.send(UpstreamEvent::SessionRenewed).await;
+        }
+        answer
+    }
+}
+
+impl StreamableHttpClient for RenewalWatch {
+    type Error = reqwest::Error;
+
+    async fn post_message(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> PostResult {
+        let renews = self.renews(&message);
+        let posted = self
+            .http
+            .post_message(uri, message, session_id, auth_header, custom_headers);
+        self.watched(renews, posted).await
+    }
+
+    async fn post_message_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_sse_event_size: usize,
+    ) -> PostResult {
+        let renews = self.renews(&message);
+        let posted = self.http.post_message_with_max_sse_event_size(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            custom_headers,
+            max_sse_event_size,
+        );
+        self.watched(renews, posted).await
+    }
+
+    async fn post_message_with_response_limits(
+        &self,
+        uri: Arc<str>,
+        message: ClientJsonRpcMessage,
+        session_id: Option<Arc<str>>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        limits: StreamableHttpResponseLimits,
+    ) -> PostResult {
+        let renews = self.renews(&message);
+        let posted = self.http.post_message_with_response_limits(
+            uri,
+            message,
+            session_id,
+            auth_header,
+            custom_headers,
+            limits,
+        );
+        self.watched(renews, posted).await
+    }
+
+    async fn delete_session(
+        &self,
+        uri: Arc<str>,
+        session_id: Arc<str>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<(), StreamableHttpError<Self::Error>> {
+        self.http
+            .delete_session(uri, session_id, auth_header, custom_headers)
+            .await
+    }
+
+    async fn get_stream(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+    ) -> Result<BoxStream<'static, Result<Sse, SseError>>, StreamableHttpError<Self::Error>> {
+        self.http
+            .get_stream(uri, session_id, last_event_id, auth_header, custom_headers)
+            .await
+    }
+
+    async fn get_stream_with_max_sse_event_size(
+        &self,
+        uri: Arc<str>,
+        session_id: Option<Arc<str>>,
+        last_event_id: Option<String>,
+        auth_header: Option<String>,
+        custom_headers: HashMap<HeaderName, HeaderValue>,
+        max_sse_event_size: usize,
+    ) -> Result<BoxStream<'static, Result<Sse, SseError>>, StreamableHttpError<Self::Error>> {
+        self.http
+            .get_stream_with_max_sse_event_size(
+                uri,
+                session_id,
+                last_event_id,
+                auth_header,
+                custom_headers,
+                max_sse_event_size,
+            )
+            .await
+    }
+}
