@@ -19,35 +19,40 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// `url` without the parameters tokio-postgres does not know (a `verify-*` mode becomes
-/// `require`), and the `sslrootcert` path it named. A connection string that is not a URL
-/// (`host=… user=…`) is returned as it is.
+/// `require`), and the `sslrootcert` path it named. Only those are touched: every other
+/// byte of the URL is passed on as it was (tokio-postgres decodes it), and a connection
+/// string that is no URL (`host=… user=…`) is returned as it is.
 pub(super) fn split_url(url: &str) -> anyhow::Result<(String, Option<String>)> {
-    let Ok(mut parsed) = url::Url::parse(url) else {
+    let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
         return Ok((url.to_owned(), None));
     };
-    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-        return Ok((url.to_owned(), None));
-    }
     let mut root_cert = None;
-    let mut kept: Vec<(String, String)> = Vec::new();
-    for (key, value) in parsed.query_pairs() {
-        match &*key {
-            "sslrootcert" => root_cert = Some(value.into_owned()),
-            "sslmode" if matches!(&*value, "verify-ca" | "verify-full") => {
-                kept.push((key.into_owned(), "require".to_owned()));
+    let mut kept: Vec<&str> = Vec::new();
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "sslrootcert" => {
+                let path = percent_encoding::percent_decode_str(value)
+                    .decode_utf8()
+                    .context("DATABASE_URL: sslrootcert is not UTF-8")?;
+                root_cert = Some(path.into_owned());
             }
-            _ => kept.push((key.into_owned(), value.into_owned())),
+            "sslmode" if matches!(value, "verify-ca" | "verify-full") => {
+                kept.push("sslmode=require");
+            }
+            _ => kept.push(pair),
         }
-    }
-    if kept.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(kept);
     }
     if root_cert.as_deref() == Some("") {
         bail!("DATABASE_URL: sslrootcert is empty");
     }
-    Ok((parsed.into(), root_cert))
+    let url = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, root_cert))
 }
 
 /// The TLS connector for `config`, which is set to use TLS exactly when its `sslmode`
@@ -114,6 +119,22 @@ mod tests {
         let (url, root) = split_url("postgresql://sb@db/sb?sslrootcert=ca.pem").unwrap();
         assert_eq!(url, "postgresql://sb@db/sb");
         assert_eq!(root.as_deref(), Some("ca.pem"));
+        // Everything else as it was: encoded spaces, several hosts, no query at all.
+        for kept in [
+            "postgres://u:p%40ss@db/sb?options=-c%20statement_timeout%3D5000&application_name=my%20app",
+            "postgres://u@h1:5432,h2:5433/sb?target_session_attrs=read-write",
+            "postgres://u@[fe80::1%25eth0]:5432/sb?sslmode=require",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/sb",
+        ] {
+            assert_eq!(split_url(kept).unwrap(), (kept.to_owned(), None));
+        }
+        let (url, _) =
+            split_url("postgres://u@h1:5432,h2:5433/sb?sslmode=verify-ca&options=-c%20x%3Dy")
+                .unwrap();
+        assert_eq!(
+            url,
+            "postgres://u@h1:5432,h2:5433/sb?sslmode=require&options=-c%20x%3Dy"
+        );
         // Not a URL: left to tokio-postgres as it is.
         let plain = "host=db user=sb sslmode=require";
         assert_eq!(split_url(plain).unwrap(), (plain.to_owned(), None));
