@@ -476,8 +476,13 @@ impl RawConfig {
                 "AUTH_RATE_LIMIT and AUTH_RATE_BURST must be above 0",
             ));
         }
-        if self.audit_buffer_bytes == 0 {
-            return Err(invalid("AUDIT_BUFFER_BYTES", "must be above 0"));
+        if self.audit_buffer_bytes < 1024 * 1024 {
+            // Smaller, an event with its arguments (up to 16 KiB) could find no room even
+            // with every buffer empty.
+            return Err(invalid(
+                "AUDIT_BUFFER_BYTES",
+                "must be at least 1048576 (1 MiB)",
+            ));
         }
         if self.audit_buffer_size == 0 || self.audit_batch_size == 0 {
             return Err(invalid(
@@ -847,6 +852,7 @@ mod tests {
                 "UPSTREAM_CONNECT_TIMEOUT_MS",
             ),
             ("--tenant-max-in-flight", "0", "TENANT_MAX_IN_FLIGHT"),
+            ("--audit-buffer-bytes", "65536", "AUDIT_BUFFER_BYTES"),
             ("--tenant-max-in-flight", "10001", "TENANT_MAX_IN_FLIGHT"),
             (
                 "--tenant-max-in-flight",

@@ -816,6 +816,7 @@ impl TenantState {
         let written = match write.await {
             Ok(result) => self.settle_audit_write(result),
             Err(_) => {
+                self.audit.settled();
                 batch_lost(n);
                 false
             }
@@ -830,6 +831,7 @@ impl TenantState {
     fn settle_audit_write(&mut self, result: AuditWrite) -> bool {
         match result {
             Ok(written) => {
+                self.audit.settled();
                 crate::metrics::audit_pending(-(written as i64));
                 true
             }
@@ -870,6 +872,7 @@ impl TenantState {
                 }
                 Ok(Err(_)) => {
                     self.audit_write = None;
+                    self.audit.settled();
                     batch_lost(n);
                 }
                 // Still running at the deadline: handed over below.

@@ -46,6 +46,11 @@ impl AuditBudget {
         self.held.load(Ordering::Acquire)
     }
 
+    /// What is left of the budget.
+    fn free(&self) -> usize {
+        self.most.saturating_sub(self.held())
+    }
+
     /// Takes `bytes` of the budget, if that many are left.
     fn take(&self, bytes: usize) -> bool {
         self.held
@@ -99,6 +104,12 @@ struct Held {
 #[derive(Default)]
 struct Buffered {
     events: VecDeque<Held>,
+    /// The bytes of `events`.
+    bytes: usize,
+    /// The bytes of the events taken for a write and not yet settled: still charged to
+    /// the budget, so that a failed write puts them back whatever other tenants took
+    /// meanwhile (one write at a time per buffer).
+    in_flight: usize,
     closed: bool,
 }
 
@@ -133,13 +144,18 @@ impl AuditBuffer {
         }
     }
 
-    /// Takes events out of the buffer, giving their bytes back to the budget.
-    fn release(&self, held: impl Iterator<Item = Held>) -> Vec<AuditRecord> {
-        held.map(|held| {
-            self.budget.give(held.bytes);
-            held.event
-        })
-        .collect()
+    /// Takes the first `n` events out for a write: their bytes stay charged, as in flight,
+    /// until [`Self::written`], [`Self::put_back`] or [`Self::close`].
+    fn take(state: &mut Buffered, n: usize) -> Vec<AuditRecord> {
+        state
+            .events
+            .drain(..n)
+            .map(|held| {
+                state.bytes -= held.bytes;
+                state.in_flight += held.bytes;
+                held.event
+            })
+            .collect()
     }
 
     /// Drops the oldest event held, if any, and counts it.
@@ -147,6 +163,7 @@ impl AuditBuffer {
         let Some(oldest) = state.events.pop_front() else {
             return false;
         };
+        state.bytes -= oldest.bytes;
         self.budget.give(oldest.bytes);
         crate::metrics::audit_dropped(1);
         crate::metrics::audit_pending(-1);
@@ -171,6 +188,12 @@ impl AuditBuffer {
             self.drop_oldest(&mut state);
         }
         let bytes = held_bytes(&event);
+        // What this tenant could free, with what is free, must hold the event; else its
+        // own events are not dropped for nothing.
+        if state.bytes + self.budget.free() < bytes {
+            crate::metrics::audit_dropped(1);
+            return Appended::Dropped;
+        }
         while !self.budget.take(bytes) {
             if !self.drop_oldest(&mut state) {
                 crate::metrics::audit_dropped(1);
@@ -178,6 +201,7 @@ impl AuditBuffer {
             }
         }
         crate::metrics::audit_pending(1);
+        state.bytes += bytes;
         state.events.push_back(Held { event, bytes });
         if state.events.len() == self.batch {
             Appended::BatchFull
@@ -190,20 +214,30 @@ impl AuditBuffer {
     pub(super) fn take_batch(&self) -> Vec<AuditRecord> {
         let mut state = self.lock();
         let n = state.events.len().min(self.batch);
-        self.release(state.events.drain(..n))
+        Self::take(&mut state, n)
+    }
+
+    /// The write of the events taken last ended, written or lost: their bytes go back to
+    /// the budget.
+    pub(super) fn settled(&self) {
+        let mut state = self.lock();
+        self.budget.give(std::mem::take(&mut state.in_flight));
     }
 
     /// Every event held (the stopping actor's last writes), put back unless written.
     pub(super) fn take_all(&self) -> Taken<'_> {
+        let mut state = self.lock();
+        let n = state.events.len();
         Taken {
             buffer: self,
-            events: self.release(self.lock().events.drain(..)),
+            events: Self::take(&mut state, n),
         }
     }
 
-    /// Puts events whose write failed back in front, in their order, for the next attempt.
-    /// Should the buffer be closed already, they go to the audit writer. The bounds hold as
-    /// they do for an append: past them the oldest are dropped, and counted.
+    /// Puts the events taken last, whose write failed, back in front, in their order, for
+    /// the next attempt; their bytes were never given back. Should the buffer be closed
+    /// already, they go to the audit writer. The count bound holds as it does for an
+    /// append: past it the oldest are dropped, and counted.
     pub(super) fn put_back(&self, events: Vec<AuditRecord>) {
         let mut state = self.lock();
         if state.closed {
@@ -211,15 +245,11 @@ impl AuditBuffer {
             self.hand_to_writer(events);
             return;
         }
-        // The newest first, each in front: when the bytes run out, the older ones are left.
         for event in events.into_iter().rev() {
-            let bytes = held_bytes(&event);
-            if self.budget.take(bytes) {
-                state.events.push_front(Held { event, bytes });
-            } else {
-                crate::metrics::audit_dropped(1);
-                crate::metrics::audit_pending(-1);
-            }
+            let bytes = held_bytes(&event).min(state.in_flight);
+            state.in_flight -= bytes;
+            state.bytes += bytes;
+            state.events.push_front(Held { event, bytes });
         }
         let over = state.events.len().saturating_sub(self.capacity);
         for _ in 0..over {
@@ -247,7 +277,10 @@ impl AuditBuffer {
         let left: Vec<AuditRecord> = {
             let mut state = self.lock();
             state.closed = true;
-            self.release(state.events.drain(..))
+            // Events in flight settle later, with the writer: their bytes go back now too.
+            self.budget
+                .give(std::mem::take(&mut state.bytes) + std::mem::take(&mut state.in_flight));
+            state.events.drain(..).map(|held| held.event).collect()
         };
         self.hand_to_writer(left);
     }
@@ -286,8 +319,9 @@ impl Taken<'_> {
         self.events.is_empty()
     }
 
-    /// The write succeeded: how many events it wrote.
+    /// The write succeeded: how many events it wrote (their bytes go back to the budget).
     pub fn written(mut self) -> usize {
+        self.buffer.settled();
         std::mem::take(&mut self.events).len()
     }
 }
@@ -357,14 +391,25 @@ mod tests {
             Appended::Dropped,
             "another tenant holds every byte, this one none"
         );
+        // An event that could not fit even in all this tenant holds drops none of it.
+        let mut huge = big_event(4);
+        huge.detail = Some(serde_json::json!({ "text": "a".repeat(3 * size) }));
+        assert_eq!(a.append(huge), Appended::Dropped);
+        assert_eq!(a.len(), 2);
+        // Events taken for a write stay charged until it ends: a failed write puts them
+        // back whatever another tenant tried meanwhile.
         let batch = a.take_batch();
         assert_eq!(numbers(&batch), [2, 3]);
-        assert_eq!(budget.held(), 0, "taken events give their bytes back");
-        assert_eq!(b.append(big_event(11)), Appended::Held);
-        // A failed write comes back while the budget has room for one of its two: the
-        // older one goes.
+        assert_eq!(budget.held(), 2 * size);
+        assert_eq!(b.append(big_event(11)), Appended::Dropped);
         a.put_back(batch);
-        assert_eq!(numbers(&a.take_batch()), [3]);
+        assert_eq!(a.len(), 2, "nothing of the failed write lost");
+        // A write that ends gives the bytes back.
+        assert_eq!(numbers(&a.take_batch()), [2, 3]);
+        a.settled();
+        assert_eq!(budget.held(), 0);
+        assert_eq!(b.append(big_event(12)), Appended::Held);
+        assert_eq!(budget.held(), held_bytes(&big_event(12)));
         b.close();
         assert_eq!(budget.held(), 0, "a closed buffer holds nothing");
     }
