@@ -27,6 +27,7 @@ fn target(url: &str, transport: TransportKind) -> anyhow::Result<UpstreamTarget>
         connect_timeout: Duration::from_secs(5),
         client_name: "switchboard-test".to_owned(),
         max_in_flight: 256,
+        call_timeout: Duration::from_secs(2),
     })
 }
 

@@ -496,6 +496,7 @@ impl RegistryState {
             connect_timeout: self.args.settings.connect_timeout,
             client_name: "switchboard".into(),
             max_in_flight: self.args.settings.max_in_flight,
+            call_timeout: self.args.settings.upstream_timeout,
         })
     }
 

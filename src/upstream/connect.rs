@@ -218,12 +218,19 @@ async fn sse(
     let timeout = target.connect_timeout;
     let redaction = Redaction::new(&target.url, &target.token);
     let handshake = async {
-        let transport = SseTransport::connect(http, &target.url, target.token.clone(), timeout)
-            .await
-            .map_err(|error| {
-                let failed = super::error::failure(&error);
-                UpstreamError::Connect(redaction.apply(&format!("legacy SSE: {failed}")))
-            })?;
+        let post_timeout = target.call_timeout + timeout;
+        let transport = SseTransport::connect(
+            http,
+            &target.url,
+            target.token.clone(),
+            timeout,
+            post_timeout,
+        )
+        .await
+        .map_err(|error| {
+            let failed = super::error::failure(&error);
+            UpstreamError::Connect(redaction.apply(&format!("legacy SSE: {failed}")))
+        })?;
         handler
             .serve_with_ct(Ordered::new(transport, progress.clone()), ct)
             .await

@@ -60,6 +60,9 @@ pub struct UpstreamTarget {
     pub connect_timeout: Duration,
     /// `clientInfo.name` sent in `initialize`, e.g. `"switchboard"`.
     pub client_name: String,
+    /// How long a call may take (`UPSTREAM_TIMEOUT_MS`): a legacy SSE POST, which its call
+    /// gives up on by then, is let go of a connect timeout after it.
+    pub call_timeout: Duration,
     /// The tenant's calls in flight at most (`TENANT_MAX_IN_FLIGHT`): the session takes at
     /// least as many requests at once, so that none of them queues inside it.
     pub max_in_flight: usize,

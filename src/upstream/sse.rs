@@ -58,21 +58,22 @@ pub(super) struct SseTransport {
     token: Arc<Secret>,
     inbound: mpsc::Receiver<ServerJsonRpcMessage>,
     reader: Option<AbortOnDropHandle<()>>,
-    /// How long a POST may take to be accepted (the connect timeout). Its answer comes on
-    /// the stream, so the POST itself is quick; rmcp never cancels a transport's send, so
-    /// without this a server that never accepts one would keep its connection open until
-    /// the session ends, one per call given up on.
+    /// How long a POST may take to be accepted: rmcp never cancels a transport's send, so
+    /// without it a server that never accepts one would keep its connection open until the
+    /// session ends, one per call given up on. Longer than the call may take: a POST that
+    /// fails this way would fail its call as a broken transport, not as a timeout.
     post_timeout: Duration,
 }
 
 impl SseTransport {
     /// Opens the event stream and waits (up to `timeout`) for the endpoint to POST to; each
-    /// POST must then be accepted within `timeout` too.
+    /// POST must then be accepted within `post_timeout`.
     pub(super) async fn connect(
         http: reqwest::Client,
         sse_url: &url::Url,
         token: Secret,
         timeout: Duration,
+        post_timeout: Duration,
     ) -> Result<Self, SseError> {
         let open = async {
             let response = http
@@ -113,7 +114,7 @@ impl SseTransport {
             token: Arc::new(token),
             inbound,
             reader: Some(reader),
-            post_timeout: timeout,
+            post_timeout,
         })
     }
 }
