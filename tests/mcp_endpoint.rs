@@ -943,6 +943,45 @@ async fn a_call_without_a_progress_token_hears_no_progress() -> anyhow::Result<(
 }
 
 #[tokio::test]
+async fn a_flood_of_upstream_list_changes_reaches_listeners_a_few_times_not_each_time(
+) -> anyhow::Result<()> {
+    // Every tenant's changes share one feed that wakes every open session: an upstream
+    // sending change after change is told to them at most every 100 ms, the last change
+    // included.
+    let (upstream, gw, mcp) = raw_tenant().await?;
+    let got = mcp.session_less(1, "tools/list", json!({})).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    let filter = json!({"notifications": {"toolsListChanged": true}});
+    let mut stream = mcp
+        .session_less_stream(2, "subscriptions/listen", filter)
+        .await?;
+    stream
+        .next_message(Duration::from_secs(5))
+        .await?
+        .context("no acknowledgment")?;
+    let flood = Instant::now();
+    for _ in 0..200 {
+        upstream.set_tools_changed().await;
+    }
+    let flooded_for = flood.elapsed();
+    let mut heard = 0;
+    while let Ok(Some(message)) = stream.next_message(Duration::from_millis(1500)).await {
+        assert_eq!(
+            message["method"], "notifications/tools/list_changed",
+            "{message}"
+        );
+        heard += 1;
+    }
+    // One at once, then at most one per 100 ms of the flood, and one more after it.
+    let most = 2 + flooded_for.as_millis() / 100;
+    assert!(
+        heard >= 1 && heard <= most as usize,
+        "{heard} notifications for 200 changes in {flooded_for:?}"
+    );
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_session_less_listener_hears_tool_list_changes_and_ends_with_the_drain(
 ) -> anyhow::Result<()> {
     const WAIT: Duration = Duration::from_secs(5);

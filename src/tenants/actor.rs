@@ -24,6 +24,9 @@ use crate::audit::{append_within, AuditWriter, ATTEMPT};
 use crate::store::{SharedStore, TenantRecord};
 use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
 
+/// How often a tenant's tool-list changes reach this replica's MCP sessions at most.
+const TELL_EVERY: Duration = Duration::from_millis(100);
+
 pub struct TenantActor;
 
 pub struct TenantArgs {
@@ -112,6 +115,8 @@ pub struct TenantState {
     audit_queue: AuditWriter,
     /// Tool-list change announcements to the other replicas, one in flight at a time.
     announcing: Coalesced,
+    /// The same to this replica's sessions (see `tell_tool_change`).
+    telling: Coalesced,
     ticker: tokio::task::JoinHandle<()>,
     lane: Arc<Lane>,
     /// What the lane shows now (generation, tool list, limiter), to publish only changes.
@@ -193,6 +198,7 @@ impl Actor for TenantActor {
             audit_write: None,
             audit_queue: args.audit,
             announcing: Coalesced::default(),
+            telling: Coalesced::default(),
             ticker,
             lane: args.lane,
             lane_shows: None,
@@ -711,9 +717,19 @@ impl TenantState {
     }
 
     /// Tells the tenant's MCP sessions on this replica (the process's tool-change feed) and
-    /// on the other replicas (see `announce_tool_change`) that its tool list changed.
+    /// on the other replicas (see `announce_tool_change`) that its tool list changed. The
+    /// feed is every tenant's: this replica's sessions are told at most every
+    /// [`TELL_EVERY`], changes heard meanwhile folded into one more, so that an upstream
+    /// sending change after change does not wake every session of every tenant for each.
     fn tell_tool_change(&self) {
-        self.changes.publish_tools_changed(&self.tenant_id);
+        let (changes, tenant_id) = (self.changes.clone(), self.tenant_id.clone());
+        self.telling.ask(move || {
+            let (changes, tenant_id) = (changes.clone(), tenant_id.clone());
+            async move {
+                changes.publish_tools_changed(&tenant_id);
+                tokio::time::sleep(TELL_EVERY).await;
+            }
+        });
         self.announce_tool_change();
     }
 
