@@ -65,22 +65,41 @@ impl AuditBudget {
     }
 }
 
-/// An event's size in memory, near enough: the record, its text and its detail as JSON.
+/// An event's size in memory, near enough: the record, its text, and its detail as the
+/// tree of values it is (a number in an array costs a whole value, not its digits).
 fn held_bytes(event: &AuditRecord) -> usize {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
     std::mem::size_of::<AuditRecord>()
-        + event.id.len()
-        + event.action.len()
-        + event.actor.len()
-        + event.outcome.len()
+        + event.id.capacity()
+        + event.action.capacity()
+        + event.actor.capacity()
+        + event.outcome.capacity()
         + text(&event.tenant_id)
         + text(&event.request_id)
         + text(&event.tool)
-        + event
-            .detail
-            .as_ref()
-            .and_then(crate::audit::json_len)
-            .map_or(0, |n| n as usize)
+        + event.detail.as_ref().map_or(0, value_bytes)
+}
+
+/// What a JSON value takes in memory: itself, and what it owns. An object's entry is
+/// reckoned at its key, its value and as much again as a value for the map's own node.
+fn value_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    const VALUE: usize = std::mem::size_of::<Value>();
+    VALUE
+        + match value {
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+            Value::String(s) => s.capacity(),
+            Value::Array(items) => {
+                (items.capacity() - items.len()) * VALUE
+                    + items.iter().map(value_bytes).sum::<usize>()
+            }
+            Value::Object(map) => map
+                .iter()
+                .map(|(key, value)| {
+                    std::mem::size_of::<String>() + key.capacity() + VALUE + value_bytes(value)
+                })
+                .sum(),
+        }
 }
 
 pub struct AuditBuffer {
@@ -177,28 +196,26 @@ impl AuditBuffer {
     }
 
     pub fn append(&self, event: AuditRecord) -> Appended {
+        // Reckoned before the lock: it walks the event's detail.
+        let bytes = held_bytes(&event);
         let mut state = self.lock();
         if state.closed {
             drop(state);
             self.writer.queue(event);
             return Appended::HandedOver;
         }
-        // Counted under the lock, before a write can take the event and count it written.
-        if state.events.len() >= self.capacity {
-            self.drop_oldest(&mut state);
-        }
-        let bytes = held_bytes(&event);
-        // What this tenant could free, with what is free, must hold the event; else its
-        // own events are not dropped for nothing.
-        if state.bytes + self.budget.free() < bytes {
-            crate::metrics::audit_dropped(1);
-            return Appended::Dropped;
-        }
+        // Room in bytes first: this tenant's oldest go while what it holds, with what is
+        // free, could still make room; else the new event goes, and none of the old for
+        // nothing.
         while !self.budget.take(bytes) {
-            if !self.drop_oldest(&mut state) {
+            if state.bytes + self.budget.free() < bytes || !self.drop_oldest(&mut state) {
                 crate::metrics::audit_dropped(1);
                 return Appended::Dropped;
             }
+        }
+        // Counted under the lock, before a write can take the event and count it written.
+        if state.events.len() >= self.capacity {
+            self.drop_oldest(&mut state);
         }
         crate::metrics::audit_pending(1);
         state.bytes += bytes;
@@ -370,6 +387,16 @@ mod tests {
         let mut event = event(n);
         event.detail = Some(serde_json::json!({ "arguments": { "text": "a".repeat(4096) } }));
         event
+    }
+
+    #[test]
+    fn an_events_detail_is_reckoned_as_the_values_it_holds() {
+        let mut held = event(1);
+        let plain = held_bytes(&held);
+        // About 2,000 bytes as JSON, a thousand values in memory.
+        held.detail = Some(serde_json::json!({ "arguments": { "a": vec![0; 1000] } }));
+        let values = 1000 * std::mem::size_of::<serde_json::Value>();
+        assert!(held_bytes(&held) - plain >= values, "{}", held_bytes(&held));
     }
 
     #[tokio::test]

@@ -4,8 +4,10 @@
 //! call succeeds, and nothing above the transport hears of it. But the new session may
 //! serve another tool list (an upstream redeployed), which nobody announces. So the
 //! session's HTTP client is [`RenewalWatch`]: reqwest's, unchanged, except that every
-//! `initialize` after the connection's first that the upstream accepts is told to the tenant
-//! ([`UpstreamEvent::SessionRenewed`]), which checks its tool list again.
+//! `notifications/initialized` after the connection's first that the upstream accepts is
+//! told to the tenant ([`UpstreamEvent::SessionRenewed`]), which checks its tool list
+//! again. rmcp sends that notification only once an `initialize` succeeded, so a renewal
+//! that failed is not told.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,7 +16,7 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 use http::{HeaderName, HeaderValue};
-use rmcp::model::{ClientJsonRpcMessage, ClientRequest, JsonRpcMessage};
+use rmcp::model::{ClientJsonRpcMessage, ClientNotification, JsonRpcMessage};
 use rmcp::transport::streamable_http_client::{
     SseError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
     StreamableHttpResponseLimits,
@@ -30,7 +32,8 @@ type PostResult = Result<StreamableHttpPostResponse, StreamableHttpError<reqwest
 #[derive(Clone)]
 pub(super) struct RenewalWatch {
     http: reqwest::Client,
-    /// Whether the connection's own `initialize` has gone out: any later one is a renewal.
+    /// Whether the connection's own `notifications/initialized` has gone out: any later one
+    /// ends a renewal.
     initialized: Arc<AtomicBool>,
     events: mpsc::Sender<UpstreamEvent>,
 }
@@ -44,14 +47,15 @@ impl RenewalWatch {
         }
     }
 
-    /// Whether `message` renews the session: an `initialize` after the first.
+    /// Whether `message` ends a renewal of the session: `notifications/initialized` after
+    /// the first.
     fn renews(&self, message: &ClientJsonRpcMessage) -> bool {
-        let initialize = matches!(
+        let initialized = matches!(
             message,
-            JsonRpcMessage::Request(request)
-                if matches!(request.request, ClientRequest::InitializeRequest(_))
+            JsonRpcMessage::Notification(notification)
+                if matches!(notification.notification, ClientNotification::InitializedNotification(_))
         );
-        initialize && self.initialized.swap(true, Ordering::AcqRel)
+        initialized && self.initialized.swap(true, Ordering::AcqRel)
     }
 
     /// Passes `posted` on; a renewal the upstream accepted is told to the tenant first.
