@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::database::FreshDatabase;
+use common::database::{wait_for_lock_waiter, FreshDatabase};
 use common::upstream::TestUpstream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -240,25 +240,7 @@ async fn an_audit_event_the_database_holds_up_at_the_stop_is_said_lost_before_th
     locker
         .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'audit_events' AND NOT l.granted",
-                &[],
-            )
-            .await?
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no audit retry waited for the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_lock_waiter(&db, "audit_events").await?;
 
     sigterm(child.id().context("pid")?).await?;
     let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await;

@@ -23,6 +23,22 @@ async fn tenant_on(gw: &TestGateway, upstream_url: &str) -> anyhow::Result<Creat
     .await
 }
 
+/// A gateway with one tenant on a fresh [`TestUpstream`], and an rmcp client session of
+/// that tenant, with what wakes on its `list_changed`.
+async fn session_on_a_new_tenant() -> anyhow::Result<(
+    TestUpstream,
+    TestGateway,
+    CreatedTenant,
+    common::mcp_client::McpClient,
+    std::sync::Arc<tokio::sync::Notify>,
+)> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = tenant_on(&gw, &upstream.url).await?;
+    let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    Ok((upstream, gw, tenant, client, changed))
+}
+
 fn mcp_url(gw: &TestGateway, tenant: &str) -> String {
     gw.url(&format!("/mcp/{tenant}"))
 }
@@ -175,10 +191,7 @@ type Refusal<'a> = (&'a str, Vec<(&'a str, &'a str)>, StatusCode, &'a str);
 async fn a_drain_lets_the_calls_of_open_sessions_answer() -> anyhow::Result<()> {
     // In a session the answer to a call streams after rmcp's handler returns: the drain
     // must wait for it to be sent, not only for the call, before it ends the sessions.
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let tenant = tenant_on(&gw, &upstream.url).await?;
-    let (client, _) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    let (upstream, gw, _, client, _) = session_on_a_new_tenant().await?;
     let calls: Vec<_> = (0..5)
         .map(|_| {
             let peer = client.peer().clone();
@@ -492,10 +505,7 @@ async fn a_session_hears_of_the_tools_of_its_tenants_new_upstream() -> anyhow::R
 
 #[tokio::test]
 async fn a_tool_name_past_its_bound_is_an_invalid_params_error() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let tenant = tenant_on(&gw, &upstream.url).await?;
-    let (client, _) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    let (upstream, gw, _, client, _) = session_on_a_new_tenant().await?;
     let refused = client
         .peer()
         .call_tool(CallToolRequestParams::new("x".repeat(513)))
@@ -510,10 +520,7 @@ async fn a_tool_name_past_its_bound_is_an_invalid_params_error() -> anyhow::Resu
 
 #[tokio::test]
 async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let tenant = tenant_on(&gw, &upstream.url).await?;
-    let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
+    let (upstream, gw, _, client, changed) = session_on_a_new_tenant().await?;
     assert_eq!(
         tool_names(&client).await?,
         ["add", "echo", "fail", "progress", "sleep", "whoami"]

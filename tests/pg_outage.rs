@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::database::wait_for_listeners;
+use common::database::{wait_for_listeners, wait_for_lock_waiter};
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use common::private_postgres::PrivatePostgres;
 use common::upstream::TestUpstream;
@@ -359,25 +359,7 @@ async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
     let (locker, watcher) = (locking(&url, "audit_events").await?, connect(&url).await?);
     let served = echo_calls(&gw, &tenant, "stop", 3).await?;
     // The actor's next tick sends a batch, which waits for the lock.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'audit_events' AND NOT l.granted",
-                &[],
-            )
-            .await?
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no audit write waited for the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_lock_waiter(&watcher, "audit_events").await?;
 
     let (addr, _database) = (gw.addr, gw.store.clone());
     let stopping = tokio::spawn(gw.stop());

@@ -1003,6 +1003,26 @@ async fn redeploy_unannounced(upstream: &TestUpstream) -> anyhow::Result<()> {
     upstream.restart().await
 }
 
+/// Lists the tenant's tools until the list has the redeployed upstream's tool (see
+/// [`redeploy_unannounced`]); fails at `deadline`.
+async fn lists_redeployed_by(
+    gw: &TestGateway,
+    t: &CreatedTenant,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        let (_, _, listed) = gw.tool(t, json!({"method": "listTools"})).await?;
+        if tool_names(&listed).contains(&"redeployed".to_owned()) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the old session's list still serves: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::Result<()> {
     // The upstream goes away (a call fails on it, and the tenant drops the connection),
@@ -1029,17 +1049,7 @@ async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::R
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    loop {
-        let (_, _, listed) = gw.tool(&t, json!({"method": "listTools"})).await?;
-        if tool_names(&listed).contains(&"redeployed".to_owned()) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the old session's list still serves: {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    lists_redeployed_by(&gw, &t, deadline).await?;
     gw.stop().await
 }
 
@@ -1082,18 +1092,7 @@ async fn a_session_the_upstream_renewed_by_itself_checks_the_tool_list_again() -
         StatusCode::OK,
         "the call is served on a new session: {body}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, listed) = gw.tool(&t, json!({"method": "listTools"})).await?;
-        if tool_names(&listed).contains(&"redeployed".to_owned()) {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the old session's list still serves: {listed}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    lists_redeployed_by(&gw, &t, Instant::now() + Duration::from_secs(10)).await?;
     tokio::time::timeout(Duration::from_secs(5), heard.notified())
         .await
         .context("the MCP session was not told of the new list")?;

@@ -69,6 +69,30 @@ impl Drop for FreshDatabase {
     }
 }
 
+/// Waits (up to 10 s) until some statement on `db`'s database waits for a lock on `table`
+/// (one that a test's transaction holds).
+pub async fn wait_for_lock_waiter(db: &tokio_postgres::Client, table: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = $1 AND NOT l.granted",
+                &[&table],
+            )
+            .await?
+            .get(0);
+        if waiting > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "nothing waited for the lock on {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits (bounded by `within`) until at least `replicas` gateways' fleet listeners hold
 /// their LISTEN session on the database at `url`; the listeners' backend pids.
 pub async fn wait_for_listeners(
