@@ -131,12 +131,10 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
     // Both kinds of request are in the tenant's audit trail, as REST ones are, read by a
     // gateway started again on the same store (the drain flushed the actor's buffer).
     let gw = gw.restart().await?;
-    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
     let (status, _, audit) = gw
-        .send(
+        .send_as_admin(
             Method::GET,
             &format!("/api/tenants/{}/audit", tenant.id),
-            &[("authorization", &admin)],
             None,
         )
         .await?;
@@ -482,12 +480,10 @@ async fn a_session_hears_of_the_tools_of_its_tenants_new_upstream() -> anyhow::R
     let tenant = tenant_on(&gw, &upstream.url).await?;
     let (client, changed) = connect(&mcp_url(&gw, &tenant.id), &tenant.api_key).await?;
     assert!(!tool_names(&client).await?.contains(&"extra".to_owned()));
-    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
     let (status, _, body) = gw
-        .send(
+        .send_as_admin(
             Method::PATCH,
             &format!("/api/tenants/{}", tenant.id),
-            &[("authorization", &admin)],
             Some(json!({"upstreamUrl": other.url})),
         )
         .await?;
@@ -708,12 +704,10 @@ async fn a_listen_stream_that_accepts_nothing_ends_when_its_tenant_changes() -> 
         .next_message(Duration::from_secs(5))
         .await?
         .context("no acknowledgment")?;
-    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
     let (status, _, rotated) = gw
-        .send(
+        .send_as_admin(
             Method::POST,
             &format!("/api/tenants/{}/api-key", t.id),
-            &[("authorization", &admin)],
             None,
         )
         .await?;

@@ -73,14 +73,8 @@ async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedT
 async fn flow_survives_restart(first: TestGateway) -> anyhow::Result<()> {
     let tenant = curl_flow(&first).await?;
     let second = first.restart().await?;
-    let admin = bearer(second.config.admin_api_key.expose());
     let (status, _, body) = second
-        .send(
-            Method::GET,
-            &format!("/api/tenants/{}", tenant.id),
-            &[("authorization", &admin)],
-            None,
-        )
+        .send_as_admin(Method::GET, &format!("/api/tenants/{}", tenant.id), None)
         .await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["tenantId"], tenant.id.as_str());

@@ -1053,17 +1053,32 @@ async fn a_new_upstream_session_checks_the_cached_tool_list_again() -> anyhow::R
     gw.stop().await
 }
 
+/// A connected tenant whose tool list is cached and one of whose MCP sessions is open,
+/// after its upstream was redeployed unannounced; what wakes on that session's
+/// `list_changed`.
+async fn redeployed_under_a_session() -> anyhow::Result<(
+    TestUpstream,
+    TestGateway,
+    CreatedTenant,
+    Value,
+    common::mcp_client::McpClient,
+    std::sync::Arc<tokio::sync::Notify>,
+)> {
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
+    let mcp = gw.url(&format!("/mcp/{}", t.id));
+    let (session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
+    redeploy_unannounced(&upstream).await?;
+    Ok((upstream, gw, t, echo, session, heard))
+}
+
 #[tokio::test]
 async fn a_refresh_that_finds_another_list_tells_the_tenants_mcp_sessions() -> anyhow::Result<()> {
     // The upstream's tools change and nobody is told (it restarted with no sessions). A
     // refresh finds the new list: the tenant's MCP sessions must hear of it, as they do of
     // a change the upstream announces.
-    let (upstream, gw, t, _) = connected_tenant().await?;
-    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
-    assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
-    let mcp = gw.url(&format!("/mcp/{}", t.id));
-    let (_session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
-    redeploy_unannounced(&upstream).await?;
+    let (_upstream, gw, t, _, _session, heard) = redeployed_under_a_session().await?;
     let (status, _, refreshed) = gw.tool(&t, json!({"method": "refreshTools"})).await?;
     assert_eq!(status, StatusCode::OK, "{refreshed}");
     assert!(tool_names(&refreshed).contains(&"redeployed".to_owned()));
@@ -1080,12 +1095,7 @@ async fn a_session_the_upstream_renewed_by_itself_checks_the_tool_list_again() -
     // tenant's session, and rmcp opens a new one inside the same connection when the next
     // call meets the 404. The list cached from the old session must not serve for the rest
     // of its TTL, and the tenant's MCP sessions hear of the change.
-    let (upstream, gw, t, echo) = connected_tenant().await?;
-    let (_, _, before) = gw.tool(&t, json!({"method": "listTools"})).await?;
-    assert!(!tool_names(&before).contains(&"redeployed".to_owned()));
-    let mcp = gw.url(&format!("/mcp/{}", t.id));
-    let (_session, heard) = common::mcp_client::connect(&mcp, &t.api_key).await?;
-    redeploy_unannounced(&upstream).await?;
+    let (_upstream, gw, t, echo, _session, heard) = redeployed_under_a_session().await?;
     let (status, _, body) = gw.tool(&t, echo).await?;
     assert_eq!(
         status,

@@ -108,6 +108,18 @@ impl TestGateway {
         format!("{}{}", self.base, path)
     }
 
+    /// [`Self::send`] with the operator's key as the bearer, and no other header.
+    pub async fn send_as_admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
+        let admin = format!("Bearer {}", self.config.admin_api_key.expose());
+        self.send(method, path, &[("authorization", &admin)], body)
+            .await
+    }
+
     /// Sends a request; returns status, headers and the JSON body (Null when empty).
     pub async fn send(
         &self,
@@ -160,14 +172,8 @@ impl TestGateway {
     /// Creates a tenant with `body` (as an admin), and nothing more: its id and API key,
     /// which nothing has used yet (no token fetched, so no credential cached).
     pub async fn register_tenant(&self, body: Value) -> anyhow::Result<(String, String)> {
-        let admin = format!("Bearer {}", self.config.admin_api_key.expose());
         let (status, _, created) = self
-            .send(
-                Method::POST,
-                "/api/tenants",
-                &[("authorization", &admin)],
-                Some(body),
-            )
+            .send_as_admin(Method::POST, "/api/tenants", Some(body))
             .await?;
         anyhow::ensure!(status == StatusCode::CREATED, "create: {status} {created}");
         let id = created["tenantId"].as_str().context("tenantId")?.to_owned();
