@@ -1044,3 +1044,113 @@ async fn a_session_less_listener_hears_tool_list_changes_and_ends_with_the_drain
     while stream.next_message(WAIT).await?.is_some() {}
     Ok(())
 }
+
+fn is_json(got: &Raw) -> bool {
+    got.headers
+        .get("content-type")
+        .is_some_and(|t| t == "application/json")
+}
+
+#[tokio::test]
+async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
+) -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("session opens");
+    let got = mcp
+        .in_session(
+            &id,
+            &tool_call(2, json!({"name": "echo", "arguments": {"text": "hi"}})),
+        )
+        .await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(
+        is_json(&got),
+        "served without an event stream: {:?}",
+        got.headers
+    );
+    assert_eq!(got.answer()["id"], 2, "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["content"][0]["text"],
+        "hi",
+        "{}",
+        got.text
+    );
+    assert_eq!(got.answer()["result"]["isError"], false, "{}", got.text);
+    // Errors are rmcp's handler's: an unknown tool is invalid params, by the same id.
+    let got = mcp
+        .in_session(&id, &tool_call(3, json!({"name": "no-such-tool"})))
+        .await?;
+    assert!(is_json(&got), "{:?}", got.headers);
+    assert_eq!(got.answer()["id"], 3, "{}", got.text);
+    assert_eq!(got.answer()["error"]["code"], -32602, "{}", got.text);
+    // Another tenant cannot call in this session.
+    let other = tenant_on(&gw, &upstream.url).await?;
+    let echo_call = tool_call(4, json!({"name": "echo", "arguments": {"text": "x"}}));
+    let got = raw_mcp(&gw, &other).in_session(&id, &echo_call).await?;
+    assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
+
+    // A call the client cancels is cancelled upstream, and answered as cancelled.
+    let slow = {
+        let mcp = raw_mcp(&gw, &t);
+        let (id, call) = (
+            id.clone(),
+            tool_call(5, json!({"name": "sleep", "arguments": {"ms": 20_000}})),
+        );
+        tokio::spawn(async move { mcp.in_session(&id, &call).await })
+    };
+    // The echo, then the sleep (the unknown tool and the other tenant's call reach no one).
+    upstream.wait_for_calls(2).await?;
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": 5, "reason": "changed my mind"}});
+    let got = mcp.in_session(&id, &cancel).await?;
+    assert_eq!(got.status, StatusCode::ACCEPTED, "{}", got.text);
+    upstream.wait_for_cancellations(1).await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), slow).await???;
+    assert_eq!(got.answer()["id"], 5, "{}", got.text);
+    let message = got.answer()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("cancelled by the client"), "{}", got.text);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_session_idle = Duration::from_secs(2);
+    let gw = TestGateway::start_with(config).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("session opens");
+    // The session's own stream ends when its session closes (rmcp closes an idle one; a
+    // later request would rebuild it from its id, and the client would not notice).
+    let stream = mcp.session_stream(&id).await?;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.bytes_stream();
+    let closed = tokio::spawn(async move { while let Some(Ok(_)) = body.next().await {} });
+    // Calls for twice the idle timeout: rmcp's idle timer restarts only on the requests it
+    // sees, so some of these must reach it.
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut n = 1;
+    while Instant::now() < until {
+        n += 1;
+        let call = tool_call(
+            n,
+            json!({"name": "echo", "arguments": {"text": "still here"}}),
+        );
+        let got = mcp.in_session(&id, &call).await?;
+        assert_eq!(got.status, StatusCode::OK, "call {n}: {}", got.text);
+        assert_eq!(got.answer()["result"]["content"][0]["text"], "still here");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(!closed.is_finished(), "the session idled out while in use");
+    // Quiet for longer than the timeout, it does close.
+    tokio::time::timeout(Duration::from_secs(5), closed).await??;
+    gw.stop().await
+}

@@ -20,11 +20,13 @@ use tracing::Instrument;
 
 use rmcp::model::{InitializeRequestParams, ProtocolVersion};
 
+use super::fast_path::{self, FastPath};
 use super::sealed::{self, SessionSeal, CLOCK_SKEW_ALLOWED, SESSION_ID_LIFETIME};
 use super::sessions::{self, with_pending, LimitError, Pending, Reservation, SessionLimits};
-use crate::auth::{Authenticator, TenantCredentials};
+use crate::auth::{AuthContext, Authenticator, TenantCredentials};
 use crate::http::error::{ApiError, ErrorReport};
 use crate::http::extract::{api_key_header, bearer, ApiPath};
+use crate::http::middleware::RequestId;
 
 /// What the gate needs: the credential checker, the session bounds, the session id seal,
 /// the body limit.
@@ -43,6 +45,11 @@ pub struct Gate {
     pub lifecycle: Arc<crate::shutdown::Lifecycle>,
     /// The tenants' rate limits, which an `initialize` spends from.
     pub tenants: crate::tenants::runtime::TenantRuntime,
+    /// Plain `tools/call`s in sessions open here, served without rmcp.
+    pub fast: Arc<FastPath>,
+    /// Half the sessions' idle timeout: the fast path serves a session's calls only while
+    /// rmcp has seen one of its requests within it.
+    pub fast_within: std::time::Duration,
 }
 
 const SESSION_HEADER: &str = "mcp-session-id";
@@ -166,6 +173,7 @@ async fn with_session(
             return end(gate, sessions::digest(id), req, next).await;
         }
         let post = req.method() == Method::POST;
+        gate.limits.seen_by_rmcp(id);
         return Ok(answered(gate, post, next.run(req).await));
     }
     let digest = sessions::digest(id);
@@ -303,8 +311,23 @@ async fn post_in_session(
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let (req, opening) = read_opening(gate, req).await?;
-    match opening {
+    let (mut req, body) = read_body(gate, req).await?;
+    if fast_path::headers_allow(req.headers())
+        && gate.limits.serves_itself(id, tenant_id, gate.fast_within)
+    {
+        if let Some(call) = fast_path::call_in(&body) {
+            let request_id = req.extensions().get::<RequestId>().cloned();
+            let context = req.extensions_mut().remove::<AuthContext>();
+            drop(req);
+            let Some(context) = context else {
+                return Err(ApiError::Internal("no tenant for an MCP call".into()));
+            };
+            let held = gate.lifecycle.begin_request();
+            let response = gate.fast.serve(id, context, request_id, call).await;
+            return Ok(hold_until_sent(response, held));
+        }
+    }
+    match opening(&body) {
         // rmcp takes a listen without 2026-07-28 `_meta` into the session it names: that
         // session is another tenant's no more here than anywhere.
         Opening::Listen
@@ -316,20 +339,36 @@ async fn post_in_session(
             Err(no_session())
         }
         Opening::Listen => listen(gate, tenant_id, req, next).await,
+        Opening::Cancel(request_id) => {
+            // For a call the fast path serves; rmcp ignores an id it does not know.
+            if gate
+                .limits
+                .owner(id)
+                .is_some_and(|owner| owner == tenant_id)
+            {
+                gate.fast.in_flight.cancel(id, request_id);
+            }
+            with_session(gate, tenant_id, id, req, next).await
+        }
         Opening::Session(_) | Opening::Nothing => {
             with_session(gate, tenant_id, id, req, next).await
         }
     }
 }
 
-/// The request, its body read (within `MAX_BODY_BYTES`), and what it opens.
-async fn read_opening(gate: &Gate, req: Request) -> Result<(Request, Opening), ApiError> {
+/// The request with its body read (within `MAX_BODY_BYTES`), and the body.
+async fn read_body(gate: &Gate, req: Request) -> Result<(Request, Bytes), ApiError> {
     let (parts, body) = req.into_parts();
     let bytes = axum::body::to_bytes(body, gate.max_body_bytes)
         .await
         .map_err(unread_body)?;
-    let opening = opening(&bytes);
-    Ok((Request::from_parts(parts, Body::from(bytes)), opening))
+    Ok((Request::from_parts(parts, Body::from(bytes.clone())), bytes))
+}
+
+/// The request, its body read (within `MAX_BODY_BYTES`), and what it opens.
+async fn read_opening(gate: &Gate, req: Request) -> Result<(Request, Opening), ApiError> {
+    let (req, body) = read_body(gate, req).await?;
+    Ok((req, opening(&body)))
 }
 
 /// 413 for a body over `MAX_BODY_BYTES`; 400 for one that could not be read (cut off).
@@ -367,7 +406,7 @@ async fn post_without_session(
 ) -> Result<Response, ApiError> {
     let (req, opening) = read_opening(gate, req).await?;
     match opening {
-        Opening::Nothing => Ok(answered(gate, true, next.run(req).await)),
+        Opening::Nothing | Opening::Cancel(_) => Ok(answered(gate, true, next.run(req).await)),
         Opening::Session(params) => {
             if !sealed::params_fit(&params) {
                 return Err(ApiError::invalid_request(format!(
@@ -390,6 +429,8 @@ enum Opening {
     Session(Box<InitializeRequestParams>),
     /// `subscriptions/listen`: a stream open until the client or the gateway ends it.
     Listen,
+    /// `notifications/cancelled` of the request with this id.
+    Cancel(rmcp::model::RequestId),
     /// Anything else (or no JSON-RPC request at all: rmcp answers that).
     Nothing,
 }
@@ -409,6 +450,10 @@ fn opening(body: &Bytes) -> Opening {
     struct Initialize {
         params: InitializeRequestParams,
     }
+    #[derive(serde::Deserialize)]
+    struct Cancelled {
+        params: rmcp::model::CancelledNotificationParam,
+    }
     let Ok(probe) = serde_json::from_slice::<Probe>(body) else {
         return Opening::Nothing;
     };
@@ -418,6 +463,10 @@ fn opening(body: &Bytes) -> Opening {
                 Opening::Session(Box::new(init.params))
             }),
         (Some("subscriptions/listen"), Some(_)) => Opening::Listen,
+        (Some("notifications/cancelled"), None) => serde_json::from_slice::<Cancelled>(body)
+            .ok()
+            .and_then(|cancelled| cancelled.params.request_id)
+            .map_or(Opening::Nothing, Opening::Cancel),
         _ => Opening::Nothing,
     }
 }

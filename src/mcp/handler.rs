@@ -4,12 +4,12 @@
 //! asks the tenant runtime, so the same actor, limits and audit serve REST and MCP.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams,
-    InitializeResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
-    SubscriptionFilter,
+    CallToolRequestParams, CallToolResponse, CallToolResult, Implementation,
+    InitializeRequestParams, InitializeResult, ListToolsResult, PaginatedRequestParams,
+    ServerCapabilities, ServerConfig, SubscriptionFilter,
 };
 use rmcp::service::{RequestContext, SubscriptionContext};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -19,11 +19,13 @@ use super::errors::{call_error, no_tenant};
 use super::notify::{self, Forwarder};
 use super::progress::{run_relaying, ProgressRelay};
 use crate::audit;
+use crate::audit::pending::PendingCall;
 use crate::auth::AuthContext;
 use crate::http::middleware::RequestId;
 use crate::shutdown::Lifecycle;
 use crate::tenants::messages::LONGEST_TOOL_NAME;
 use crate::tenants::runtime::TenantRuntime;
+use crate::upstream::ProgressSink;
 
 /// Tools per `tools/list` page; a longer list is paged with an opaque cursor.
 pub const PAGE_SIZE: usize = 100;
@@ -38,8 +40,16 @@ pub struct TenantMcp {
     /// The session's notification forwarder; dropped (and stopped) with this handler at
     /// the session's end. `None` until `initialize`: session-less requests get none.
     forwarder: Mutex<Option<Forwarder>>,
+    settings: CallSettings,
+}
+
+/// How this process serves every MCP tool call (from its configuration).
+#[derive(Clone, Copy, Debug)]
+pub struct CallSettings {
     /// `AUDIT_ARGUMENTS`: whether tool arguments go into the audit event.
-    audit_arguments: bool,
+    pub audit_arguments: bool,
+    /// `REQUEST_TIMEOUT_MS`: a call dropped past it was cut off by the timeout (audited so).
+    pub request_timeout: Duration,
 }
 
 impl TenantMcp {
@@ -47,14 +57,14 @@ impl TenantMcp {
         runtime: TenantRuntime,
         lifecycle: Arc<Lifecycle>,
         sessions: CancellationToken,
-        audit_arguments: bool,
+        settings: CallSettings,
     ) -> Self {
         Self {
             runtime,
             lifecycle,
             sessions,
             forwarder: Mutex::new(None),
-            audit_arguments,
+            settings,
         }
     }
 }
@@ -172,49 +182,77 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let ctx = tenant_of(&context)?;
-        if request.name.len() > LONGEST_TOOL_NAME {
-            return Err(ErrorData::invalid_params(
-                format!("the tool name is longer than {LONGEST_TOOL_NAME} bytes"),
-                None,
-            ));
-        }
-        let started = Instant::now();
-        let request_bytes = request.arguments.as_ref().and_then(audit::json_len);
-        let arguments = self
-            .audit_arguments
-            .then(|| request.arguments.clone())
-            .flatten();
-        let (sink, relay) = ProgressRelay::for_request(&context);
-        let call = self
-            .runtime
-            .call_tool(&ctx.tenant, &request.name, request.arguments, sink);
-        // A client's `notifications/cancelled` cancels `ct`; dropping the call cancels it
-        // upstream too (the upstream client's drop guard).
-        let result = run_relaying(call, relay, &context.ct)
-            .await
-            .unwrap_or_else(|| {
-                Err(crate::tenants::messages::CallError::Upstream(
-                    "cancelled by the client".into(),
-                ))
-            });
-        let result = result.map(|mut r| {
-            r.is_error.get_or_insert(false);
-            r
-        });
-        let event = audit::call_event(audit::CallFacts {
-            tenant_id: &ctx.tenant_id,
-            action: "tool.call",
-            tool: Some(&request.name),
-            arguments,
-            request_id: request_id_of(&context).as_deref(),
-            outcome: audit::call_outcome(result.as_ref().map(|r| r.is_error.unwrap_or(false))),
-            started,
-            request_bytes,
-            response_bytes: result.as_ref().ok().and_then(audit::json_len),
-        });
-        self.runtime.audit(&ctx.tenant_id, event);
-        result.map(CallToolResponse::from).map_err(call_error)
+        let request_id = context
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|parts| parts.extensions.get::<RequestId>());
+        let progress = ProgressRelay::for_request(&context);
+        serve_call(
+            &self.runtime,
+            ctx,
+            request_id,
+            request,
+            self.settings,
+            progress,
+            &context.ct,
+        )
+        .await
+        .map(CallToolResponse::from)
     }
+}
+
+/// One `tools/call` of the tenant in `ctx`, through the tenant runtime, with its audit
+/// event; for rmcp's handler and the gate's fast path ([`super::fast_path`]) alike.
+/// `progress` relays the upstream's progress (from [`ProgressRelay::for_request`]);
+/// `cancelled` is the client's `notifications/cancelled`.
+pub async fn serve_call(
+    runtime: &TenantRuntime,
+    ctx: &AuthContext,
+    request_id: Option<&RequestId>,
+    request: CallToolRequestParams,
+    settings: CallSettings,
+    (sink, relay): (Option<ProgressSink>, Option<ProgressRelay>),
+    cancelled: &CancellationToken,
+) -> Result<CallToolResult, ErrorData> {
+    if request.name.len() > LONGEST_TOOL_NAME {
+        return Err(ErrorData::invalid_params(
+            format!("the tool name is longer than {LONGEST_TOOL_NAME} bytes"),
+            None,
+        ));
+    }
+    let started = request_id.map_or_else(Instant::now, |id| id.started);
+    let mut pending = PendingCall::new(
+        runtime.clone(),
+        &ctx.tenant_id,
+        "tool.call",
+        request_id.map(|id| id.id.clone()),
+        started + settings.request_timeout,
+    );
+    pending.tool = Some(request.name.to_string());
+    pending.request_bytes = request.arguments.as_ref().and_then(audit::json_len);
+    pending.arguments = settings
+        .audit_arguments
+        .then(|| request.arguments.clone())
+        .flatten();
+    let call = runtime.call_tool(&ctx.tenant, &request.name, request.arguments, sink);
+    // A client's `notifications/cancelled` cancels `cancelled`; dropping the call cancels
+    // it upstream too (the upstream client's drop guard).
+    let result = run_relaying(call, relay, cancelled)
+        .await
+        .unwrap_or_else(|| {
+            Err(crate::tenants::messages::CallError::Upstream(
+                "cancelled by the client".into(),
+            ))
+        });
+    let result = result.map(|mut r| {
+        r.is_error.get_or_insert(false);
+        r
+    });
+    pending.write(
+        audit::call_outcome(result.as_ref().map(|r| r.is_error.unwrap_or(false))),
+        result.as_ref().ok().and_then(audit::json_len),
+    );
+    result.map_err(call_error)
 }
 
 /// One page of `tools`, starting at `cursor` (an offset this server handed out).

@@ -1,11 +1,13 @@
 //! The downstream MCP endpoint: each tenant's tools as an MCP server over Streamable HTTP
 //! at `/mcp/{tenantId}` (rmcp's server), through the same tenant actor, limits and audit
 //! as the REST route. The gate ([`gate`]) authenticates before rmcp sees a request; the
-//! handler ([`handler`]) reads the tenant from the request; [`sessions`] bounds sessions;
+//! handler ([`handler`]) reads the tenant from the request; the gate serves a session's
+//! plain `tools/call`s itself, without rmcp's server ([`fast_path`]); [`sessions`] bounds sessions;
 //! [`sealed`] puts each session's state in its id, so any replica serves any session.
 //! It does not talk to upstreams itself: `tenants::runtime` does.
 
 pub mod errors;
+pub mod fast_path;
 pub mod gate;
 pub mod handler;
 pub mod notify;
@@ -24,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::http::AppState;
 use crate::store::SharedStore;
 use crate::tenants::SessionEnd;
+use fast_path::FastPath;
 use gate::Gate;
-use handler::TenantMcp;
+use handler::{CallSettings, TenantMcp};
 use sealed::{SealedSessionStore, SessionSeal};
 use sessions::{BoundedSessions, SessionLimits};
 
@@ -47,6 +50,12 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         auth_limiter: state.auth_limiter.clone(),
         lifecycle: state.lifecycle.clone(),
         tenants: state.tenants.clone(),
+        fast: Arc::new(FastPath {
+            runtime: state.tenants.clone(),
+            settings: call_settings(config),
+            in_flight: Default::default(),
+        }),
+        fast_within: config.mcp_session_idle / 2,
     };
     let mut local = LocalSessionManager::default();
     // Idle sessions (no message for this long) end, and give their slot back.
@@ -129,17 +138,24 @@ fn service(state: &AppState, sessions: Arc<BoundedSessions>, seal: SessionSeal) 
     server_config.session_store = Some(Arc::new(SealedSessionStore::new(seal.clone())));
     let runtime = state.tenants.clone();
     let lifecycle = state.lifecycle.clone();
-    let audit_arguments = config.audit_arguments;
+    let settings = call_settings(config);
     StreamableHttpService::new(
         move || {
             Ok(TenantMcp::new(
                 runtime.clone(),
                 lifecycle.clone(),
                 sessions_token.clone(),
-                audit_arguments,
+                settings,
             ))
         },
         sessions,
         server_config,
     )
+}
+
+fn call_settings(config: &crate::config::Config) -> CallSettings {
+    CallSettings {
+        audit_arguments: config.audit_arguments,
+        request_timeout: config.request_timeout,
+    }
 }

@@ -18,7 +18,7 @@ use crate::upstream::ProgressSink;
 /// Upstream progress notifications one call may have queued for its client. Past this, the
 /// upstream side holds them in the call's own bounded route (`upstream::progress`), which
 /// drops and counts what does not fit rather than hold up the upstream connection.
-const QUEUE: usize = 32;
+pub const QUEUE: usize = 32;
 
 /// How long relaying one notification may wait for room on the client's stream. The call
 /// is not polled meanwhile (its progress is relayed in order, before its result); past it
@@ -55,15 +55,6 @@ impl ProgressRelay {
         (Some(sink), Some(relay))
     }
 
-    /// The upstream's notification with the client's token; progress, total and message
-    /// as the upstream sent them, its `_meta` (about the gateway's request) left out.
-    fn readdress(&self, update: ProgressNotificationParam) -> ProgressNotificationParam {
-        let mut relayed = ProgressNotificationParam::new(self.token.clone(), update.progress);
-        relayed.total = update.total;
-        relayed.message = update.message;
-        relayed
-    }
-
     async fn relay(&mut self, update: ProgressNotificationParam) {
         if self.stalled {
             crate::metrics::progress_dropped(1);
@@ -71,7 +62,10 @@ impl ProgressRelay {
         }
         // Advisory: a client gone away gets its result (or nothing) all the same, and one
         // that does not read its stream holds the call up once, for SEND at most.
-        let sent = tokio::time::timeout(SEND, self.peer.notify_progress(self.readdress(update)));
+        let sent = tokio::time::timeout(
+            SEND,
+            self.peer.notify_progress(readdressed(&self.token, update)),
+        );
         match sent.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "could not relay progress to the client"),
@@ -84,6 +78,18 @@ impl ProgressRelay {
             }
         }
     }
+}
+
+/// The upstream's notification with the client's `token`; progress, total and message as
+/// the upstream sent them, its `_meta` (about the gateway's request) left out.
+pub fn readdressed(
+    token: &ProgressToken,
+    update: ProgressNotificationParam,
+) -> ProgressNotificationParam {
+    let mut relayed = ProgressNotificationParam::new(token.clone(), update.progress);
+    relayed.total = update.total;
+    relayed.message = update.message;
+    relayed
 }
 
 /// Awaits `call` while relaying its progress (with a relay), or until `cancelled` (the

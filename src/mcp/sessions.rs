@@ -87,6 +87,9 @@ struct Owner {
     /// Ended by its client through another replica, and being closed here: the gate
     /// treats it as ended already rather than hand rmcp a session about to go.
     ending: bool,
+    /// When rmcp last saw a request of the session (its idle timer starts again from each):
+    /// calls the gate serves itself ([`super::fast_path`]) keep it alive only through this.
+    seen_by_rmcp: Instant,
 }
 
 /// The digest by which a session id is remembered and announced to the fleet: the id
@@ -142,6 +145,24 @@ impl SessionLimits {
         Some(owner.tenant.clone())
     }
 
+    /// Whether the gate may serve a request of session `id` itself ([`super::fast_path`]):
+    /// the session is open here for `tenant`, not ending, and rmcp saw one of its requests
+    /// less than `within` ago (so that its idle timer, which only rmcp's requests restart,
+    /// is far from running out).
+    pub fn serves_itself(&self, id: &str, tenant: &str, within: Duration) -> bool {
+        let state = self.lock();
+        state.owners.get(id).is_some_and(|owner| {
+            !owner.ending && owner.tenant == tenant && owner.seen_by_rmcp.elapsed() < within
+        })
+    }
+
+    /// Notes that a request of session `id` goes to rmcp (which restarts its idle timer).
+    pub fn seen_by_rmcp(&self, id: &str) {
+        if let Some(owner) = self.lock().owners.get_mut(id) {
+            owner.seen_by_rmcp = Instant::now();
+        }
+    }
+
     /// Remembers that the client ended the session whose id has `digest` (DELETE, here or
     /// through another replica), so this replica does not rebuild it from its id; returns
     /// the id of this replica's copy if one is still open, for the caller to close.
@@ -192,6 +213,7 @@ impl SessionLimits {
                 tenant,
                 digest,
                 ending: false,
+                seen_by_rmcp: Instant::now(),
             };
             state.owners.insert(id, owner);
         }

@@ -203,6 +203,17 @@ impl RawMcp {
         self.post(&headers, message).await
     }
 
+    /// The `GET` stream of session `id` (its server-initiated messages), as it answered.
+    pub async fn session_stream(&self, id: &str) -> anyhow::Result<reqwest::Response> {
+        let headers = [
+            ("authorization", self.auth.as_str()),
+            ("mcp-session-id", id),
+            ("mcp-protocol-version", SESSIONS),
+        ];
+        let req = request(&self.http, reqwest::Method::GET, &self.url, &headers, None);
+        Ok(req.send().await?)
+    }
+
     /// `DELETE` of session `id` sent with `MCP-Protocol-Version: version`.
     pub async fn delete_with_version(&self, id: &str, version: &str) -> anyhow::Result<Raw> {
         let headers = [

@@ -3,8 +3,6 @@
 //! called on the tenant's upstream with `params` as its arguments. The answer is the
 //! upstream's `CallToolResult` as it was sent (a tool error is still 200, `isError: true`).
 
-use std::time::Instant;
-
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::header;
@@ -14,12 +12,12 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::audit;
+use crate::audit::pending::PendingCall;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{MeasuredJson, Tenant};
 use crate::http::middleware::RequestId;
 use crate::http::AppState;
 use crate::tenants::messages::{CallError, LONGEST_TOOL_NAME};
-use crate::tenants::runtime::TenantRuntime;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub struct ToolRequest {
@@ -59,23 +57,21 @@ pub async fn call(
         }
         name => ("tool.call", Some(name.to_owned())),
     };
-    let pending = PendingAudit {
-        runtime: state.tenants.clone(),
-        tenant_id: tenant.id.clone(),
+    let mut pending = PendingCall::new(
+        state.tenants.clone(),
+        &tenant.id,
         action,
-        tool,
-        // Arguments reach the audit trail only when the operator asked (AUDIT_ARGUMENTS).
-        arguments: state
-            .config
-            .audit_arguments
-            .then(|| body.params.clone())
-            .flatten(),
-        request_id: request_id.id,
-        started: Instant::now(),
-        request_bytes: i64::try_from(bytes).ok(),
-        cut_off_at: request_id.started + state.config.request_timeout,
-        written: false,
-    };
+        Some(request_id.id),
+        request_id.started + state.config.request_timeout,
+    );
+    pending.tool = tool;
+    // Arguments reach the audit trail only when the operator asked (AUDIT_ARGUMENTS).
+    pending.arguments = state
+        .config
+        .audit_arguments
+        .then(|| body.params.clone())
+        .flatten();
+    pending.request_bytes = i64::try_from(bytes).ok();
     let result = match pending.tool.as_deref() {
         None => state
             .tenants
@@ -131,64 +127,5 @@ impl From<CallError> for ApiError {
             CallError::Busy { retry_after } => ApiError::TooManyInFlight { retry_after },
             CallError::RateLimited { retry_after } => ApiError::RateLimited { retry_after },
         }
-    }
-}
-
-/// The audit event of one REST tool request, written once: with its outcome when the
-/// handler answers, or, if the handler is dropped first, as a `timeout` when
-/// `REQUEST_TIMEOUT_MS` cut the request (the client was answered 504), else as an
-/// `upstream_error` that was cancelled (the client went away). Either way the call may have
-/// reached the upstream (which is told it was cancelled), so it is on record.
-struct PendingAudit {
-    runtime: TenantRuntime,
-    tenant_id: String,
-    action: &'static str,
-    tool: Option<String>,
-    arguments: Option<Map<String, Value>>,
-    request_id: String,
-    started: Instant,
-    request_bytes: Option<i64>,
-    /// When `REQUEST_TIMEOUT_MS` cuts the request off.
-    cut_off_at: Instant,
-    written: bool,
-}
-
-impl PendingAudit {
-    fn write(mut self, outcome: &'static str, response_bytes: Option<i64>) {
-        self.record(outcome, response_bytes);
-    }
-
-    fn record(&mut self, outcome: &'static str, response_bytes: Option<i64>) {
-        if std::mem::replace(&mut self.written, true) {
-            return;
-        }
-        let event = audit::call_event(audit::CallFacts {
-            tenant_id: &self.tenant_id,
-            action: self.action,
-            tool: self.tool.as_deref(),
-            arguments: self.arguments.take(),
-            request_id: Some(&self.request_id),
-            outcome,
-            started: self.started,
-            request_bytes: self.request_bytes,
-            response_bytes,
-        });
-        self.runtime.audit(&self.tenant_id, event);
-    }
-}
-
-impl Drop for PendingAudit {
-    fn drop(&mut self) {
-        // The timeout layer starts its timer after `RequestId::started` and fires no earlier
-        // than its deadline: a request it cut off is past `cut_off_at` here.
-        let timed_out = Instant::now() >= self.cut_off_at;
-        self.record(
-            if timed_out {
-                "timeout"
-            } else {
-                "upstream_error"
-            },
-            None,
-        );
     }
 }

@@ -1,0 +1,429 @@
+//! The fast path of a `tools/call` in a session open here: the gate serves it itself,
+//! through the same call, tenant runtime, limits and audit as rmcp's handler
+//! ([`super::handler::serve_call`]), and answers it with one JSON-RPC message as JSON, which
+//! MCP allows for any request and which clients must accept. It skips what rmcp's server
+//! costs every call in a session: the session worker, the service loop, a task per request
+//! and an SSE stream with its resumption cache (README, Performance: what it saved).
+//!
+//! Only the plainest call takes it; anything else goes to rmcp as before, which validates
+//! and answers it as it always did:
+//! - the session is open here, for the tenant that asks, and not ending; and rmcp saw one
+//!   of its requests less than half its idle timeout ago (a session's idle timer restarts
+//!   only on rmcp's requests, so the first call past that goes through rmcp);
+//! - the client accepts both answers' types and sends JSON (rmcp refuses anything else);
+//! - no `MCP-Protocol-Version`, or a known one with sessions (before 2026-07-28, so no
+//!   standard headers for rmcp to check against the body);
+//! - the body is one JSON-RPC 2.0 `tools/call` request with nothing in `_meta` but a
+//!   progress token (which rmcp's client sends with every request; no per-request protocol
+//!   version) and no multi-round-trip fields.
+//!
+//! Upstream progress for a client that asked for it turns the answer into an event stream
+//! (the progress, readdressed to the client's token, then the result), as rmcp's server
+//! does; a call with no progress before its result is answered with JSON.
+//!
+//! A call served here is not known to rmcp: the client's `notifications/cancelled` for it
+//! cancels it through [`InFlight`] (rmcp ignores the notice, as it does for any id it does
+//! not know).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, JsonRpcVersion2_0,
+    ProgressNotification, ProgressNotificationParam, ProgressToken, ProtocolVersion, RequestId,
+    ServerJsonRpcMessage, ServerNotification, ServerResult,
+};
+use rmcp::ErrorData;
+use serde::Deserialize;
+use std::future::Future;
+use std::pin::Pin;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::handler::{serve_call, CallSettings};
+use super::progress;
+use crate::auth::AuthContext;
+use crate::http::error::ApiError;
+use crate::http::middleware::RequestId as HttpRequestId;
+use crate::tenants::runtime::TenantRuntime;
+
+const JSON: &str = "application/json";
+const EVENT_STREAM: &str = "text/event-stream";
+
+/// A `tools/call` the fast path serves: its JSON-RPC id and its params.
+pub struct Call {
+    id: RequestId,
+    params: CallToolRequestParams,
+}
+
+/// Whether a request's headers let the fast path serve it: it accepts JSON and event
+/// streams, sends JSON, and names no protocol version, or one with sessions.
+pub fn headers_allow(headers: &HeaderMap) -> bool {
+    let (mut json, mut event_stream) = (false, false);
+    for accepted in headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+    {
+        let essence = essence(accepted);
+        json |= essence.eq_ignore_ascii_case(JSON);
+        event_stream |= essence.eq_ignore_ascii_case(EVENT_STREAM);
+    }
+    let sends_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON));
+    let version_has_sessions = match headers.get("mcp-protocol-version") {
+        None => true,
+        Some(value) => ProtocolVersion::KNOWN_VERSIONS
+            .iter()
+            .any(|known| known.as_str().as_bytes() == value.as_bytes() && known.has_initialize()),
+    };
+    json && event_stream && sends_json && version_has_sessions
+}
+
+/// A media type without its parameters.
+fn essence(media_type: &str) -> &str {
+    media_type
+        .split_once(';')
+        .map_or(media_type, |(essence, _)| essence)
+        .trim()
+}
+
+/// `body` as a call the fast path serves, or `None` (for rmcp).
+pub fn call_in(body: &[u8]) -> Option<Call> {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[allow(dead_code)] // Present and "2.0", or the body is not taken.
+        jsonrpc: JsonRpcVersion2_0,
+        id: RequestId,
+        #[serde(borrow)]
+        method: Cow<'a, str>,
+        params: CallToolRequestParams,
+    }
+    let envelope: Envelope = serde_json::from_slice(body).ok()?;
+    let params = envelope.params;
+    // rmcp's client puts a progress token into every request; anything else in `_meta`
+    // (a per-request protocol version, say) is rmcp's to check.
+    let plain_meta = params.meta.as_ref().is_none_or(|meta| {
+        meta.0 .0.keys().all(|key| key == "progressToken") && meta.get_progress_token().is_some()
+    });
+    let plain = envelope.method == "tools/call"
+        && plain_meta
+        && params.input_responses.is_none()
+        && params.request_state.is_none();
+    plain.then_some(Call {
+        id: envelope.id,
+        params,
+    })
+}
+
+/// The calls the fast path is serving, by session and JSON-RPC id, so that the client's
+/// `notifications/cancelled` reaches them.
+#[derive(Default)]
+pub struct InFlight {
+    calls: Mutex<HashMap<(String, RequestId), (u64, CancellationToken)>>,
+    /// Tells apart two calls a client sent with one id, so that the first to end does
+    /// not take the other's entry with it.
+    serial: AtomicU64,
+}
+
+type Calls = HashMap<(String, RequestId), (u64, CancellationToken)>;
+
+/// One call's entry in [`InFlight`], removed when the call ends.
+struct Entry {
+    in_flight: Arc<InFlight>,
+    key: (String, RequestId),
+    serial: u64,
+    cancelled: CancellationToken,
+}
+
+impl InFlight {
+    fn enter(self: &Arc<Self>, session: &str, id: &RequestId) -> Entry {
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let cancelled = CancellationToken::new();
+        let key = (session.to_owned(), id.clone());
+        self.lock().insert(key.clone(), (serial, cancelled.clone()));
+        Entry {
+            in_flight: self.clone(),
+            key,
+            serial,
+            cancelled,
+        }
+    }
+
+    /// Cancels the call with JSON-RPC id `id` in `session`, if the fast path serves one.
+    pub fn cancel(&self, session: &str, id: RequestId) {
+        if let Some((_, cancelled)) = self.lock().get(&(session.to_owned(), id)) {
+            cancelled.cancel();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let mut calls = self.in_flight.lock();
+        if calls
+            .get(&self.key)
+            .is_some_and(|(serial, _)| *serial == self.serial)
+        {
+            calls.remove(&self.key);
+        }
+    }
+}
+
+/// What the fast path serves calls with.
+pub struct FastPath {
+    pub runtime: TenantRuntime,
+    pub settings: CallSettings,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// A call's answer to come, with everything it needs owned, so that an event stream's body
+/// can hold it.
+type Answer = Pin<Box<dyn Future<Output = Result<CallToolResult, ErrorData>> + Send>>;
+
+impl FastPath {
+    /// Serves `call` in `session` for the tenant of `ctx`. The answer is the call's
+    /// JSON-RPC result or error as JSON; or, once the upstream reports progress to a
+    /// client that asked for it (`_meta.progressToken`), an event stream of that progress,
+    /// readdressed to the client's token, and then the result (as rmcp's server answers).
+    pub async fn serve(
+        self: &Arc<Self>,
+        session: &str,
+        ctx: AuthContext,
+        request_id: Option<HttpRequestId>,
+        call: Call,
+    ) -> Response {
+        let id = call.id.clone();
+        let token = call
+            .params
+            .meta
+            .as_ref()
+            .and_then(|m| m.get_progress_token());
+        let (sink, updates) = match token {
+            Some(_) => {
+                let (sink, updates) = mpsc::channel(progress::QUEUE);
+                (Some(sink), Some(updates))
+            }
+            None => (None, None),
+        };
+        let entry = self.in_flight.enter(session, &call.id);
+        let fast = self.clone();
+        let answer = async move {
+            serve_call(
+                &fast.runtime,
+                &ctx,
+                request_id.as_ref(),
+                call.params,
+                fast.settings,
+                (sink, None),
+                &entry.cancelled,
+            )
+            .await
+        };
+        let (Some(token), Some(mut updates)) = (token, updates) else {
+            return json(&answer_message(id, answer.await));
+        };
+        let mut answer: Answer = Box::pin(answer);
+        // The call owns the sink: once it has ended, all it passed on is queued.
+        let first = tokio::select! {
+            biased;
+            result = &mut answer => match updates.try_recv() {
+                Ok(update) => Progress::Ended(update, result),
+                Err(_) => return json(&answer_message(id, result)),
+            },
+            Some(update) = updates.recv() => Progress::Running(update, answer),
+        };
+        stream(id, token, first, updates)
+    }
+}
+
+/// Where a call was when its first progress came.
+enum Progress {
+    Running(ProgressNotificationParam, Answer),
+    Ended(ProgressNotificationParam, Result<CallToolResult, ErrorData>),
+}
+
+/// The call's progress as it comes, then its answer, as an event stream.
+fn stream(
+    id: RequestId,
+    token: ProgressToken,
+    first: Progress,
+    updates: mpsc::Receiver<ProgressNotificationParam>,
+) -> Response {
+    struct State {
+        id: Option<RequestId>,
+        token: ProgressToken,
+        first: Option<ProgressNotificationParam>,
+        running: Option<Answer>,
+        result: Option<Result<CallToolResult, ErrorData>>,
+        updates: mpsc::Receiver<ProgressNotificationParam>,
+    }
+    let (first, running, result) = match first {
+        Progress::Running(update, answer) => (update, Some(answer), None),
+        Progress::Ended(update, result) => (update, None, Some(result)),
+    };
+    let state = State {
+        id: Some(id),
+        token,
+        first: Some(first),
+        running,
+        result,
+        updates,
+    };
+    let events = futures::stream::unfold(state, |mut state| async move {
+        let update = match state.first.take() {
+            Some(update) => Some(update),
+            None => match state.running.as_mut() {
+                Some(answer) => tokio::select! {
+                    biased;
+                    Some(update) = state.updates.recv() => Some(update),
+                    result = answer => {
+                        state.running = None;
+                        state.result = Some(result);
+                        state.updates.try_recv().ok()
+                    }
+                },
+                None => state.updates.try_recv().ok(),
+            },
+        };
+        let message = match update {
+            Some(update) => {
+                let relayed = progress::readdressed(&state.token, update);
+                ServerJsonRpcMessage::notification(ServerNotification::ProgressNotification(
+                    ProgressNotification::new(relayed),
+                ))
+            }
+            None => {
+                // The call has ended and its progress is all out: its answer, last.
+                let (id, result) = (state.id.take()?, state.result.take()?);
+                answer_message(id, result)
+            }
+        };
+        Some((Event::default().json_data(&message), state))
+    });
+    Sse::new(events).into_response()
+}
+
+fn answer_message(
+    id: RequestId,
+    result: Result<CallToolResult, ErrorData>,
+) -> ServerJsonRpcMessage {
+    match result {
+        Ok(result) => {
+            ServerJsonRpcMessage::response(ServerResult::from(CallToolResponse::from(result)), id)
+        }
+        Err(error) => ServerJsonRpcMessage::error(error, Some(id)),
+    }
+}
+
+fn json(message: &ServerJsonRpcMessage) -> Response {
+    match serde_json::to_vec(message) {
+        Ok(body) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static(JSON))],
+            body,
+        )
+            .into_response(),
+        Err(err) => ApiError::Internal(format!("an MCP answer: {err}")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn only_what_rmcp_would_take_in_a_session_passes_the_headers() {
+        let plain = [
+            ("accept", "application/json, text/event-stream"),
+            ("content-type", "application/json"),
+        ];
+        assert!(headers_allow(&headers(&plain)));
+        assert!(headers_allow(&headers(&[
+            ("accept", "text/event-stream;q=0.9"),
+            ("accept", "Application/JSON"),
+            ("content-type", "application/json; charset=utf-8"),
+            ("mcp-protocol-version", "2025-11-25"),
+        ])));
+        for refused in [
+            headers(&[("accept", "application/json"), plain[1]]),
+            headers(&[("accept", "text/event-stream"), plain[1]]),
+            headers(&[plain[0], ("content-type", "text/plain")]),
+            headers(&[plain[0]]),
+            headers(&[plain[0], plain[1], ("mcp-protocol-version", "2026-07-28")]),
+            headers(&[plain[0], plain[1], ("mcp-protocol-version", "1999-01-01")]),
+        ] {
+            assert!(!headers_allow(&refused), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_plain_tools_call_is_taken() {
+        let call = call_in(
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/call",
+                "params":{"name":"echo","arguments":{"text":"hi"}}}"#,
+        )
+        .expect("a plain call");
+        assert_eq!(call.id, RequestId::Number(7));
+        assert_eq!(call.params.name, "echo");
+        let by_string =
+            call_in(br#"{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"name":"x"}}"#);
+        assert!(by_string.is_some());
+        let with_progress = call_in(
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"progressToken":"p"}}}"#,
+        );
+        assert!(with_progress.is_some());
+        for left in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"name":"x"}}"#[..],
+            br#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"x"}}"#,
+            br#"{"jsonrpc":"1.0","id":1,"method":"tools/call","params":{"name":"x"}}"#,
+            br#"{"id":1,"method":"tools/call","params":{"name":"x"}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"progressToken":1,"other":2}}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"progressToken":null}}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","requestState":"s"}}"#,
+            br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}]"#,
+            b"not json",
+        ] {
+            assert!(call_in(left).is_none(), "{}", String::from_utf8_lossy(left));
+        }
+    }
+
+    #[test]
+    fn a_cancel_reaches_the_call_of_its_session_and_id_only() {
+        let in_flight = Arc::new(InFlight::default());
+        let first = in_flight.enter("s1", &RequestId::Number(1));
+        let other_session = in_flight.enter("s2", &RequestId::Number(1));
+        in_flight.cancel("s1", RequestId::Number(1));
+        assert!(first.cancelled.is_cancelled());
+        assert!(!other_session.cancelled.is_cancelled());
+        // A second call with the same id: the first one's end leaves its entry.
+        let again = in_flight.enter("s2", &RequestId::Number(1));
+        drop(other_session);
+        in_flight.cancel("s2", RequestId::Number(1));
+        assert!(again.cancelled.is_cancelled());
+        drop((first, again));
+        assert!(in_flight.lock().is_empty());
+    }
+}
