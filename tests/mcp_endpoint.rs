@@ -626,7 +626,7 @@ async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<(
         .open_session()
         .await?
         .expect_err("a3 is over the tenant cap");
-    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
     assert!(refused["error"]["message"]
         .as_str()
         .is_some_and(|m| m.contains("sessions")));
@@ -667,9 +667,10 @@ async fn listen_streams_count_against_the_session_caps() -> anyhow::Result<()> {
     let refused = mcp
         .session_less_stream(2, "subscriptions/listen", filter.clone())
         .await?;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers.contains_key("retry-after"));
     let refused = mcp.open_session().await?.expect_err("over the tenant cap");
-    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
     // The client goes away: the stream's slot comes back.
     drop(listening);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -758,7 +759,7 @@ async fn a_listen_stream_sent_with_a_session_id_still_counts_against_the_caps() 
     let refused = mcp
         .session_less_stream_with(2, "subscriptions/listen", filter, &with_id)
         .await?;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     gw.stop().await
 }
 

@@ -44,6 +44,10 @@ pub enum ApiError {
     /// The tenant's `TENANT_MAX_IN_FLIGHT` is reached: its limit too (429), said as such.
     #[error("too many calls in flight")]
     TooManyInFlight { retry_after: Duration },
+    /// The tenant's `MCP_MAX_SESSIONS_PER_TENANT` is reached (its sessions and listen
+    /// streams): its limit too (429), said as such.
+    #[error("too many open MCP sessions")]
+    TooManySessions { retry_after: Duration },
     #[error("upstream error: {0}")]
     Upstream(String),
     /// The tenant's upstream failed too many times in a row: 502 as [`Self::Upstream`], with
@@ -162,6 +166,13 @@ impl ApiError {
                 "too many calls of this tenant in flight; retry after the time in Retry-After"
                     .into(),
             ),
+            TooManySessions { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "this tenant has too many open MCP sessions and listen streams; close some, or \
+                 retry after the time in Retry-After"
+                    .into(),
+            ),
             Upstream(m) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
@@ -209,6 +220,7 @@ impl ApiError {
         match self {
             Self::RateLimited { retry_after }
             | Self::TooManyInFlight { retry_after }
+            | Self::TooManySessions { retry_after }
             | Self::UpstreamFailing { retry_after, .. }
             | Self::Unavailable { retry_after, .. } => Some(*retry_after),
             Self::Draining => Some(Duration::from_secs(5)),
