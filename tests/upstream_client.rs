@@ -528,6 +528,27 @@ async fn a_redirect_to_another_origin_or_one_that_drops_the_body_is_not_followed
 }
 
 #[tokio::test]
+async fn a_307_within_the_origin_is_followed_and_a_302_is_not() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    // The test upstream answers `/moved/mcp` with a 307 to its `/mcp`, `/found/mcp` with a
+    // 302 (which would turn the POST into a body-less GET).
+    let found = upstream.url.replace("/mcp", "/found/mcp");
+    let refused = try_connect(&target(&found, TransportKind::StreamableHttp)?).await;
+    assert!(refused.is_err(), "a 302 was followed");
+    assert_eq!(upstream.initializes(), 0);
+    let moved = upstream.url.replace("/mcp", "/moved/mcp");
+    let (client, _events) = try_connect(&target(&moved, TransportKind::StreamableHttp)?).await?;
+    assert_eq!(
+        upstream.initializes(),
+        1,
+        "the 307 was followed to the upstream"
+    );
+    let tools = client.list_tools(T).await?;
+    assert!(tools.iter().any(|t| t.name == "echo"), "{tools:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_answer_that_is_json_but_no_json_rpc_message_is_said_in_our_words() -> anyhow::Result<()>
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -17,7 +17,7 @@ use axum::{
     extract::{Request, State as AxumState},
     middleware::Next,
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{any, get, post},
     Router,
 };
 use http::HeaderMap;
@@ -299,9 +299,23 @@ fn serve(listener: TcpListener, state: Arc<State>) -> Running {
         .route("/message", post(legacy_sse::post))
         .with_state(Legacy::new(state.clone(), ct.child_token()))
         .nest_service("/mcp", mcp)
+        // Moved within the origin: what an upstream behind a rewritten path may answer.
+        .route(
+            "/moved/mcp",
+            any(|| async { moved(http::StatusCode::TEMPORARY_REDIRECT) }),
+        )
+        .route(
+            "/found/mcp",
+            any(|| async { moved(http::StatusCode::FOUND) }),
+        )
         .layer(axum::middleware::from_fn_with_state(state, record_token));
     let task = tokio::spawn(accept_loop(listener, router, ct.clone()));
     Running { ct, task }
+}
+
+/// A redirect to this server's `/mcp`, with `status`.
+fn moved(status: http::StatusCode) -> impl axum::response::IntoResponse {
+    (status, [(http::header::LOCATION, "/mcp")])
 }
 
 /// Serves connections until `ct` is cancelled, then drops them all (unlike a graceful
