@@ -261,7 +261,7 @@ async fn a_session_ended_through_one_replica_ends_on_every_replica() -> anyhow::
     // B is at its cap for the tenant while it holds its copy.
     let mut fresh = RoundRobin::new([&b, &a], &tenant);
     let got = fresh.post(&init_body()).await?;
-    assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.text);
+    assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "{}", got.text);
 
     let status = end_session(&a, &tenant, &id).await?;
     assert!((200..300).contains(&status), "DELETE answered {status}");
@@ -293,7 +293,7 @@ async fn wait_for_slot(gw: &TestGateway, tenant: &CreatedTenant, why: &str) -> a
         if got.status == StatusCode::OK {
             return Ok(());
         }
-        assert_eq!(got.status, StatusCode::SERVICE_UNAVAILABLE, "{}", got.text);
+        assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "{}", got.text);
         assert!(tokio::time::Instant::now() < deadline, "{why}");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
