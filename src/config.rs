@@ -263,7 +263,7 @@ pub struct RawConfig {
         default_value_t = 100
     )]
     pub mcp_max_sessions_per_tenant: usize,
-    /// An MCP session with no message for this long is closed.
+    /// An MCP session with no message for this long is closed (within a tenth more).
     #[arg(
         long,
         global = true,

@@ -1116,6 +1116,33 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
         .unwrap_or("")
         .to_owned();
     assert!(message.contains("cancelled by the client"), "{}", got.text);
+
+    // A call that runs past a second is answered as an event stream (its headers go out,
+    // so the request timeout cannot cut it), its result last.
+    let sleep = |id: u64, ms: u64| tool_call(id, json!({"name": "sleep", "arguments": {"ms": ms}}));
+    let got = mcp.in_session(&id, &sleep(6, 1_500)).await?;
+    assert!(
+        got.headers["content-type"]
+            .to_str()
+            .is_ok_and(|t| t.starts_with("text/event-stream")),
+        "{:?}",
+        got.headers
+    );
+    assert_eq!(got.answer()["id"], 6, "{}", got.text);
+    assert_eq!(
+        got.answer()["result"]["content"][0]["text"],
+        "slept 1500 ms",
+        "{}",
+        got.text
+    );
+    // Its client going away cancels it upstream at once (well before the 5 s upstream
+    // timeout of the tests' configuration would).
+    let streaming = mcp.in_session_unread(&id, &sleep(7, 20_000)).await?;
+    assert_eq!(streaming.status(), StatusCode::OK);
+    drop(streaming);
+    tokio::time::timeout(Duration::from_secs(2), upstream.wait_for_cancellations(2))
+        .await
+        .context("the call went on after its client left")??;
     gw.stop().await
 }
 

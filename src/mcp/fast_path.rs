@@ -8,8 +8,8 @@
 //! Only the plainest call takes it; anything else goes to rmcp as before, which validates
 //! and answers it as it always did:
 //! - the session is open here, for the tenant that asks, and not ending; and rmcp saw one
-//!   of its requests less than half its idle timeout ago (a session's idle timer restarts
-//!   only on rmcp's requests, so the first call past that goes through rmcp);
+//!   of its requests less than a tenth of its idle timeout ago (a session's idle timer
+//!   restarts only on rmcp's requests, so the first call past that goes through rmcp);
 //! - the client accepts both answers' types and sends JSON (rmcp refuses anything else);
 //! - no `MCP-Protocol-Version`, or a known one with sessions (before 2026-07-28, so no
 //!   standard headers for rmcp to check against the body);
@@ -17,9 +17,11 @@
 //!   progress token (which rmcp's client sends with every request; no per-request protocol
 //!   version) and no multi-round-trip fields.
 //!
-//! Upstream progress for a client that asked for it turns the answer into an event stream
-//! (the progress, readdressed to the client's token, then the result), as rmcp's server
-//! does; a call with no progress before its result is answered with JSON.
+//! Upstream progress for a client that asked for it, or a call that runs for a second,
+//! turns the answer into an event stream (the progress, readdressed to the client's token,
+//! then the result; keep-alives while it is quiet), as rmcp's server answers; a call with
+//! no progress that ends sooner is answered with JSON. Such a stream carries no event ids:
+//! it cannot be resumed with `Last-Event-ID`. A client that goes away cancels its call.
 //!
 //! A call served here is not known to rmcp: the client's `notifications/cancelled` for it
 //! cancels it through [`InFlight`] (rmcp ignores the notice, as it does for any id it does
@@ -29,14 +31,15 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, JsonRpcVersion2_0,
-    ProgressNotification, ProgressNotificationParam, ProgressToken, ProtocolVersion, RequestId,
-    ServerJsonRpcMessage, ServerNotification, ServerResult,
+    CallToolRequestParams, CallToolResponse, CallToolResult, JsonRpcVersion2_0, ProtocolVersion,
+    RequestId, ServerJsonRpcMessage, ServerResult,
 };
 use rmcp::ErrorData;
 use serde::Deserialize;
@@ -46,7 +49,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::handler::{serve_call, CallSettings};
-use super::progress;
+use super::progress::{self, ProgressRelay};
 use crate::auth::AuthContext;
 use crate::http::error::ApiError;
 use crate::http::middleware::RequestId as HttpRequestId;
@@ -65,15 +68,16 @@ pub struct Call {
 /// streams, sends JSON, and names no protocol version, or one with sessions.
 pub fn headers_allow(headers: &HeaderMap) -> bool {
     let (mut json, mut event_stream) = (false, false);
-    for accepted in headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-    {
-        let essence = essence(accepted);
-        json |= essence.eq_ignore_ascii_case(JSON);
-        event_stream |= essence.eq_ignore_ascii_case(EVENT_STREAM);
+    for value in headers.get_all(header::ACCEPT) {
+        // A quoted parameter (which may hold a comma) is rmcp's to read.
+        let Some(value) = value.to_str().ok().filter(|v| !v.contains('"')) else {
+            return false;
+        };
+        for accepted in value.split(',').filter(|accepted| !refused(accepted)) {
+            let essence = essence(accepted);
+            json |= essence.eq_ignore_ascii_case(JSON);
+            event_stream |= essence.eq_ignore_ascii_case(EVENT_STREAM);
+        }
     }
     let sends_json = headers
         .get(header::CONTENT_TYPE)
@@ -86,6 +90,16 @@ pub fn headers_allow(headers: &HeaderMap) -> bool {
             .any(|known| known.as_str().as_bytes() == value.as_bytes() && known.has_initialize()),
     };
     json && event_stream && sends_json && version_has_sessions
+}
+
+/// Whether an `Accept` entry says `q=0`: that type is not acceptable.
+fn refused(accepted: &str) -> bool {
+    accepted.split(';').skip(1).any(|parameter| {
+        parameter.split_once('=').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("q")
+                && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+        })
+    })
 }
 
 /// A media type without its parameters.
@@ -128,13 +142,14 @@ pub fn call_in(body: &[u8]) -> Option<Call> {
 /// `notifications/cancelled` reaches them.
 #[derive(Default)]
 pub struct InFlight {
-    calls: Mutex<HashMap<(String, RequestId), (u64, CancellationToken)>>,
+    calls: Mutex<Calls>,
     /// Tells apart two calls a client sent with one id, so that the first to end does
     /// not take the other's entry with it.
     serial: AtomicU64,
 }
 
-type Calls = HashMap<(String, RequestId), (u64, CancellationToken)>;
+/// Each call's serial, tenant and cancellation, by session id and JSON-RPC id.
+type Calls = HashMap<(String, RequestId), (u64, String, CancellationToken)>;
 
 /// One call's entry in [`InFlight`], removed when the call ends.
 struct Entry {
@@ -145,11 +160,20 @@ struct Entry {
 }
 
 impl InFlight {
-    fn enter(self: &Arc<Self>, session: &str, id: &RequestId) -> Entry {
+    /// Enters a call of `tenant`; it is cancelled by its client or when `sessions` is (the
+    /// drain's end).
+    fn enter(
+        self: &Arc<Self>,
+        session: &str,
+        tenant: &str,
+        id: &RequestId,
+        sessions: &CancellationToken,
+    ) -> Entry {
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let cancelled = CancellationToken::new();
+        let cancelled = sessions.child_token();
         let key = (session.to_owned(), id.clone());
-        self.lock().insert(key.clone(), (serial, cancelled.clone()));
+        let value = (serial, tenant.to_owned(), cancelled.clone());
+        self.lock().insert(key.clone(), value);
         Entry {
             in_flight: self.clone(),
             key,
@@ -158,10 +182,13 @@ impl InFlight {
         }
     }
 
-    /// Cancels the call with JSON-RPC id `id` in `session`, if the fast path serves one.
-    pub fn cancel(&self, session: &str, id: RequestId) {
-        if let Some((_, cancelled)) = self.lock().get(&(session.to_owned(), id)) {
-            cancelled.cancel();
+    /// Cancels the call with JSON-RPC id `id` that `tenant` sent in `session`, if the fast
+    /// path serves one.
+    pub fn cancel(&self, session: &str, tenant: &str, id: RequestId) {
+        if let Some((_, owner, cancelled)) = self.lock().get(&(session.to_owned(), id)) {
+            if owner == tenant {
+                cancelled.cancel();
+            }
         }
     }
 
@@ -177,29 +204,40 @@ impl Drop for Entry {
         let mut calls = self.in_flight.lock();
         if calls
             .get(&self.key)
-            .is_some_and(|(serial, _)| *serial == self.serial)
+            .is_some_and(|(serial, _, _)| *serial == self.serial)
         {
             calls.remove(&self.key);
         }
     }
 }
 
+/// How long a call may run before its answer turns from JSON into an event stream: its
+/// headers go out then, so that `REQUEST_TIMEOUT_MS` (which ends at the headers) does not
+/// cut a call its upstream is still allowed to run, and keep-alives keep proxies from
+/// taking a quiet connection for a dead one. At most half `REQUEST_TIMEOUT_MS`.
+const JSON_WITHIN: Duration = Duration::from_secs(1);
+
+/// How often an event stream that carries nothing else says it is alive (rmcp's default).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
 /// What the fast path serves calls with.
 pub struct FastPath {
     pub runtime: TenantRuntime,
     pub settings: CallSettings,
     pub in_flight: Arc<InFlight>,
+    /// Cancelled when MCP sessions close (the drain's end): so are the calls served here.
+    pub sessions: CancellationToken,
 }
 
-/// A call's answer to come, with everything it needs owned, so that an event stream's body
-/// can hold it.
+/// A call's answer to come, with everything it needs owned, so that a task can finish it.
 type Answer = Pin<Box<dyn Future<Output = Result<CallToolResult, ErrorData>> + Send>>;
 
 impl FastPath {
     /// Serves `call` in `session` for the tenant of `ctx`. The answer is the call's
     /// JSON-RPC result or error as JSON; or, once the upstream reports progress to a
-    /// client that asked for it (`_meta.progressToken`), an event stream of that progress,
-    /// readdressed to the client's token, and then the result (as rmcp's server answers).
+    /// client that asked for it (`_meta.progressToken`), or once the call has run for
+    /// [`JSON_WITHIN`], an event stream: that progress, readdressed to the client's token,
+    /// then the result (as rmcp's server answers).
     pub async fn serve(
         self: &Arc<Self>,
         session: &str,
@@ -208,114 +246,97 @@ impl FastPath {
         call: Call,
     ) -> Response {
         let id = call.id.clone();
-        let token = call
+        let (messages, mut answered) = mpsc::channel(progress::QUEUE);
+        let progress = match call
             .params
             .meta
             .as_ref()
-            .and_then(|m| m.get_progress_token());
-        let (sink, updates) = match token {
-            Some(_) => {
-                let (sink, updates) = mpsc::channel(progress::QUEUE);
-                (Some(sink), Some(updates))
-            }
+            .and_then(|m| m.get_progress_token())
+        {
+            Some(token) => ProgressRelay::into_answer(token, messages.clone()),
             None => (None, None),
         };
-        let entry = self.in_flight.enter(session, &call.id);
+        let entry = self
+            .in_flight
+            .enter(session, &ctx.tenant_id, &call.id, &self.sessions);
+        let cancelled = entry.cancelled.clone();
         let fast = self.clone();
-        let answer = async move {
+        let mut answer: Answer = Box::pin(async move {
             serve_call(
                 &fast.runtime,
                 &ctx,
                 request_id.as_ref(),
                 call.params,
                 fast.settings,
-                (sink, None),
+                progress,
                 &entry.cancelled,
             )
             .await
-        };
-        let (Some(token), Some(mut updates)) = (token, updates) else {
-            return json(&answer_message(id, answer.await));
-        };
-        let mut answer: Answer = Box::pin(answer);
-        // The call owns the sink: once it has ended, all it passed on is queued.
+        });
+        let json_within = JSON_WITHIN.min(self.settings.request_timeout / 2);
+        // The relay puts progress into `messages` before the call ends.
         let first = tokio::select! {
             biased;
-            result = &mut answer => match updates.try_recv() {
-                Ok(update) => Progress::Ended(update, result),
-                Err(_) => return json(&answer_message(id, result)),
-            },
-            Some(update) = updates.recv() => Progress::Running(update, answer),
+            result = &mut answer => {
+                let message = answer_message(id, result);
+                if answered.is_empty() {
+                    return json(&message);
+                }
+                // Progress came just before the result: all of it, then the result.
+                tokio::spawn(async move { messages.send(message).await });
+                None
+            }
+            Some(first) = answered.recv() => {
+                tokio::spawn(finish(answer, id, messages, cancelled));
+                Some(first)
+            }
+            _ = tokio::time::sleep(json_within) => {
+                tokio::spawn(finish(answer, id, messages, cancelled));
+                None
+            }
         };
-        stream(id, token, first, updates)
+        event_stream(first, answered)
     }
 }
 
-/// Where a call was when its first progress came.
-enum Progress {
-    Running(ProgressNotificationParam, Answer),
-    Ended(ProgressNotificationParam, Result<CallToolResult, ErrorData>),
-}
-
-/// The call's progress as it comes, then its answer, as an event stream.
-fn stream(
+/// Runs a call whose answer is an event stream to its end, and puts its result last. A
+/// client that goes away cancels it (so it ends, and is audited, as a cancelled call).
+async fn finish(
+    mut answer: Answer,
     id: RequestId,
-    token: ProgressToken,
-    first: Progress,
-    updates: mpsc::Receiver<ProgressNotificationParam>,
+    messages: mpsc::Sender<ServerJsonRpcMessage>,
+    cancelled: CancellationToken,
+) {
+    let result = tokio::select! {
+        biased;
+        result = &mut answer => result,
+        _ = messages.closed() => {
+            cancelled.cancel();
+            answer.await
+        }
+    };
+    let _ = messages.send(answer_message(id, result)).await;
+}
+
+/// `first`, then the rest of a call's answer as it comes, as an event stream.
+fn event_stream(
+    first: Option<ServerJsonRpcMessage>,
+    answered: mpsc::Receiver<ServerJsonRpcMessage>,
 ) -> Response {
-    struct State {
-        id: Option<RequestId>,
-        token: ProgressToken,
-        first: Option<ProgressNotificationParam>,
-        running: Option<Answer>,
-        result: Option<Result<CallToolResult, ErrorData>>,
-        updates: mpsc::Receiver<ProgressNotificationParam>,
-    }
-    let (first, running, result) = match first {
-        Progress::Running(update, answer) => (update, Some(answer), None),
-        Progress::Ended(update, result) => (update, None, Some(result)),
-    };
-    let state = State {
-        id: Some(id),
-        token,
-        first: Some(first),
-        running,
-        result,
-        updates,
-    };
-    let events = futures::stream::unfold(state, |mut state| async move {
-        let update = match state.first.take() {
-            Some(update) => Some(update),
-            None => match state.running.as_mut() {
-                Some(answer) => tokio::select! {
-                    biased;
-                    Some(update) = state.updates.recv() => Some(update),
-                    result = answer => {
-                        state.running = None;
-                        state.result = Some(result);
-                        state.updates.try_recv().ok()
-                    }
-                },
-                None => state.updates.try_recv().ok(),
-            },
-        };
-        let message = match update {
-            Some(update) => {
-                let relayed = progress::readdressed(&state.token, update);
-                ServerJsonRpcMessage::notification(ServerNotification::ProgressNotification(
-                    ProgressNotification::new(relayed),
-                ))
-            }
-            None => {
-                // The call has ended and its progress is all out: its answer, last.
-                let (id, result) = (state.id.take()?, state.result.take()?);
-                answer_message(id, result)
-            }
-        };
-        Some((Event::default().json_data(&message), state))
+    let rest = futures::stream::unfold(answered, |mut answered| async move {
+        answered.recv().await.map(|message| (message, answered))
     });
-    Sse::new(events).into_response()
+    let events = futures::stream::iter(first)
+        .chain(rest)
+        .map(|message| Event::default().json_data(&message));
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response();
+    // Proxies that buffer answers (nginx) would hold the progress back.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }
 
 fn answer_message(
@@ -369,6 +390,18 @@ mod tests {
         for refused in [
             headers(&[("accept", "application/json"), plain[1]]),
             headers(&[("accept", "text/event-stream"), plain[1]]),
+            headers(&[
+                ("accept", "application/json;q=0, text/event-stream"),
+                plain[1],
+            ]),
+            headers(&[
+                ("accept", "application/json, text/event-stream; q=0.0"),
+                plain[1],
+            ]),
+            headers(&[
+                ("accept", "application/json;x=\"a,b\", text/event-stream"),
+                plain[1],
+            ]),
             headers(&[plain[0], ("content-type", "text/plain")]),
             headers(&[plain[0]]),
             headers(&[plain[0], plain[1], ("mcp-protocol-version", "2026-07-28")]),
@@ -413,17 +446,28 @@ mod tests {
     #[test]
     fn a_cancel_reaches_the_call_of_its_session_and_id_only() {
         let in_flight = Arc::new(InFlight::default());
-        let first = in_flight.enter("s1", &RequestId::Number(1));
-        let other_session = in_flight.enter("s2", &RequestId::Number(1));
-        in_flight.cancel("s1", RequestId::Number(1));
+        let sessions = CancellationToken::new();
+        let one = RequestId::Number(1);
+        let first = in_flight.enter("s1", "t", &one, &sessions);
+        let other_session = in_flight.enter("s2", "t", &one, &sessions);
+        in_flight.cancel("s1", "another tenant", one.clone());
+        assert!(
+            !first.cancelled.is_cancelled(),
+            "only its own tenant cancels a call"
+        );
+        in_flight.cancel("s1", "t", one.clone());
         assert!(first.cancelled.is_cancelled());
         assert!(!other_session.cancelled.is_cancelled());
         // A second call with the same id: the first one's end leaves its entry.
-        let again = in_flight.enter("s2", &RequestId::Number(1));
+        let again = in_flight.enter("s2", "t", &one, &sessions);
         drop(other_session);
-        in_flight.cancel("s2", RequestId::Number(1));
+        in_flight.cancel("s2", "t", one.clone());
         assert!(again.cancelled.is_cancelled());
         drop((first, again));
         assert!(in_flight.lock().is_empty());
+        // The drain's end cancels every call.
+        let late = in_flight.enter("s3", "t", &one, &sessions);
+        sessions.cancel();
+        assert!(late.cancelled.is_cancelled());
     }
 }

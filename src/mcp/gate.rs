@@ -47,8 +47,8 @@ pub struct Gate {
     pub tenants: crate::tenants::runtime::TenantRuntime,
     /// Plain `tools/call`s in sessions open here, served without rmcp.
     pub fast: Arc<FastPath>,
-    /// Half the sessions' idle timeout: the fast path serves a session's calls only while
-    /// rmcp has seen one of its requests within it.
+    /// A tenth of the sessions' idle timeout: the fast path serves a session's calls only
+    /// while rmcp has seen one of its requests within it.
     pub fast_within: std::time::Duration,
 }
 
@@ -173,8 +173,12 @@ async fn with_session(
             return end(gate, sessions::digest(id), req, next).await;
         }
         let post = req.method() == Method::POST;
-        gate.limits.seen_by_rmcp(id);
-        return Ok(answered(gate, post, next.run(req).await));
+        let response = next.run(req).await;
+        // What rmcp refuses (a 4xx) never reaches the session, nor restarts its idle timer.
+        if response.status().is_success() {
+            gate.limits.seen_by_rmcp(id);
+        }
+        return Ok(answered(gate, post, response));
     }
     let digest = sessions::digest(id);
     if gate.limits.was_ended(&digest) {
@@ -342,13 +346,7 @@ async fn post_in_session(
         Opening::Listen => listen(gate, tenant_id, req, next).await,
         Opening::Cancel(request_id) => {
             // For a call the fast path serves; rmcp ignores an id it does not know.
-            if gate
-                .limits
-                .owner(id)
-                .is_some_and(|owner| owner == tenant_id)
-            {
-                gate.fast.in_flight.cancel(id, request_id);
-            }
+            gate.fast.in_flight.cancel(id, tenant_id, request_id);
             with_session(gate, tenant_id, id, req, next).await
         }
         Opening::Session(_) | Opening::Nothing => {

@@ -40,6 +40,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     let config = &state.config;
     let limits = SessionLimits::new(config.mcp_max_sessions, config.mcp_max_sessions_per_tenant);
     let seal = SessionSeal::new(state.admin.cipher().clone());
+    let fast_within = config.mcp_session_idle / 10;
     let gate = Gate {
         auth: state.auth.clone(),
         limits: limits.clone(),
@@ -54,12 +55,16 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             runtime: state.tenants.clone(),
             settings: call_settings(config),
             in_flight: Default::default(),
+            sessions: state.lifecycle.sessions.clone(),
         }),
-        fast_within: config.mcp_session_idle / 2,
+        fast_within,
     };
     let mut local = LocalSessionManager::default();
-    // Idle sessions (no message for this long) end, and give their slot back.
-    local.session_config.keep_alive = Some(config.mcp_session_idle);
+    // Idle sessions end, and give their slot back. rmcp's idle timer restarts only on the
+    // requests rmcp sees, and the gate passes it one at least every `fast_within` while a
+    // session is in use: a session closes between `MCP_SESSION_IDLE_SECS` and a tenth more
+    // after its last message.
+    local.session_config.keep_alive = Some(config.mcp_session_idle + fast_within);
     let sessions = Arc::new(BoundedSessions::new(local, limits, seal.clone()));
     state.lifecycle.tasks.spawn(end_copies_ended_elsewhere(
         state.tenants.remote_session_ends(),

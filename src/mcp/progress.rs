@@ -7,7 +7,10 @@
 
 use std::future::Future;
 
-use rmcp::model::{ProgressNotificationParam, ProgressToken};
+use rmcp::model::{
+    ProgressNotification, ProgressNotificationParam, ProgressToken, ServerJsonRpcMessage,
+    ServerNotification,
+};
 use rmcp::service::RequestContext;
 use rmcp::{Peer, RoleServer};
 use tokio::sync::mpsc;
@@ -29,11 +32,20 @@ const SEND: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct ProgressRelay {
     /// The client's token, which every relayed notification carries instead of the gateway's.
     token: ProgressToken,
-    peer: Peer<RoleServer>,
+    to: Destination,
     updates: mpsc::Receiver<ProgressNotificationParam>,
     /// A send timed out: the client is not reading, and the rest is dropped (and counted)
     /// without waiting, so that it cannot hold the call up any longer.
     stalled: bool,
+}
+
+/// Where relayed progress goes.
+enum Destination {
+    /// The session's (or session-less request's) rmcp peer, which routes it into the
+    /// stream of the request it names.
+    Peer(Peer<RoleServer>),
+    /// The answer the gate's fast path writes itself (`super::fast_path`).
+    Answer(mpsc::Sender<ServerJsonRpcMessage>),
 }
 
 impl ProgressRelay {
@@ -42,13 +54,26 @@ impl ProgressRelay {
     pub fn for_request(
         context: &RequestContext<RoleServer>,
     ) -> (Option<ProgressSink>, Option<ProgressRelay>) {
-        let Some(token) = context.meta.get_progress_token() else {
-            return (None, None);
-        };
+        match context.meta.get_progress_token() {
+            Some(token) => Self::to(token, Destination::Peer(context.peer.clone())),
+            None => (None, None),
+        }
+    }
+
+    /// A relay into `answer` (the messages of a call's answer), with the sink to hand to
+    /// the upstream call.
+    pub fn into_answer(
+        token: ProgressToken,
+        answer: mpsc::Sender<ServerJsonRpcMessage>,
+    ) -> (Option<ProgressSink>, Option<ProgressRelay>) {
+        Self::to(token, Destination::Answer(answer))
+    }
+
+    fn to(token: ProgressToken, to: Destination) -> (Option<ProgressSink>, Option<ProgressRelay>) {
         let (sink, updates) = mpsc::channel(QUEUE);
         let relay = ProgressRelay {
             token,
-            peer: context.peer.clone(),
+            to,
             updates,
             stalled: false,
         };
@@ -62,11 +87,21 @@ impl ProgressRelay {
         }
         // Advisory: a client gone away gets its result (or nothing) all the same, and one
         // that does not read its stream holds the call up once, for SEND at most.
-        let sent = tokio::time::timeout(
-            SEND,
-            self.peer.notify_progress(readdressed(&self.token, update)),
-        );
-        match sent.await {
+        let relayed = readdressed(&self.token, update);
+        let sent = match &self.to {
+            Destination::Peer(peer) => tokio::time::timeout(SEND, peer.notify_progress(relayed))
+                .await
+                .map(|sent| sent.map_err(|error| error.to_string())),
+            Destination::Answer(answer) => {
+                let notification = ServerJsonRpcMessage::notification(
+                    ServerNotification::ProgressNotification(ProgressNotification::new(relayed)),
+                );
+                tokio::time::timeout(SEND, answer.send(notification))
+                    .await
+                    .map(|sent| sent.map_err(|_| "the client went away".to_owned()))
+            }
+        };
+        match sent {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::debug!(%error, "could not relay progress to the client"),
             Err(_) => {
@@ -82,7 +117,7 @@ impl ProgressRelay {
 
 /// The upstream's notification with the client's `token`; progress, total and message as
 /// the upstream sent them, its `_meta` (about the gateway's request) left out.
-pub fn readdressed(
+fn readdressed(
     token: &ProgressToken,
     update: ProgressNotificationParam,
 ) -> ProgressNotificationParam {

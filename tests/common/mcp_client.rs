@@ -203,6 +203,28 @@ impl RawMcp {
         self.post(&headers, message).await
     }
 
+    /// `message` POSTed in session `id`, its answer not yet read.
+    pub async fn in_session_unread(
+        &self,
+        id: &str,
+        message: &Value,
+    ) -> anyhow::Result<reqwest::Response> {
+        let headers = [
+            ("authorization", self.auth.as_str()),
+            ("content-type", "application/json"),
+            ("mcp-session-id", id),
+            ("mcp-protocol-version", SESSIONS),
+        ];
+        let req = request(
+            &self.http,
+            reqwest::Method::POST,
+            &self.url,
+            &headers,
+            Some(message),
+        );
+        Ok(req.send().await?)
+    }
+
     /// The `GET` stream of session `id` (its server-initiated messages), as it answered.
     pub async fn session_stream(&self, id: &str) -> anyhow::Result<reqwest::Response> {
         let headers = [
