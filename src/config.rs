@@ -263,7 +263,8 @@ pub struct RawConfig {
         default_value_t = 100
     )]
     pub mcp_max_sessions_per_tenant: usize,
-    /// An MCP session with no message for this long is closed (within a tenth more).
+    /// An MCP session with no message for this long is closed (within a tenth and
+    /// REQUEST_TIMEOUT_MS more).
     #[arg(
         long,
         global = true,

@@ -1152,6 +1152,9 @@ async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::R
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.mcp_session_idle = Duration::from_secs(2);
+    // The session's timer allows for a call of up to the request timeout besides.
+    config.upstream_timeout = Duration::from_millis(500);
+    config.request_timeout = Duration::from_secs(1);
     let gw = TestGateway::start_with(config).await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let mcp = raw_mcp(&gw, &t);
@@ -1178,7 +1181,30 @@ async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::R
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(!closed.is_finished(), "the session idled out while in use");
-    // Quiet for longer than the timeout, it does close.
-    tokio::time::timeout(Duration::from_secs(5), closed).await??;
+    // Quiet for longer than the timeout (2 s, a tenth and the request timeout), it closes.
+    tokio::time::timeout(Duration::from_secs(6), closed).await??;
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn ending_a_session_cancels_the_calls_the_gateway_serves_in_it() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("session opens");
+    let slow = {
+        let (mcp, id) = (raw_mcp(&gw, &t), id.clone());
+        let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 20_000}}));
+        tokio::spawn(async move { mcp.in_session(&id, &call).await })
+    };
+    upstream.wait_for_calls(1).await?;
+    assert!(mcp.close_session(&id).await?.is_success());
+    // At once, not at the tests' 5 s upstream timeout.
+    tokio::time::timeout(Duration::from_secs(2), upstream.wait_for_cancellations(1))
+        .await
+        .context("the call outlived its session")??;
+    let got = tokio::time::timeout(Duration::from_secs(5), slow).await???;
+    assert!(got.answer()["error"].is_object(), "{}", got.text);
     gw.stop().await
 }

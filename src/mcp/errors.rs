@@ -61,6 +61,16 @@ fn secs(wait: std::time::Duration) -> u64 {
     wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
+/// A call ended by the drain's end (the process is stopping): the client retries, on
+/// another replica or this one once it is back, as API.md's 503 `draining` says.
+pub fn draining() -> ErrorData {
+    ErrorData::new(
+        UNAVAILABLE,
+        "the gateway is shutting down; retry",
+        Some(json!({ "code": "draining", "retryAfterSeconds": 5 })),
+    )
+}
+
 /// The request reached the handler without the gate's tenant: a wiring bug, never a
 /// client's fault, and never a reason to touch any tenant.
 pub fn no_tenant() -> ErrorData {

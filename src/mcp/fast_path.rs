@@ -31,7 +31,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -47,6 +47,7 @@ use std::future::Future;
 use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::handler::{serve_call, CallSettings};
 use super::progress::{self, ProgressRelay};
@@ -83,13 +84,18 @@ pub fn headers_allow(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON));
-    let version_has_sessions = match headers.get("mcp-protocol-version") {
+    json && event_stream && sends_json && version_has_sessions(headers)
+}
+
+/// Whether a request names no protocol version (rmcp then takes 2025-03-26) or a known one
+/// with sessions (before 2026-07-28).
+pub fn version_has_sessions(headers: &HeaderMap) -> bool {
+    match headers.get("mcp-protocol-version") {
         None => true,
         Some(value) => ProtocolVersion::KNOWN_VERSIONS
             .iter()
             .any(|known| known.as_str().as_bytes() == value.as_bytes() && known.has_initialize()),
-    };
-    json && event_stream && sends_json && version_has_sessions
+    }
 }
 
 /// Whether an `Accept` entry says `q=0`: that type is not acceptable.
@@ -192,6 +198,16 @@ impl InFlight {
         }
     }
 
+    /// Cancels every call the fast path serves in `session` (which ended: rmcp cancels the
+    /// requests of a session it closes). A scan: sessions end far less often than calls.
+    pub fn cancel_session(&self, session: &str) {
+        for ((call_session, _), (_, _, cancelled)) in self.lock().iter() {
+            if call_session == session {
+                cancelled.cancel();
+            }
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Calls> {
         self.calls
             .lock()
@@ -246,6 +262,7 @@ impl FastPath {
         call: Call,
     ) -> Response {
         let id = call.id.clone();
+        let request_started = request_id.as_ref().map(|id| id.started);
         let (messages, mut answered) = mpsc::channel(progress::QUEUE);
         let progress = match call
             .params
@@ -273,25 +290,32 @@ impl FastPath {
             )
             .await
         });
-        let json_within = JSON_WITHIN.min(self.settings.request_timeout / 2);
+        // The timeout layer counts from the request's start (its body read, its credential
+        // checked): the headers go out well before it can fire.
+        let started = request_started.unwrap_or_else(Instant::now);
+        let left =
+            (started + self.settings.request_timeout).saturating_duration_since(Instant::now());
+        let json_within = JSON_WITHIN.min(left / 2);
         // The relay puts progress into `messages` before the call ends.
         let first = tokio::select! {
             biased;
             result = &mut answer => {
-                let message = answer_message(id, result);
+                let message = answer_message(id, drained(&self.sessions, &cancelled, result));
                 if answered.is_empty() {
                     return json(&message);
                 }
                 // Progress came just before the result: all of it, then the result.
-                tokio::spawn(async move { messages.send(message).await });
+                tokio::spawn(
+                    async move { messages.send(message).await }.in_current_span(),
+                );
                 None
             }
             Some(first) = answered.recv() => {
-                tokio::spawn(finish(answer, id, messages, cancelled));
+                finish_in_task(&self.sessions, answer, id, messages, cancelled);
                 Some(first)
             }
             _ = tokio::time::sleep(json_within) => {
-                tokio::spawn(finish(answer, id, messages, cancelled));
+                finish_in_task(&self.sessions, answer, id, messages, cancelled);
                 None
             }
         };
@@ -299,23 +323,34 @@ impl FastPath {
     }
 }
 
-/// Runs a call whose answer is an event stream to its end, and puts its result last. A
-/// client that goes away cancels it (so it ends, and is audited, as a cancelled call).
-async fn finish(
+/// Runs a call whose answer is an event stream to its end, in a task of its own, and puts
+/// its result last. A client that goes away cancels it (so it ends, and is audited, as a
+/// cancelled call); the drain's end cancels it, and the wait for a client that does not
+/// read its result.
+fn finish_in_task(
+    sessions: &CancellationToken,
     mut answer: Answer,
     id: RequestId,
     messages: mpsc::Sender<ServerJsonRpcMessage>,
     cancelled: CancellationToken,
 ) {
-    let result = tokio::select! {
-        biased;
-        result = &mut answer => result,
-        _ = messages.closed() => {
-            cancelled.cancel();
-            answer.await
+    let sessions = sessions.clone();
+    let finish = async move {
+        let result = tokio::select! {
+            biased;
+            result = &mut answer => result,
+            _ = messages.closed() => {
+                cancelled.cancel();
+                answer.await
+            }
+        };
+        let message = answer_message(id, drained(&sessions, &cancelled, result));
+        tokio::select! {
+            _ = messages.send(message) => {}
+            _ = sessions.cancelled() => {}
         }
     };
-    let _ = messages.send(answer_message(id, result)).await;
+    tokio::spawn(finish.in_current_span());
 }
 
 /// `first`, then the rest of a call's answer as it comes, as an event stream.
@@ -337,6 +372,21 @@ fn event_stream(
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// A call the drain's end cancelled (its token is a child of the sessions' one) is answered
+/// as the drain, not as a cancel of its client's.
+fn drained(
+    sessions: &CancellationToken,
+    cancelled: &CancellationToken,
+    result: Result<CallToolResult, ErrorData>,
+) -> Result<CallToolResult, ErrorData> {
+    match result {
+        Err(_) if sessions.is_cancelled() && cancelled.is_cancelled() => {
+            Err(super::errors::draining())
+        }
+        other => other,
+    }
 }
 
 fn answer_message(

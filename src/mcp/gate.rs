@@ -173,9 +173,11 @@ async fn with_session(
             return end(gate, sessions::digest(id), req, next).await;
         }
         let post = req.method() == Method::POST;
+        // What rmcp refuses (a 4xx), or serves without the session (a 2026-07-28 request),
+        // never reaches the session, nor restarts its idle timer.
+        let in_session = fast_path::version_has_sessions(req.headers());
         let response = next.run(req).await;
-        // What rmcp refuses (a 4xx) never reaches the session, nor restarts its idle timer.
-        if response.status().is_success() {
+        if in_session && response.status().is_success() {
             gate.limits.seen_by_rmcp(id);
         }
         return Ok(answered(gate, post, response));

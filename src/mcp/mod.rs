@@ -41,6 +41,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     let limits = SessionLimits::new(config.mcp_max_sessions, config.mcp_max_sessions_per_tenant);
     let seal = SessionSeal::new(state.admin.cipher().clone());
     let fast_within = config.mcp_session_idle / 10;
+    let fast_calls = Arc::new(fast_path::InFlight::default());
     let gate = Gate {
         auth: state.auth.clone(),
         limits: limits.clone(),
@@ -54,18 +55,25 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         fast: Arc::new(FastPath {
             runtime: state.tenants.clone(),
             settings: call_settings(config),
-            in_flight: Default::default(),
+            in_flight: fast_calls.clone(),
             sessions: state.lifecycle.sessions.clone(),
         }),
         fast_within,
     };
     let mut local = LocalSessionManager::default();
-    // Idle sessions end, and give their slot back. rmcp's idle timer restarts only on the
-    // requests rmcp sees, and the gate passes it one at least every `fast_within` while a
-    // session is in use: a session closes between `MCP_SESSION_IDLE_SECS` and a tenth more
-    // after its last message.
-    local.session_config.keep_alive = Some(config.mcp_session_idle + fast_within);
-    let sessions = Arc::new(BoundedSessions::new(local, limits, seal.clone()));
+    // Idle sessions end, and give their slot back. rmcp's idle timer restarts only on what
+    // rmcp sees, and the gate passes it one request at least every `fast_within` while a
+    // session is in use; a call the gate serves itself may run up to `REQUEST_TIMEOUT_MS`
+    // unseen: a session closes between `MCP_SESSION_IDLE_SECS` and that plus a tenth and
+    // `REQUEST_TIMEOUT_MS` after its last message or answer.
+    local.session_config.keep_alive =
+        Some(config.mcp_session_idle + fast_within + config.request_timeout);
+    let sessions = Arc::new(BoundedSessions::new(
+        local,
+        limits,
+        seal.clone(),
+        fast_calls,
+    ));
     state.lifecycle.tasks.spawn(end_copies_ended_elsewhere(
         state.tenants.remote_session_ends(),
         sessions.clone(),

@@ -28,6 +28,7 @@ use rmcp::transport::streamable_http_server::session::{
 };
 use rmcp::transport::WorkerTransport;
 
+use super::fast_path::InFlight;
 use super::sealed::{SealError, SessionClaims, SessionSeal, SESSION_ID_LIFETIME};
 
 /// Which bound a new session would cross.
@@ -315,14 +316,22 @@ pub struct BoundedSessions {
     inner: LocalSessionManager,
     limits: Arc<SessionLimits>,
     seal: SessionSeal,
+    /// The calls the gate serves itself, cancelled with their session.
+    fast_calls: Arc<InFlight>,
 }
 
 impl BoundedSessions {
-    pub fn new(inner: LocalSessionManager, limits: Arc<SessionLimits>, seal: SessionSeal) -> Self {
+    pub fn new(
+        inner: LocalSessionManager,
+        limits: Arc<SessionLimits>,
+        seal: SessionSeal,
+        fast_calls: Arc<InFlight>,
+    ) -> Self {
         Self {
             inner,
             limits,
             seal,
+            fast_calls,
         }
     }
 
@@ -378,6 +387,8 @@ impl SessionManager for BoundedSessions {
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
         self.limits.close(id);
+        // rmcp cancels the requests of a session it closes; the gate's own calls too.
+        self.fast_calls.cancel_session(id);
         Ok(self.inner.close_session(id).await?)
     }
 
