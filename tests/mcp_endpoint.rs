@@ -851,9 +851,7 @@ fn progress_params(token: Option<Value>) -> Value {
 fn assert_relayed(got: &Raw, token: &Value) {
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert!(
-        got.headers["content-type"]
-            .to_str()
-            .is_ok_and(|t| t.starts_with("text/event-stream")),
+        is_event_stream(got),
         "progress needs a stream: {:?}",
         got.headers
     );
@@ -1052,14 +1050,37 @@ fn is_json(got: &Raw) -> bool {
         .is_some_and(|t| t == "application/json")
 }
 
-#[tokio::test]
-async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
-) -> anyhow::Result<()> {
+fn is_event_stream(got: &Raw) -> bool {
+    got.headers
+        .get("content-type")
+        .and_then(|t| t.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/event-stream"))
+}
+
+/// `got` answers request `id` with a tool result whose first content is `text`.
+fn assert_answers(got: &Raw, id: u64, text: &str) {
+    assert_eq!(got.answer()["id"], id, "{}", got.text);
+    let answered = &got.answer()["result"]["content"][0]["text"];
+    assert_eq!(answered, text, "{}", got.text);
+}
+
+/// A gateway on `config` with one tenant on a fresh upstream, a raw MCP client of it, and
+/// the id of the session that client opened.
+async fn raw_session_on(
+    config: Config,
+) -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, RawMcp, String)> {
     let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
+    let gw = TestGateway::start_with(config).await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let mcp = raw_mcp(&gw, &t);
     let id = mcp.open_session().await?.expect("session opens");
+    Ok((upstream, gw, t, mcp, id))
+}
+
+#[tokio::test]
+async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
+) -> anyhow::Result<()> {
+    let (upstream, gw, t, mcp, id) = raw_session_on(Config::for_tests()).await?;
     let got = mcp
         .in_session(
             &id,
@@ -1072,13 +1093,7 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
         "served without an event stream: {:?}",
         got.headers
     );
-    assert_eq!(got.answer()["id"], 2, "{}", got.text);
-    assert_eq!(
-        got.answer()["result"]["content"][0]["text"],
-        "hi",
-        "{}",
-        got.text
-    );
+    assert_answers(&got, 2, "hi");
     assert_eq!(got.answer()["result"]["isError"], false, "{}", got.text);
     // Errors are rmcp's handler's: an unknown tool is invalid params, by the same id.
     let got = mcp
@@ -1121,20 +1136,8 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
     // so the request timeout cannot cut it), its result last.
     let sleep = |id: u64, ms: u64| tool_call(id, json!({"name": "sleep", "arguments": {"ms": ms}}));
     let got = mcp.in_session(&id, &sleep(6, 1_500)).await?;
-    assert!(
-        got.headers["content-type"]
-            .to_str()
-            .is_ok_and(|t| t.starts_with("text/event-stream")),
-        "{:?}",
-        got.headers
-    );
-    assert_eq!(got.answer()["id"], 6, "{}", got.text);
-    assert_eq!(
-        got.answer()["result"]["content"][0]["text"],
-        "slept 1500 ms",
-        "{}",
-        got.text
-    );
+    assert!(is_event_stream(&got), "{:?}", got.headers);
+    assert_answers(&got, 6, "slept 1500 ms");
     // Its client going away cancels it upstream at once (well before the 5 s upstream
     // timeout of the tests' configuration would).
     let streaming = mcp.in_session_unread(&id, &sleep(7, 20_000)).await?;
@@ -1149,16 +1152,12 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
 #[tokio::test]
 async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::Result<()> {
     use futures::StreamExt as _;
-    let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.mcp_session_idle = Duration::from_secs(2);
     // The session's timer allows for a call of up to the request timeout besides.
     config.upstream_timeout = Duration::from_millis(500);
     config.request_timeout = Duration::from_secs(1);
-    let gw = TestGateway::start_with(config).await?;
-    let t = tenant_on(&gw, &upstream.url).await?;
-    let mcp = raw_mcp(&gw, &t);
-    let id = mcp.open_session().await?.expect("session opens");
+    let (_upstream, gw, _t, mcp, id) = raw_session_on(config).await?;
     // The session's own stream ends when its session closes (rmcp closes an idle one; a
     // later request would rebuild it from its id, and the client would not notice).
     let stream = mcp.session_stream(&id).await?;
@@ -1177,7 +1176,7 @@ async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::R
         );
         let got = mcp.in_session(&id, &call).await?;
         assert_eq!(got.status, StatusCode::OK, "call {n}: {}", got.text);
-        assert_eq!(got.answer()["result"]["content"][0]["text"], "still here");
+        assert_answers(&got, n, "still here");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(!closed.is_finished(), "the session idled out while in use");
@@ -1188,11 +1187,7 @@ async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::R
 
 #[tokio::test]
 async fn ending_a_session_cancels_the_calls_the_gateway_serves_in_it() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
-    let t = tenant_on(&gw, &upstream.url).await?;
-    let mcp = raw_mcp(&gw, &t);
-    let id = mcp.open_session().await?.expect("session opens");
+    let (upstream, gw, t, mcp, id) = raw_session_on(Config::for_tests()).await?;
     let slow = {
         let (mcp, id) = (raw_mcp(&gw, &t), id.clone());
         let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 20_000}}));
