@@ -305,9 +305,7 @@ impl FastPath {
                     return json(&message);
                 }
                 // Progress came just before the result: all of it, then the result.
-                tokio::spawn(
-                    async move { messages.send(message).await }.in_current_span(),
-                );
+                tokio::spawn(send_last(messages, message, self.sessions.clone()).in_current_span());
                 None
             }
             Some(first) = answered.recv() => {
@@ -345,12 +343,22 @@ fn finish_in_task(
             }
         };
         let message = answer_message(id, drained(&sessions, &cancelled, result));
-        tokio::select! {
-            _ = messages.send(message) => {}
-            _ = sessions.cancelled() => {}
-        }
+        send_last(messages, message, sessions).await;
     };
     tokio::spawn(finish.in_current_span());
+}
+
+/// Puts a call's result last in its answer, waiting for a client slow to read it until the
+/// drain's end at most.
+async fn send_last(
+    messages: mpsc::Sender<ServerJsonRpcMessage>,
+    message: ServerJsonRpcMessage,
+    sessions: CancellationToken,
+) {
+    tokio::select! {
+        _ = messages.send(message) => {}
+        _ = sessions.cancelled() => {}
+    }
 }
 
 /// `first`, then the rest of a call's answer as it comes, as an event stream.
