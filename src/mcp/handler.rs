@@ -78,12 +78,11 @@ fn tenant_of(context: &RequestContext<RoleServer>) -> Result<&AuthContext, Error
         .ok_or_else(no_tenant)
 }
 
-fn request_id_of(context: &RequestContext<RoleServer>) -> Option<String> {
+fn request_id_of(context: &RequestContext<RoleServer>) -> Option<&RequestId> {
     context
         .extensions
         .get::<http::request::Parts>()
         .and_then(|parts| parts.extensions.get::<RequestId>())
-        .map(|id| id.id.clone())
 }
 
 impl ServerHandler for TenantMcp {
@@ -145,7 +144,7 @@ impl ServerHandler for TenantMcp {
             action: "tools.list",
             tool: None,
             arguments: None,
-            request_id: request_id_of(&context).as_deref(),
+            request_id: request_id_of(&context).map(|id| id.id.as_str()),
             outcome,
             started,
             request_bytes: None,
@@ -182,10 +181,7 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let ctx = tenant_of(&context)?;
-        let request_id = context
-            .extensions
-            .get::<http::request::Parts>()
-            .and_then(|parts| parts.extensions.get::<RequestId>());
+        let request_id = request_id_of(&context);
         let progress = ProgressRelay::for_request(&context);
         serve_call(
             &self.runtime,
