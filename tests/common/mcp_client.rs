@@ -108,7 +108,11 @@ pub async fn raw(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> anyhow::Result<Raw> {
-    let resp = request(http, method, url, headers, body).send().await?;
+    read(request(http, method, url, headers, body).send().await?).await
+}
+
+/// An answer, read whole.
+async fn read(resp: reqwest::Response) -> anyhow::Result<Raw> {
     let status = resp.status();
     let headers = resp.headers().clone();
     let text = resp.text().await?;
@@ -203,72 +207,48 @@ impl RawMcp {
         self.post(&headers, message).await
     }
 
+    /// A request in session `id` with `MCP-Protocol-Version: version`, this client's
+    /// credential and `body` (as JSON).
+    fn session_request(
+        &self,
+        method: reqwest::Method,
+        id: &str,
+        version: &str,
+        body: Option<&Value>,
+    ) -> reqwest::RequestBuilder {
+        let headers = [
+            ("authorization", self.auth.as_str()),
+            ("mcp-session-id", id),
+            ("mcp-protocol-version", version),
+        ];
+        request(&self.http, method, &self.url, &headers, body)
+    }
+
     /// `message` POSTed in session `id`, its answer not yet read.
     pub async fn in_session_unread(
         &self,
         id: &str,
         message: &Value,
     ) -> anyhow::Result<reqwest::Response> {
-        let headers = [
-            ("authorization", self.auth.as_str()),
-            ("content-type", "application/json"),
-            ("mcp-session-id", id),
-            ("mcp-protocol-version", SESSIONS),
-        ];
-        let req = request(
-            &self.http,
-            reqwest::Method::POST,
-            &self.url,
-            &headers,
-            Some(message),
-        );
+        let req = self.session_request(reqwest::Method::POST, id, SESSIONS, Some(message));
         Ok(req.send().await?)
     }
 
     /// The `GET` stream of session `id` (its server-initiated messages), as it answered.
     pub async fn session_stream(&self, id: &str) -> anyhow::Result<reqwest::Response> {
-        let headers = [
-            ("authorization", self.auth.as_str()),
-            ("mcp-session-id", id),
-            ("mcp-protocol-version", SESSIONS),
-        ];
-        let req = request(&self.http, reqwest::Method::GET, &self.url, &headers, None);
+        let req = self.session_request(reqwest::Method::GET, id, SESSIONS, None);
         Ok(req.send().await?)
     }
 
     /// `DELETE` of session `id` sent with `MCP-Protocol-Version: version`.
     pub async fn delete_with_version(&self, id: &str, version: &str) -> anyhow::Result<Raw> {
-        let headers = [
-            ("authorization", self.auth.as_str()),
-            ("mcp-session-id", id),
-            ("mcp-protocol-version", version),
-        ];
-        raw(
-            &self.http,
-            reqwest::Method::DELETE,
-            &self.url,
-            &headers,
-            None,
-        )
-        .await
+        let req = self.session_request(reqwest::Method::DELETE, id, version, None);
+        read(req.send().await?).await
     }
 
     /// Ends session `id` with `DELETE`.
     pub async fn close_session(&self, id: &str) -> anyhow::Result<reqwest::StatusCode> {
-        let headers = [
-            ("authorization", self.auth.as_str()),
-            ("mcp-session-id", id),
-            ("mcp-protocol-version", SESSIONS),
-        ];
-        let got = raw(
-            &self.http,
-            reqwest::Method::DELETE,
-            &self.url,
-            &headers,
-            None,
-        )
-        .await?;
-        Ok(got.status)
+        Ok(self.delete_with_version(id, SESSIONS).await?.status)
     }
 
     /// One 2026-07-28 request without a session: `params` get the `_meta` every such request
