@@ -193,8 +193,15 @@ async fn tool_call_audit(gw: &TestGateway, t: &CreatedTenant) -> anyhow::Result<
 /// A tenant whose upstream connection is up (one `echo` served): its upstream, the gateway,
 /// the tenant and the `echo` call.
 async fn connected_tenant() -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, Value)> {
+    connected_tenant_with(Config::for_tests()).await
+}
+
+/// [`connected_tenant`] on a gateway with `config`.
+async fn connected_tenant_with(
+    config: Config,
+) -> anyhow::Result<(TestUpstream, TestGateway, CreatedTenant, Value)> {
     let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start().await?;
+    let gw = TestGateway::start_with(config).await?;
     let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
     let echo = json!({"method": "echo", "params": {"text": "x"}});
     assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
@@ -241,6 +248,57 @@ async fn a_hanging_upstream_gives_504_at_the_timeout() -> anyhow::Result<()> {
         "{took:?}"
     );
     upstream.wait_for_cancellations(1).await?;
+    gw.stop().await
+}
+
+/// An upstream frozen with its connection open answers nothing, not even the ping that a
+/// timed-out call leads to: that connection is dropped, and once the upstream answers
+/// again the next call opens a new session instead of timing out on the old one for ever.
+#[tokio::test]
+async fn an_upstream_gone_silent_is_reconnected_after_a_timeout() -> anyhow::Result<()> {
+    let (upstream, gw, t, echo) = connected_tenant_with(timing_out()).await?;
+    let sessions = upstream.initializes();
+    upstream.set_silent(true);
+    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.status(&t.id).await.last_error.is_none() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the connection was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    upstream.set_silent(false);
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(upstream.initializes(), sessions + 1, "a new session");
+    gw.stop().await
+}
+
+/// Calls and pings time out in 300 ms.
+fn timing_out() -> Config {
+    let mut config = Config::for_tests();
+    config.upstream_timeout = Duration::from_millis(300);
+    config.upstream_connect_timeout = Duration::from_millis(300);
+    config
+}
+
+/// A slow tool times out too, but its upstream answers the ping: the connection stays.
+#[tokio::test]
+async fn a_slow_tool_keeps_its_connection() -> anyhow::Result<()> {
+    let (upstream, gw, t, echo) = connected_tenant_with(timing_out()).await?;
+    let sessions = upstream.initializes();
+    upstream.set_hang(true);
+    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    // Past the ping's own timeout: a ping that failed has dropped the connection by now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    upstream.set_hang(false);
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(upstream.initializes(), sessions, "the same session");
+    assert_eq!(gw.tenants.status(&t.id).await.last_error, None);
     gw.stop().await
 }
 

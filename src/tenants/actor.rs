@@ -22,7 +22,7 @@ use super::status::{ConnectionState, UpstreamStatus};
 use super::{ChangeFeed, RuntimeSettings};
 use crate::audit::{append_within, AuditWriter, ATTEMPT};
 use crate::store::{SharedStore, TenantRecord};
-use crate::upstream::{UpstreamClient, UpstreamEvent, UpstreamTarget};
+use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent, UpstreamTarget};
 
 /// How often a tenant's tool-list changes reach this replica's MCP sessions at most.
 const TELL_EVERY: Duration = Duration::from_millis(100);
@@ -95,6 +95,8 @@ pub struct TenantState {
     /// Kept to rebuild the limiter when the replica count changes.
     record: TenantRecord,
     failures: u32,
+    /// The connection (`generation`) a ping is checking, after a call on it timed out.
+    pinging: Option<u64>,
     last_error: Option<String>,
     last_used: Instant,
     /// Cancelled when this state drops (the actor stopped or crashed): see
@@ -189,6 +191,7 @@ impl Actor for TenantActor {
             tools_loading: false,
             stale_loads: 0,
             failures: 0,
+            pinging: None,
             last_error: None,
             last_used: Instant::now(),
             _stopping: stopped.clone().drop_guard(),
@@ -223,6 +226,8 @@ impl Actor for TenantActor {
                 generation,
                 failure,
             } => state.outcome(generation, failure),
+            TenantMsg::TimedOut { generation } => state.timed_out(&myself, generation),
+            TenantMsg::Pinged { generation, result } => state.pinged(generation, result),
             TenantMsg::AuditBatch => state.flush_audit(&myself),
             TenantMsg::WatchStop(reply) => {
                 let _ = reply.send(state.stopped.clone());
@@ -517,6 +522,42 @@ impl TenantState {
         }
     }
 
+    /// A request on connection `generation` got no answer in time. A slow tool does that
+    /// too, so it is not a failure by itself: a ping tells. An upstream that answers
+    /// nothing on an open connection (frozen, or a proxy that lost its way) would
+    /// otherwise time every call out for as long as the connection stays open.
+    fn timed_out(&mut self, myself: &ActorRef<TenantMsg>, generation: u64) {
+        let Connection::Ready(client) = &self.connection else {
+            return;
+        };
+        if generation != self.generation || self.pinging == Some(generation) {
+            return;
+        }
+        self.pinging = Some(generation);
+        let (client, me) = (client.clone(), myself.clone());
+        let within = self.settings.connect_timeout;
+        tokio::spawn(async move {
+            let result = client.ping(within).await;
+            let _ = me.cast(TenantMsg::Pinged { generation, result });
+        });
+    }
+
+    fn pinged(&mut self, generation: u64, result: Result<(), UpstreamError>) {
+        if self.pinging == Some(generation) {
+            self.pinging = None;
+        }
+        let Err(error) = result else { return };
+        // Any answer, an error one too, says the upstream is there.
+        let unanswered = error.is_transport() || matches!(error, UpstreamError::Timeout);
+        if !unanswered || generation != self.generation {
+            return;
+        }
+        tracing::warn!(tenant_id = %self.tenant_id, %error, "upstream did not answer a ping after a timeout; its connection is dropped");
+        self.connection_failed(format!(
+            "a call timed out and a ping then got no answer: {error}"
+        ));
+    }
+
     /// The ready connection failed a request: it is suspect, so it is dropped and the next
     /// call reconnects. Only its first failure counts: the other requests in flight on it
     /// fail with it, and one dropped connection under load must not add up to the failing
@@ -611,7 +652,7 @@ impl TenantState {
         myself: &ActorRef<TenantMsg>,
         generation: u64,
         epoch: u64,
-        result: Result<Vec<rmcp::model::Tool>, crate::upstream::UpstreamError>,
+        result: Result<Vec<rmcp::model::Tool>, UpstreamError>,
     ) {
         self.tools_loading = false;
         if let Err(err) = &result {
@@ -619,6 +660,9 @@ impl TenantState {
             // a tenant whose list expired must end up failing, not ready for ever.
             if err.is_transport() && generation == self.generation {
                 self.connection_failed(err.to_string());
+            }
+            if matches!(err, UpstreamError::Timeout) {
+                self.timed_out(myself, generation);
             }
         }
         let current = epoch == self.tools_epoch;

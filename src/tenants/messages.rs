@@ -120,6 +120,16 @@ pub enum TenantMsg {
         generation: u64,
         failure: Option<String>,
     },
+    /// A call or tool listing on connection `generation` got no answer in time: the actor
+    /// pings the upstream, one ping at a time, to tell a slow tool from a silent upstream.
+    TimedOut {
+        generation: u64,
+    },
+    /// The ping's outcome: no answer in time means the connection is dropped as failed.
+    Pinged {
+        generation: u64,
+        result: Result<(), UpstreamError>,
+    },
     /// The audit buffer holds a whole batch (see `audit_buffer`): write it.
     AuditBatch,
     /// A token cancelled when this actor stops (or crashes): the end of a downstream

@@ -225,6 +225,11 @@ impl TenantRuntime {
                 failure,
             });
         }
+        if matches!(result, Err(crate::upstream::UpstreamError::Timeout)) {
+            let _ = actor.cast(TenantMsg::TimedOut {
+                generation: lease.generation,
+            });
+        }
         let result = result.map_err(CallError::from);
         crate::metrics::upstream_latency(call_outcome(&result), started.elapsed());
         result

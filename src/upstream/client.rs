@@ -12,7 +12,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use rmcp::{
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotificationParam,
-        ClientRequest, PaginatedRequestParams, RequestId, ServerResult, Tool,
+        ClientRequest, PaginatedRequestParams, PingRequest, RequestId, ServerResult, Tool,
     },
     service::{ClientCacheConfig, PeerRequestOptions, RequestHandle, RoleClient, ServiceError},
     Peer,
@@ -205,6 +205,18 @@ impl UpstreamClient {
         let result = answer_relaying(handle, progress).await;
         guard.disarm();
         result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))
+    }
+
+    /// Sends MCP `ping` and waits for its answer, within `timeout`: whether the session
+    /// still answers at all. A call that timed out may be a slow tool or an upstream gone
+    /// silent on an open connection; a ping that gets no answer either tells them apart.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), UpstreamError> {
+        self.ensure_open()?;
+        let request = ClientRequest::PingRequest(PingRequest::default());
+        match tokio::time::timeout(timeout, self.request(request, None)).await {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(result) => result.map(|_| ()),
+        }
     }
 
     /// True once the session has ended; every call then fails with [`UpstreamError::Closed`].

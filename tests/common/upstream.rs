@@ -136,6 +136,12 @@ impl TestUpstream {
         }
     }
 
+    /// While on, no POST is answered, not even with headers: the server is frozen with its
+    /// connections open (no connection breaks, nothing tells the client it is gone).
+    pub fn set_silent(&self, on: bool) {
+        self.state.silent.store(on, Ordering::SeqCst);
+    }
+
     /// Stalled POSTs (see [`Self::set_stalling`]) whose connection is still open.
     pub fn stalled_open(&self) -> usize {
         self.state.stalled_open.load(Ordering::SeqCst)
@@ -364,6 +370,10 @@ async fn record_token(
     }
     let failing = state.failing_method.lock().ok().and_then(|f| f.clone());
     let stalling = state.stalling_method.lock().ok().and_then(|s| s.clone());
+    if request.method() == http::Method::POST && state.silent.load(Ordering::SeqCst) {
+        let _open = StalledPost::open(state.clone());
+        std::future::pending::<()>().await;
+    }
     if request.method() != http::Method::POST || (failing.is_none() && stalling.is_none()) {
         return next.run(request).await;
     }

@@ -49,6 +49,8 @@ pub struct State {
     /// A JSON-RPC method whose POSTs are never answered, not even with headers (an upstream
     /// that hangs and ignores cancellation).
     pub stalling_method: Mutex<Option<String>>,
+    /// Every POST is stalled as above: an upstream frozen with its connections open.
+    pub silent: AtomicBool,
     /// Stalled POSTs whose connection the client still holds open.
     pub stalled_open: AtomicUsize,
     /// How long a session's `DELETE` waits before it is served (0: not at all).
