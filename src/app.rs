@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::AuditWriter;
+use crate::audit::{budget::AuditBudget, AuditWriter};
 use crate::auth::Authenticator;
 use crate::cipher::TokenCipher;
 use crate::config::Config;
@@ -46,11 +46,17 @@ impl App {
         crate::metrics::set_series_cap(config.metrics_max_tenant_series);
         let lifecycle = Arc::new(Lifecycle::new(shutdown.clone()));
         crate::audit::spawn_retention(store.clone(), config.audit_retention_days, &lifecycle);
-        let audit = AuditWriter::start(store.clone(), &lifecycle, config.drain_timeout);
+        let audit_budget = Arc::new(AuditBudget::new(config.audit_buffer_bytes));
+        let audit = AuditWriter::start(
+            store.clone(),
+            &lifecycle,
+            config.drain_timeout,
+            audit_budget.clone(),
+        );
         let changes = ChangeFeed::new(1024);
         let cipher = TokenCipher::new(&config.encryption_key);
         let auth = Arc::new(Authenticator::new(&config, store.clone(), &changes));
-        let settings = RuntimeSettings::from_config(&config);
+        let settings = RuntimeSettings::from_config(&config, audit_budget);
         let replicas = settings.replicas.clone();
         let tenants = TenantRuntime::start(
             settings,

@@ -3,6 +3,7 @@
 //! retries what the store refused; tool-call events go through a bounded buffer per tenant
 //! (`tenants::audit_buffer`), which the tenant's actor writes in batches.
 
+pub mod budget;
 pub mod pending;
 mod writer;
 

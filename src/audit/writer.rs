@@ -4,7 +4,9 @@
 //! once; one the store refuses (the database is down) waits in a bounded queue that one
 //! task retries, so an outage loses none of them. Only a full queue, or a store still
 //! refusing when the process stops, drops events, and those are counted
-//! (`switchboard_audit_dropped_total`) and logged. Refused credentials, which anyone can
+//! (`switchboard_audit_dropped_total`) and logged. The queue's events take their bytes from
+//! the budget the tenants' audit buffers take theirs from ([`AuditBudget`]): past it, a new
+//! event is dropped as at a full queue. Refused credentials, which anyone can
 //! cause, may take only a share of the queue, so that they cannot push out the events of
 //! admin actions and tool calls during an outage.
 
@@ -18,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::budget::{held_bytes, AuditBudget};
 use crate::shutdown::Lifecycle;
 use crate::store::{AuditRecord, SharedStore, StoreError};
 
@@ -45,18 +48,26 @@ pub struct AuditWriter {
     stop: CancellationToken,
     /// Refused credentials in the queue (see [`REFUSALS_QUEUED`]).
     refusals: Arc<AtomicUsize>,
+    /// The bytes the queue's events hold, shared with every tenant's audit buffer.
+    budget: Arc<AuditBudget>,
 }
 
 impl AuditWriter {
     /// Starts the task that writes queued events. It runs until [`Self::close`], then
     /// writes what is left, retrying for at most `grace`.
-    pub fn start(store: SharedStore, lifecycle: &Lifecycle, grace: Duration) -> Self {
+    pub fn start(
+        store: SharedStore,
+        lifecycle: &Lifecycle,
+        grace: Duration,
+        budget: Arc<AuditBudget>,
+    ) -> Self {
         let (queue, queued) = mpsc::channel(QUEUE);
         let stop = CancellationToken::new();
         let refusals = Arc::new(AtomicUsize::new(0));
         let queued = Queued {
             events: queued,
             refusals: refusals.clone(),
+            budget: budget.clone(),
         };
         lifecycle
             .tasks
@@ -67,7 +78,14 @@ impl AuditWriter {
             writes: TaskTracker::new(),
             stop,
             refusals,
+            budget,
         }
+    }
+
+    /// The budget of bytes the queue takes its events' from, as the tenants' audit buffers
+    /// do.
+    pub fn budget(&self) -> &Arc<AuditBudget> {
+        &self.budget
     }
 
     /// Writes `event` now; when the store refuses it, it is queued and written later.
@@ -104,9 +122,19 @@ impl AuditWriter {
             crate::metrics::audit_dropped(1);
             return;
         }
+        let bytes = held_bytes(&event);
+        if !self.budget.take(bytes) {
+            if refusal {
+                self.refusals.fetch_sub(1, Ordering::Relaxed);
+            }
+            tracing::error!(action = %event.action, "audit events in memory past AUDIT_BUFFER_BYTES: event dropped");
+            crate::metrics::audit_dropped(1);
+            return;
+        }
         match self.queue.try_send(event) {
             Ok(()) => crate::metrics::audit_pending(1),
             Err(refused) => {
+                self.budget.give(bytes);
                 if refusal {
                     self.refusals.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -135,10 +163,11 @@ fn is_refusal(event: &AuditRecord) -> bool {
     event.action == super::REFUSED
 }
 
-/// The receiving end of the queue, with its count of refused credentials.
+/// The receiving end of the queue, with its count of refused credentials and its budget.
 struct Queued {
     events: mpsc::Receiver<AuditRecord>,
     refusals: Arc<AtomicUsize>,
+    budget: Arc<AuditBudget>,
 }
 
 /// Events taken from the queue and not written yet. What is left of them when the writing
@@ -147,13 +176,17 @@ struct Queued {
 struct Waiting {
     events: Vec<AuditRecord>,
     refusals: Arc<AtomicUsize>,
+    budget: Arc<AuditBudget>,
 }
 
 impl Waiting {
-    /// The first `n` events are done with: written, or counted as lost.
+    /// The first `n` events are done with: written, or counted as lost. Their bytes go back
+    /// to the budget (an event is not changed while it waits, so it holds what it took).
     fn done(&mut self, n: usize) {
         let refusals = self.events[..n].iter().filter(|e| is_refusal(e)).count();
         self.refusals.fetch_sub(refusals, Ordering::Relaxed);
+        let bytes = self.events[..n].iter().map(held_bytes).sum();
+        self.budget.give(bytes);
         crate::metrics::audit_pending(-(n as i64));
         self.events.drain(..n);
     }
@@ -181,6 +214,7 @@ async fn write_queued(
     let mut waiting = Waiting {
         events: Vec::new(),
         refusals: queued.refusals.clone(),
+        budget: queued.budget.clone(),
     };
     let mut pause = RETRY_FIRST;
     loop {
@@ -287,12 +321,63 @@ mod tests {
         }
     }
 
+    fn unbounded() -> Arc<AuditBudget> {
+        Arc::new(AuditBudget::new(usize::MAX))
+    }
+
+    fn admin_event(tenant: &str) -> AuditRecord {
+        crate::audit::event(Some(tenant), "tenant.delete", "admin", "success", None)
+    }
+
+    #[tokio::test]
+    async fn the_queue_holds_what_the_budget_lets_it_and_gives_it_back_once_written() {
+        // No tables yet: every write fails, as in an outage, until the migration below.
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let size = held_bytes(&admin_event("t"));
+        let budget = Arc::new(AuditBudget::new(2 * size + size / 2));
+        let writer = AuditWriter::start(
+            store.clone(),
+            &lifecycle,
+            Duration::from_secs(1),
+            budget.clone(),
+        );
+        for _ in 0..3 {
+            writer.queue(admin_event("t"));
+        }
+        assert_eq!(budget.held(), 2 * size, "the third was past the budget");
+        store.migrate().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored(&store, "t", "tenant.delete").await < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the queued events were not written"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(stored(&store, "t", "tenant.delete").await, 2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while budget.held() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "written events still hold {} bytes",
+                budget.held()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn refused_credentials_cannot_push_other_events_out_of_the_queue() {
         // No tables yet: every write fails, as in an outage, until the migration below.
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
         let lifecycle = Lifecycle::new(CancellationToken::new());
-        let writer = AuditWriter::start(store.clone(), &lifecycle, Duration::from_secs(1));
+        let writer = AuditWriter::start(
+            store.clone(),
+            &lifecycle,
+            Duration::from_secs(1),
+            unbounded(),
+        );
         for _ in 0..QUEUE {
             writer.queue(crate::audit::event(
                 Some("anyone"),
@@ -302,13 +387,7 @@ mod tests {
                 None,
             ));
         }
-        writer.queue(crate::audit::event(
-            Some("t"),
-            "tenant.delete",
-            "admin",
-            "success",
-            None,
-        ));
+        writer.queue(admin_event("t"));
         store.migrate().await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while stored(&store, "t", "tenant.delete").await == 0 {

@@ -13,94 +13,17 @@
 //! writer's full queue): never lost uncounted.
 //!
 //! Two bounds hold: each buffer's count of events (`AUDIT_BUFFER_SIZE`), and the bytes all of
-//! a process's buffers hold together ([`AuditBudget`], `AUDIT_BUFFER_BYTES`), since during
-//! a database outage every tenant's buffer fills at once. Past either, the appending
-//! tenant's oldest events go first; past the bytes, the new event too when that tenant
-//! holds none.
+//! a process's buffers hold together with the writer's queue ([`AuditBudget`],
+//! `AUDIT_BUFFER_BYTES`), since during a database outage every tenant's buffer fills at
+//! once. Past either, the appending tenant's oldest events go first; past the bytes, the
+//! new event too when that tenant holds none.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::audit::budget::{held_bytes, AuditBudget};
 use crate::audit::AuditWriter;
 use crate::store::AuditRecord;
-
-/// The bytes all of a process's tenant audit buffers hold (each event's size in memory, as
-/// [`held_bytes`] reckons it), and how many they may hold.
-#[derive(Debug)]
-pub struct AuditBudget {
-    held: AtomicUsize,
-    most: usize,
-}
-
-impl AuditBudget {
-    pub fn new(most: usize) -> Self {
-        Self {
-            held: AtomicUsize::new(0),
-            most,
-        }
-    }
-
-    /// What the buffers hold now.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
-    }
-
-    /// What is left of the budget.
-    fn free(&self) -> usize {
-        self.most.saturating_sub(self.held())
-    }
-
-    /// Takes `bytes` of the budget, if that many are left.
-    fn take(&self, bytes: usize) -> bool {
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes).filter(|&after| after <= self.most)
-            })
-            .is_ok()
-    }
-
-    fn give(&self, bytes: usize) {
-        self.held.fetch_sub(bytes, Ordering::AcqRel);
-    }
-}
-
-/// An event's size in memory, near enough: the record, its text, and its detail as the
-/// tree of values it is (a number in an array costs a whole value, not its digits).
-fn held_bytes(event: &AuditRecord) -> usize {
-    let text = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
-    std::mem::size_of::<AuditRecord>()
-        + event.id.capacity()
-        + event.action.capacity()
-        + event.actor.capacity()
-        + event.outcome.capacity()
-        + text(&event.tenant_id)
-        + text(&event.request_id)
-        + text(&event.tool)
-        + event.detail.as_ref().map_or(0, value_bytes)
-}
-
-/// What a JSON value takes in memory: itself, and what it owns. An object's entry is
-/// reckoned at its key, its value and as much again as a value for the map's own node.
-fn value_bytes(value: &serde_json::Value) -> usize {
-    use serde_json::Value;
-    const VALUE: usize = std::mem::size_of::<Value>();
-    VALUE
-        + match value {
-            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
-            Value::String(s) => s.capacity(),
-            Value::Array(items) => {
-                (items.capacity() - items.len()) * VALUE
-                    + items.iter().map(value_bytes).sum::<usize>()
-            }
-            Value::Object(map) => map
-                .iter()
-                .map(|(key, value)| {
-                    std::mem::size_of::<String>() + key.capacity() + VALUE + value_bytes(value)
-                })
-                .sum(),
-        }
-}
 
 pub struct AuditBuffer {
     state: Mutex<Buffered>,
@@ -377,8 +300,10 @@ mod tests {
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
         store.migrate().await.unwrap();
         let lifecycle = Lifecycle::new(CancellationToken::new());
-        let writer = AuditWriter::start(store.clone(), &lifecycle, Duration::from_secs(1));
         let budget = Arc::new(AuditBudget::new(usize::MAX));
+        let grace = Duration::from_secs(1);
+        let writer = AuditWriter::start(store.clone(), &lifecycle, grace, budget);
+        let budget = writer.budget().clone();
         (AuditBuffer::new(capacity, batch, writer, budget), store)
     }
 
@@ -403,7 +328,10 @@ mod tests {
     async fn the_bytes_all_buffers_hold_are_bounded_the_appending_tenants_oldest_first() {
         let (_, store) = buffer(1, 1).await;
         let lifecycle = Lifecycle::new(CancellationToken::new());
-        let writer = AuditWriter::start(store, &lifecycle, Duration::from_secs(1));
+        // The writer's queue has a budget of its own here, so that `close` below shows
+        // what the buffers hold.
+        let unbounded = Arc::new(AuditBudget::new(usize::MAX));
+        let writer = AuditWriter::start(store, &lifecycle, Duration::from_secs(1), unbounded);
         let size = held_bytes(&big_event(1));
         let budget = Arc::new(AuditBudget::new(2 * size + size / 2));
         let a = AuditBuffer::new(100, 100, writer.clone(), budget.clone());

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use crate::audit::budget::AuditBudget;
 use crate::config::Config;
-use audit_buffer::AuditBudget;
 
 /// The numbers the tenant runtime works by, all from the configuration.
 #[derive(Debug, Clone)]
@@ -49,7 +49,9 @@ pub struct RuntimeSettings {
 }
 
 impl RuntimeSettings {
-    pub fn from_config(config: &Config) -> Self {
+    /// `audit_budget`: what the tenants' audit buffers hold in memory at most, shared with
+    /// the audit writer's queue.
+    pub fn from_config(config: &Config, audit_budget: Arc<AuditBudget>) -> Self {
         Self {
             upstream_timeout: config.upstream_timeout,
             connect_timeout: config.upstream_connect_timeout,
@@ -64,7 +66,7 @@ impl RuntimeSettings {
             rate_burst: config.tenant_rate_burst,
             audit_buffer: config.audit_buffer_size,
             audit_batch: config.audit_batch_size,
-            audit_budget: Arc::new(AuditBudget::new(config.audit_buffer_bytes)),
+            audit_budget,
             stop_grace: config.drain_timeout,
             replicas: Arc::new(AtomicU32::new(1)),
         }
@@ -191,7 +193,8 @@ mod tests {
 
     #[test]
     fn a_call_waits_for_the_slowest_connect_and_list_an_actor_may_be_doing() {
-        let mut settings = RuntimeSettings::from_config(&Config::for_tests());
+        let mut settings =
+            RuntimeSettings::from_config(&Config::for_tests(), Arc::new(AuditBudget::new(1 << 20)));
         settings.connect_timeout = Duration::from_secs(10);
         settings.upstream_timeout = Duration::from_secs(30);
         // `auto` connects twice at worst, then lists the tools.
