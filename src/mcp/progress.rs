@@ -157,3 +157,71 @@ pub async fn run_relaying<T>(
     }
     Some(result)
 }
+
+#[cfg(test)]
+mod tests {
+    use rmcp::model::NumberOrString;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn token(name: &str) -> ProgressToken {
+        ProgressToken(NumberOrString::String(name.into()))
+    }
+
+    /// The answer's notification as the progress it carries.
+    fn progress_in(message: ServerJsonRpcMessage) -> ProgressNotificationParam {
+        match message {
+            ServerJsonRpcMessage::Notification(notification) => match notification.notification {
+                ServerNotification::ProgressNotification(progress) => progress.params,
+                other => panic!("not progress: {other:?}"),
+            },
+            other => panic!("not a notification: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_its_call_up_once() {
+        // Room for one message, and nobody reading: the second waits, then gives up.
+        let (answer, mut read) = mpsc::channel(1);
+        let (sink, relay) = ProgressRelay::into_answer(token("client's"), answer);
+        let sink = sink.expect("a sink");
+        let call = async move {
+            for n in 0..5 {
+                let update = ProgressNotificationParam::new(token("gateway's"), f64::from(n));
+                sink.send(update).await.expect("the relay reads");
+            }
+            "result"
+        };
+        let started = Instant::now();
+        let result = run_relaying(call, relay, &CancellationToken::new()).await;
+        assert_eq!(result, Some("result"));
+        let took = started.elapsed();
+        assert!(took >= SEND && took < 2 * SEND, "waited {took:?}, not once");
+        let first = progress_in(read.try_recv().expect("the first was relayed"));
+        assert_eq!(first.progress_token, token("client's"), "readdressed");
+        assert_eq!(first.progress, 0.0);
+        assert!(read.try_recv().is_err(), "the rest was dropped");
+    }
+
+    #[tokio::test]
+    async fn progress_passed_on_before_the_call_ends_is_relayed_before_its_result() {
+        let (answer, mut read) = mpsc::channel(8);
+        let (sink, relay) = ProgressRelay::into_answer(token("client's"), answer);
+        let sink = sink.expect("a sink");
+        let call = async move {
+            for n in 0..3 {
+                let update = ProgressNotificationParam::new(token("gateway's"), f64::from(n));
+                sink.send(update).await.expect("the relay reads");
+            }
+        };
+        assert_eq!(
+            run_relaying(call, relay, &CancellationToken::new()).await,
+            Some(())
+        );
+        for n in 0..3 {
+            let relayed = progress_in(read.try_recv().expect("relayed before the return"));
+            assert_eq!(relayed.progress, f64::from(n), "in order");
+        }
+    }
+}
