@@ -276,6 +276,58 @@ async fn an_upstream_gone_silent_is_reconnected_after_a_timeout() -> anyhow::Res
     gw.stop().await
 }
 
+/// An upstream that opens sessions and then answers nothing on them: each round a call
+/// times out, its ping gets no answer and the connection is dropped, and the next call
+/// opens a new one. The timeouts must not reset the count of failures in a row, or such a
+/// tenant would reconnect for ever, a full timeout per call, and never back off.
+#[tokio::test]
+async fn an_upstream_that_answers_only_handshakes_ends_up_failing() -> anyhow::Result<()> {
+    let (upstream, gw, t, echo) = connected_tenant_with(timing_out()).await?;
+    upstream.set_stalling(&["tools/call", "ping"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "never failing");
+        let (status, headers, body) = gw.tool(&t, echo.clone()).await?;
+        if status == StatusCode::BAD_GATEWAY && headers.contains_key("retry-after") {
+            break;
+        }
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+        // This round's ping fails and drops the connection before the next round.
+        let dropped = Instant::now() + Duration::from_secs(5);
+        while gw.tenants.status(&t.id).await.state
+            == switchboard::tenants::status::ConnectionState::Ready
+        {
+            anyhow::ensure!(Instant::now() < dropped, "the connection was never dropped");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(upstream.initializes() >= 10, "{}", upstream.initializes());
+    gw.stop().await
+}
+
+/// A busy upstream whose ping waits behind its work, but which answers other calls
+/// meanwhile, is there: its connection stays.
+#[tokio::test]
+async fn an_upstream_that_answers_calls_but_not_the_ping_keeps_its_connection() -> anyhow::Result<()>
+{
+    let (upstream, gw, t, echo) = connected_tenant_with(timing_out()).await?;
+    let sessions = upstream.initializes();
+    upstream.set_stalling(&["ping"]);
+    upstream.set_hang(true);
+    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    upstream.set_hang(false);
+    // Calls answered all through the ping's window, and past it.
+    let answering = Instant::now() + Duration::from_millis(800);
+    while Instant::now() < answering {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(gw.tenants.status(&t.id).await.last_error, None);
+    assert_eq!(upstream.initializes(), sessions, "the same session");
+    gw.stop().await
+}
+
 /// Calls and pings time out in 300 ms.
 fn timing_out() -> Config {
     let mut config = Config::for_tests();

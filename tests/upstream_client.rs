@@ -224,7 +224,7 @@ async fn abandon_calls_to_a_stalling_upstream(
     transport: TransportKind,
 ) -> anyhow::Result<()> {
     let (client, _events) = connect(url, transport).await?;
-    upstream.set_stalling(Some("tools/call"));
+    upstream.set_stalling(&["tools/call"]);
     let abandoned = (0..300).map(|_| {
         client.call_tool(
             "echo",
@@ -240,7 +240,7 @@ async fn abandon_calls_to_a_stalling_upstream(
         .wait_for_no_stalled_posts()
         .await
         .with_context(|| format!("{} stalled POSTs still open", upstream.stalled_open()))?;
-    upstream.set_stalling(None);
+    upstream.set_stalling(&[]);
     let answer = client
         .call_tool("echo", args(json!({"text": "after"})), T, None)
         .await?;

@@ -523,9 +523,11 @@ impl TenantState {
     }
 
     /// A request on connection `generation` got no answer in time. A slow tool does that
-    /// too, so it is not a failure by itself: a ping tells. An upstream that answers
-    /// nothing on an open connection (frozen, or a proxy that lost its way) would
-    /// otherwise time every call out for as long as the connection stays open.
+    /// too, so it is not a failure by itself: a ping tells (see `UpstreamClient::ping`).
+    /// An upstream that answers nothing on an open connection (frozen, or a proxy that
+    /// lost its way) would otherwise time every call out for as long as the connection
+    /// stays open. An upstream that blocks on a slow tool and says nothing for a whole
+    /// `UPSTREAM_TIMEOUT_MS` after it is dropped too: its other calls could not end.
     fn timed_out(&mut self, myself: &ActorRef<TenantMsg>, generation: u64) {
         let Connection::Ready(client) = &self.connection else {
             return;
@@ -535,7 +537,9 @@ impl TenantState {
         }
         self.pinging = Some(generation);
         let (client, me) = (client.clone(), myself.clone());
-        let within = self.settings.connect_timeout;
+        // As long as a call may take: an upstream that says nothing for that long after a
+        // call gave up on it cannot serve calls.
+        let within = self.settings.upstream_timeout;
         tokio::spawn(async move {
             let result = client.ping(within).await;
             let _ = me.cast(TenantMsg::Pinged { generation, result });

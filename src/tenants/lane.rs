@@ -89,12 +89,17 @@ impl Lane {
     /// `Outcome`), which it must only while it counts failures in a row. Either way the
     /// tenant counts as in use at the actor's next tick.
     pub fn report_success(&self) -> bool {
+        self.mark_used();
+        self.counting_failures.load(Ordering::Relaxed)
+    }
+
+    /// Tells the actor, on its next tick, that the tenant is in use.
+    pub fn mark_used(&self) {
         // Read first: under load the flag is already set, and a load keeps the cache
         // line shared between the cores where a store would bounce it.
         if !self.used.load(Ordering::Relaxed) {
             self.used.store(true, Ordering::Relaxed);
         }
-        self.counting_failures.load(Ordering::Relaxed)
     }
 
     /// Whether calls ended quietly since the last time (actor only).

@@ -115,7 +115,8 @@ pub enum TenantMsg {
     Spend(RpcReplyPort<Result<(), CallError>>),
     /// How a leased call ended: transport failures count towards marking the tenant failing.
     /// A call leased from the lane sends it for a failure, and for a success only while the
-    /// actor counts failures in a row (see `lane`); a call leased from the actor always.
+    /// actor counts failures in a row (see `lane`); a call leased from the actor always. A
+    /// call that timed out sends `TimedOut` instead: it neither counts nor resets the count.
     Outcome {
         generation: u64,
         failure: Option<String>,

@@ -214,21 +214,28 @@ impl TenantRuntime {
             .err()
             .filter(|e| e.is_transport())
             .map(ToString::to_string);
-        // A success on the lane's lease tells the actor only what it needs (see `lane`).
-        let report = match (&failure, &lane) {
-            (None, Some(lane)) => lane.report_success(),
-            _ => true,
-        };
-        if report {
-            let _ = actor.cast(TenantMsg::Outcome {
-                generation: lease.generation,
-                failure,
-            });
-        }
         if matches!(result, Err(crate::upstream::UpstreamError::Timeout)) {
+            // Says nothing of the connection by itself: it neither counts towards failing
+            // nor resets the count (an upstream that takes sessions and then answers
+            // nothing must still end up failing). The ping it leads to decides.
+            if let Some(lane) = &lane {
+                lane.mark_used();
+            }
             let _ = actor.cast(TenantMsg::TimedOut {
                 generation: lease.generation,
             });
+        } else {
+            // A success on the lane's lease tells the actor only what it needs (see `lane`).
+            let report = match (&failure, &lane) {
+                (None, Some(lane)) => lane.report_success(),
+                _ => true,
+            };
+            if report {
+                let _ = actor.cast(TenantMsg::Outcome {
+                    generation: lease.generation,
+                    failure,
+                });
+            }
         }
         let result = result.map_err(CallError::from);
         crate::metrics::upstream_latency(call_outcome(&result), started.elapsed());

@@ -207,15 +207,26 @@ impl UpstreamClient {
         result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))
     }
 
-    /// Sends MCP `ping` and waits for its answer, within `timeout`: whether the session
-    /// still answers at all. A call that timed out may be a slow tool or an upstream gone
-    /// silent on an open connection; a ping that gets no answer either tells them apart.
-    pub async fn ping(&self, timeout: Duration) -> Result<(), UpstreamError> {
+    /// Sends MCP `ping` and waits for its answer, within `window`: whether the upstream
+    /// still says anything at all on this session. A call that timed out may be a slow
+    /// tool or an upstream gone silent on an open connection; the ping tells them apart.
+    /// A ping with no answer still passes when anything else came from the upstream
+    /// meanwhile (another call's answer, a notification): a busy upstream, or one whose
+    /// POST slots are all taken, is there.
+    pub async fn ping(&self, window: Duration) -> Result<(), UpstreamError> {
         self.ensure_open()?;
+        let heard = self.inner.progress.heard();
         let request = ClientRequest::PingRequest(PingRequest::default());
-        match tokio::time::timeout(timeout, self.request(request, None)).await {
+        let answered = match tokio::time::timeout(window, self.request(request, None)).await {
             Err(_) => Err(UpstreamError::Timeout),
             Ok(result) => result.map(|_| ()),
+        };
+        match answered {
+            Err(error) if self.inner.progress.heard() != heard => {
+                tracing::debug!(%error, "no answer to a ping, but the upstream said something else");
+                Ok(())
+            }
+            answered => answered,
         }
     }
 

@@ -44,9 +44,17 @@ struct Inbox {
 #[derive(Clone, Default)]
 pub(super) struct ProgressRoutes {
     routes: Arc<Mutex<Routes>>,
+    /// Every message the transport has read, of any kind: whether the upstream said
+    /// anything at all over a while (see [`super::UpstreamClient::ping`]).
+    heard: Arc<AtomicU64>,
 }
 
 impl ProgressRoutes {
+    /// Messages read off the connection so far.
+    pub(super) fn heard(&self) -> u64 {
+        self.heard.load(Ordering::Relaxed)
+    }
+
     /// Progress for `token` from now on, until the returned route is dropped.
     pub(super) fn subscribe(&self, token: ProgressToken) -> ProgressRoute {
         let (tx, rx) = mpsc::channel(ROUTE_CAPACITY);
@@ -131,7 +139,9 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for Ordered<T> {
 
     async fn receive(&mut self) -> Option<ServerJsonRpcMessage> {
         loop {
-            match self.inner.receive().await? {
+            let message = self.inner.receive().await?;
+            self.routes.heard.fetch_add(1, Ordering::Relaxed);
+            match message {
                 ServerJsonRpcMessage::Notification(JsonRpcNotification {
                     notification: ServerNotification::ProgressNotification(progress),
                     ..

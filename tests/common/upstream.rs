@@ -128,11 +128,11 @@ impl TestUpstream {
         }
     }
 
-    /// POSTs of JSON-RPC `method` are never answered, not even with headers, until the
-    /// client gives up on them (until `None`); everything else is served.
-    pub fn set_stalling(&self, method: Option<&str>) {
-        if let Ok(mut stalling) = self.state.stalling_method.lock() {
-            *stalling = method.map(str::to_owned);
+    /// POSTs of the JSON-RPC `methods` are never answered, not even with headers, until
+    /// the client gives up on them (until set to none); everything else is served.
+    pub fn set_stalling(&self, methods: &[&str]) {
+        if let Ok(mut stalling) = self.state.stalling_methods.lock() {
+            *stalling = methods.iter().map(|method| method.to_string()).collect();
         }
     }
 
@@ -369,12 +369,16 @@ async fn record_token(
         tokio::time::sleep(Duration::from_millis(slow_close as u64)).await;
     }
     let failing = state.failing_method.lock().ok().and_then(|f| f.clone());
-    let stalling = state.stalling_method.lock().ok().and_then(|s| s.clone());
+    let stalling = state
+        .stalling_methods
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     if request.method() == http::Method::POST && state.silent.load(Ordering::SeqCst) {
         let _open = StalledPost::open(state.clone());
         std::future::pending::<()>().await;
     }
-    if request.method() != http::Method::POST || (failing.is_none() && stalling.is_none()) {
+    if request.method() != http::Method::POST || (failing.is_none() && stalling.is_empty()) {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
@@ -387,7 +391,10 @@ async fn record_token(
     if method.is_some() && method == failing {
         return (http::StatusCode::BAD_GATEWAY, "failing on purpose").into_response();
     }
-    if method.is_some() && method == stalling {
+    if method
+        .as_ref()
+        .is_some_and(|method| stalling.contains(method))
+    {
         // Counted while this future lives: hyper drops it when the client closes the
         // connection.
         let _open = StalledPost::open(state);

@@ -46,9 +46,9 @@ pub struct State {
     /// A JSON-RPC method whose POSTs get HTTP 502 (an upstream that accepts sessions but
     /// fails that request).
     pub failing_method: Mutex<Option<String>>,
-    /// A JSON-RPC method whose POSTs are never answered, not even with headers (an upstream
+    /// JSON-RPC methods whose POSTs are never answered, not even with headers (an upstream
     /// that hangs and ignores cancellation).
-    pub stalling_method: Mutex<Option<String>>,
+    pub stalling_methods: Mutex<Vec<String>>,
     /// Every POST is stalled as above: an upstream frozen with its connections open.
     pub silent: AtomicBool,
     /// Stalled POSTs whose connection the client still holds open.
