@@ -46,17 +46,19 @@ impl App {
         crate::metrics::set_series_cap(config.metrics_max_tenant_series);
         let lifecycle = Arc::new(Lifecycle::new(shutdown.clone()));
         crate::audit::spawn_retention(store.clone(), config.audit_retention_days, &lifecycle);
+        // What audit events waiting for the store may hold in memory: the writer's queue
+        // and every tenant's buffer (which takes it from the writer) together.
         let audit_budget = Arc::new(AuditBudget::new(config.audit_buffer_bytes));
         let audit = AuditWriter::start(
             store.clone(),
             &lifecycle,
             config.drain_timeout,
-            audit_budget.clone(),
+            audit_budget,
         );
         let changes = ChangeFeed::new(1024);
         let cipher = TokenCipher::new(&config.encryption_key);
         let auth = Arc::new(Authenticator::new(&config, store.clone(), &changes));
-        let settings = RuntimeSettings::from_config(&config, audit_budget);
+        let settings = RuntimeSettings::from_config(&config);
         let replicas = settings.replicas.clone();
         let tenants = TenantRuntime::start(
             settings,

@@ -1,6 +1,7 @@
 //! The bytes of audit events held in memory, waiting for the store: every tenant's audit
 //! buffer and the audit writer's queue take them from one [`AuditBudget`]
-//! (`AUDIT_BUFFER_BYTES`), since during a database outage they all fill at once.
+//! (`AUDIT_BUFFER_BYTES`), since during a database outage they all fill at once; a part is
+//! kept for the queue.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -8,6 +9,9 @@ use crate::store::AuditRecord;
 
 /// The bytes all of a process's tenant audit buffers and its audit writer's queue hold
 /// (each event's size in memory, as [`held_bytes`] reckons it), and how many they may hold.
+/// The buffers may take all but [`Self::RESERVED`] of it; the rest is the queue's alone, so
+/// that busy tenants' tool calls cannot push out admin actions, issued tokens and the
+/// events of stopped actors during an outage.
 #[derive(Debug)]
 pub struct AuditBudget {
     held: AtomicUsize,
@@ -15,6 +19,9 @@ pub struct AuditBudget {
 }
 
 impl AuditBudget {
+    /// The share of the budget (one in this many bytes) only the writer's queue may take.
+    pub const RESERVED: usize = 8;
+
     pub fn new(most: usize) -> Self {
         Self {
             held: AtomicUsize::new(0),
@@ -27,16 +34,30 @@ impl AuditBudget {
         self.held.load(Ordering::Acquire)
     }
 
-    /// What is left of the budget.
-    pub(crate) fn free(&self) -> usize {
-        self.most.saturating_sub(self.held())
+    /// What the tenants' buffers may hold together.
+    fn buffers_most(&self) -> usize {
+        self.most - self.most / Self::RESERVED
     }
 
-    /// Takes `bytes` of the budget, if that many are left.
+    /// What is left of the budget for the tenants' buffers.
+    pub(crate) fn free(&self) -> usize {
+        self.buffers_most().saturating_sub(self.held())
+    }
+
+    /// Takes `bytes` for a tenant's buffer, if that many are left of its part.
     pub(crate) fn take(&self, bytes: usize) -> bool {
+        self.take_within(bytes, self.buffers_most())
+    }
+
+    /// Takes `bytes` for the writer's queue, if that many are left of the whole budget.
+    pub(crate) fn take_for_queue(&self, bytes: usize) -> bool {
+        self.take_within(bytes, self.most)
+    }
+
+    fn take_within(&self, bytes: usize, most: usize) -> bool {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes).filter(|&after| after <= self.most)
+                held.checked_add(bytes).filter(|&after| after <= most)
             })
             .is_ok()
     }
@@ -81,4 +102,21 @@ fn value_bytes(value: &serde_json::Value) -> usize {
                 })
                 .sum(),
         }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuditBudget;
+
+    #[test]
+    fn the_queue_has_a_part_of_the_budget_the_buffers_cannot_take() {
+        let budget = AuditBudget::new(800);
+        assert!(budget.take(700));
+        assert!(!budget.take(1), "the buffers' part is full");
+        assert_eq!(budget.free(), 0);
+        assert!(budget.take_for_queue(100), "the queue's is not");
+        assert!(!budget.take_for_queue(1));
+        budget.give(800);
+        assert_eq!(budget.held(), 0);
+    }
 }

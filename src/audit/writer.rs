@@ -114,20 +114,39 @@ impl AuditWriter {
 
     /// Hands `event` to the writing task without waiting for the store.
     pub fn queue(&self, event: AuditRecord) {
+        self.queue_charged(event, 0);
+    }
+
+    /// [`Self::queue`] for an event that holds `charged` bytes of the budget already (a
+    /// closed tenant buffer's): they are handed over with it, not given back first, where
+    /// another tenant's event could take them.
+    pub(crate) fn queue_charged(&self, event: AuditRecord, charged: usize) {
         let refusal = is_refusal(&event);
         if refusal && self.refusals.fetch_add(1, Ordering::Relaxed) >= REFUSALS_QUEUED {
             self.refusals.fetch_sub(1, Ordering::Relaxed);
+            self.budget.give(charged);
             // One line per event would let the same callers flood the log as well.
             tracing::debug!("audit queue's share of refused credentials full: event dropped");
             crate::metrics::audit_dropped(1);
             return;
         }
+        // The event holds exactly what `Waiting::done` gives back for it.
         let bytes = held_bytes(&event);
-        if !self.budget.take(bytes) {
+        let charged_in_full = match bytes.checked_sub(charged) {
+            Some(more) => self.budget.take_for_queue(more),
+            None => {
+                self.budget.give(charged - bytes);
+                true
+            }
+        };
+        if !charged_in_full {
+            self.budget.give(charged);
             if refusal {
                 self.refusals.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!("audit events in memory past AUDIT_BUFFER_BYTES: event dropped");
+            } else {
+                tracing::error!(action = %event.action, "audit events in memory past AUDIT_BUFFER_BYTES: event dropped");
             }
-            tracing::error!(action = %event.action, "audit events in memory past AUDIT_BUFFER_BYTES: event dropped");
             crate::metrics::audit_dropped(1);
             return;
         }

@@ -70,19 +70,16 @@ pub enum Appended {
 }
 
 impl AuditBuffer {
-    pub fn new(
-        capacity: usize,
-        batch: usize,
-        writer: AuditWriter,
-        budget: Arc<AuditBudget>,
-    ) -> Self {
+    /// A buffer whose bytes come from `writer`'s budget, which the events it hands over
+    /// keep holding there.
+    pub fn new(capacity: usize, batch: usize, writer: AuditWriter) -> Self {
         let capacity = capacity.max(1);
         Self {
             state: Mutex::default(),
             capacity,
             batch: batch.clamp(1, capacity),
+            budget: writer.budget().clone(),
             writer,
-            budget,
         }
     }
 
@@ -214,15 +211,19 @@ impl AuditBuffer {
     /// and is flushed at shutdown, and sends it every later one: the actor is gone (it
     /// crashed), or is ending with events its stop could not write.
     pub(super) fn close(&self) {
-        let left: Vec<AuditRecord> = {
+        let left: Vec<Held> = {
             let mut state = self.lock();
             state.closed = true;
-            // Events in flight settle later, with the writer: their bytes go back now too.
-            self.budget
-                .give(std::mem::take(&mut state.bytes) + std::mem::take(&mut state.in_flight));
-            state.events.drain(..).map(|held| held.event).collect()
+            // Events in flight settle later, with the writer: their bytes go back now. The
+            // events held go to the writer with theirs.
+            self.budget.give(std::mem::take(&mut state.in_flight));
+            state.bytes = 0;
+            state.events.drain(..).collect()
         };
-        self.hand_to_writer(left);
+        crate::metrics::audit_pending(-(left.len() as i64));
+        for held in left {
+            self.writer.queue_charged(held.event, held.bytes);
+        }
     }
 
     fn hand_to_writer(&self, events: Vec<AuditRecord>) {
@@ -303,8 +304,7 @@ mod tests {
         let budget = Arc::new(AuditBudget::new(usize::MAX));
         let grace = Duration::from_secs(1);
         let writer = AuditWriter::start(store.clone(), &lifecycle, grace, budget);
-        let budget = writer.budget().clone();
-        (AuditBuffer::new(capacity, batch, writer, budget), store)
+        (AuditBuffer::new(capacity, batch, writer), store)
     }
 
     /// An event whose detail makes it about 4 KiB in memory.
@@ -328,14 +328,13 @@ mod tests {
     async fn the_bytes_all_buffers_hold_are_bounded_the_appending_tenants_oldest_first() {
         let (_, store) = buffer(1, 1).await;
         let lifecycle = Lifecycle::new(CancellationToken::new());
-        // The writer's queue has a budget of its own here, so that `close` below shows
-        // what the buffers hold.
-        let unbounded = Arc::new(AuditBudget::new(usize::MAX));
-        let writer = AuditWriter::start(store, &lifecycle, Duration::from_secs(1), unbounded);
         let size = held_bytes(&big_event(1));
+        // Two events' worth for the buffers, with the writer's own part on top.
         let budget = Arc::new(AuditBudget::new(2 * size + size / 2));
-        let a = AuditBuffer::new(100, 100, writer.clone(), budget.clone());
-        let b = AuditBuffer::new(100, 100, writer, budget.clone());
+        let grace = Duration::from_secs(1);
+        let writer = AuditWriter::start(store, &lifecycle, grace, budget.clone());
+        let a = AuditBuffer::new(100, 100, writer.clone());
+        let b = AuditBuffer::new(100, 100, writer);
         for n in 1..=3 {
             assert_eq!(a.append(big_event(n)), Appended::Held);
         }
@@ -365,8 +364,16 @@ mod tests {
         assert_eq!(budget.held(), 0);
         assert_eq!(b.append(big_event(12)), Appended::Held);
         assert_eq!(budget.held(), held_bytes(&big_event(12)));
+        // A closed buffer hands its events to the writer with their bytes, which the
+        // writer gives back once they are written.
         b.close();
-        assert_eq!(budget.held(), 0, "a closed buffer holds nothing");
+        assert_eq!(b.len(), 0);
+        assert_eq!(budget.held(), held_bytes(&big_event(12)), "handed over");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while budget.held() > 0 {
+            assert!(std::time::Instant::now() < deadline, "never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::audit::budget::AuditBudget;
 use crate::config::Config;
 
 /// The numbers the tenant runtime works by, all from the configuration.
@@ -39,8 +38,6 @@ pub struct RuntimeSettings {
     pub rate_burst: u32,
     pub audit_buffer: usize,
     pub audit_batch: usize,
-    /// What all tenants' audit buffers may hold together, shared by them.
-    pub audit_budget: Arc<AuditBudget>,
     /// How long a stopping actor waits for its leased calls and audit writes.
     pub stop_grace: Duration,
     /// Replicas sharing the database (1 alone or on SQLite), kept current by the
@@ -49,9 +46,7 @@ pub struct RuntimeSettings {
 }
 
 impl RuntimeSettings {
-    /// `audit_budget`: what the tenants' audit buffers hold in memory at most, shared with
-    /// the audit writer's queue.
-    pub fn from_config(config: &Config, audit_budget: Arc<AuditBudget>) -> Self {
+    pub fn from_config(config: &Config) -> Self {
         Self {
             upstream_timeout: config.upstream_timeout,
             connect_timeout: config.upstream_connect_timeout,
@@ -66,7 +61,6 @@ impl RuntimeSettings {
             rate_burst: config.tenant_rate_burst,
             audit_buffer: config.audit_buffer_size,
             audit_batch: config.audit_batch_size,
-            audit_budget,
             stop_grace: config.drain_timeout,
             replicas: Arc::new(AtomicU32::new(1)),
         }
@@ -193,8 +187,7 @@ mod tests {
 
     #[test]
     fn a_call_waits_for_the_slowest_connect_and_list_an_actor_may_be_doing() {
-        let mut settings =
-            RuntimeSettings::from_config(&Config::for_tests(), Arc::new(AuditBudget::new(1 << 20)));
+        let mut settings = RuntimeSettings::from_config(&Config::for_tests());
         settings.connect_timeout = Duration::from_secs(10);
         settings.upstream_timeout = Duration::from_secs(30);
         // `auto` connects twice at worst, then lists the tools.

@@ -392,7 +392,6 @@ impl RegistryState {
             settings.audit_buffer,
             settings.audit_batch,
             self.args.audit.clone(),
-            settings.audit_budget.clone(),
         ));
         let args = TenantArgs {
             lane: lane.clone(),
