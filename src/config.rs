@@ -127,7 +127,7 @@ pub struct RawConfig {
     /// A tenant actor with no call for this long stops and closes its upstream connection.
     #[arg(long, global = true, env = "TENANT_IDLE_SECS", default_value_t = 300)]
     pub tenant_idle_secs: u64,
-    /// Upstream calls one tenant may have in flight; past it, 503 with `Retry-After`.
+    /// Upstream calls one tenant may have in flight; past it, 429 `rate_limited` with `Retry-After`.
     #[arg(
         long,
         global = true,
