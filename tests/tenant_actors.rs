@@ -328,6 +328,24 @@ async fn an_upstream_that_answers_calls_but_not_the_ping_keeps_its_connection() 
     gw.stop().await
 }
 
+/// The gateway is an MCP server too: a tenant whose upstream is another tenant's `/mcp`
+/// endpoint is served through it. That endpoint answers a session's quick call with JSON,
+/// not with an event stream as rmcp's server does, and the upstream side reads both.
+#[tokio::test]
+async fn a_tenant_whose_upstream_is_another_tenants_mcp_endpoint() -> anyhow::Result<()> {
+    let (upstream, gw, a, echo) = connected_tenant().await?;
+    let chained = format!("{}/mcp/{}", gw.base, a.id);
+    let b = gw.create_tenant(tenant_on(&chained, &a.api_key)).await?;
+    let calls = upstream.calls();
+    for _ in 0..3 {
+        let (status, _, body) = gw.tool(&b, echo.clone()).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["content"][0]["text"], "x", "{body}");
+    }
+    assert_eq!(upstream.calls(), calls + 3);
+    gw.stop().await
+}
+
 /// Calls and pings time out in 300 ms.
 fn timing_out() -> Config {
     let mut config = Config::for_tests();
