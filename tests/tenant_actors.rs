@@ -259,8 +259,7 @@ async fn an_upstream_gone_silent_is_reconnected_after_a_timeout() -> anyhow::Res
     let (upstream, gw, t, echo) = connected_tenant_with(timing_out()).await?;
     let sessions = upstream.initializes();
     upstream.set_silent(true);
-    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_times_out(&gw, &t, &echo).await?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while gw.tenants.status(&t.id).await.last_error.is_none() {
         anyhow::ensure!(
@@ -314,8 +313,7 @@ async fn an_upstream_that_answers_calls_but_not_the_ping_keeps_its_connection() 
     let sessions = upstream.initializes();
     upstream.set_stalling(&["ping"]);
     upstream.set_hang(true);
-    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_times_out(&gw, &t, &echo).await?;
     upstream.set_hang(false);
     // Calls answered all through the ping's window, and past it.
     let answering = Instant::now() + Duration::from_millis(800);
@@ -346,6 +344,13 @@ async fn a_tenant_whose_upstream_is_another_tenants_mcp_endpoint() -> anyhow::Re
     gw.stop().await
 }
 
+/// Calls `echo` for `t`, which must time out (504).
+async fn assert_times_out(gw: &TestGateway, t: &CreatedTenant, echo: &Value) -> anyhow::Result<()> {
+    let (status, _, body) = gw.tool(t, echo.clone()).await?;
+    anyhow::ensure!(status == StatusCode::GATEWAY_TIMEOUT, "{status} {body}");
+    Ok(())
+}
+
 /// Calls and pings time out in 300 ms.
 fn timing_out() -> Config {
     let mut config = Config::for_tests();
@@ -360,8 +365,7 @@ async fn a_slow_tool_keeps_its_connection() -> anyhow::Result<()> {
     let (upstream, gw, t, echo) = connected_tenant_with(timing_out()).await?;
     let sessions = upstream.initializes();
     upstream.set_hang(true);
-    let (status, _, body) = gw.tool(&t, echo.clone()).await?;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_times_out(&gw, &t, &echo).await?;
     // Past the ping's own timeout: a ping that failed has dropped the connection by now.
     tokio::time::sleep(Duration::from_millis(800)).await;
     upstream.set_hang(false);

@@ -180,19 +180,34 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_client_that_stops_reading_holds_its_call_up_once() {
-        // Room for one message, and nobody reading: the second waits, then gives up.
-        let (answer, mut read) = mpsc::channel(1);
+    /// A relay into an answer with room for `room` messages, and a call that passes on
+    /// `updates` progress notifications and ends with `result`.
+    fn relayed_call<T>(
+        room: usize,
+        updates: u32,
+        result: T,
+    ) -> (
+        impl Future<Output = T>,
+        Option<ProgressRelay>,
+        mpsc::Receiver<ServerJsonRpcMessage>,
+    ) {
+        let (answer, read) = mpsc::channel(room);
         let (sink, relay) = ProgressRelay::into_answer(token("client's"), answer);
         let sink = sink.expect("a sink");
         let call = async move {
-            for n in 0..5 {
+            for n in 0..updates {
                 let update = ProgressNotificationParam::new(token("gateway's"), f64::from(n));
                 sink.send(update).await.expect("the relay reads");
             }
-            "result"
+            result
         };
+        (call, relay, read)
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_its_call_up_once() {
+        // Room for one message, and nobody reading: the second waits, then gives up.
+        let (call, relay, mut read) = relayed_call(1, 5, "result");
         let started = Instant::now();
         let result = run_relaying(call, relay, &CancellationToken::new()).await;
         assert_eq!(result, Some("result"));
@@ -206,15 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn progress_passed_on_before_the_call_ends_is_relayed_before_its_result() {
-        let (answer, mut read) = mpsc::channel(8);
-        let (sink, relay) = ProgressRelay::into_answer(token("client's"), answer);
-        let sink = sink.expect("a sink");
-        let call = async move {
-            for n in 0..3 {
-                let update = ProgressNotificationParam::new(token("gateway's"), f64::from(n));
-                sink.send(update).await.expect("the relay reads");
-            }
-        };
+        let (call, relay, mut read) = relayed_call(8, 3, ());
         assert_eq!(
             run_relaying(call, relay, &CancellationToken::new()).await,
             Some(())
