@@ -551,7 +551,8 @@ impl TenantState {
             self.pinging = None;
         }
         let Err(error) = result else { return };
-        // Any answer, an error one too, says the upstream is there.
+        // A JSON-RPC answer, an error one too, says the upstream is there; an HTTP error
+        // status fails the ping as it fails a call (a transport failure).
         let unanswered = error.is_transport() || matches!(error, UpstreamError::Timeout);
         if !unanswered || generation != self.generation {
             return;
