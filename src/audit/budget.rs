@@ -39,9 +39,10 @@ impl AuditBudget {
         self.most - self.most / Self::RESERVED
     }
 
-    /// What is left of the budget for the tenants' buffers.
-    pub(crate) fn free(&self) -> usize {
-        self.buffers_most().saturating_sub(self.held())
+    /// How many bytes must be given back before `bytes` more fit in the buffers' part:
+    /// more than `bytes` when the queue holds some of that part too.
+    pub(crate) fn shortfall(&self, bytes: usize) -> usize {
+        (self.held() + bytes).saturating_sub(self.buffers_most())
     }
 
     /// Takes `bytes` for a tenant's buffer, if that many are left of its part.
@@ -113,10 +114,16 @@ mod tests {
         let budget = AuditBudget::new(800);
         assert!(budget.take(700));
         assert!(!budget.take(1), "the buffers' part is full");
-        assert_eq!(budget.free(), 0);
+        assert_eq!(budget.shortfall(10), 10);
         assert!(budget.take_for_queue(100), "the queue's is not");
         assert!(!budget.take_for_queue(1));
-        budget.give(800);
+        // The buffers take only while all that is held stays within their part: with the
+        // queue's 100 held too, 10 more for a buffer take 110 given back first.
+        assert_eq!(budget.shortfall(10), 110);
+        budget.give(110);
+        assert_eq!(budget.shortfall(10), 0);
+        assert!(budget.take(10));
+        budget.give(700);
         assert_eq!(budget.held(), 0);
     }
 }

@@ -529,6 +529,8 @@ impl TenantState {
     /// stays open. An upstream that blocks on a slow tool and says nothing for a whole
     /// `UPSTREAM_TIMEOUT_MS` after it is dropped too: its other calls could not end.
     fn timed_out(&mut self, myself: &ActorRef<TenantMsg>, generation: u64) {
+        // In use: the call said so when it was leased, and says so again as it ends.
+        self.last_used = Instant::now();
         let Connection::Ready(client) = &self.connection else {
             return;
         };

@@ -128,7 +128,7 @@ impl AuditBuffer {
         // free, could still make room; else the new event goes, and none of the old for
         // nothing.
         while !self.budget.take(bytes) {
-            if state.bytes + self.budget.free() < bytes || !self.drop_oldest(&mut state) {
+            if state.bytes < self.budget.shortfall(bytes) || !self.drop_oldest(&mut state) {
                 crate::metrics::audit_dropped(1);
                 return Appended::Dropped;
             }
@@ -374,6 +374,32 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never written");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_keeps_its_events_when_dropping_them_could_not_make_room() {
+        // No tables: the writer's queue keeps what it takes, as in an outage.
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let size = held_bytes(&big_event(1));
+        let budget = Arc::new(AuditBudget::new(2 * size + size / 4));
+        let grace = Duration::from_secs(1);
+        let writer = AuditWriter::start(store, &lifecycle, grace, budget.clone());
+        let a = AuditBuffer::new(100, 100, writer.clone());
+        let b = AuditBuffer::new(100, 100, writer.clone());
+        assert_eq!(b.append(big_event(10)), Appended::Held);
+        for n in 1..=3 {
+            assert_eq!(a.append(event(n)), Appended::Held);
+        }
+        // The queue takes past the buffers' part, which its own part lets it.
+        writer.queue(big_event(20));
+        assert!(
+            budget.shortfall(0) > 0,
+            "the queue holds some of the buffers' part"
+        );
+        // What this tenant holds could not make room: it keeps it, and the new one goes.
+        assert_eq!(a.append(event(4)), Appended::Dropped);
+        assert_eq!(a.len(), 3);
     }
 
     #[tokio::test]

@@ -210,9 +210,9 @@ impl UpstreamClient {
     /// Sends MCP `ping` and waits for its answer, within `window`: whether the upstream
     /// still says anything at all on this session. A call that timed out may be a slow
     /// tool or an upstream gone silent on an open connection; the ping tells them apart.
-    /// A ping with no answer still passes when anything else came from the upstream
-    /// meanwhile (another call's answer, a notification): a busy upstream, or one whose
-    /// POST slots are all taken, is there.
+    /// A ping that gets no answer in time still passes when other answers or progress
+    /// came from the upstream meanwhile: a busy upstream, or one whose POST slots are all
+    /// taken, is there. One that fails at once (an HTTP error, the connection gone) fails.
     pub async fn ping(&self, window: Duration) -> Result<(), UpstreamError> {
         self.ensure_open()?;
         let heard = self.inner.progress.heard();
@@ -222,7 +222,7 @@ impl UpstreamClient {
             Ok(result) => result.map(|_| ()),
         };
         match answered {
-            Err(error) if self.inner.progress.heard() != heard => {
+            Err(error @ UpstreamError::Timeout) if self.inner.progress.heard() != heard => {
                 tracing::debug!(%error, "no answer to a ping, but the upstream said something else");
                 Ok(())
             }

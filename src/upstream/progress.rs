@@ -44,13 +44,13 @@ struct Inbox {
 #[derive(Clone, Default)]
 pub(super) struct ProgressRoutes {
     routes: Arc<Mutex<Routes>>,
-    /// Every message the transport has read, of any kind: whether the upstream said
-    /// anything at all over a while (see [`super::UpstreamClient::ping`]).
+    /// The answers and progress the transport has read ([`is_work`]): whether the upstream
+    /// got on with its work over a while (see [`super::UpstreamClient::ping`]).
     heard: Arc<AtomicU64>,
 }
 
 impl ProgressRoutes {
-    /// Messages read off the connection so far.
+    /// Answers and progress read off the connection so far.
     pub(super) fn heard(&self) -> u64 {
         self.heard.load(Ordering::Relaxed)
     }
@@ -140,7 +140,9 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for Ordered<T> {
     async fn receive(&mut self) -> Option<ServerJsonRpcMessage> {
         loop {
             let message = self.inner.receive().await?;
-            self.routes.heard.fetch_add(1, Ordering::Relaxed);
+            if is_work(&message) {
+                self.routes.heard.fetch_add(1, Ordering::Relaxed);
+            }
             match message {
                 ServerJsonRpcMessage::Notification(JsonRpcNotification {
                     notification: ServerNotification::ProgressNotification(progress),
@@ -153,6 +155,27 @@ impl<T: Transport<RoleClient>> Transport<RoleClient> for Ordered<T> {
 
     fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
         self.inner.close()
+    }
+}
+
+/// Whether `message` shows the upstream at work: an answer or progress. Not its own
+/// requests or other notices (an upstream that pings its client while no call gets an
+/// answer is not serving), nor the error rmcp makes up for a request whose stream closed
+/// before its answer.
+fn is_work(message: &ServerJsonRpcMessage) -> bool {
+    const MADE_UP_BY_RMCP: &str = "io.modelcontextprotocol/transportClosed";
+    match message {
+        ServerJsonRpcMessage::Response(_) => true,
+        ServerJsonRpcMessage::Error(error) => error
+            .error
+            .data
+            .as_ref()
+            .is_none_or(|data| data.get(MADE_UP_BY_RMCP).is_none()),
+        ServerJsonRpcMessage::Notification(JsonRpcNotification {
+            notification: ServerNotification::ProgressNotification(_),
+            ..
+        }) => true,
+        _ => false,
     }
 }
 
@@ -201,5 +224,34 @@ mod tests {
         drop(route);
         assert!(routes.lock().is_empty());
         routes.route(update(&token, 1));
+    }
+
+    #[test]
+    fn only_answers_and_progress_show_the_upstream_at_work() {
+        let message = |value: serde_json::Value| -> ServerJsonRpcMessage {
+            serde_json::from_value(value).expect("a server message")
+        };
+        let id = 1;
+        assert!(is_work(&message(
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {}})
+        )));
+        assert!(is_work(&message(serde_json::json!({
+            "jsonrpc": "2.0", "id": id, "error": {"code": -32602, "message": "bad"}
+        }))));
+        assert!(is_work(&message(serde_json::json!({
+            "jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": 7, "progress": 1}
+        }))));
+        // What rmcp makes up for a stream closed before its answer.
+        assert!(!is_work(&message(serde_json::json!({
+            "jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": "closed",
+                "data": {"io.modelcontextprotocol/transportClosed": 1}}
+        }))));
+        assert!(!is_work(&message(serde_json::json!({
+            "jsonrpc": "2.0", "method": "notifications/tools/list_changed"
+        }))));
+        assert!(!is_work(&message(
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "ping"})
+        )));
     }
 }
