@@ -344,6 +344,28 @@ async fn a_tenant_whose_upstream_is_another_tenants_mcp_endpoint() -> anyhow::Re
     gw.stop().await
 }
 
+/// The ping after a timeout may take as long as a call may, not just a connect: an
+/// upstream slow to answer it (busier than a connect allows for) keeps its connection.
+#[tokio::test]
+async fn a_ping_may_take_as_long_as_a_call() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.upstream_timeout = Duration::from_millis(600);
+    config.upstream_connect_timeout = Duration::from_millis(100);
+    let (upstream, gw, t, echo) = connected_tenant_with(config).await?;
+    let sessions = upstream.initializes();
+    upstream.set_slow_ping(Duration::from_millis(300));
+    upstream.set_hang(true);
+    assert_times_out(&gw, &t, &echo).await?;
+    upstream.set_hang(false);
+    // Past the ping's answer (300 ms), and past the window it would have had (600 ms).
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(gw.tenants.status(&t.id).await.last_error, None);
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(upstream.initializes(), sessions, "the same session");
+    gw.stop().await
+}
+
 /// Calls `echo` for `t`, which must time out (504).
 async fn assert_times_out(gw: &TestGateway, t: &CreatedTenant, echo: &Value) -> anyhow::Result<()> {
     let (status, _, body) = gw.tool(t, echo.clone()).await?;

@@ -136,6 +136,12 @@ impl TestUpstream {
         }
     }
 
+    /// Pings are answered only after `wait` (an upstream slow to answer while busy).
+    pub fn set_slow_ping(&self, wait: Duration) {
+        let ms = wait.as_millis() as usize;
+        self.state.slow_ping_ms.store(ms, Ordering::SeqCst);
+    }
+
     /// While on, no POST is answered, not even with headers: the server is frozen with its
     /// connections open (no connection breaks, nothing tells the client it is gone).
     pub fn set_silent(&self, on: bool) {
@@ -378,7 +384,10 @@ async fn record_token(
         let _open = StalledPost::open(state.clone());
         std::future::pending::<()>().await;
     }
-    if request.method() != http::Method::POST || (failing.is_none() && stalling.is_empty()) {
+    let slow_ping = state.slow_ping_ms.load(Ordering::SeqCst) as u64;
+    if request.method() != http::Method::POST
+        || (failing.is_none() && stalling.is_empty() && slow_ping == 0)
+    {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
@@ -390,6 +399,9 @@ async fn record_token(
         .and_then(|m| m["method"].as_str().map(str::to_owned));
     if method.is_some() && method == failing {
         return (http::StatusCode::BAD_GATEWAY, "failing on purpose").into_response();
+    }
+    if method.as_deref() == Some("ping") {
+        tokio::time::sleep(Duration::from_millis(slow_ping)).await;
     }
     if method
         .as_ref()

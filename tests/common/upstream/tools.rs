@@ -53,6 +53,8 @@ pub struct State {
     pub silent: AtomicBool,
     /// Stalled POSTs whose connection the client still holds open.
     pub stalled_open: AtomicUsize,
+    /// How long a `ping` waits before it is served (0: not at all).
+    pub slow_ping_ms: AtomicUsize,
     /// How long a session's `DELETE` waits before it is served (0: not at all).
     pub slow_close_ms: AtomicUsize,
     /// The next `tools/list` answer that ends a listing is computed, then held until
