@@ -775,8 +775,9 @@ async fn a_call_as_the_tenant_idles_out_gets_a_new_actor_not_a_503() -> anyhow::
     let echo = json!({"method": "echo", "params": {"text": "x"}});
     assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
     upstream.set_slow_close(Duration::from_secs(3));
-    // Idle after 300 ms, checked every 75 ms: by 600 ms it is closing its session.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Idle after 300 ms, checked every 75 ms: then it closes its session, which the
+    // upstream holds up (a fixed wait here came too early on a busy machine).
+    upstream.wait_for_deletes(1).await?;
     let initializes = upstream.initializes();
     let started = Instant::now();
     let (status, _, body) = gw.tool(&t, echo).await?;

@@ -247,6 +247,12 @@ impl TestUpstream {
             .await
     }
 
+    /// Waits until at least `n` session `DELETE`s have arrived (fails after 10 s).
+    pub async fn wait_for_deletes(&self, n: usize) -> anyhow::Result<()> {
+        self.wait_until(|state| state.deletes.load(Ordering::SeqCst) >= n)
+            .await
+    }
+
     /// Waits until at least `n` tool calls have arrived (fails after 10 s).
     pub async fn wait_for_calls(&self, n: usize) -> anyhow::Result<()> {
         self.wait_until(|state| state.calls.load(Ordering::SeqCst) >= n)
@@ -369,6 +375,9 @@ async fn record_token(
         if let Ok(mut tokens) = state.tokens.lock() {
             tokens.push(token);
         }
+    }
+    if request.method() == http::Method::DELETE {
+        state.bump(&state.deletes);
     }
     let slow_close = state.slow_close_ms.load(Ordering::SeqCst);
     if request.method() == http::Method::DELETE && slow_close > 0 {

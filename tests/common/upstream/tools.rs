@@ -55,6 +55,8 @@ pub struct State {
     pub stalled_open: AtomicUsize,
     /// How long a `ping` waits before it is served (0: not at all).
     pub slow_ping_ms: AtomicUsize,
+    /// Session `DELETE`s received (served or still waiting).
+    pub deletes: AtomicUsize,
     /// How long a session's `DELETE` waits before it is served (0: not at all).
     pub slow_close_ms: AtomicUsize,
     /// The next `tools/list` answer that ends a listing is computed, then held until
