@@ -300,11 +300,19 @@ mod tests {
     async fn buffer(capacity: usize, batch: usize) -> (AuditBuffer, SharedStore) {
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
         store.migrate().await.unwrap();
-        let lifecycle = Lifecycle::new(CancellationToken::new());
-        let budget = Arc::new(AuditBudget::new(usize::MAX));
-        let grace = Duration::from_secs(1);
-        let writer = AuditWriter::start(store.clone(), &lifecycle, grace, budget);
+        let (writer, _) = writer_within(store.clone(), usize::MAX);
         (AuditBuffer::new(capacity, batch, writer), store)
+    }
+
+    /// A writer on `store` whose queue and buffers hold `most` bytes at most, and its budget.
+    fn writer_within(store: SharedStore, most: usize) -> (AuditWriter, Arc<AuditBudget>) {
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let budget = Arc::new(AuditBudget::new(most));
+        let grace = Duration::from_secs(1);
+        (
+            AuditWriter::start(store, &lifecycle, grace, budget.clone()),
+            budget,
+        )
     }
 
     /// An event whose detail makes it about 4 KiB in memory.
@@ -327,12 +335,9 @@ mod tests {
     #[tokio::test]
     async fn the_bytes_all_buffers_hold_are_bounded_the_appending_tenants_oldest_first() {
         let (_, store) = buffer(1, 1).await;
-        let lifecycle = Lifecycle::new(CancellationToken::new());
         let size = held_bytes(&big_event(1));
         // Two events' worth for the buffers, with the writer's own part on top.
-        let budget = Arc::new(AuditBudget::new(2 * size + size / 2));
-        let grace = Duration::from_secs(1);
-        let writer = AuditWriter::start(store, &lifecycle, grace, budget.clone());
+        let (writer, budget) = writer_within(store, 2 * size + size / 2);
         let a = AuditBuffer::new(100, 100, writer.clone());
         let b = AuditBuffer::new(100, 100, writer);
         for n in 1..=3 {
@@ -380,11 +385,8 @@ mod tests {
     async fn a_tenant_keeps_its_events_when_dropping_them_could_not_make_room() {
         // No tables: the writer's queue keeps what it takes, as in an outage.
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
-        let lifecycle = Lifecycle::new(CancellationToken::new());
         let size = held_bytes(&big_event(1));
-        let budget = Arc::new(AuditBudget::new(2 * size + size / 4));
-        let grace = Duration::from_secs(1);
-        let writer = AuditWriter::start(store, &lifecycle, grace, budget.clone());
+        let (writer, budget) = writer_within(store, 2 * size + size / 4);
         let a = AuditBuffer::new(100, 100, writer.clone());
         let b = AuditBuffer::new(100, 100, writer.clone());
         assert_eq!(b.append(big_event(10)), Appended::Held);
