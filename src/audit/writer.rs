@@ -102,14 +102,31 @@ impl AuditWriter {
     }
 
     /// Queues the events `later` yields, when it does: for events still on their way (a
-    /// crashed tenant actor's batch write). [`Self::close`] waits for it like a write.
-    pub fn queue_later(&self, later: impl Future<Output = Vec<AuditRecord>> + Send + 'static) {
+    /// crashed tenant actor's batch write, which holds `charged` bytes of the budget until
+    /// then). [`Self::close`] waits for it like a write.
+    pub fn queue_later(
+        &self,
+        later: impl Future<Output = Vec<AuditRecord>> + Send + 'static,
+        charged: usize,
+    ) {
         let me = self.clone();
         self.writes.spawn(async move {
-            for event in later.await {
-                me.queue(event);
-            }
+            let events = later.await;
+            me.queue_all_charged(events, charged);
         });
+    }
+
+    /// Queues `events`, which hold `charged` bytes of the budget between them (a batch
+    /// taken from a tenant buffer): each takes its share, as the buffer reckoned it, and
+    /// what is left goes back.
+    pub(crate) fn queue_all_charged(&self, events: Vec<AuditRecord>, charged: usize) {
+        let mut left = charged;
+        for event in events {
+            let bytes = held_bytes(&event).min(left);
+            left -= bytes;
+            self.queue_charged(event, bytes);
+        }
+        self.budget.give(left);
     }
 
     /// Hands `event` to the writing task without waiting for the store.

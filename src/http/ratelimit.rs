@@ -12,11 +12,19 @@
 //! An IPv6 address counts by its /64 prefix, the block one host is usually given, so that
 //! a host cannot dodge its limit (or grow the table) by changing address. Per-tenant limits
 //! are not here: the tenant actor owns them.
+//!
+//! The tables have a hard cap, [`MOST_TRACKED`] addresses, against a caller with many
+//! addresses (a botnet, an IPv6 block larger than a /64): when they are full, the addresses
+//! that are back to a full budget are forgotten at once (at most once a second; otherwise
+//! every minute); if that leaves them full, every address not blocked already counts
+//! against one shared budget until there is room again. Under such an attack token
+//! requests may then be refused for everyone for a while; the gateway's memory stays
+//! bounded, and calls with a valid credential never spend from these budgets.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,18 +41,44 @@ use crate::shutdown::Lifecycle;
 /// How often addresses that are back to a full burst are forgotten.
 const RETAIN_EVERY: Duration = Duration::from_secs(60);
 
+/// The most addresses the limiter tracks at once (some 5 MB): with the defaults an address
+/// is forgotten two seconds after its last request once the tables are full, so it takes
+/// some 50,000 new addresses a second to fill them.
+pub const MOST_TRACKED: usize = 100_000;
+
+/// How often, at most, full tables are cleaned up at once (from a request).
+const RETAIN_FULL_EVERY: Duration = Duration::from_secs(1);
+
+/// What an address spends from: its own budget, or, while the tables are full, the one that
+/// every address shares then.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Counted {
+    Address(IpAddr),
+    Shared,
+}
+
 pub struct AuthLimiter {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
-    /// Addresses whose refused credentials ran their budget out, and until when.
-    blocked: Mutex<HashMap<IpAddr, Instant>>,
+    limiter: DefaultKeyedRateLimiter<Counted>,
+    /// What ran its budget out on refused credentials (an address, or the shared budget),
+    /// and until when.
+    blocked: Mutex<HashMap<Counted, Instant>>,
     /// Whether `blocked` may hold an address: false, as it is unless someone is guessing,
     /// every tenant request skips its lock.
     any_blocked: AtomicBool,
     trust_proxy: bool,
+    /// The cap on addresses tracked ([`MOST_TRACKED`]; smaller in tests).
+    most_tracked: usize,
+    /// When full tables were last cleaned up at once, in ms since `started`.
+    retained_full_at: AtomicU64,
+    started: Instant,
 }
 
 impl AuthLimiter {
     pub fn new(config: &Config) -> Self {
+        Self::with_cap(config, MOST_TRACKED)
+    }
+
+    fn with_cap(config: &Config, most_tracked: usize) -> Self {
         let rate = NonZeroU32::new(config.auth_rate_limit).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.auth_rate_burst).unwrap_or(NonZeroU32::MIN);
         Self {
@@ -52,14 +86,47 @@ impl AuthLimiter {
             blocked: Mutex::new(HashMap::new()),
             any_blocked: AtomicBool::new(false),
             trust_proxy: config.trust_proxy,
+            most_tracked,
+            retained_full_at: AtomicU64::new(0),
+            started: Instant::now(),
         }
     }
 
     /// Spends one request of `client`'s budget; `Err` holds how long to wait.
     pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
+        self.spend(self.counted(client))
+    }
+
+    fn spend(&self, counted: Counted) -> Result<(), Duration> {
         self.limiter
-            .check_key(&client)
+            .check_key(&counted)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// What `client` spends from now: its own budget while the tables have room (made by
+    /// forgetting the past first when they are full), the shared one otherwise.
+    fn counted(&self, client: IpAddr) -> Counted {
+        if self.limiter.len() >= self.most_tracked && !self.retain_full() {
+            return Counted::Shared;
+        }
+        Counted::Address(client)
+    }
+
+    /// Forgets the past at once if that was not done in the last [`RETAIN_FULL_EVERY`]
+    /// (one caller does it; the others go on meanwhile); whether the tables have room.
+    fn retain_full(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.retained_full_at.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= RETAIN_FULL_EVERY.as_millis() as u64;
+        if due
+            && self
+                .retained_full_at
+                .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.forget_the_past();
+        }
+        self.limiter.len() < self.most_tracked
     }
 
     /// Spends one request of the caller's budget: the client address from `headers` and
@@ -72,11 +139,11 @@ impl AuthLimiter {
     /// it, the address is blocked (see [`Self::blocked`]) until it refills, and the answer
     /// is 429.
     pub fn refused(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
-        let client = self.client_of(headers, peer);
-        let wait = self.check(client).err()?;
+        let counted = self.counted(self.client_of(headers, peer));
+        let wait = self.spend(counted).err()?;
         // A poisoned lock is taken as it is: the map holds only instants.
         let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
-        blocked.insert(client, Instant::now() + wait);
+        blocked.insert(counted, Instant::now() + wait);
         self.any_blocked.store(true, Ordering::Release);
         Some(limited(wait))
     }
@@ -98,21 +165,34 @@ impl AuthLimiter {
             && self.blocked_for(self.client_of(headers, peer)).is_some()
     }
 
-    /// How long `client` stays blocked, if it is.
+    /// How long `client` stays blocked, if it is: its own block, or while the tables are
+    /// full, the shared budget's.
     fn blocked_for(&self, client: IpAddr) -> Option<Duration> {
         if !self.any_blocked.load(Ordering::Acquire) {
             return None;
         }
-        let blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
-        let left = blocked
-            .get(&client)?
-            .checked_duration_since(Instant::now())?;
+        let (own, shared) = {
+            let blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
+            let until = |counted| blocked.get(&counted).copied();
+            (until(Counted::Address(client)), until(Counted::Shared))
+        };
+        let until = own.or(shared.filter(|_| self.limiter.len() >= self.most_tracked))?;
+        let left = until.checked_duration_since(Instant::now())?;
         (!left.is_zero()).then_some(left)
     }
 
-    /// Addresses tracked now (for tests of the memory bound).
+    /// Budgets tracked now: addresses, and the shared one (for tests of the memory bound).
     pub fn tracked(&self) -> usize {
         self.limiter.len()
+    }
+
+    /// Blocks held now (for tests of the memory bound).
+    #[cfg(test)]
+    fn blocks(&self) -> usize {
+        self.blocked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Forgets the addresses whose limit is back to full, and the blocks that are over.
@@ -323,5 +403,56 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
         assert!(limiter.check(IpAddr::from([192, 0, 2, 2])).is_ok());
         assert_eq!(limiter.tracked(), 2);
+    }
+
+    #[test]
+    fn past_the_cap_new_addresses_share_one_budget() {
+        let mut config = Config::for_tests();
+        config.auth_rate_limit = 1;
+        config.auth_rate_burst = 2;
+        let limiter = AuthLimiter::with_cap(&config, 4);
+        let headers = HeaderMap::new();
+        let peer = |n: u32| Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)));
+        // The first four addresses fill the tables; every later one, each a first request
+        // from its address, spends from the one shared budget (a burst of two).
+        let admitted = (0..1000)
+            .filter(|n| limiter.admit(&headers, peer(*n)).is_ok())
+            .count();
+        assert_eq!(admitted, 4 + 2);
+        assert_eq!(limiter.tracked(), 5, "four addresses and the shared budget");
+        // Refused credentials from yet more addresses block the shared budget, not each.
+        for n in 1000..2000 {
+            assert!(limiter.refused(&headers, peer(n)).is_some());
+        }
+        assert_eq!(limiter.blocks(), 1);
+        assert!(limiter.is_blocked(&headers, peer(5000)));
+        // While the tables are full, an address with a budget of its own left spends from
+        // the shared one as well.
+        assert!(limiter.blocked(&headers, peer(0)).is_err());
+        assert!(limiter.admit(&headers, peer(0)).is_err());
+        assert_eq!(limiter.tracked(), 5);
+    }
+
+    #[test]
+    fn full_tables_forget_the_addresses_back_to_a_full_budget_at_once() {
+        let mut config = Config::for_tests();
+        config.auth_rate_limit = 1000;
+        config.auth_rate_burst = 1;
+        let limiter = AuthLimiter::with_cap(&config, 4);
+        let headers = HeaderMap::new();
+        let peer = |n: u32| Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)));
+        for n in 0..4 {
+            assert!(limiter.admit(&headers, peer(n)).is_ok());
+        }
+        assert_eq!(limiter.tracked(), 4);
+        // A millisecond refills a budget of one; the next new address finds the tables
+        // full, and the clean-up that makes room runs then, not a minute later.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(limiter.admit(&headers, peer(4)).is_ok());
+        assert_eq!(
+            limiter.tracked(),
+            1,
+            "the four forgotten, the new one its own"
+        );
     }
 }

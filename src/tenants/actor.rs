@@ -825,13 +825,16 @@ impl TenantState {
         let Some((write, n)) = self.audit_write.take() else {
             return;
         };
+        // The batch's bytes stay charged until the writer has its outcome.
+        let charged = self.audit.hand_over_in_flight();
         if tokio::runtime::Handle::try_current().is_err() {
             // No runtime left to wait on it in (the process is ending).
             write.abort();
+            self.audit_queue.budget().give(charged);
             batch_lost(n);
             return;
         }
-        self.audit_queue.queue_later(async move {
+        let later = async move {
             match write.await {
                 Ok(Ok(written)) => {
                     crate::metrics::audit_pending(-(written as i64));
@@ -847,7 +850,8 @@ impl TenantState {
                     Vec::new()
                 }
             }
-        });
+        };
+        self.audit_queue.queue_later(later, charged);
     }
 
     fn flush_audit(&mut self, myself: &ActorRef<TenantMsg>) {

@@ -178,8 +178,9 @@ impl AuditBuffer {
     pub(super) fn put_back(&self, events: Vec<AuditRecord>) {
         let mut state = self.lock();
         if state.closed {
+            let charged = std::mem::take(&mut state.in_flight);
             drop(state);
-            self.hand_to_writer(events);
+            self.hand_to_writer(events, charged);
             return;
         }
         for event in events.into_iter().rev() {
@@ -209,14 +210,14 @@ impl AuditBuffer {
 
     /// Hands every event held to the audit writer, which retries while the store refuses
     /// and is flushed at shutdown, and sends it every later one: the actor is gone (it
-    /// crashed), or is ending with events its stop could not write.
+    /// crashed), or is ending with events its stop could not write. The events held go
+    /// with their bytes; a batch in flight keeps its own until it settles here
+    /// ([`Self::settled`], [`Self::put_back`]) or is handed over with its write
+    /// ([`Self::hand_over_in_flight`]).
     pub(super) fn close(&self) {
         let left: Vec<Held> = {
             let mut state = self.lock();
             state.closed = true;
-            // Events in flight settle later, with the writer: their bytes go back now. The
-            // events held go to the writer with theirs.
-            self.budget.give(std::mem::take(&mut state.in_flight));
             state.bytes = 0;
             state.events.drain(..).collect()
         };
@@ -226,20 +227,28 @@ impl AuditBuffer {
         }
     }
 
-    fn hand_to_writer(&self, events: Vec<AuditRecord>) {
+    /// The bytes of the batch in flight, still charged, for whoever takes over its write
+    /// (the audit writer, for a closing actor): they go with its events if it fails, so
+    /// that no other tenant can take them between.
+    pub(super) fn hand_over_in_flight(&self) -> usize {
+        std::mem::take(&mut self.lock().in_flight)
+    }
+
+    /// Events of a closed buffer to the writer, with `charged` bytes between them.
+    fn hand_to_writer(&self, events: Vec<AuditRecord>, charged: usize) {
         // The writer counts them as waiting again.
         crate::metrics::audit_pending(-(events.len() as i64));
-        for event in events {
-            self.writer.queue(event);
-        }
+        self.writer.queue_all_charged(events, charged);
     }
 }
 
 impl Drop for AuditBuffer {
     /// A buffer is closed before it goes (see `TenantState`); one that was not gives its
-    /// events to the writer all the same, and its bytes back.
+    /// events to the writer all the same, and its bytes back (those of a batch in flight
+    /// too: nothing can settle it here any more).
     fn drop(&mut self) {
         self.close();
+        self.budget.give(self.hand_over_in_flight());
     }
 }
 
@@ -402,6 +411,86 @@ mod tests {
         // What this tenant holds could not make room: it keeps it, and the new one goes.
         assert_eq!(a.append(event(4)), Appended::Dropped);
         assert_eq!(a.len(), 3);
+    }
+
+    /// Two tenants' buffers on a writer with room for two big events in the buffers and
+    /// half of one more for its queue, on a store with no tables: the writer's queue keeps
+    /// what it takes, as in an outage. The first tenant holds a batch of two in flight.
+    async fn two_tenants_one_batch_in_flight() -> (
+        AuditBuffer,
+        AuditBuffer,
+        Vec<AuditRecord>,
+        AuditWriter,
+        Arc<AuditBudget>,
+    ) {
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        let size = held_bytes(&big_event(1));
+        let (writer, budget) = writer_within(store, 2 * size + size / 2);
+        let a = AuditBuffer::new(100, 100, writer.clone());
+        let b = AuditBuffer::new(100, 100, writer.clone());
+        for n in 1..=2 {
+            assert_eq!(a.append(big_event(n)), Appended::Held);
+        }
+        let batch = a.take_batch();
+        assert_eq!(budget.held(), 2 * size);
+        (a, b, batch, writer, budget)
+    }
+
+    #[tokio::test]
+    async fn a_batch_in_flight_keeps_its_bytes_through_a_close_and_its_failed_write() {
+        let (a, b, batch, _writer, budget) = two_tenants_one_batch_in_flight().await;
+        let held = budget.held();
+        a.close();
+        assert_eq!(
+            budget.held(),
+            held,
+            "the batch in flight still holds its bytes"
+        );
+        assert_eq!(
+            b.append(big_event(10)),
+            Appended::Dropped,
+            "none free meanwhile"
+        );
+        // Its write failed: the events go to the writer with the bytes they held.
+        a.put_back(batch);
+        assert_eq!(budget.held(), held);
+        assert_eq!(b.append(big_event(11)), Appended::Dropped);
+    }
+
+    #[tokio::test]
+    async fn a_batch_in_flight_handed_to_the_writer_keeps_its_bytes_until_it_settles() {
+        let (a, b, batch, writer, budget) = two_tenants_one_batch_in_flight().await;
+        let held = budget.held();
+        // As a closing actor does with its write in flight.
+        a.close();
+        let charged = a.hand_over_in_flight();
+        assert_eq!(charged, held);
+        let (failed, outcome) = tokio::sync::oneshot::channel::<()>();
+        writer.queue_later(
+            async move {
+                let _ = outcome.await;
+                batch
+            },
+            charged,
+        );
+        // The writer's task waits on the outcome now.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            b.append(big_event(10)),
+            Appended::Dropped,
+            "none free meanwhile"
+        );
+        failed.send(()).unwrap();
+        // The failed batch is queued with its own bytes: still none free for another.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(budget.held(), held);
+        assert_eq!(b.append(big_event(11)), Appended::Dropped);
+        drop(a);
+        assert_eq!(
+            budget.held(),
+            held,
+            "a dropped buffer gives back only what it holds"
+        );
     }
 
     #[tokio::test]
