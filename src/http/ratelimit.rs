@@ -13,13 +13,15 @@
 //! a host cannot dodge its limit (or grow the table) by changing address. Per-tenant limits
 //! are not here: the tenant actor owns them.
 //!
-//! The tables have a hard cap, [`MOST_TRACKED`] addresses, against a caller with many
+//! The tables have a cap of about [`MOST_TRACKED`] addresses, against a caller with many
 //! addresses (a botnet, an IPv6 block larger than a /64): when they are full, the addresses
 //! that are back to a full budget are forgotten at once (at most once a second; otherwise
-//! every minute); if that leaves them full, every address not blocked already counts
-//! against one shared budget until there is room again. Under such an attack token
-//! requests may then be refused for everyone for a while; the gateway's memory stays
-//! bounded, and calls with a valid credential never spend from these budgets.
+//! every minute); if that leaves them full, every address counts against one shared budget
+//! until there is room again, and once refused credentials run that out, every address is
+//! blocked as one. So the gateway's memory stays bounded, and guessing stays limited, at a
+//! price while such an attack lasts: token requests, admin requests and tenant API keys
+//! not in the credential cache may get 429 from any address. Calls with a JWT or a cached
+//! API key go on as before.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -41,9 +43,11 @@ use crate::shutdown::Lifecycle;
 /// How often addresses that are back to a full burst are forgotten.
 const RETAIN_EVERY: Duration = Duration::from_secs(60);
 
-/// The most addresses the limiter tracks at once (some 5 MB): with the defaults an address
-/// is forgotten two seconds after its last request once the tables are full, so it takes
-/// some 50,000 new addresses a second to fill them.
+/// About the most addresses the limiter tracks at once (some 5 MB; it may overshoot by a
+/// request per worker thread, and the shared budget is one more): once the tables are full
+/// an address is forgotten as soon as its budget is full again, two seconds after its last
+/// request at most with the defaults, so it takes tens of thousands of new addresses a
+/// second to keep them full.
 pub const MOST_TRACKED: usize = 100_000;
 
 /// How often, at most, full tables are cleaned up at once (from a request).
@@ -75,17 +79,18 @@ pub struct AuthLimiter {
 
 impl AuthLimiter {
     pub fn new(config: &Config) -> Self {
-        Self::with_cap(config, MOST_TRACKED)
-    }
-
-    fn with_cap(config: &Config, most_tracked: usize) -> Self {
         let rate = NonZeroU32::new(config.auth_rate_limit).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.auth_rate_burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(rate).allow_burst(burst);
+        Self::with(quota, config.trust_proxy, MOST_TRACKED)
+    }
+
+    fn with(quota: Quota, trust_proxy: bool, most_tracked: usize) -> Self {
         Self {
-            limiter: DefaultKeyedRateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
             blocked: Mutex::new(HashMap::new()),
             any_blocked: AtomicBool::new(false),
-            trust_proxy: config.trust_proxy,
+            trust_proxy,
             most_tracked,
             retained_full_at: AtomicU64::new(0),
             started: Instant::now(),
@@ -124,7 +129,8 @@ impl AuthLimiter {
                 .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            self.forget_the_past();
+            // Not shrunk: the tables fill again at once.
+            self.forget_the_past(false);
         }
         self.limiter.len() < self.most_tracked
     }
@@ -176,8 +182,11 @@ impl AuthLimiter {
             let until = |counted| blocked.get(&counted).copied();
             (until(Counted::Address(client)), until(Counted::Shared))
         };
-        let until = own.or(shared.filter(|_| self.limiter.len() >= self.most_tracked))?;
-        let left = until.checked_duration_since(Instant::now())?;
+        let now = Instant::now();
+        let until = own
+            .filter(|until| *until > now)
+            .or(shared.filter(|_| self.limiter.len() >= self.most_tracked))?;
+        let left = until.checked_duration_since(now)?;
         (!left.is_zero()).then_some(left)
     }
 
@@ -195,14 +204,17 @@ impl AuthLimiter {
             .len()
     }
 
-    /// Forgets the addresses whose limit is back to full, and the blocks that are over.
-    fn forget_the_past(&self) {
+    /// Forgets the addresses whose limit is back to full, and the blocks that are over; and
+    /// gives the memory back if `shrink`.
+    fn forget_the_past(&self, shrink: bool) {
         self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
         let mut blocked = self.blocked.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         blocked.retain(|_, until| *until > now);
-        blocked.shrink_to_fit();
+        if shrink {
+            self.limiter.shrink_to_fit();
+            blocked.shrink_to_fit();
+        }
         // Under the lock, so that no insert is missed between the two.
         self.any_blocked
             .store(!blocked.is_empty(), Ordering::Release);
@@ -224,7 +236,7 @@ impl AuthLimiter {
                     _ = tick.tick() => {}
                 }
                 let Some(me) = me.upgrade() else { break };
-                me.forget_the_past();
+                me.forget_the_past(true);
             }
         });
     }
@@ -407,10 +419,10 @@ mod tests {
 
     #[test]
     fn past_the_cap_new_addresses_share_one_budget() {
-        let mut config = Config::for_tests();
-        config.auth_rate_limit = 1;
-        config.auth_rate_burst = 2;
-        let limiter = AuthLimiter::with_cap(&config, 4);
+        // Per minute: no budget refills while the test runs, however slow the machine.
+        let per_minute =
+            Quota::per_minute(NonZeroU32::MIN).allow_burst(NonZeroU32::new(2).unwrap());
+        let limiter = AuthLimiter::with(per_minute, false, 4);
         let headers = HeaderMap::new();
         let peer = |n: u32| Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)));
         // The first four addresses fill the tables; every later one, each a first request
@@ -435,10 +447,8 @@ mod tests {
 
     #[test]
     fn full_tables_forget_the_addresses_back_to_a_full_budget_at_once() {
-        let mut config = Config::for_tests();
-        config.auth_rate_limit = 1000;
-        config.auth_rate_burst = 1;
-        let limiter = AuthLimiter::with_cap(&config, 4);
+        let per_ms = Quota::per_second(NonZeroU32::new(1000).unwrap());
+        let limiter = AuthLimiter::with(per_ms, false, 4);
         let headers = HeaderMap::new();
         let peer = |n: u32| Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)));
         for n in 0..4 {

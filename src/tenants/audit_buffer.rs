@@ -84,7 +84,7 @@ impl AuditBuffer {
     }
 
     /// Takes the first `n` events out for a write: their bytes stay charged, as in flight,
-    /// until [`Self::written`], [`Self::put_back`] or [`Self::close`].
+    /// until [`Self::settled`], [`Self::put_back`] or [`Self::hand_over_in_flight`].
     fn take(state: &mut Buffered, n: usize) -> Vec<AuditRecord> {
         state
             .events
@@ -422,10 +422,11 @@ mod tests {
         Vec<AuditRecord>,
         AuditWriter,
         Arc<AuditBudget>,
+        SharedStore,
     ) {
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
         let size = held_bytes(&big_event(1));
-        let (writer, budget) = writer_within(store, 2 * size + size / 2);
+        let (writer, budget) = writer_within(store.clone(), 2 * size + size / 2);
         let a = AuditBuffer::new(100, 100, writer.clone());
         let b = AuditBuffer::new(100, 100, writer.clone());
         for n in 1..=2 {
@@ -433,12 +434,12 @@ mod tests {
         }
         let batch = a.take_batch();
         assert_eq!(budget.held(), 2 * size);
-        (a, b, batch, writer, budget)
+        (a, b, batch, writer, budget, store)
     }
 
     #[tokio::test]
     async fn a_batch_in_flight_keeps_its_bytes_through_a_close_and_its_failed_write() {
-        let (a, b, batch, _writer, budget) = two_tenants_one_batch_in_flight().await;
+        let (a, b, batch, _writer, budget, _store) = two_tenants_one_batch_in_flight().await;
         let held = budget.held();
         a.close();
         assert_eq!(
@@ -459,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_in_flight_handed_to_the_writer_keeps_its_bytes_until_it_settles() {
-        let (a, b, batch, writer, budget) = two_tenants_one_batch_in_flight().await;
+        let (a, b, batch, writer, budget, store) = two_tenants_one_batch_in_flight().await;
         let held = budget.held();
         // As a closing actor does with its write in flight.
         a.close();
@@ -491,6 +492,21 @@ mod tests {
             held,
             "a dropped buffer gives back only what it holds"
         );
+        // The store back: the writer writes the batch, and its bytes come back.
+        store.migrate().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while budget.held() > 0 {
+            assert!(Instant::now() < deadline, "never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let query = AuditQuery {
+            tenant_id: "t".into(),
+            limit: 10,
+            ..Default::default()
+        };
+        let mut written = numbers(&store.list_audit(&query).await.unwrap());
+        written.sort_unstable();
+        assert_eq!(written, [1, 2]);
     }
 
     #[tokio::test]
