@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
-use common::mcp_client::{connect, initialize_request, raw, Raw, RawMcp};
+use common::mcp_client::{connect, first_event_id, initialize_request, raw, Raw, RawMcp};
 use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use rmcp::model::CallToolRequestParams;
@@ -1138,15 +1138,43 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
     let got = mcp.in_session(&id, &sleep(6, 1_500)).await?;
     assert!(is_event_stream(&got), "{:?}", got.headers);
     assert_answers(&got, 6, "slept 1500 ms");
-    // Its client going away cancels it upstream at once (well before the 5 s upstream
-    // timeout of the tests' configuration would).
-    let streaming = mcp.in_session_unread(&id, &sleep(7, 20_000)).await?;
+    // Its client's connection breaking does not cancel it (MCP: a disconnection is not a
+    // cancel). The stream's first event, before any message, gives the client an id to
+    // resume from; the rest of the stream comes to a GET with it as `Last-Event-ID`.
+    let mut streaming = mcp.in_session_unread(&id, &sleep(7, 1_500)).await?;
     assert_eq!(streaming.status(), StatusCode::OK);
+    let priming = first_event_id(&mut streaming).await?;
     drop(streaming);
-    tokio::time::timeout(Duration::from_secs(2), upstream.wait_for_cancellations(2))
-        .await
-        .context("the call went on after its client left")??;
+    let resumed = mcp.resume(&id, &priming).await?;
+    assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text);
+    assert!(is_event_stream(&resumed), "{:?}", resumed.headers);
+    assert_answers(&resumed, 7, "slept 1500 ms");
+    assert_eq!(
+        upstream.cancellations(),
+        1,
+        "only the call its client cancelled"
+    );
+    // Once more from the result's own id: nothing is left after it. From another session
+    // of the tenant, or another tenant, the id names nothing: rmcp answers that with an
+    // empty stream.
+    let result_id = event_ids(&resumed.text).pop().expect("the result's id");
+    let after = mcp.resume(&id, &result_id).await?;
+    assert!(after.answer().is_null(), "{}", after.text);
+    assert!(after.text.is_empty(), "{}", after.text);
+    let again = mcp.resume(&id, &priming).await?;
+    assert_answers(&again, 7, "slept 1500 ms");
+    let other_session = mcp.open_session().await?.expect("session opens");
+    let elsewhere = mcp.resume(&other_session, &priming).await?;
+    assert!(elsewhere.answer().is_null(), "{}", elsewhere.text);
     gw.stop().await
+}
+
+/// The event ids of an event stream's text, in order.
+fn event_ids(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("id:"))
+        .map(|id| id.trim().to_owned())
+        .collect()
 }
 
 #[tokio::test]

@@ -18,10 +18,12 @@
 //!   version) and no multi-round-trip fields.
 //!
 //! Upstream progress for a client that asked for it, or a call that runs for a second,
-//! turns the answer into an event stream (the progress, readdressed to the client's token,
-//! then the result; keep-alives while it is quiet), as rmcp's server answers; a call with
-//! no progress that ends sooner is answered with JSON. Such a stream carries no event ids:
-//! it cannot be resumed with `Last-Event-ID`. A client that goes away cancels its call.
+//! turns the answer into an event stream (a priming event, the progress, readdressed to the
+//! client's token, then the result; keep-alives while it is quiet), as rmcp's server
+//! answers; a call with no progress that ends sooner is answered with JSON. Such a stream's
+//! events have ids, and are kept ([`super::replay`]): a client whose connection broke
+//! resumes it with a `GET` and `Last-Event-ID`. A client that goes away does not cancel its
+//! call (MCP: a disconnection is not a cancel; `notifications/cancelled` is).
 //!
 //! A call served here is not known to rmcp: the client's `notifications/cancelled` for it
 //! cancels it through [`InFlight`] (rmcp ignores the notice, as it does for any id it does
@@ -34,9 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt as _;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, JsonRpcVersion2_0, ProtocolVersion,
     RequestId, ServerJsonRpcMessage, ServerResult,
@@ -51,6 +51,7 @@ use tracing::Instrument as _;
 
 use super::handler::{serve_call, CallSettings};
 use super::progress::{self, ProgressRelay};
+use super::replay::{Replay, Replays};
 use crate::auth::AuthContext;
 use crate::http::error::ApiError;
 use crate::http::middleware::RequestId as HttpRequestId;
@@ -68,11 +69,27 @@ pub struct Call {
 /// Whether a request's headers let the fast path serve it: it accepts JSON and event
 /// streams, sends JSON, and names no protocol version, or one with sessions.
 pub fn headers_allow(headers: &HeaderMap) -> bool {
+    let (json, event_stream) = accepted(headers);
+    let sends_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON));
+    json && event_stream && sends_json && version_has_sessions(headers)
+}
+
+/// Whether a request accepts an event stream (as a resume must).
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    accepted(headers).1
+}
+
+/// Whether a request's `Accept` takes JSON, and event streams; neither if it has a quoted
+/// parameter (rmcp's to read).
+fn accepted(headers: &HeaderMap) -> (bool, bool) {
     let (mut json, mut event_stream) = (false, false);
     for value in headers.get_all(header::ACCEPT) {
         // A quoted parameter (which may hold a comma) is rmcp's to read.
         let Some(value) = value.to_str().ok().filter(|v| !v.contains('"')) else {
-            return false;
+            return (false, false);
         };
         for accepted in value.split(',').filter(|accepted| !refused(accepted)) {
             let essence = essence(accepted);
@@ -80,11 +97,7 @@ pub fn headers_allow(headers: &HeaderMap) -> bool {
             event_stream |= essence.eq_ignore_ascii_case(EVENT_STREAM);
         }
     }
-    let sends_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON));
-    json && event_stream && sends_json && version_has_sessions(headers)
+    (json, event_stream)
 }
 
 /// Whether a request names no protocol version (rmcp then takes 2025-03-26) or a known one
@@ -145,13 +158,14 @@ pub fn call_in(body: &[u8]) -> Option<Call> {
 }
 
 /// The calls the fast path is serving, by session and JSON-RPC id, so that the client's
-/// `notifications/cancelled` reaches them.
+/// `notifications/cancelled` reaches them; and their event streams, kept for resumption.
 #[derive(Default)]
 pub struct InFlight {
     calls: Mutex<Calls>,
     /// Tells apart two calls a client sent with one id, so that the first to end does
     /// not take the other's entry with it.
     serial: AtomicU64,
+    pub replays: Replays,
 }
 
 /// Each call's serial, tenant and cancellation, by session id and JSON-RPC id.
@@ -199,13 +213,15 @@ impl InFlight {
     }
 
     /// Cancels every call the fast path serves in `session` (which ended: rmcp cancels the
-    /// requests of a session it closes). A scan: sessions end far less often than calls.
+    /// requests of a session it closes), and forgets its streams. A scan: sessions end far
+    /// less often than calls.
     pub fn cancel_session(&self, session: &str) {
         for ((call_session, _), (_, _, cancelled)) in self.lock().iter() {
             if call_session == session {
                 cancelled.cancel();
             }
         }
+        self.replays.forget_session(session);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Calls> {
@@ -232,9 +248,6 @@ impl Drop for Entry {
 /// cut a call its upstream is still allowed to run, and keep-alives keep proxies from
 /// taking a quiet connection for a dead one. At most half `REQUEST_TIMEOUT_MS`.
 const JSON_WITHIN: Duration = Duration::from_secs(1);
-
-/// How often an event stream that carries nothing else says it is alive (rmcp's default).
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What the fast path serves calls with.
 pub struct FastPath {
@@ -273,9 +286,10 @@ impl FastPath {
             Some(token) => ProgressRelay::into_answer(token, messages.clone()),
             None => (None, None),
         };
+        let tenant = ctx.tenant_id.clone();
         let entry = self
             .in_flight
-            .enter(session, &ctx.tenant_id, &call.id, &self.sessions);
+            .enter(session, &tenant, &call.id, &self.sessions);
         let cancelled = entry.cancelled.clone();
         let fast = self.clone();
         let mut answer: Answer = Box::pin(async move {
@@ -297,7 +311,9 @@ impl FastPath {
             (started + self.settings.request_timeout).saturating_duration_since(Instant::now());
         let json_within = JSON_WITHIN.min(left / 2);
         // The relay puts progress into `messages` before the call ends.
-        let first = tokio::select! {
+        drop(messages);
+        let replays = &self.in_flight.replays;
+        tokio::select! {
             biased;
             result = &mut answer => {
                 let message = answer_message(id, drained(&self.sessions, &cancelled, result));
@@ -305,81 +321,68 @@ impl FastPath {
                     return json(&message);
                 }
                 // Progress came just before the result: all of it, then the result.
-                tokio::spawn(send_last(messages, message, self.sessions.clone()).in_current_span());
-                None
+                let replay = replays.open(session, &tenant);
+                while let Ok(progress) = answered.try_recv() {
+                    replay.progress(&progress);
+                }
+                replays.end(&replay, &message);
+                replays.stream(replay)
             }
             Some(first) = answered.recv() => {
-                finish_in_task(&self.sessions, answer, id, messages, cancelled);
-                Some(first)
+                let replay = replays.open(session, &tenant);
+                replay.progress(&first);
+                self.finish_in_task(answer, id, answered, replay.clone(), cancelled);
+                replays.stream(replay)
             }
             _ = tokio::time::sleep(json_within) => {
-                finish_in_task(&self.sessions, answer, id, messages, cancelled);
-                None
+                let replay = replays.open(session, &tenant);
+                self.finish_in_task(answer, id, answered, replay.clone(), cancelled);
+                replays.stream(replay)
             }
-        };
-        event_stream(first, answered)
+        }
     }
-}
 
-/// Runs a call whose answer is an event stream to its end, in a task of its own, and puts
-/// its result last. A client that goes away cancels it (so it ends, and is audited, as a
-/// cancelled call); the drain's end cancels it, and the wait for a client that does not
-/// read its result.
-fn finish_in_task(
-    sessions: &CancellationToken,
-    mut answer: Answer,
-    id: RequestId,
-    messages: mpsc::Sender<ServerJsonRpcMessage>,
-    cancelled: CancellationToken,
-) {
-    let sessions = sessions.clone();
-    let finish = async move {
-        let result = tokio::select! {
-            biased;
-            result = &mut answer => result,
-            _ = messages.closed() => {
-                cancelled.cancel();
-                answer.await
+    /// Runs a call whose answer is an event stream to its end, in a task of its own, and
+    /// puts its progress and then its result into its stream, which is kept for a while for
+    /// a client to resume. A client that goes away does not cancel it; its session's end
+    /// and the drain's end do.
+    fn finish_in_task(
+        self: &Arc<Self>,
+        mut answer: Answer,
+        id: RequestId,
+        mut answered: mpsc::Receiver<ServerJsonRpcMessage>,
+        replay: Arc<Replay>,
+        cancelled: CancellationToken,
+    ) {
+        let fast = self.clone();
+        let finish = async move {
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    result = &mut answer => break result,
+                    Some(progress) = answered.recv() => replay.progress(&progress),
+                }
+            };
+            while let Ok(progress) = answered.try_recv() {
+                replay.progress(&progress);
             }
+            let message = answer_message(id, drained(&fast.sessions, &cancelled, result));
+            fast.in_flight.replays.end(&replay, &message);
         };
-        let message = answer_message(id, drained(&sessions, &cancelled, result));
-        send_last(messages, message, sessions).await;
-    };
-    tokio::spawn(finish.in_current_span());
-}
-
-/// Puts a call's result last in its answer, waiting for a client slow to read it until the
-/// drain's end at most.
-async fn send_last(
-    messages: mpsc::Sender<ServerJsonRpcMessage>,
-    message: ServerJsonRpcMessage,
-    sessions: CancellationToken,
-) {
-    tokio::select! {
-        _ = messages.send(message) => {}
-        _ = sessions.cancelled() => {}
+        tokio::spawn(finish.in_current_span());
     }
-}
 
-/// `first`, then the rest of a call's answer as it comes, as an event stream.
-fn event_stream(
-    first: Option<ServerJsonRpcMessage>,
-    answered: mpsc::Receiver<ServerJsonRpcMessage>,
-) -> Response {
-    let rest = futures::stream::unfold(answered, |mut answered| async move {
-        answered.recv().await.map(|message| (message, answered))
-    });
-    let events = futures::stream::iter(first)
-        .chain(rest)
-        .map(|message| Event::default().json_data(&message));
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response();
-    // Proxies that buffer answers (nginx) would hold the progress back.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    /// A client's `GET` with the `Last-Event-ID` of a stream kept here, in `session`, for
+    /// `tenant`: the rest of that stream. `None` for any other (rmcp's to answer).
+    pub fn resume(&self, session: &str, tenant: &str, headers: &HeaderMap) -> Option<Response> {
+        let last_event_id = headers.get("last-event-id")?.to_str().ok()?;
+        if !accepts_event_stream(headers) || !version_has_sessions(headers) {
+            return None;
+        }
+        let replays = &self.in_flight.replays;
+        let (replay, from) = replays.resume(session, tenant, last_event_id)?;
+        Some(replays.resumed(replay, from))
+    }
 }
 
 /// A call the drain's end cancelled (its token is a child of the sessions' one) is answered

@@ -172,6 +172,12 @@ async fn with_session(
         if ending {
             return end(gate, sessions::digest(id), req, next).await;
         }
+        // The rest of a stream the fast path answered, whose client's connection broke.
+        if req.method() == Method::GET {
+            if let Some(resumed) = gate.fast.resume(id, tenant_id, req.headers()) {
+                return Ok(resumed);
+            }
+        }
         let post = req.method() == Method::POST;
         // What rmcp refuses (a 4xx), or serves without the session (a 2026-07-28 request),
         // never reaches the session, nor restarts its idle timer.

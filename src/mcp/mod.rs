@@ -12,6 +12,7 @@ pub mod gate;
 pub mod handler;
 pub mod notify;
 pub mod progress;
+pub mod replay;
 pub mod sealed;
 pub mod sessions;
 

@@ -129,6 +129,25 @@ async fn read(resp: reqwest::Response) -> anyhow::Result<Raw> {
     })
 }
 
+/// The id of the first event of an event-stream answer (reading no further than it).
+pub async fn first_event_id(resp: &mut reqwest::Response) -> anyhow::Result<String> {
+    let mut text = String::new();
+    loop {
+        if let Some(id) = text
+            .lines()
+            .find_map(|line| line.strip_prefix("id:"))
+            .filter(|_| text.contains("\n\n"))
+        {
+            return Ok(id.trim().to_owned());
+        }
+        let chunk = resp
+            .chunk()
+            .await?
+            .context("the stream ended with no event id")?;
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
 /// The JSON-RPC message of one event-stream line, if it is a `data:` line that carries one
 /// (not a priming event, a comment or an id).
 fn event_data(line: &str) -> Option<Value> {
@@ -238,6 +257,15 @@ impl RawMcp {
     pub async fn session_stream(&self, id: &str) -> anyhow::Result<reqwest::Response> {
         let req = self.session_request(reqwest::Method::GET, id, SESSIONS, None);
         Ok(req.send().await?)
+    }
+
+    /// The rest of an event stream of session `id` after the event `last_event_id`: a
+    /// `GET` with `Last-Event-ID`, read whole.
+    pub async fn resume(&self, id: &str, last_event_id: &str) -> anyhow::Result<Raw> {
+        let req = self
+            .session_request(reqwest::Method::GET, id, SESSIONS, None)
+            .header("last-event-id", last_event_id);
+        read(req.send().await?).await
     }
 
     /// `DELETE` of session `id` sent with `MCP-Protocol-Version: version`.

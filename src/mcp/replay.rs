@@ -1,0 +1,397 @@
+//! The event streams of the calls the fast path answers as streams ([`super::fast_path`]),
+//! kept so that a client whose connection broke can resume one with a `GET` and
+//! `Last-Event-ID`, as rmcp's server keeps its own. MCP says that a disconnection is not a
+//! cancel: the call runs on, and what it sends waits here for the client to come back.
+//!
+//! An event's id is `<process>-<stream>-<index>`: `<process>` is random for each process, so
+//! that an id from before a restart, or from another replica, names no stream here (such a
+//! resume goes to rmcp, which answers it with an empty stream, as it does for an id it does
+//! not know); `<stream>` numbers the streams of this process; `<index>` is the event's place
+//! in its stream, 0 being the priming event (no message: it gives the client an id to resume
+//! from before the first message). rmcp's own ids are `<index>` or `<index>/<request>`.
+//!
+//! Bounds: a stream keeps at most [`PROGRESS_KEPT`] progress messages (later ones are
+//! dropped and counted, as the relay counts those a client falls behind on) and its result;
+//! an ended stream is kept for [`KEPT_AFTER_END`], and the ended streams together within
+//! [`ENDED_BYTES`] of messages, the oldest going first. A stream goes with its session.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderValue;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use rmcp::model::ServerJsonRpcMessage;
+use tokio::sync::Notify;
+
+/// How long an ended stream is kept for a client to resume (rmcp's own default).
+pub const KEPT_AFTER_END: Duration = Duration::from_secs(60);
+
+/// The bytes of messages all ended streams keep together at most.
+pub const ENDED_BYTES: usize = 32 << 20;
+
+/// Progress messages one stream keeps at most.
+pub const PROGRESS_KEPT: usize = 256;
+
+/// How often a stream that carries nothing else says it is alive (rmcp's default).
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Every stream of this process kept for resumption.
+pub struct Replays {
+    /// This process's part of every event id.
+    process: String,
+    next: AtomicU64,
+    streams: Mutex<Streams>,
+}
+
+#[derive(Default)]
+struct Streams {
+    by_number: HashMap<u64, Arc<Replay>>,
+    /// The ended streams, in the order they ended, with when and their bytes.
+    ended: VecDeque<(Instant, u64, usize)>,
+    ended_bytes: usize,
+}
+
+/// One call's event stream.
+pub struct Replay {
+    number: u64,
+    session: String,
+    tenant: String,
+    events: Mutex<Events>,
+    /// Told of each message and of the end.
+    added: Notify,
+}
+
+#[derive(Default)]
+struct Events {
+    /// Each message as JSON, in order: the stream's event `i + 1`.
+    messages: Vec<Arc<str>>,
+    bytes: usize,
+    progress: usize,
+    ended: bool,
+}
+
+impl Default for Replays {
+    fn default() -> Self {
+        Self {
+            process: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            next: AtomicU64::new(0),
+            streams: Mutex::default(),
+        }
+    }
+}
+
+impl Replays {
+    /// A new stream of `tenant`'s call in `session`.
+    pub fn open(&self, session: &str, tenant: &str) -> Arc<Replay> {
+        let replay = Arc::new(Replay {
+            number: self.next.fetch_add(1, Ordering::Relaxed),
+            session: session.to_owned(),
+            tenant: tenant.to_owned(),
+            events: Mutex::default(),
+            added: Notify::new(),
+        });
+        let mut streams = self.lock();
+        streams.forget_expired(Instant::now());
+        streams.by_number.insert(replay.number, replay.clone());
+        replay
+    }
+
+    /// Puts the call's result last in `replay`, which is then kept for [`KEPT_AFTER_END`].
+    pub fn end(&self, replay: &Replay, result: &ServerJsonRpcMessage) {
+        let bytes = {
+            let mut events = replay.lock();
+            if let Some(json) = as_json(result) {
+                events.bytes += json.len();
+                events.messages.push(json);
+            }
+            events.ended = true;
+            events.bytes
+        };
+        replay.added.notify_waiters();
+        let mut streams = self.lock();
+        if !streams.by_number.contains_key(&replay.number) {
+            // Its session ended meanwhile.
+            return;
+        }
+        let now = Instant::now();
+        streams.ended.push_back((now, replay.number, bytes));
+        streams.ended_bytes += bytes;
+        streams.forget_expired(now);
+        while streams.ended_bytes > ENDED_BYTES {
+            streams.forget_oldest();
+        }
+    }
+
+    /// The stream `last_event_id` names, if it is one of this process's, kept, and
+    /// `tenant`'s in `session`, with the place of the first message after it.
+    pub fn resume(
+        &self,
+        session: &str,
+        tenant: &str,
+        last_event_id: &str,
+    ) -> Option<(Arc<Replay>, usize)> {
+        let (process, rest) = last_event_id.split_once('-')?;
+        let (number, index) = rest.split_once('-')?;
+        if process != self.process {
+            return None;
+        }
+        let (number, index) = (number.parse::<u64>().ok()?, index.parse::<usize>().ok()?);
+        let replay = self.lock().by_number.get(&number)?.clone();
+        let known = index <= replay.lock().messages.len();
+        (replay.session == session && replay.tenant == tenant && known).then_some((replay, index))
+    }
+
+    /// Forgets the streams of `session`, which ended.
+    pub fn forget_session(&self, session: &str) {
+        let mut streams = self.lock();
+        streams
+            .by_number
+            .retain(|_, replay| replay.session != session);
+        let Streams {
+            by_number,
+            ended,
+            ended_bytes,
+        } = &mut *streams;
+        ended.retain(|(_, number, bytes)| {
+            let kept = by_number.contains_key(number);
+            if !kept {
+                *ended_bytes -= bytes;
+            }
+            kept
+        });
+    }
+
+    /// `replay` as an event stream, from its start (with the priming event first).
+    pub fn stream(&self, replay: Arc<Replay>) -> Response {
+        self.stream_from(replay, None)
+    }
+
+    /// `replay` as an event stream from its message at `from` (as [`Self::resume`] gives
+    /// it), to its end.
+    pub fn resumed(&self, replay: Arc<Replay>, from: usize) -> Response {
+        self.stream_from(replay, Some(from))
+    }
+
+    fn stream_from(&self, replay: Arc<Replay>, resumed_at: Option<usize>) -> Response {
+        let prefix = format!("{}-{}-", self.process, replay.number);
+        let priming = resumed_at
+            .is_none()
+            .then(|| Ok(Event::default().id(format!("{prefix}0")).data("")));
+        let from = resumed_at.unwrap_or(0);
+        let messages = futures::stream::unfold((replay, from), move |(replay, next)| {
+            let prefix = prefix.clone();
+            async move {
+                let message = replay.next_after(next).await?;
+                let event = Event::default()
+                    .id(format!("{prefix}{}", next + 1))
+                    .data(&*message);
+                Some((Ok::<_, Infallible>(event), (replay, next + 1)))
+            }
+        });
+        let events = futures::StreamExt::chain(futures::stream::iter(priming), messages);
+        let mut response = Sse::new(events)
+            .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+            .into_response();
+        // Proxies that buffer answers (nginx) would hold the progress back.
+        response
+            .headers_mut()
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+        response
+    }
+
+    /// Streams kept now (for tests).
+    pub fn len(&self) -> usize {
+        self.lock().by_number.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // A poisoned lock is used as it is: every change under it is whole.
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Streams {
+    fn forget_expired(&mut self, now: Instant) {
+        while self
+            .ended
+            .front()
+            .is_some_and(|(at, _, _)| now.duration_since(*at) >= KEPT_AFTER_END)
+        {
+            self.forget_oldest();
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some((_, number, bytes)) = self.ended.pop_front() {
+            self.ended_bytes -= bytes;
+            self.by_number.remove(&number);
+        }
+    }
+}
+
+impl Replay {
+    /// Adds an upstream progress message; past [`PROGRESS_KEPT`] it is dropped, and counted.
+    pub fn progress(&self, message: &ServerJsonRpcMessage) {
+        {
+            let mut events = self.lock();
+            if events.progress >= PROGRESS_KEPT {
+                drop(events);
+                crate::metrics::progress_dropped(1);
+                return;
+            }
+            let Some(json) = as_json(message) else {
+                return;
+            };
+            events.progress += 1;
+            events.bytes += json.len();
+            events.messages.push(json);
+        }
+        self.added.notify_waiters();
+    }
+
+    /// The message at `index`, once there is one; `None` past the last of an ended stream.
+    async fn next_after(&self, index: usize) -> Option<Arc<str>> {
+        loop {
+            // Registered before the look, so that no message added between is missed.
+            let added = self.added.notified();
+            {
+                let events = self.lock();
+                if let Some(message) = events.messages.get(index) {
+                    return Some(message.clone());
+                }
+                if events.ended {
+                    return None;
+                }
+            }
+            added.await;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Events> {
+        self.events.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A message as the JSON of its event. Serialising rmcp's message types does not fail; if
+/// one did, the message is left out (logged) rather than the stream broken.
+fn as_json(message: &ServerJsonRpcMessage) -> Option<Arc<str>> {
+    match serde_json::to_string(message) {
+        Ok(json) => Some(json.into()),
+        Err(error) => {
+            tracing::error!(%error, "an MCP message could not be written as JSON: left out");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rmcp::model::{CallToolResponse, CallToolResult, ContentBlock, RequestId, ServerResult};
+
+    use super::*;
+
+    /// A call's result whose text has `bytes` bytes.
+    fn result(bytes: usize) -> ServerJsonRpcMessage {
+        let result = CallToolResult::success(vec![ContentBlock::text("a".repeat(bytes))]);
+        ServerJsonRpcMessage::response(
+            ServerResult::from(CallToolResponse::from(result)),
+            RequestId::Number(1),
+        )
+    }
+
+    fn id_of(replays: &Replays, replay: &Replay, index: usize) -> String {
+        format!("{}-{}-{index}", replays.process, replay.number)
+    }
+
+    #[test]
+    fn a_stream_resumes_only_for_its_session_and_tenant_from_an_event_it_sent() {
+        let replays = Replays::default();
+        let replay = replays.open("s", "t");
+        replay.progress(&result(1));
+        replays.end(&replay, &result(2));
+        let (found, from) = replays
+            .resume("s", "t", &id_of(&replays, &replay, 1))
+            .unwrap();
+        assert_eq!((found.number, from), (replay.number, 1));
+        assert!(replays
+            .resume("s", "t", &id_of(&replays, &replay, 2))
+            .is_some());
+        for refused in [
+            replays.resume("other session", "t", &id_of(&replays, &replay, 1)),
+            replays.resume("s", "other tenant", &id_of(&replays, &replay, 1)),
+            // Past the last event it sent.
+            replays.resume("s", "t", &id_of(&replays, &replay, 3)),
+            // Another process's, and rmcp's own.
+            replays.resume("s", "t", &format!("x{}", id_of(&replays, &replay, 1))),
+            replays.resume("s", "t", "1/2"),
+            replays.resume("s", "t", "0"),
+        ] {
+            assert!(refused.is_none());
+        }
+        replays.forget_session("s");
+        assert!(replays
+            .resume("s", "t", &id_of(&replays, &replay, 1))
+            .is_none());
+        assert!(replays.is_empty());
+    }
+
+    #[test]
+    fn a_stream_keeps_a_bounded_count_of_progress_and_its_result() {
+        let replays = Replays::default();
+        let replay = replays.open("s", "t");
+        for _ in 0..PROGRESS_KEPT + 5 {
+            replay.progress(&result(1));
+        }
+        replays.end(&replay, &result(1));
+        assert_eq!(replay.lock().messages.len(), PROGRESS_KEPT + 1);
+    }
+
+    #[test]
+    fn ended_streams_are_kept_within_their_bytes_the_oldest_going_first() {
+        let replays = Replays::default();
+        let big = ENDED_BYTES / 4;
+        let streams: Vec<Arc<Replay>> = (0..6).map(|_| replays.open("s", "t")).collect();
+        // A stream still running is never dropped for the bytes.
+        for replay in &streams[1..] {
+            replays.end(replay, &result(big));
+        }
+        let kept: Vec<u64> = {
+            let streams = replays.lock();
+            let mut kept: Vec<u64> = streams.by_number.keys().copied().collect();
+            kept.sort_unstable();
+            assert!(streams.ended_bytes <= ENDED_BYTES);
+            kept
+        };
+        assert_eq!(kept, [0, 3, 4, 5].map(|n| streams[n].number));
+    }
+
+    #[tokio::test]
+    async fn a_reader_waits_for_what_comes_and_ends_with_the_stream() {
+        let replays = Replays::default();
+        let replay = replays.open("s", "t");
+        let reader = {
+            let replay = replay.clone();
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                while let Some(message) = replay.next_after(read.len()).await {
+                    read.push(message);
+                }
+                read.len()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        replay.progress(&result(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        replays.end(&replay, &result(1));
+        let read = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        assert_eq!(read.expect("the reader ended").unwrap(), 2);
+    }
+}
