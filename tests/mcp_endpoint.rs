@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use common::gateway::{CreatedTenant, TestGateway};
-use common::mcp_client::{connect, first_event_id, initialize_request, raw, Raw, RawMcp};
+use common::mcp_client::{connect, first_event_ids, initialize_request, raw, Raw, RawMcp};
 use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use rmcp::model::CallToolRequestParams;
@@ -208,6 +208,25 @@ async fn a_drain_lets_the_calls_of_open_sessions_answer() -> anyhow::Result<()> 
             .context("a call in flight lost its answer")?;
         assert_eq!(result.is_error, Some(false), "{result:?}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_drain_waits_for_a_streamed_call_whose_client_connection_broke() -> anyhow::Result<()> {
+    // The call runs on for its client to resume: it is in flight for the drain until it
+    // ends, not only until its answer's connection goes.
+    let (upstream, gw, _t, mcp, id) = raw_session_on(Config::for_tests()).await?;
+    let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 1_500}}));
+    let mut streaming = mcp.in_session_unread(&id, &call).await?;
+    first_event_ids(&mut streaming, 1).await?;
+    drop(streaming);
+    gw.stop().await?;
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(
+        upstream.cancellations(),
+        0,
+        "the drain cut the call its client could still resume"
+    );
     Ok(())
 }
 
@@ -1143,7 +1162,7 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
     // resume from; the rest of the stream comes to a GET with it as `Last-Event-ID`.
     let mut streaming = mcp.in_session_unread(&id, &sleep(7, 1_500)).await?;
     assert_eq!(streaming.status(), StatusCode::OK);
-    let priming = first_event_id(&mut streaming).await?;
+    let priming = first_event_ids(&mut streaming, 1).await?.remove(0);
     drop(streaming);
     let resumed = mcp.resume(&id, &priming).await?;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text);
@@ -1166,6 +1185,25 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
     let other_session = mcp.open_session().await?.expect("session opens");
     let elsewhere = mcp.resume(&other_session, &priming).await?;
     assert!(elsewhere.answer().is_null(), "{}", elsewhere.text);
+
+    // With progress: a resume from the first update goes on with the second.
+    let mut call = tool_call(
+        8,
+        json!({"name": "progress", "arguments": {"steps": 3, "ms": 300}}),
+    );
+    call["params"]["_meta"] = json!({ "progressToken": "p8" });
+    let mut streaming = mcp.in_session_unread(&id, &call).await?;
+    let first_update = first_event_ids(&mut streaming, 2).await?.remove(1);
+    drop(streaming);
+    let resumed = mcp.resume(&id, &first_update).await?;
+    let progress: Vec<f64> = resumed
+        .progress()
+        .iter()
+        .filter_map(|p| p["progress"].as_f64())
+        .collect();
+    assert_eq!(progress, [2.0, 3.0], "{}", resumed.text);
+    assert_eq!(resumed.answer_position(), Some(2), "{}", resumed.text);
+    assert_answers(&resumed, 8, "done after 3 steps");
     gw.stop().await
 }
 

@@ -56,6 +56,7 @@ use crate::auth::AuthContext;
 use crate::http::error::ApiError;
 use crate::http::middleware::RequestId as HttpRequestId;
 use crate::tenants::runtime::TenantRuntime;
+use futures::FutureExt as _;
 
 const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream";
@@ -273,6 +274,7 @@ impl FastPath {
         ctx: AuthContext,
         request_id: Option<HttpRequestId>,
         call: Call,
+        held: Arc<crate::shutdown::InFlight>,
     ) -> Response {
         let id = call.id.clone();
         let request_started = request_id.as_ref().map(|id| id.started);
@@ -331,12 +333,12 @@ impl FastPath {
             Some(first) = answered.recv() => {
                 let replay = replays.open(session, &tenant);
                 replay.progress(&first);
-                self.finish_in_task(answer, id, answered, replay.clone(), cancelled);
+                self.finish_in_task(answer, id, answered, replay.clone(), cancelled, held);
                 replays.stream(replay)
             }
             _ = tokio::time::sleep(json_within) => {
                 let replay = replays.open(session, &tenant);
-                self.finish_in_task(answer, id, answered, replay.clone(), cancelled);
+                self.finish_in_task(answer, id, answered, replay.clone(), cancelled, held);
                 replays.stream(replay)
             }
         }
@@ -345,16 +347,28 @@ impl FastPath {
     /// Runs a call whose answer is an event stream to its end, in a task of its own, and
     /// puts its progress and then its result into its stream, which is kept for a while for
     /// a client to resume. A client that goes away does not cancel it; its session's end
-    /// and the drain's end do.
+    /// and the drain's end do. It counts as in flight for the drain (`held`) until it ends;
+    /// a panic in it ends the stream with an internal error.
     fn finish_in_task(
         self: &Arc<Self>,
-        mut answer: Answer,
+        answer: Answer,
         id: RequestId,
         mut answered: mpsc::Receiver<ServerJsonRpcMessage>,
         replay: Arc<Replay>,
         cancelled: CancellationToken,
+        held: Arc<crate::shutdown::InFlight>,
     ) {
         let fast = self.clone();
+        let mut answer = std::panic::AssertUnwindSafe(answer)
+            .catch_unwind()
+            .map(|ended| {
+                ended.unwrap_or_else(|_| {
+                    Err(ErrorData::internal_error(
+                        "the call failed in the gateway",
+                        None,
+                    ))
+                })
+            });
         let finish = async move {
             let result = loop {
                 tokio::select! {
@@ -368,6 +382,7 @@ impl FastPath {
             }
             let message = answer_message(id, drained(&fast.sessions, &cancelled, result));
             fast.in_flight.replays.end(&replay, &message);
+            drop(held);
         };
         tokio::spawn(finish.in_current_span());
     }

@@ -335,8 +335,13 @@ async fn post_in_session(
             let Some(context) = context else {
                 return Err(ApiError::Internal("no tenant for an MCP call".into()));
             };
-            let held = gate.lifecycle.begin_request();
-            let response = gate.fast.serve(id, context, request_id, call).await;
+            // Held by the answer until sent, and by the call until it ends: a call whose
+            // client's connection broke runs on, and the drain waits for it too.
+            let held = Arc::new(gate.lifecycle.begin_request());
+            let response = gate
+                .fast
+                .serve(id, context, request_id, call, held.clone())
+                .await;
             return Ok(hold_until_sent(response, held));
         }
     }

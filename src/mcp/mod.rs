@@ -73,7 +73,11 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         local,
         limits,
         seal.clone(),
+        fast_calls.clone(),
+    ));
+    state.lifecycle.tasks.spawn(forget_expired_streams(
         fast_calls,
+        state.lifecycle.token.clone(),
     ));
     state.lifecycle.tasks.spawn(end_copies_ended_elsewhere(
         state.tenants.remote_session_ends(),
@@ -88,6 +92,19 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             Arc::new(gate),
             gate::gate,
         ))
+}
+
+/// Forgets, every [`replay::SWEEP_EVERY`] until shutdown, the fast path's ended streams
+/// kept past their time: streams opening and ending do it as well, but a quiet gateway
+/// would hold the last ones.
+async fn forget_expired_streams(calls: Arc<fast_path::InFlight>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(replay::SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => calls.replays.forget_expired(),
+        }
+    }
 }
 
 /// Ends this replica's copies of the sessions that clients ended through other replicas

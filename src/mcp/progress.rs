@@ -128,8 +128,8 @@ fn readdressed(
 }
 
 /// Awaits `call` while relaying its progress (with a relay), or until `cancelled` (the
-/// client's `notifications/cancelled`, its disconnect, its session's end, or the drain's
-/// end); `None` when cancelled first.
+/// client's `notifications/cancelled`, its session's end, the drain's end, or whatever rmcp
+/// cancels its own requests for); `None` when cancelled first.
 /// `call` must own the relay's sink, so that when it ends everything it passed on is queued:
 /// that rest is relayed before this returns, so the client hears all progress before the result.
 pub async fn run_relaying<T>(

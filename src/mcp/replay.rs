@@ -10,10 +10,13 @@
 //! in its stream, 0 being the priming event (no message: it gives the client an id to resume
 //! from before the first message). rmcp's own ids are `<index>` or `<index>/<request>`.
 //!
-//! Bounds: a stream keeps at most [`PROGRESS_KEPT`] progress messages (later ones are
-//! dropped and counted, as the relay counts those a client falls behind on) and its result;
-//! an ended stream is kept for [`KEPT_AFTER_END`], and the ended streams together within
-//! [`ENDED_BYTES`] of messages, the oldest going first. A stream goes with its session.
+//! Bounds: a stream keeps its last [`PROGRESS_KEPT`] progress messages, within
+//! [`PROGRESS_BYTES`], and its result: a reader (or a resume) behind what is kept goes on
+//! from the oldest message kept, and what it missed is counted as dropped progress, as the
+//! relay counts what a client falls behind on. An ended stream is kept for
+//! [`KEPT_AFTER_END`], and the ended streams together within [`ENDED_BYTES`] of messages,
+//! the oldest going first; one of more than an eighth of that is not kept once it ends (its
+//! reader, if it has one, still gets it all). A stream goes with its session.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -33,8 +36,15 @@ pub const KEPT_AFTER_END: Duration = Duration::from_secs(60);
 /// The bytes of messages all ended streams keep together at most.
 pub const ENDED_BYTES: usize = 32 << 20;
 
-/// Progress messages one stream keeps at most.
+/// Progress messages one stream keeps at most: the latest.
 pub const PROGRESS_KEPT: usize = 256;
+
+/// The bytes of progress one stream keeps at most.
+pub const PROGRESS_BYTES: usize = 1 << 20;
+
+/// How often ended streams past [`KEPT_AFTER_END`] are looked for, besides when a stream
+/// opens or ends, or a resume comes.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// How often a stream that carries nothing else says it is alive (rmcp's default).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -67,11 +77,22 @@ pub struct Replay {
 
 #[derive(Default)]
 struct Events {
-    /// Each message as JSON, in order: the stream's event `i + 1`.
-    messages: Vec<Arc<str>>,
+    /// The messages kept, as JSON, in order: `kept[i]` is the stream's message `first + i`,
+    /// its event `first + i + 1`. Until the stream ends, all are progress.
+    kept: VecDeque<Arc<str>>,
+    /// The place of `kept[0]` among all of the stream's messages: those before it were
+    /// progress, let go for the bounds.
+    first: usize,
+    /// The bytes of `kept`.
     bytes: usize,
-    progress: usize,
     ended: bool,
+}
+
+impl Events {
+    /// Messages so far, kept or let go.
+    fn sent(&self) -> usize {
+        self.first + self.kept.len()
+    }
 }
 
 impl Default for Replays {
@@ -106,13 +127,18 @@ impl Replays {
             let mut events = replay.lock();
             if let Some(json) = as_json(result) {
                 events.bytes += json.len();
-                events.messages.push(json);
+                events.kept.push_back(json);
             }
             events.ended = true;
             events.bytes
         };
         replay.added.notify_waiters();
         let mut streams = self.lock();
+        if bytes > ENDED_BYTES / 8 {
+            // Kept, it would push out the streams of many other calls.
+            streams.by_number.remove(&replay.number);
+            return;
+        }
         if !streams.by_number.contains_key(&replay.number) {
             // Its session ended meanwhile.
             return;
@@ -140,9 +166,18 @@ impl Replays {
             return None;
         }
         let (number, index) = (number.parse::<u64>().ok()?, index.parse::<usize>().ok()?);
-        let replay = self.lock().by_number.get(&number)?.clone();
-        let known = index <= replay.lock().messages.len();
+        let replay = {
+            let mut streams = self.lock();
+            streams.forget_expired(Instant::now());
+            streams.by_number.get(&number)?.clone()
+        };
+        let known = index <= replay.lock().sent();
         (replay.session == session && replay.tenant == tenant && known).then_some((replay, index))
+    }
+
+    /// Forgets the ended streams past [`KEPT_AFTER_END`].
+    pub fn forget_expired(&self) {
+        self.lock().forget_expired(Instant::now());
     }
 
     /// Forgets the streams of `session`, which ended.
@@ -185,11 +220,11 @@ impl Replays {
         let messages = futures::stream::unfold((replay, from), move |(replay, next)| {
             let prefix = prefix.clone();
             async move {
-                let message = replay.next_after(next).await?;
+                let (at, message) = replay.next_from(next).await?;
                 let event = Event::default()
-                    .id(format!("{prefix}{}", next + 1))
+                    .id(format!("{prefix}{}", at + 1))
                     .data(&*message);
-                Some((Ok::<_, Infallible>(event), (replay, next + 1)))
+                Some((Ok::<_, Infallible>(event), (replay, at + 1)))
             }
         });
         let events = futures::StreamExt::chain(futures::stream::iter(priming), messages);
@@ -238,34 +273,42 @@ impl Streams {
 }
 
 impl Replay {
-    /// Adds an upstream progress message; past [`PROGRESS_KEPT`] it is dropped, and counted.
+    /// Adds an upstream progress message: the oldest kept go past [`PROGRESS_KEPT`] or
+    /// [`PROGRESS_BYTES`].
     pub fn progress(&self, message: &ServerJsonRpcMessage) {
+        let Some(json) = as_json(message) else {
+            return;
+        };
         {
             let mut events = self.lock();
-            if events.progress >= PROGRESS_KEPT {
-                drop(events);
-                crate::metrics::progress_dropped(1);
-                return;
-            }
-            let Some(json) = as_json(message) else {
-                return;
-            };
-            events.progress += 1;
             events.bytes += json.len();
-            events.messages.push(json);
+            events.kept.push_back(json);
+            while events.kept.len() > PROGRESS_KEPT || events.bytes > PROGRESS_BYTES {
+                let Some(oldest) = events.kept.pop_front() else {
+                    break;
+                };
+                events.bytes -= oldest.len();
+                events.first += 1;
+            }
         }
         self.added.notify_waiters();
     }
 
-    /// The message at `index`, once there is one; `None` past the last of an ended stream.
-    async fn next_after(&self, index: usize) -> Option<Arc<str>> {
+    /// The message at `index`, or the oldest kept after it when it was let go (the ones
+    /// missed counted as dropped), with its place, once there is one; `None` past the last
+    /// of an ended stream.
+    async fn next_from(&self, index: usize) -> Option<(usize, Arc<str>)> {
         loop {
             // Registered before the look, so that no message added between is missed.
             let added = self.added.notified();
             {
                 let events = self.lock();
-                if let Some(message) = events.messages.get(index) {
-                    return Some(message.clone());
+                let at = index.max(events.first);
+                if let Some(message) = events.kept.get(at - events.first) {
+                    if at > index {
+                        crate::metrics::progress_dropped((at - index) as u64);
+                    }
+                    return Some((at, message.clone()));
                 }
                 if events.ended {
                     return None;
@@ -343,22 +386,54 @@ mod tests {
         assert!(replays.is_empty());
     }
 
-    #[test]
-    fn a_stream_keeps_a_bounded_count_of_progress_and_its_result() {
+    #[tokio::test]
+    async fn a_stream_keeps_its_latest_progress_and_its_result() {
         let replays = Replays::default();
         let replay = replays.open("s", "t");
         for _ in 0..PROGRESS_KEPT + 5 {
             replay.progress(&result(1));
         }
         replays.end(&replay, &result(1));
-        assert_eq!(replay.lock().messages.len(), PROGRESS_KEPT + 1);
+        {
+            let events = replay.lock();
+            assert_eq!((events.first, events.kept.len()), (5, PROGRESS_KEPT + 1));
+        }
+        // A reader from the start goes on from the oldest kept; one within reads on.
+        assert_eq!(replay.next_from(0).await.unwrap().0, 5);
+        assert_eq!(replay.next_from(7).await.unwrap().0, 7);
+        assert!(replay.next_from(PROGRESS_KEPT + 6).await.is_none());
+        // And within bytes: a big update takes the place of many small ones.
+        let replay = replays.open("s", "t");
+        for _ in 0..10 {
+            replay.progress(&result(1));
+        }
+        replay.progress(&result(PROGRESS_BYTES - 1000));
+        let events = replay.lock();
+        assert!(events.bytes <= PROGRESS_BYTES);
+        assert!(events.kept.len() < 11, "{}", events.kept.len());
+        assert_eq!(events.sent(), 11);
+    }
+
+    #[test]
+    fn ended_streams_go_after_their_time_and_a_huge_one_at_once() {
+        let replays = Replays::default();
+        let replay = replays.open("s", "t");
+        replays.end(&replay, &result(1));
+        let huge = replays.open("s", "t");
+        replays.end(&huge, &result(ENDED_BYTES / 8));
+        assert_eq!(replays.len(), 1, "the huge one is not kept");
+        replays
+            .lock()
+            .forget_expired(Instant::now() + KEPT_AFTER_END);
+        assert!(replays.is_empty());
+        assert_eq!(replays.lock().ended_bytes, 0);
     }
 
     #[test]
     fn ended_streams_are_kept_within_their_bytes_the_oldest_going_first() {
         let replays = Replays::default();
-        let big = ENDED_BYTES / 4;
-        let streams: Vec<Arc<Replay>> = (0..6).map(|_| replays.open("s", "t")).collect();
+        let big = ENDED_BYTES / 9;
+        let streams: Vec<Arc<Replay>> = (0..12).map(|_| replays.open("s", "t")).collect();
         // A stream still running is never dropped for the bytes.
         for replay in &streams[1..] {
             replays.end(replay, &result(big));
@@ -370,7 +445,11 @@ mod tests {
             assert!(streams.ended_bytes <= ENDED_BYTES);
             kept
         };
-        assert_eq!(kept, [0, 3, 4, 5].map(|n| streams[n].number));
+        // Nine fit, less their JSON's few bytes more: eight.
+        assert_eq!(
+            kept,
+            [0, 4, 5, 6, 7, 8, 9, 10, 11].map(|n| streams[n].number)
+        );
     }
 
     #[tokio::test]
@@ -381,7 +460,7 @@ mod tests {
             let replay = replay.clone();
             tokio::spawn(async move {
                 let mut read = Vec::new();
-                while let Some(message) = replay.next_after(read.len()).await {
+                while let Some((_, message)) = replay.next_from(read.len()).await {
                     read.push(message);
                 }
                 read.len()

@@ -129,21 +129,28 @@ async fn read(resp: reqwest::Response) -> anyhow::Result<Raw> {
     })
 }
 
-/// The id of the first event of an event-stream answer (reading no further than it).
-pub async fn first_event_id(resp: &mut reqwest::Response) -> anyhow::Result<String> {
+/// The ids of the first `n` events of an event-stream answer (reading no further than the
+/// chunk that completes them).
+pub async fn first_event_ids(
+    resp: &mut reqwest::Response,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
     let mut text = String::new();
     loop {
-        if let Some(id) = text
+        // Whole events only: each ends with a blank line.
+        let whole = text.rfind("\n\n").map_or("", |end| &text[..end]);
+        let ids: Vec<String> = whole
             .lines()
-            .find_map(|line| line.strip_prefix("id:"))
-            .filter(|_| text.contains("\n\n"))
-        {
-            return Ok(id.trim().to_owned());
+            .filter_map(|line| line.strip_prefix("id:"))
+            .map(|id| id.trim().to_owned())
+            .collect();
+        if ids.len() >= n {
+            return Ok(ids[..n].to_vec());
         }
         let chunk = resp
             .chunk()
             .await?
-            .context("the stream ended with no event id")?;
+            .context("the stream ended before its events")?;
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
