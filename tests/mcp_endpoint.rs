@@ -217,10 +217,17 @@ async fn the_drain_waits_for_a_streamed_call_whose_client_connection_broke() -> 
     // ends, not only until its answer's connection goes.
     let (upstream, gw, _t, mcp, id) = raw_session_on(Config::for_tests()).await?;
     let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 1_500}}));
+    let sent = Instant::now();
     let mut streaming = mcp.in_session_unread(&id, &call).await?;
     first_event_ids(&mut streaming, 1).await?;
     drop(streaming);
     gw.stop().await?;
+    // Not cut at the start of the drain: it waited for the call.
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1_400),
+        "{:?}",
+        sent.elapsed()
+    );
     assert_eq!(upstream.calls(), 1);
     assert_eq!(
         upstream.cancellations(),

@@ -363,6 +363,7 @@ impl FastPath {
             .catch_unwind()
             .map(|ended| {
                 ended.unwrap_or_else(|_| {
+                    tracing::error!("a streamed MCP call panicked: answered as an internal error");
                     Err(ErrorData::internal_error(
                         "the call failed in the gateway",
                         None,

@@ -274,7 +274,7 @@ impl Streams {
 
 impl Replay {
     /// Adds an upstream progress message: the oldest kept go past [`PROGRESS_KEPT`] or
-    /// [`PROGRESS_BYTES`].
+    /// [`PROGRESS_BYTES`] (the newest is kept whatever its size).
     pub fn progress(&self, message: &ServerJsonRpcMessage) {
         let Some(json) = as_json(message) else {
             return;
@@ -283,7 +283,10 @@ impl Replay {
             let mut events = self.lock();
             events.bytes += json.len();
             events.kept.push_back(json);
-            while events.kept.len() > PROGRESS_KEPT || events.bytes > PROGRESS_BYTES {
+            // The newest stays, however big: a reader waiting for it gets it.
+            while events.kept.len() > 1
+                && (events.kept.len() > PROGRESS_KEPT || events.bytes > PROGRESS_BYTES)
+            {
                 let Some(oldest) = events.kept.pop_front() else {
                     break;
                 };
@@ -407,11 +410,18 @@ mod tests {
         for _ in 0..10 {
             replay.progress(&result(1));
         }
-        replay.progress(&result(PROGRESS_BYTES - 1000));
+        // Its JSON ten bytes short of the bound: none of the small ones fits beside it.
+        let wrapping = as_json(&result(0)).unwrap().len();
+        replay.progress(&result(PROGRESS_BYTES - 10 - wrapping));
+        {
+            let events = replay.lock();
+            assert_eq!((events.kept.len(), events.sent()), (1, 11));
+            assert_eq!(events.bytes, PROGRESS_BYTES - 10);
+        }
+        // One past the bound on its own is kept, alone, for whoever waits for it.
+        replay.progress(&result(PROGRESS_BYTES));
         let events = replay.lock();
-        assert!(events.bytes <= PROGRESS_BYTES);
-        assert!(events.kept.len() < 11, "{}", events.kept.len());
-        assert_eq!(events.sent(), 11);
+        assert_eq!((events.kept.len(), events.sent()), (1, 12));
     }
 
     #[test]
