@@ -7,8 +7,9 @@
 //! (`switchboard_audit_dropped_total`) and logged. The queue's events take their bytes from
 //! the budget the tenants' audit buffers take theirs from ([`AuditBudget`]): past it, a new
 //! event is dropped as at a full queue. Refused credentials, which anyone can
-//! cause, may take only a share of the queue, so that they cannot push out the events of
-//! admin actions and tool calls during an outage.
+//! cause, may take only a share of the queue, and so may the tenants' tool-call events (of
+//! actors that stopped in an outage, every tenant's at once), so that neither can push out
+//! the events of admin actions and issued tokens.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +30,10 @@ const QUEUE: usize = 10_000;
 /// Of those, refused credentials (`auth.refused`) at most: anyone can cause them, at the
 /// per-address auth limit from every address they have.
 const REFUSALS_QUEUED: usize = QUEUE / 10;
+/// Of those, tenants' tool calls and tool lists at most (the events of an actor that
+/// stopped, or of a call whose tenant had none): in an outage every stopping actor hands
+/// its buffer here.
+const CALLS_QUEUED: usize = QUEUE * 3 / 4;
 /// Events one write carries at most.
 const BATCH: usize = 500;
 /// The pause after a refused write, doubled after each one up to [`RETRY_MOST`].
@@ -46,8 +51,8 @@ pub struct AuditWriter {
     /// (a client that hung up, the request timeout) still ends, written or queued.
     writes: TaskTracker,
     stop: CancellationToken,
-    /// Refused credentials in the queue (see [`REFUSALS_QUEUED`]).
-    refusals: Arc<AtomicUsize>,
+    /// The events of each kind with a share of the queue in it.
+    shares: Arc<Shares>,
     /// The bytes the queue's events hold, shared with every tenant's audit buffer.
     budget: Arc<AuditBudget>,
 }
@@ -63,10 +68,10 @@ impl AuditWriter {
     ) -> Self {
         let (queue, queued) = mpsc::channel(QUEUE);
         let stop = CancellationToken::new();
-        let refusals = Arc::new(AtomicUsize::new(0));
+        let shares = Arc::new(Shares::default());
         let queued = Queued {
             events: queued,
-            refusals: refusals.clone(),
+            shares: shares.clone(),
             budget: budget.clone(),
         };
         lifecycle
@@ -77,7 +82,7 @@ impl AuditWriter {
             queue,
             writes: TaskTracker::new(),
             stop,
-            refusals,
+            shares,
             budget,
         }
     }
@@ -139,11 +144,14 @@ impl AuditWriter {
     /// another tenant's event could take them.
     pub(crate) fn queue_charged(&self, event: AuditRecord, charged: usize) {
         let refusal = is_refusal(&event);
-        if refusal && self.refusals.fetch_add(1, Ordering::Relaxed) >= REFUSALS_QUEUED {
-            self.refusals.fetch_sub(1, Ordering::Relaxed);
+        if !self.shares.take(&event) {
             self.budget.give(charged);
-            // One line per event would let the same callers flood the log as well.
-            tracing::debug!("audit queue's share of refused credentials full: event dropped");
+            if refusal {
+                // One line per event would let the same callers flood the log as well.
+                tracing::debug!("audit queue's share of refused credentials full: event dropped");
+            } else {
+                tracing::error!(action = %event.action, "audit queue's share of tool calls full: event dropped");
+            }
             crate::metrics::audit_dropped(1);
             return;
         }
@@ -158,8 +166,8 @@ impl AuditWriter {
         };
         if !charged_in_full {
             self.budget.give(charged);
+            self.shares.give(std::slice::from_ref(&event));
             if refusal {
-                self.refusals.fetch_sub(1, Ordering::Relaxed);
                 tracing::debug!("audit events in memory past AUDIT_BUFFER_BYTES: event dropped");
             } else {
                 tracing::error!(action = %event.action, "audit events in memory past AUDIT_BUFFER_BYTES: event dropped");
@@ -171,14 +179,10 @@ impl AuditWriter {
             Ok(()) => crate::metrics::audit_pending(1),
             Err(refused) => {
                 self.budget.give(bytes);
-                if refusal {
-                    self.refusals.fetch_sub(1, Ordering::Relaxed);
-                }
-                let action = match &refused {
-                    mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e) => {
-                        e.action.clone()
-                    }
-                };
+                let (mpsc::error::TrySendError::Full(event)
+                | mpsc::error::TrySendError::Closed(event)) = refused;
+                self.shares.give(std::slice::from_ref(&event));
+                let action = event.action;
                 tracing::error!(%action, "audit queue full or closed: event dropped");
                 crate::metrics::audit_dropped(1);
             }
@@ -199,10 +203,56 @@ fn is_refusal(event: &AuditRecord) -> bool {
     event.action == super::REFUSED
 }
 
-/// The receiving end of the queue, with its count of refused credentials and its budget.
+/// Whether `event` is a tenant's tool call or tool list (see [`CALLS_QUEUED`]).
+fn is_call(event: &AuditRecord) -> bool {
+    event.action == "tool.call" || event.action == "tools.list"
+}
+
+/// How many events of each kind with a share of the queue are in it.
+#[derive(Default)]
+struct Shares {
+    refusals: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+impl Shares {
+    /// The count `event` goes into, and its share, if its kind has one.
+    fn of(&self, event: &AuditRecord) -> Option<(&AtomicUsize, usize)> {
+        if is_refusal(event) {
+            Some((&self.refusals, REFUSALS_QUEUED))
+        } else if is_call(event) {
+            Some((&self.calls, CALLS_QUEUED))
+        } else {
+            None
+        }
+    }
+
+    /// Counts `event` in, unless its kind's share is full.
+    fn take(&self, event: &AuditRecord) -> bool {
+        let Some((count, most)) = self.of(event) else {
+            return true;
+        };
+        if count.fetch_add(1, Ordering::Relaxed) >= most {
+            count.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Counts `events` out: written, or dropped after all.
+    fn give(&self, events: &[AuditRecord]) {
+        for event in events {
+            if let Some((count, _)) = self.of(event) {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The receiving end of the queue, with its counts of the kinds with a share and its budget.
 struct Queued {
     events: mpsc::Receiver<AuditRecord>,
-    refusals: Arc<AtomicUsize>,
+    shares: Arc<Shares>,
     budget: Arc<AuditBudget>,
 }
 
@@ -211,7 +261,7 @@ struct Queued {
 /// the runtime), is counted as dropped and logged: no event goes without a trace.
 struct Waiting {
     events: Vec<AuditRecord>,
-    refusals: Arc<AtomicUsize>,
+    shares: Arc<Shares>,
     budget: Arc<AuditBudget>,
 }
 
@@ -219,8 +269,7 @@ impl Waiting {
     /// The first `n` events are done with: written, or counted as lost. Their bytes go back
     /// to the budget (an event is not changed while it waits, so it holds what it took).
     fn done(&mut self, n: usize) {
-        let refusals = self.events[..n].iter().filter(|e| is_refusal(e)).count();
-        self.refusals.fetch_sub(refusals, Ordering::Relaxed);
+        self.shares.give(&self.events[..n]);
         let bytes = self.events[..n].iter().map(held_bytes).sum();
         self.budget.give(bytes);
         crate::metrics::audit_pending(-(n as i64));
@@ -249,7 +298,7 @@ async fn write_queued(
 ) {
     let mut waiting = Waiting {
         events: Vec::new(),
-        refusals: queued.refusals.clone(),
+        shares: queued.shares.clone(),
         budget: queued.budget.clone(),
     };
     let mut pause = RETRY_FIRST;
@@ -435,6 +484,38 @@ mod tests {
             REFUSALS_QUEUED
         );
         // Written ones free their share again.
-        assert_eq!(writer.refusals.load(Ordering::Relaxed), 0);
+        assert_eq!(writer.shares.refusals.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn tenants_tool_calls_cannot_push_admin_events_out_of_the_queue() {
+        // No tables yet: every write fails, as in an outage, until the migration below.
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        let lifecycle = Lifecycle::new(CancellationToken::new());
+        let writer = AuditWriter::start(
+            store.clone(),
+            &lifecycle,
+            Duration::from_secs(1),
+            unbounded(),
+        );
+        // Stopped actors' buffers, handed over with the bytes they held.
+        for n in 0..QUEUE {
+            let call = crate::audit::event(Some("busy"), "tool.call", "busy", "ok", None);
+            let bytes = held_bytes(&call);
+            if n % 2 == 0 {
+                writer.queue(call);
+            } else {
+                writer.queue_charged(call, bytes);
+            }
+        }
+        writer.queue(admin_event("t"));
+        store.migrate().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored(&store, "t", "tenant.delete").await == 0 {
+            assert!(Instant::now() < deadline, "the admin event was not written");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(stored(&store, "busy", "tool.call").await, CALLS_QUEUED);
+        assert_eq!(writer.shares.calls.load(Ordering::Relaxed), 0);
     }
 }
