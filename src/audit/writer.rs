@@ -414,32 +414,38 @@ mod tests {
         crate::audit::event(Some(tenant), "tenant.delete", "admin", "success", None)
     }
 
-    #[tokio::test]
-    async fn the_queue_holds_what_the_budget_lets_it_and_gives_it_back_once_written() {
-        // No tables yet: every write fails, as in an outage, until the migration below.
+    /// A writer within `budget` on a store with no tables yet: every write fails, as in an
+    /// outage, until the test migrates it.
+    async fn writer_in_an_outage(budget: Arc<AuditBudget>) -> (AuditWriter, SharedStore) {
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
         let lifecycle = Lifecycle::new(CancellationToken::new());
+        let writer = AuditWriter::start(store.clone(), &lifecycle, Duration::from_secs(1), budget);
+        (writer, store)
+    }
+
+    /// Ends the outage, and waits until the store holds `n` events of `tenant`'s `action`.
+    async fn written_after_the_outage(store: &SharedStore, tenant: &str, action: &str, n: usize) {
+        store.migrate().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored(store, tenant, action).await < n {
+            assert!(
+                Instant::now() < deadline,
+                "the queued {action} events were not written"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_queue_holds_what_the_budget_lets_it_and_gives_it_back_once_written() {
         let size = held_bytes(&admin_event("t"));
         let budget = Arc::new(AuditBudget::new(2 * size + size / 2));
-        let writer = AuditWriter::start(
-            store.clone(),
-            &lifecycle,
-            Duration::from_secs(1),
-            budget.clone(),
-        );
+        let (writer, store) = writer_in_an_outage(budget.clone()).await;
         for _ in 0..3 {
             writer.queue(admin_event("t"));
         }
         assert_eq!(budget.held(), 2 * size, "the third was past the budget");
-        store.migrate().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while stored(&store, "t", "tenant.delete").await < 2 {
-            assert!(
-                Instant::now() < deadline,
-                "the queued events were not written"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        written_after_the_outage(&store, "t", "tenant.delete", 2).await;
         assert_eq!(stored(&store, "t", "tenant.delete").await, 2);
         let deadline = Instant::now() + Duration::from_secs(5);
         while budget.held() > 0 {
@@ -454,15 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_credentials_cannot_push_other_events_out_of_the_queue() {
-        // No tables yet: every write fails, as in an outage, until the migration below.
-        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
-        let lifecycle = Lifecycle::new(CancellationToken::new());
-        let writer = AuditWriter::start(
-            store.clone(),
-            &lifecycle,
-            Duration::from_secs(1),
-            unbounded(),
-        );
+        let (writer, store) = writer_in_an_outage(unbounded()).await;
         for _ in 0..QUEUE {
             writer.queue(crate::audit::event(
                 Some("anyone"),
@@ -473,12 +471,7 @@ mod tests {
             ));
         }
         writer.queue(admin_event("t"));
-        store.migrate().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while stored(&store, "t", "tenant.delete").await == 0 {
-            assert!(Instant::now() < deadline, "the admin event was not written");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        written_after_the_outage(&store, "t", "tenant.delete", 1).await;
         assert_eq!(
             stored(&store, "anyone", crate::audit::REFUSED).await,
             REFUSALS_QUEUED
@@ -489,15 +482,7 @@ mod tests {
 
     #[tokio::test]
     async fn tenants_tool_calls_cannot_push_admin_events_out_of_the_queue() {
-        // No tables yet: every write fails, as in an outage, until the migration below.
-        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
-        let lifecycle = Lifecycle::new(CancellationToken::new());
-        let writer = AuditWriter::start(
-            store.clone(),
-            &lifecycle,
-            Duration::from_secs(1),
-            unbounded(),
-        );
+        let (writer, store) = writer_in_an_outage(unbounded()).await;
         // Stopped actors' buffers, handed over with the bytes they held.
         for n in 0..QUEUE {
             let call = crate::audit::event(Some("busy"), "tool.call", "busy", "ok", None);
@@ -509,12 +494,7 @@ mod tests {
             }
         }
         writer.queue(admin_event("t"));
-        store.migrate().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while stored(&store, "t", "tenant.delete").await == 0 {
-            assert!(Instant::now() < deadline, "the admin event was not written");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        written_after_the_outage(&store, "t", "tenant.delete", 1).await;
         assert_eq!(stored(&store, "busy", "tool.call").await, CALLS_QUEUED);
         assert_eq!(writer.shares.calls.load(Ordering::Relaxed), 0);
     }
