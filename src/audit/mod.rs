@@ -27,6 +27,9 @@ const PRUNE_PAUSE: Duration = Duration::from_millis(50);
 
 /// The action of a refused credential, on a tenant route, `/mcp/{id}` or a token request.
 pub const REFUSED: &str = "auth.refused";
+/// The actions of a tenant's tool calls and tool lists (REST and MCP).
+pub const TOOL_CALL: &str = "tool.call";
+pub const TOOLS_LIST: &str = "tools.list";
 
 /// A new event with a time-ordered id (UUIDv7), so ids sort by time across replicas.
 pub fn event(

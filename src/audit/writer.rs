@@ -12,7 +12,7 @@
 //! the events of admin actions and issued tokens.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -146,18 +146,22 @@ impl AuditWriter {
         let refusal = is_refusal(&event);
         if !self.shares.take(&event) {
             self.budget.give(charged);
+            // One line per event would let the same callers flood the log as well.
             if refusal {
-                // One line per event would let the same callers flood the log as well.
                 tracing::debug!("audit queue's share of refused credentials full: event dropped");
-            } else {
-                tracing::error!(action = %event.action, "audit queue's share of tool calls full: event dropped");
+            } else if self.shares.first_call_dropped() {
+                tracing::error!("audit queue's share of tool calls full: their events dropped (counted in switchboard_audit_dropped_total) until it has room");
             }
             crate::metrics::audit_dropped(1);
             return;
         }
-        // The event holds exactly what `Waiting::done` gives back for it.
+        // The event holds exactly what `Waiting::done` gives back for it. A tool call's event
+        // takes only from the buffers' part, as it would have in its tenant's buffer: the
+        // queue's own part stays for admin actions and issued tokens.
         let bytes = held_bytes(&event);
         let charged_in_full = match bytes.checked_sub(charged) {
+            Some(0) => true,
+            Some(more) if is_call(&event) => self.budget.take(more),
             Some(more) => self.budget.take_for_queue(more),
             None => {
                 self.budget.give(charged - bytes);
@@ -205,7 +209,7 @@ fn is_refusal(event: &AuditRecord) -> bool {
 
 /// Whether `event` is a tenant's tool call or tool list (see [`CALLS_QUEUED`]).
 fn is_call(event: &AuditRecord) -> bool {
-    event.action == "tool.call" || event.action == "tools.list"
+    event.action == super::TOOL_CALL || event.action == super::TOOLS_LIST
 }
 
 /// How many events of each kind with a share of the queue are in it.
@@ -213,6 +217,9 @@ fn is_call(event: &AuditRecord) -> bool {
 struct Shares {
     refusals: AtomicUsize,
     calls: AtomicUsize,
+    /// Whether a tool-call event was dropped at its full share since the share last had
+    /// room: logged once, not for each (an outage hands over every tenant's buffer).
+    calls_full: AtomicBool,
 }
 
 impl Shares {
@@ -232,20 +239,29 @@ impl Shares {
         let Some((count, most)) = self.of(event) else {
             return true;
         };
-        if count.fetch_add(1, Ordering::Relaxed) >= most {
-            count.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Counts `events` out: written, or dropped after all.
     fn give(&self, events: &[AuditRecord]) {
         for event in events {
             if let Some((count, _)) = self.of(event) {
-                count.fetch_sub(1, Ordering::Relaxed);
+                count.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        if events.iter().any(is_call) {
+            self.calls_full.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether this is the first tool-call event dropped at the full share since it last
+    /// had room.
+    fn first_call_dropped(&self) -> bool {
+        !self.calls_full.swap(true, Ordering::Relaxed)
     }
 }
 
@@ -481,6 +497,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tenants_tool_calls_take_no_bytes_of_the_queues_own_part() {
+        let call = || crate::audit::event(Some("busy"), "tool.call", "busy", "ok", None);
+        let size = held_bytes(&call());
+        // The buffers' part is seven eighths: seven calls' worth (the margin: an admin
+        // action's name is a few bytes longer).
+        let budget = Arc::new(AuditBudget::new(8 * size + 16));
+        let (writer, _store) = writer_in_an_outage(budget.clone()).await;
+        for _ in 0..8 {
+            writer.queue(call());
+        }
+        assert_eq!(
+            budget.held(),
+            7 * size,
+            "the eighth call was past the buffers' part"
+        );
+        let mut admin = call();
+        admin.action = "tenant.update".into();
+        let admin_size = held_bytes(&admin);
+        writer.queue(admin);
+        assert_eq!(
+            budget.held(),
+            7 * size + admin_size,
+            "an admin action takes the queue's part"
+        );
+    }
+
+    #[tokio::test]
     async fn tenants_tool_calls_cannot_push_admin_events_out_of_the_queue() {
         let (writer, store) = writer_in_an_outage(unbounded()).await;
         // Stopped actors' buffers, handed over with the bytes they held.
@@ -490,6 +533,7 @@ mod tests {
             if n % 2 == 0 {
                 writer.queue(call);
             } else {
+                assert!(writer.budget().take(bytes));
                 writer.queue_charged(call, bytes);
             }
         }
@@ -497,5 +541,15 @@ mod tests {
         written_after_the_outage(&store, "t", "tenant.delete", 1).await;
         assert_eq!(stored(&store, "busy", "tool.call").await, CALLS_QUEUED);
         assert_eq!(writer.shares.calls.load(Ordering::Relaxed), 0);
+        // Every byte back, those of the events refused at the share included.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while writer.budget().held() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} bytes held",
+                writer.budget().held()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
