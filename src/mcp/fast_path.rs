@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use futures::FutureExt as _;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, JsonRpcVersion2_0, ProtocolVersion,
     RequestId, ServerJsonRpcMessage, ServerResult,
@@ -56,7 +57,6 @@ use crate::auth::AuthContext;
 use crate::http::error::ApiError;
 use crate::http::middleware::RequestId as HttpRequestId;
 use crate::tenants::runtime::TenantRuntime;
-use futures::FutureExt as _;
 
 const JSON: &str = "application/json";
 const EVENT_STREAM: &str = "text/event-stream";
@@ -312,7 +312,8 @@ impl FastPath {
         let left =
             (started + self.settings.request_timeout).saturating_duration_since(Instant::now());
         let json_within = JSON_WITHIN.min(left / 2);
-        // The relay puts progress into `messages` before the call ends.
+        // The relay puts progress into `messages` before the call ends, through its own
+        // sender: with it gone, `answered` ends.
         drop(messages);
         let replays = &self.in_flight.replays;
         tokio::select! {

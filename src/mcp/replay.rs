@@ -15,8 +15,10 @@
 //! from the oldest message kept, and what it missed is counted as dropped progress, as the
 //! relay counts what a client falls behind on. An ended stream is kept for
 //! [`KEPT_AFTER_END`], and the ended streams together within [`ENDED_BYTES`] of messages,
-//! the oldest going first; one of more than an eighth of that is not kept once it ends (its
-//! reader, if it has one, still gets it all). A stream goes with its session.
+//! the oldest going first, one tenant's within [`TENANT_ENDED_BYTES`] (its own oldest going
+//! first), so that one tenant's large results cannot push out every other tenant's; one
+//! stream of more than an eighth of the whole is not kept once it ends (its reader, if it
+//! has one, still gets it all). A stream goes with its session.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -35,6 +37,9 @@ pub const KEPT_AFTER_END: Duration = Duration::from_secs(60);
 
 /// The bytes of messages all ended streams keep together at most.
 pub const ENDED_BYTES: usize = 32 << 20;
+
+/// Of those, one tenant's at most.
+pub const TENANT_ENDED_BYTES: usize = ENDED_BYTES / 4;
 
 /// Progress messages one stream keeps at most: the latest.
 pub const PROGRESS_KEPT: usize = 256;
@@ -60,9 +65,19 @@ pub struct Replays {
 #[derive(Default)]
 struct Streams {
     by_number: HashMap<u64, Arc<Replay>>,
-    /// The ended streams, in the order they ended, with when and their bytes.
-    ended: VecDeque<(Instant, u64, usize)>,
+    /// The ended streams, in the order they ended.
+    ended: VecDeque<Ended>,
     ended_bytes: usize,
+    /// The bytes of each tenant's ended streams.
+    tenant_bytes: HashMap<String, usize>,
+}
+
+/// An ended stream kept: when it ended, its number, its tenant and its bytes.
+struct Ended {
+    at: Instant,
+    number: u64,
+    tenant: String,
+    bytes: usize,
 }
 
 /// One call's event stream.
@@ -144,11 +159,32 @@ impl Replays {
             return;
         }
         let now = Instant::now();
-        streams.ended.push_back((now, replay.number, bytes));
+        streams.ended.push_back(Ended {
+            at: now,
+            number: replay.number,
+            tenant: replay.tenant.clone(),
+            bytes,
+        });
         streams.ended_bytes += bytes;
+        *streams
+            .tenant_bytes
+            .entry(replay.tenant.clone())
+            .or_default() += bytes;
         streams.forget_expired(now);
+        while streams
+            .tenant_bytes
+            .get(&replay.tenant)
+            .copied()
+            .unwrap_or(0)
+            > TENANT_ENDED_BYTES
+        {
+            let Some(oldest) = streams.ended.iter().position(|e| e.tenant == replay.tenant) else {
+                break;
+            };
+            streams.forget_at(oldest);
+        }
         while streams.ended_bytes > ENDED_BYTES {
-            streams.forget_oldest();
+            streams.forget_at(0);
         }
     }
 
@@ -190,11 +226,12 @@ impl Replays {
             by_number,
             ended,
             ended_bytes,
+            tenant_bytes,
         } = &mut *streams;
-        ended.retain(|(_, number, bytes)| {
-            let kept = by_number.contains_key(number);
+        ended.retain(|e| {
+            let kept = by_number.contains_key(&e.number);
             if !kept {
-                *ended_bytes -= bytes;
+                uncount(e, ended_bytes, tenant_bytes);
             }
             kept
         });
@@ -258,16 +295,29 @@ impl Streams {
         while self
             .ended
             .front()
-            .is_some_and(|(at, _, _)| now.duration_since(*at) >= KEPT_AFTER_END)
+            .is_some_and(|e| now.duration_since(e.at) >= KEPT_AFTER_END)
         {
-            self.forget_oldest();
+            self.forget_at(0);
         }
     }
 
-    fn forget_oldest(&mut self) {
-        if let Some((_, number, bytes)) = self.ended.pop_front() {
-            self.ended_bytes -= bytes;
-            self.by_number.remove(&number);
+    /// Forgets the ended stream at `place` in [`Self::ended`].
+    fn forget_at(&mut self, place: usize) {
+        let Some(gone) = self.ended.remove(place) else {
+            return;
+        };
+        uncount(&gone, &mut self.ended_bytes, &mut self.tenant_bytes);
+        self.by_number.remove(&gone.number);
+    }
+}
+
+/// Takes the bytes of an ended stream forgotten out of the counts.
+fn uncount(gone: &Ended, ended_bytes: &mut usize, tenant_bytes: &mut HashMap<String, usize>) {
+    *ended_bytes -= gone.bytes;
+    if let Some(bytes) = tenant_bytes.get_mut(&gone.tenant) {
+        *bytes -= gone.bytes;
+        if *bytes == 0 {
+            tenant_bytes.remove(&gone.tenant);
         }
     }
 }
@@ -443,7 +493,10 @@ mod tests {
     fn ended_streams_are_kept_within_their_bytes_the_oldest_going_first() {
         let replays = Replays::default();
         let big = ENDED_BYTES / 9;
-        let streams: Vec<Arc<Replay>> = (0..12).map(|_| replays.open("s", "t")).collect();
+        // Each of another tenant: the tenants' own bound stays out of it.
+        let streams: Vec<Arc<Replay>> = (0..12)
+            .map(|n| replays.open("s", &format!("t{n}")))
+            .collect();
         // A stream still running is never dropped for the bytes.
         for replay in &streams[1..] {
             replays.end(replay, &result(big));
@@ -460,6 +513,32 @@ mod tests {
             kept,
             [0, 4, 5, 6, 7, 8, 9, 10, 11].map(|n| streams[n].number)
         );
+    }
+
+    #[test]
+    fn a_tenant_past_its_share_of_ended_streams_loses_its_own_oldest() {
+        let replays = Replays::default();
+        let big = ENDED_BYTES / 9;
+        let other = replays.open("s2", "other");
+        replays.end(&other, &result(big));
+        // Two fit in a quarter, a third does not.
+        let own: Vec<Arc<Replay>> = (0..3).map(|_| replays.open("s", "busy")).collect();
+        for replay in &own {
+            replays.end(replay, &result(big));
+        }
+        let streams = replays.lock();
+        let mut kept: Vec<u64> = streams.by_number.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, [other.number, own[1].number, own[2].number]);
+        assert!(streams.tenant_bytes["busy"] <= TENANT_ENDED_BYTES);
+        assert_eq!(
+            streams.ended_bytes,
+            streams.tenant_bytes.values().sum::<usize>()
+        );
+        drop(streams);
+        replays.forget_session("s");
+        assert_eq!(replays.len(), 1);
+        assert!(!replays.lock().tenant_bytes.contains_key("busy"));
     }
 
     #[tokio::test]
