@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use common::database::{wait_for_listeners, wait_for_lock_waiter};
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
+use common::mcp_client::RawMcp;
 use common::private_postgres::PrivatePostgres;
 use common::upstream::TestUpstream;
 use reqwest::StatusCode;
@@ -645,5 +646,60 @@ async fn keys_guessed_while_the_store_cannot_answer_spend_the_address_budget() -
     let limited = StatusCode::TOO_MANY_REQUESTS;
     assert_eq!(statuses, [unavailable, limited]);
     assert_eq!(blocked, limited, "a lookup from a blocked address");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mcp_session_whose_client_gave_up_on_its_delete_is_ended_all_the_same(
+) -> anyhow::Result<()> {
+    // The table of ended sessions is locked, so the DELETE waits at its store write; its
+    // client gives up meanwhile. Once the lock goes, the end is recorded and the session
+    // closed here too: no replica may go on serving a session its client ended.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    let url = database_url(&gw)?;
+    let tenant = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+                              "upstreamUrl": upstream.url}),
+        )
+        .await?;
+    let mcp_url = gw.url(&format!("/mcp/{}", tenant.id));
+    let mcp = RawMcp::new(&gw.http, &mcp_url, &tenant.api_key);
+    let id = mcp.open_session().await?.expect("session opens");
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    assert_eq!(mcp.in_session(&id, &list).await?.status, StatusCode::OK);
+    let (locker, watcher) = (locking(&url, "ended_sessions").await?, connect(&url).await?);
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()?;
+    let gave_up = RawMcp::new(&impatient, &mcp_url, &tenant.api_key)
+        .close_session(&id)
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the DELETE answered while the table was locked"
+    );
+    wait_for_lock_waiter(&watcher, "ended_sessions").await?;
+    locker.batch_execute("COMMIT").await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = mcp.in_session(&id, &list).await?;
+        if got.status == StatusCode::NOT_FOUND {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the session is still served: {} {}",
+            got.status,
+            got.text
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recorded: i64 = watcher
+        .query_one("SELECT count(*) FROM ended_sessions", &[])
+        .await?
+        .get(0);
+    assert_eq!(recorded, 1);
     gw.stop().await
 }
