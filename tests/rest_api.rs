@@ -33,9 +33,34 @@ fn assert_error(
     assert_eq!(body["error"]["requestId"], rid);
 }
 
+/// Asserts that an answer carrying a secret (a key, a token) is marked for no cache to keep.
+fn assert_not_stored(headers: &reqwest::header::HeaderMap) {
+    assert_eq!(
+        headers.get("cache-control").map(|v| v.as_bytes()),
+        Some(&b"no-store"[..]),
+        "{headers:?}"
+    );
+    assert_eq!(
+        headers.get("pragma").map(|v| v.as_bytes()),
+        Some(&b"no-cache"[..]),
+        "{headers:?}"
+    );
+}
+
 async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedTenant> {
+    let key = gw.config.admin_api_key.expose().to_owned();
+    let (status, headers, _) = gw
+        .send(
+            Method::POST,
+            "/api/auth/token",
+            &[],
+            Some(json!({ "key": key })),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_not_stored(&headers);
     let admin_jwt = gw.admin_token().await?;
-    let (status, _, created) = gw
+    let (status, headers, created) = gw
         .send(
             Method::POST,
             "/api/tenants",
@@ -44,6 +69,7 @@ async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedT
         )
         .await?;
     assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_not_stored(&headers);
     let id = created["tenantId"].as_str().unwrap().to_owned();
     assert!(id.starts_with("tenant-"));
     assert_eq!(created["name"], "Acme");
@@ -51,7 +77,7 @@ async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedT
     assert!(created["createdAt"].is_string());
     assert!(created.get("integrationAppToken").is_none());
     let api_key = created["apiKey"].as_str().unwrap().to_owned();
-    let (status, _, token) = gw
+    let (status, headers, token) = gw
         .send(
             Method::POST,
             "/api/auth/tenant-token",
@@ -60,6 +86,7 @@ async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedT
         )
         .await?;
     assert_eq!(status, StatusCode::OK);
+    assert_not_stored(&headers);
     assert_eq!(token["tenantId"], id.as_str());
     assert_eq!(token["expiresIn"], 3600);
     Ok(common::gateway::CreatedTenant {
@@ -351,7 +378,7 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
     let admin = bearer(gw.config.admin_api_key.expose());
     let t = gw.create_tenant(tenant_body()).await?;
     let path = format!("/api/tenant/{}/audit", t.id);
-    let (status, _, rotated) = gw
+    let (status, headers, rotated) = gw
         .send(
             Method::POST,
             &format!("/api/tenants/{}/api-key", t.id),
@@ -360,6 +387,7 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
         )
         .await?;
     assert_eq!(status, StatusCode::OK);
+    assert_not_stored(&headers);
     let new_key = rotated["apiKey"].as_str().unwrap().to_owned();
     assert_ne!(new_key, t.api_key);
     let old = gw

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod extract;
 pub mod middleware;
+pub mod no_store;
 pub mod ratelimit;
 pub mod routes;
 

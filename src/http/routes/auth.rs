@@ -11,6 +11,7 @@ use crate::auth::AuthError;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{api_key_header, ApiJson};
 use crate::http::middleware::RequestId;
+use crate::http::no_store::NoStore;
 use crate::http::ratelimit::WithinAuthLimit;
 use crate::http::AppState;
 
@@ -36,7 +37,7 @@ pub async fn admin_token(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     ApiJson(body): ApiJson<AdminTokenRequest>,
-) -> Result<Json<AdminToken>, ApiError> {
+) -> Result<NoStore<Json<AdminToken>>, ApiError> {
     if !state.auth.is_admin_key(&body.key) {
         refused(&state, None, &request_id).await;
         return Err(ApiError::Unauthorized);
@@ -48,10 +49,10 @@ pub async fn admin_token(
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let event = audit::event(None, "token.issue", "admin", "ok", Some(&request_id.id));
     state.audit.write(event).await;
-    Ok(Json(AdminToken {
+    Ok(NoStore(Json(AdminToken {
         token: issued.token,
         expires_in: issued.expires_in,
-    }))
+    })))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -71,7 +72,7 @@ pub async fn tenant_token(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
-) -> Result<Json<TenantToken>, ApiError> {
+) -> Result<NoStore<Json<TenantToken>>, ApiError> {
     let key = api_key_header(&headers).ok_or(ApiError::Unauthorized)?;
     let tenant = match state.auth.tenant_for_key(key).await {
         Ok(tenant) => tenant,
@@ -95,11 +96,11 @@ pub async fn tenant_token(
         Some(&request_id.id),
     );
     state.audit.write(event).await;
-    Ok(Json(TenantToken {
+    Ok(NoStore(Json(TenantToken {
         token: issued.token,
         expires_in: issued.expires_in,
         tenant_id: tenant.id,
-    }))
+    })))
 }
 
 async fn refused(state: &AppState, tenant_id: Option<&str>, request_id: &RequestId) {

@@ -13,6 +13,7 @@ use crate::config::Secret;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery};
 use crate::http::middleware::RequestId;
+use crate::http::no_store::NoStore;
 use crate::http::AppState;
 use crate::store::{PageCursor, RateLimit, TenantRecord, UpstreamTransport};
 use crate::tenants::admin::{Actor, NewTenant, TenantUpdate};
@@ -113,7 +114,7 @@ pub async fn create(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
     ApiJson(body): ApiJson<CreateTenantRequest>,
-) -> Result<(StatusCode, Json<CreatedTenant>), ApiError> {
+) -> Result<NoStore<(StatusCode, Json<CreatedTenant>)>, ApiError> {
     let new = NewTenant {
         name: validate_name(body.name)?,
         integration_key: validate_integration_key(body.integration_key)?,
@@ -124,7 +125,7 @@ pub async fn create(
     };
     let (t, api_key) = state.admin.create(new, &actor(&request_id)).await?;
     tracing::info!(tenant_id = %t.id, "tenant created");
-    Ok((
+    Ok(NoStore((
         StatusCode::CREATED,
         Json(CreatedTenant {
             tenant_id: t.id,
@@ -137,7 +138,7 @@ pub async fn create(
             enabled: t.enabled,
             created_at: t.created_at,
         }),
-    ))
+    )))
 }
 
 /// Lists tenants, newest first.
@@ -313,16 +314,16 @@ pub async fn rotate_key(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
     Extension(request_id): Extension<RequestId>,
-) -> Result<Json<RotatedKey>, ApiError> {
+) -> Result<NoStore<Json<RotatedKey>>, ApiError> {
     let (tenant, api_key) = state
         .admin
         .rotate_key(&id, &actor(&request_id))
         .await
         .map_err(not_found_is_tenant)?;
-    Ok(Json(RotatedKey {
+    Ok(NoStore(Json(RotatedKey {
         tenant_id: tenant.id,
         api_key: api_key.expose().to_owned(),
-    }))
+    })))
 }
 
 fn no_tenant() -> ApiError {
