@@ -313,6 +313,11 @@ where
 mod tests {
     use super::*;
 
+    /// The `n`th of many client addresses, each of its own (192.0.0.0 on).
+    fn nth_peer(n: u32) -> Option<SocketAddr> {
+        Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)))
+    }
+
     #[test]
     fn forwarded_for_counts_only_behind_a_trusted_proxy() {
         let mut config = Config::for_tests();
@@ -424,24 +429,23 @@ mod tests {
             Quota::per_minute(NonZeroU32::MIN).allow_burst(NonZeroU32::new(2).unwrap());
         let limiter = AuthLimiter::with(per_minute, false, 4);
         let headers = HeaderMap::new();
-        let peer = |n: u32| Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)));
         // The first four addresses fill the tables; every later one, each a first request
         // from its address, spends from the one shared budget (a burst of two).
         let admitted = (0..1000)
-            .filter(|n| limiter.admit(&headers, peer(*n)).is_ok())
+            .filter(|n| limiter.admit(&headers, nth_peer(*n)).is_ok())
             .count();
         assert_eq!(admitted, 4 + 2);
         assert_eq!(limiter.tracked(), 5, "four addresses and the shared budget");
         // Refused credentials from yet more addresses block the shared budget, not each.
         for n in 1000..2000 {
-            assert!(limiter.refused(&headers, peer(n)).is_some());
+            assert!(limiter.refused(&headers, nth_peer(n)).is_some());
         }
         assert_eq!(limiter.blocks(), 1);
-        assert!(limiter.is_blocked(&headers, peer(5000)));
+        assert!(limiter.is_blocked(&headers, nth_peer(5000)));
         // While the tables are full, an address with a budget of its own left spends from
         // the shared one as well.
-        assert!(limiter.blocked(&headers, peer(0)).is_err());
-        assert!(limiter.admit(&headers, peer(0)).is_err());
+        assert!(limiter.blocked(&headers, nth_peer(0)).is_err());
+        assert!(limiter.admit(&headers, nth_peer(0)).is_err());
         assert_eq!(limiter.tracked(), 5);
     }
 
@@ -450,15 +454,14 @@ mod tests {
         let per_ms = Quota::per_second(NonZeroU32::new(1000).unwrap());
         let limiter = AuthLimiter::with(per_ms, false, 4);
         let headers = HeaderMap::new();
-        let peer = |n: u32| Some(SocketAddr::from((u32::to_be_bytes(0xc000_0000 + n), 4000)));
         for n in 0..4 {
-            assert!(limiter.admit(&headers, peer(n)).is_ok());
+            assert!(limiter.admit(&headers, nth_peer(n)).is_ok());
         }
         assert_eq!(limiter.tracked(), 4);
         // A millisecond refills a budget of one; the next new address finds the tables
         // full, and the clean-up that makes room runs then, not a minute later.
         std::thread::sleep(Duration::from_millis(20));
-        assert!(limiter.admit(&headers, peer(4)).is_ok());
+        assert!(limiter.admit(&headers, nth_peer(4)).is_ok());
         assert_eq!(
             limiter.tracked(),
             1,
