@@ -238,6 +238,42 @@ async fn the_drain_waits_for_a_streamed_call_whose_client_connection_broke() -> 
 }
 
 #[tokio::test]
+async fn a_call_whose_client_goes_away_before_its_answer_runs_to_its_end() -> anyhow::Result<()> {
+    // Within its first second a call is answered in its request (JSON, or an event stream
+    // later): the request goes with the connection, the call does not (MCP: a
+    // disconnection is not a cancel). It is audited with its own outcome, and the drain
+    // waits for it.
+    let (upstream, gw, t, mcp, id) = raw_session_on(Config::for_tests()).await?;
+    let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 600}}));
+    let calling = tokio::spawn(async move { mcp.in_session(&id, &call).await });
+    upstream.wait_for_calls(1).await?;
+    calling.abort();
+    let _ = calling.await;
+    let gw = gw.restart().await?;
+    assert_eq!(
+        upstream.cancellations(),
+        0,
+        "the call was cancelled upstream"
+    );
+    let (status, _, audit) = gw
+        .send_as_admin(
+            Method::GET,
+            &format!("/api/tenants/{}/audit?action=tool.call", t.id),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    let outcomes: Vec<_> = audit["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| (item["tool"].clone(), item["outcome"].clone()))
+        .collect();
+    assert_eq!(outcomes, [(json!("sleep"), json!("ok"))], "{audit}");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_session_less_call_cut_off_by_the_drain_is_told_draining() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
@@ -1121,6 +1157,19 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
     );
     assert_answers(&got, 2, "hi");
     assert_eq!(got.answer()["result"]["isError"], false, "{}", got.text);
+    // Sent whole, with its length (not in chunks): the drain's hold on it keeps its size.
+    let length = got.headers.get("content-length").map(|v| v.as_bytes());
+    assert_eq!(
+        length,
+        Some(got.text.len().to_string().as_bytes()),
+        "{:?}",
+        got.headers
+    );
+    assert!(
+        !got.headers.contains_key("transfer-encoding"),
+        "{:?}",
+        got.headers
+    );
     // Errors are rmcp's handler's: an unknown tool is invalid params, by the same id.
     let got = mcp
         .in_session(&id, &tool_call(3, json!({"name": "no-such-tool"})))
@@ -1163,6 +1212,9 @@ async fn a_plain_call_in_a_session_is_answered_as_json_and_a_cancel_reaches_it(
     let sleep = |id: u64, ms: u64| tool_call(id, json!({"name": "sleep", "arguments": {"ms": ms}}));
     let got = mcp.in_session(&id, &sleep(6, 1_500)).await?;
     assert!(is_event_stream(&got), "{:?}", got.headers);
+    // Its priming event tells the client how long to wait before it resumes, as rmcp's do.
+    let priming = got.text.split("\n\n").next().unwrap_or_default();
+    assert!(priming.contains("\nretry: 3000"), "{}", got.text);
     assert_answers(&got, 6, "slept 1500 ms");
     // Its client's connection breaking does not cancel it (MCP: a disconnection is not a
     // cancel). The stream's first event, before any message, gives the client an id to
@@ -1255,6 +1307,31 @@ async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::R
     assert!(!closed.is_finished(), "the session idled out while in use");
     // Quiet for longer than the timeout (2 s, a tenth and the request timeout), it closes.
     tokio::time::timeout(Duration::from_secs(6), closed).await??;
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_resume_rmcp_answers_without_its_session_does_not_keep_the_session_alive(
+) -> anyhow::Result<()> {
+    // The gate serves a session's calls only within a tenth of the idle timeout (here 1 s)
+    // of a request that restarted rmcp's idle timer.
+    let mut config = Config::for_tests();
+    config.mcp_session_idle = Duration::from_secs(10);
+    let (_upstream, gw, _t, mcp, id) = raw_session_on(config).await?;
+    let echo = |n: u64| tool_call(n, json!({"name": "echo", "arguments": {"text": "x"}}));
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // An event id of the gateway's own form that names no stream kept here (expired, or
+    // another process's): rmcp answers it with an empty stream, without its session.
+    let got = mcp.resume(&id, "000000000000-1-0").await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    assert!(got.text.is_empty(), "{}", got.text);
+    // So the next call goes through rmcp (an event stream), which restarts the timer...
+    let got = mcp.in_session(&id, &echo(2)).await?;
+    assert!(is_event_stream(&got), "{:?}", got.headers);
+    assert_answers(&got, 2, "x");
+    // ...and the one after it is the gate's again (JSON).
+    let got = mcp.in_session(&id, &echo(3)).await?;
+    assert!(is_json(&got), "{:?}", got.headers);
     gw.stop().await
 }
 

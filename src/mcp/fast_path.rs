@@ -257,10 +257,95 @@ pub struct FastPath {
     pub in_flight: Arc<InFlight>,
     /// Cancelled when MCP sessions close (the drain's end): so are the calls served here.
     pub sessions: CancellationToken,
+    /// Which sessions are open here (a call entered as its session ends is cancelled).
+    pub limits: Arc<super::sessions::SessionLimits>,
 }
 
 /// A call's answer to come, with everything it needs owned, so that a task can finish it.
 type Answer = Pin<Box<dyn Future<Output = Result<CallToolResult, ErrorData>> + Send>>;
+
+/// A call the fast path is running, with what its answer needs.
+struct Running {
+    answer: Answer,
+    /// Its upstream progress, readdressed to the client.
+    answered: mpsc::Receiver<ServerJsonRpcMessage>,
+    id: RequestId,
+    cancelled: CancellationToken,
+}
+
+/// A call not yet answered, or handed to a task of its own. If the request goes first
+/// (hyper drops it when its client's connection breaks), the call runs on to its end in a
+/// task of its own (MCP: a disconnection is not a cancel), audited with its real outcome;
+/// its answer has nobody to go to, as the client got no event id to resume from.
+struct Unanswered {
+    running: Option<Running>,
+    fast: Arc<FastPath>,
+    lifecycle: Arc<crate::shutdown::Lifecycle>,
+}
+
+impl Unanswered {
+    /// Runs the call to its end in a task of its own, and puts its progress and then its
+    /// result into `replay` if it has one (a stream kept for a while for its client to
+    /// resume). A client that goes away does not cancel it; its session's end and the
+    /// drain's end do. It counts as in flight for the drain until it ends; a panic in it
+    /// ends it with an internal error.
+    fn finish_in_task(&mut self, replay: Option<Arc<Replay>>) {
+        let Some(Running {
+            answer,
+            mut answered,
+            id,
+            cancelled,
+        }) = self.running.take()
+        else {
+            return;
+        };
+        let held = self.lifecycle.begin_request();
+        let fast = self.fast.clone();
+        let mut answer = std::panic::AssertUnwindSafe(answer)
+            .catch_unwind()
+            .map(|ended| {
+                ended.unwrap_or_else(|_| {
+                    tracing::error!("an MCP call panicked: answered as an internal error");
+                    Err(ErrorData::internal_error(
+                        "the call failed in the gateway",
+                        None,
+                    ))
+                })
+            });
+        let finish = async move {
+            let progress = |message: &ServerJsonRpcMessage| {
+                if let Some(replay) = &replay {
+                    replay.progress(message);
+                }
+            };
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    result = &mut answer => break result,
+                    Some(message) = answered.recv() => progress(&message),
+                }
+            };
+            while let Ok(message) = answered.try_recv() {
+                progress(&message);
+            }
+            if let Some(replay) = &replay {
+                let message = answer_message(id, drained(&fast.sessions, &cancelled, result));
+                fast.in_flight.replays.end(replay, &message);
+            }
+            drop(held);
+        };
+        tokio::spawn(finish.in_current_span());
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        // Within a runtime: hyper drops a request on its connection's task.
+        if self.running.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            self.finish_in_task(None);
+        }
+    }
+}
 
 impl FastPath {
     /// Serves `call` in `session` for the tenant of `ctx`. The answer is the call's
@@ -274,11 +359,11 @@ impl FastPath {
         ctx: AuthContext,
         request_id: Option<HttpRequestId>,
         call: Call,
-        held: Arc<crate::shutdown::InFlight>,
+        lifecycle: &Arc<crate::shutdown::Lifecycle>,
     ) -> Response {
         let id = call.id.clone();
         let request_started = request_id.as_ref().map(|id| id.started);
-        let (messages, mut answered) = mpsc::channel(progress::QUEUE);
+        let (messages, answered) = mpsc::channel(progress::QUEUE);
         let progress = match call
             .params
             .meta
@@ -292,9 +377,14 @@ impl FastPath {
         let entry = self
             .in_flight
             .enter(session, &tenant, &call.id, &self.sessions);
+        // A session that ended between the gate's look and the entry above: its end's
+        // scan of the calls in flight did not see this one.
+        if !self.limits.is_open(session) {
+            entry.cancelled.cancel();
+        }
         let cancelled = entry.cancelled.clone();
         let fast = self.clone();
-        let mut answer: Answer = Box::pin(async move {
+        let answer: Answer = Box::pin(async move {
             serve_call(
                 &fast.runtime,
                 &ctx,
@@ -315,17 +405,37 @@ impl FastPath {
         // The relay puts progress into `messages` before the call ends, through its own
         // sender: with it gone, `answered` ends.
         drop(messages);
+        let mut unanswered = Unanswered {
+            running: Some(Running {
+                answer,
+                answered,
+                id,
+                cancelled,
+            }),
+            fast: self.clone(),
+            lifecycle: lifecycle.clone(),
+        };
+        let Some(Running {
+            answer, answered, ..
+        }) = unanswered.running.as_mut()
+        else {
+            unreachable!("the call was put there just above");
+        };
         let replays = &self.in_flight.replays;
         tokio::select! {
             biased;
-            result = &mut answer => {
+            result = answer => {
+                let Some(mut running) = unanswered.running.take() else {
+                    unreachable!("taken only here and below");
+                };
+                let (id, cancelled) = (running.id, running.cancelled);
                 let message = answer_message(id, drained(&self.sessions, &cancelled, result));
-                if answered.is_empty() {
+                if running.answered.is_empty() {
                     return json(&message);
                 }
                 // Progress came just before the result: all of it, then the result.
                 let replay = replays.open(session, &tenant);
-                while let Ok(progress) = answered.try_recv() {
+                while let Ok(progress) = running.answered.try_recv() {
                     replay.progress(&progress);
                 }
                 replays.end(&replay, &message);
@@ -334,59 +444,15 @@ impl FastPath {
             Some(first) = answered.recv() => {
                 let replay = replays.open(session, &tenant);
                 replay.progress(&first);
-                self.finish_in_task(answer, id, answered, replay.clone(), cancelled, held);
+                unanswered.finish_in_task(Some(replay.clone()));
                 replays.stream(replay)
             }
             _ = tokio::time::sleep(json_within) => {
                 let replay = replays.open(session, &tenant);
-                self.finish_in_task(answer, id, answered, replay.clone(), cancelled, held);
+                unanswered.finish_in_task(Some(replay.clone()));
                 replays.stream(replay)
             }
         }
-    }
-
-    /// Runs a call whose answer is an event stream to its end, in a task of its own, and
-    /// puts its progress and then its result into its stream, which is kept for a while for
-    /// a client to resume. A client that goes away does not cancel it; its session's end
-    /// and the drain's end do. It counts as in flight for the drain (`held`) until it ends;
-    /// a panic in it ends the stream with an internal error.
-    fn finish_in_task(
-        self: &Arc<Self>,
-        answer: Answer,
-        id: RequestId,
-        mut answered: mpsc::Receiver<ServerJsonRpcMessage>,
-        replay: Arc<Replay>,
-        cancelled: CancellationToken,
-        held: Arc<crate::shutdown::InFlight>,
-    ) {
-        let fast = self.clone();
-        let mut answer = std::panic::AssertUnwindSafe(answer)
-            .catch_unwind()
-            .map(|ended| {
-                ended.unwrap_or_else(|_| {
-                    tracing::error!("a streamed MCP call panicked: answered as an internal error");
-                    Err(ErrorData::internal_error(
-                        "the call failed in the gateway",
-                        None,
-                    ))
-                })
-            });
-        let finish = async move {
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    result = &mut answer => break result,
-                    Some(progress) = answered.recv() => replay.progress(&progress),
-                }
-            };
-            while let Ok(progress) = answered.try_recv() {
-                replay.progress(&progress);
-            }
-            let message = answer_message(id, drained(&fast.sessions, &cancelled, result));
-            fast.in_flight.replays.end(&replay, &message);
-            drop(held);
-        };
-        tokio::spawn(finish.in_current_span());
     }
 
     /// A client's `GET` with the `Last-Event-ID` of a stream kept here, in `session`, for

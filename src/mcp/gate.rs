@@ -15,7 +15,6 @@ use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use tracing::Instrument;
 
 use rmcp::model::{InitializeRequestParams, ProtocolVersion};
@@ -179,9 +178,10 @@ async fn with_session(
             }
         }
         let post = req.method() == Method::POST;
-        // What rmcp refuses (a 4xx), or serves without the session (a 2026-07-28 request),
-        // never reaches the session, nor restarts its idle timer.
-        let in_session = fast_path::version_has_sessions(req.headers());
+        // What rmcp refuses (a 4xx), or serves without the session (a 2026-07-28 request,
+        // a resume from an id that is not rmcp's), never reaches the session, nor restarts
+        // its idle timer.
+        let in_session = fast_path::version_has_sessions(req.headers()) && !resumes_elsewhere(&req);
         let response = next.run(req).await;
         if in_session && response.status().is_success() {
             gate.limits.seen_by_rmcp(id);
@@ -214,6 +214,28 @@ async fn with_session(
     let post = req.method() == Method::POST;
     let response = with_pending(Pending::restore(reservation), next.run(req)).await;
     Ok(answered(gate, post, response))
+}
+
+/// Whether `req` is a `GET` whose `Last-Event-ID` is not one of rmcp's event ids (`<index>`
+/// or `<index>/<request>`): rmcp answers such a resume with an empty stream, without
+/// asking the session (so its idle timer does not restart). Unreadable counts as not rmcp's.
+fn resumes_elsewhere(req: &Request) -> bool {
+    if req.method() != Method::GET {
+        return false;
+    }
+    let Some(id) = req.headers().get("last-event-id") else {
+        return false;
+    };
+    let Ok(id) = id.to_str() else {
+        return true;
+    };
+    let (index, request) = match id.split_once('/') {
+        Some((index, request)) => (index, Some(request)),
+        None => (id, None),
+    };
+    let rmcps_own = index.parse::<usize>().is_ok()
+        && request.is_none_or(|request| request.parse::<u64>().is_ok());
+    !rmcps_own
 }
 
 /// Ends for its client (`DELETE`) the session whose id has `digest`. The end is recorded in
@@ -335,12 +357,12 @@ async fn post_in_session(
             let Some(context) = context else {
                 return Err(ApiError::Internal("no tenant for an MCP call".into()));
             };
-            // Held by the answer until sent, and by the call until it ends: a call whose
-            // client's connection broke runs on, and the drain waits for it too.
-            let held = Arc::new(gate.lifecycle.begin_request());
+            // Held by the answer until sent; a call that goes on in a task of its own (an
+            // event stream, whose client's connection may break) holds the drain too.
+            let held = gate.lifecycle.begin_request();
             let response = gate
                 .fast
-                .serve(id, context, request_id, call, held.clone())
+                .serve(id, context, request_id, call, &gate.lifecycle)
                 .await;
             return Ok(hold_until_sent(response, held));
         }
@@ -499,13 +521,37 @@ fn answered(gate: &Gate, post: bool, response: Response) -> Response {
 /// `response` with `held` kept until its body has been sent or dropped (the client went
 /// away): a listen stream's slot is given back when the stream ends, a POST's in-flight
 /// count when its answer has been sent.
-fn hold_until_sent(response: Response, held: impl Send + 'static) -> Response {
+fn hold_until_sent(response: Response, held: impl Send + Unpin + 'static) -> Response {
     let (parts, body) = response.into_parts();
-    let body = body.into_data_stream().map(move |chunk| {
-        let _held = &held;
-        chunk
-    });
-    Response::from_parts(parts, Body::from_stream(body))
+    Response::from_parts(parts, Body::new(HeldBody { body, _held: held }))
+}
+
+/// A body that keeps something (`_held`) for as long as it lives, and is otherwise the body
+/// it wraps: its size too, so that an answer of known length is sent with its
+/// `Content-Length` rather than in chunks.
+struct HeldBody<H> {
+    body: Body,
+    _held: H,
+}
+
+impl<H: Unpin> http_body::Body for HeldBody<H> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]

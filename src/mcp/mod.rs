@@ -58,6 +58,7 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             settings: call_settings(config),
             in_flight: fast_calls.clone(),
             sessions: state.lifecycle.sessions.clone(),
+            limits: limits.clone(),
         }),
         fast_within,
     };

@@ -8,7 +8,8 @@
 //! resume goes to rmcp, which answers it with an empty stream, as it does for an id it does
 //! not know); `<stream>` numbers the streams of this process; `<index>` is the event's place
 //! in its stream, 0 being the priming event (no message: it gives the client an id to resume
-//! from before the first message). rmcp's own ids are `<index>` or `<index>/<request>`.
+//! from before the first message, and how long to wait before it does, [`RETRY_AFTER`]).
+//! rmcp's own ids are `<index>` or `<index>/<request>`.
 //!
 //! Bounds: a stream keeps its last [`PROGRESS_KEPT`] progress messages, within
 //! [`PROGRESS_BYTES`], and its result: a reader (or a resume) behind what is kept goes on
@@ -51,8 +52,16 @@ pub const PROGRESS_BYTES: usize = 1 << 20;
 /// opens or ends, or a resume comes.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
+/// What a kept stream costs besides its messages and names: its place in the maps and the
+/// queue, its locks and counters (counted against the bounds on ended streams).
+const STREAM_OVERHEAD: usize = 256;
+
 /// How often a stream that carries nothing else says it is alive (rmcp's default).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// How long a client whose stream broke should wait before it resumes, told in the priming
+/// event (`retry`), as rmcp's server tells it on its own streams (its default).
+pub const RETRY_AFTER: Duration = Duration::from_secs(3);
 
 /// Every stream of this process kept for resumption.
 pub struct Replays {
@@ -138,7 +147,7 @@ impl Replays {
 
     /// Puts the call's result last in `replay`, which is then kept for [`KEPT_AFTER_END`].
     pub fn end(&self, replay: &Replay, result: &ServerJsonRpcMessage) {
-        let bytes = {
+        let messages = {
             let mut events = replay.lock();
             if let Some(json) = as_json(result) {
                 events.bytes += json.len();
@@ -147,6 +156,9 @@ impl Replays {
             events.ended = true;
             events.bytes
         };
+        // What keeping it costs: its messages, and its own copies of its session id (up to
+        // a few KiB when sealed) and tenant, and its entries.
+        let bytes = messages + replay.session.len() + 2 * replay.tenant.len() + STREAM_OVERHEAD;
         replay.added.notify_waiters();
         let mut streams = self.lock();
         if bytes > ENDED_BYTES / 8 {
@@ -250,9 +262,12 @@ impl Replays {
 
     fn stream_from(&self, replay: Arc<Replay>, resumed_at: Option<usize>) -> Response {
         let prefix = format!("{}-{}-", self.process, replay.number);
-        let priming = resumed_at
-            .is_none()
-            .then(|| Ok(Event::default().id(format!("{prefix}0")).data("")));
+        let priming = resumed_at.is_none().then(|| {
+            Ok(Event::default()
+                .id(format!("{prefix}0"))
+                .retry(RETRY_AFTER)
+                .data(""))
+        });
         let from = resumed_at.unwrap_or(0);
         let messages = futures::stream::unfold((replay, from), move |(replay, next)| {
             let prefix = prefix.clone();
@@ -539,6 +554,22 @@ mod tests {
         replays.forget_session("s");
         assert_eq!(replays.len(), 1);
         assert!(!replays.lock().tenant_bytes.contains_key("busy"));
+    }
+
+    #[test]
+    fn an_ended_stream_counts_its_session_id_and_tenant_too() {
+        let replays = Replays::default();
+        // Streams with next to no messages, in a session whose id takes a quarter of a
+        // tenant's share: only three of them fit in it.
+        let session = "s".repeat(TENANT_ENDED_BYTES / 4);
+        for _ in 0..10 {
+            let replay = replays.open(&session, "t");
+            replays.end(&replay, &result(1));
+        }
+        let streams = replays.lock();
+        assert_eq!(streams.by_number.len(), 3);
+        assert!(streams.tenant_bytes["t"] <= TENANT_ENDED_BYTES);
+        assert!(streams.tenant_bytes["t"] > 3 * session.len());
     }
 
     #[tokio::test]

@@ -146,6 +146,12 @@ impl SessionLimits {
         Some(owner.tenant.clone())
     }
 
+    /// Whether session `id` is open here and not ending.
+    pub fn is_open(&self, id: &str) -> bool {
+        let state = self.lock();
+        state.owners.get(id).is_some_and(|owner| !owner.ending)
+    }
+
     /// Whether the gate may serve a request of session `id` itself ([`super::fast_path`]):
     /// the session is open here for `tenant`, not ending, and rmcp saw one of its requests
     /// less than `within` ago (so that its idle timer, which only rmcp's requests restart,
