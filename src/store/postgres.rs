@@ -287,15 +287,27 @@ fn storable_key(key: &str) -> bool {
     !key.contains('\0')
 }
 
+/// Whether an error with SQLSTATE `code` says the database cannot serve us now but may
+/// later, so that the request is answered 503 with `Retry-After` (and an audit write is
+/// tried again) rather than 500: class 08 (connection exception), 53 (insufficient
+/// resources: disk full, out of memory, too many connections), 57P0x (shutdown, cannot
+/// connect now), 57014 (cancelled: a statement timeout), 40001 and 40P01 (a serialization
+/// failure, a deadlock: the transaction may be run again), 25006 (a read-only transaction:
+/// a server in recovery, or a standby after a failover until the URL points at the new
+/// primary).
+fn passes(code: &str) -> bool {
+    ["08", "53", "57P"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || ["57014", "40001", "40P01", "25006"].contains(&code)
+}
+
 pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
     if let Some(code) = e.code() {
         if *code == SqlState::UNIQUE_VIOLATION {
             return StoreError::Duplicate;
         }
-        // Class 08 (connection exception), 57P0x (shutdown, cannot connect now), 53300
-        // (too many connections): the database is there but not serving us; retry later.
-        let c = code.code();
-        if c.starts_with("08") || c.starts_with("57P") || c == "53300" {
+        if passes(code.code()) {
             return StoreError::Unavailable(describe(&e));
         }
         return StoreError::Backend(describe(&e));
@@ -773,6 +785,33 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_database_that_cannot_serve_now_is_unavailable_not_an_internal_error() {
+        for code in [
+            "08006", "53100", "53300", "57P01", "57014", "40001", "40P01", "25006",
+        ] {
+            assert!(passes(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22P02", "XX000"] {
+            assert!(!passes(code), "{code}");
+        }
+        // A write refused by a server that only reads (a standby after a failover).
+        let url = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("the tests' PostgreSQL");
+        tokio::spawn(connection);
+        let refused = client
+            .batch_execute("BEGIN READ ONLY; CREATE TEMP TABLE never (a int)")
+            .await
+            .expect_err("a read-only transaction refuses a write");
+        assert!(
+            matches!(db_err(refused), StoreError::Unavailable(_)),
+            "read-only is for now"
+        );
+    }
 
     #[test]
     fn the_listener_finds_out_about_a_dead_connection_in_seconds() {

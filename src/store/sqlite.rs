@@ -95,10 +95,19 @@ fn map_err(e: rusqlite::Error) -> StoreError {
                 StoreError::Backend(e.to_string())
             }
         }
+        // The file cannot be written or read now (busy, locked, its disk full or failing,
+        // its volume read-only or out of reach): 503 with `Retry-After`, as for a
+        // database server that is down, and an audit write is tried again.
         Some(err)
             if matches!(
                 err.code,
-                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen
+                ErrorCode::DatabaseBusy
+                    | ErrorCode::DatabaseLocked
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::DiskFull
+                    | ErrorCode::SystemIoFailure
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::PermissionDenied
             ) =>
         {
             StoreError::Unavailable(e.to_string())
@@ -553,6 +562,29 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file that cannot be written now (here: read-only) makes the store unavailable (503,
+    /// retried), not broken (500).
+    #[test]
+    fn a_file_that_cannot_be_written_is_unavailable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("read-only.db");
+        let conn = open_connection(path.to_str().expect("utf-8 path")).expect("opened");
+        conn.execute_batch("CREATE TABLE t (a INTEGER); PRAGMA query_only = ON")
+            .expect("set up");
+        let refused = conn
+            .execute("INSERT INTO t VALUES (1)", [])
+            .expect_err("read-only");
+        assert!(
+            matches!(map_err(refused), StoreError::Unavailable(_)),
+            "a read-only file is for now"
+        );
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert!(matches!(map_err(full), StoreError::Unavailable(_)));
+    }
 
     /// A commit is on disk before it is answered (`synchronous=FULL`, 2), on the WAL file.
     #[test]
