@@ -39,6 +39,20 @@ impl AuditBudget {
         self.most - self.most / Self::RESERVED
     }
 
+    /// What one tenant's buffer may hold: a share of the buffers' part ([`Self::TENANT_SHARE`]),
+    /// though never less than [`Self::TENANT_FLOOR`], so that one tenant (large events,
+    /// refused calls that spend no rate limit) cannot take the room every other tenant's
+    /// events need during an outage. Ordinary events meet the tenant's count bound long
+    /// before this one.
+    pub(crate) fn tenant_most(&self) -> usize {
+        (self.buffers_most() / Self::TENANT_SHARE).max(Self::TENANT_FLOOR)
+    }
+
+    /// One tenant's buffer may hold one in this many bytes of the buffers' part...
+    pub const TENANT_SHARE: usize = 8;
+    /// ...or this many bytes, if more.
+    pub const TENANT_FLOOR: usize = 1 << 20;
+
     /// How many bytes must be given back before `bytes` more fit in the buffers' part:
     /// more than `bytes` when the queue holds some of that part too.
     pub(crate) fn shortfall(&self, bytes: usize) -> usize {

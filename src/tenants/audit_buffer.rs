@@ -124,9 +124,18 @@ impl AuditBuffer {
             self.writer.queue(event);
             return Appended::HandedOver;
         }
-        // Room in bytes first: this tenant's oldest go while what it holds, with what is
-        // free, could still make room; else the new event goes, and none of the old for
-        // nothing.
+        // Within this tenant's own share first, its oldest going; an event larger than the
+        // whole share goes itself.
+        if bytes > self.budget.tenant_most() {
+            crate::metrics::audit_dropped(1);
+            return Appended::Dropped;
+        }
+        while state.bytes + bytes > self.budget.tenant_most() {
+            self.drop_oldest(&mut state);
+        }
+        // Then room in the whole budget: this tenant's oldest go while what it holds, with
+        // what is free, could still make room; else the new event goes, and none of the old
+        // for nothing.
         while !self.budget.take(bytes) {
             if state.bytes < self.budget.shortfall(bytes) || !self.drop_oldest(&mut state) {
                 crate::metrics::audit_dropped(1);
@@ -388,6 +397,39 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never written");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_tenant_holds_at_most_its_share_of_the_bytes_its_own_oldest_going_first() {
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        // A share of 7 MiB, events of about 1 MiB each.
+        let (writer, budget) = writer_within(store, 64 << 20);
+        let share = budget.tenant_most();
+        assert_eq!(share, 7 << 20);
+        let large = |n: u32| {
+            let mut event = event(n);
+            event.detail = Some(serde_json::json!({ "text": "a".repeat(1 << 20) }));
+            event
+        };
+        let size = held_bytes(&large(1));
+        let a = AuditBuffer::new(100, 100, writer.clone());
+        let b = AuditBuffer::new(100, 100, writer.clone());
+        for n in 1..=20 {
+            assert_eq!(a.append(large(n)), Appended::Held);
+        }
+        assert_eq!(a.len(), share / size, "only its newest within its share");
+        assert_eq!(numbers(&a.take_batch())[0], 21 - (share / size) as u32);
+        assert!(budget.held() <= share);
+        assert_eq!(
+            b.append(large(30)),
+            Appended::Held,
+            "the others' room is left"
+        );
+        // One event larger than the share is not held, and drops none of the others.
+        let mut huge = event(40);
+        huge.detail = Some(serde_json::json!({ "text": "a".repeat(share) }));
+        assert_eq!(b.append(huge), Appended::Dropped);
+        assert_eq!(b.len(), 1);
     }
 
     #[tokio::test]
