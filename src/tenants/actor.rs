@@ -414,7 +414,8 @@ impl TenantState {
         let target = self.target.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            let result = UpstreamClient::connect(&target, tx).await;
+            let connecting = UpstreamClient::connect(&target, tx);
+            let result = survived(connecting, "connecting to the upstream").await;
             let ok = result.is_ok();
             if me
                 .cast(TenantMsg::Connected { generation, result })
@@ -639,7 +640,7 @@ impl TenantState {
         let (client, me, generation) = (client.clone(), myself.clone(), self.generation);
         let timeout = self.settings.upstream_timeout;
         tokio::spawn(async move {
-            let result = client.list_tools(timeout).await;
+            let result = survived(client.list_tools(timeout), "loading the tool list").await;
             let _ = me.cast(TenantMsg::ToolsLoaded {
                 generation,
                 epoch,
@@ -995,8 +996,48 @@ pub(super) fn take_permit(in_flight: &Arc<Semaphore>) -> Result<OwnedSemaphorePe
     in_flight.clone().try_acquire_owned().map_err(|_| busy())
 }
 
+/// What `work` (a task the actor waits on: a connection, a tool list) ends with, a panic
+/// in it being a failure like any other: otherwise the actor would wait for its answer
+/// for good (connecting, or loading its list, until the tenant goes idle).
+async fn survived<T>(
+    work: impl std::future::Future<Output = Result<T, UpstreamError>>,
+    doing: &str,
+) -> Result<T, UpstreamError> {
+    use futures::FutureExt as _;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!("the gateway failed {doing}: a panic, answered as a failure");
+            Err(UpstreamError::Protocol(format!(
+                "the gateway failed {doing}"
+            )))
+        })
+}
+
 fn busy() -> CallError {
     CallError::Busy {
         retry_after: Duration::from_secs(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_work_the_actor_waits_on_is_a_failure_it_hears_of() {
+        let panicking = async {
+            if std::hint::black_box(true) {
+                panic!("the upstream client broke");
+            }
+            Ok(())
+        };
+        let ended = survived(panicking, "testing").await;
+        assert!(
+            matches!(ended, Err(UpstreamError::Protocol(_))),
+            "{ended:?}"
+        );
+        assert_eq!(survived(async { Ok(7) }, "testing").await.ok(), Some(7));
     }
 }
