@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use common::database::wait_for_lock_waiter;
 use common::gateway::{CreatedTenant, TestGateway};
 use common::peers::{EverythingMode, EverythingServer};
 use common::upstream::TestUpstream;
@@ -1018,6 +1019,82 @@ async fn a_record_read_before_a_change_starts_no_stale_actor() -> anyhow::Result
         who.contains("tok-new"),
         "the replaced token was used: {who}"
     );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_slow_read_of_a_changed_tenant_holds_up_no_other_tenants_start() -> anyhow::Result<()> {
+    // After a change the registry reads the tenant again before it starts its actor; with
+    // the store slow (here: its tenants table locked), another tenant's start goes on.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_idle = Duration::from_millis(300);
+    let gw = TestGateway::start_postgres(config).await?;
+    let changed = gw.create_tenant(tenant_on(&upstream.url, "tok-a")).await?;
+    let other = gw.create_tenant(tenant_on(&upstream.url, "tok-b")).await?;
+    let url = gw
+        .config
+        .database_url
+        .clone()
+        .context("a PostgreSQL gateway")?;
+    let store = switchboard::store::open(Some(&url), 1).await?;
+    let changed_before = store.get_tenant(&changed.id).await?.context("changed")?;
+    let other_record = store.get_tenant(&other.id).await?.context("other")?;
+    // Each read again once since its creation (a change too); the other one's actor then
+    // idles out, the changed one's stops for its change.
+    for t in [&other, &changed] {
+        let (status, _, body) = gw.tool(t, json!({"method": "whoami"})).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let admin = format!("Bearer {}", gw.config.admin_api_key.expose());
+    let path = format!("/api/tenants/{}", changed.id);
+    let rename = Some(json!({"name": "renamed"}));
+    let (status, _, _) = gw
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            &[("authorization", &admin)],
+            rename,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.tenants.active_count() > 0 {
+        anyhow::ensure!(Instant::now() < deadline, "the tenants' actors ran on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let slow = {
+        let tenants = gw.tenants.clone();
+        tokio::spawn(async move {
+            tenants
+                .call_tool(&changed_before, "whoami", None, None)
+                .await
+        })
+    };
+    wait_for_lock_waiter(&locker, "tenants").await?;
+    // Well within the read's 2 s bound, which the registry's mailbox used to wait out.
+    let started = Instant::now();
+    let who = tokio::time::timeout(
+        Duration::from_millis(1_500),
+        gw.tenants.call_tool(&other_record, "whoami", None, None),
+    )
+    .await
+    .context("the other tenant's start waited for the changed one's read")??;
+    assert!(serde_json::to_string(&who)?.contains("tok-b"));
+    let other_took = started.elapsed();
+    locker.batch_execute("ROLLBACK").await?;
+    // The changed tenant's own call: started from the read, or told to retry if the read
+    // ran out of time.
+    match slow.await? {
+        Ok(who) => assert!(serde_json::to_string(&who)?.contains("tok-a")),
+        Err(err) => assert!(matches!(err, CallError::Unavailable { .. }), "{err:?}"),
+    }
+    assert!(other_took < Duration::from_millis(1_500), "{other_took:?}");
     gw.stop().await
 }
 

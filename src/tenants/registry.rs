@@ -222,11 +222,20 @@ impl RecentChanges {
         all || self.tenants.get(tenant_id).is_some_and(fresh)
     }
 
-    /// The tenant was read again after its last change: records from now on are current.
-    fn settled(&mut self, tenant_id: &str, now: Instant) {
-        self.tenants.remove(tenant_id);
+    /// The tenant was read by a read that began at `read_at`: the changes before it are
+    /// settled, and records from then on are current; one after it is not.
+    fn settled(&mut self, tenant_id: &str, read_at: Instant) {
+        if self
+            .tenants
+            .get(tenant_id)
+            .is_some_and(|changed| *changed <= read_at)
+        {
+            self.tenants.remove(tenant_id);
+        }
         match self.all {
-            Some(at) if now.duration_since(at) < STALE_RECORD_WINDOW => {
+            // A reload announced after the read began: that read does not settle it.
+            Some(at) if at > read_at => {}
+            Some(at) if read_at.duration_since(at) < STALE_RECORD_WINDOW => {
                 self.settled_since_all.insert(tenant_id.to_owned());
             }
             _ => {
@@ -291,7 +300,29 @@ impl Actor for RegistryActor {
                 if reply.is_closed() {
                     return Ok(());
                 }
+                // For a minute after a change a caller's record may predate it: the tenant
+                // is read again first, off this mailbox, so that a slow store holds up no
+                // other tenant's start.
+                let served = state.serving(&record).is_some();
+                if !served && state.changes.recent(&record.id, Instant::now()) {
+                    state.read_again(&myself, record.id, reply);
+                    return Ok(());
+                }
                 let result = state.start(&myself, *record, true).await;
+                let _ = reply.send(result);
+            }
+            RegistryMsg::ReadAgain {
+                asked_at,
+                read,
+                reply,
+            } => {
+                if reply.is_closed() {
+                    return Ok(());
+                }
+                let result = match state.read_again_answered(asked_at, *read) {
+                    Ok(record) => state.start(&myself, record, true).await,
+                    Err(err) => Err(err),
+                };
                 let _ = reply.send(result);
             }
             RegistryMsg::Restart(tenant_id) => {
@@ -358,20 +389,12 @@ impl RegistryState {
         from_call: bool,
     ) -> Result<ActorRef<TenantMsg>, CallError> {
         let tenant_id = record.id.clone();
-        // An actor that is stopping (idle) is replaced at once; it leaves on its own.
-        let serving = self.args.directory.get(&tenant_id).filter(Running::serving);
-        if let Some(running) = &serving {
-            if running.version >= record.version {
-                return Ok(running.actor.clone());
-            }
+        if let Some(actor) = self.serving(&record) {
+            return Ok(actor);
         }
-        // From here a serving actor runs an older version than `record`, and than the
-        // tenant read again below (versions only grow), so it is replaced either way.
-        let record = if from_call && self.changes.recent(&tenant_id, Instant::now()) {
-            self.current(record).await?
-        } else {
-            record
-        };
+        // From here a serving actor runs an older version than `record` (versions only
+        // grow), so it is replaced.
+        let serving = self.args.directory.get(&tenant_id).filter(Running::serving);
         if serving.is_some() {
             self.stop_tenant(&tenant_id, "tenant changed");
         }
@@ -429,36 +452,74 @@ impl RegistryState {
         Ok(actor)
     }
 
-    /// `record` as the store has it now: a caller's copy may predate a change this
-    /// registry has heard of. A tenant deleted or disabled since gets no actor. The read
-    /// runs in the registry's mailbox, so it is bounded by [`REREAD_TIMEOUT`]: a slow
-    /// store makes this caller retry, it does not hold up every other tenant's start.
-    async fn current(&mut self, record: TenantRecord) -> Result<TenantRecord, CallError> {
-        let read = tokio::time::timeout(REREAD_TIMEOUT, self.args.store.get_tenant(&record.id));
-        let now = match read.await {
-            Ok(Ok(now)) => now,
-            Ok(Err(err)) => {
-                return Err(CallError::Unavailable {
-                    reason: format!("the tenant could not be read again after a change: {err}"),
-                    retry_after: Duration::from_secs(1),
-                })
-            }
-            Err(_) => {
-                return Err(CallError::Unavailable {
-                    reason: "the store was too slow to read the tenant again after a change".into(),
-                    retry_after: Duration::from_secs(1),
-                })
-            }
+    /// The serving actor of `record`'s tenant, if it runs `record`'s version or a later
+    /// one. An actor that is stopping (idle) is not serving; it leaves on its own.
+    fn serving(&self, record: &TenantRecord) -> Option<ActorRef<TenantMsg>> {
+        let running = self
+            .args
+            .directory
+            .get(&record.id)
+            .filter(Running::serving)?;
+        (running.version >= record.version).then(|| running.actor.clone())
+    }
+
+    /// Reads tenant `tenant_id` as the store has it now, in a task of its own (bounded by
+    /// [`REREAD_TIMEOUT`]), and hands the read back to this mailbox
+    /// ([`RegistryMsg::ReadAgain`]) with the caller's `reply`: a caller's copy may predate
+    /// a change this registry has heard of.
+    fn read_again(
+        &self,
+        myself: &ActorRef<RegistryMsg>,
+        tenant_id: String,
+        reply: ractor::RpcReplyPort<Result<ActorRef<TenantMsg>, CallError>>,
+    ) {
+        let (store, me) = (self.args.store.clone(), myself.clone());
+        let asked_at = Instant::now();
+        tokio::spawn(async move {
+            let read =
+                match tokio::time::timeout(REREAD_TIMEOUT, store.get_tenant(&tenant_id)).await {
+                    Ok(Ok(now)) => Ok(now),
+                    Ok(Err(err)) => Err(format!(
+                        "the tenant could not be read again after a change: {err}"
+                    )),
+                    Err(_) => {
+                        Err("the store was too slow to read the tenant again after a change".into())
+                    }
+                };
+            // A registry gone drops the reply with the message: its caller hears of it.
+            let _ = me.cast(RegistryMsg::ReadAgain {
+                asked_at,
+                read: Box::new(read),
+                reply,
+            });
+        });
+    }
+
+    /// The tenant to start from a read begun at `asked_at`: a tenant deleted or disabled
+    /// since gets no actor, and one changed again after the read began is not started from
+    /// it (its caller retries).
+    fn read_again_answered(
+        &mut self,
+        asked_at: Instant,
+        read: Result<Option<TenantRecord>, String>,
+    ) -> Result<TenantRecord, CallError> {
+        let unavailable = |reason: String| CallError::Unavailable {
+            reason,
+            retry_after: Duration::from_secs(1),
         };
-        match now {
+        match read.map_err(unavailable)? {
             Some(now) if now.enabled => {
-                self.changes.settled(&now.id, Instant::now());
+                self.changes.settled(&now.id, asked_at);
+                if self.changes.recent(&now.id, Instant::now()) {
+                    return Err(unavailable(
+                        "the tenant changed again during this request".into(),
+                    ));
+                }
                 Ok(now)
             }
-            _ => Err(CallError::Unavailable {
-                reason: "the tenant was changed, disabled or deleted during this request".into(),
-                retry_after: Duration::from_secs(1),
-            }),
+            _ => Err(unavailable(
+                "the tenant was changed, disabled or deleted during this request".into(),
+            )),
         }
     }
 
@@ -613,6 +674,15 @@ mod tests {
         assert!(changes.recent("a", now));
         changes.settled("a", now);
         assert!(!changes.recent("a", now));
+        // A read that began before a change does not settle it, nor a reload after it.
+        let later = now + Duration::from_millis(1);
+        changes.one("a", later);
+        changes.settled("a", now);
+        assert!(changes.recent("a", later));
+        changes.settled("a", later);
+        changes.all(later);
+        changes.settled("b", now);
+        assert!(changes.recent("b", later), "read before the reload");
         // Another reload: every tenant once more.
         changes.all(now);
         assert!(changes.recent("a", now));
