@@ -164,13 +164,14 @@ pub enum RegistryMsg {
         record: Box<TenantRecord>,
         reply: RpcReplyPort<Result<ActorRef<TenantMsg>, CallError>>,
     },
-    /// The tenant of a `Start` read again (it changed lately), off the registry's mailbox:
-    /// the read began at `asked_at`; `read` is the tenant as the store had it then, or why
-    /// it could not be read.
+    /// A tenant that `Start`s wait for, read again (it changed lately) off the registry's
+    /// mailbox: the read began at `asked_at`, the `attempt`th for these waiters; `read` is
+    /// the tenant as the store had it then, or why it could not be read.
     ReadAgain {
+        tenant_id: String,
         asked_at: std::time::Instant,
+        attempt: u32,
         read: Box<Result<Option<TenantRecord>, String>>,
-        reply: RpcReplyPort<Result<ActorRef<TenantMsg>, CallError>>,
     },
     /// The tenant changed or was deleted: stop its actor; the next call starts a fresh one.
     Changed(String),

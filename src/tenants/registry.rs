@@ -177,6 +177,42 @@ pub struct RegistryState {
     tool_prints: HashMap<String, Arc<AtomicU64>>,
     backoff: Backoff,
     changes: RecentChanges,
+    /// The callers waiting for a tenant read again before its start, by tenant: one read
+    /// at a time for each, however many calls wait.
+    reading: HashMap<String, Vec<StartReply>>,
+}
+
+/// Where a `Start`'s answer goes.
+type StartReply = ractor::RpcReplyPort<Result<ActorRef<TenantMsg>, CallError>>;
+
+/// Reads of a tenant that changed again during each, at most, before its callers are
+/// told to retry.
+const READS_AGAIN: u32 = 3;
+
+/// Why a tenant read again is not started from.
+enum ReadAgain {
+    /// It could not be read (why).
+    Unread(String),
+    /// It changed again after the read began.
+    ChangedSince,
+    /// Deleted or disabled since the caller read it.
+    Gone,
+}
+
+impl From<ReadAgain> for CallError {
+    fn from(again: ReadAgain) -> Self {
+        let reason = match again {
+            ReadAgain::Unread(why) => why,
+            ReadAgain::ChangedSince => "the tenant changed again during this request".into(),
+            ReadAgain::Gone => {
+                "the tenant was changed, disabled or deleted during this request".into()
+            }
+        };
+        CallError::Unavailable {
+            reason,
+            retry_after: Duration::from_secs(1),
+        }
+    }
 }
 
 /// How long a record a caller holds may predate a change it has not seen: the caller
@@ -284,6 +320,7 @@ impl Actor for RegistryActor {
             history: HashMap::new(),
             tool_prints: HashMap::new(),
             changes: RecentChanges::default(),
+            reading: HashMap::new(),
         })
     }
 
@@ -312,18 +349,31 @@ impl Actor for RegistryActor {
                 let _ = reply.send(result);
             }
             RegistryMsg::ReadAgain {
+                tenant_id,
                 asked_at,
+                attempt,
                 read,
-                reply,
             } => {
-                if reply.is_closed() {
+                let mut waiting = state.reading.remove(&tenant_id).unwrap_or_default();
+                // Callers that gave up are not worth a start.
+                waiting.retain(|reply| !reply.is_closed());
+                if waiting.is_empty() {
                     return Ok(());
                 }
                 let result = match state.read_again_answered(asked_at, *read) {
                     Ok(record) => state.start(&myself, record, true).await,
-                    Err(err) => Err(err),
+                    // Changed during the read (a change made here is heard twice: at once,
+                    // and a moment later from the database): once more, from now.
+                    Err(ReadAgain::ChangedSince) if attempt < READS_AGAIN => {
+                        state.reading.insert(tenant_id.clone(), waiting);
+                        state.spawn_read(&myself, tenant_id, attempt + 1);
+                        return Ok(());
+                    }
+                    Err(again) => Err(again.into()),
                 };
-                let _ = reply.send(result);
+                for reply in waiting {
+                    let _ = reply.send(result.clone());
+                }
             }
             RegistryMsg::Restart(tenant_id) => {
                 if let Some(record) = state.history.get(&tenant_id).map(|h| h.record.clone()) {
@@ -463,63 +513,63 @@ impl RegistryState {
         (running.version >= record.version).then(|| running.actor.clone())
     }
 
-    /// Reads tenant `tenant_id` as the store has it now, in a task of its own (bounded by
-    /// [`REREAD_TIMEOUT`]), and hands the read back to this mailbox
-    /// ([`RegistryMsg::ReadAgain`]) with the caller's `reply`: a caller's copy may predate
-    /// a change this registry has heard of.
-    fn read_again(
-        &self,
-        myself: &ActorRef<RegistryMsg>,
-        tenant_id: String,
-        reply: ractor::RpcReplyPort<Result<ActorRef<TenantMsg>, CallError>>,
-    ) {
+    /// Has `reply` wait for tenant `tenant_id` read as the store has it now (a caller's
+    /// copy may predate a change this registry has heard of), joining a read in flight.
+    fn read_again(&mut self, myself: &ActorRef<RegistryMsg>, tenant_id: String, reply: StartReply) {
+        use std::collections::hash_map::Entry;
+        match self.reading.entry(tenant_id) {
+            Entry::Occupied(mut waiting) => waiting.get_mut().push(reply),
+            Entry::Vacant(waiting) => {
+                let tenant_id = waiting.key().clone();
+                waiting.insert(vec![reply]);
+                self.spawn_read(myself, tenant_id, 1);
+            }
+        }
+    }
+
+    /// Reads tenant `tenant_id` in a task of its own (bounded by [`REREAD_TIMEOUT`]), and
+    /// hands the read back to this mailbox ([`RegistryMsg::ReadAgain`]).
+    fn spawn_read(&self, myself: &ActorRef<RegistryMsg>, tenant_id: String, attempt: u32) {
         let (store, me) = (self.args.store.clone(), myself.clone());
         let asked_at = Instant::now();
         tokio::spawn(async move {
-            let read =
-                match tokio::time::timeout(REREAD_TIMEOUT, store.get_tenant(&tenant_id)).await {
-                    Ok(Ok(now)) => Ok(now),
-                    Ok(Err(err)) => Err(format!(
-                        "the tenant could not be read again after a change: {err}"
-                    )),
-                    Err(_) => {
-                        Err("the store was too slow to read the tenant again after a change".into())
-                    }
-                };
-            // A registry gone drops the reply with the message: its caller hears of it.
+            let reading = tokio::time::timeout(REREAD_TIMEOUT, store.get_tenant(&tenant_id));
+            let read = match reading.await {
+                Ok(Ok(now)) => Ok(now),
+                Ok(Err(err)) => Err(format!(
+                    "the tenant could not be read again after a change: {err}"
+                )),
+                Err(_) => {
+                    Err("the store was too slow to read the tenant again after a change".into())
+                }
+            };
+            // A registry gone drops its waiting callers' replies: they hear of it.
             let _ = me.cast(RegistryMsg::ReadAgain {
+                tenant_id,
                 asked_at,
+                attempt,
                 read: Box::new(read),
-                reply,
             });
         });
     }
 
     /// The tenant to start from a read begun at `asked_at`: a tenant deleted or disabled
     /// since gets no actor, and one changed again after the read began is not started from
-    /// it (its caller retries).
+    /// it.
     fn read_again_answered(
         &mut self,
         asked_at: Instant,
         read: Result<Option<TenantRecord>, String>,
-    ) -> Result<TenantRecord, CallError> {
-        let unavailable = |reason: String| CallError::Unavailable {
-            reason,
-            retry_after: Duration::from_secs(1),
-        };
-        match read.map_err(unavailable)? {
+    ) -> Result<TenantRecord, ReadAgain> {
+        match read.map_err(ReadAgain::Unread)? {
             Some(now) if now.enabled => {
                 self.changes.settled(&now.id, asked_at);
                 if self.changes.recent(&now.id, Instant::now()) {
-                    return Err(unavailable(
-                        "the tenant changed again during this request".into(),
-                    ));
+                    return Err(ReadAgain::ChangedSince);
                 }
                 Ok(now)
             }
-            _ => Err(unavailable(
-                "the tenant was changed, disabled or deleted during this request".into(),
-            )),
+            _ => Err(ReadAgain::Gone),
         }
     }
 
