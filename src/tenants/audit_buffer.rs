@@ -130,8 +130,12 @@ impl AuditBuffer {
             crate::metrics::audit_dropped(1);
             return Appended::Dropped;
         }
-        while state.bytes + bytes > self.budget.tenant_most() {
-            self.drop_oldest(&mut state);
+        // A batch in flight counts too: it may come back (a failed write).
+        while state.bytes + state.in_flight + bytes > self.budget.tenant_most() {
+            if !self.drop_oldest(&mut state) {
+                crate::metrics::audit_dropped(1);
+                return Appended::Dropped;
+            }
         }
         // Then room in the whole budget: this tenant's oldest go while what it holds, with
         // what is free, could still make room; else the new event goes, and none of the old
@@ -418,7 +422,13 @@ mod tests {
             assert_eq!(a.append(large(n)), Appended::Held);
         }
         assert_eq!(a.len(), share / size, "only its newest within its share");
-        assert_eq!(numbers(&a.take_batch())[0], 21 - (share / size) as u32);
+        let batch = a.take_batch();
+        assert_eq!(numbers(&batch)[0], 21 - (share / size) as u32);
+        assert!(budget.held() <= share);
+        // Its batch in flight counts in its share: nothing more fits beside it until the
+        // write ends, and a failed one comes back within the share.
+        assert_eq!(a.append(large(21)), Appended::Dropped);
+        a.put_back(batch);
         assert!(budget.held() <= share);
         assert_eq!(
             b.append(large(30)),
