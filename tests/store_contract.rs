@@ -115,7 +115,40 @@ async fn run_postgres(url: &str) -> Result<()> {
     let store = PostgresStore::connect(url, 4)?;
     check_concurrent_index_migration_runs_again(&store, url).await?;
     check_abandoned_work_leaves_no_connection_waiting(url).await?;
-    run_suite(&store).await
+    run_suite(&store).await?;
+    // Last: it leaves the database refusing writes.
+    check_a_server_that_only_reads_is_unavailable(url).await
+}
+
+/// A server that refuses writes (a standby after a failover, until the URL points at the
+/// new primary) is unavailable for now (503, audit writes retried), not broken (500).
+async fn check_a_server_that_only_reads_is_unavailable(url: &str) -> Result<()> {
+    let (admin, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let db: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET default_transaction_read_only = on"
+        ))
+        .await?;
+    connection.abort();
+    let store = PostgresStore::connect(url, 1)?;
+    let event = audit(
+        Uuid::now_v7().to_string(),
+        "tenant-read-only",
+        "tool.call",
+        now()?,
+    );
+    let refused = store.append_audit(std::slice::from_ref(&event)).await;
+    ensure!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "a write on a read-only server: {refused:?}"
+    );
+    ensure!(store.get_tenant("tenant-read-only").await?.is_none());
+    Ok(())
 }
 
 /// An audit write given up on (a timeout, as the audit writer bounds every attempt) while a
