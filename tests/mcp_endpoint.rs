@@ -274,6 +274,38 @@ async fn a_call_whose_client_goes_away_before_its_answer_runs_to_its_end() -> an
 }
 
 #[tokio::test]
+async fn the_drain_waits_for_a_call_rmcp_serves_whose_client_connection_broke() -> anyhow::Result<()>
+{
+    // A call the gateway leaves to rmcp (here: `_meta` beyond a progress token), whose
+    // client's connection breaks after its stream began: rmcp runs it on, and the drain
+    // waits for it as for the gateway's own.
+    let (upstream, gw, _t, mcp, id) = raw_session_on(Config::for_tests()).await?;
+    let mut call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 1_500}}));
+    call["params"]["_meta"] = json!({"progressToken": "p2", "note": "rmcp's"});
+    let sent = Instant::now();
+    let mut streaming = mcp.in_session_unread(&id, &call).await?;
+    assert!(
+        streaming
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream")),
+        "{:?}",
+        streaming.headers()
+    );
+    first_event_ids(&mut streaming, 1).await?;
+    upstream.wait_for_calls(1).await?;
+    drop(streaming);
+    gw.stop().await?;
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1_400),
+        "the drain did not wait: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(upstream.cancellations(), 0, "the drain cut the call");
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_session_less_call_cut_off_by_the_drain_is_told_draining() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();

@@ -183,6 +183,10 @@ impl ServerHandler for TenantMcp {
         let ctx = tenant_of(&context)?;
         let request_id = request_id_of(&context);
         let progress = ProgressRelay::for_request(&context);
+        // In flight for the drain until it ends: in a session, rmcp runs a call on when
+        // its client's connection breaks (for the client to resume), past the POST's own
+        // count, which ends with the connection.
+        let _in_flight = self.lifecycle.begin_request();
         serve_call(
             &self.runtime,
             ctx,
