@@ -255,21 +255,12 @@ async fn a_call_whose_client_goes_away_before_its_answer_runs_to_its_end() -> an
         0,
         "the call was cancelled upstream"
     );
-    let (status, _, audit) = gw
-        .send_as_admin(
-            Method::GET,
-            &format!("/api/tenants/{}/audit?action=tool.call", t.id),
-            None,
-        )
-        .await?;
-    assert_eq!(status, StatusCode::OK, "{audit}");
-    let outcomes: Vec<_> = audit["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let items = gw.audit_items(&t.id, Some("tool.call")).await?;
+    let outcomes: Vec<_> = items
+        .iter()
         .map(|item| (item["tool"].clone(), item["outcome"].clone()))
         .collect();
-    assert_eq!(outcomes, [(json!("sleep"), json!("ok"))], "{audit}");
+    assert_eq!(outcomes, [(json!("sleep"), json!("ok"))], "{items:?}");
     gw.stop().await
 }
 

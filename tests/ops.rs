@@ -354,7 +354,12 @@ async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::R
         .await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     // Read now the address is no longer blocked (an admin route refuses it while it is).
-    assert_eq!(audit_items(&gw, &tenant.id, "auth.refused").await?.len(), 3);
+    assert_eq!(
+        gw.audit_items(&tenant.id, Some("auth.refused"))
+            .await?
+            .len(),
+        3
+    );
     gw.stop().await
 }
 
@@ -607,20 +612,6 @@ async fn cors_lets_an_allowed_origin_send_and_read_the_contract_headers() -> any
     gw.stop().await
 }
 
-async fn audit_items(
-    gw: &TestGateway,
-    tenant_id: &str,
-    action: &str,
-) -> anyhow::Result<Vec<Value>> {
-    let admin = bearer(gw.config.admin_api_key.expose());
-    let path = format!("/api/tenants/{tenant_id}/audit?action={action}");
-    let (status, _, body) = gw
-        .send(Method::GET, &path, &[("authorization", &admin)], None)
-        .await?;
-    anyhow::ensure!(status == StatusCode::OK, "audit: {status} {body}");
-    Ok(body["items"].as_array().cloned().unwrap_or_default())
-}
-
 #[tokio::test]
 async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
@@ -642,11 +633,11 @@ async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Resul
             )
             .await?;
         assert_eq!(status, StatusCode::FORBIDDEN);
-        let refused = audit_items(&gw, &tenant.id, "auth.refused").await?;
+        let refused = gw.audit_items(&tenant.id, Some("auth.refused")).await?;
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
         let gw = gw.restart().await?;
-        let calls = audit_items(&gw, &tenant.id, "tool.call").await?;
+        let calls = gw.audit_items(&tenant.id, Some("tool.call")).await?;
         assert_eq!(calls.len(), 1, "{calls:?}");
         let expected = if with_arguments {
             json!({"text": "x"})
@@ -679,7 +670,7 @@ async fn a_tool_calls_sizes_are_audited_also_for_a_chunked_body() -> anyhow::Res
     assert_eq!(resp.status(), StatusCode::OK);
     let answer = resp.bytes().await?;
     let gw = gw.restart().await?;
-    let calls = audit_items(&gw, &tenant.id, "tool.call").await?;
+    let calls = gw.audit_items(&tenant.id, Some("tool.call")).await?;
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0]["requestBytes"], json!(body.len()), "{calls:?}");
     assert_eq!(calls[0]["responseBytes"], json!(answer.len()), "{calls:?}");

@@ -48,18 +48,10 @@ fn assert_not_stored(headers: &reqwest::header::HeaderMap) {
 }
 
 async fn curl_flow(gw: &TestGateway) -> anyhow::Result<common::gateway::CreatedTenant> {
-    let key = gw.config.admin_api_key.expose().to_owned();
-    let (status, headers, _) = gw
-        .send(
-            Method::POST,
-            "/api/auth/token",
-            &[],
-            Some(json!({ "key": key })),
-        )
-        .await?;
-    assert_eq!(status, StatusCode::OK);
+    let (status, headers, token) = gw.admin_token_answer().await?;
+    assert_eq!(status, StatusCode::OK, "{token}");
     assert_not_stored(&headers);
-    let admin_jwt = gw.admin_token().await?;
+    let admin_jwt = token["token"].as_str().unwrap().to_owned();
     let (status, headers, created) = gw
         .send(
             Method::POST,

@@ -148,16 +148,38 @@ impl TestGateway {
         Ok((status, headers, json))
     }
 
-    pub async fn admin_token(&self) -> anyhow::Result<String> {
+    /// The tenant's audit trail (its newest page), of `action` only if given, as an admin
+    /// reads it.
+    pub async fn audit_items(
+        &self,
+        tenant_id: &str,
+        action: Option<&str>,
+    ) -> anyhow::Result<Vec<Value>> {
+        let mut path = format!("/api/tenants/{tenant_id}/audit");
+        if let Some(action) = action {
+            path.push_str(&format!("?action={action}"));
+        }
+        let (status, _, body) = self.send_as_admin(Method::GET, &path, None).await?;
+        anyhow::ensure!(status == StatusCode::OK, "audit: {status} {body}");
+        Ok(body["items"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// `POST /api/auth/token` with the admin key: the whole answer.
+    pub async fn admin_token_answer(
+        &self,
+    ) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
         let key = self.config.admin_api_key.expose().to_owned();
-        let (status, _, body) = self
-            .send(
-                Method::POST,
-                "/api/auth/token",
-                &[],
-                Some(json!({ "key": key })),
-            )
-            .await?;
+        self.send(
+            Method::POST,
+            "/api/auth/token",
+            &[],
+            Some(json!({ "key": key })),
+        )
+        .await
+    }
+
+    pub async fn admin_token(&self) -> anyhow::Result<String> {
+        let (status, _, body) = self.admin_token_answer().await?;
         anyhow::ensure!(status == StatusCode::OK, "admin token: {status} {body}");
         Ok(body["token"].as_str().context("token")?.to_owned())
     }
