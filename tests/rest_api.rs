@@ -365,6 +365,45 @@ async fn tenant_auth_both_requires_both_credentials() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_credential_header_sent_twice_is_refused() -> anyhow::Result<()> {
+    // Which of two lines a proxy in between would pass on, or check, is not the gateway's
+    // to guess: a credential sent twice is a wrong one, even with a good one first.
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_body()).await?;
+    let path = format!("/api/tenant/{}/audit", t.id);
+    let once = gw
+        .send(Method::GET, &path, &[("x-api-key", &t.api_key)], None)
+        .await?;
+    assert_eq!(once.0, StatusCode::OK, "{}", once.2);
+    let token = bearer(&t.token);
+    let admin = bearer(gw.config.admin_api_key.expose());
+    for twice in [
+        [
+            ("x-api-key", t.api_key.as_str()),
+            ("x-api-key", "sbk_not-a-real-key"),
+        ],
+        [
+            ("x-api-key", t.api_key.as_str()),
+            ("x-api-key", t.api_key.as_str()),
+        ],
+        [
+            ("authorization", token.as_str()),
+            ("authorization", "Bearer not-a-jwt"),
+        ],
+    ] {
+        let refused = gw.send(Method::GET, &path, &twice, None).await?;
+        assert_error(&refused, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let twice = [
+        ("authorization", admin.as_str()),
+        ("authorization", "Bearer nope"),
+    ];
+    let refused = gw.send(Method::GET, "/api/tenants", &twice, None).await?;
+    assert_error(&refused, StatusCode::UNAUTHORIZED, "unauthorized");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
     let admin = bearer(gw.config.admin_api_key.expose());

@@ -132,12 +132,26 @@ fn describe_data_error(path: &str, message: &str) -> String {
 /// says that when both are sent, both must be valid.
 const UNREADABLE: &str = "\u{0}";
 
-/// The `Authorization: Bearer` value, if any. An empty one counts as none, as it did for
-/// the old service; one that is not visible ASCII counts as a wrong one.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let Ok(value) = headers.get(header::AUTHORIZATION)?.to_str() else {
+/// The one line of credential header `name`, if sent. Sent twice, it counts as a wrong
+/// credential, as one that is not visible ASCII does: which of the two a proxy in between
+/// would pass on, or check, is not ours to guess.
+fn credential_line<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    if lines.next().is_some() {
         return Some(UNREADABLE);
-    };
+    }
+    Some(first.to_str().unwrap_or(UNREADABLE))
+}
+
+/// The `Authorization: Bearer` value, if any. An empty one counts as none, as it did for
+/// the old service; one that is not visible ASCII, or a header sent twice, counts as a
+/// wrong one.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = credential_line(headers, &header::AUTHORIZATION)?;
+    if value == UNREADABLE {
+        return Some(UNREADABLE);
+    }
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -145,11 +159,11 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// The `x-api-key` value, if any; empty counts as none, not visible ASCII as a wrong key.
+/// The `x-api-key` value, if any; empty counts as none, not visible ASCII (or the header
+/// sent twice) as a wrong key.
 pub fn api_key_header(headers: &HeaderMap) -> Option<&str> {
-    let Ok(value) = headers.get("x-api-key")?.to_str() else {
-        return Some(UNREADABLE);
-    };
+    static X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
+    let value = credential_line(headers, &X_API_KEY)?;
     Some(value.trim()).filter(|v| !v.is_empty())
 }
 
