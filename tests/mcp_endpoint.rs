@@ -215,53 +215,8 @@ async fn a_drain_lets_the_calls_of_open_sessions_answer() -> anyhow::Result<()> 
 async fn the_drain_waits_for_a_streamed_call_whose_client_connection_broke() -> anyhow::Result<()> {
     // The call runs on for its client to resume: it is in flight for the drain until it
     // ends, not only until its answer's connection goes.
-    let (upstream, gw, _t, mcp, id) = raw_session_on(Config::for_tests()).await?;
     let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 1_500}}));
-    let sent = Instant::now();
-    let mut streaming = mcp.in_session_unread(&id, &call).await?;
-    first_event_ids(&mut streaming, 1).await?;
-    drop(streaming);
-    gw.stop().await?;
-    // Not cut at the start of the drain: it waited for the call.
-    assert!(
-        sent.elapsed() >= Duration::from_millis(1_400),
-        "{:?}",
-        sent.elapsed()
-    );
-    assert_eq!(upstream.calls(), 1);
-    assert_eq!(
-        upstream.cancellations(),
-        0,
-        "the drain cut the call its client could still resume"
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_call_whose_client_goes_away_before_its_answer_runs_to_its_end() -> anyhow::Result<()> {
-    // Within its first second a call is answered in its request (JSON, or an event stream
-    // later): the request goes with the connection, the call does not (MCP: a
-    // disconnection is not a cancel). It is audited with its own outcome, and the drain
-    // waits for it.
-    let (upstream, gw, t, mcp, id) = raw_session_on(Config::for_tests()).await?;
-    let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 600}}));
-    let calling = tokio::spawn(async move { mcp.in_session(&id, &call).await });
-    upstream.wait_for_calls(1).await?;
-    calling.abort();
-    let _ = calling.await;
-    let gw = gw.restart().await?;
-    assert_eq!(
-        upstream.cancellations(),
-        0,
-        "the call was cancelled upstream"
-    );
-    let items = gw.audit_items(&t.id, Some("tool.call")).await?;
-    let outcomes: Vec<_> = items
-        .iter()
-        .map(|item| (item["tool"].clone(), item["outcome"].clone()))
-        .collect();
-    assert_eq!(outcomes, [(json!("sleep"), json!("ok"))], "{items:?}");
-    gw.stop().await
+    stop_after_the_stream_breaks(call).await
 }
 
 #[tokio::test]
@@ -270,9 +225,15 @@ async fn the_drain_waits_for_a_call_rmcp_serves_whose_client_connection_broke() 
     // A call the gateway leaves to rmcp (here: `_meta` beyond a progress token), whose
     // client's connection breaks after its stream began: rmcp runs it on, and the drain
     // waits for it as for the gateway's own.
-    let (upstream, gw, _t, mcp, id) = raw_session_on(Config::for_tests()).await?;
     let mut call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 1_500}}));
     call["params"]["_meta"] = json!({"progressToken": "p2", "note": "rmcp's"});
+    stop_after_the_stream_breaks(call).await
+}
+
+/// Sends `call` (a 1.5 s sleep) in a session, breaks its answer's stream after its first
+/// event, and stops the gateway: the drain must wait for the call, not cut it.
+async fn stop_after_the_stream_breaks(call: Value) -> anyhow::Result<()> {
+    let (upstream, gw, _t, mcp, id) = raw_session_on(Config::for_tests()).await?;
     let sent = Instant::now();
     let mut streaming = mcp.in_session_unread(&id, &call).await?;
     assert!(
@@ -287,11 +248,13 @@ async fn the_drain_waits_for_a_call_rmcp_serves_whose_client_connection_broke() 
     upstream.wait_for_calls(1).await?;
     drop(streaming);
     gw.stop().await?;
+    // Not cut at the start of the drain: it waited for the call.
     assert!(
         sent.elapsed() >= Duration::from_millis(1_400),
         "the drain did not wait: {:?}",
         sent.elapsed()
     );
+    assert_eq!(upstream.calls(), 1);
     assert_eq!(upstream.cancellations(), 0, "the drain cut the call");
     Ok(())
 }
