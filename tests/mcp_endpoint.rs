@@ -260,6 +260,33 @@ async fn stop_after_the_stream_breaks(call: Value) -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_call_whose_client_goes_away_before_its_answer_runs_to_its_end() -> anyhow::Result<()> {
+    // Within its first second a call is answered in its request (JSON, or an event stream
+    // later): the request goes with the connection, the call does not (MCP: a
+    // disconnection is not a cancel). It is audited with its own outcome, and the drain
+    // waits for it.
+    let (upstream, gw, t, mcp, id) = raw_session_on(Config::for_tests()).await?;
+    let call = tool_call(2, json!({"name": "sleep", "arguments": {"ms": 600}}));
+    let calling = tokio::spawn(async move { mcp.in_session(&id, &call).await });
+    upstream.wait_for_calls(1).await?;
+    calling.abort();
+    let _ = calling.await;
+    let gw = gw.restart().await?;
+    assert_eq!(
+        upstream.cancellations(),
+        0,
+        "the call was cancelled upstream"
+    );
+    let items = gw.audit_items(&t.id, Some("tool.call")).await?;
+    let outcomes: Vec<_> = items
+        .iter()
+        .map(|item| (item["tool"].clone(), item["outcome"].clone()))
+        .collect();
+    assert_eq!(outcomes, [(json!("sleep"), json!("ok"))], "{items:?}");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_session_less_call_cut_off_by_the_drain_is_told_draining() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
