@@ -624,14 +624,18 @@ async fn call_until_failing(
             return Ok(before);
         }
         before.push(status);
+        // The actor hears of a failure by a message sent as the answer goes out: a call on
+        // its heels could still find the connection it is about to close.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     anyhow::bail!("not marked failing after {limit} calls: {before:?}")
 }
 
 #[tokio::test]
 async fn an_upstream_that_takes_sessions_but_fails_calls_ends_up_failing() -> anyhow::Result<()> {
-    // Each failed call drops its connection and the next one connects again, which works:
-    // the failures must still add up, or every call would cost a new session upstream.
+    // Each call is refused with an HTTP 502 on a session that stays open: the refusals must
+    // add up to failing, or a tenant would call an upstream that is down behind its proxy
+    // for ever.
     let (upstream, gw, t, echo) = connected_tenant().await?;
     upstream.set_failing(Some("tools/call"));
     let before = call_until_failing(&gw, &t, echo, 30).await?;
@@ -640,11 +644,53 @@ async fn an_upstream_that_takes_sessions_but_fails_calls_ends_up_failing() -> an
         "{before:?}"
     );
     assert_eq!(before.len(), 10, "the threshold: {before:?}");
-    assert!(
-        upstream.initializes() <= 11,
-        "{} sessions",
-        upstream.initializes()
+    assert_eq!(
+        upstream.initializes(),
+        1,
+        "a refused call keeps its session"
     );
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn an_upstream_error_answer_fails_only_its_own_call() -> anyhow::Result<()> {
+    // rmcp fails only the request an upstream answers with a 5xx or a 429 and keeps the
+    // session; the gateway used to drop the session for it, and with it every other call
+    // in flight on it.
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    let slow = gw.tool(&t, json!({"method": "sleep", "params": {"ms": 800}}));
+    let refused = async {
+        upstream.wait_for_calls(2).await?;
+        upstream.set_failing_with(Some("tools/call"), 500);
+        let refused = gw.tool(&t, echo.clone()).await?;
+        upstream.set_failing_with(Some("tools/call"), 429);
+        let throttled = gw.tool(&t, echo.clone()).await?;
+        upstream.set_failing(None);
+        anyhow::Ok((refused, throttled))
+    };
+    let (slow, refused) = tokio::join!(slow, refused);
+    let ((status, _, body), (throttled, headers, throttled_body)) = refused?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    // The upstream's limit on the tenant's credential is the tenant's: 429, with its wait.
+    assert_eq!(throttled, StatusCode::TOO_MANY_REQUESTS, "{throttled_body}");
+    assert_eq!(throttled_body["error"]["code"], "rate_limited");
+    assert_eq!(headers["retry-after"], "7");
+    let (status, _, body) = slow?;
+    assert_eq!(status, StatusCode::OK, "the call in flight goes on: {body}");
+    assert_eq!(gw.tool(&t, echo).await?.0, StatusCode::OK);
+    assert_eq!(upstream.initializes(), 1, "one session throughout");
+    // The audit trail says what the callers were told (read after the drain's flush).
+    let gw = gw.restart().await?;
+    let audit = tool_call_audit(&gw, &t).await?;
+    let outcomes: Vec<&str> = audit["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item["outcome"].as_str())
+        .collect();
+    assert!(outcomes.contains(&"rate_limited"), "{audit}");
+    assert!(outcomes.contains(&"upstream_error"), "{audit}");
     gw.stop().await
 }
 

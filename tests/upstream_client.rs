@@ -102,6 +102,26 @@ async fn a_tool_list_that_never_ends_is_refused_not_collected() -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn a_tool_list_of_long_cursors_counts_them_towards_its_bytes() -> anyhow::Result<()> {
+    // Pages of no tools, each naming a next page by a cursor of 1 MiB: the cursors are
+    // kept and sent back, so they count towards the list's 32 MiB as its tools do.
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    upstream.list_endlessly_with_cursors_of(1 << 20);
+    let refused = client.list_tools(Duration::from_secs(30)).await;
+    let Err(UpstreamError::Protocol(said)) = refused else {
+        anyhow::bail!("not refused as too long: {refused:?}");
+    };
+    assert!(said.contains("MiB"), "{said}");
+    assert!(
+        upstream.lists() <= 40,
+        "{} pages asked for",
+        upstream.lists()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn echo_result_passes_through_unchanged() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
@@ -213,6 +233,31 @@ async fn calls_an_upstream_never_answers_do_not_use_up_the_session() -> anyhow::
             .await
             .with_context(|| format!("{transport:?}"))?;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_handshake_given_up_lets_go_of_its_connection() -> anyhow::Result<()> {
+    // rmcp's transport worker waits for the initialize POST without watching its own
+    // cancellation: a handshake timed out used to keep its POST, its HTTP client and its
+    // worker open for as long as the upstream held the socket.
+    let upstream = TestUpstream::start().await?;
+    upstream.set_stalling(&["initialize"]);
+    let mut stalled = target(&upstream.url, TransportKind::StreamableHttp)?;
+    stalled.connect_timeout = Duration::from_millis(300);
+    let refused = try_connect(&stalled).await;
+    assert!(
+        matches!(&refused, Err(UpstreamError::Connect(said)) if said.contains("handshake")),
+        "{:?}",
+        refused.err()
+    );
+    upstream
+        .wait_for_no_stalled_posts()
+        .await
+        .with_context(|| format!("{} stalled POSTs still open", upstream.stalled_open()))?;
+    upstream.set_stalling(&[]);
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    assert!(!client.list_tools(T).await?.is_empty());
     Ok(())
 }
 

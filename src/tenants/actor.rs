@@ -22,7 +22,9 @@ use super::status::{ConnectionState, UpstreamStatus};
 use super::{ChangeFeed, RuntimeSettings};
 use crate::audit::{append_within, AuditWriter, ATTEMPT};
 use crate::store::{SharedStore, TenantRecord};
-use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent, UpstreamTarget};
+use crate::upstream::{
+    UpstreamClient, UpstreamError, UpstreamEvent, UpstreamFailure, UpstreamTarget,
+};
 
 /// How often a tenant's tool-list changes reach this replica's MCP sessions at most.
 const TELL_EVERY: Duration = Duration::from_millis(100);
@@ -488,19 +490,7 @@ impl TenantState {
         self.failures += 1;
         self.last_error = Some(error.clone());
         if self.failures >= self.settings.failure_threshold {
-            let backoff = Backoff {
-                base: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-            };
-            let attempt = self.failures - self.settings.failure_threshold + 1;
-            self.connection = Connection::Failing {
-                until: Instant::now() + backoff.delay(attempt),
-            };
-            set_status(&self.status, |s| {
-                s.state = ConnectionState::Failing;
-                s.last_error = Some(error);
-            });
-            tracing::warn!(tenant_id = %self.tenant_id, failures = self.failures, "tenant marked failing");
+            self.mark_failing(error);
         } else {
             self.connection = Connection::Idle;
             set_status(&self.status, |s| {
@@ -510,7 +500,25 @@ impl TenantState {
         }
     }
 
-    fn outcome(&mut self, generation: u64, failure: Option<String>) {
+    /// Too many failures in a row: no calls until a back-off that grows with each failure
+    /// past the threshold has passed.
+    fn mark_failing(&mut self, error: String) {
+        let backoff = Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        };
+        let attempt = self.failures - self.settings.failure_threshold + 1;
+        self.connection = Connection::Failing {
+            until: Instant::now() + backoff.delay(attempt),
+        };
+        set_status(&self.status, |s| {
+            s.state = ConnectionState::Failing;
+            s.last_error = Some(error);
+        });
+        tracing::warn!(tenant_id = %self.tenant_id, failures = self.failures, "tenant marked failing");
+    }
+
+    fn outcome(&mut self, generation: u64, failure: Option<UpstreamFailure>) {
         // Calls through the lane tell the actor here, or through the lane's `used` flag
         // (read on the tick), that the tenant is in use.
         self.last_used = Instant::now();
@@ -519,7 +527,27 @@ impl TenantState {
         }
         match failure {
             None => self.failures = 0,
-            Some(error) => self.connection_failed(error),
+            Some(UpstreamFailure::Connection(error)) => self.connection_failed(error),
+            Some(UpstreamFailure::Request(error)) => self.request_refused(error),
+        }
+    }
+
+    /// The upstream refused one request on the ready connection (an HTTP 5xx): it counts
+    /// towards failing, as an upstream answering every call that way is down behind its
+    /// proxy, but the session stays, with the other calls in flight on it. Only past the
+    /// threshold is it closed, as the tenant pauses.
+    fn request_refused(&mut self, error: String) {
+        let Connection::Ready(client) = &self.connection else {
+            return;
+        };
+        self.failures += 1;
+        self.last_error = Some(error.clone());
+        if self.failures >= self.settings.failure_threshold {
+            let client = client.clone();
+            tokio::spawn(async move { client.close().await });
+            self.mark_failing(error);
+        } else {
+            set_status(&self.status, |s| s.last_error = Some(error));
         }
     }
 
@@ -554,9 +582,9 @@ impl TenantState {
             self.pinging = None;
         }
         let Err(error) = result else { return };
-        // A JSON-RPC answer, an error one too, says the upstream is there; an HTTP error
-        // status fails the ping as it fails a call (a transport failure).
-        let unanswered = error.is_transport() || matches!(error, UpstreamError::Timeout);
+        // A JSON-RPC answer, an error one too, says the upstream is there, and so does a
+        // 429; any other HTTP error status fails the ping.
+        let unanswered = error.failure().is_some() || matches!(error, UpstreamError::Timeout);
         if !unanswered || generation != self.generation {
             return;
         }
@@ -666,8 +694,12 @@ impl TenantState {
         if let Err(err) = &result {
             // A transport failure counts as a call's does: with an upstream that is gone,
             // a tenant whose list expired must end up failing, not ready for ever.
-            if err.is_transport() && generation == self.generation {
-                self.connection_failed(err.to_string());
+            if generation == self.generation {
+                match err.failure() {
+                    Some(UpstreamFailure::Connection(error)) => self.connection_failed(error),
+                    Some(UpstreamFailure::Request(error)) => self.request_refused(error),
+                    None => {}
+                }
             }
             if matches!(err, UpstreamError::Timeout) {
                 self.timed_out(myself, generation);

@@ -10,7 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{AuditRecord, TenantRecord};
-use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent};
+use crate::upstream::{UpstreamClient, UpstreamError, UpstreamEvent, UpstreamFailure};
 
 /// The longest tool name a call may name, in bytes: four times what MCP advises (128
 /// characters). A longer one is refused as the caller's mistake before it is audited, so a
@@ -90,6 +90,11 @@ impl From<UpstreamError> for CallError {
     fn from(err: UpstreamError) -> Self {
         match err {
             UpstreamError::Timeout => Self::Timeout,
+            // The upstream's limit on the tenant's own credential: the tenant's limit, as
+            // API.md's 429 says, with the upstream's wait when it gave one.
+            UpstreamError::Throttled { retry_after } => Self::RateLimited {
+                retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            },
             other => Self::Upstream(other.to_string()),
         }
     }
@@ -119,7 +124,7 @@ pub enum TenantMsg {
     /// call that timed out sends `TimedOut` instead: it neither counts nor resets the count.
     Outcome {
         generation: u64,
-        failure: Option<String>,
+        failure: Option<UpstreamFailure>,
     },
     /// A call or tool listing on connection `generation` got no answer in time: the actor
     /// pings the upstream, one ping at a time, to tell a slow tool from a silent upstream.

@@ -20,7 +20,7 @@ use super::{ChangeFeed, RuntimeSettings};
 use crate::audit::AuditWriter;
 use crate::cipher::TokenCipher;
 use crate::store::{AuditRecord, SharedStore, TenantRecord};
-use crate::upstream::ProgressSink;
+use crate::upstream::{ProgressSink, UpstreamError};
 
 /// How long a message to the registry (or an actor's subscription) may wait for its
 /// answer. They answer at once (the slow work is in tasks), so this only bounds a wedged
@@ -209,12 +209,8 @@ impl TenantRuntime {
             .client
             .call_tool(tool, arguments, self.settings.upstream_timeout, progress)
             .await;
-        let failure = result
-            .as_ref()
-            .err()
-            .filter(|e| e.is_transport())
-            .map(ToString::to_string);
-        if matches!(result, Err(crate::upstream::UpstreamError::Timeout)) {
+        let failure = result.as_ref().err().and_then(UpstreamError::failure);
+        if matches!(result, Err(UpstreamError::Timeout)) {
             // Says nothing of the connection by itself: it neither counts towards failing
             // nor resets the count (an upstream that takes sessions and then answers
             // nothing must still end up failing). The ping it leads to decides.

@@ -128,7 +128,10 @@ impl UpstreamClient {
                 .list_tools(Some(params))
                 .await
                 .map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))?;
-            bytes += crate::audit::json_len(&page.tools).map_or(0, |n| n as usize);
+            // The cursors count too: each is kept (to refuse it handed out again) and sent
+            // back, and an upstream decides their length as it does the tools'.
+            let cursor_bytes = page.next_cursor.as_ref().map_or(0, String::len);
+            bytes += crate::audit::json_len(&page.tools).map_or(0, |n| n as usize) + cursor_bytes;
             tools.extend(page.tools);
             if tools.len() > MOST_TOOLS {
                 return Err(too_long(format!("more than {MOST_TOOLS} tools")));

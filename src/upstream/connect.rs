@@ -180,11 +180,18 @@ async fn streamable(
     let mut backoff = ExponentialBackoff::default();
     backoff.max_delay = Some(MAX_STREAM_RECONNECT_DELAY);
     config.retry_config = Arc::new(backoff);
-    let http = RenewalWatch::new(http, handler.events());
+    // This attempt's own token: given up (timed out, failed, or this future dropped), its
+    // POSTs end with it; `ct` itself may still serve a legacy SSE attempt (`auto`).
+    let attempt = ct.child_token();
+    let given_up = attempt.clone().drop_guard();
+    let http = RenewalWatch::new(http, handler.events(), attempt.clone());
     let transport = StreamableHttpClientTransport::with_client(http, config);
-    let handshake = handler.serve_with_ct(Ordered::new(transport, progress.clone()), ct);
+    let handshake = handler.serve_with_ct(Ordered::new(transport, progress.clone()), attempt);
     match tokio::time::timeout(target.connect_timeout, handshake).await {
-        Ok(Ok(session)) => Ok(session),
+        Ok(Ok(session)) => {
+            given_up.disarm();
+            Ok(session)
+        }
         Ok(Err(error)) => Err(classify(error, &Redaction::new(&target.url, &target.token))),
         Err(_) => Err(Attempt::Failed(unanswered_handshake(target))),
     }

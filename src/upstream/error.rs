@@ -8,6 +8,8 @@
 //! (`integrationKey`) and user information of every URL, so a message can go to a log as it
 //! is.
 
+use std::time::Duration;
+
 use rmcp::{
     service::ClientInitializeError, transport::streamable_http_client::StreamableHttpError,
     ServiceError,
@@ -35,6 +37,26 @@ pub enum UpstreamError {
     /// The connection is closed; a new [`super::UpstreamClient`] must be connected.
     #[error("upstream connection closed")]
     Closed,
+    /// The upstream refused this request with a server error: an HTTP 5xx that is not a
+    /// JSON-RPC answer (a proxy's 502, a crashed tool's HTML 500). The request failed; the
+    /// session, and every other request on it, did not.
+    #[error("upstream answered with an HTTP error: {0}")]
+    Refused(String),
+    /// The upstream answered HTTP 429: it limits this tenant's requests, for `retry_after`
+    /// if it said how long (in seconds).
+    #[error("upstream rate limited the request")]
+    Throttled { retry_after: Option<Duration> },
+}
+
+/// What a failed request says of the upstream, for the tenant's count of failures in a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The connection failed (unreachable, refused, broken, closed): it is dropped, and the
+    /// next call connects again.
+    Connection(String),
+    /// The upstream refused this one request ([`UpstreamError::Refused`]): it counts, but
+    /// the session goes on, and so do the other calls in flight on it.
+    Request(String),
 }
 
 impl UpstreamError {
@@ -45,6 +67,17 @@ impl UpstreamError {
         matches!(self, Self::Connect(_) | Self::Closed)
     }
 
+    /// What this error counts as towards marking the tenant failing: a failed connection, a
+    /// refused request, or nothing (an answer, an error one too, says the upstream is there;
+    /// a timeout is for a ping to decide).
+    pub fn failure(&self) -> Option<UpstreamFailure> {
+        match self {
+            Self::Connect(_) | Self::Closed => Some(UpstreamFailure::Connection(self.to_string())),
+            Self::Refused(_) => Some(UpstreamFailure::Request(self.to_string())),
+            Self::Rpc { .. } | Self::Protocol(_) | Self::Timeout | Self::Throttled { .. } => None,
+        }
+    }
+
     /// Maps an error from an rmcp request (after a successful `initialize`).
     pub(super) fn from_service(error: ServiceError, redaction: &Redaction) -> Self {
         match error {
@@ -52,8 +85,17 @@ impl UpstreamError {
                 code: data.code.0,
                 message: redaction.apply(&data.message),
             },
+            // rmcp fails only this request for these and keeps the session: so does the
+            // gateway. A 4xx other than 429 still drops the connection, as the session may be
+            // what the upstream refuses (a 400 for a session it does not know).
             ServiceError::TransportSend(error) => {
-                Self::Connect(redaction.apply(&failure(&*error.error)))
+                let said = redaction.apply(&failure(&*error.error));
+                match refusal(&*error.error) {
+                    Some(Refusal::Throttled(retry_after)) => Self::Throttled { retry_after },
+                    Some(Refusal::ServerError) => Self::Refused(said),
+                    Some(Refusal::TooLarge) => Self::Protocol(said),
+                    None => Self::Connect(said),
+                }
             }
             ServiceError::TransportClosed | ServiceError::Cancelled { .. } => Self::Closed,
             ServiceError::Timeout { .. } => Self::Timeout,
@@ -106,6 +148,59 @@ pub(super) fn init_client_error_status(error: &ClientInitializeError) -> Option<
                 .and_then(|rest| rest.get(..3))
                 .and_then(|code| code.parse::<u16>().ok());
             return status.filter(|status| (400..500).contains(status));
+        }
+        source = current.source();
+    }
+    None
+}
+
+/// An HTTP answer that fails one request and says nothing against its session.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// 429, with the `Retry-After` it gave in seconds.
+    Throttled(Option<Duration>),
+    /// A 5xx that is not a JSON-RPC error.
+    ServerError,
+    /// An answer larger than the gateway reads (rmcp's limit per message).
+    TooLarge,
+}
+
+/// The longest `Retry-After` of an upstream's 429 passed on to callers.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Whether `error`, a request's transport failure, is an HTTP answer that fails only that
+/// request ([`Refusal`]), from either transport.
+fn refusal(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let of_status = |status: u16, retry_after: Option<&str>| match status {
+        429 => Some(Refusal::Throttled(retry_after.and_then(|after| {
+            let seconds = after.trim().parse::<u64>().ok()?;
+            Some(Duration::from_secs(seconds).min(LONGEST_RETRY_AFTER))
+        }))),
+        500..=599 => Some(Refusal::ServerError),
+        _ => None,
+    };
+    let mut source = Some(error);
+    while let Some(current) = source {
+        match current.downcast_ref::<StreamableHttpError<reqwest::Error>>() {
+            Some(StreamableHttpError::HttpStatus(answer)) => {
+                return of_status(answer.status, answer.retry_after.as_deref());
+            }
+            Some(StreamableHttpError::ResponseBodyTooLarge { .. }) => {
+                return Some(Refusal::TooLarge);
+            }
+            Some(StreamableHttpError::UnexpectedServerResponse(said)) => {
+                // rmcp's reqwest client formats these as "HTTP {status}: {body}".
+                let status = said
+                    .strip_prefix("HTTP ")
+                    .and_then(|rest| rest.get(..3))
+                    .and_then(|code| code.parse::<u16>().ok());
+                return status.and_then(|status| of_status(status, None));
+            }
+            Some(_) => return None,
+            None => {}
+        }
+        if let Some(super::sse::SseError::Status(status)) = current.downcast_ref() {
+            return of_status(*status, None);
         }
         source = current.source();
     }
@@ -359,6 +454,42 @@ mod tests {
         // Fewer than 8 of its bytes are left alone: ordinary text shares as many.
         let said = redaction.apply("ia-toke, 9abcdef");
         assert_eq!(said, "ia-toke, 9abcdef");
+    }
+
+    #[test]
+    fn an_http_answer_that_fails_one_request_is_told_from_a_failed_connection() {
+        use rmcp::transport::streamable_http_client::HttpStatusError;
+        type Error = StreamableHttpError<reqwest::Error>;
+        let of = |error: Error| refusal(&error);
+        let status = |code: u16, after: Option<&str>| {
+            Error::HttpStatus(HttpStatusError::new(code, after.map(str::to_owned)))
+        };
+        assert_eq!(
+            of(status(429, Some("12"))),
+            Some(Refusal::Throttled(Some(Duration::from_secs(12))))
+        );
+        // A date, or no wait at all, is no number of seconds; a day is cut to the longest.
+        let dated = status(429, Some("Wed, 21 Oct 2026 07:28:00 GMT"));
+        assert_eq!(of(dated), Some(Refusal::Throttled(None)));
+        assert_eq!(
+            of(status(429, Some("86400"))),
+            Some(Refusal::Throttled(Some(LONGEST_RETRY_AFTER)))
+        );
+        assert_eq!(of(status(503, None)), Some(Refusal::ServerError));
+        let html_500 = Error::UnexpectedServerResponse("HTTP 500: <html>".into());
+        assert_eq!(of(html_500), Some(Refusal::ServerError));
+        // A 4xx may be the session refused (a 400 for one the upstream does not know).
+        let bad_request = Error::UnexpectedServerResponse("HTTP 400: no session".into());
+        assert_eq!(of(bad_request), None);
+        let too_large = Error::ResponseBodyTooLarge { max_size: 1 };
+        assert_eq!(of(too_large), Some(Refusal::TooLarge));
+        assert_eq!(of(Error::TransportChannelClosed), None);
+        // The legacy SSE transport's POST refused.
+        assert_eq!(
+            refusal(&super::super::sse::SseError::Status(502)),
+            Some(Refusal::ServerError)
+        );
+        assert_eq!(refusal(&super::super::sse::SseError::Status(404)), None);
     }
 
     #[test]

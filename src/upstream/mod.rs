@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::config::Secret;
 
 pub use client::UpstreamClient;
-pub use error::UpstreamError;
+pub use error::{UpstreamError, UpstreamFailure};
 pub use events::UpstreamEvent;
 
 /// Where one call's progress from the upstream goes ([`UpstreamClient::call_tool`]): the

@@ -8,13 +8,19 @@
 //! told to the tenant ([`UpstreamEvent::SessionRenewed`]), which checks its tool list
 //! again. rmcp sends that notification only once an `initialize` succeeded, so a renewal
 //! that failed is not told.
+//!
+//! It also ends every POST, and the event stream a POST is answered with, when its
+//! session's attempt is given up ([`RenewalWatch::new`]'s `stop`): rmcp's transport worker
+//! waits for the `initialize` POST and its answer without watching its own cancellation,
+//! so a handshake the gateway timed out would otherwise keep its connection, its HTTP
+//! client and its worker for as long as the upstream keeps the socket open.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 use http::{HeaderName, HeaderValue};
 use rmcp::model::{ClientJsonRpcMessage, ClientNotification, JsonRpcMessage};
 use rmcp::transport::streamable_http_client::{
@@ -23,6 +29,7 @@ use rmcp::transport::streamable_http_client::{
 };
 use sse_stream::Sse;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::UpstreamEvent;
 
@@ -36,14 +43,22 @@ pub(super) struct RenewalWatch {
     /// ends a renewal.
     initialized: Arc<AtomicBool>,
     events: mpsc::Sender<UpstreamEvent>,
+    /// Cancelled when the session's attempt is given up or the session closes: POSTs and
+    /// their answer streams end then.
+    stop: CancellationToken,
 }
 
 impl RenewalWatch {
-    pub(super) fn new(http: reqwest::Client, events: mpsc::Sender<UpstreamEvent>) -> Self {
+    pub(super) fn new(
+        http: reqwest::Client,
+        events: mpsc::Sender<UpstreamEvent>,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             http,
             initialized: Arc::default(),
             events,
+            stop,
         }
     }
 
@@ -60,7 +75,17 @@ impl RenewalWatch {
 
     /// Passes `posted` on; a renewal the upstream accepted is told to the tenant first.
     async fn watched(&self, renews: bool, posted: impl Future<Output = PostResult>) -> PostResult {
-        let answer = posted.await;
+        let answer = tokio::select! {
+            answer = posted => answer,
+            () = self.stop.cancelled() => Err(StreamableHttpError::TransportChannelClosed),
+        };
+        let answer = answer.map(|posted| match posted {
+            StreamableHttpPostResponse::Sse(stream, session_id) => {
+                let stop = self.stop.clone().cancelled_owned();
+                StreamableHttpPostResponse::Sse(stream.take_until(stop).boxed(), session_id)
+            }
+            other => other,
+        });
         if renews && answer.is_ok() {
             // Waits for room, as a list change does: a renewal must not be lost. The send
             // only queues; the tenant actor loads the list on its own task.

@@ -100,6 +100,12 @@ impl TestUpstream {
         self.state.endless_list.store(true, Ordering::SeqCst);
     }
 
+    /// As [`Self::list_endlessly`], each cursor padded to about `bytes`.
+    pub fn list_endlessly_with_cursors_of(&self, bytes: usize) {
+        self.state.endless_cursor_pad.store(bytes, Ordering::SeqCst);
+        self.list_endlessly();
+    }
+
     /// `tools/list` requests served so far (each page is one).
     pub fn lists(&self) -> usize {
         self.state.lists.load(Ordering::SeqCst)
@@ -123,8 +129,14 @@ impl TestUpstream {
 
     /// POSTs of JSON-RPC `method` get HTTP 502 (until `None`); everything else is served.
     pub fn set_failing(&self, method: Option<&str>) {
+        self.set_failing_with(method, 502);
+    }
+
+    /// POSTs of JSON-RPC `method` get HTTP `status` in plain text, a 429 with
+    /// `Retry-After: 7` (until `None`); everything else is served.
+    pub fn set_failing_with(&self, method: Option<&str>, status: u16) {
         if let Ok(mut failing) = self.state.failing_method.lock() {
-            *failing = method.map(str::to_owned);
+            *failing = method.map(|method| (method.to_owned(), status));
         }
     }
 
@@ -406,8 +418,16 @@ async fn record_token(
     let method = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|m| m["method"].as_str().map(str::to_owned));
-    if method.is_some() && method == failing {
-        return (http::StatusCode::BAD_GATEWAY, "failing on purpose").into_response();
+    if let Some((_, status)) = failing.filter(|(failing, _)| method.as_ref() == Some(failing)) {
+        let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+        let mut answer = (status, "failing on purpose").into_response();
+        if status == http::StatusCode::TOO_MANY_REQUESTS {
+            answer.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("7"),
+            );
+        }
+        return answer;
     }
     if method.as_deref() == Some("ping") {
         tokio::time::sleep(Duration::from_millis(slow_ping)).await;

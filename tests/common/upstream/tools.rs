@@ -43,9 +43,9 @@ pub struct State {
     pub changed: Notify,
     /// Sessions that finished `initialize`, for `notifications/tools/list_changed`.
     pub peers: Mutex<Vec<Peer<RoleServer>>>,
-    /// A JSON-RPC method whose POSTs get HTTP 502 (an upstream that accepts sessions but
-    /// fails that request).
-    pub failing_method: Mutex<Option<String>>,
+    /// A JSON-RPC method whose POSTs get this HTTP error status, in plain text (an
+    /// upstream that accepts sessions but fails that request); a 429 says `Retry-After: 7`.
+    pub failing_method: Mutex<Option<(String, u16)>>,
     /// JSON-RPC methods whose POSTs are never answered, not even with headers (an upstream
     /// that hangs and ignores cancellation).
     pub stalling_methods: Mutex<Vec<String>>,
@@ -65,6 +65,8 @@ pub struct State {
     /// Every `tools/list` page names a next one (a fresh cursor each time): a list that
     /// never ends.
     pub endless_list: AtomicBool,
+    /// Bytes of padding on each cursor of the endless list.
+    pub endless_cursor_pad: AtomicUsize,
     /// `tools/list` requests served.
     pub lists: AtomicUsize,
     pub lists_held: AtomicUsize,
@@ -201,6 +203,9 @@ impl ServerHandler for TestServer {
         let tools = self.state.tools();
         let start = match request.and_then(|params| params.cursor) {
             Some(cursor) => cursor
+                .split('~')
+                .next()
+                .unwrap_or_default()
                 .parse::<usize>()
                 .map_err(|_| McpError::invalid_params("bad cursor", None))?,
             None => 0,
@@ -209,7 +214,8 @@ impl ServerHandler for TestServer {
         let end = (start + PAGE_SIZE).min(tools.len());
         let mut page = ListToolsResult::with_all_items(tools[start.min(end)..end].to_vec());
         if self.state.endless_list.load(Ordering::SeqCst) {
-            page.next_cursor = Some((start + 1).to_string());
+            let pad = self.state.endless_cursor_pad.load(Ordering::SeqCst);
+            page.next_cursor = Some(format!("{}~{}", start + 1, "x".repeat(pad)));
         } else if end < tools.len() {
             page.next_cursor = Some(end.to_string());
         } else if self.state.hold_next_list.swap(false, Ordering::SeqCst) {
