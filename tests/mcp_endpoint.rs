@@ -1324,6 +1324,45 @@ async fn calls_served_without_rmcp_still_keep_their_session_alive() -> anyhow::R
 }
 
 #[tokio::test]
+async fn an_abandoned_session_idles_out_while_its_tools_keep_changing() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    // rmcp's idle timer restarts on what the server sends too: each tool-list change told
+    // to the session kept one its client had left open for ever.
+    let mut config = Config::for_tests();
+    config.mcp_session_idle = Duration::from_secs(2);
+    config.upstream_timeout = Duration::from_millis(500);
+    config.request_timeout = Duration::from_secs(1);
+    let (upstream, gw, _t, mcp, id) = raw_session_on(config).await?;
+    // The tenant's upstream session is open, so that its changes are heard.
+    let listed = mcp
+        .in_session(
+            &id,
+            &json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await?;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.text);
+    let stream = mcp.session_stream(&id).await?;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.bytes_stream();
+    let closed = tokio::spawn(async move { while let Some(Ok(_)) = body.next().await {} });
+    let changing = async {
+        loop {
+            upstream.set_tools_changed().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    // Quiet for the idle timeout and the request timeout (3 s), it closes within a tenth
+    // more; the changes go on all the while.
+    tokio::select! {
+        ended = tokio::time::timeout(Duration::from_secs(8), closed) => {
+            ended.context("the session stayed open while its tools kept changing")??;
+        }
+        () = changing => {}
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_resume_rmcp_answers_without_its_session_does_not_keep_the_session_alive(
 ) -> anyhow::Result<()> {
     // The gate serves a session's calls only within a tenth of the idle timeout (here 1 s)

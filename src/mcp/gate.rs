@@ -164,7 +164,7 @@ async fn with_session(
     next: Next,
 ) -> Result<Response, ApiError> {
     let ending = req.method() == Method::DELETE;
-    if let Some(owner) = gate.limits.owner(id) {
+    if let Some(owner) = gate.limits.owner_hearing(id, tenant_id) {
         if owner != tenant_id {
             return Err(no_session());
         }
@@ -200,17 +200,20 @@ async fn with_session(
     if ending {
         return end(gate, digest, req, next).await;
     }
-    // Ended through another replica, or before this one restarted: the store remembers.
-    if !gate
-        .store
-        .ended_sessions(std::slice::from_ref(&digest))
-        .await?
-        .is_empty()
+    // A slot first: a tenant at its cap costs the store nothing.
+    let reservation = reserve(gate, tenant_id)?;
+    // Ended through another replica, or before this one restarted: the store remembers. A
+    // 2026-07-28 request is served without the session it names, and needs no answer.
+    if fast_path::version_has_sessions(req.headers())
+        && !gate
+            .store
+            .ended_sessions(std::slice::from_ref(&digest))
+            .await?
+            .is_empty()
     {
         gate.limits.ended(digest);
         return Err(no_session());
     }
-    let reservation = reserve(gate, tenant_id)?;
     let post = req.method() == Method::POST;
     let response = with_pending(Pending::restore(reservation), next.run(req)).await;
     Ok(answered(gate, post, response))
@@ -260,9 +263,11 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     let (store, limits) = (gate.store.clone(), gate.limits.clone());
     let ending = async move {
         store.end_session(&digest, now, forget_before).await?;
-        // rmcp closes this replica's copy, if it has one.
-        let response = next.run(req).await;
+        // Remembered before rmcp closes this replica's copy, if it has one: a request of
+        // the session being rebuilt here meanwhile then finds it ended (see
+        // `SessionLimits::bind`), rather than bind a copy after the close.
         limits.ended(digest);
+        let response = next.run(req).await;
         Ok::<_, ApiError>(response)
     };
     tokio::spawn(ending.in_current_span())

@@ -17,6 +17,7 @@ pub mod sealed;
 pub mod sessions;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -63,18 +64,24 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         fast_within,
     };
     let mut local = LocalSessionManager::default();
-    // Idle sessions end, and give their slot back. rmcp's idle timer restarts only on what
-    // rmcp sees, and the gate passes it one request at least every `fast_within` while a
-    // session is in use; a call the gate serves itself may run up to `REQUEST_TIMEOUT_MS`
-    // unseen: a session closes between `MCP_SESSION_IDLE_SECS` and that plus a tenth and
-    // `REQUEST_TIMEOUT_MS` after its last message or answer.
-    local.session_config.keep_alive =
-        Some(config.mcp_session_idle + fast_within + config.request_timeout);
+    // Idle sessions end, and give their slot back: a session whose client sent nothing for
+    // `MCP_SESSION_IDLE_SECS` and `REQUEST_TIMEOUT_MS` more (a call may run that long) is
+    // closed within a tenth more ([`close_idle_sessions`]). rmcp's own idle timer stays as
+    // a backstop: it restarts only on what rmcp sees, and the gate passes it one request
+    // at least every `fast_within` while a session is in use.
+    let idle_after = config.mcp_session_idle + config.request_timeout;
+    local.session_config.keep_alive = Some(idle_after + fast_within);
     let sessions = Arc::new(BoundedSessions::new(
         local,
         limits,
         seal.clone(),
         fast_calls.clone(),
+    ));
+    state.lifecycle.tasks.spawn(close_idle_sessions(
+        sessions.clone(),
+        idle_after,
+        fast_within,
+        state.lifecycle.sessions.clone(),
     ));
     state.lifecycle.tasks.spawn(forget_expired_streams(
         fast_calls,
@@ -93,6 +100,24 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             Arc::new(gate),
             gate::gate,
         ))
+}
+
+/// Closes, every `every` until MCP sessions close, the sessions whose client sent nothing
+/// for `idle_after`.
+async fn close_idle_sessions(
+    sessions: Arc<BoundedSessions>,
+    idle_after: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => sessions.close_idle(idle_after).await,
+        }
+    }
 }
 
 /// Forgets, every [`replay::SWEEP_EVERY`] until shutdown, the fast path's ended streams

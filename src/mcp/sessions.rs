@@ -91,6 +91,11 @@ struct Owner {
     /// When rmcp last saw a request of the session (its idle timer starts again from each):
     /// calls the gate serves itself ([`super::fast_path`]) keep it alive only through this.
     seen_by_rmcp: Instant,
+    /// When its client last sent a request of it, whoever served it: what keeps a session
+    /// from idling out ([`SessionLimits::idle`]). rmcp's own timer restarts on what the
+    /// server sends as well, such as a tool-list change, which would keep a session its
+    /// client abandoned open for as long as its tenant's tools keep changing.
+    heard: Instant,
 }
 
 /// The digest by which a session id is remembered and announced to the fleet: the id
@@ -146,6 +151,27 @@ impl SessionLimits {
         Some(owner.tenant.clone())
     }
 
+    /// As [`Self::owner`], for a request of `tenant` in session `id`: when that is the
+    /// session's own tenant, its client is heard from, and the session is not idle.
+    pub fn owner_hearing(&self, id: &str, tenant: &str) -> Option<String> {
+        let mut state = self.lock();
+        let owner = state.owners.get_mut(id).filter(|owner| !owner.ending)?;
+        if owner.tenant == tenant {
+            owner.heard = Instant::now();
+        }
+        Some(owner.tenant.clone())
+    }
+
+    /// The sessions open here whose client sent nothing for `longer_than`.
+    pub fn idle(&self, longer_than: Duration) -> Vec<SessionId> {
+        let state = self.lock();
+        let idle = state
+            .owners
+            .iter()
+            .filter(|(_, owner)| !owner.ending && owner.heard.elapsed() > longer_than);
+        idle.map(|(id, _)| id.clone()).collect()
+    }
+
     /// Whether session `id` is open here and not ending.
     pub fn is_open(&self, id: &str) -> bool {
         let state = self.lock();
@@ -155,12 +181,19 @@ impl SessionLimits {
     /// Whether the gate may serve a request of session `id` itself ([`super::fast_path`]):
     /// the session is open here for `tenant`, not ending, and rmcp saw one of its requests
     /// less than `within` ago (so that its idle timer, which only rmcp's requests restart,
-    /// is far from running out).
+    /// is far from running out). When it may, the session's client is heard from, as in
+    /// [`Self::owner_hearing`]: this request does not pass there.
     pub fn serves_itself(&self, id: &str, tenant: &str, within: Duration) -> bool {
-        let state = self.lock();
-        state.owners.get(id).is_some_and(|owner| {
-            !owner.ending && owner.tenant == tenant && owner.seen_by_rmcp.elapsed() < within
-        })
+        let mut state = self.lock();
+        let Some(owner) = state.owners.get_mut(id) else {
+            return false;
+        };
+        let serves =
+            !owner.ending && owner.tenant == tenant && owner.seen_by_rmcp.elapsed() < within;
+        if serves {
+            owner.heard = Instant::now();
+        }
+        serves
     }
 
     /// Notes that a request of session `id` goes to rmcp (which restarts its idle timer).
@@ -211,19 +244,28 @@ impl SessionLimits {
         (state.total, mine)
     }
 
-    fn bind(&self, mut reservation: Reservation, id: SessionId) {
+    /// Makes `reservation` the slot of open session `id`; false, and the slot given back,
+    /// when the session was ended meanwhile (a `DELETE`, here or elsewhere, while rmcp
+    /// rebuilt it): the caller closes what rmcp opened.
+    fn bind(&self, mut reservation: Reservation, id: SessionId) -> bool {
+        let digest = digest(&id);
         if let Some(tenant) = reservation.tenant.take() {
-            let digest = digest(&id);
             let mut state = self.lock();
+            if state.ended.contains_key(&digest) {
+                release(&mut state, &tenant);
+                return false;
+            }
             state.by_digest.insert(digest.clone(), id.clone());
             let owner = Owner {
                 tenant,
                 digest,
                 ending: false,
                 seen_by_rmcp: Instant::now(),
+                heard: Instant::now(),
             };
             state.owners.insert(id, owner);
         }
+        true
     }
 
     fn close(&self, id: &SessionId) {
@@ -346,6 +388,17 @@ impl BoundedSessions {
         self.limits.open_digests()
     }
 
+    /// Closes the sessions whose client sent nothing for `longer_than` (see
+    /// [`SessionLimits::idle`]); their slots are given back.
+    pub async fn close_idle(&self, longer_than: Duration) {
+        for id in self.limits.idle(longer_than) {
+            tracing::debug!("closing an idle MCP session");
+            if let Err(error) = self.close_session(&id).await {
+                tracing::debug!(%error, "could not close an idle MCP session");
+            }
+        }
+    }
+
     /// Ends this replica's copy of the session whose id has `digest`, which its client
     /// ended through another replica, and remembers it as ended.
     pub async fn end_copy(&self, digest: String) {
@@ -371,8 +424,10 @@ impl SessionManager for BoundedSessions {
         // rmcp's local manager makes a session under an id of our choosing through its
         // restore entry point.
         match self.inner.restore_session(id.clone()).await? {
-            RestoreOutcome::Restored(transport) => {
-                self.limits.bind(pending.reservation, id.clone());
+            // A fresh random id: no end of it can have been heard.
+            RestoreOutcome::Restored(transport)
+                if self.limits.bind(pending.reservation, id.clone()) =>
+            {
                 Ok((id, transport))
             }
             _ => Err(BoundedError::Collision),
@@ -446,8 +501,15 @@ impl SessionManager for BoundedSessions {
             return Ok(RestoreOutcome::NotSupported);
         }
         let outcome = self.inner.restore_session(id.clone()).await?;
-        if matches!(outcome, RestoreOutcome::Restored(_)) {
-            self.limits.bind(pending.reservation, id);
+        if matches!(outcome, RestoreOutcome::Restored(_))
+            && !self.limits.bind(pending.reservation, id.clone())
+        {
+            // Ended while rmcp rebuilt it: what it rebuilt goes.
+            drop(outcome);
+            if let Err(error) = self.inner.close_session(&id).await {
+                tracing::debug!(%error, "could not close a session ended as it was rebuilt");
+            }
+            return Ok(RestoreOutcome::NotSupported);
         }
         Ok(outcome)
     }
@@ -479,6 +541,25 @@ mod tests {
     }
 
     #[test]
+    fn a_session_is_idle_until_its_own_tenant_is_heard_in_it() {
+        let limits = SessionLimits::new(3, 3);
+        let id: SessionId = "s1".to_owned().into();
+        limits.bind(limits.reserve("a").expect("slot"), id.clone());
+        std::thread::sleep(Duration::from_millis(20));
+        let quiet = Duration::from_millis(10);
+        assert_eq!(limits.idle(quiet), std::slice::from_ref(&id));
+        // Another tenant's request in it is no sign of its client.
+        assert_eq!(limits.owner_hearing("s1", "b").as_deref(), Some("a"));
+        assert_eq!(limits.idle(quiet), std::slice::from_ref(&id));
+        assert_eq!(limits.owner_hearing("s1", "a").as_deref(), Some("a"));
+        assert!(limits.idle(quiet).is_empty());
+        std::thread::sleep(Duration::from_millis(20));
+        // A call the gate serves itself is heard too.
+        assert!(limits.serves_itself("s1", "a", Duration::from_secs(60)));
+        assert!(limits.idle(quiet).is_empty());
+    }
+
+    #[test]
     fn an_ended_session_is_remembered_by_digest_and_its_open_copy_named() {
         let limits = SessionLimits::new(3, 3);
         assert!(!limits.was_ended(&digest("s1")));
@@ -498,6 +579,11 @@ mod tests {
         assert_eq!(limits.ended(digest("s1")), None);
         assert_eq!(limits.ended(digest("s2")), None);
         assert!(limits.was_ended(&digest("s2")));
+        // Ended while rmcp rebuilt it here: it is not bound, and its slot is given back.
+        let rebuilt: SessionId = "s2".to_owned().into();
+        assert!(!limits.bind(limits.reserve("a").expect("slot"), rebuilt));
+        assert_eq!(limits.owner("s2"), None);
+        assert_eq!(limits.open("a"), (0, 0));
         assert_eq!(digest("s1").len(), 64);
         assert_ne!(digest("s1"), digest("s2"));
     }
