@@ -4,6 +4,8 @@
 //! server, user postgres) and dropped afterwards, even when a check fails. An unreachable
 //! PostgreSQL fails the run; it never skips.
 
+mod common;
+
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
+use common::database::wait_for_lock_waiter;
 use futures::FutureExt;
 use switchboard::store::postgres::PostgresStore;
 use switchboard::store::sqlite::SqliteStore;
@@ -114,6 +117,7 @@ async fn run_postgres(url: &str) -> Result<()> {
     check_concurrent_migrate(racers, POSTGRES_MIGRATIONS).await?;
     let store = PostgresStore::connect(url, 4)?;
     check_concurrent_index_migration_runs_again(&store, url).await?;
+    check_migration_outlasts_the_urls_time_limits(url).await?;
     check_abandoned_work_leaves_no_connection_waiting(url).await?;
     run_suite(&store).await?;
     // Last: it leaves the database refusing writes.
@@ -194,16 +198,7 @@ async fn check_concurrent_index_migration_runs_again(
 ) -> Result<()> {
     let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
     let connection = tokio::spawn(connection);
-    let valid = || async {
-        let row = db
-            .query_opt(
-                "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                 WHERE c.relname = 'audit_events_tenant_action_idx'",
-                &[],
-            )
-            .await?;
-        anyhow::Ok(row.map(|row| row.get::<_, bool>(0)))
-    };
+    let valid = || action_index_valid(&db);
     ensure!(
         valid().await? == Some(true),
         "migration 4 left no valid index"
@@ -217,6 +212,59 @@ async fn check_concurrent_index_migration_runs_again(
         "the second run left no valid index"
     );
     connection.abort();
+    Ok(())
+}
+
+/// Whether migration 4's index is valid; `None` when there is none.
+async fn action_index_valid(db: &tokio_postgres::Client) -> Result<Option<bool>> {
+    let row = db
+        .query_opt(
+            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE c.relname = 'audit_events_tenant_action_idx'",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// A URL (or role) may set `statement_timeout` and `lock_timeout` for the pool's work; a
+/// migration must not be held to them. Migration 4's `CREATE INDEX CONCURRENTLY` takes as
+/// long as the audit trail is large and the transactions in flight keep it waiting; here a
+/// transaction holding the table's lock makes it wait well past the URL's limits (as a
+/// large table would make it build), and the migration must still end, with a valid index.
+async fn check_migration_outlasts_the_urls_time_limits(url: &str) -> Result<()> {
+    let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    db.batch_execute(
+        "DROP INDEX audit_events_tenant_action_idx; \
+         DELETE FROM schema_migrations WHERE version = 4",
+    )
+    .await?;
+    let (locker, locker_connection) = tokio_postgres::connect(url, NoTls).await?;
+    let locker_connection = tokio::spawn(locker_connection);
+    // The lock CREATE INDEX CONCURRENTLY takes, and waits for here.
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN SHARE UPDATE EXCLUSIVE MODE")
+        .await?;
+    // `tokio_postgres` decodes `%XX` in the URL's parameters, not `+`.
+    let limited = format!("{url}?options=-c%20statement_timeout%3D100%20-c%20lock_timeout%3D100");
+    let store = PostgresStore::connect(&limited, 1)?;
+    let migrating = tokio::spawn(async move { store.migrate().await });
+    wait_for_lock_waiter(&db, "audit_events").await?;
+    // Well past both limits before the lock goes.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    locker.batch_execute("COMMIT").await?;
+    let applied = tokio::time::timeout(Duration::from_secs(20), migrating)
+        .await
+        .context("the migration did not end")??;
+    let valid = action_index_valid(&db).await?;
+    locker_connection.abort();
+    connection.abort();
+    ensure!(
+        matches!(&applied, Ok(versions) if *versions == vec![4]),
+        "a migration under the URL's time limits: {applied:?}"
+    );
+    ensure!(valid == Some(true), "the index is not valid: {valid:?}");
     Ok(())
 }
 

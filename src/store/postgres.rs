@@ -444,6 +444,16 @@ impl Store for PostgresStore {
         // connection, and a detached connection closes when dropped, so even a migrate
         // cancelled halfway cannot hand a pooled connection back still holding the lock.
         let mut client = Object::take(self.client().await?);
+        // No time limit from the role, the database or the URL (`options=-c
+        // statement_timeout=...`) applies here: a migration takes as long as the table it
+        // changes (an index built CONCURRENTLY on a large audit trail, which also waits for
+        // the transactions in flight), and one cancelled halfway would fail, and be tried
+        // again and cancelled again, at every start. Session settings, on a connection that
+        // leaves the pool for good (above), so no pooled work ever runs without its limits.
+        client
+            .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+            .await
+            .map_err(db_err)?;
         loop {
             let locked: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
