@@ -429,6 +429,7 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
     let refused = connect(&mcp_url(&gw, &b.id), &a.api_key).await;
     assert!(refused.is_err(), "A's key cannot open a session on B");
     // Every refusal is in B's audit trail, where B can see the attempts on it.
+    gw.wait_for_audit(&b.id, "auth.refused", 5).await?;
     let (_, _, audit) = gw
         .send(
             Method::GET,

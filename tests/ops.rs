@@ -355,7 +355,7 @@ async fn refused_tenant_credentials_spend_the_callers_auth_budget() -> anyhow::R
     assert_eq!(status, StatusCode::OK, "{body}");
     // Read now the address is no longer blocked (an admin route refuses it while it is).
     assert_eq!(
-        gw.audit_items(&tenant.id, Some("auth.refused"))
+        gw.wait_for_audit(&tenant.id, "auth.refused", 3)
             .await?
             .len(),
         3
@@ -633,7 +633,7 @@ async fn audit_records_refusals_and_arguments_only_when_asked() -> anyhow::Resul
             )
             .await?;
         assert_eq!(status, StatusCode::FORBIDDEN);
-        let refused = gw.audit_items(&tenant.id, Some("auth.refused")).await?;
+        let refused = gw.wait_for_audit(&tenant.id, "auth.refused", 1).await?;
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
         let gw = gw.restart().await?;

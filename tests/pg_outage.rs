@@ -528,33 +528,63 @@ async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_refusal_whose_caller_went_away_is_still_audited() -> anyhow::Result<()> {
-    // The audit table is locked, so the `auth.refused` write of a wrong key waits; the
-    // caller gives up meanwhile. Its event must still be written once the lock goes.
-    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+async fn refusals_hold_no_pooled_connection_while_their_audit_events_wait() -> anyhow::Result<()> {
+    // Anyone can have credentials refused, from as many addresses as they have. The audit
+    // table is locked (audit writes wait, as on a database that stopped answering for it):
+    // more refusals than the pool has connections must still be answered at once, and leave
+    // the pool to the work that needs it (an admin read here; key lookups alike), and their
+    // events must be written once the lock goes, none dropped.
+    const REFUSALS: usize = 6;
+    let mut config = Config::for_tests();
+    config.database_pool_size = 2;
+    let gw = TestGateway::start_postgres(config).await?;
     let url = database_url(&gw)?;
     let tenant = gw
         .create_tenant(
             json!({"integrationKey": "refused", "integrationAppToken": "ia-token-refused"}),
         )
         .await?;
+    let dropped_before = audit_dropped(&gw).await?;
     let (locker, watcher) = (locking(&url, "audit_events").await?, connect(&url).await?);
     let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(3))
         .build()?;
-    let gave_up = impatient
-        .post(gw.url(&format!("/api/tenant/{}/tool", tenant.id)))
-        .header("x-api-key", "sbk_not-the-key")
-        .header("x-request-id", "refused-gave-up")
-        .json(&json!({"method": "listTools"}))
-        .send()
-        .await;
-    assert!(
-        gave_up.is_err(),
-        "the refusal answered while the table was locked"
-    );
+    let refusals: Vec<_> = (0..REFUSALS)
+        .map(|n| {
+            let request = impatient
+                .post(gw.url(&format!("/api/tenant/{}/tool", tenant.id)))
+                .header("x-api-key", "sbk_not-the-key")
+                .header("x-request-id", format!("refused-{n}"))
+                .json(&json!({"method": "listTools"}))
+                .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    wait_for_lock_waiter(&watcher, "audit_events").await?;
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(3),
+        gw.send_as_admin(reqwest::Method::GET, "/api/tenants", None),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the admin read waited for a pooled connection"))??;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for refusal in refusals {
+        let answer = refusal.await?;
+        let status = answer.map(|a| a.status());
+        assert!(
+            matches!(status, Ok(StatusCode::UNAUTHORIZED)),
+            "a refusal waited for its audit write: {status:?}"
+        );
+    }
     locker.batch_execute("COMMIT").await?;
-    wait_for_row(&watcher, "refused-gave-up").await?;
+    for n in 0..REFUSALS {
+        wait_for_row(&watcher, &format!("refused-{n}")).await?;
+    }
+    assert_eq!(
+        audit_dropped(&gw).await?,
+        dropped_before,
+        "events were dropped"
+    );
     gw.stop().await
 }
 

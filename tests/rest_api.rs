@@ -494,7 +494,9 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
         )
         .await?;
     assert_error(&again, StatusCode::NOT_FOUND, "not_found");
-    // The audit trail outlives the tenant.
+    // The audit trail outlives the tenant. (The two refusals above are written after their
+    // answers.)
+    gw.wait_for_audit(&t.id, "auth.refused", 2).await?;
     let (status, _, audit) = gw
         .send(
             Method::GET,

@@ -1,6 +1,7 @@
 //! The audit trail: typed events and how they reach the store. Rare events (admin actions,
-//! tokens issued, refused credentials) are written at once by the [`AuditWriter`], which
-//! retries what the store refused; tool-call events go through a bounded buffer per tenant
+//! tokens issued) are written at once by the [`AuditWriter`], which retries what the store
+//! refused; refused credentials, which anyone can cause, go on its queue, written in
+//! batches ([`refusal`]); tool-call events go through a bounded buffer per tenant
 //! (`tenants::audit_buffer`), which the tenant's actor writes in batches.
 
 pub mod budget;
@@ -55,9 +56,20 @@ pub fn event(
     }
 }
 
+/// Records a refused credential (`auth.refused`), under `tenant` when the refusal names one.
+/// Queued for the writer's batches, neither written at once nor waited for: anyone can cause
+/// refusals, at the auth limit from every address they have, and a write of its own for
+/// each would hold a pooled connection (SQLite's one connection) per refusal, and the
+/// refused request with it, starving key lookups and admin changes. On the queue they take
+/// one write for many, and at most their share of it; past that they are dropped, counted
+/// in `switchboard_audit_dropped_total`.
+pub fn refusal(audit: &AuditWriter, tenant: Option<&str>, request_id: Option<&str>) {
+    audit.queue(event(tenant, REFUSED, "anonymous", "refused", request_id));
+}
+
 /// Records a refused tenant credential (`auth.refused`) under the path's tenant, so the
 /// tenant sees attempts on it. Only 401/403 refusals count; a store outage is not a refusal.
-pub async fn credential_refused(
+pub fn credential_refused(
     audit: &AuditWriter,
     path_tenant: &str,
     err: &crate::auth::AuthError,
@@ -69,8 +81,7 @@ pub async fn credential_refused(
     }
     // The id is the caller's text: keep it only when it is tenant-id sized.
     let tenant = Some(path_tenant).filter(|id| id.len() <= 64);
-    let record = event(tenant, REFUSED, "anonymous", "refused", request_id);
-    audit.write(record).await;
+    refusal(audit, tenant, request_id);
 }
 
 /// Deletes events older than `days` now and then every hour, until shutdown; `0` keeps

@@ -1,8 +1,10 @@
 //! Writes the audit events that do not go through a tenant's audit buffer: admin actions,
 //! tokens issued, refused credentials, and the events of calls whose actor is gone (the
-//! events of its closed buffer, and a crashed actor's batch in flight). Each is written at
-//! once; one the store refuses (the database is down) waits in a bounded queue that one
-//! task retries, so an outage loses none of them. Only a full queue, or a store still
+//! events of its closed buffer, and a crashed actor's batch in flight). An admin action or
+//! an issued token is written at once; one the store refuses (the database is down) waits
+//! in a bounded queue that one task writes in batches and retries, so an outage loses none
+//! of them. Refused credentials go straight on that queue (`crate::audit::refusal`): one
+//! write of their own each would hold a store connection per refusal. Only a full queue, or a store still
 //! refusing when the process stops, drops events, and those are counted
 //! (`switchboard_audit_dropped_total`) and logged. The queue's events take their bytes from
 //! the budget the tenants' audit buffers take theirs from ([`AuditBudget`]): past it, a new
@@ -93,7 +95,9 @@ impl AuditWriter {
         &self.budget
     }
 
-    /// Writes `event` now; when the store refuses it, it is queued and written later.
+    /// Writes `event` now, in a write of its own that the caller waits for; when the store
+    /// refuses it, it is queued and written later. For rare events only (admin actions,
+    /// issued tokens): each holds a store connection while it is written.
     pub async fn write(&self, event: AuditRecord) {
         let me = self.clone();
         let attempt = self.writes.spawn(async move {

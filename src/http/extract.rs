@@ -258,7 +258,7 @@ pub struct Tenant(pub AuthContext);
 /// lookup of a database that is trying to recover, and a warning, at any rate. Past the
 /// budget the address is blocked as for refusals, so its keys are looked up in the cache
 /// only until it refills. A JWT was verified before its lookup: not a guess, not counted.
-pub async fn refuse_credential(
+pub fn refuse_credential(
     err: AuthError,
     limiter: &AuthLimiter,
     parts: (&HeaderMap, &axum::http::Extensions),
@@ -272,7 +272,7 @@ pub async fn refuse_credential(
                 return limited;
             }
             let request_id = extensions.get::<RequestId>().map(|r| r.id.as_str());
-            crate::audit::credential_refused(audit, tenant_id, &err, request_id).await;
+            crate::audit::credential_refused(audit, tenant_id, &err, request_id);
         }
         AuthError::Unavailable if carries_api_key(headers) => {
             if let Some(limited) = limiter.refused(headers, peer_of(extensions)) {
@@ -314,7 +314,7 @@ where
             Err(err) => {
                 let audit = AuditWriter::from_ref(state);
                 let parts = (&parts.headers, &parts.extensions);
-                return Err(refuse_credential(err, &limiter, parts, &audit, &tenant_id).await);
+                return Err(refuse_credential(err, &limiter, parts, &audit, &tenant_id));
             }
         };
         tracing::Span::current().record("tenant_id", context.tenant_id.as_str());

@@ -76,7 +76,6 @@ pub async fn gate(
                 &gate.audit,
                 &tenant_id,
             )
-            .await
             .into_response();
         }
     };

@@ -164,6 +164,30 @@ impl TestGateway {
         Ok(body["items"].as_array().cloned().unwrap_or_default())
     }
 
+    /// The tenant's audit items of `action` (its newest page) once there are at least `n`
+    /// (waiting up to 10 s): refused credentials are queued for the audit writer's batches,
+    /// so theirs are written shortly after their answer, not before it.
+    pub async fn wait_for_audit(
+        &self,
+        tenant_id: &str,
+        action: &str,
+        n: usize,
+    ) -> anyhow::Result<Vec<Value>> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let items = self.audit_items(tenant_id, Some(action)).await?;
+            if items.len() >= n {
+                return Ok(items);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {n} {action} events in {tenant_id}'s audit trail",
+                items.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// `POST /api/auth/token` with the admin key: the whole answer.
     pub async fn admin_token_answer(
         &self,

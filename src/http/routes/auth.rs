@@ -39,7 +39,7 @@ pub async fn admin_token(
     ApiJson(body): ApiJson<AdminTokenRequest>,
 ) -> Result<NoStore<Json<AdminToken>>, ApiError> {
     if !state.auth.is_admin_key(&body.key) {
-        refused(&state, None, &request_id).await;
+        refused(&state, None, &request_id);
         return Err(ApiError::Unauthorized);
     }
     let issued = state
@@ -78,7 +78,7 @@ pub async fn tenant_token(
         Ok(tenant) => tenant,
         Err(err) => {
             if err == AuthError::Unauthorized {
-                refused(&state, None, &request_id).await;
+                refused(&state, None, &request_id);
             }
             return Err(err.into());
         }
@@ -103,13 +103,6 @@ pub async fn tenant_token(
     })))
 }
 
-async fn refused(state: &AppState, tenant_id: Option<&str>, request_id: &RequestId) {
-    let event = audit::event(
-        tenant_id,
-        audit::REFUSED,
-        "anonymous",
-        "refused",
-        Some(&request_id.id),
-    );
-    state.audit.write(event).await;
+fn refused(state: &AppState, tenant_id: Option<&str>, request_id: &RequestId) {
+    audit::refusal(&state.audit, tenant_id, Some(&request_id.id));
 }
