@@ -33,13 +33,19 @@ fn assert_error(
     assert_eq!(body["error"]["requestId"], rid);
 }
 
-/// Asserts that an answer carrying a secret (a key, a token) is marked for no cache to keep.
-fn assert_not_stored(headers: &reqwest::header::HeaderMap) {
+/// Asserts `Cache-Control: no-store`, which every `/api/*` answer carries.
+fn assert_no_store(headers: &reqwest::header::HeaderMap) {
     assert_eq!(
         headers.get("cache-control").map(|v| v.as_bytes()),
         Some(&b"no-store"[..]),
         "{headers:?}"
     );
+}
+
+/// Asserts that an answer carrying a secret (a key, a token) is marked for no cache to keep,
+/// HTTP/1.0 caches included.
+fn assert_not_stored(headers: &reqwest::header::HeaderMap) {
+    assert_no_store(headers);
     assert_eq!(
         headers.get("pragma").map(|v| v.as_bytes()),
         Some(&b"no-cache"[..]),
@@ -984,5 +990,44 @@ async fn a_tool_name_past_its_bound_is_400_and_not_audited() -> anyhow::Result<(
         .map(|item| item["tool"].as_str().map_or(0, str::len))
         .collect();
     assert_eq!(tools, [512], "only the call at the bound is audited");
+    gw.stop().await
+}
+
+/// What an `/api/*` route answers is a tenant's or the operator's: no shared cache may keep
+/// it, also when only `x-api-key` authenticated it (a cache that tells callers apart by
+/// `Authorization` alone would hand it to the next one), nor an error.
+#[tokio::test]
+async fn every_api_answer_is_marked_no_store() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_body()).await?;
+    let audit = format!("/api/tenant/{}/audit", t.id);
+    let answers = [
+        gw.send(Method::GET, &audit, &[("x-api-key", &t.api_key)], None)
+            .await?,
+        gw.send(
+            Method::GET,
+            &audit,
+            &[("authorization", &bearer(&t.token))],
+            None,
+        )
+        .await?,
+        gw.send_as_admin(Method::GET, "/api/tenants", None).await?,
+        gw.send_as_admin(Method::GET, &format!("/api/tenants/{}", t.id), None)
+            .await?,
+        gw.send(Method::GET, &audit, &[], None).await?,
+        gw.send(Method::GET, "/api/nothing-here", &[], None).await?,
+    ];
+    for (n, (status, headers, body)) in answers.iter().enumerate() {
+        assert!(
+            [
+                StatusCode::OK,
+                StatusCode::UNAUTHORIZED,
+                StatusCode::NOT_FOUND
+            ]
+            .contains(status),
+            "{n}: {status} {body}"
+        );
+        assert_no_store(headers);
+    }
     gw.stop().await
 }

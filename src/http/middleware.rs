@@ -1,8 +1,8 @@
 //! The layer every request passes first: request id in and out, the tracing span with
-//! request and tenant id, the drain gate, security headers, and the JSON error body of
-//! API.md for every error response (from our handlers or from a layer such as the body
-//! limit or the timeout), and the HTTP request metrics (by route template, never the raw
-//! path, so the series stay bounded).
+//! request and tenant id, the drain gate, security headers (and `Cache-Control: no-store`
+//! on every `/api/*` answer), and the JSON error body of API.md for every error response
+//! (from our handlers or from a layer such as the body limit or the timeout), and the HTTP
+//! request metrics (by route template, never the raw path, so the series stay bounded).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,6 +74,7 @@ pub async fn request_context(
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
     let probe = serves_while_draining(req.uri().path());
+    let api = req.uri().path().starts_with("/api/");
     let over_tls = edge.trust_proxy && forwarded_over_tls(req.headers());
     let mut response = if lifecycle.is_draining() && !probe {
         ApiError::Draining.into_response()
@@ -88,6 +89,13 @@ pub async fn request_context(
         headers.insert(REQUEST_ID.clone(), v);
     }
     add_security_headers(headers);
+    if api {
+        // Every `/api/*` answer is a tenant's or the operator's data, or an error about a
+        // credential: a shared cache must keep none of them, also when `x-api-key` alone
+        // authenticated it (RFC 9111 lets a cache store answers to requests without
+        // `Authorization`). Answers that carry a secret add `Pragma` (`NoStore`).
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     if over_tls {
         headers.insert(
             header::STRICT_TRANSPORT_SECURITY,
