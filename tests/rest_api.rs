@@ -1031,3 +1031,39 @@ async fn every_api_answer_is_marked_no_store() -> anyhow::Result<()> {
     }
     gw.stop().await
 }
+
+/// serde_json reads a non-string where an enum belongs as malformed JSON; the body is well
+/// formed, and the caller's mistake is the field's type: API.md's `invalid_request`, naming it.
+#[tokio::test]
+async fn a_wrong_typed_upstream_transport_is_an_invalid_request_naming_it() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_body()).await?;
+    let path = format!("/api/tenants/{}", t.id);
+    for wrong in [json!(5), json!(true), json!([]), json!({}), json!(["sse"])] {
+        let mut create = tenant_body();
+        create["upstreamTransport"] = wrong.clone();
+        let created = gw
+            .send_as_admin(Method::POST, "/api/tenants", Some(create))
+            .await?;
+        let change = json!({ "upstreamTransport": wrong });
+        let patched = gw.send_as_admin(Method::PATCH, &path, Some(change)).await?;
+        for got in [created, patched] {
+            assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+            let message = got.2["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("upstreamTransport"), "{wrong}: {message}");
+        }
+    }
+    // Malformed JSON is still that, also around the field.
+    let auth = bearer(gw.config.admin_api_key.expose());
+    let cut = r#"{"integrationKey":"k","integrationAppToken":"x","upstreamTransport":5"#;
+    let got = gw
+        .send_raw(
+            Method::POST,
+            "/api/tenants",
+            &[("authorization", &auth)],
+            cut,
+        )
+        .await?;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_json");
+    gw.stop().await
+}

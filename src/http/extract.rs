@@ -84,6 +84,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
+        if inner.is_syntax() && path != "." && is_well_formed(bytes) {
+            // serde_json reads anything but a string or an object where an enum belongs
+            // (`"upstreamTransport":5`) as a syntax error; in a well-formed document it is a
+            // field of the wrong type, named as any other.
+            return ApiError::InvalidRequest(format!("field `{path}`: invalid type"));
+        }
         if inner.is_syntax() || inner.is_eof() {
             return ApiError::InvalidJson(format!(
                 "malformed JSON at line {} column {}",
@@ -96,6 +102,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|_| ApiError::InvalidJson("trailing characters after the JSON value".into()))?;
     Ok(value)
+}
+
+/// Whether `bytes` are one JSON document, whatever its shape (read again only when a typed
+/// read failed with a syntax error).
+fn is_well_formed(bytes: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
 }
 
 fn describe_data_error(path: &str, message: &str) -> String {
@@ -381,6 +393,22 @@ mod tests {
         assert_eq!(code, "invalid_json");
         let (code, _) = message(br#"{"integrationKey":"x""#);
         assert_eq!(code, "invalid_json");
+    }
+
+    #[test]
+    fn a_wrong_typed_enum_is_named_not_malformed_json() {
+        // serde_json reads anything but a string or an object where an enum belongs as a
+        // syntax error, though the document is well formed.
+        for wrong in ["5", "true", "[]", "{}", r#"["sse"]"#] {
+            let body = format!(r#"{{"integrationKey":"x","transport":{wrong}}}"#);
+            let (code, msg) = message(body.as_bytes());
+            assert_eq!(code, "invalid_request", "{wrong}: {msg}");
+            assert!(msg.contains("field `transport`"), "{wrong}: {msg}");
+        }
+        let (code, _) = message(br#"{"integrationKey":"x","transport":5"#);
+        assert_eq!(code, "invalid_json", "still malformed when it is");
+        let (code, _) = message(br#"{"integrationKey":"x","transport":[}"#);
+        assert_eq!(code, "invalid_json", "still malformed when it is");
     }
 
     #[test]

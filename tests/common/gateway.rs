@@ -135,6 +135,33 @@ impl TestGateway {
         if let Some(body) = body {
             req = req.json(&body);
         }
+        Self::answer(req).await
+    }
+
+    /// [`Self::send`] with `body` sent as written, as `application/json`: for bodies that a
+    /// `Value` cannot hold (a key twice) or that are not JSON at all.
+    pub async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::answer(req).await
+    }
+
+    /// Sends `req`; returns status, headers and the JSON body (Null when empty).
+    async fn answer(
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<(StatusCode, reqwest::header::HeaderMap, Value)> {
         let resp = req.send().await?;
         let status = resp.status();
         let headers = resp.headers().clone();
