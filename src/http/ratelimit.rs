@@ -8,7 +8,8 @@
 //! Token requests spend without blocking: a client exchanging many keys is not guessing.
 //!
 //! The client address is the socket peer, or the right-most `X-Forwarded-For` address (the
-//! one the proxy in front added) when `TRUST_PROXY` is set (only behind a proxy you run).
+//! one the proxy in front added, without the port some proxies add) when `TRUST_PROXY` is
+//! set (only behind a proxy you run).
 //! An IPv6 address counts by its /64 prefix, the block one host is usually given, so that
 //! a host cannot dodge its limit (or grow the table) by changing address. Per-tenant limits
 //! are not here: the tenant actor owns them.
@@ -282,7 +283,22 @@ fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
         .next_back()?
         .to_str()
         .ok()?;
-    value.rsplit(',').next()?.trim().parse().ok()
+    forwarded_address(value.rsplit(',').next()?.trim())
+}
+
+/// The address of one `X-Forwarded-For` entry. Some proxies write the client's port too
+/// (`203.0.113.7:51234`, `[2001:db8::1]:443`: Azure's Application Gateway does so),
+/// or an IPv6 address in brackets: read as no address, such an entry would make every
+/// client count as the proxy itself, one budget for all.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    if let Ok(address) = entry.parse() {
+        return Some(address);
+    }
+    if let Ok(socket) = entry.parse::<SocketAddr>() {
+        return Some(socket.ip());
+    }
+    let bracketed = entry.strip_prefix('[')?.strip_suffix(']')?;
+    bracketed.parse::<Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
 /// The socket address of the request's peer, when the server recorded it.
@@ -336,6 +352,45 @@ mod tests {
             proxied.client_of(&headers, peer),
             IpAddr::from([10, 0, 0, 1])
         );
+    }
+
+    #[test]
+    fn a_forwarded_address_with_a_port_counts_as_the_address() {
+        let mut config = Config::for_tests();
+        config.trust_proxy = true;
+        let limiter = AuthLimiter::new(&config);
+        let peer = Some(SocketAddr::from(([10, 0, 0, 2], 4000)));
+        let v6: IpAddr = "2001:db8::".parse().unwrap();
+        for (entry, client) in [
+            ("203.0.113.7:51234", IpAddr::from([203, 0, 113, 7])),
+            (
+                "10.1.1.1, 203.0.113.7:51234",
+                IpAddr::from([203, 0, 113, 7]),
+            ),
+            ("[2001:db8::1]:443", v6),
+            ("[2001:db8::1]", v6),
+            ("2001:db8::1", v6),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-forwarded-for", entry.parse().unwrap());
+            assert_eq!(limiter.client_of(&headers, peer), client, "{entry}");
+        }
+        // Not an address, with or without a port: the socket peer, as before.
+        for entry in [
+            "unknown",
+            "unknown:80",
+            "[203.0.113.7]:80",
+            "[]:80",
+            "203.0.113.7:x",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-forwarded-for", entry.parse().unwrap());
+            assert_eq!(
+                limiter.client_of(&headers, peer),
+                IpAddr::from([10, 0, 0, 2]),
+                "{entry}"
+            );
+        }
     }
 
     #[test]
