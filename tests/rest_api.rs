@@ -1067,3 +1067,34 @@ async fn a_wrong_typed_upstream_transport_is_an_invalid_request_naming_it() -> a
     assert_error(&got, StatusCode::BAD_REQUEST, "invalid_json");
     gw.stop().await
 }
+
+/// A key sent twice is the caller's mistake, named as a missing one is (the value of neither
+/// is echoed: here it is the admin key, or a guess at it).
+#[tokio::test]
+async fn a_field_sent_twice_is_named() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let body = r#"{"key":"first-sekrit","key":"second-sekrit"}"#;
+    let got = gw
+        .send_raw(Method::POST, "/api/auth/token", &[], body)
+        .await?;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    let message = got.2["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("duplicate field `key`") && !message.contains("sekrit"),
+        "{message}"
+    );
+    let auth = bearer(gw.config.admin_api_key.expose());
+    let twice = r#"{"integrationKey":"k","integrationAppToken":"x","integrationKey":"j"}"#;
+    let got = gw
+        .send_raw(
+            Method::POST,
+            "/api/tenants",
+            &[("authorization", &auth)],
+            twice,
+        )
+        .await?;
+    assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+    let message = got.2["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("integrationKey"), "{message}");
+    gw.stop().await
+}

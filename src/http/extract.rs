@@ -122,7 +122,11 @@ fn describe_data_error(path: &str, message: &str) -> String {
     } else {
         format!("field `{path}`: ")
     };
-    if message.starts_with("missing field") || message.starts_with("unknown field") {
+    // These name the field themselves, and quote no value the caller sent.
+    if message.starts_with("missing field")
+        || message.starts_with("unknown field")
+        || message.starts_with("duplicate field")
+    {
         return format!("{at}{message}");
     }
     match message.rsplit_once(", expected ") {
@@ -409,6 +413,13 @@ mod tests {
         assert_eq!(code, "invalid_json", "still malformed when it is");
         let (code, _) = message(br#"{"integrationKey":"x","transport":[}"#);
         assert_eq!(code, "invalid_json", "still malformed when it is");
+    }
+
+    #[test]
+    fn a_field_sent_twice_is_named() {
+        let (code, msg) = message(br#"{"integrationKey":"x","integrationKey":"sekrit"}"#);
+        assert_eq!(code, "invalid_request");
+        assert_eq!(msg, "duplicate field `integrationKey`");
     }
 
     #[test]
