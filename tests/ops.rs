@@ -529,6 +529,54 @@ async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()
     gw.stop().await
 }
 
+/// Guesses at `METRICS_TOKEN` spend from the caller's address budget as guesses at the admin
+/// key do: past it, 429 with `Retry-After`, a right token included (it would tell the
+/// guesser it was right), while another address scrapes on.
+#[tokio::test]
+async fn metrics_token_guesses_are_limited_per_client_address() -> anyhow::Result<()> {
+    let mut config = Config::for_tests();
+    config.auth_rate_limit = 1;
+    config.auth_rate_burst = 3;
+    config.trust_proxy = true;
+    config.metrics_token = Some(Secret::new("metrics-token-0123456789"));
+    let gw = TestGateway::start_with(config).await?;
+    let scrape_from = |ip: &'static str, token: &'static str| {
+        let gw = &gw;
+        async move {
+            let resp = gw
+                .http
+                .get(gw.url("/metrics"))
+                .header("x-forwarded-for", ip)
+                .bearer_auth(token)
+                .send()
+                .await?;
+            let status = resp.status();
+            let retry_after = resp.headers().get("retry-after").cloned();
+            anyhow::Ok((status, retry_after, resp.text().await?))
+        }
+    };
+    let right = "metrics-token-0123456789";
+    // Right tokens spend nothing.
+    for _ in 0..5 {
+        assert_eq!(scrape_from("198.51.100.1", right).await?.0, StatusCode::OK);
+    }
+    for _ in 0..3 {
+        let (status, _, _) = scrape_from("198.51.100.1", "a-wrong-guess").await?;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, retry_after, body) = scrape_from("198.51.100.1", "a-wrong-guess").await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(retry_after.is_some());
+    let body: Value = serde_json::from_str(&body)?;
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(
+        scrape_from("198.51.100.1", right).await?.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(scrape_from("198.51.100.2", right).await?.0, StatusCode::OK);
+    gw.stop().await
+}
+
 #[tokio::test]
 async fn hsts_only_behind_a_trusted_tls_proxy() -> anyhow::Result<()> {
     let mut config = Config::for_tests();

@@ -1,10 +1,11 @@
 //! The per-client-address limit against key guessing (`AUTH_RATE_LIMIT` requests per
 //! second, `AUTH_RATE_BURST`): every request to the token endpoints, and every refused
-//! credential on a tenant or admin route, spends from it. An address whose refused
-//! credentials ran its budget out is blocked until it refills: no admin credential is
-//! checked for it (so a right guess of `ADMIN_API_KEY` is refused with 429 as well), and a
-//! tenant API key it sends is looked up only in the credential cache, never in the store,
-//! so that guessing keys cannot drive database reads at any rate an anonymous caller likes.
+//! credential on a tenant or admin route or `/metrics`, spends from it. An address whose
+//! refused credentials ran its budget out is blocked until it refills: no admin credential
+//! or metrics token is checked for it (so a right guess of `ADMIN_API_KEY` is refused with
+//! 429 as well), and a tenant API key it sends is looked up only in the credential cache,
+//! never in the store, so that guessing keys cannot drive database reads at any rate an
+//! anonymous caller likes.
 //! Token requests spend without blocking: a client exchanging many keys is not guessing.
 //!
 //! The client address is the socket peer, or the right-most `X-Forwarded-For` address (the
@@ -142,9 +143,9 @@ impl AuthLimiter {
         self.check(self.client_of(headers, peer)).map_err(limited)
     }
 
-    /// A refused credential (tenant or admin route): spends from the caller's budget; past
-    /// it, the address is blocked (see [`Self::blocked`]) until it refills, and the answer
-    /// is 429.
+    /// A refused credential (tenant or admin route, `/metrics`): spends from the caller's
+    /// budget; past it, the address is blocked (see [`Self::blocked`]) until it refills, and
+    /// the answer is 429.
     pub fn refused(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<ApiError> {
         let counted = self.counted(self.client_of(headers, peer));
         let wait = self.spend(counted).err()?;
@@ -156,7 +157,7 @@ impl AuthLimiter {
     }
 
     /// 429 while the caller's address is out of budget, without spending from it. Taken
-    /// before an admin credential is checked.
+    /// before an admin credential or the metrics token is checked.
     pub fn blocked(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
         match self.blocked_for(self.client_of(headers, peer)) {
             Some(retry_after) => Err(limited(retry_after)),
