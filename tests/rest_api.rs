@@ -1098,3 +1098,38 @@ async fn a_field_sent_twice_is_named() -> anyhow::Result<()> {
     assert!(message.contains("integrationKey"), "{message}");
     gw.stop().await
 }
+
+/// `upstreamUrl` is bounded as the other text fields are (2048 bytes, what browsers and
+/// most servers take): past it, 400 naming the field, on create and on update alike.
+#[tokio::test]
+async fn an_upstream_url_past_2048_bytes_is_an_invalid_request() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_body()).await?;
+    let path = format!("/api/tenants/{}", t.id);
+    let url_of = |len: usize| {
+        let base = "http://127.0.0.1:9/";
+        format!("{base}{}", "x".repeat(len - base.len()))
+    };
+    let mut create = tenant_body();
+    create["upstreamUrl"] = json!(url_of(2049));
+    let created = gw
+        .send_as_admin(Method::POST, "/api/tenants", Some(create.clone()))
+        .await?;
+    let change = json!({ "upstreamUrl": url_of(2049) });
+    let patched = gw.send_as_admin(Method::PATCH, &path, Some(change)).await?;
+    for got in [created, patched] {
+        assert_error(&got, StatusCode::BAD_REQUEST, "invalid_request");
+        let message = got.2["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("upstreamUrl"), "{message}");
+    }
+    create["upstreamUrl"] = json!(url_of(2048));
+    let (status, _, body) = gw
+        .send_as_admin(Method::POST, "/api/tenants", Some(create))
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let change = json!({ "upstreamUrl": url_of(2048) });
+    let (status, _, body) = gw.send_as_admin(Method::PATCH, &path, Some(change)).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["upstreamUrl"].as_str().map(str::len), Some(2048));
+    gw.stop().await
+}

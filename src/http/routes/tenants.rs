@@ -408,7 +408,16 @@ fn validate_token(token: String) -> Result<Secret, ApiError> {
     Ok(Secret::new(token))
 }
 
+/// The longest `upstreamUrl`, in bytes: what browsers and most servers take, far beyond
+/// any MCP endpoint's, and a bound on what every connect, log line and status carries.
+const LONGEST_UPSTREAM_URL: usize = 2048;
+
 fn validate_upstream_url(url: String) -> Result<String, ApiError> {
+    if url.len() > LONGEST_UPSTREAM_URL {
+        return Err(ApiError::invalid_request(format!(
+            "field `upstreamUrl`: at most {LONGEST_UPSTREAM_URL} bytes"
+        )));
+    }
     let bad = || ApiError::invalid_request("field `upstreamUrl`: must be an http or https URL");
     // The URL parser would quietly encode or drop these; the text stored is the one sent.
     if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
