@@ -395,6 +395,37 @@ async fn progress_reaches_the_call_that_asked_for_it() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn a_caller_slow_to_take_its_progress_still_gets_the_answer_that_came_in_time(
+) -> anyhow::Result<()> {
+    // The answer comes at about 80 ms, well within the call's 2 s; the caller takes none
+    // of its progress (its sink holds one update). Progress waiting for room used to hold
+    // up the answer until the deadline, which then gave a timeout for an answered call.
+    let upstream = TestUpstream::start().await?;
+    let (client, _events) = connect(&upstream.url, TransportKind::StreamableHttp).await?;
+    let (tx, mut rx) = mpsc::channel(1);
+    let started = Instant::now();
+    let answer = client
+        .call_tool(
+            "progress",
+            args(json!({"steps": 6, "ms": 10})),
+            Duration::from_secs(2),
+            Some(tx),
+        )
+        .await?;
+    assert_eq!(answer.is_error, Some(false), "{answer:?}");
+    // The answer, then at most a second for its progress to be taken.
+    assert!(
+        started.elapsed() < Duration::from_millis(1_800),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // What the sink took is the first of it, in order.
+    let heard: Vec<f64> = drained(&mut rx).iter().map(|u| u.progress).collect();
+    assert_eq!(heard, [1.0], "{heard:?}");
+    Ok(())
+}
+
 /// Progress sent just before the answer is the racy case: with no pause between steps, each
 /// call's progress and answer follow each other on the wire. Every call, on both transports,
 /// must hear all of its progress, in order, before its answer, with the calls spread over

@@ -12,7 +12,8 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 use rmcp::{
     model::{
         CallToolRequest, CallToolRequestParams, CallToolResult, CancelledNotificationParam,
-        ClientRequest, PaginatedRequestParams, PingRequest, RequestId, ServerResult, Tool,
+        ClientRequest, PaginatedRequestParams, PingRequest, ProgressNotificationParam, RequestId,
+        ServerResult, Tool,
     },
     service::{ClientCacheConfig, PeerRequestOptions, RequestHandle, RoleClient, ServiceError},
     Peer,
@@ -168,12 +169,18 @@ impl UpstreamClient {
             params = params.with_arguments(arguments);
         }
         let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
-        // The deadline covers sending too: a session with every POST slot taken queues it.
+        // The deadline covers sending too (a session with every POST slot taken queues it),
+        // and ends with the answer: passing on the progress that came before it is bounded
+        // on its own, so that a caller slow to take its progress cannot turn an answer
+        // that came in time into a timeout.
         let answer = tokio::time::timeout(timeout, self.request(request, progress)).await;
         // A timed-out request's drop guard has cancelled it upstream.
-        let Ok(result) = answer else {
+        let Ok((result, unrelayed)) = answer else {
             return Err(UpstreamError::Timeout);
         };
+        if let Some(unrelayed) = unrelayed {
+            unrelayed.pass_on().await;
+        }
         match result {
             Ok(ServerResult::CallToolResult(result)) => Ok(result),
             // Some servers answer a tool without output with a bare `{}`.
@@ -186,18 +193,26 @@ impl UpstreamClient {
     }
 
     /// Sends `request` and waits for its answer, relaying the upstream's progress on it to
-    /// `progress`. When this future is dropped before the answer (a timeout, a caller gone),
-    /// the upstream gets `notifications/cancelled`, and rmcp lets go of the request's POST.
+    /// `progress` meanwhile; the progress not passed on by the answer comes with it, to be
+    /// passed on before the answer is. When this future is dropped before the answer (a
+    /// timeout, a caller gone), the upstream gets `notifications/cancelled`, and rmcp lets
+    /// go of the request's POST.
     async fn request(
         &self,
         request: ClientRequest,
         progress: Option<ProgressSink>,
-    ) -> Result<ServerResult, UpstreamError> {
+    ) -> (Result<ServerResult, UpstreamError>, Option<Unrelayed>) {
         let peer = &self.inner.peer;
-        let handle = peer
+        let sent = peer
             .send_cancellable_request(request, PeerRequestOptions::no_options())
-            .await
-            .map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))?;
+            .await;
+        let handle = match sent {
+            Ok(handle) => handle,
+            Err(error) => {
+                let error = UpstreamError::from_service(error, &self.inner.redaction);
+                return (Err(error), None);
+            }
+        };
         let mut guard = CancelOnDrop::new(peer.clone(), handle.id.clone(), &self.inner.redaction);
         // Subscribed at once: the request has only been queued, so its first progress is
         // still a network round trip away.
@@ -205,9 +220,11 @@ impl UpstreamClient {
             let route = self.inner.progress.subscribe(handle.progress_token.clone());
             (route, sink)
         });
-        let result = answer_relaying(handle, progress).await;
+        let (result, unrelayed) = answer_relaying(handle, progress).await;
         guard.disarm();
-        result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction))
+        let result =
+            result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction));
+        (result, unrelayed)
     }
 
     /// Sends MCP `ping` and waits for its answer, within `window`: whether the upstream
@@ -222,7 +239,7 @@ impl UpstreamClient {
         let request = ClientRequest::PingRequest(PingRequest::default());
         let answered = match tokio::time::timeout(window, self.request(request, None)).await {
             Err(_) => Err(UpstreamError::Timeout),
-            Ok(result) => result.map(|_| ()),
+            Ok((result, _)) => result.map(drop),
         };
         match answered {
             Err(error @ UpstreamError::Timeout) if self.inner.progress.heard() != heard => {
@@ -270,15 +287,20 @@ impl std::fmt::Debug for UpstreamClient {
     }
 }
 
+/// How long the progress that came before an answer may take to be passed on, after the
+/// answer: what a caller has not taken by then is dropped (and counted).
+const PASS_ON_AFTER_ANSWER: Duration = Duration::from_secs(1);
+
 /// Waits for the answer to `handle`, passing the upstream's progress on that request to the
 /// sink meanwhile, in the order the upstream sent it. A sink that is full holds up only this
-/// forwarding (the answer waits in its channel); one whose receiver is gone just gets nothing.
+/// forwarding, never the answer; one whose receiver is gone just gets nothing. What is not
+/// passed on by the answer comes back with it ([`Unrelayed`]).
 async fn answer_relaying(
     handle: RequestHandle<RoleClient>,
     progress: Option<(ProgressRoute, ProgressSink)>,
-) -> Result<ServerResult, ServiceError> {
+) -> (Result<ServerResult, ServiceError>, Option<Unrelayed>) {
     let Some((mut route, sink)) = progress else {
-        return handle.await_response().await;
+        return (handle.await_response().await, None);
     };
     let answer = handle.await_response();
     tokio::pin!(answer);
@@ -286,15 +308,55 @@ async fn answer_relaying(
         tokio::select! {
             biased;
             Some(update) = route.updates.recv() => {
-                let _ = sink.send(update).await;
+                // Room in the sink, or the answer, whichever comes first.
+                let answered = tokio::select! {
+                    biased;
+                    room = sink.reserve() => {
+                        if let Ok(room) = room {
+                            room.send(update);
+                        }
+                        continue;
+                    }
+                    result = &mut answer => result,
+                };
+                let unrelayed = Unrelayed { first: Some(update), route, sink };
+                return (answered, Some(unrelayed));
             }
             result = &mut answer => {
-                // The transport routed each progress notification here as it read it, before
-                // it read the answer: all that the upstream sent before its answer is here.
-                while let Ok(update) = route.updates.try_recv() {
-                    let _ = sink.send(update).await;
+                return (result, Some(Unrelayed { first: None, route, sink }));
+            }
+        }
+    }
+}
+
+/// A call's progress that came before its answer and is not passed on yet.
+struct Unrelayed {
+    /// Taken from the route, waiting for room in the sink.
+    first: Option<ProgressNotificationParam>,
+    route: ProgressRoute,
+    sink: ProgressSink,
+}
+
+impl Unrelayed {
+    /// Passes the rest on, in order, within [`PASS_ON_AFTER_ANSWER`]. The transport routed
+    /// each progress notification as it read it, before it read the answer: all that the
+    /// upstream sent before its answer is here.
+    async fn pass_on(mut self) {
+        let until = tokio::time::Instant::now() + PASS_ON_AFTER_ANSWER;
+        let mut next = self.first.take();
+        loop {
+            let Some(update) = next.take().or_else(|| self.route.updates.try_recv().ok()) else {
+                return;
+            };
+            match tokio::time::timeout_at(until, self.sink.send(update)).await {
+                Ok(Ok(())) => {}
+                // The caller is gone: nothing more to pass on.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let left = 1 + self.route.updates.len() as u64;
+                    self.route.dropped(left);
+                    return;
                 }
-                return result;
             }
         }
     }

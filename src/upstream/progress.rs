@@ -98,6 +98,13 @@ pub(super) struct ProgressRoute {
     dropped: Arc<AtomicU64>,
 }
 
+impl ProgressRoute {
+    /// Counts `n` updates of this call as dropped (reported with the others on drop).
+    pub(super) fn dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 impl Drop for ProgressRoute {
     fn drop(&mut self) {
         self.routes.lock().remove(&self.token);
