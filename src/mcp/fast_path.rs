@@ -140,8 +140,17 @@ pub fn call_in(body: &[u8]) -> Option<Call> {
         #[serde(borrow)]
         method: Cow<'a, str>,
         params: CallToolRequestParams,
+        // rmcp refuses a message with both a method and a result or an error, whatever
+        // their values: so must the fast path.
+        #[serde(default)]
+        result: Sent,
+        #[serde(default)]
+        error: Sent,
     }
     let envelope: Envelope = serde_json::from_slice(body).ok()?;
+    if envelope.result.0 || envelope.error.0 {
+        return None;
+    }
     let params = envelope.params;
     // rmcp's client puts a progress token into every request; anything else in `_meta`
     // (a per-request protocol version, say) is rmcp's to check.
@@ -156,6 +165,17 @@ pub fn call_in(body: &[u8]) -> Option<Call> {
         id: envelope.id,
         params,
     })
+}
+
+/// Whether a member of a JSON object was sent at all, whatever its value (`null` too).
+#[derive(Default)]
+struct Sent(bool);
+
+impl<'de> Deserialize<'de> for Sent {
+    fn deserialize<D: serde::Deserializer<'de>>(value: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(value)?;
+        Ok(Self(true))
+    }
 }
 
 /// The calls the fast path is serving, by session and JSON-RPC id, so that the client's
@@ -582,6 +602,9 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","requestState":"s"}}"#,
             br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}]"#,
             b"not json",
+            // rmcp refuses these as no JSON-RPC message at all.
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"},"result":{}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"},"error":null}"#,
         ] {
             assert!(call_in(left).is_none(), "{}", String::from_utf8_lossy(left));
         }

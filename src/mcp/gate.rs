@@ -374,11 +374,17 @@ async fn post_in_session(
     match opening(&body) {
         // rmcp takes a listen without 2026-07-28 `_meta` into the session it names: that
         // session is another tenant's no more here than anywhere.
+        // One the id's seal names, too: a session being ended or rebuilt here has no owner
+        // in the limits for that while.
         Opening::Listen
             if gate
                 .limits
                 .owner(id)
-                .is_some_and(|owner| owner != tenant_id) =>
+                .is_some_and(|owner| owner != tenant_id)
+                || gate
+                    .seal
+                    .open(id)
+                    .is_some_and(|claims| claims.tenant != tenant_id) =>
         {
             Err(no_session())
         }
