@@ -1,11 +1,12 @@
 //! The embedded backend: one SQLite file (WAL mode), the default so that `cargo run` works
 //! on a fresh machine. rusqlite is synchronous and its `Connection` is not `Sync`, so the
-//! one connection sits behind a `std::sync::Mutex` and every call runs on tokio's blocking
-//! pool; SQLite serialises writers anyway, and the gateway's hot paths (key lookups, audit
-//! batches) are short, so one connection is enough for an embedded deployment.
+//! one connection sits behind a mutex and every call runs on tokio's blocking pool once it
+//! has the connection; SQLite serialises writers anyway, and the gateway's hot paths (key
+//! lookups, audit batches) are short, so one connection is enough for an embedded
+//! deployment.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,10 +28,14 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The embedded store. Cloning is cheap and shares the connection.
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// A std (not tokio) mutex: it is only ever locked inside `spawn_blocking`, never held
-    /// across an `.await`. A poisoned lock is recovered: a panicking call leaves at most an
-    /// open transaction, which rusqlite rolls back when it is dropped.
-    conn: Arc<Mutex<Connection>>,
+    /// Waited for without a thread: a call takes a blocking-pool thread only once it has
+    /// the connection. Were the wait inside the blocking task, a stalled connection (another
+    /// process's write lock, for up to `BUSY_TIMEOUT`; a slow disk) would have every store
+    /// call queued behind it hold a blocking thread, up to tokio's 512, and with them the
+    /// pool's other work (reqwest resolves upstream names there); and a call whose caller
+    /// gave up would still run when its turn came. A panicking call leaves at most an open
+    /// transaction, which rusqlite rolls back when it is dropped.
+    conn: Arc<tokio::sync::Mutex<Connection>>,
 }
 
 impl SqliteStore {
@@ -40,23 +45,20 @@ impl SqliteStore {
         let path = path.to_owned();
         let conn = tokio::task::spawn_blocking(move || open_connection(&path)).await??;
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` with the connection on the blocking pool, once it has the connection.
     async fn with_conn<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            f(&mut guard)
-        })
-        .await
-        .map_err(|_| StoreError::Backend("the sqlite task was cancelled or panicked".into()))?
+        let mut conn = Arc::clone(&self.conn).lock_owned().await;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(|_| StoreError::Backend("the sqlite task was cancelled or panicked".into()))?
     }
 }
 
@@ -584,6 +586,50 @@ mod tests {
             None,
         );
         assert!(matches!(map_err(full), StoreError::Unavailable(_)));
+    }
+
+    /// A call whose caller gave up while another held the connection (stalled here on
+    /// another process's write lock) never runs: it waited for the connection without a
+    /// blocking-pool thread, and went with its caller. Queued on the blocking pool, as it
+    /// was, it ran when its turn came, and every call behind a stall held a thread.
+    #[tokio::test]
+    async fn a_call_given_up_while_the_connection_is_busy_never_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("busy.db");
+        let path = path.to_str().expect("utf-8 path");
+        let store = SqliteStore::open(path).await.expect("opened");
+        store.migrate().await.expect("migrated");
+        let other = Connection::open(path).expect("another process's connection");
+        other
+            .execute_batch("BEGIN IMMEDIATE")
+            .expect("its write lock");
+        let written = |request_id: &str| {
+            let event = crate::audit::event(None, "test", "test", "ok", Some(request_id));
+            let store = store.clone();
+            async move { store.append_audit(&[event]).await }
+        };
+        // Takes the connection, and waits (BUSY_TIMEOUT) for the other's lock.
+        let held = tokio::spawn(written("held"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), written("gave-up")).await;
+        assert!(gave_up.is_err(), "waits for the connection: {gave_up:?}");
+        other.execute_batch("COMMIT").expect("the lock let go");
+        held.await
+            .expect("joined")
+            .expect("written once the lock is gone");
+        // Time for a call still queued to have run.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let count = |request_id: &str| -> i64 {
+            other
+                .query_row(
+                    "SELECT count(*) FROM audit_events WHERE request_id = ?1",
+                    [request_id],
+                    |row| row.get(0),
+                )
+                .expect("counted")
+        };
+        assert_eq!(count("held"), 1);
+        assert_eq!(count("gave-up"), 0, "the call given up ran later");
     }
 
     /// A commit is on disk before it is answered (`synchronous=FULL`, 2), on the WAL file.
