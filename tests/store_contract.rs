@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
-use common::database::wait_for_lock_waiter;
+use common::database::{wait_for_lock_waiter, wait_for_no_lock_waiters, FreshDatabase};
 use futures::FutureExt;
 use switchboard::store::postgres::PostgresStore;
 use switchboard::store::sqlite::SqliteStore;
@@ -106,6 +106,67 @@ async fn postgres_down_is_unavailable_fast_and_quiet() -> Result<()> {
         bail!("an invalid URL was accepted");
     };
     ensure!(!format!("{bad:#} {bad:?}").contains("s3cret-pw"));
+    Ok(())
+}
+
+/// Audit writes given up on (under a timeout, as the audit writer and the tenant actors
+/// bound every attempt) while a lock holds them must not leave their statements waiting on
+/// the server: the server does not notice a client that went away from a statement waiting
+/// for a lock, and each attempt after one given up on takes a new connection, so with a
+/// table locked for a while every retry would keep one more backend, until
+/// `max_connections` ran out. The store cancels an abandoned statement: within seconds, no
+/// backend is left waiting, while the lock is still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_abandoned_statements_leave_no_backend_waiting() -> Result<()> {
+    const ABANDONED: usize = 4;
+    let db = FreshDatabase::create().await?;
+    let store = PostgresStore::connect(&db.url, 2)?;
+    store.migrate().await?;
+    let (locker, connection) = tokio_postgres::connect(&db.url, NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let holder: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .get(0);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    for _ in 0..ABANDONED {
+        let event = audit(
+            Uuid::now_v7().to_string(),
+            "tenant-gone",
+            "tool.call",
+            now()?,
+        );
+        let write = store.append_audit(std::slice::from_ref(&event));
+        ensure!(
+            tokio::time::timeout(Duration::from_millis(300), write)
+                .await
+                .is_err(),
+            "the audit write went through a held lock"
+        );
+    }
+    // Not the locker: a transaction reads `pg_stat_activity` once, then keeps that copy.
+    let (watcher, watcher_connection) = tokio_postgres::connect(&db.url, NoTls).await?;
+    let watcher_connection = tokio::spawn(watcher_connection);
+    let left = wait_for_no_lock_waiters(&watcher, holder, Duration::from_secs(3)).await;
+    locker.batch_execute("COMMIT").await?;
+    left?;
+    // The pool serves again once the lock is gone.
+    let event = audit(
+        Uuid::now_v7().to_string(),
+        "tenant-back",
+        "tool.call",
+        now()?,
+    );
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        store.append_audit(std::slice::from_ref(&event)),
+    )
+    .await
+    .context("the write after the lock went did not end")??;
+    connection.abort();
+    watcher_connection.abort();
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Row;
+use tokio_postgres::{CancelToken, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
@@ -49,17 +49,34 @@ const MIGRATION_LOCK_RETRY: Duration = Duration::from_millis(100);
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
+/// How long the cancel request for an abandoned checkout's statement may take (a connection
+/// of its own, TLS as the pool's): it is best effort, and should the server not answer in
+/// time, its backend is no worse off than without it.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A pooled connection that goes back to the pool only when [`Checkout::release`]d, once its
 /// work has ended (with or without an error). Dropped before that, because the future using
 /// it was dropped (a timeout gave up on it), it closes instead: a statement it had sent would
 /// still be queued on it (dropping a tokio-postgres future does not cancel the statement),
-/// and the pool's next user would wait behind it, a lock wait for instance.
-pub(super) struct Checkout(Option<Client>);
+/// and the pool's next user would wait behind it, a lock wait for instance. Closing alone
+/// does not end that statement either: the server's backend waiting for a lock does not
+/// notice its client left (unless `client_connection_check_interval` is set), and
+/// tokio-postgres keeps the socket open until its answers came. So an abandoned checkout
+/// also asks the server to cancel the statement; otherwise, with a table locked for a while,
+/// every attempt given up on, and tried again on a new connection, would leave one more
+/// backend waiting, until `max_connections` ran out for every client of the server.
+pub(super) struct Checkout {
+    client: Option<Client>,
+    /// Taken with the connection: the backend's id and secret, for its cancel request.
+    cancel: CancelToken,
+    /// The pool's TLS: a cancel request goes to the same server, and verifies it alike.
+    tls: MakeRustlsConnect,
+}
 
 impl Checkout {
     /// The work is done: the connection goes back to the pool.
     pub(super) fn release(mut self) {
-        drop(self.0.take());
+        drop(self.client.take());
     }
 }
 
@@ -67,7 +84,7 @@ impl std::ops::Deref for Checkout {
     type Target = Client;
 
     fn deref(&self) -> &Client {
-        self.0
+        self.client
             .as_ref()
             .expect("a checkout holds its connection until released")
     }
@@ -75,7 +92,7 @@ impl std::ops::Deref for Checkout {
 
 impl std::ops::DerefMut for Checkout {
     fn deref_mut(&mut self) -> &mut Client {
-        self.0
+        self.client
             .as_mut()
             .expect("a checkout holds its connection until released")
     }
@@ -83,9 +100,27 @@ impl std::ops::DerefMut for Checkout {
 
 impl Drop for Checkout {
     fn drop(&mut self) {
-        if let Some(abandoned) = self.0.take() {
-            drop(Object::take(abandoned));
+        let Some(abandoned) = self.client.take() else {
+            return;
+        };
+        // Drop cannot wait for the cancel: a task sends it. Outside a runtime (only as the
+        // process ends) there is nothing to send it from; the backend then waits as before.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (cancel, tls) = (self.cancel.clone(), self.tls.clone());
+            runtime.spawn(async move {
+                let sent = tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(tls)).await;
+                let failure = match sent {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => describe(&e),
+                    Err(_) => format!("no answer within {} s", CANCEL_TIMEOUT.as_secs()),
+                };
+                tracing::warn!(
+                    error = %failure,
+                    "could not cancel an abandoned PostgreSQL statement; its backend may wait for a lock"
+                );
+            });
         }
+        drop(Object::take(abandoned));
     }
 }
 
@@ -171,7 +206,12 @@ impl PostgresStore {
     /// A pooled connection for work that its caller may give up on halfway (under a
     /// timeout): see [`Checkout`]. For the fleet tasks of this module's siblings too.
     pub(super) async fn checkout(&self) -> StoreResult<Checkout> {
-        Ok(Checkout(Some(self.client().await?)))
+        let client = self.client().await?;
+        Ok(Checkout {
+            cancel: client.cancel_token(),
+            tls: self.tls.clone(),
+            client: Some(client),
+        })
     }
 
     /// The first tenant a query returning `TENANT_COLUMNS` yields. Through a [`Checkout`]:

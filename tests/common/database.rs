@@ -93,6 +93,46 @@ pub async fn wait_for_lock_waiter(db: &tokio_postgres::Client, table: &str) -> a
     }
 }
 
+/// The backends on `db`'s database, other than `db`'s own and `holder`'s (the transaction
+/// holding the lock), whose statement waits for a lock, with what each waits in: a client
+/// that gave up on such a statement leaves it here unless it has it cancelled.
+pub async fn lock_waiters(
+    db: &tokio_postgres::Client,
+    holder: i32,
+) -> anyhow::Result<Vec<(i32, String)>> {
+    let rows = db
+        .query(
+            "SELECT pid, query FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+             AND pid <> pg_backend_pid() AND pid <> $1",
+            &[&holder],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+/// Waits (bounded by `within`) until no backend on `db`'s database but `holder` waits for a
+/// lock ([`lock_waiters`]); those still waiting then are the error.
+pub async fn wait_for_no_lock_waiters(
+    db: &tokio_postgres::Client,
+    holder: i32,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let waiting = lock_waiters(db, holder).await?;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} backends still wait for a lock after {within:?}: {waiting:?}",
+            waiting.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits (bounded by `within`) until at least `replicas` gateways' fleet listeners hold
 /// their LISTEN session on the database at `url`; the listeners' backend pids.
 pub async fn wait_for_listeners(
