@@ -132,19 +132,7 @@ async fn postgres_abandoned_statements_leave_no_backend_waiting() -> Result<()> 
         .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
         .await?;
     for _ in 0..ABANDONED {
-        let event = audit(
-            Uuid::now_v7().to_string(),
-            "tenant-gone",
-            "tool.call",
-            now()?,
-        );
-        let write = store.append_audit(std::slice::from_ref(&event));
-        ensure!(
-            tokio::time::timeout(Duration::from_millis(300), write)
-                .await
-                .is_err(),
-            "the audit write went through a held lock"
-        );
+        abandon_an_audit_write(&store, "tenant-gone").await?;
     }
     // Not the locker: a transaction reads `pg_stat_activity` once, then keeps that copy.
     let (watcher, watcher_connection) = tokio_postgres::connect(&db.url, NoTls).await?;
@@ -216,6 +204,20 @@ async fn check_a_server_that_only_reads_is_unavailable(url: &str) -> Result<()> 
     Ok(())
 }
 
+/// Starts an audit write for `tenant` that the audit table's lock, held elsewhere, keeps
+/// waiting, and gives up on it after 300 ms.
+async fn abandon_an_audit_write(store: &PostgresStore, tenant: &str) -> Result<()> {
+    let event = audit(Uuid::now_v7().to_string(), tenant, "tool.call", now()?);
+    let write = store.append_audit(std::slice::from_ref(&event));
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(300), write)
+            .await
+            .is_err(),
+        "the audit write went through a held lock"
+    );
+    Ok(())
+}
+
 /// An audit write given up on (a timeout, as the audit writer bounds every attempt) while a
 /// lock holds it must not leave its statement queued on a pooled connection: with one
 /// connection in the pool, the next read would wait behind it for as long as the lock.
@@ -226,19 +228,7 @@ async fn check_abandoned_work_leaves_no_connection_waiting(url: &str) -> Result<
     locker
         .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
         .await?;
-    let event = audit(
-        Uuid::now_v7().to_string(),
-        "tenant-abandoned",
-        "tool.call",
-        now()?,
-    );
-    let write = store.append_audit(std::slice::from_ref(&event));
-    ensure!(
-        tokio::time::timeout(Duration::from_millis(300), write)
-            .await
-            .is_err(),
-        "the audit write went through a held lock"
-    );
+    abandon_an_audit_write(&store, "tenant-abandoned").await?;
     let read =
         tokio::time::timeout(Duration::from_secs(3), store.get_tenant("tenant-abandoned")).await;
     locker.batch_execute("COMMIT").await?;
