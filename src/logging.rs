@@ -99,7 +99,8 @@ impl<W: Write> Write for RedactingWriter<W> {
 /// `text` with every URL (`http://`, `postgres://`, any `scheme://`) cut to its scheme,
 /// host, port and path:
 /// the query and fragment become `?…`, user information `…@`. A URL ends at white space,
-/// a quote, a backslash (an escaped quote in a JSON line) or an angle bracket.
+/// a quote (a single one only when no `@` follows it before the next end), a backslash
+/// (an escaped quote in a JSON line) or an angle bracket.
 pub fn redact_urls(text: &str) -> Cow<'_, str> {
     let mut out = String::new();
     let mut copied = 0;
@@ -107,7 +108,19 @@ pub fn redact_urls(text: &str) -> Cow<'_, str> {
     while let Some(found) = find_scheme(&text[from..]) {
         let start = from + found;
         let rest = &text[start..];
-        let len = rest.find(ends_url).unwrap_or(rest.len());
+        let mut len = rest.find(ends_url).unwrap_or(rest.len());
+        // A quote is a legal character of a password: followed by an `@` before the next
+        // end, it is inside the URL's user information.
+        while rest[len..].starts_with('\'') {
+            let after = len + 1;
+            let next = rest[after..]
+                .find(ends_url)
+                .map_or(rest.len(), |i| after + i);
+            if !rest[after..next].contains('@') {
+                break;
+            }
+            len = next;
+        }
         let url = &rest[..len];
         let redacted = redact_one(url);
         if let Cow::Owned(redacted) = redacted {
@@ -151,12 +164,15 @@ fn ends_url(c: char) -> bool {
 /// One URL (`scheme://rest`), without its user information and query. User information
 /// runs to the last `@` of the URL: a password may hold a raw `/`, `?` or `#`, and cutting
 /// there would leave part of it. But an `@` may as well be in the query
-/// (`?email=a@b.example&key=…`): when what would be the host is no host name, everything
+/// (`?email=a@b.example&key=…`), and which of the two it is cannot be told: when a `?` or
+/// `#` comes before the last `@`, or what would be the host is no host name, everything
 /// after the scheme goes.
 fn redact_one(url: &str) -> Cow<'_, str> {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let everything = || Cow::Owned(format!("{}…", &url[..after_scheme]));
     let rest = &url[after_scheme..];
     let (user, rest) = match rest.rfind('@') {
+        Some(at) if rest[..at].contains(['?', '#']) => return everything(),
         Some(at) => (true, &rest[at + 1..]),
         None => (false, rest),
     };
@@ -164,7 +180,7 @@ fn redact_one(url: &str) -> Cow<'_, str> {
     let (host, tail) = rest.split_at(host_len);
     let host_name = |c: char| c.is_alphanumeric() || matches!(c, '-' | '.' | ':' | '[' | ']' | '_');
     if user && !host.chars().all(host_name) {
-        return Cow::Owned(format!("{}…", &url[..after_scheme]));
+        return everything();
     }
     let query = tail.find(['?', '#']);
     if !user && query.is_none() {
@@ -206,9 +222,21 @@ mod tests {
                 "db postgres://…@db:5432/x?… and https://a.b?… end",
             ),
             // Not even part of a password with a raw `/`, `?` or `#` in it.
+            ("postgres://u:pa/ss#w?rd@db/x done", "postgres://… done"),
+            ("postgres://u:pa/ss@db/x done", "postgres://…@db/x done"),
+            // An `@` in the query, followed by what looks like a host and a path.
             (
-                "postgres://u:pa/ss#w?rd@db/x done",
-                "postgres://…@db/x done",
+                "GET https://up/mcp?user=bob@corp.com/x&token=S3cret done",
+                "GET https://… done",
+            ),
+            // A quote in a password ends the URL in the line before its `@`.
+            (
+                "connect postgres://sb:pa'ss@db/sb failed",
+                "connect postgres://…@db/sb failed",
+            ),
+            (
+                "url='https://a/p?k=v' user='u@x'",
+                "url='https://a/p?…' user='u@x'",
             ),
             // An `@` in the query: no part of the query is left.
             (
