@@ -354,13 +354,23 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// What `switchboard migrate` runs with ([`RawConfig::for_migrate`]).
-#[derive(Debug)]
+/// What `switchboard migrate` runs with ([`RawConfig::for_migrate`]). `Debug` shows no
+/// database URL (it may hold a password).
 pub struct MigrateConfig {
     /// As [`Config::database_url`]: unset means the embedded store's default file.
     pub database_url: Option<String>,
     pub database_pool_size: usize,
     pub log_format: LogFormat,
+}
+
+impl fmt::Debug for MigrateConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MigrateConfig")
+            .field("database", &self.database_url.as_ref().map(|_| "(set)"))
+            .field("database_pool_size", &self.database_pool_size)
+            .field("log_format", &self.log_format)
+            .finish()
+    }
 }
 
 /// The secrets that development mode made up because they were missing.
@@ -452,6 +462,19 @@ impl RawConfig {
         }
         if self.upstream_timeout_ms == 0 {
             return Err(invalid("UPSTREAM_TIMEOUT_MS", "must be above 0"));
+        }
+        if self.drain_timeout_secs == 0 {
+            // Every shutdown and every tenant change would cut the calls in flight, and
+            // drop the audit events not yet written.
+            return Err(invalid("DRAIN_TIMEOUT_SECS", "must be above 0"));
+        }
+        if self
+            .metrics_token
+            .as_deref()
+            .is_some_and(|token| !token.is_empty() && token.len() < 16)
+        {
+            // As the admin key: guessing it is bounded only by the per-address limiter.
+            return Err(invalid("METRICS_TOKEN", "must be at least 16 characters"));
         }
         if self.upstream_connect_timeout_ms == 0 {
             // Every connect would fail at once.
@@ -763,13 +786,22 @@ fn cors_origins(raw: &str) -> Result<Vec<String>, ConfigError> {
 
 /// What a log line or a panic message may show of the configuration: no secret, no
 /// database URL (it may hold a password).
+/// `url` without what may be a credential: its user information and query.
+fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.into()
+}
+
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("app_env", &self.app_env)
             .field("listen", &self.listen)
             .field("database", &self.database_url.as_ref().map(|_| "(set)"))
-            .field("upstream_mcp_url", &self.upstream_mcp_url.as_str())
+            .field("upstream_mcp_url", &shown_url(&self.upstream_mcp_url))
             .finish_non_exhaustive()
     }
 }
@@ -896,6 +928,43 @@ mod tests {
                 "{err:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_drain_of_no_time_and_a_short_metrics_token_are_refused() {
+        for (flag, value, key) in [
+            ("--drain-timeout-secs", "0", "DRAIN_TIMEOUT_SECS"),
+            ("--metrics-token", "short", "METRICS_TOKEN"),
+        ] {
+            let mut args = PRODUCTION.to_vec();
+            args.extend([flag, value]);
+            match raw(&args).validate() {
+                Err(ConfigError::Invalid { key: refused, .. }) => assert_eq!(refused, key),
+                other => panic!("{flag}: {other:?}"),
+            }
+        }
+        let mut args = PRODUCTION.to_vec();
+        args.extend(["--metrics-token", "metrics-token-0123456789"]);
+        assert!(raw(&args).validate().is_ok());
+    }
+
+    #[test]
+    fn debug_shows_no_credential_of_a_url() {
+        let mut args = PRODUCTION.to_vec();
+        args.extend([
+            "--upstream-mcp-url",
+            "https://user:pw-secret@up.example/mcp?key=q-secret",
+        ]);
+        let (config, _) = raw(&args).validate().unwrap();
+        let shown = format!("{config:?}");
+        assert!(shown.contains("up.example/mcp"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let migrate = MigrateConfig {
+            database_url: Some("postgres://sb:pw-secret@db/sb".into()),
+            database_pool_size: 1,
+            log_format: LogFormat::Json,
+        };
+        assert!(!format!("{migrate:?}").contains("secret"));
     }
 
     #[test]

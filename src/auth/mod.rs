@@ -48,8 +48,9 @@ pub struct AuthContext {
     pub tenant: TenantRecord,
 }
 
-/// The credentials a tenant request carried, as raw header values.
-#[derive(Debug, Default, Clone, Copy)]
+/// The credentials a tenant request carried, as raw header values. `Debug` shows which
+/// were sent, never their values.
+#[derive(Default, Clone, Copy)]
 pub struct TenantCredentials<'a> {
     /// `Authorization: Bearer` value: a tenant JWT (or, where allowed, an API key).
     pub bearer: Option<&'a str>,
@@ -59,6 +60,17 @@ pub struct TenantCredentials<'a> {
     /// an address past its refusal budget (`AuthLimiter::blocked`), so that guessed keys
     /// cost no database read. A key the cache does not hold is refused.
     pub cached_only: bool,
+}
+
+impl std::fmt::Debug for TenantCredentials<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sent = |value: Option<&str>| value.map(|_| "(sent)");
+        f.debug_struct("TenantCredentials")
+            .field("bearer", &sent(self.bearer))
+            .field("api_key", &sent(self.api_key))
+            .field("cached_only", &self.cached_only)
+            .finish()
+    }
 }
 
 pub struct Authenticator {
