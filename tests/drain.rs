@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::database::{wait_for_lock_waiter, FreshDatabase};
+use common::database::{locking, side_connection, wait_for_lock_waiter, FreshDatabase};
 use common::upstream::TestUpstream;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -225,8 +225,7 @@ async fn an_audit_event_the_database_holds_up_at_the_stop_is_said_lost_before_th
         anyhow::ensure!(Instant::now() < deadline, "the binary did not get ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (db, conn) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
+    let db = side_connection(&database.url).await?;
     db.batch_execute("ALTER TABLE audit_events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
         .await?;
     create_tenant(
@@ -235,11 +234,7 @@ async fn an_audit_event_the_database_holds_up_at_the_stop_is_said_lost_before_th
         "http://127.0.0.1:9/mcp",
     )
     .await?;
-    let (locker, conn) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let locker = locking(&database.url, "audit_events").await?;
     wait_for_lock_waiter(&db, "audit_events").await?;
 
     sigterm(child.id().context("pid")?).await?;

@@ -235,7 +235,7 @@ async fn sse(
         )
         .await
         .map_err(|error| {
-            let failed = super::error::failure(&error);
+            let failed = super::error::described(&error);
             UpstreamError::Connect(redaction.apply(&format!("legacy SSE: {failed}")))
         })?;
         handler

@@ -89,7 +89,7 @@ impl UpstreamError {
             // gateway. A 4xx other than 429 still drops the connection, as the session may be
             // what the upstream refuses (a 400 for a session it does not know).
             ServiceError::TransportSend(error) => {
-                let said = redaction.apply(&failure(&*error.error));
+                let said = redaction.apply(&described(&*error.error));
                 match refusal(&*error.error) {
                     Some(Refusal::Throttled(retry_after)) => Self::Throttled { retry_after },
                     Some(Refusal::ServerError) => Self::Refused(said),
@@ -112,7 +112,7 @@ impl UpstreamError {
             },
             ClientInitializeError::TransportError { error, context } => {
                 // The context is rmcp's own short text: the cut must not fall on it.
-                let failed = redaction.apply(&failure(&*error.error));
+                let failed = redaction.apply(&described(&*error.error));
                 Self::Connect(format!("{failed}, when {context}"))
             }
             ClientInitializeError::ConnectionClosed(_) => {
@@ -211,7 +211,7 @@ fn refusal(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
 /// connection, a TLS or DNS failure), which reqwest keeps out of its own message, and not
 /// rmcp's wrappers around them (one names the transport's Rust type, another says "Client
 /// error" of what is no HTTP 4xx).
-pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn described(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = String::new();
     let mut cause = Some(error);
     while let Some(current) = cause {
@@ -249,7 +249,7 @@ pub(super) fn failure(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// How rmcp's text for an answer that is JSON but no JSON-RPC message begins (see
-/// [`failure`]).
+/// [`described`]).
 const RMCP_UNPARSED_ANSWER: &str = "could not parse JSON response as ServerJsonRpcMessage";
 
 /// See [`Redaction::apply`].
@@ -397,7 +397,7 @@ mod tests {
             .build()
             .expect_err("no base URL");
         let wrapped = StreamableHttpError::<reqwest::Error>::Client(client_error);
-        let said = failure(&wrapped);
+        let said = described(&wrapped);
         assert!(!said.contains("Client error"), "{said}");
         assert!(said.starts_with("builder error: "), "{said}");
         assert!(said.contains("relative URL without a base"), "{said}");
@@ -406,7 +406,7 @@ mod tests {
         #[error("outer: {0}")]
         struct Outer(#[source] std::io::Error);
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert_eq!(failure(&Outer(io)), "outer: refused");
+        assert_eq!(described(&Outer(io)), "outer: refused");
     }
 
     #[test]
@@ -497,7 +497,7 @@ mod tests {
         let got = StreamableHttpError::<reqwest::Error>::UnexpectedContentType(Some(
             "text/html; charset=utf-8".into(),
         ));
-        let said = failure(&got);
+        let said = described(&got);
         assert_eq!(
             said,
             "the upstream answered with content type text/html; charset=utf-8, not JSON or an event stream"

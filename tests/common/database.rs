@@ -69,6 +69,34 @@ impl Drop for FreshDatabase {
     }
 }
 
+/// A client of the test's own on `url`, beside the gateway's or store's pool, for what the
+/// test does to the database meanwhile. Its connection ends when the client is dropped.
+pub async fn side_connection(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// A connection holding `table` locked in `mode` (in a transaction it leaves open) until it
+/// commits or is dropped: with ACCESS EXCLUSIVE, a database that stops answering for that
+/// table, as far as the gateway sees.
+pub async fn locking_in(
+    url: &str,
+    table: &str,
+    mode: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let locker = side_connection(url).await?;
+    locker
+        .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN {mode} MODE"))
+        .await?;
+    Ok(locker)
+}
+
+/// [`locking_in`] ACCESS EXCLUSIVE mode: no other statement reads or writes `table`.
+pub async fn locking(url: &str, table: &str) -> anyhow::Result<tokio_postgres::Client> {
+    locking_in(url, table, "ACCESS EXCLUSIVE").await
+}
+
 /// Waits (up to 10 s) until some statement on `db`'s database waits for a lock on `table`
 /// (one that a test's transaction holds).
 pub async fn wait_for_lock_waiter(db: &tokio_postgres::Client, table: &str) -> anyhow::Result<()> {
