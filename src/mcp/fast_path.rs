@@ -349,8 +349,13 @@ impl Unanswered {
                 progress(&message);
             }
             if let Some(replay) = &replay {
-                let message = answer_message(id, drained(&fast.sessions, &cancelled, result));
-                fast.in_flight.replays.end(replay, &message);
+                match told(&fast.sessions, &cancelled, result) {
+                    Some(told) => fast
+                        .in_flight
+                        .replays
+                        .end(replay, &answer_message(id, told)),
+                    None => fast.in_flight.replays.end_unanswered(replay),
+                }
             }
             drop(held);
         };
@@ -449,16 +454,21 @@ impl FastPath {
                     unreachable!("taken only here and below");
                 };
                 let (id, cancelled) = (running.id, running.cancelled);
-                let message = answer_message(id, drained(&self.sessions, &cancelled, result));
-                if running.answered.is_empty() {
-                    return json(&message);
+                let message = told(&self.sessions, &cancelled, result)
+                    .map(|told| answer_message(id, told));
+                if let (Some(message), true) = (&message, running.answered.is_empty()) {
+                    return json(message);
                 }
-                // Progress came just before the result: all of it, then the result.
+                // Progress came just before the result: all of it, then the result. A call
+                // the client cancelled gets a stream with its progress and no result.
                 let replay = replays.open(session, &tenant);
                 while let Ok(progress) = running.answered.try_recv() {
                     replay.progress(&progress);
                 }
-                replays.end(&replay, &message);
+                match &message {
+                    Some(message) => replays.end(&replay, message),
+                    None => replays.end_unanswered(&replay),
+                }
                 replays.stream(replay)
             }
             Some(first) = answered.recv() => {
@@ -490,16 +500,19 @@ impl FastPath {
 
 /// A call the drain's end cancelled (its token is a child of the sessions' one) is answered
 /// as the drain, not as a cancel of its client's.
-fn drained(
+/// What the client is told of a call's `result`: `draining` for one the drain cut; nothing
+/// for one it cancelled itself, as MCP asks of a receiver of `notifications/cancelled` (and
+/// as rmcp's server does, which drops such an answer); else the result.
+fn told(
     sessions: &CancellationToken,
     cancelled: &CancellationToken,
     result: Result<CallToolResult, ErrorData>,
-) -> Result<CallToolResult, ErrorData> {
+) -> Option<Result<CallToolResult, ErrorData>> {
     match result {
-        Err(_) if sessions.is_cancelled() && cancelled.is_cancelled() => {
-            Err(super::errors::draining())
-        }
-        other => other,
+        Err(_) if cancelled.is_cancelled() => sessions
+            .is_cancelled()
+            .then(|| Err(super::errors::draining())),
+        other => Some(other),
     }
 }
 

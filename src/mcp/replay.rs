@@ -147,9 +147,19 @@ impl Replays {
 
     /// Puts the call's result last in `replay`, which is then kept for [`KEPT_AFTER_END`].
     pub fn end(&self, replay: &Replay, result: &ServerJsonRpcMessage) {
+        self.end_with(replay, Some(result));
+    }
+
+    /// Ends `replay`'s stream with no result: its call was cancelled by the client, which
+    /// is not answered (as MCP asks of a receiver of `notifications/cancelled`).
+    pub fn end_unanswered(&self, replay: &Replay) {
+        self.end_with(replay, None);
+    }
+
+    fn end_with(&self, replay: &Replay, result: Option<&ServerJsonRpcMessage>) {
         let messages = {
             let mut events = replay.lock();
-            if let Some(json) = as_json(result) {
+            if let Some(json) = result.and_then(as_json) {
                 events.bytes += json.len();
                 events.kept.push_back(json);
             }
