@@ -124,13 +124,13 @@ impl AuditBuffer {
             self.writer.queue(event);
             return Appended::HandedOver;
         }
-        // Within this tenant's own share first, its oldest going; an event larger than the
-        // whole share goes itself.
-        if bytes > self.budget.tenant_most() {
+        // Within this tenant's own share first, its oldest going. A batch in flight counts
+        // too (it may come back: a failed write), and cannot be dropped: an event that would
+        // not fit beside it even with every held one gone goes itself, and none of them.
+        if state.in_flight + bytes > self.budget.tenant_most() {
             crate::metrics::audit_dropped(1);
             return Appended::Dropped;
         }
-        // A batch in flight counts too: it may come back (a failed write).
         while state.bytes + state.in_flight + bytes > self.budget.tenant_most() {
             if !self.drop_oldest(&mut state) {
                 crate::metrics::audit_dropped(1);
@@ -440,6 +440,32 @@ mod tests {
         huge.detail = Some(serde_json::json!({ "text": "a".repeat(share) }));
         assert_eq!(b.append(huge), Appended::Dropped);
         assert_eq!(b.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_event_that_cannot_fit_beside_the_batch_in_flight_drops_none_held() {
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.unwrap());
+        let (writer, budget) = writer_within(store, 64 << 20);
+        let share = budget.tenant_most();
+        let large = |n: u32, text: usize| {
+            let mut event = event(n);
+            event.detail = Some(serde_json::json!({ "text": "a".repeat(text) }));
+            event
+        };
+        let size = held_bytes(&large(1, 1 << 20));
+        let a = AuditBuffer::new(100, 100, writer);
+        for n in 1..=3 {
+            assert_eq!(a.append(large(n, 1 << 20)), Appended::Held);
+        }
+        let _in_flight = a.take_batch();
+        for n in 4..=6 {
+            assert_eq!(a.append(event(n)), Appended::Held);
+        }
+        // Within the share on its own, not beside the three in flight.
+        let too_large = large(7, share - 2 * size);
+        assert!(held_bytes(&too_large) < share);
+        assert_eq!(a.append(too_large), Appended::Dropped);
+        assert_eq!(a.len(), 3, "the held events were dropped for nothing");
     }
 
     #[tokio::test]
