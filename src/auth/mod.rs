@@ -11,11 +11,19 @@ pub mod cache;
 pub mod jwt;
 pub mod keys;
 
+use std::time::Duration;
+
 use crate::config::{Config, Secret, TenantAuthMode};
 use crate::store::{SharedStore, StoreError, TenantRecord};
 use crate::tenants::ChangeFeed;
 use cache::{CacheKey, CredentialCache, Freshness};
 use jwt::{JwtKeys, Role};
+
+/// How long a credential lookup waits for the store. A database that stops answering
+/// without refusing (a host gone from the network, a lock on `tenants`) would otherwise
+/// hold every uncached tenant request to `REQUEST_TIMEOUT_MS`, and answer it as an upstream
+/// timeout; past this, the store is unavailable, and a stale cached entry answers.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -218,16 +226,27 @@ impl Authenticator {
     }
 
     /// The tenant under `key`: from the cache while fresh, else from the store (filling
-    /// the cache); when the store is unavailable, a stale cached entry answers.
+    /// the cache, bounded by [`LOOKUP_TIMEOUT`]); when the store is unavailable, a stale
+    /// cached entry answers.
     async fn lookup(&self, key: CacheKey<'_>) -> Result<TenantRecord, AuthError> {
         if let Some(tenant) = self.cache.get(key, Freshness::Fresh) {
             return Ok(tenant);
         }
         let generation = self.cache.generation();
         let found = match key {
-            CacheKey::KeyHash(hash) => self.store.tenant_by_key_hash(hash).await,
-            CacheKey::TenantId(id) => self.store.get_tenant(id).await,
+            CacheKey::KeyHash(hash) => {
+                tokio::time::timeout(LOOKUP_TIMEOUT, self.store.tenant_by_key_hash(hash)).await
+            }
+            CacheKey::TenantId(id) => {
+                tokio::time::timeout(LOOKUP_TIMEOUT, self.store.get_tenant(id)).await
+            }
         };
+        let found = found.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "no answer within {} s",
+                LOOKUP_TIMEOUT.as_secs()
+            )))
+        });
         match found {
             Ok(Some(tenant)) => {
                 self.cache.fill(&tenant, generation);
