@@ -16,7 +16,7 @@ use deadpool_postgres::{
     Runtime,
 };
 use futures::future::BoxFuture;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CancelToken, Row};
@@ -136,6 +136,12 @@ pub struct PostgresStore {
     replicas_changed: Arc<Notify>,
     /// Names this process in tool-change notifications, so its listener skips its own.
     origin: Arc<str>,
+    /// Audit writes (and the retention prune) in flight at once: half the pool. Every tenant
+    /// actor writes its own batches, and while `audit_events` is locked (a `VACUUM FULL`, an
+    /// `ALTER` queued behind a long read) each write holds its connection for its whole
+    /// attempt: without a bound, twenty tenants would take every connection, and with them
+    /// `/ready`, key lookups and admin reads, on every replica at once.
+    audit_writes: Arc<Semaphore>,
 }
 
 impl PostgresStore {
@@ -178,6 +184,7 @@ impl PostgresStore {
             tls,
             replicas_changed: Arc::new(Notify::new()),
             origin: uuid::Uuid::new_v4().to_string().into(),
+            audit_writes: Arc::new(Semaphore::new((pool_size / 2).max(1))),
         })
     }
 
@@ -212,6 +219,14 @@ impl PostgresStore {
             tls: self.tls.clone(),
             client: Some(client),
         })
+    }
+
+    /// One of the [`Self::audit_writes`] permits, held for as long as the write's connection.
+    async fn audit_write_permit(&self) -> StoreResult<tokio::sync::SemaphorePermit<'_>> {
+        self.audit_writes
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closing".into()))
     }
 
     /// The first tenant a query returning `TENANT_COLUMNS` yields. Through a [`Checkout`]:
@@ -778,6 +793,7 @@ impl Store for PostgresStore {
             .map(AuditRow::from_record)
             .collect::<StoreResult<Vec<_>>>()?;
         // Through a checkout: the audit writer bounds each attempt with a timeout.
+        let _permit = self.audit_write_permit().await?;
         let mut client = self.checkout().await?;
         let written = Self::insert_audit_rows(&mut client, &rows).await;
         client.release();
@@ -815,6 +831,7 @@ impl Store for PostgresStore {
     }
 
     async fn prune_audit(&self, before: DateTime<Utc>, limit: u32) -> StoreResult<u64> {
+        let _permit = self.audit_write_permit().await?;
         self.with_client(async |client: &mut Client| {
             let stmt = client
                 .prepare_cached(
