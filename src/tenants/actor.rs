@@ -88,6 +88,11 @@ pub struct TenantState {
     tools_epoch: u64,
     /// Whether a load is in flight: one at a time, however often the list changes.
     tools_loading: bool,
+    /// The last load of the tool list failed (an error the upstream answered, a list too
+    /// long): until one succeeds, a list request that starts a load spends the rate limit
+    /// as a call does, or a failure that leaves nothing cached would let every `listTools`
+    /// ask the upstream for the whole list again, at any rate.
+    list_failed: bool,
     /// Loads in a row that came back stale while calls waited for the list.
     stale_loads: u32,
     in_flight: Arc<Semaphore>,
@@ -191,6 +196,7 @@ impl Actor for TenantActor {
             tool_waiters: Vec::new(),
             tools_epoch: 0,
             tools_loading: false,
+            list_failed: false,
             stale_loads: 0,
             failures: 0,
             pinging: None,
@@ -310,18 +316,21 @@ impl TenantState {
             let _ = reply.send(Err(CallError::UnknownTool(tool)));
             return;
         }
-        if let Err(limited) = admit(&self.limiter) {
-            let _ = reply.send(Err(limited));
-            return;
-        }
+        // The limit is spent by a call that goes on towards the upstream: not by one
+        // refused as busy (its place in flight taken first) or for a failing upstream.
         match &mut self.connection {
             Connection::Ready(client) => {
                 let client = client.clone();
-                let _ = reply.send(self.make_lease(client));
+                let lease = self
+                    .make_lease(client)
+                    .and_then(|lease| admit(&self.limiter).map(|()| lease));
+                let _ = reply.send(lease);
             }
             Connection::Connecting(waiters) => {
                 if waiters.len() >= self.settings.max_in_flight {
                     let _ = reply.send(Err(busy()));
+                } else if let Err(limited) = admit(&self.limiter) {
+                    let _ = reply.send(Err(limited));
                 } else {
                     waiters.push(reply);
                 }
@@ -335,6 +344,10 @@ impl TenantState {
                 }));
             }
             Connection::Idle | Connection::Failing { .. } => {
+                if let Err(limited) = admit(&self.limiter) {
+                    let _ = reply.send(Err(limited));
+                    return;
+                }
                 self.connection = Connection::Connecting(vec![reply]);
                 self.start_connect(myself);
             }
@@ -631,6 +644,12 @@ impl TenantState {
                 return;
             }
             self.forget_tools();
+        } else if self.list_failed && self.fresh_tools().is_none() && self.tool_waiters.is_empty() {
+            // This request starts a load after one that failed: it spends as a refresh does.
+            if let Err(limited) = admit(&self.limiter) {
+                let _ = reply.send(Err(limited));
+                return;
+            }
         }
         if let Some(list) = self.fresh_tools() {
             let _ = reply.send(Ok(list));
@@ -691,6 +710,7 @@ impl TenantState {
         result: Result<Vec<rmcp::model::Tool>, UpstreamError>,
     ) {
         self.tools_loading = false;
+        self.list_failed = result.is_err();
         if let Err(err) = &result {
             // A transport failure counts as a call's does: with an upstream that is gone,
             // a tenant whose list expired must end up failing, not ready for ever.

@@ -59,8 +59,10 @@ impl Lane {
         if !ready.tools.contains(tool) {
             return Some(Err(CallError::UnknownTool(tool.to_owned())));
         }
-        let lease = admit(&ready.limiter)
-            .and_then(|()| take_permit(&ready.in_flight))
+        // A place in flight first: a call refused as busy never reaches the upstream, so
+        // it spends no part of the limit (the place goes back if the limit refuses).
+        let lease = take_permit(&ready.in_flight)
+            .and_then(|permit| admit(&ready.limiter).map(|()| permit))
             .map(|permit| Lease {
                 client: ready.client.clone(),
                 generation: ready.generation,
