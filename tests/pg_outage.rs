@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::database::{wait_for_listeners, wait_for_lock_waiter};
+use anyhow::Context;
+use common::database::{locking, side_connection, wait_for_listeners, wait_for_lock_waiter};
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use common::mcp_client::RawMcp;
 use common::private_postgres::PrivatePostgres;
@@ -322,25 +323,6 @@ async fn echo_calls(
     Ok(served)
 }
 
-/// A client of the test's own on `url`, for what the test does to the database meanwhile.
-async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// A connection holding `table` locked (ACCESS EXCLUSIVE, in an open transaction) until it
-/// commits: a database that stops answering for that table, as far as the gateway sees.
-async fn locking(url: &str, table: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let locker = connect(url).await?;
-    locker
-        .batch_execute(&format!(
-            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
-        ))
-        .await?;
-    Ok(locker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
 ) -> anyhow::Result<()> {
@@ -357,7 +339,10 @@ async fn an_audit_batch_failing_as_the_gateway_stops_is_written_before_it_exits(
     let tenant = gw
         .create_tenant(json!({"integrationKey": "stop", "integrationAppToken": "ia-token-stop", "upstreamUrl": upstream.url}))
         .await?;
-    let (locker, watcher) = (locking(&url, "audit_events").await?, connect(&url).await?);
+    let (locker, watcher) = (
+        locking(&url, "audit_events").await?,
+        side_connection(&url).await?,
+    );
     let served = echo_calls(&gw, &tenant, "stop", 3).await?;
     // The actor's next tick sends a batch, which waits for the lock.
     wait_for_lock_waiter(&watcher, "audit_events").await?;
@@ -425,7 +410,7 @@ async fn an_audit_event_the_store_refused_is_written_once_it_accepts_again() -> 
     // store accepts rows again, not logged and forgotten.
     let gw = TestGateway::start_postgres(Config::for_tests()).await?;
     let url = database_url(&gw)?;
-    let db = connect(&url).await?;
+    let db = side_connection(&url).await?;
     let dropped_before = audit_dropped(&gw).await?;
     db.batch_execute("ALTER TABLE audit_events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
         .await?;
@@ -454,6 +439,68 @@ async fn an_audit_event_the_store_refused_is_written_once_it_accepts_again() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_credential_lookup_the_database_does_not_answer_is_unavailable_or_answered_stale(
+) -> anyhow::Result<()> {
+    // A lock on `tenants` keeps every credential lookup waiting, as a database host gone
+    // from the network would, without refusing a connection. A tenant whose credential is
+    // not cached is 503 `unavailable` within seconds (not held to the request timeout and
+    // answered as an upstream timeout); one cached, if only stale, is still served.
+    let mut config = Config::for_tests();
+    config.credential_cache_ttl = Duration::from_secs(1);
+    let gw = TestGateway::start_postgres(config).await?;
+    let url = database_url(&gw)?;
+    let cached = gw
+        .create_tenant(
+            json!({"integrationKey": "cached", "integrationAppToken": "ia-token-cached"}),
+        )
+        .await?;
+    // Created by the admin API itself: the test helper's `create_tenant` exchanges the key
+    // for a JWT, which caches it. This one's key was never used.
+    let (status, _, created) = gw
+        .send_as_admin(
+            reqwest::Method::POST,
+            "/api/tenants",
+            Some(json!({"integrationKey": "uncached", "integrationAppToken": "ia-token-uncached"})),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let uncached = CreatedTenant {
+        id: created["id"].as_str().unwrap_or_default().to_owned(),
+        api_key: created["apiKey"].as_str().unwrap_or_default().to_owned(),
+        token: String::new(),
+    };
+    let audit = |tenant: &CreatedTenant| {
+        let path = format!("/api/tenant/{}/audit", tenant.id);
+        let key = tenant.api_key.clone();
+        let gw = &gw;
+        async move {
+            gw.send(reqwest::Method::GET, &path, &[("x-api-key", &key)], None)
+                .await
+        }
+    };
+    let (status, _, body) = audit(&cached).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Past the cache's time to live: the entry is stale, asked of the store first.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let locker = locking(&url, "tenants").await?;
+
+    let started = Instant::now();
+    let (status, headers, body) = audit(&uncached).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    let (status, _, body) = audit(&cached).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let took = started.elapsed();
+    locker.batch_execute("COMMIT").await?;
+    assert!(
+        took < Duration::from_secs(8),
+        "the two lookups took {took:?}"
+    );
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Result<()> {
     // The tenants table is locked, so a DELETE waits; its client gives up meanwhile. Once
     // the lock goes, the delete commits, and its `tenant.delete` event must be written:
@@ -463,7 +510,10 @@ async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Re
     let tenant = gw
         .create_tenant(json!({"integrationKey": "gone", "integrationAppToken": "ia-token-gone"}))
         .await?;
-    let (locker, watcher) = (locking(&url, "tenants").await?, connect(&url).await?);
+    let (locker, watcher) = (
+        locking(&url, "tenants").await?,
+        side_connection(&url).await?,
+    );
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()?;
@@ -528,6 +578,60 @@ async fn the_gateway_waits_for_actors_stopped_before_it_stops() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_audit_writes_leave_pooled_connections_to_the_rest() -> anyhow::Result<()> {
+    // Each tenant actor writes its own audit batches. With the audit table locked, each
+    // write holds its connection while it waits: more tenants than the pool has
+    // connections must not take them all, or `/ready`, key lookups and admin reads wait
+    // with them (here: for longer than a load balancer's probe does).
+    const TENANTS: usize = 3;
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.database_pool_size = 2;
+    let gw = TestGateway::start_postgres(config).await?;
+    let url = database_url(&gw)?;
+    let mut tenants = Vec::new();
+    for n in 0..TENANTS {
+        let key = format!("writer-{n}");
+        tenants.push(
+            gw.create_tenant(json!({"integrationKey": key, "integrationAppToken": format!("ia-token-{key}"), "upstreamUrl": upstream.url}))
+                .await?,
+        );
+    }
+    let (locker, watcher) = (
+        locking(&url, "audit_events").await?,
+        side_connection(&url).await?,
+    );
+    let mut served = Vec::new();
+    for (n, tenant) in tenants.iter().enumerate() {
+        served.push(echo_calls(&gw, tenant, &format!("writer-{n}"), 1).await?);
+    }
+    // Every tenant's batch is due within its actor's flush tick (at most a second).
+    wait_for_lock_waiter(&watcher, "audit_events").await?;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let probe = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()?;
+    let ready = probe.get(gw.url("/ready")).send().await?.status();
+    let (status, _, body) = tokio::time::timeout(
+        Duration::from_secs(3),
+        gw.send_as_admin(reqwest::Method::GET, "/api/tenants", None),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the admin read waited for a pooled connection"))??;
+    locker.batch_execute("COMMIT").await?;
+    assert_eq!(ready, StatusCode::OK, "ready while audit writes waited");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (n, ids) in served.iter().enumerate() {
+        for id in ids {
+            wait_for_row(&watcher, id)
+                .await
+                .with_context(|| format!("tenant {n}'s call"))?;
+        }
+    }
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_hold_no_pooled_connection_while_their_audit_events_wait() -> anyhow::Result<()> {
     // Anyone can have credentials refused, from as many addresses as they have. The audit
     // table is locked (audit writes wait, as on a database that stopped answering for it):
@@ -545,7 +649,10 @@ async fn refusals_hold_no_pooled_connection_while_their_audit_events_wait() -> a
         )
         .await?;
     let dropped_before = audit_dropped(&gw).await?;
-    let (locker, watcher) = (locking(&url, "audit_events").await?, connect(&url).await?);
+    let (locker, watcher) = (
+        locking(&url, "audit_events").await?,
+        side_connection(&url).await?,
+    );
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()?;
@@ -593,17 +700,19 @@ async fn a_database_that_stops_answering_does_not_keep_the_gateway_from_stopping
 ) -> anyhow::Result<()> {
     // The fleet heartbeat removes this replica's row as the gateway stops; a lock holds that
     // statement as a database that stopped answering would (no error, no answer). The
-    // gateway must still exit, within its drain bounds, not when the lock goes.
+    // gateway must still exit, within its drain bounds, not when the lock goes, nor when
+    // the heartbeat's own bound on that statement (a beat, longer than the drain) ends it.
     let mut config = Config::for_tests();
     config.drain_timeout = Duration::from_secs(1);
+    let within = switchboard::store::replicas::BEAT - Duration::from_secs(1);
     let gw = TestGateway::start_postgres(config).await?;
     let url = database_url(&gw)?;
     let locker = locking(&url, "replicas").await?;
     // The test's database outlives the gateway, so the lock can be let go after it stops.
     let _database = gw.store.clone();
-    let stopped = tokio::time::timeout(Duration::from_secs(20), gw.stop()).await;
+    let stopped = tokio::time::timeout(within, gw.stop()).await;
     locker.batch_execute("COMMIT").await?;
-    stopped.map_err(|_| anyhow::anyhow!("the gateway waited for the locked table to stop"))??;
+    stopped.map_err(|_| anyhow::anyhow!("the gateway took more than {within:?} to stop"))??;
     Ok(())
 }
 
@@ -639,7 +748,7 @@ async fn keys_guessed_while_the_store_cannot_answer_spend_the_address_budget() -
         created["tenantId"].as_str().unwrap_or_default().to_owned(),
         created["apiKey"].as_str().unwrap_or_default().to_owned(),
     );
-    let db = connect(&database_url(&gw)?).await?;
+    let db = side_connection(&database_url(&gw)?).await?;
     db.batch_execute("ALTER TABLE tenants RENAME TO tenants_away")
         .await?;
     // Whatever the set-up spent of the budget refills.
@@ -699,7 +808,10 @@ async fn an_mcp_session_whose_client_gave_up_on_its_delete_is_ended_all_the_same
     let id = mcp.open_session().await?.expect("session opens");
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
     assert_eq!(mcp.in_session(&id, &list).await?.status, StatusCode::OK);
-    let (locker, watcher) = (locking(&url, "ended_sessions").await?, connect(&url).await?);
+    let (locker, watcher) = (
+        locking(&url, "ended_sessions").await?,
+        side_connection(&url).await?,
+    );
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()?;

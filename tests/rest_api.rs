@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use base64::Engine;
 use common::gateway::TestGateway;
 use reqwest::{Method, StatusCode};
@@ -478,15 +480,34 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
         )
         .await?;
     assert_eq!(status, StatusCode::NO_CONTENT);
+    // Refused under an id that never was a tenant (checked below), queued for the audit
+    // writer before the two refusals this test waits for.
+    let refused = gw
+        .send(
+            Method::GET,
+            "/api/tenant/tenant-never-was/audit",
+            &[("x-api-key", "sbk_guessed")],
+            None,
+        )
+        .await?;
+    assert_error(&refused, StatusCode::UNAUTHORIZED, "unauthorized");
     let gone_key = gw
-        .send(Method::GET, &path, &[("x-api-key", &new_key)], None)
+        .send(
+            Method::GET,
+            &path,
+            &[("x-api-key", &new_key), ("x-request-id", "gone-key")],
+            None,
+        )
         .await?;
     assert_error(&gone_key, StatusCode::UNAUTHORIZED, "unauthorized");
     let gone_jwt = gw
         .send(
             Method::GET,
             &path,
-            &[("authorization", &bearer(&new_jwt))],
+            &[
+                ("authorization", &bearer(&new_jwt)),
+                ("x-request-id", "gone-jwt"),
+            ],
             None,
         )
         .await?;
@@ -500,9 +521,25 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
         )
         .await?;
     assert_error(&again, StatusCode::NOT_FOUND, "not_found");
-    // The audit trail outlives the tenant. (The two refusals above are written after their
+    // The audit trail outlives the tenant. (The refusals above are written after their
     // answers.)
-    gw.wait_for_audit(&t.id, "auth.refused", 2).await?;
+    let after_delete = ["gone-key", "gone-jwt"];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let refused = gw.audit_items(&t.id, Some("auth.refused")).await?;
+        let ids: Vec<&str> = refused
+            .iter()
+            .filter_map(|item| item["requestId"].as_str())
+            .collect();
+        if after_delete.iter().all(|id| ids.contains(id)) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "refusals after the delete not audited: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (status, _, audit) = gw
         .send(
             Method::GET,
@@ -527,22 +564,30 @@ async fn rotation_deletion_and_disabling_take_effect_at_once() -> anyhow::Result
     ] {
         assert!(actions.contains(&action), "{action} in {actions:?}");
     }
-    // Credentials refused after the delete are audited too (auth.refused), so they come first.
-    assert!(actions.contains(&"auth.refused"), "{actions:?}");
+    // Credentials refused after the delete are audited too (auth.refused), so they come
+    // first, newest first.
+    let newest: Vec<(&str, &str)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let said = |field: &str| i[field].as_str().unwrap_or_default();
+            (said("action"), said("requestId"))
+        })
+        .take_while(|(action, _)| *action != "tenant.delete")
+        .collect();
+    for id in after_delete {
+        assert!(
+            newest.contains(&("auth.refused", id)),
+            "{id} before the delete: {actions:?}"
+        );
+    }
     let newest_admin_action = actions.iter().find(|a| **a != "auth.refused");
     assert_eq!(newest_admin_action, Some(&"tenant.delete"), "newest first");
     // A deleted tenant's trail filtered to an action it never had: an empty page. An id
     // that never was a tenant: 404, also once an anonymous caller had a credential refused
-    // under it (that refusal is audited under the id its path named).
-    let refused = gw
-        .send(
-            Method::GET,
-            "/api/tenant/tenant-never-was/audit",
-            &[("x-api-key", "sbk_guessed")],
-            None,
-        )
-        .await?;
-    assert_error(&refused, StatusCode::UNAUTHORIZED, "unauthorized");
+    // under it (that refusal, above, is audited under the id its path named, and written by
+    // now: the writer keeps its queue's order).
     let path = format!("/api/tenants/{}/audit?action=tool.call", t.id);
     let (status, _, none) = gw
         .send(Method::GET, &path, &[("authorization", &admin)], None)

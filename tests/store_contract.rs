@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use chrono::{DateTime, TimeZone, Utc};
-use common::database::{wait_for_lock_waiter, wait_for_no_lock_waiters, FreshDatabase};
+use common::database::{
+    locking, locking_in, side_connection, wait_for_lock_waiter, wait_for_no_lock_waiters,
+    FreshDatabase,
+};
 use futures::FutureExt;
 use switchboard::store::postgres::PostgresStore;
 use switchboard::store::sqlite::SqliteStore;
@@ -122,21 +125,16 @@ async fn postgres_abandoned_statements_leave_no_backend_waiting() -> Result<()> 
     let db = FreshDatabase::create().await?;
     let store = PostgresStore::connect(&db.url, 2)?;
     store.migrate().await?;
-    let (locker, connection) = tokio_postgres::connect(&db.url, NoTls).await?;
-    let connection = tokio::spawn(connection);
+    let locker = locking(&db.url, "audit_events").await?;
     let holder: i32 = locker
         .query_one("SELECT pg_backend_pid()", &[])
         .await?
         .get(0);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        .await?;
     for _ in 0..ABANDONED {
         abandon_an_audit_write(&store, "tenant-gone").await?;
     }
     // Not the locker: a transaction reads `pg_stat_activity` once, then keeps that copy.
-    let (watcher, watcher_connection) = tokio_postgres::connect(&db.url, NoTls).await?;
-    let watcher_connection = tokio::spawn(watcher_connection);
+    let watcher = side_connection(&db.url).await?;
     let left = wait_for_no_lock_waiters(&watcher, holder, Duration::from_secs(3)).await;
     locker.batch_execute("COMMIT").await?;
     left?;
@@ -153,8 +151,6 @@ async fn postgres_abandoned_statements_leave_no_backend_waiting() -> Result<()> 
     )
     .await
     .context("the write after the lock went did not end")??;
-    connection.abort();
-    watcher_connection.abort();
     Ok(())
 }
 
@@ -176,8 +172,7 @@ async fn run_postgres(url: &str) -> Result<()> {
 /// A server that refuses writes (a standby after a failover, until the URL points at the
 /// new primary) is unavailable for now (503, audit writes retried), not broken (500).
 async fn check_a_server_that_only_reads_is_unavailable(url: &str) -> Result<()> {
-    let (admin, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let connection = tokio::spawn(connection);
+    let admin = side_connection(url).await?;
     let db: String = admin
         .query_one("SELECT current_database()", &[])
         .await?
@@ -187,7 +182,7 @@ async fn check_a_server_that_only_reads_is_unavailable(url: &str) -> Result<()> 
             "ALTER DATABASE {db} SET default_transaction_read_only = on"
         ))
         .await?;
-    connection.abort();
+    drop(admin);
     let store = PostgresStore::connect(url, 1)?;
     let event = audit(
         Uuid::now_v7().to_string(),
@@ -223,16 +218,11 @@ async fn abandon_an_audit_write(store: &PostgresStore, tenant: &str) -> Result<(
 /// connection in the pool, the next read would wait behind it for as long as the lock.
 async fn check_abandoned_work_leaves_no_connection_waiting(url: &str) -> Result<()> {
     let store = PostgresStore::connect(url, 1)?;
-    let (locker, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let connection = tokio::spawn(connection);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let locker = locking(url, "audit_events").await?;
     abandon_an_audit_write(&store, "tenant-abandoned").await?;
     let read =
         tokio::time::timeout(Duration::from_secs(3), store.get_tenant("tenant-abandoned")).await;
     locker.batch_execute("COMMIT").await?;
-    connection.abort();
     ensure!(
         matches!(read, Ok(Ok(None))),
         "a read queued behind the abandoned write: {read:?}"
@@ -247,8 +237,7 @@ async fn check_concurrent_index_migration_runs_again(
     store: &PostgresStore,
     url: &str,
 ) -> Result<()> {
-    let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let connection = tokio::spawn(connection);
+    let db = side_connection(url).await?;
     let valid = || action_index_valid(&db);
     ensure!(
         valid().await? == Some(true),
@@ -262,7 +251,6 @@ async fn check_concurrent_index_migration_runs_again(
         valid().await? == Some(true),
         "the second run left no valid index"
     );
-    connection.abort();
     Ok(())
 }
 
@@ -284,19 +272,14 @@ async fn action_index_valid(db: &tokio_postgres::Client) -> Result<Option<bool>>
 /// transaction holding the table's lock makes it wait well past the URL's limits (as a
 /// large table would make it build), and the migration must still end, with a valid index.
 async fn check_migration_outlasts_the_urls_time_limits(url: &str) -> Result<()> {
-    let (db, connection) = tokio_postgres::connect(url, NoTls).await?;
-    let connection = tokio::spawn(connection);
+    let db = side_connection(url).await?;
     db.batch_execute(
         "DROP INDEX audit_events_tenant_action_idx; \
          DELETE FROM schema_migrations WHERE version = 4",
     )
     .await?;
-    let (locker, locker_connection) = tokio_postgres::connect(url, NoTls).await?;
-    let locker_connection = tokio::spawn(locker_connection);
     // The lock CREATE INDEX CONCURRENTLY takes, and waits for here.
-    locker
-        .batch_execute("BEGIN; LOCK TABLE audit_events IN SHARE UPDATE EXCLUSIVE MODE")
-        .await?;
+    let locker = locking_in(url, "audit_events", "SHARE UPDATE EXCLUSIVE").await?;
     // `tokio_postgres` decodes `%XX` in the URL's parameters, not `+`.
     let limited = format!("{url}?options=-c%20statement_timeout%3D100%20-c%20lock_timeout%3D100");
     let store = PostgresStore::connect(&limited, 1)?;
@@ -309,8 +292,6 @@ async fn check_migration_outlasts_the_urls_time_limits(url: &str) -> Result<()> 
         .await
         .context("the migration did not end")??;
     let valid = action_index_valid(&db).await?;
-    locker_connection.abort();
-    connection.abort();
     ensure!(
         matches!(&applied, Ok(versions) if *versions == vec![4]),
         "a migration under the URL's time limits: {applied:?}"
@@ -845,12 +826,17 @@ async fn check_prune_audit(store: &dyn Store) -> Result<()> {
         .single()
         .context("date")?;
     let ids = v7_ids(5);
+    // The three expired ones are older the later their id, so that the oldest first is
+    // not the order of their ids.
     let events: Vec<AuditRecord> = ids
-        .into_iter()
+        .iter()
         .enumerate()
         .map(|(i, id)| {
-            let at = if i < 3 { old } else { now().unwrap_or(cutoff) };
-            audit(id, &tenant_id, "token.issue", at)
+            let at = match i {
+                0..3 => old + chrono::Duration::days(2 - i as i64),
+                _ => now().unwrap_or(cutoff),
+            };
+            audit(id.clone(), &tenant_id, "token.issue", at)
         })
         .collect();
     store.append_audit(&events).await?;
@@ -865,6 +851,14 @@ async fn check_prune_audit(store: &dyn Store) -> Result<()> {
 
     // In batches: at most the limit each time, the oldest first.
     ensure!(store.prune_audit(cutoff, 2).await? == 2, "the first batch");
+    let left = store.list_audit(&audit_query(&tenant_id, 100)).await?;
+    let left: HashSet<&str> = left.iter().map(|e| e.id.as_str()).collect();
+    ensure!(
+        left.contains(ids[0].as_str())
+            && !left.contains(ids[1].as_str())
+            && !left.contains(ids[2].as_str()),
+        "the first batch was not the oldest two: {left:?}"
+    );
     ensure!(store.prune_audit(cutoff, 2).await? == 1, "the rest");
     let left = store.list_audit(&audit_query(&tenant_id, 100)).await?;
     ensure!(

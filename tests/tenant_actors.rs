@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use common::database::wait_for_lock_waiter;
+use common::database::{locking, wait_for_lock_waiter};
 use common::gateway::{CreatedTenant, TestGateway};
 use common::peers::{EverythingMode, EverythingServer};
 use common::upstream::TestUpstream;
@@ -712,6 +712,38 @@ async fn failing_to_list_tools_counts_towards_failing() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn list_requests_after_a_failed_load_spend_the_rate_limit() -> anyhow::Result<()> {
+    // A cached list costs the upstream nothing, and its requests spend nothing. A load that
+    // failed leaves nothing cached: each `listTools` after it asks the upstream for the
+    // whole list again, and must be held to the tenant's limit as a call is.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let mut body = tenant_on(&upstream.url, "tok");
+    body["rateLimit"] = json!({"requestsPerSecond": 1, "burst": 3});
+    let t = gw.create_tenant(body).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo).await?.0, StatusCode::OK);
+    upstream.set_failing(Some("tools/list"));
+    let (status, _, body) = gw.tool(&t, json!({"method": "refreshTools"})).await?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    // The burst whole again.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(gw.tool(&t, json!({"method": "listTools"})).await?.0);
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS)
+            && statuses
+                .iter()
+                .all(|s| [StatusCode::TOO_MANY_REQUESTS, StatusCode::BAD_GATEWAY].contains(s)),
+        "{statuses:?}"
+    );
+    upstream.set_failing(None);
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn calls_failing_together_on_one_connection_are_one_failure() -> anyhow::Result<()> {
     let (upstream, gw, t, echo) = connected_tenant().await?;
     // The upstream goes away under a ready connection; more calls than the failing
@@ -1109,11 +1141,7 @@ async fn a_slow_read_of_a_changed_tenant_holds_up_no_other_tenants_start() -> an
         anyhow::ensure!(Instant::now() < deadline, "the tenants' actors ran on");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    locker
-        .batch_execute("BEGIN; LOCK TABLE tenants IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let locker = locking(&url, "tenants").await?;
     // Three calls of the changed tenant wait for one read of it.
     let slow: Vec<_> = (0..3)
         .map(|_| {
@@ -1242,6 +1270,49 @@ async fn calls_on_a_ready_tenant_keep_its_in_flight_limit_and_idle_clock() -> an
         .ok_or_else(|| anyhow::anyhow!("the refused call is not audited: {audit}"))?;
     assert_eq!(refused["outcome"], "rate_limited", "{refused}");
     gw.stop().await
+}
+
+#[tokio::test]
+async fn calls_refused_as_busy_spend_none_of_the_tenants_rate_limit() -> anyhow::Result<()> {
+    // One call in flight at most, a burst of three and one more a second. With a slow call
+    // in flight, two more are refused as busy: they never reach the upstream, so the two
+    // calls after the slow one are still within the burst. The limit gives a request back
+    // every second; an attempt that took longer than that proves nothing and is made again.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_max_in_flight = 1;
+    let gw = TestGateway::start_with(config).await?;
+    let mut body = tenant_on(&upstream.url, "tok");
+    body["rateLimit"] = json!({"requestsPerSecond": 1, "burst": 3});
+    let t = gw.create_tenant(body).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    for attempt in 1..=3 {
+        // The burst whole again.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let calls_before = upstream.calls();
+        let started = Instant::now();
+        let slow = spawn_tool(&gw, &t, json!({"method": "sleep", "params": {"ms": 300}}));
+        upstream.wait_for_calls(calls_before + 1).await?;
+        let mut refused = Vec::new();
+        for _ in 0..2 {
+            refused.push(gw.tool(&t, echo.clone()).await?.0);
+        }
+        let (status, body) = slow.await??;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mut after = Vec::new();
+        for _ in 0..2 {
+            after.push(gw.tool(&t, echo.clone()).await?.0);
+        }
+        if started.elapsed() >= Duration::from_millis(900) {
+            eprintln!("attempt {attempt} took {:?}; again", started.elapsed());
+            continue;
+        }
+        assert_eq!(refused, [StatusCode::TOO_MANY_REQUESTS; 2], "busy");
+        assert_eq!(after, [StatusCode::OK; 2], "the busy calls spent the limit");
+        return gw.stop().await;
+    }
+    anyhow::bail!("three attempts each took longer than the limit's second")
 }
 
 #[tokio::test]
