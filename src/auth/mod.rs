@@ -25,6 +25,11 @@ use jwt::{JwtKeys, Role};
 /// timeout; past this, the store is unavailable, and a stale cached entry answers.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// After a lookup the store left unanswered, how long a stale cached entry answers at once,
+/// without asking the store again: else, for as long as the database hangs, every request
+/// of a tenant whose entry is stale would wait [`LOOKUP_TIMEOUT`] first.
+const UNANSWERED_FOR: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// No credential, or one that does not verify: 401, and the body never says which.
@@ -87,6 +92,9 @@ pub struct Authenticator {
     store: SharedStore,
     mode: TenantAuthMode,
     cache: CredentialCache,
+    /// Until when the store counts as not answering: set by a lookup that timed out,
+    /// cleared by one that was answered.
+    unanswered_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Authenticator {
@@ -103,7 +111,25 @@ impl Authenticator {
                 config.credential_cache_ttl,
                 changes,
             ),
+            unanswered_until: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether a lookup timed out within [`UNANSWERED_FOR`] and none was answered since.
+    fn store_unanswered(&self) -> bool {
+        let until = *self
+            .unanswered_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        until.is_some_and(|until| std::time::Instant::now() < until)
+    }
+
+    fn note_store_answered(&self, answered: bool) {
+        let mut until = self
+            .unanswered_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *until = (!answered).then(|| std::time::Instant::now() + UNANSWERED_FOR);
     }
 
     pub fn jwt(&self) -> &JwtKeys {
@@ -232,6 +258,11 @@ impl Authenticator {
         if let Some(tenant) = self.cache.get(key, Freshness::Fresh) {
             return Ok(tenant);
         }
+        if self.store_unanswered() {
+            if let Some(tenant) = self.cache.get(key, Freshness::Stale) {
+                return Ok(tenant);
+            }
+        }
         let generation = self.cache.generation();
         let found = match key {
             CacheKey::KeyHash(hash) => {
@@ -241,6 +272,7 @@ impl Authenticator {
                 tokio::time::timeout(LOOKUP_TIMEOUT, self.store.get_tenant(id)).await
             }
         };
+        self.note_store_answered(found.is_ok());
         let found = found.unwrap_or_else(|_| {
             Err(StoreError::Unavailable(format!(
                 "no answer within {} s",
