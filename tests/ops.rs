@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::gateway::{CreatedTenant, TestGateway};
+use common::mcp_client::RawMcp;
 use common::upstream::TestUpstream;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -526,6 +527,59 @@ async fn metrics_parse_move_with_calls_and_need_the_token() -> anyhow::Result<()
             .all(|s| !s.labels.values().any(|v| v.contains("/api/tenant/tenant-"))),
         "raw paths never become labels"
     );
+    gw.stop().await
+}
+
+/// The MCP sessions gauge follows sessions opened and ended, and a tenant's 429 to an
+/// `initialize` (its rate limit) counts among the rate-limited refusals as a tool call's
+/// does. (Other tests in this process may refuse calls meanwhile, none opens a session.)
+#[tokio::test]
+async fn mcp_sessions_and_a_tenants_refused_initialize_are_in_the_metrics() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let tenant = gw
+        .create_tenant(tenant_body(&upstream, Some((1, 2))))
+        .await?;
+    let mcp = RawMcp::new(
+        &gw.http,
+        &gw.url(&format!("/mcp/{}", tenant.id)),
+        &tenant.api_key,
+    );
+    let metrics = || async { parse_strict(&scrape(&gw, None).await?.1) };
+    let sessions =
+        |scrape: &prometheus_parse::Scrape| counter(scrape, "switchboard_mcp_sessions", &[]);
+    let limited = |scrape: &prometheus_parse::Scrape| {
+        counter(
+            scrape,
+            "switchboard_rate_limited_total",
+            &[("scope", "tenant")],
+        )
+    };
+    let before = metrics().await?;
+    // Past the burst of two, within the five tries, whatever refills meanwhile.
+    let (mut opened, mut refused) = (Vec::new(), 0);
+    for _ in 0..5 {
+        match mcp.open_session().await? {
+            Ok(id) => opened.push(id),
+            Err(body) => {
+                assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "no initialize was refused");
+    let open = metrics().await?;
+    assert_eq!(
+        sessions(&open) - sessions(&before),
+        opened.len() as f64,
+        "sessions open"
+    );
+    assert!(limited(&open) - limited(&before) >= f64::from(refused));
+    for id in &opened {
+        assert!(mcp.close_session(id).await?.is_success());
+    }
+    let ended = metrics().await?;
+    assert_eq!(sessions(&ended), sessions(&before), "sessions ended");
     gw.stop().await
 }
 

@@ -333,9 +333,12 @@ fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {
     gate.limits.reserve(tenant_id).map_err(|err| match err {
         LimitError::Total => ApiError::unavailable("too many open MCP sessions on this server"),
         // The tenant's own limit (API.md's 429); the process's is its capacity (503).
-        LimitError::Tenant => ApiError::TooManySessions {
-            retry_after: std::time::Duration::from_secs(5),
-        },
+        LimitError::Tenant => {
+            crate::metrics::rate_limited("tenant");
+            ApiError::TooManySessions {
+                retry_after: std::time::Duration::from_secs(5),
+            }
+        }
     })
 }
 

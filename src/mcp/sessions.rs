@@ -138,6 +138,7 @@ impl SessionLimits {
         }
         *count += 1;
         state.total += 1;
+        crate::metrics::mcp_sessions(1);
         Ok(Reservation {
             limits: self.clone(),
             tenant: Some(tenant.to_owned()),
@@ -279,6 +280,7 @@ impl SessionLimits {
 
 fn release(state: &mut State, tenant: &str) {
     state.total = state.total.saturating_sub(1);
+    crate::metrics::mcp_sessions(-1);
     if let Some(count) = state.per_tenant.get_mut(tenant) {
         *count = count.saturating_sub(1);
         if *count == 0 {

@@ -89,11 +89,14 @@ impl TenantRuntime {
         tenant: &TenantRecord,
         refresh: bool,
     ) -> Result<Arc<ToolList>, CallError> {
-        let actor = self.actor_for(tenant).await?;
-        let (_, tools) = self
-            .ask_tenant(tenant, actor, |reply| TenantMsg::Tools { refresh, reply })
-            .await?;
-        Ok(tools)
+        let listed = async {
+            let actor = self.actor_for(tenant).await?;
+            let (_, tools) = self
+                .ask_tenant(tenant, actor, |reply| TenantMsg::Tools { refresh, reply })
+                .await?;
+            Ok(tools)
+        };
+        counted_if_limited(listed.await)
     }
 
     /// Spends one request of the tenant's rate limit on MCP session work that does not reach
@@ -105,12 +108,15 @@ impl TenantRuntime {
             .running(tenant)
             .and_then(|running| running.lane.try_spend(replicas))
         {
-            return spent;
+            return counted_if_limited(spent);
         }
-        let actor = self.actor_for(tenant).await?;
-        self.ask_tenant(tenant, actor, TenantMsg::Spend)
-            .await
-            .map(drop)
+        let spent = async {
+            let actor = self.actor_for(tenant).await?;
+            self.ask_tenant(tenant, actor, TenantMsg::Spend)
+                .await
+                .map(drop)
+        };
+        counted_if_limited(spent.await)
     }
 
     /// Calls `tool` on the tenant's upstream and returns its result unchanged. A tool the
@@ -403,6 +409,19 @@ fn gone() -> CallError {
         reason: "the tenant is restarting".into(),
         retry_after: Duration::from_secs(1),
     }
+}
+
+/// `result`, counted in `switchboard_rate_limited_total{scope="tenant"}` when it is the
+/// tenant's 429 (its rate limit, or its calls in flight): for the requests other than tool
+/// calls that spend the limit (tool calls are counted with their outcome).
+fn counted_if_limited<T>(result: Result<T, CallError>) -> Result<T, CallError> {
+    if matches!(
+        result,
+        Err(CallError::RateLimited { .. } | CallError::Busy { .. })
+    ) {
+        crate::metrics::rate_limited("tenant");
+    }
+    result
 }
 
 #[cfg(test)]
