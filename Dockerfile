@@ -4,7 +4,11 @@
 #
 #   docker build -t switchboard .
 #   docker run --rm -e DATABASE_URL=... switchboard migrate   # as an init step; needs no secret
-#   docker run -p 3000:3000 --env-file .env switchboard       # serve (the default)
+#   docker run -p 3000:3000 --env-file .env --stop-timeout 190 switchboard   # serve (the default)
+#
+# The stop timeout: on SIGTERM the gateway drains, each step bounded by DRAIN_TIMEOUT_SECS
+# (README, Operations, Shutdown); docker's default of 10 s would kill it mid-drain. 190 s
+# covers the worst case with DRAIN_TIMEOUT_SECS=20, as deploy/kubernetes.yaml does.
 
 FROM rust:1.95-slim-bookworm AS build
 # jemalloc (the gateway's allocator) is built from source with make, which the slim image lacks.
