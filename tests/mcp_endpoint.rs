@@ -154,7 +154,7 @@ async fn rmcp_client_lists_and_calls_tools_through_the_gateway() -> anyhow::Resu
     };
     let lists = of("tools.list");
     let listed = |outcome: &str| lists.iter().filter(|(_, o)| o == outcome).count();
-    assert!(listed("ok") >= 2, "a tools/list per session: {audit}");
+    assert_eq!(listed("ok"), 2, "a tools/list per session: {audit}");
     assert_eq!(listed("refused"), 1, "the bad cursor: {audit}");
     assert_eq!(listed("ok") + 1, lists.len(), "{audit}");
     assert!(
@@ -406,9 +406,11 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
             "forbidden",
         ),
     ];
-    for (name, headers, status, code) in cases {
+    let request_ids: Vec<String> = (0..cases.len()).map(|n| format!("refused-{n}")).collect();
+    for ((name, headers, status, code), request_id) in cases.into_iter().zip(&request_ids) {
         let mut headers = headers;
         headers.push(("content-type", "application/json"));
+        headers.push(("x-request-id", request_id));
         let got = post_mcp(&gw, &b.id, &headers, &init).await?;
         assert_eq!(got.status, status, "{name}: {}", got.text);
         assert!(
@@ -440,6 +442,15 @@ async fn bad_and_foreign_credentials_are_refused_before_any_session() -> anyhow:
         .await?;
     let refusals = audit["items"].as_array().map(Vec::len).unwrap_or(0);
     assert!(refusals >= 5, "refusals audited: {audit}");
+    // Each of the five, by its request id (rmcp's client's are on top).
+    for request_id in &request_ids {
+        assert!(
+            audit["items"]
+                .as_array()
+                .is_some_and(|items| items.iter().any(|i| i["requestId"] == *request_id)),
+            "{request_id} not audited: {audit}"
+        );
+    }
     gw.stop().await
 }
 

@@ -80,6 +80,10 @@ impl<'a> RoundRobin<'a> {
             .get("mcp-session-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        // As a client does: a session id the server answers with is the one it uses next.
+        if let Some(id) = &session {
+            self.session = Some(id.clone());
+        }
         let body = if got.text.is_empty() {
             Value::Null
         } else {
@@ -109,7 +113,6 @@ async fn initialise(client: &mut RoundRobin<'_>) -> anyhow::Result<String> {
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
     assert_eq!(got.body["result"]["protocolVersion"], "2025-11-25");
     let id = got.session.expect("initialize answers with a session id");
-    client.session = Some(id.clone());
     let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
     let got = client.post(&initialized).await?;
     assert_eq!(got.status, StatusCode::ACCEPTED, "{}", got.text);
@@ -137,7 +140,8 @@ async fn a_round_robin_client_initialises_once_and_is_served_by_both_replicas() 
         assert_eq!(result["isError"], json!(false), "{}", got.text);
         assert!(got.text.contains(&text), "{}", got.text);
     }
-    // The session id never changed: no replica made the client start over.
+    // The session id never changed (`post` takes up any id an answer names): no replica
+    // made the client start over.
     assert_eq!(client.session.as_deref(), Some(id.as_str()));
     a.stop().await?;
     b.stop().await

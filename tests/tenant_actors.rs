@@ -669,28 +669,36 @@ async fn an_upstream_error_answer_fails_only_its_own_call() -> anyhow::Result<()
         anyhow::Ok((refused, throttled))
     };
     let (slow, refused) = tokio::join!(slow, refused);
-    let ((status, _, body), (throttled, headers, throttled_body)) = refused?;
+    let ((status, refused_headers, body), (throttled, headers, throttled_body)) = refused?;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(body["error"]["code"], "upstream_error", "{body}");
     // The upstream's limit on the tenant's credential is the tenant's: 429, with its wait.
     assert_eq!(throttled, StatusCode::TOO_MANY_REQUESTS, "{throttled_body}");
     assert_eq!(throttled_body["error"]["code"], "rate_limited");
     assert_eq!(headers["retry-after"], "7");
-    let (status, _, body) = slow?;
+    let (status, slow_headers, body) = slow?;
     assert_eq!(status, StatusCode::OK, "the call in flight goes on: {body}");
-    assert_eq!(gw.tool(&t, echo).await?.0, StatusCode::OK);
+    let (status, after_headers, _) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(upstream.initializes(), 1, "one session throughout");
-    // The audit trail says what the callers were told (read after the drain's flush).
+    // The audit trail says what each caller was told (read after the drain's flush).
     let gw = gw.restart().await?;
     let audit = tool_call_audit(&gw, &t).await?;
-    let outcomes: Vec<&str> = audit["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|item| item["outcome"].as_str())
-        .collect();
-    assert!(outcomes.contains(&"rate_limited"), "{audit}");
-    assert!(outcomes.contains(&"upstream_error"), "{audit}");
+    let outcome_of = |headers: &reqwest::header::HeaderMap| {
+        let id = headers["x-request-id"].to_str().unwrap_or_default();
+        audit["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|item| item["requestId"] == id))
+            .map(|item| item["outcome"].clone())
+    };
+    assert_eq!(outcome_of(&slow_headers), Some(json!("ok")), "{audit}");
+    assert_eq!(
+        outcome_of(&refused_headers),
+        Some(json!("upstream_error")),
+        "{audit}"
+    );
+    assert_eq!(outcome_of(&headers), Some(json!("rate_limited")), "{audit}");
+    assert_eq!(outcome_of(&after_headers), Some(json!("ok")), "{audit}");
     gw.stop().await
 }
 
