@@ -583,6 +583,36 @@ async fn mcp_sessions_and_a_tenants_refused_initialize_are_in_the_metrics() -> a
     gw.stop().await
 }
 
+/// A call its request's timeout cut off is counted in the tool-call metrics as it is in
+/// the audit trail (`timeout`), under the tool label `other`: it never returned to the
+/// tenant runtime, which counts the calls that do.
+#[tokio::test]
+async fn a_call_cut_off_by_the_request_timeout_is_counted() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.request_timeout = Duration::from_millis(500);
+    let gw = TestGateway::start_with(config).await?;
+    let tenant = gw.create_tenant(tenant_body(&upstream, None)).await?;
+    assert_eq!(echo(&gw, &tenant).await?.0, StatusCode::OK);
+    let cut_off = [
+        ("tenant", tenant.id.as_str()),
+        ("tool", "other"),
+        ("outcome", "timeout"),
+    ];
+    let before = parse_strict(&scrape(&gw, None).await?.1)?;
+    let (status, _, body) = gw
+        .tool(&tenant, json!({"method": "sleep", "params": {"ms": 2_000}}))
+        .await?;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    let after = parse_strict(&scrape(&gw, None).await?.1)?;
+    assert_eq!(
+        counter(&after, "switchboard_tool_calls_total", &cut_off)
+            - counter(&before, "switchboard_tool_calls_total", &cut_off),
+        1.0
+    );
+    gw.stop().await
+}
+
 /// Guesses at `METRICS_TOKEN` spend from the caller's address budget as guesses at the admin
 /// key do: past it, 429 with `Retry-After`, a right token included (it would tell the
 /// guesser it was right), while another address scrapes on.

@@ -79,13 +79,24 @@ impl Drop for PendingCall {
         // The timeout layer starts its timer after `RequestId::started` and fires no earlier
         // than its deadline: a request it cut off is past `cut_off_at` here.
         let timed_out = Instant::now() >= self.cut_off_at;
-        self.record(
-            if timed_out {
-                "timeout"
-            } else {
-                "upstream_error"
-            },
-            None,
-        );
+        let outcome = if timed_out {
+            "timeout"
+        } else {
+            "upstream_error"
+        };
+        if !self.written {
+            abandoned_call_counted(self.action, &self.tenant_id, outcome);
+        }
+        self.record(outcome, None);
+    }
+}
+
+/// A tool call whose caller dropped it never returns to the tenant runtime, which counts
+/// each call it returns in the tool-call metrics: it is counted here, with the outcome
+/// its audit event has, under the tool label `other` (its name may be one the tenant's
+/// list never confirmed, and a caller's names must not use up the tool labels).
+pub fn abandoned_call_counted(action: &str, tenant_id: &str, outcome: &'static str) {
+    if action == "tool.call" {
+        crate::metrics::tool_call(tenant_id, crate::metrics::OTHER, outcome);
     }
 }

@@ -240,6 +240,8 @@ pub async fn serve_call(
     let result = run_relaying(call, relay, cancelled)
         .await
         .unwrap_or_else(|| {
+            // Dropped before the runtime could count it.
+            audit::pending::abandoned_call_counted("tool.call", &ctx.tenant_id, "upstream_error");
             Err(crate::tenants::messages::CallError::Upstream(
                 "cancelled by the client".into(),
             ))
