@@ -28,6 +28,9 @@ pub const ACTOR_STOPS: &str = "switchboard_actor_stops_total";
 pub const ACTOR_RESTARTS: &str = "switchboard_actor_restarts_total";
 /// Tenant actors running now.
 pub const ACTIVE_TENANTS: &str = "switchboard_active_tenants";
+/// Tenants by the `state` of their upstream connection (`stopped`, `connecting`, `ready`,
+/// `failing`): those with an actor, or restarting after a crash.
+pub const TENANT_UPSTREAMS: &str = "switchboard_tenant_upstreams";
 /// Downstream MCP sessions open now.
 pub const MCP_SESSIONS: &str = "switchboard_mcp_sessions";
 /// Requests refused by a rate limit, by `scope` (`tenant` or `auth`).
@@ -314,8 +317,15 @@ pub fn change_listener_reconnected() {
 }
 
 /// Gauges read at scrape time rather than kept up to date on every change.
-pub fn sample(active_tenants: usize, pool: Option<(usize, usize)>) {
+pub fn sample(
+    active_tenants: usize,
+    by_state: &[(crate::tenants::status::ConnectionState, usize)],
+    pool: Option<(usize, usize)>,
+) {
     metrics::gauge!(ACTIVE_TENANTS).set(active_tenants as f64);
+    for (state, count) in by_state {
+        metrics::gauge!(TENANT_UPSTREAMS, "state" => state.as_str()).set(*count as f64);
+    }
     if let Some((size, available)) = pool {
         let in_use = size.saturating_sub(available);
         metrics::gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);

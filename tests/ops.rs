@@ -613,6 +613,45 @@ async fn a_call_cut_off_by_the_request_timeout_is_counted() -> anyhow::Result<()
     gw.stop().await
 }
 
+/// Tenants by the state of their upstream connection: a failing one is there for an
+/// alert to find, beside the ready ones. (The gauge is set at each scrape, by whichever
+/// gateway of this process was scraped last: read until this one's numbers show.)
+#[tokio::test]
+async fn tenants_upstream_states_are_in_the_metrics() -> anyhow::Result<()> {
+    use switchboard::tenants::status::ConnectionState;
+    let (upstream, gone) = (TestUpstream::start().await?, TestUpstream::start().await?);
+    let gw = TestGateway::start().await?;
+    let ready = gw.create_tenant(tenant_body(&upstream, None)).await?;
+    let failing = gw.create_tenant(tenant_body(&gone, None)).await?;
+    assert_eq!(echo(&gw, &ready).await?.0, StatusCode::OK);
+    assert_eq!(echo(&gw, &failing).await?.0, StatusCode::OK);
+    gone.stop().await;
+    for _ in 0..30 {
+        if gw.tenants.status(&failing.id).await.state == ConnectionState::Failing {
+            break;
+        }
+        echo(&gw, &failing).await?;
+    }
+    let state = |scrape: &prometheus_parse::Scrape, state: &str| {
+        counter(scrape, "switchboard_tenant_upstreams", &[("state", state)])
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = parse_strict(&scrape(&gw, None).await?.1)?;
+        if state(&scrape, "failing") == 1.0 && state(&scrape, "ready") == 1.0 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "failing {}, ready {}",
+            state(&scrape, "failing"),
+            state(&scrape, "ready")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.stop().await
+}
+
 /// Guesses at `METRICS_TOKEN` spend from the caller's address budget as guesses at the admin
 /// key do: past it, 429 with `Retry-After`, a right token included (it would tell the
 /// guesser it was right), while another address scrapes on.

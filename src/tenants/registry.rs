@@ -107,6 +107,33 @@ impl Directory {
         status
     }
 
+    /// How many tenants are in each upstream state, as [`Self::status`] tells each: those
+    /// with an actor running and those a crash left restarting or failing. Tenants with
+    /// neither (never called, or idle) are not counted.
+    pub fn count_by_state(&self) -> Vec<(ConnectionState, usize)> {
+        let mut tenants: std::collections::HashSet<String> =
+            self.running().keys().cloned().collect();
+        if let Ok(restarts) = self.restarts.read() {
+            tenants.extend(
+                restarts
+                    .iter()
+                    .filter(|(_, (_, crash))| crash.is_some())
+                    .map(|(tenant, _)| tenant.clone()),
+            );
+        }
+        let mut counts: Vec<(ConnectionState, usize)> = ConnectionState::ALL
+            .iter()
+            .map(|state| (*state, 0))
+            .collect();
+        for tenant in tenants {
+            let state = self.status(&tenant).state;
+            if let Some((_, n)) = counts.iter_mut().find(|(s, _)| *s == state) {
+                *n += 1;
+            }
+        }
+        counts
+    }
+
     fn insert(&self, tenant_id: String, running: Running) {
         self.running_mut().insert(tenant_id, running);
     }

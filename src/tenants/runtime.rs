@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::audit_buffer::Appended;
 use super::messages::{CallError, RegistryMsg, TenantMsg, ToolList};
 use super::registry::{Directory, RegistryActor, RegistryArgs, Running};
-use super::status::UpstreamStatus;
+use super::status::{ConnectionState, UpstreamStatus};
 use super::{ChangeFeed, RuntimeSettings};
 use crate::audit::AuditWriter;
 use crate::cipher::TokenCipher;
@@ -77,6 +77,12 @@ impl TenantRuntime {
     /// Replicas this one counts in the fleet (1 when alone); see `RuntimeSettings::replicas`.
     pub fn replica_count(&self) -> u32 {
         self.settings.replica_count()
+    }
+
+    /// Tenants by the state of their upstream connection (see `Directory::count_by_state`),
+    /// for the metrics.
+    pub fn count_by_state(&self) -> Vec<(ConnectionState, usize)> {
+        self.directory.count_by_state()
     }
 
     pub async fn status(&self, tenant_id: &str) -> UpstreamStatus {

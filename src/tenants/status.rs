@@ -18,6 +18,20 @@ pub enum ConnectionState {
     Failing,
 }
 
+impl ConnectionState {
+    pub const ALL: [Self; 4] = [Self::Stopped, Self::Connecting, Self::Ready, Self::Failing];
+
+    /// As the API and the metrics label say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Connecting => "connecting",
+            Self::Ready => "ready",
+            Self::Failing => "failing",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamStatus {

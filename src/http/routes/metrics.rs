@@ -40,7 +40,11 @@ pub async fn metrics(
                 .unwrap_or(ApiError::Unauthorized));
         }
     }
-    crate::metrics::sample(state.tenants.active_count(), state.store.pool_status());
+    crate::metrics::sample(
+        state.tenants.active_count(),
+        &state.tenants.count_by_state(),
+        state.store.pool_status(),
+    );
     let body = crate::metrics::install().render();
     Ok((
         [(
