@@ -498,11 +498,10 @@ impl FastPath {
     }
 }
 
-/// A call the drain's end cancelled (its token is a child of the sessions' one) is answered
-/// as the drain, not as a cancel of its client's.
-/// What the client is told of a call's `result`: `draining` for one the drain cut; nothing
-/// for one it cancelled itself, as MCP asks of a receiver of `notifications/cancelled` (and
-/// as rmcp's server does, which drops such an answer); else the result.
+/// What the client is told of a call's `result`: `draining` for one the drain's end
+/// cancelled (its token is a child of the sessions' one); nothing for one its client
+/// cancelled, or whose session ended, as MCP asks of a receiver of `notifications/cancelled`
+/// (and as rmcp's server does, which drops such an answer); else the result.
 fn told(
     sessions: &CancellationToken,
     cancelled: &CancellationToken,
