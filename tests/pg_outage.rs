@@ -454,19 +454,16 @@ async fn a_credential_lookup_the_database_does_not_answer_is_unavailable_or_answ
             json!({"integrationKey": "cached", "integrationAppToken": "ia-token-cached"}),
         )
         .await?;
-    // Created by the admin API itself: the test helper's `create_tenant` exchanges the key
-    // for a JWT, which caches it. This one's key was never used.
-    let (status, _, created) = gw
-        .send_as_admin(
-            reqwest::Method::POST,
-            "/api/tenants",
-            Some(json!({"integrationKey": "uncached", "integrationAppToken": "ia-token-uncached"})),
+    // Registered only: the test helper's `create_tenant` exchanges the key for a JWT,
+    // which caches it. This one's key was never used.
+    let (id, api_key) = gw
+        .register_tenant(
+            json!({"integrationKey": "uncached", "integrationAppToken": "ia-token-uncached"}),
         )
         .await?;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
     let uncached = CreatedTenant {
-        id: created["id"].as_str().unwrap_or_default().to_owned(),
-        api_key: created["apiKey"].as_str().unwrap_or_default().to_owned(),
+        id,
+        api_key,
         token: String::new(),
     };
     let audit = |tenant: &CreatedTenant| {
