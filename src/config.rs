@@ -532,6 +532,19 @@ impl RawConfig {
         if self.database_pool_size == 0 {
             return Err(invalid("DATABASE_POOL_SIZE", "must be above 0"));
         }
+        let on_postgres = self
+            .database_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("postgres://") || url.starts_with("postgresql://"));
+        if on_postgres && self.database_pool_size < 2 {
+            // Audit writes hold at most half the pool, so that a lock that holds them up
+            // leaves the rest to credential lookups, `/ready` and admin requests: with one
+            // connection there is no rest.
+            return Err(invalid(
+                "DATABASE_POOL_SIZE",
+                "must be at least 2 on PostgreSQL (audit writes hold at most half of it)",
+            ));
+        }
         let log_format = self.chosen_log_format();
         let config = Config {
             app_env: self.app_env,
@@ -904,6 +917,30 @@ mod tests {
         let mut args = PRODUCTION.to_vec();
         args.extend(["--tenant-max-in-flight", "10000"]);
         assert!(raw(&args).validate().is_ok());
+        // One PostgreSQL connection leaves no part of the pool free of audit writes; the
+        // embedded store has no pool.
+        for (url, size, refused) in [
+            ("postgres://sb@db/sb", "1", true),
+            ("postgresql://sb@db/sb", "1", true),
+            ("postgres://sb@db/sb", "2", false),
+            ("sqlite://switchboard.db", "1", false),
+        ] {
+            let mut args = PRODUCTION.to_vec();
+            args.extend(["--database-url", url, "--database-pool-size", size]);
+            let validated = raw(&args).validate();
+            assert_eq!(
+                matches!(
+                    validated,
+                    Err(ConfigError::Invalid {
+                        key: "DATABASE_POOL_SIZE",
+                        ..
+                    })
+                ),
+                refused,
+                "{url} {size}: {:?}",
+                validated.as_ref().err()
+            );
+        }
     }
 
     #[test]

@@ -112,6 +112,33 @@ async fn postgres_down_is_unavailable_fast_and_quiet() -> Result<()> {
     Ok(())
 }
 
+/// A database in another encoding than UTF-8 is refused at the migration, with what to do,
+/// before anything is made in it: in `LATIN1`, the first tenant name or audit detail with a
+/// character it has no byte for would fail its write (an audit batch again at every retry).
+#[tokio::test]
+async fn postgres_refuses_a_database_not_in_utf8() -> Result<()> {
+    let db = FreshDatabase::create_with(
+        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await?;
+    let store = PostgresStore::connect(&db.url, 1)?;
+    let refused = store.migrate().await;
+    let Err(StoreError::Backend(why)) = &refused else {
+        bail!("a LATIN1 database was migrated: {refused:?}");
+    };
+    ensure!(
+        why.contains("LATIN1") && why.contains("ENCODING 'UTF8'"),
+        "the refusal does not say what to do: {why}"
+    );
+    let made: bool = side_connection(&db.url)
+        .await?
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    ensure!(!made, "the refused database was changed");
+    Ok(())
+}
+
 /// Audit writes given up on (under a timeout, as the audit writer and the tenant actors
 /// bound every attempt) while a lock holds them must not leave their statements waiting on
 /// the server: the server does not notice a client that went away from a statement waiting

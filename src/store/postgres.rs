@@ -416,6 +416,25 @@ fn audit_row(row: &Row) -> StoreResult<AuditRow> {
     r().map_err(db_err)
 }
 
+/// Refuses a database whose encoding is not UTF-8, before anything is created in it.
+/// Every text column holds UTF-8 from the outside (tenant names, tool names, an upstream's
+/// error text): a `LATIN1` database would refuse the first character it has no byte for,
+/// and an audit event refused so fails its whole batch, again at every retry.
+async fn refuse_other_encodings(client: &ClientWrapper) -> StoreResult<()> {
+    let encoding: String = client
+        .query_one("SHOW server_encoding", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(db_err)?;
+    if encoding.eq_ignore_ascii_case("UTF8") {
+        return Ok(());
+    }
+    Err(StoreError::Backend(format!(
+        "the database's encoding is {encoding}, and switchboard stores UTF-8 text: \
+         create its database with ENCODING 'UTF8'"
+    )))
+}
+
 /// Creates `schema_migrations` and applies each pending migration in a transaction with
 /// its record row; one marked `in_transaction: false` statement by statement, then its
 /// row. The caller holds the migration lock.
@@ -509,6 +528,7 @@ impl Store for PostgresStore {
             .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
             .await
             .map_err(db_err)?;
+        refuse_other_encodings(&client).await?;
         loop {
             let locked: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])

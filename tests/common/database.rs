@@ -27,6 +27,11 @@ async fn admin_client(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 
 impl FreshDatabase {
     pub async fn create() -> anyhow::Result<Self> {
+        Self::create_with("").await
+    }
+
+    /// A fresh database made with these `CREATE DATABASE` options (`ENCODING ...`).
+    pub async fn create_with(options: &str) -> anyhow::Result<Self> {
         let admin_url = admin_url();
         let name = format!(
             "switchboard_test_{}",
@@ -34,7 +39,7 @@ impl FreshDatabase {
         );
         admin_client(&admin_url)
             .await?
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await?;
         let mut url = url::Url::parse(&admin_url)?;
         url.set_path(&name);
