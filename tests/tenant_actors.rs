@@ -752,6 +752,61 @@ async fn list_requests_after_a_failed_load_spend_the_rate_limit() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn a_call_after_a_failed_load_spends_the_rate_limit_once() -> anyhow::Result<()> {
+    // With no list cached, a call's lease (which spends) comes without one, and the call
+    // then asks for the list: that load is the call's own, and spends nothing more.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let mut body = tenant_on(&upstream.url, "tok");
+    body["rateLimit"] = json!({"requestsPerSecond": 1, "burst": 2});
+    let t = gw.create_tenant(body).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    assert_eq!(gw.tool(&t, echo.clone()).await?.0, StatusCode::OK);
+    upstream.set_failing(Some("tools/list"));
+    let (status, _, body) = gw.tool(&t, json!({"method": "refreshTools"})).await?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    // The burst whole again: two calls, each one request of it.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    for n in 0..2 {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "call {n}: {body}");
+    }
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        after.push(gw.tool(&t, echo.clone()).await?.0);
+    }
+    assert!(after.contains(&StatusCode::TOO_MANY_REQUESTS), "{after:?}");
+    upstream.set_failing(None);
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn list_requests_in_a_failing_back_off_spend_nothing() -> anyhow::Result<()> {
+    // A failing tenant's upstream is not asked during its back-off: a list request then is
+    // refused at once, as a call is, and must leave the tenant's limit as it was.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let mut body = tenant_on(&upstream.url, "tok");
+    body["rateLimit"] = json!({"requestsPerSecond": 1, "burst": 12});
+    let t = gw.create_tenant(body).await?;
+    upstream.set_failing(Some("tools/list"));
+    // Ten failed loads (ten requests of the burst) mark it failing.
+    call_until_failing(&gw, &t, json!({"method": "refreshTools"}), 11).await?;
+    let lists = (0..8).map(|_| gw.tool(&t, json!({"method": "listTools"})));
+    let statuses: Vec<StatusCode> = futures::future::try_join_all(lists)
+        .await?
+        .into_iter()
+        .map(|(status, _, _)| status)
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::BAD_GATEWAY),
+        "{statuses:?}"
+    );
+    upstream.set_failing(None);
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn calls_failing_together_on_one_connection_are_one_failure() -> anyhow::Result<()> {
     let (upstream, gw, t, echo) = connected_tenant().await?;
     // The upstream goes away under a ready connection; more calls than the failing
@@ -975,6 +1030,76 @@ async fn callers_waiting_for_a_tool_list_are_bounded() -> anyhow::Result<()> {
         let (status, body) = list.await??;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_call_waiting_for_the_tool_list_is_not_turned_away_by_list_requests() -> anyhow::Result<()>
+{
+    // The cap on callers waiting for a list is for list requests, which hold no place in
+    // flight. A tool call that waits for the list after its lease holds one already: list
+    // requests that fill the cap must not make it a 429 with one call in flight.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_max_in_flight = 2;
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    assert_eq!(
+        gw.tool(&t, json!({"method": "listTools"})).await?.0,
+        StatusCode::OK
+    );
+    upstream.hold_next_list();
+    let refresh = spawn_tool(&gw, &t, json!({"method": "refreshTools"}));
+    upstream.wait_for_held_lists(1).await?;
+    let mut lists: Vec<_> = (0..2)
+        .map(|_| spawn_tool(&gw, &t, json!({"method": "listTools"})))
+        .collect();
+    // One list request turned away: the refresh and the other hold both places.
+    let (first, done, rest) = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::future::select_all(lists.iter_mut()),
+    )
+    .await
+    .context("no list request was turned away while the list was held")?;
+    assert_eq!(first??.0, StatusCode::TOO_MANY_REQUESTS);
+    drop(rest);
+    lists.remove(done);
+    let call = spawn_tool(&gw, &t, json!({"method": "echo", "params": {"text": "x"}}));
+    // The call waits for the list rather than being answered now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if call.is_finished() {
+        anyhow::bail!("answered while the list was held: {:?}", call.await?);
+    }
+    upstream.release_list();
+    let (status, body) = call.await??;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(refresh.await??.0, StatusCode::OK);
+    for list in lists {
+        assert_eq!(list.await??.0, StatusCode::OK);
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn calls_given_up_while_connecting_leave_their_place() -> anyhow::Result<()> {
+    // An upstream that never answers `initialize`: calls wait for the connection, and
+    // those whose requests time out (the gateway drops them) must not keep their places
+    // in flight, or the tenant would refuse every call as busy with none in flight.
+    let upstream = TestUpstream::start().await?;
+    upstream.set_stalling(&["initialize"]);
+    let mut config = Config::for_tests();
+    config.tenant_max_in_flight = 2;
+    config.upstream_connect_timeout = Duration::from_secs(8);
+    config.request_timeout = Duration::from_millis(500);
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    for _ in 0..3 {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_ne!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        assert_ne!(status, StatusCode::OK, "{body}");
+    }
+    upstream.set_stalling(&[]);
     gw.stop().await
 }
 

@@ -225,7 +225,11 @@ impl Actor for TenantActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             TenantMsg::Lease { tool, reply } => state.lease(&myself, tool, reply),
-            TenantMsg::Tools { refresh, reply } => state.tools(&myself, refresh, reply),
+            TenantMsg::Tools {
+                refresh,
+                spent,
+                reply,
+            } => state.tools(&myself, refresh, spent, reply),
             TenantMsg::Spend(reply) => {
                 state.follow_replica_count();
                 let _ = reply.send(admit(&state.limiter));
@@ -318,6 +322,10 @@ impl TenantState {
         }
         // The limit is spent by a call that goes on towards the upstream: not by one
         // refused as busy (its place in flight taken first) or for a failing upstream.
+        if let Some(failing) = self.backing_off() {
+            let _ = reply.send(Err(failing));
+            return;
+        }
         match &mut self.connection {
             Connection::Ready(client) => {
                 let client = client.clone();
@@ -327,6 +335,9 @@ impl TenantState {
                 let _ = reply.send(lease);
             }
             Connection::Connecting(waiters) => {
+                // Callers that gave up while it connects leave their place, as a list
+                // request's do.
+                waiters.retain(|waiter| !waiter.is_closed());
                 if waiters.len() >= self.settings.max_in_flight {
                     let _ = reply.send(Err(busy()));
                 } else if let Err(limited) = admit(&self.limiter) {
@@ -335,14 +346,7 @@ impl TenantState {
                     waiters.push(reply);
                 }
             }
-            Connection::Failing { until } if Instant::now() < *until => {
-                let retry_after = until.saturating_duration_since(Instant::now());
-                let reason = self.last_error.clone().unwrap_or_else(|| "failing".into());
-                let _ = reply.send(Err(CallError::Failing {
-                    reason,
-                    retry_after,
-                }));
-            }
+            // In its back-off it was refused above; past it, connected again.
             Connection::Idle | Connection::Failing { .. } => {
                 if let Err(limited) = admit(&self.limiter) {
                     let _ = reply.send(Err(limited));
@@ -620,21 +624,46 @@ impl TenantState {
         self.record_failure(error);
     }
 
+    /// Why calls are refused now, while a failing upstream's back-off lasts.
+    fn backing_off(&self) -> Option<CallError> {
+        let Connection::Failing { until } = &self.connection else {
+            return None;
+        };
+        let retry_after = until.checked_duration_since(Instant::now())?;
+        let reason = self.last_error.clone().unwrap_or_else(|| "failing".into());
+        Some(CallError::Failing {
+            reason,
+            retry_after,
+        })
+    }
+
+    /// `spent`: the request has spent the rate limit already (a tool call's lease, which
+    /// came without a list), so a load it starts spends nothing more.
     fn tools(
         &mut self,
         myself: &ActorRef<TenantMsg>,
         refresh: bool,
+        spent: bool,
         reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
     ) {
         self.last_used = Instant::now();
         // As many waiting for a load as calls may be in flight (before a refresh spends
         // the rate limit): callers that gave up leave their place, and a list request that
-        // finds the list fresh spends nothing and never waits.
+        // finds the list fresh spends nothing and never waits. One that would wait for an
+        // upstream in its back-off is refused at once, as a call is, and spends nothing.
         self.tool_waiters.retain(|waiter| !waiter.is_closed());
         let waits = refresh || self.fresh_tools().is_none();
-        if waits && self.tool_waiters.len() >= self.settings.max_in_flight {
-            let _ = reply.send(Err(busy()));
-            return;
+        if waits {
+            if let Some(failing) = self.backing_off() {
+                let _ = reply.send(Err(failing));
+                return;
+            }
+            // A tool call's request holds a place in flight already (its lease's): the cap
+            // is for list requests, which hold none.
+            if !spent && self.tool_waiters.len() >= self.settings.max_in_flight {
+                let _ = reply.send(Err(busy()));
+                return;
+            }
         }
         if refresh {
             // A refresh asks the upstream again: it counts against the tenant's rate limit
@@ -644,7 +673,11 @@ impl TenantState {
                 return;
             }
             self.forget_tools();
-        } else if self.list_failed && self.fresh_tools().is_none() && self.tool_waiters.is_empty() {
+        } else if !spent
+            && self.list_failed
+            && self.fresh_tools().is_none()
+            && self.tool_waiters.is_empty()
+        {
             // This request starts a load after one that failed: it spends as a refresh does.
             if let Err(limited) = admit(&self.limiter) {
                 let _ = reply.send(Err(limited));
@@ -659,15 +692,7 @@ impl TenantState {
         match &self.connection {
             Connection::Ready(_) => self.load_tools(myself),
             Connection::Connecting(_) => {}
-            Connection::Failing { until } if Instant::now() < *until => {
-                let err = CallError::Failing {
-                    reason: self.last_error.clone().unwrap_or_else(|| "failing".into()),
-                    retry_after: until.saturating_duration_since(Instant::now()),
-                };
-                for waiter in self.tool_waiters.drain(..) {
-                    let _ = waiter.send(Err(err.clone()));
-                }
-            }
+            // In its back-off it was refused above; past it, connected again.
             Connection::Idle | Connection::Failing { .. } => {
                 self.connection = Connection::Connecting(Vec::new());
                 self.start_connect(myself);

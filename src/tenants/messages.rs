@@ -110,9 +110,11 @@ pub enum TenantMsg {
         tool: String,
         reply: RpcReplyPort<Result<Lease, CallError>>,
     },
-    /// The tool list, from the cache or discovered again (`refresh`).
+    /// The tool list, from the cache or discovered again (`refresh`). `spent`: the request
+    /// has spent the rate limit already (a tool call, whose lease came without a list).
     Tools {
         refresh: bool,
+        spent: bool,
         reply: RpcReplyPort<Result<Arc<ToolList>, CallError>>,
     },
     /// Spend one request of the tenant's rate limit on work that does not reach the upstream

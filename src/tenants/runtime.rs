@@ -98,7 +98,11 @@ impl TenantRuntime {
         let listed = async {
             let actor = self.actor_for(tenant).await?;
             let (_, tools) = self
-                .ask_tenant(tenant, actor, |reply| TenantMsg::Tools { refresh, reply })
+                .ask_tenant(tenant, actor, |reply| TenantMsg::Tools {
+                    refresh,
+                    spent: false,
+                    reply,
+                })
                 .await?;
             Ok(tools)
         };
@@ -199,6 +203,7 @@ impl TenantRuntime {
                 None => {
                     let tools = |reply| TenantMsg::Tools {
                         refresh: false,
+                        spent: true,
                         reply,
                     };
                     self.ask_tenant(tenant, actor.clone(), tools).await?
