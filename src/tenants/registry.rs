@@ -207,6 +207,8 @@ pub struct RegistryState {
     /// The callers waiting for a tenant read again before its start, by tenant: one read
     /// at a time for each, however many calls wait.
     reading: HashMap<String, Vec<StartReply>>,
+    /// `StopAll` came: no actor starts after it, for the process would exit under it.
+    stopping: bool,
 }
 
 /// Where a `Start`'s answer goes.
@@ -348,6 +350,7 @@ impl Actor for RegistryActor {
             tool_prints: HashMap::new(),
             changes: RecentChanges::default(),
             reading: HashMap::new(),
+            stopping: false,
         })
     }
 
@@ -402,7 +405,7 @@ impl Actor for RegistryActor {
                     let _ = reply.send(result.clone());
                 }
             }
-            RegistryMsg::Restart(tenant_id) => {
+            RegistryMsg::Restart(tenant_id) if !state.stopping => {
                 if let Some(record) = state.history.get(&tenant_id).map(|h| h.record.clone()) {
                     if state.args.directory.get(&tenant_id).is_none() {
                         if let Err(err) = state.start(&myself, record, false).await {
@@ -427,7 +430,9 @@ impl Actor for RegistryActor {
                     state.args.directory.forget_restarts(&tenant_id);
                 }
             }
+            RegistryMsg::Restart(_) => {}
             RegistryMsg::StopAll(reply) => {
+                state.stopping = true;
                 state.stop_all().await;
                 let _ = reply.send(());
             }
@@ -465,6 +470,14 @@ impl RegistryState {
         record: TenantRecord,
         from_call: bool,
     ) -> Result<ActorRef<TenantMsg>, CallError> {
+        if self.stopping {
+            // A call that passed the drain's check just before it: its actor would not be
+            // waited for, nor its audit buffer written.
+            return Err(CallError::Unavailable {
+                reason: "the gateway is shutting down".into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
         let tenant_id = record.id.clone();
         if let Some(actor) = self.serving(&record) {
             return Ok(actor);

@@ -489,6 +489,70 @@ mod tests {
         ));
     }
 
+    /// A tenant of the gateway made by [`crate::config::Config::for_tests`].
+    fn tenant(cipher: &TokenCipher) -> TenantRecord {
+        let id = crate::auth::keys::new_tenant_id();
+        let token = crate::config::Secret::new("upstream-token");
+        let now = chrono::Utc::now();
+        TenantRecord {
+            sealed_token: cipher.seal(&id, &token).expect("sealed"),
+            id,
+            name: None,
+            integration_key: "key".into(),
+            api_key_hash: vec![0; 32],
+            upstream_url: None,
+            upstream_transport: crate::store::UpstreamTransport::default(),
+            enabled: true,
+            rate_limit: None,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        }
+    }
+
+    /// A call that passed the drain's check just before the shutdown's `StopAll` gets no
+    /// new actor after it: the shutdown would not wait for that actor, nor for its audit
+    /// buffer, before the process exits.
+    #[tokio::test]
+    async fn no_actor_starts_after_stop_all() {
+        let config = crate::config::Config::for_tests();
+        let store: SharedStore = Arc::new(
+            crate::store::sqlite::SqliteStore::open(":memory:")
+                .await
+                .expect("opened"),
+        );
+        store.migrate().await.expect("migrated");
+        let lifecycle = crate::shutdown::Lifecycle::new(CancellationToken::new());
+        let budget = Arc::new(crate::audit::budget::AuditBudget::new(usize::MAX));
+        let audit = AuditWriter::start(store.clone(), &lifecycle, Duration::from_secs(1), budget);
+        let cipher = TokenCipher::new(&config.encryption_key);
+        let runtime = TenantRuntime::start(
+            RuntimeSettings::from_config(&config),
+            store,
+            audit,
+            cipher.clone(),
+            config.upstream_mcp_url.clone(),
+            ChangeFeed::new(16),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("started");
+        runtime
+            .actor_for(&tenant(&cipher))
+            .await
+            .expect("an actor before the stop");
+        let wait = Some(Duration::from_secs(30));
+        let stopped = runtime.registry.call(RegistryMsg::StopAll, wait).await;
+        assert!(matches!(stopped, Ok(CallResult::Success(()))));
+        let after = runtime.actor_for(&tenant(&cipher)).await;
+        assert!(
+            matches!(after, Err(CallError::Unavailable { .. })),
+            "an actor started after StopAll: {:?}",
+            after.map(|actor| actor.get_id())
+        );
+        assert_eq!(runtime.active_count(), 0);
+    }
+
     #[test]
     fn a_tool_call_is_a_small_future_to_move() {
         // Inline, the upstream call's state made this future several KB (README, Performance).
