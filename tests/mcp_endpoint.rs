@@ -886,6 +886,39 @@ async fn opening_a_session_spends_the_tenants_rate_limit_and_ending_one_does_not
 }
 
 #[tokio::test]
+async fn an_initialize_refused_at_the_session_cap_spends_none_of_the_rate_limit(
+) -> anyhow::Result<()> {
+    // A client retrying `initialize` at its tenant's session cap opens nothing: those
+    // refusals must not use up the rate limit that the tenant's calls need.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 1;
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 3}}),
+        )
+        .await?;
+    let mcp = raw_mcp(&gw, &t);
+    let _open = mcp
+        .open_session()
+        .await?
+        .expect("within the cap and the burst");
+    for _ in 0..3 {
+        let refused = mcp.open_session().await?.expect_err("past the cap");
+        assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+    }
+    // The two requests of the burst the session left.
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    for n in 0..2 {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::OK, "call {n}: {body}");
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_listen_with_another_tenants_session_id_finds_no_session() -> anyhow::Result<()> {
     // Without 2026-07-28 `_meta`, rmcp takes a listen into the session its id names.
     let (_upstream, gw, a, b) = two_tenants().await?;

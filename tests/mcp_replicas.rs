@@ -412,6 +412,30 @@ async fn a_session_its_client_ended_stays_ended_after_a_restart() -> anyhow::Res
     first.stop().await?;
 
     let second = TestGateway::start_on(Config::for_tests(), store).await?;
+    // An `initialize` in the ended session that names a session-less version in its
+    // header: rmcp takes any `initialize` into the session it names, whatever the header
+    // says, so the store's record of the end must be asked for it too. First thing after
+    // the restart, while only the store knows of the end.
+    let mut initialize = init_body();
+    initialize["params"]["protocolVersion"] = json!("2026-07-28");
+    let auth = format!("Bearer {}", tenant.api_key);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-session-id", ended.as_str()),
+    ];
+    let url = second.url(&format!("/mcp/{}", tenant.id));
+    let got = raw(
+        &second.http,
+        Method::POST,
+        &url,
+        &headers,
+        Some(&initialize),
+    )
+    .await?;
+    assert_eq!(got.status, StatusCode::NOT_FOUND, "{}", got.text);
     assert_not_served(&second, &tenant, &ended).await?;
     let mut client = RoundRobin::new([&second, &second], &tenant);
     client.session = Some(kept);

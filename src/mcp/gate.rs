@@ -91,7 +91,7 @@ pub async fn gate(
                 .await
                 .unwrap_or_else(IntoResponse::into_response)
         }
-        Some(Some(id)) => with_session(&gate, &tenant_id, &id, req, next)
+        Some(Some(id)) => with_session(&gate, &tenant_id, &id, false, req, next)
             .await
             .unwrap_or_else(IntoResponse::into_response),
         Some(None) => no_session().into_response(),
@@ -159,6 +159,7 @@ async fn with_session(
     gate: &Gate,
     tenant_id: &str,
     id: &str,
+    initialize: bool,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -202,8 +203,9 @@ async fn with_session(
     // A slot first: a tenant at its cap costs the store nothing.
     let reservation = reserve(gate, tenant_id)?;
     // Ended through another replica, or before this one restarted: the store remembers. A
-    // 2026-07-28 request is served without the session it names, and needs no answer.
-    if fast_path::version_has_sessions(req.headers())
+    // 2026-07-28 request is served without the session it names, and needs no answer;
+    // but rmcp takes an `initialize` into the session it names whatever the version.
+    if (initialize || fast_path::version_has_sessions(req.headers()))
         && !gate
             .store
             .ended_sessions(std::slice::from_ref(&digest))
@@ -395,11 +397,10 @@ async fn post_in_session(
         Opening::Cancel(request_id) => {
             // For a call the fast path serves; rmcp ignores an id it does not know.
             gate.fast.in_flight.cancel(id, tenant_id, request_id);
-            with_session(gate, tenant_id, id, req, next).await
+            with_session(gate, tenant_id, id, false, req, next).await
         }
-        Opening::Session(_) | Opening::Nothing => {
-            with_session(gate, tenant_id, id, req, next).await
-        }
+        Opening::Session(_) => with_session(gate, tenant_id, id, true, req, next).await,
+        Opening::Nothing => with_session(gate, tenant_id, id, false, req, next).await,
     }
 }
 
@@ -461,8 +462,10 @@ async fn post_without_session(
                     sealed::MAX_INITIALIZE_PARAMS
                 )));
             }
-            spend_rate_limit(gate, authenticated(&req)).await?;
+            // The cap first: an `initialize` refused for it opens nothing, and spends none
+            // of the tenant's rate limit.
             let reservation = reserve(gate, tenant_id)?;
+            spend_rate_limit(gate, authenticated(&req)).await?;
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
             Ok(answered(gate, true, response))
         }
