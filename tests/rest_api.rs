@@ -746,6 +746,23 @@ async fn request_ids_are_taken_from_the_request_or_made() -> anyhow::Result<()> 
         .await?;
     assert_ne!(headers["x-request-id"], "bad id\twith tabs");
     assert_eq!(headers["x-content-type-options"], "nosniff");
+    // Trace ids of load balancers and tracing systems, as they come.
+    for id in [
+        "Root=1-5f84c7a1-0123456789abcdef;Parent=53995c3f42cd8ad8;Sampled=1",
+        "YWJj+/dA==",
+        "req/42",
+    ] {
+        let (_, headers, body) = gw
+            .send(Method::GET, "/api/tenants", &[("x-request-id", id)], None)
+            .await?;
+        assert_eq!(headers["x-request-id"], id);
+        assert_eq!(body["error"]["requestId"], id);
+    }
+    let long = "a".repeat(201);
+    let (_, headers, _) = gw
+        .send(Method::GET, "/health", &[("x-request-id", &long)], None)
+        .await?;
+    assert_ne!(headers["x-request-id"], long.as_str());
     gw.stop().await
 }
 
