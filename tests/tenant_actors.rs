@@ -703,6 +703,55 @@ async fn an_upstream_error_answer_fails_only_its_own_call() -> anyhow::Result<()
 }
 
 #[tokio::test]
+async fn an_upstream_429_to_initialize_is_the_tenants_limit_not_a_failure() -> anyhow::Result<()> {
+    // The upstream's limit on the tenant's credential, met as a new connection opens (first
+    // use, or after idling out): 429 with the upstream's wait, as on a call, and never a
+    // failure towards marking the tenant failing, however many in a row.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    upstream.set_failing_with(Some("initialize"), 429);
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    for n in 0..12 {
+        let (status, headers, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "call {n}: {body}");
+        assert_eq!(body["error"]["code"], "rate_limited", "call {n}: {body}");
+        assert_eq!(headers["retry-after"], "7", "call {n}");
+    }
+    upstream.set_failing(None);
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn a_legacy_sse_upstreams_429_passes_on_its_wait() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let sse = upstream
+        .sse_url
+        .clone()
+        .context("the test upstream serves SSE")?;
+    let mut body = tenant_on(&sse, "tok");
+    body["upstreamTransport"] = json!("sse");
+    let t = gw.create_tenant(body).await?;
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    // To its handshake, then to a call on the session.
+    for method in ["initialize", "tools/call"] {
+        upstream.set_failing_with(Some(method), 429);
+        let (status, headers, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{method}: {body}");
+        assert_eq!(headers["retry-after"], "7", "{method}");
+        upstream.set_failing(None);
+        if method == "initialize" {
+            let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn failing_to_list_tools_counts_towards_failing() -> anyhow::Result<()> {
     // An upstream gone for longer than the tool list's lifetime: discovering the list again
     // fails, and that must mark the tenant failing as failed calls do.

@@ -488,10 +488,17 @@ impl TenantState {
                 }
             }
             Err(err) => {
+                // The upstream's limit on the tenant's credential (a 429 to `initialize`)
+                // is an answer: the callers are told to wait, and it is no failure.
+                let throttled = matches!(err, crate::upstream::UpstreamError::Throttled { .. });
                 let err = CallError::from(err);
-                // The reason in our own words, redacted (rmcp's own line is off: `logging`).
-                tracing::warn!(tenant_id = %self.tenant_id, error = %err, "upstream connect failed");
-                self.record_failure(err.to_string());
+                if throttled {
+                    tracing::info!(tenant_id = %self.tenant_id, "upstream refused a connect with 429");
+                } else {
+                    // The reason in our own words, redacted (rmcp's own line is off: `logging`).
+                    tracing::warn!(tenant_id = %self.tenant_id, error = %err, "upstream connect failed");
+                    self.record_failure(err.to_string());
+                }
                 for waiter in waiters {
                     let _ = waiter.send(Err(err.clone()));
                 }

@@ -235,6 +235,9 @@ async fn sse(
         )
         .await
         .map_err(|error| {
+            if let Some(throttled) = super::error::throttled(&error) {
+                return throttled;
+            }
             let failed = super::error::described(&error);
             UpstreamError::Connect(redaction.apply(&format!("legacy SSE: {failed}")))
         })?;

@@ -111,6 +111,11 @@ impl UpstreamError {
                 message: redaction.apply(&data.message),
             },
             ClientInitializeError::TransportError { error, context } => {
+                // The upstream's limit on the tenant's credential: an answer, not a failed
+                // connection (as for a call).
+                if let Some(throttled) = throttled(&*error.error) {
+                    return throttled;
+                }
                 // The context is rmcp's own short text: the cut must not fall on it.
                 let failed = redaction.apply(&described(&*error.error));
                 Self::Connect(format!("{failed}, when {context}"))
@@ -126,6 +131,14 @@ impl UpstreamError {
             ),
             other => Self::Protocol(redaction.apply(&other.to_string())),
         }
+    }
+}
+
+/// [`UpstreamError::Throttled`] when `error`, a transport's failure, is the upstream's 429.
+pub(super) fn throttled(error: &(dyn std::error::Error + 'static)) -> Option<UpstreamError> {
+    match refusal(error) {
+        Some(Refusal::Throttled(retry_after)) => Some(UpstreamError::Throttled { retry_after }),
+        _ => None,
     }
 }
 
@@ -199,8 +212,12 @@ fn refusal(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
             Some(_) => return None,
             None => {}
         }
-        if let Some(super::sse::SseError::Status(status)) = current.downcast_ref() {
-            return of_status(*status, None);
+        if let Some(super::sse::SseError::Status {
+            status,
+            retry_after,
+        }) = current.downcast_ref()
+        {
+            return of_status(*status, retry_after.as_deref());
         }
         source = current.source();
     }
@@ -486,10 +503,25 @@ mod tests {
         assert_eq!(of(Error::TransportChannelClosed), None);
         // The legacy SSE transport's POST refused.
         assert_eq!(
-            refusal(&super::super::sse::SseError::Status(502)),
+            refusal(&super::super::sse::SseError::Status {
+                status: 502,
+                retry_after: None
+            }),
             Some(Refusal::ServerError)
         );
-        assert_eq!(refusal(&super::super::sse::SseError::Status(404)), None);
+        let not_found = super::super::sse::SseError::Status {
+            status: 404,
+            retry_after: None,
+        };
+        assert_eq!(refusal(&not_found), None);
+        let throttled = super::super::sse::SseError::Status {
+            status: 429,
+            retry_after: Some("7".into()),
+        };
+        assert_eq!(
+            refusal(&throttled),
+            Some(Refusal::Throttled(Some(Duration::from_secs(7))))
+        );
     }
 
     #[test]

@@ -31,8 +31,12 @@ const INBOUND_BUFFER: usize = 64;
 pub(super) enum SseError {
     #[error("HTTP request failed: {0}")]
     Http(#[source] reqwest::Error),
-    #[error("HTTP {0}")]
-    Status(u16),
+    /// An answer that is not a success, with its `Retry-After` (as sent, when short).
+    #[error("HTTP {status}")]
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+    },
     #[error("the SSE stream is not text/event-stream")]
     NotEventStream,
     #[error("the SSE stream ended before its endpoint event")]
@@ -43,6 +47,23 @@ pub(super) enum SseError {
     BadEndpoint,
     #[error("could not encode a message: {0}")]
     Encode(#[from] serde_json::Error),
+}
+
+impl SseError {
+    /// The failure of an answer that is not a success.
+    fn refused(response: &reqwest::Response) -> Self {
+        // A number of seconds or a date: anything longer is not worth keeping.
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .filter(|value| value.len() <= 64)
+            .map(str::to_owned);
+        Self::Status {
+            status: response.status().as_u16(),
+            retry_after,
+        }
+    }
 }
 
 impl From<reqwest::Error> for SseError {
@@ -83,7 +104,7 @@ impl SseTransport {
                 .send()
                 .await?;
             if !response.status().is_success() {
-                return Err(SseError::Status(response.status().as_u16()));
+                return Err(SseError::refused(&response));
             }
             let is_event_stream = response
                 .headers()
@@ -144,7 +165,7 @@ impl Transport<RoleClient> for SseTransport {
             if response.status().is_success() {
                 Ok(())
             } else {
-                Err(SseError::Status(response.status().as_u16()))
+                Err(SseError::refused(&response))
             }
         }
     }
