@@ -62,7 +62,7 @@ enum Connection {
 }
 
 /// Stale tool-list loads in a row after which waiting calls get the latest list anyway.
-const MAX_STALE_LOADS: u32 = 2;
+pub(super) const MAX_STALE_LOADS: u32 = 2;
 
 pub struct TenantState {
     tenant_id: String,

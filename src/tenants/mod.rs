@@ -74,10 +74,14 @@ impl RuntimeSettings {
 
     /// How long a call may wait for an actor's answer to a lease or a tool list: the answer
     /// can wait for a connect (twice the connect timeout with `auto`: Streamable HTTP, then
-    /// SSE) and then a tool-list discovery (the upstream timeout). Shorter, a slow but
-    /// working upstream would get its callers 503 "restarting".
+    /// SSE) and then tool-list discoveries (the upstream timeout each): the rest of one
+    /// running when it came, which may turn out stale, and the loads again after it
+    /// (`actor::MAX_STALE_LOADS`). Shorter, a slow but working upstream would get its
+    /// callers 503 "restarting"; the request's own timeout (504) cuts a wait this long.
     pub fn actor_reply_bound(&self) -> Duration {
-        let slowest = self.connect_timeout * 2 + self.upstream_timeout + Duration::from_secs(5);
+        let loads = actor::MAX_STALE_LOADS + 1;
+        let slowest =
+            self.connect_timeout * 2 + self.upstream_timeout * loads + Duration::from_secs(5);
         slowest.max(Duration::from_secs(30))
     }
 
@@ -190,8 +194,9 @@ mod tests {
         let mut settings = RuntimeSettings::from_config(&Config::for_tests());
         settings.connect_timeout = Duration::from_secs(10);
         settings.upstream_timeout = Duration::from_secs(30);
-        // `auto` connects twice at worst, then lists the tools.
-        assert!(settings.actor_reply_bound() > Duration::from_secs(2 * 10 + 30));
+        // `auto` connects twice at worst, then lists the tools: a load that turns out stale
+        // and the loads again after it.
+        assert!(settings.actor_reply_bound() > Duration::from_secs(2 * 10 + 3 * 30));
         settings.connect_timeout = Duration::from_millis(100);
         settings.upstream_timeout = Duration::from_millis(200);
         assert_eq!(settings.actor_reply_bound(), Duration::from_secs(30));
