@@ -919,6 +919,80 @@ async fn an_initialize_refused_at_the_session_cap_spends_none_of_the_rate_limit(
 }
 
 #[tokio::test]
+async fn sessions_end_when_their_credentials_stop_working() -> anyhow::Result<()> {
+    // A rotated key or a disabled tenant stops working at once: the sessions opened under
+    // it end (their streams too) and give their slots back, rather than hold them until
+    // their idle timeout. A change that leaves the credential as it was (a rename) ends
+    // none.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = 1;
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+            "upstreamUrl": upstream.url}),
+        )
+        .await?;
+    let path = format!("/api/tenants/{}", t.id);
+    let mcp = raw_mcp(&gw, &t);
+    let session = mcp.open_session().await?.expect("a session");
+    let stream = session_closing(&mcp, &session).await?;
+    let renamed = gw
+        .send_as_admin(Method::PATCH, &path, Some(json!({"name": "renamed"})))
+        .await?;
+    assert_eq!(renamed.0, StatusCode::OK, "{}", renamed.2);
+    // Heard by then: a session the rename ended would have its stream closed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!stream.is_finished(), "a rename ended the session");
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let got = mcp.in_session(&session, &list).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+
+    let (status, _, rotated) = gw
+        .send_as_admin(Method::POST, &format!("{path}/api-key"), None)
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    tokio::time::timeout(Duration::from_secs(5), stream)
+        .await
+        .context("the session under the rotated key did not end")??;
+    let t = CreatedTenant {
+        api_key: rotated["apiKey"].as_str().context("a new key")?.to_owned(),
+        ..t
+    };
+    // Its slot is back: a session under the new key opens at once.
+    let mcp = raw_mcp(&gw, &t);
+    let session = mcp.open_session().await?.expect("the slot given back");
+    let stream = session_closing(&mcp, &session).await?;
+    let disabled = gw
+        .send_as_admin(Method::PATCH, &path, Some(json!({"enabled": false})))
+        .await?;
+    assert_eq!(disabled.0, StatusCode::OK, "{}", disabled.2);
+    tokio::time::timeout(Duration::from_secs(5), stream)
+        .await
+        .context("the disabled tenant's session did not end")??;
+    let enabled = gw
+        .send_as_admin(Method::PATCH, &path, Some(json!({"enabled": true})))
+        .await?;
+    assert_eq!(enabled.0, StatusCode::OK, "{}", enabled.2);
+    mcp.open_session().await?.expect("the slot given back");
+    gw.stop().await
+}
+
+/// Reads the `GET` stream of `session` to its end, in a task that ends with it.
+async fn session_closing(
+    mcp: &RawMcp,
+    session: &str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let stream = mcp.session_stream(session).await?;
+    anyhow::ensure!(stream.status() == StatusCode::OK, "{}", stream.status());
+    let mut body = stream.bytes_stream();
+    Ok(tokio::spawn(async move {
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
+    }))
+}
+
+#[tokio::test]
 async fn a_listen_with_another_tenants_session_id_finds_no_session() -> anyhow::Result<()> {
     // Without 2026-07-28 `_meta`, rmcp takes a listen into the session its id names.
     let (_upstream, gw, a, b) = two_tenants().await?;

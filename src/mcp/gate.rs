@@ -201,7 +201,7 @@ async fn with_session(
         return end(gate, digest, req, next).await;
     }
     // A slot first: a tenant at its cap costs the store nothing.
-    let reservation = reserve(gate, tenant_id)?;
+    let reservation = reserve(gate, tenant_id)?.under_key(&credential_key(&req));
     // Ended through another replica, or before this one restarted: the store remembers. A
     // 2026-07-28 request is served without the session it names, and needs no answer;
     // but rmcp takes an `initialize` into the session it names whatever the version.
@@ -329,6 +329,13 @@ async fn spend_rate_limit(
 fn authenticated(req: &Request) -> Option<crate::store::TenantRecord> {
     let context = req.extensions().get::<crate::auth::AuthContext>()?;
     Some(context.tenant.clone())
+}
+
+/// The API key hash of the tenant record the request authenticated with: a session opened
+/// under it ends when the key is rotated.
+fn credential_key(req: &Request) -> Vec<u8> {
+    let context = req.extensions().get::<crate::auth::AuthContext>();
+    context.map_or_else(Vec::new, |context| context.tenant.api_key_hash.clone())
 }
 
 fn reserve(gate: &Gate, tenant_id: &str) -> Result<Reservation, ApiError> {
@@ -464,7 +471,7 @@ async fn post_without_session(
             }
             // The cap first: an `initialize` refused for it opens nothing, and spends none
             // of the tenant's rate limit.
-            let reservation = reserve(gate, tenant_id)?;
+            let reservation = reserve(gate, tenant_id)?.under_key(&credential_key(&req));
             spend_rate_limit(gate, authenticated(&req)).await?;
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
             Ok(answered(gate, true, response))

@@ -87,6 +87,12 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         fast_calls,
         state.lifecycle.token.clone(),
     ));
+    state.lifecycle.tasks.spawn(end_sessions_of_changed_tenants(
+        state.tenants.tenant_changes(),
+        sessions.clone(),
+        state.store.clone(),
+        state.lifecycle.sessions.clone(),
+    ));
     state.lifecycle.tasks.spawn(end_copies_ended_elsewhere(
         state.tenants.remote_session_ends(),
         sessions.clone(),
@@ -137,6 +143,34 @@ async fn forget_expired_streams(calls: Arc<fast_path::InFlight>, stop: Cancellat
 /// (PostgreSQL fleets), until MCP sessions close. When some ends may have been missed (the
 /// fleet listener reconnected, or this task fell behind it), every open copy is checked
 /// against the store's record of ended sessions instead.
+/// Ends, as tenants change, their sessions that their credentials no longer open (deleted,
+/// disabled, the key they were opened under rotated): API.md's "stops working at once" for
+/// what a session holds too (its slot under the caps, its stream).
+async fn end_sessions_of_changed_tenants(
+    mut changes: broadcast::Receiver<crate::tenants::TenantChange>,
+    sessions: Arc<BoundedSessions>,
+    store: SharedStore,
+    stop: CancellationToken,
+) {
+    use crate::tenants::TenantChange;
+    loop {
+        let heard = tokio::select! {
+            _ = stop.cancelled() => return,
+            heard = changes.recv() => heard,
+        };
+        let tenants = match heard {
+            Ok(TenantChange::One(tenant)) => vec![tenant],
+            Ok(TenantChange::All) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                sessions.tenants_with_sessions()
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        for tenant in tenants {
+            sessions.end_for_old_credentials(&tenant, &store).await;
+        }
+    }
+}
+
 async fn end_copies_ended_elsewhere(
     mut ends: broadcast::Receiver<SessionEnd>,
     sessions: Arc<BoundedSessions>,

@@ -30,6 +30,7 @@ use rmcp::transport::WorkerTransport;
 
 use super::fast_path::InFlight;
 use super::sealed::{SealError, SessionClaims, SessionSeal, SESSION_ID_LIFETIME};
+use crate::store::SharedStore;
 
 /// Which bound a new session would cross.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +86,9 @@ impl State {
 struct Owner {
     tenant: String,
     digest: String,
+    /// The tenant's API key hash when the session was opened (or rebuilt here): a session
+    /// opened under a key since rotated ends ([`BoundedSessions::end_for_old_credentials`]).
+    key: Vec<u8>,
     /// Ended by its client through another replica, and being closed here: the gate
     /// treats it as ended already rather than hand rmcp a session about to go.
     ending: bool,
@@ -142,7 +146,28 @@ impl SessionLimits {
         Ok(Reservation {
             limits: self.clone(),
             tenant: Some(tenant.to_owned()),
+            key: Vec::new(),
         })
+    }
+
+    /// The sessions open here for `tenant` (not those ending), with the key hash each was
+    /// opened under.
+    pub fn sessions_of(&self, tenant: &str) -> Vec<(SessionId, Vec<u8>)> {
+        let state = self.lock();
+        let open = state
+            .owners
+            .iter()
+            .filter(|(_, owner)| !owner.ending && owner.tenant == tenant);
+        open.map(|(id, owner)| (id.clone(), owner.key.clone()))
+            .collect()
+    }
+
+    /// The tenants with sessions open here.
+    pub fn tenants_with_sessions(&self) -> Vec<String> {
+        let state = self.lock();
+        let tenants: std::collections::HashSet<&String> =
+            state.owners.values().map(|owner| &owner.tenant).collect();
+        tenants.into_iter().cloned().collect()
     }
 
     /// The tenant that opened session `id`, if it is open (and not being ended).
@@ -260,6 +285,7 @@ impl SessionLimits {
             let owner = Owner {
                 tenant,
                 digest,
+                key: std::mem::take(&mut reservation.key),
                 ending: false,
                 seen_by_rmcp: Instant::now(),
                 heard: Instant::now(),
@@ -293,6 +319,16 @@ fn release(state: &mut State, tenant: &str) {
 pub struct Reservation {
     limits: Arc<SessionLimits>,
     tenant: Option<String>,
+    /// The API key hash of the tenant record the request authenticated with.
+    key: Vec<u8>,
+}
+
+impl Reservation {
+    /// The slot of a session opened under the tenant's API key with this hash.
+    pub fn under_key(mut self, key: &[u8]) -> Self {
+        self.key = key.to_vec();
+        self
+    }
 }
 
 impl Drop for Reservation {
@@ -397,6 +433,41 @@ impl BoundedSessions {
             tracing::debug!("closing an idle MCP session");
             if let Err(error) = self.close_session(&id).await {
                 tracing::debug!(%error, "could not close an idle MCP session");
+            }
+        }
+    }
+
+    /// The tenants with sessions open here.
+    pub fn tenants_with_sessions(&self) -> Vec<String> {
+        self.limits.tenants_with_sessions()
+    }
+
+    /// Ends the sessions open here of `tenant` that its credentials no longer open: all of
+    /// them for a tenant deleted or disabled, those opened under an API key since rotated.
+    /// Each of their requests is refused anyway; this gives their slots back, and ends their
+    /// streams. Should the store not answer, they last until their idle timeout.
+    pub async fn end_for_old_credentials(&self, tenant: &str, store: &SharedStore) {
+        let open = self.limits.sessions_of(tenant);
+        if open.is_empty() {
+            return;
+        }
+        let now = match store.get_tenant(tenant).await {
+            Ok(now) => now,
+            Err(error) => {
+                tracing::warn!(%error, tenant_id = %tenant, "could not check a changed tenant's MCP sessions");
+                return;
+            }
+        };
+        for (id, key) in open {
+            let opens = now
+                .as_ref()
+                .is_some_and(|record| record.enabled && record.api_key_hash == key);
+            if opens {
+                continue;
+            }
+            tracing::debug!(tenant_id = %tenant, "ending an MCP session its credentials no longer open");
+            if let Err(error) = self.close_session(&id).await {
+                tracing::debug!(%error, "could not end an MCP session of a changed tenant");
             }
         }
     }

@@ -286,6 +286,12 @@ impl TenantRuntime {
         self.changes.subscribe_tools()
     }
 
+    /// Tenants that changed (here or, on PostgreSQL, through other replicas), as the
+    /// credential cache and the registry hear of them.
+    pub fn tenant_changes(&self) -> tokio::sync::broadcast::Receiver<super::TenantChange> {
+        self.changes.subscribe()
+    }
+
     /// MCP sessions whose clients ended them through other replicas (PostgreSQL fleets),
     /// for this replica to end its copies.
     pub fn remote_session_ends(&self) -> tokio::sync::broadcast::Receiver<super::SessionEnd> {
