@@ -130,8 +130,11 @@ fn healthcheck(host: std::net::IpAddr, port: u16) -> i32 {
         other => other,
     };
     let ready = async {
+        // Never through a proxy from the environment (one set for the upstreams' egress):
+        // no proxy reaches this container's own loopback.
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(2))
+            .no_proxy()
             .build()?;
         let url = format!("http://{}/live", std::net::SocketAddr::new(host, port));
         anyhow::Ok(client.get(url).send().await?.status() == reqwest::StatusCode::OK)

@@ -894,8 +894,12 @@ async fn a_rest_call_whose_caller_went_away_is_still_audited() -> anyhow::Result
 #[tokio::test]
 async fn the_healthcheck_command_probes_the_gateways_liveness() -> anyhow::Result<()> {
     let gw = TestGateway::start().await?;
-    let check = |port: u16| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    let refusing = switchboard::config::refusing_loopback();
+    // A proxy set for the upstreams' egress, which cannot reach the container's loopback.
+    let proxy = format!("http://{refusing}");
+    let check = move |port: u16, proxied: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
             .args([
                 "--host",
                 "0.0.0.0",
@@ -903,16 +907,25 @@ async fn the_healthcheck_command_probes_the_gateways_liveness() -> anyhow::Resul
                 &port.to_string(),
                 "healthcheck",
             ])
-            .env_clear()
-            .status()
+            .env_clear();
+        if proxied {
+            for name in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+                command.env(name, &proxy);
+            }
+        }
+        command.status()
     };
-    let alive = tokio::task::spawn_blocking({
-        let port = gw.addr.port();
-        move || check(port)
-    });
-    assert_eq!(alive.await??.code(), Some(0), "a live gateway is healthy");
-    let refusing = switchboard::config::refusing_loopback().port();
-    let gone = tokio::task::spawn_blocking(move || check(refusing)).await??;
+    let port = gw.addr.port();
+    for proxied in [false, true] {
+        let check = check.clone();
+        let alive = tokio::task::spawn_blocking(move || check(port, proxied));
+        assert_eq!(
+            alive.await??.code(),
+            Some(0),
+            "a live gateway is healthy (proxy in the environment: {proxied})"
+        );
+    }
+    let gone = tokio::task::spawn_blocking(move || check(refusing.port(), false)).await??;
     assert_eq!(gone.code(), Some(1), "nothing answering is unhealthy");
     gw.stop().await
 }

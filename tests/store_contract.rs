@@ -54,6 +54,20 @@ async fn sqlite_in_memory_opens_and_migrates() -> Result<()> {
     Ok(())
 }
 
+/// `sqlite://` with no path (an unset variable in `sqlite://${DB_PATH}`) would be SQLite's
+/// temporary database, deleted at exit: refused, saying so.
+#[tokio::test]
+async fn a_sqlite_url_without_a_path_is_refused() -> Result<()> {
+    let Err(refused) = switchboard::store::open(Some("sqlite://"), 1).await else {
+        bail!("sqlite:// with no path opened");
+    };
+    ensure!(
+        format!("{refused:#}").contains("names no file"),
+        "{refused:#}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_contract() -> Result<()> {
     let admin_url =

@@ -295,6 +295,12 @@ pub async fn open(database_url: Option<&str>, pool_size: usize) -> anyhow::Resul
                     "DATABASE_URL must start with postgres://, postgresql:// or sqlite://"
                 )
             })?;
+            // SQLite takes an empty name for a temporary database, deleted at exit: every
+            // tenant and audit event gone at the next start, with nothing said.
+            anyhow::ensure!(
+                !path.is_empty(),
+                "DATABASE_URL sqlite:// names no file: give its path, as sqlite://switchboard.db"
+            );
             Ok(Arc::new(sqlite::SqliteStore::open(path).await?))
         }
         None => Ok(Arc::new(sqlite::SqliteStore::open("switchboard.db").await?)),
