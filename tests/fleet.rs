@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::database::FreshDatabase;
+use common::database::{drop_listeners, FreshDatabase};
 use common::gateway::{CreatedTenant, TestGateway, TestStore};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -192,6 +192,40 @@ async fn changes_through_one_replica_reach_every_replica() -> anyhow::Result<()>
         gw.stop().await?;
     }
     Ok(())
+}
+
+/// With its fleet listener cut off (the database restarted, the listener in its back-off),
+/// a replica hears no change another one makes: what it cached of a credential must not
+/// stand for that while, or a key rotated elsewhere would go on working here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_not_listening_takes_no_cached_credential_as_current() -> anyhow::Result<()> {
+    let db = Arc::new(FreshDatabase::create().await?);
+    let url = db.url.clone();
+    let store = Arc::new(TestStore::Postgres(db));
+    let a = TestGateway::start_on(Config::for_tests(), store.clone()).await?;
+    let b = TestGateway::start_on(Config::for_tests(), store).await?;
+    let tenant = a.create_tenant(tenant_body()).await?;
+    // B reads the key, and caches it.
+    let status = call_tool(&b, &tenant.id, &tenant.api_key).await?;
+    assert_ne!(status, StatusCode::UNAUTHORIZED);
+    drop_listeners(&url, 2).await?;
+    // The listeners' clients see their connections end (the server says so as it ends
+    // them); they reconnect no sooner than 125 ms later.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rotate = format!("/api/tenants/{}/api-key", tenant.id);
+    let (status, _, body) = a
+        .send(
+            Method::POST,
+            &rotate,
+            &[("authorization", &admin(&a))],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let status = call_tool(&b, &tenant.id, &tenant.api_key).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the old key worked on B");
+    a.stop().await?;
+    b.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

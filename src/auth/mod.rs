@@ -92,6 +92,8 @@ pub struct Authenticator {
     store: SharedStore,
     mode: TenantAuthMode,
     cache: CredentialCache,
+    /// Whether the cache hears every change now ([`ChangeFeed::hearing`]).
+    changes: ChangeFeed,
     /// Until when the store counts as not answering: set by a lookup that timed out,
     /// cleared by one that was answered.
     unanswered_until: std::sync::Mutex<Option<std::time::Instant>>,
@@ -111,6 +113,7 @@ impl Authenticator {
                 config.credential_cache_ttl,
                 changes,
             ),
+            changes: changes.clone(),
             unanswered_until: std::sync::Mutex::new(None),
         }
     }
@@ -255,8 +258,12 @@ impl Authenticator {
     /// the cache, bounded by [`LOOKUP_TIMEOUT`]); when the store is unavailable, a stale
     /// cached entry answers.
     async fn lookup(&self, key: CacheKey<'_>) -> Result<TenantRecord, AuthError> {
-        if let Some(tenant) = self.cache.get(key, Freshness::Fresh) {
-            return Ok(tenant);
+        // A fresh entry stands only while every change is heard: with the fleet listener
+        // down, a key rotated through another replica would go on working here.
+        if self.changes.hearing() {
+            if let Some(tenant) = self.cache.get(key, Freshness::Fresh) {
+                return Ok(tenant);
+            }
         }
         if self.store_unanswered() {
             if let Some(tenant) = self.cache.get(key, Freshness::Stale) {

@@ -81,11 +81,14 @@ pub(super) async fn listen(
         max: RECONNECT_MAX,
     };
     let mut attempt = 0u32;
+    // Until listening, a change another replica makes goes unheard here.
+    sinks.feed.set_hearing(false);
     loop {
         let ended = tokio::select! {
             _ = shutdown.cancelled() => return,
             ended = session(&config, &tls, &sinks, &mut attempt) => ended,
         };
+        sinks.feed.set_hearing(false);
         attempt += 1;
         let delay = backoff.delay(attempt);
         tracing::warn!(error = %ended, retry_in = ?delay, "fleet change listener disconnected");
@@ -132,6 +135,7 @@ async fn session(
     tracing::info!("fleet change listener connected");
     // Anything may have changed while we were not listening.
     sinks.feed.publish_all();
+    sinks.feed.set_hearing(true);
     sinks.feed.publish_sessions_recheck();
     sinks.replicas_changed.notify_one();
     // `client` stays alive until we return: dropping it would close the connection.

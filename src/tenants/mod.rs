@@ -128,6 +128,10 @@ pub struct ChangeFeed {
     sender: broadcast::Sender<TenantChange>,
     tools: broadcast::Sender<String>,
     sessions_ended: broadcast::Sender<SessionEnd>,
+    /// Whether the feed hears every change made anywhere: always alone (SQLite); on
+    /// PostgreSQL only while the fleet listener is connected. While it is not, what was
+    /// read of a tenant may have changed through another replica unheard.
+    hearing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ChangeFeed {
@@ -140,7 +144,18 @@ impl ChangeFeed {
             sender,
             tools,
             sessions_ended,
+            hearing: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
+    }
+
+    /// Whether every change made anywhere is heard now (see the field).
+    pub fn hearing(&self) -> bool {
+        self.hearing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The fleet listener is connected (`true`), or not.
+    pub fn set_hearing(&self, on: bool) {
+        self.hearing.store(on, std::sync::atomic::Ordering::Release);
     }
 
     pub fn publish(&self, tenant_id: &str) {

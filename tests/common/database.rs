@@ -198,3 +198,40 @@ pub async fn wait_for_listeners(
     let _ = conn.await;
     Ok(pids)
 }
+
+/// Ends the fleet listeners' connections to the database at `url` once `replicas` of them
+/// are connected, and waits until those connections are gone, so that what is announced
+/// next is lost to them. The listeners reconnect on their own after their back-off (125 ms
+/// at the least).
+pub async fn drop_listeners(url: &str, replicas: usize) -> anyhow::Result<()> {
+    let pids = wait_for_listeners(url, replicas, std::time::Duration::from_secs(10)).await?;
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let conn = tokio::spawn(conn);
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid",
+            &[&pids],
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the listeners' connections did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
