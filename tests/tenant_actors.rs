@@ -718,6 +718,9 @@ async fn an_upstream_429_to_initialize_is_the_tenants_limit_not_a_failure() -> a
         assert_eq!(body["error"]["code"], "rate_limited", "call {n}: {body}");
         assert_eq!(headers["retry-after"], "7", "call {n}");
     }
+    // Not connecting, nor failing: its last attempt ended.
+    let view = serde_json::to_value(gw.tenants.status(&t.id).await)?;
+    assert_eq!(view["state"], "stopped", "{view}");
     upstream.set_failing(None);
     let (status, _, body) = gw.tool(&t, echo).await?;
     assert_eq!(status, StatusCode::OK, "{body}");

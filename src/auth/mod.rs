@@ -246,6 +246,10 @@ impl Authenticator {
         let hash = keys::hash_api_key(key);
         let key = CacheKey::KeyHash(&hash);
         if cached_only {
+            // Only while every change is heard, as in `lookup`.
+            if !self.changes.hearing() {
+                return Err(AuthError::Unauthorized);
+            }
             return self
                 .cache
                 .get(key, Freshness::Fresh)

@@ -494,6 +494,7 @@ impl TenantState {
                 let err = CallError::from(err);
                 if throttled {
                     tracing::info!(tenant_id = %self.tenant_id, "upstream refused a connect with 429");
+                    set_status(&self.status, |s| s.state = ConnectionState::Stopped);
                 } else {
                     // The reason in our own words, redacted (rmcp's own line is off: `logging`).
                     tracing::warn!(tenant_id = %self.tenant_id, error = %err, "upstream connect failed");
