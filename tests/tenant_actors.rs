@@ -158,11 +158,7 @@ async fn wait_for_no_actors(gw: &TestGateway, within: Duration, what: &str) {
 
 /// `POST /api/tenant/{id}/tool` with `body` in a task of its own (for a request that
 /// waits while the test acts): its status and JSON body.
-fn spawn_tool(
-    gw: &TestGateway,
-    t: &CreatedTenant,
-    body: Value,
-) -> tokio::task::JoinHandle<anyhow::Result<(StatusCode, Value)>> {
+fn spawn_tool(gw: &TestGateway, t: &CreatedTenant, body: Value) -> ToolAnswer {
     let (http, key) = (gw.http.clone(), t.api_key.clone());
     let url = gw.url(&format!("/api/tenant/{}/tool", t.id));
     tokio::spawn(async move {
@@ -1045,10 +1041,22 @@ async fn a_list_that_went_stale_while_loading_is_not_the_one_kept() -> anyhow::R
     gw.stop().await
 }
 
-#[tokio::test]
-async fn callers_waiting_for_a_tool_list_are_bounded() -> anyhow::Result<()> {
-    // While a list loads, as many callers may wait for it as calls may be in flight; the
-    // next one is told the tenant is busy at once instead of queueing without bound.
+/// A tenant (`TENANT_MAX_IN_FLIGHT` 2) whose refresh's tool list the upstream holds, with
+/// both places waiting for the list taken: the refresh's and one list request's; a second
+/// list request was turned away.
+struct ListWaitersAtTheCap {
+    upstream: TestUpstream,
+    gw: TestGateway,
+    t: CreatedTenant,
+    refresh: ToolAnswer,
+    waiting: ToolAnswer,
+    /// The answer of the list request turned away.
+    refused: (StatusCode, Value),
+}
+
+type ToolAnswer = tokio::task::JoinHandle<anyhow::Result<(StatusCode, Value)>>;
+
+async fn list_waiters_at_the_cap() -> anyhow::Result<ListWaitersAtTheCap> {
     let upstream = TestUpstream::start().await?;
     let mut config = Config::for_tests();
     config.tenant_max_in_flight = 2;
@@ -1071,18 +1079,33 @@ async fn callers_waiting_for_a_tool_list_are_bounded() -> anyhow::Result<()> {
     )
     .await
     .context("no caller was turned away while the list was held")?;
-    let (status, body) = first??;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
-    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    let refused = first??;
     drop(rest);
     lists.remove(done);
-    upstream.release_list();
-    assert_eq!(refresh.await??.0, StatusCode::OK);
-    for list in lists {
-        let (status, body) = list.await??;
-        assert_eq!(status, StatusCode::OK, "{body}");
-    }
-    gw.stop().await
+    let waiting = lists.pop().context("the other list request")?;
+    Ok(ListWaitersAtTheCap {
+        upstream,
+        gw,
+        t,
+        refresh,
+        waiting,
+        refused,
+    })
+}
+
+#[tokio::test]
+async fn callers_waiting_for_a_tool_list_are_bounded() -> anyhow::Result<()> {
+    // While a list loads, as many callers may wait for it as calls may be in flight; the
+    // next one is told the tenant is busy at once instead of queueing without bound.
+    let held = list_waiters_at_the_cap().await?;
+    let (status, body) = held.refused;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    held.upstream.release_list();
+    assert_eq!(held.refresh.await??.0, StatusCode::OK);
+    let (status, body) = held.waiting.await??;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    held.gw.stop().await
 }
 
 #[tokio::test]
@@ -1091,45 +1114,21 @@ async fn a_call_waiting_for_the_tool_list_is_not_turned_away_by_list_requests() 
     // The cap on callers waiting for a list is for list requests, which hold no place in
     // flight. A tool call that waits for the list after its lease holds one already: list
     // requests that fill the cap must not make it a 429 with one call in flight.
-    let upstream = TestUpstream::start().await?;
-    let mut config = Config::for_tests();
-    config.tenant_max_in_flight = 2;
-    let gw = TestGateway::start_with(config).await?;
-    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
-    assert_eq!(
-        gw.tool(&t, json!({"method": "listTools"})).await?.0,
-        StatusCode::OK
-    );
-    upstream.hold_next_list();
-    let refresh = spawn_tool(&gw, &t, json!({"method": "refreshTools"}));
-    upstream.wait_for_held_lists(1).await?;
-    let mut lists: Vec<_> = (0..2)
-        .map(|_| spawn_tool(&gw, &t, json!({"method": "listTools"})))
-        .collect();
-    // One list request turned away: the refresh and the other hold both places.
-    let (first, done, rest) = tokio::time::timeout(
-        Duration::from_secs(10),
-        futures::future::select_all(lists.iter_mut()),
-    )
-    .await
-    .context("no list request was turned away while the list was held")?;
-    assert_eq!(first??.0, StatusCode::TOO_MANY_REQUESTS);
-    drop(rest);
-    lists.remove(done);
-    let call = spawn_tool(&gw, &t, json!({"method": "echo", "params": {"text": "x"}}));
+    let held = list_waiters_at_the_cap().await?;
+    assert_eq!(held.refused.0, StatusCode::TOO_MANY_REQUESTS);
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    let call = spawn_tool(&held.gw, &held.t, echo);
     // The call waits for the list rather than being answered now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     if call.is_finished() {
         anyhow::bail!("answered while the list was held: {:?}", call.await?);
     }
-    upstream.release_list();
+    held.upstream.release_list();
     let (status, body) = call.await??;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(refresh.await??.0, StatusCode::OK);
-    for list in lists {
-        assert_eq!(list.await??.0, StatusCode::OK);
-    }
-    gw.stop().await
+    assert_eq!(held.refresh.await??.0, StatusCode::OK);
+    assert_eq!(held.waiting.await??.0, StatusCode::OK);
+    held.gw.stop().await
 }
 
 #[tokio::test]

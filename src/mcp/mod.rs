@@ -139,10 +139,6 @@ async fn forget_expired_streams(calls: Arc<fast_path::InFlight>, stop: Cancellat
     }
 }
 
-/// Ends this replica's copies of the sessions that clients ended through other replicas
-/// (PostgreSQL fleets), until MCP sessions close. When some ends may have been missed (the
-/// fleet listener reconnected, or this task fell behind it), every open copy is checked
-/// against the store's record of ended sessions instead.
 /// Ends, as tenants change, their sessions that their credentials no longer open (deleted,
 /// disabled, the key they were opened under rotated): API.md's "stops working at once" for
 /// what a session holds too (its slot under the caps, its stream).
@@ -153,17 +149,11 @@ async fn end_sessions_of_changed_tenants(
     stop: CancellationToken,
 ) {
     use crate::tenants::TenantChange;
-    loop {
-        let heard = tokio::select! {
-            _ = stop.cancelled() => return,
-            heard = changes.recv() => heard,
-        };
+    while let Some(heard) = next_heard(&mut changes, &stop).await {
         let tenants = match heard {
             Ok(TenantChange::One(tenant)) => vec![tenant],
-            Ok(TenantChange::All) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                sessions.tenants_with_sessions()
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+            // Any tenant may have changed.
+            Ok(TenantChange::All) | Err(_) => sessions.tenants_with_sessions(),
         };
         for tenant in tenants {
             sessions.end_for_old_credentials(&tenant, &store).await;
@@ -171,29 +161,44 @@ async fn end_sessions_of_changed_tenants(
     }
 }
 
+/// Ends this replica's copies of the sessions that clients ended through other replicas
+/// (PostgreSQL fleets), until MCP sessions close. When some ends may have been missed (the
+/// fleet listener reconnected, or this task fell behind it), every open copy is checked
+/// against the store's record of ended sessions instead.
 async fn end_copies_ended_elsewhere(
     mut ends: broadcast::Receiver<SessionEnd>,
     sessions: Arc<BoundedSessions>,
     store: SharedStore,
     stop: CancellationToken,
 ) {
-    loop {
-        let heard = tokio::select! {
-            _ = stop.cancelled() => return,
-            heard = ends.recv() => heard,
-        };
+    while let Some(heard) = next_heard(&mut ends, &stop).await {
         match heard {
             Ok(SessionEnd::One(digest)) => sessions.end_copy(digest).await,
             Ok(SessionEnd::Recheck) => recheck_copies(&sessions, &store).await,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
+            Err(missed) => {
                 tracing::warn!(
                     missed,
                     "fell behind the MCP sessions ended on other replicas"
                 );
                 recheck_copies(&sessions, &store).await;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+/// The next message of `feed`, or how many this receiver missed when it fell behind;
+/// `None` once `stop` is cancelled or the feed is closed.
+async fn next_heard<T: Clone>(
+    feed: &mut broadcast::Receiver<T>,
+    stop: &CancellationToken,
+) -> Option<Result<T, u64>> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        heard = feed.recv() => match heard {
+            Ok(message) => Some(Ok(message)),
+            Err(broadcast::error::RecvError::Lagged(missed)) => Some(Err(missed)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        },
     }
 }
 
