@@ -160,12 +160,13 @@ impl AuditWriter {
             return;
         }
         // The event holds exactly what `Waiting::done` gives back for it. A tool call's event
-        // takes only from the buffers' part, as it would have in its tenant's buffer: the
-        // queue's own part stays for admin actions and issued tokens.
+        // takes only from the buffers' part, as it would have in its tenant's buffer, and so
+        // does a refused credential (anyone can cause those): the queue's own part stays for
+        // admin actions and issued tokens.
         let bytes = held_bytes(&event);
         let charged_in_full = match bytes.checked_sub(charged) {
             Some(0) => true,
-            Some(more) if is_call(&event) => self.budget.take(more),
+            Some(more) if refusal || is_call(&event) => self.budget.take(more),
             Some(more) => self.budget.take_for_queue(more),
             None => {
                 self.budget.give(charged - bytes);
@@ -183,17 +184,18 @@ impl AuditWriter {
             crate::metrics::audit_dropped(1);
             return;
         }
-        match self.queue.try_send(event) {
-            Ok(()) => crate::metrics::audit_pending(1),
-            Err(refused) => {
-                self.budget.give(bytes);
-                let (mpsc::error::TrySendError::Full(event)
-                | mpsc::error::TrySendError::Closed(event)) = refused;
-                self.shares.give(std::slice::from_ref(&event));
-                let action = event.action;
-                tracing::error!(%action, "audit queue full or closed: event dropped");
-                crate::metrics::audit_dropped(1);
-            }
+        // Counted before it is sent: the writing task may write it, and count it down,
+        // before `try_send` returns.
+        crate::metrics::audit_pending(1);
+        if let Err(refused) = self.queue.try_send(event) {
+            crate::metrics::audit_pending(-1);
+            self.budget.give(bytes);
+            let (mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event)) =
+                refused;
+            self.shares.give(std::slice::from_ref(&event));
+            let action = event.action;
+            tracing::error!(%action, "audit queue full or closed: event dropped");
+            crate::metrics::audit_dropped(1);
         }
     }
 
@@ -501,30 +503,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tenants_tool_calls_take_no_bytes_of_the_queues_own_part() {
-        let call = || crate::audit::event(Some("busy"), "tool.call", "busy", "ok", None);
-        let size = held_bytes(&call());
-        // The buffers' part is seven eighths: seven calls' worth (the margin: an admin
-        // action's name is a few bytes longer).
-        let budget = Arc::new(AuditBudget::new(8 * size + 16));
-        let (writer, _store) = writer_in_an_outage(budget.clone()).await;
-        for _ in 0..8 {
-            writer.queue(call());
+    async fn tool_calls_and_refused_credentials_take_no_bytes_of_the_queues_own_part() {
+        for action in [crate::audit::TOOL_CALL, crate::audit::REFUSED] {
+            let event = || crate::audit::event(Some("busy"), action, "busy", "ok", None);
+            let size = held_bytes(&event());
+            // The buffers' part is seven eighths: seven events' worth (the margin: an admin
+            // action's name is a few bytes longer).
+            let budget = Arc::new(AuditBudget::new(8 * size + 16));
+            let (writer, _store) = writer_in_an_outage(budget.clone()).await;
+            for _ in 0..8 {
+                writer.queue(event());
+            }
+            assert_eq!(
+                budget.held(),
+                7 * size,
+                "{action}: the eighth was past the buffers' part"
+            );
+            let mut admin = event();
+            admin.action = "tenant.update".into();
+            let admin_size = held_bytes(&admin);
+            writer.queue(admin);
+            assert_eq!(
+                budget.held(),
+                7 * size + admin_size,
+                "{action}: an admin action takes the queue's part"
+            );
         }
-        assert_eq!(
-            budget.held(),
-            7 * size,
-            "the eighth call was past the buffers' part"
-        );
-        let mut admin = call();
-        admin.action = "tenant.update".into();
-        let admin_size = held_bytes(&admin);
-        writer.queue(admin);
-        assert_eq!(
-            budget.held(),
-            7 * size + admin_size,
-            "an admin action takes the queue's part"
-        );
     }
 
     #[tokio::test]
