@@ -334,6 +334,38 @@ async fn a_tenants_credentials_do_not_open_another_tenant() -> anyhow::Result<()
     assert_error(&unknown_key, StatusCode::UNAUTHORIZED, "unauthorized");
     let none = gw.send(Method::GET, &b_path, &[], None).await?;
     assert_error(&none, StatusCode::UNAUTHORIZED, "unauthorized");
+    // A JWT retired with its tenant's key is no valid credential of another tenant any
+    // more, on B's path as on A's own: 401, as for A's rotated key.
+    let (status, _, rotated) = gw
+        .send_as_admin(
+            Method::POST,
+            &format!("/api/tenants/{}/api-key", a.id),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let as_a = |token: &str| {
+        let authorization = bearer(token);
+        let (gw, b_path) = (&gw, &b_path);
+        async move {
+            gw.send(
+                Method::GET,
+                b_path,
+                &[("authorization", &authorization)],
+                None,
+            )
+            .await
+        }
+    };
+    assert_error(
+        &as_a(&a.token).await?,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let new_token = gw
+        .tenant_token(rotated["apiKey"].as_str().expect("apiKey"))
+        .await?;
+    assert_error(&as_a(&new_token).await?, StatusCode::FORBIDDEN, "forbidden");
     gw.stop().await
 }
 

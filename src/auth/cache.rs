@@ -203,11 +203,12 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use chrono::Utc;
 
-    fn record(id: &str, hash: u8) -> TenantRecord {
+    /// A tenant record whose API key hash is 32 bytes of `hash`.
+    pub(in crate::auth) fn record(id: &str, hash: u8) -> TenantRecord {
         TenantRecord {
             id: id.into(),
             name: None,

@@ -202,7 +202,7 @@ impl Authenticator {
                     .verify(token, Role::Tenant)
                     .map_err(|_| AuthError::Unauthorized)?;
                 if claims.tid.as_deref() != Some(path_tenant) {
-                    return Err(AuthError::Forbidden);
+                    return Err(self.refusal_elsewhere(&claims).await);
                 }
                 Some(claims)
             }
@@ -225,7 +225,7 @@ impl Authenticator {
         }
         // A JWT issued under a rotated key is retired with it.
         if let Some(claims) = &claims {
-            if claims.kid.as_deref() != Some(keys::key_generation(&tenant.api_key_hash).as_str()) {
+            if !issued_under(claims, &tenant) {
                 return Err(AuthError::Unauthorized);
             }
         }
@@ -237,6 +237,20 @@ impl Authenticator {
             via,
             tenant,
         })
+    }
+
+    /// The refusal of a tenant JWT sent for another tenant's path: 403 while it is a valid
+    /// credential of its own tenant, 401 once that tenant's key was rotated or the tenant
+    /// deleted (a retired credential is no credential, whichever path it is sent to).
+    async fn refusal_elsewhere(&self, claims: &jwt::Claims) -> AuthError {
+        let Some(own) = claims.tid.as_deref() else {
+            return AuthError::Unauthorized;
+        };
+        match self.lookup(CacheKey::TenantId(own)).await {
+            Ok(tenant) if issued_under(claims, &tenant) => AuthError::Forbidden,
+            Ok(_) => AuthError::Unauthorized,
+            Err(refused) => refused,
+        }
     }
 
     async fn lookup_key(&self, key: &str, cached_only: bool) -> Result<TenantRecord, AuthError> {
@@ -308,7 +322,60 @@ impl Authenticator {
     }
 }
 
+/// Whether a tenant JWT was issued under `tenant`'s current API key (its `kid`).
+fn issued_under(claims: &jwt::Claims, tenant: &TenantRecord) -> bool {
+    claims.kid.as_deref() == Some(keys::key_generation(&tenant.api_key_hash).as_str())
+}
+
 fn store_refusal(err: StoreError) -> AuthError {
     tracing::warn!(error = %err, "credential lookup failed");
     AuthError::Unavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use std::sync::Arc;
+
+    /// An address past its refusal budget is answered from the credential cache alone, and
+    /// only while the cache hears every change: with the change feed's listener down, a key
+    /// rotated or a tenant disabled through another replica would still pass here.
+    #[tokio::test]
+    async fn a_blocked_address_is_refused_while_changes_are_not_heard() {
+        let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.expect("opened"));
+        store.migrate().await.expect("migrated");
+        let key = keys::new_api_key();
+        let mut tenant = cache::tests::record(&keys::new_tenant_id(), 0);
+        tenant.api_key_hash = keys::hash_api_key(key.expose());
+        store.create_tenant(&tenant).await.expect("created");
+        let changes = ChangeFeed::new(16);
+        let auth = Authenticator::new(&Config::for_tests(), store, &changes);
+        let sent = |cached_only| TenantCredentials {
+            api_key: Some(key.expose()),
+            cached_only,
+            ..Default::default()
+        };
+        let blocked = || auth.tenant(&tenant.id, sent(true), false);
+
+        assert!(
+            matches!(blocked().await, Err(AuthError::Unauthorized)),
+            "a key the cache does not hold"
+        );
+        auth.tenant(&tenant.id, sent(false), false)
+            .await
+            .expect("looked up in the store, and cached");
+        assert_eq!(
+            blocked().await.expect("from the cache").tenant_id,
+            tenant.id
+        );
+
+        changes.set_hearing(false);
+        assert!(
+            matches!(blocked().await, Err(AuthError::Unauthorized)),
+            "a cached key while changes are not heard"
+        );
+        changes.set_hearing(true);
+        assert_eq!(blocked().await.expect("heard again").tenant_id, tenant.id);
+    }
 }
