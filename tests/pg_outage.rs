@@ -508,6 +508,57 @@ async fn a_credential_lookup_the_database_does_not_answer_is_unavailable_or_answ
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_admin_request_the_database_does_not_answer_is_unavailable_and_changes_nothing(
+) -> anyhow::Result<()> {
+    // A lock on `tenants` keeps admin reads and writes waiting, as a database host gone
+    // from the network would. They are 503 `unavailable` within seconds, not held to the
+    // request timeout and answered as an upstream timeout; and a key rotation the caller
+    // was told failed does not go through once the lock goes (its new key, shown only in
+    // the answer, would be lost with the old one retired).
+    let mut config = Config::for_tests();
+    config.request_timeout = Duration::from_secs(30);
+    let gw = TestGateway::start_postgres(config).await?;
+    let url = database_url(&gw)?;
+    let tenant = gw
+        .create_tenant(json!({"integrationKey": "kept", "integrationAppToken": "ia-token-kept"}))
+        .await?;
+    let watcher = side_connection(&url).await?;
+    let key_hash = async || -> anyhow::Result<Vec<u8>> {
+        let sql = "SELECT api_key_hash FROM tenants WHERE id = $1";
+        Ok(watcher.query_one(sql, &[&tenant.id]).await?.get(0))
+    };
+    let before = key_hash().await?;
+    let locker = locking(&url, "tenants").await?;
+    let started = Instant::now();
+    let rotate = format!("/api/tenants/{}/api-key", tenant.id);
+    let ((rotated, r_headers, r_body), (listed, _, l_body)) = tokio::try_join!(
+        gw.send_as_admin(reqwest::Method::POST, &rotate, None),
+        gw.send_as_admin(reqwest::Method::GET, "/api/tenants", None),
+    )?;
+    let took = started.elapsed();
+    assert_eq!(rotated, StatusCode::SERVICE_UNAVAILABLE, "{r_body}");
+    assert_eq!(r_body["error"]["code"], "unavailable", "{r_body}");
+    assert!(r_headers.contains_key("retry-after"), "{r_headers:?}");
+    assert_eq!(listed, StatusCode::SERVICE_UNAVAILABLE, "{l_body}");
+    assert!(took < Duration::from_secs(10), "they took {took:?}");
+    locker.batch_execute("COMMIT").await?;
+    // Time for a statement left waiting on the lock to go through, were it still there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(key_hash().await?, before, "the key was rotated after all");
+    let path = format!("/api/tenant/{}/audit", tenant.id);
+    let (status, _, body) = gw
+        .send(
+            reqwest::Method::GET,
+            &path,
+            &[("x-api-key", &tenant.api_key)],
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "the key stopped working: {body}");
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_admin_change_whose_caller_went_away_is_still_audited() -> anyhow::Result<()> {
     // The tenants table is locked, so a DELETE waits; its client gives up meanwhile. Once
     // the lock goes, the delete commits, and its `tenant.delete` event must be written:

@@ -261,13 +261,35 @@ pub trait Store: Send + Sync + 'static {
 
 pub type SharedStore = Arc<dyn Store>;
 
-/// How long one announcement to the other replicas may take.
 /// `ping` (behind `/health` and `/ready`) answers within this on either backend, even when
 /// the pool waits, a connect hangs or the embedded store's one connection is busy: a probe
 /// must say "down" quickly, not after the store's own timeouts.
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long one announcement to the other replicas may take.
 const ANNOUNCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long an API request (a tenant change, a listing, an audit page) waits for each store
+/// operation it makes (see [`answered_within`]).
+pub const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `op`, or [`StoreError::Unavailable`] (503) when the store has not answered within
+/// `limit`: a database that stops answering without refusing (a host gone from the network,
+/// a lock held on a table) then holds a request for `limit`, not until `REQUEST_TIMEOUT_MS`,
+/// which would answer it as an upstream timeout. On PostgreSQL the abandoned statement is
+/// cancelled on the server (`postgres::Checkout`), so that a change the caller was told
+/// failed does not go through once the lock is released.
+pub async fn answered_within<T>(
+    limit: std::time::Duration,
+    op: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    tokio::time::timeout(limit, op).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "no answer within {} s",
+            limit.as_secs()
+        )))
+    })
+}
 
 /// Sends one announcement to the other replicas (`send`, one of the store's `announce_*`).
 /// One bounded statement, not a loop: it ends within [`ANNOUNCE_TIMEOUT`] whatever the

@@ -12,7 +12,8 @@ use crate::auth::keys;
 use crate::cipher::TokenCipher;
 use crate::config::Secret;
 use crate::store::{
-    RateLimit, SharedStore, StoreError, StoreResult, TenantChanges, TenantRecord, UpstreamTransport,
+    answered_within, RateLimit, SharedStore, StoreError, StoreResult, TenantChanges, TenantRecord,
+    UpstreamTransport, STORE_WAIT,
 };
 
 /// A validated request to create a tenant.
@@ -158,7 +159,7 @@ impl TenantAdmin {
                 updated_at: now,
                 version: 1,
             };
-            match self.store.create_tenant(&record).await {
+            match answered_within(STORE_WAIT, self.store.create_tenant(&record)).await {
                 Ok(()) => {
                     self.audit(&record.id, "tenant.create", actor).await;
                     return Ok((record, api_key));
@@ -179,9 +180,7 @@ impl TenantAdmin {
         if_match: Option<i64>,
         actor: &Actor,
     ) -> StoreResult<TenantRecord> {
-        let current = self
-            .store
-            .get_tenant(id)
+        let current = answered_within(STORE_WAIT, self.store.get_tenant(id))
             .await?
             .ok_or(StoreError::NotFound)?;
         let expected = if_match.unwrap_or(current.version);
@@ -202,7 +201,8 @@ impl TenantAdmin {
             enabled: update.enabled,
             rate_limit: update.rate_limit,
         };
-        let record = self.store.update_tenant(id, expected, &changes).await?;
+        let updated = self.store.update_tenant(id, expected, &changes);
+        let record = answered_within(STORE_WAIT, updated).await?;
         self.changes.publish(id);
         self.audit(id, "tenant.update", actor).await;
         Ok(record)
@@ -210,17 +210,15 @@ impl TenantAdmin {
 
     async fn rotating_key(&self, id: &str, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
         let api_key = keys::new_api_key();
-        let record = self
-            .store
-            .rotate_api_key(id, &keys::hash_api_key(api_key.expose()))
-            .await?;
+        let hash = keys::hash_api_key(api_key.expose());
+        let record = answered_within(STORE_WAIT, self.store.rotate_api_key(id, &hash)).await?;
         self.changes.publish(id);
         self.audit(id, "tenant.key_rotate", actor).await;
         Ok((record, api_key))
     }
 
     async fn deleting(&self, id: &str, actor: &Actor) -> StoreResult<()> {
-        self.store.delete_tenant(id).await?;
+        answered_within(STORE_WAIT, self.store.delete_tenant(id)).await?;
         self.changes.publish(id);
         self.audit(id, "tenant.delete", actor).await;
         Ok(())

@@ -10,7 +10,7 @@ use super::tenants::page_limit;
 use crate::http::error::{ApiError, ErrorBody};
 use crate::http::extract::{Admin, ApiPath, ApiQuery, Tenant};
 use crate::http::AppState;
-use crate::store::{AuditQuery, AuditRecord};
+use crate::store::{answered_within, AuditQuery, AuditRecord, STORE_WAIT};
 
 const ACTIONS: &[&str] = &[
     "tool.call",
@@ -108,7 +108,10 @@ pub async fn for_admin(
 /// tenant's trail starts with its `tenant.create` and a deleted one's ends with its
 /// `tenant.delete` (the newest of its events that retention keeps longest).
 async fn has_tenant_or_trail(state: &AppState, tenant_id: String) -> Result<bool, ApiError> {
-    if state.store.get_tenant(&tenant_id).await?.is_some() {
+    if answered_within(STORE_WAIT, state.store.get_tenant(&tenant_id))
+        .await?
+        .is_some()
+    {
         return Ok(true);
     }
     for action in ["tenant.delete", "tenant.create"] {
@@ -118,7 +121,10 @@ async fn has_tenant_or_trail(state: &AppState, tenant_id: String) -> Result<bool
             before_id: None,
             limit: 1,
         };
-        if !state.store.list_audit(&query).await?.is_empty() {
+        if !answered_within(STORE_WAIT, state.store.list_audit(&query))
+            .await?
+            .is_empty()
+        {
             return Ok(true);
         }
     }
@@ -164,7 +170,7 @@ async fn page(
         before_id: params.cursor,
         limit: limit + 1,
     };
-    let mut rows = state.store.list_audit(&query).await?;
+    let mut rows = answered_within(STORE_WAIT, state.store.list_audit(&query)).await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);
         rows.last().map(|r| r.id.clone())

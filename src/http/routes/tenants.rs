@@ -15,7 +15,9 @@ use crate::http::extract::{Admin, ApiJson, ApiPath, ApiQuery};
 use crate::http::middleware::RequestId;
 use crate::http::no_store::NoStore;
 use crate::http::AppState;
-use crate::store::{PageCursor, RateLimit, TenantRecord, UpstreamTransport};
+use crate::store::{
+    answered_within, PageCursor, RateLimit, TenantRecord, UpstreamTransport, STORE_WAIT,
+};
 use crate::tenants::admin::{Actor, NewTenant, TenantUpdate};
 use crate::tenants::status::UpstreamStatus;
 
@@ -152,7 +154,8 @@ pub async fn list(
 ) -> Result<Json<TenantPage>, ApiError> {
     let limit = page_limit(params.limit)?;
     let after = params.cursor.as_deref().map(decode_cursor).transpose()?;
-    let mut rows = state.store.list_tenants(limit + 1, after.as_ref()).await?;
+    let listed = state.store.list_tenants(limit + 1, after.as_ref());
+    let mut rows = answered_within(STORE_WAIT, listed).await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);
         rows.last().map(encode_cursor)
@@ -174,7 +177,9 @@ pub async fn get(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<TenantView>, ApiError> {
-    let tenant = state.store.get_tenant(&id).await?.ok_or_else(no_tenant)?;
+    let tenant = answered_within(STORE_WAIT, state.store.get_tenant(&id))
+        .await?
+        .ok_or_else(no_tenant)?;
     let status = state.tenants.status(&id).await;
     Ok(Json(TenantView::new(tenant, Some(status))))
 }
