@@ -702,22 +702,33 @@ async fn an_upstream_error_answer_fails_only_its_own_call() -> anyhow::Result<()
 async fn an_upstream_429_to_initialize_is_the_tenants_limit_not_a_failure() -> anyhow::Result<()> {
     // The upstream's limit on the tenant's credential, met as a new connection opens (first
     // use, or after idling out): 429 with the upstream's wait, as on a call, and never a
-    // failure towards marking the tenant failing, however many in a row.
+    // failure towards marking the tenant failing, however many in a row. Nor is the
+    // upstream asked again before its wait is over.
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
     let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
-    upstream.set_failing_with(Some("initialize"), 429);
+    upstream.set_throttling("initialize", 2);
     let echo = json!({"method": "echo", "params": {"text": "x"}});
+    let mut asked = 0;
     for n in 0..12 {
         let (status, headers, body) = gw.tool(&t, echo.clone()).await?;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "call {n}: {body}");
         assert_eq!(body["error"]["code"], "rate_limited", "call {n}: {body}");
-        assert_eq!(headers["retry-after"], "7", "call {n}");
+        assert_eq!(headers["retry-after"], "2", "call {n}");
+        if n == 0 {
+            asked = upstream.seen_tokens().len();
+        }
     }
+    assert_eq!(
+        upstream.seen_tokens().len(),
+        asked,
+        "the upstream was asked again within its wait"
+    );
     // Not connecting, nor failing: its last attempt ended.
     let view = serde_json::to_value(gw.tenants.status(&t.id).await)?;
     assert_eq!(view["state"], "stopped", "{view}");
     upstream.set_failing(None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let (status, _, body) = gw.tool(&t, echo).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     gw.stop().await
@@ -737,12 +748,14 @@ async fn a_legacy_sse_upstreams_429_passes_on_its_wait() -> anyhow::Result<()> {
     let echo = json!({"method": "echo", "params": {"text": "x"}});
     // To its handshake, then to a call on the session.
     for method in ["initialize", "tools/call"] {
-        upstream.set_failing_with(Some(method), 429);
+        upstream.set_throttling(method, 1);
         let (status, headers, body) = gw.tool(&t, echo.clone()).await?;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{method}: {body}");
-        assert_eq!(headers["retry-after"], "7", "{method}");
+        assert_eq!(headers["retry-after"], "1", "{method}");
         upstream.set_failing(None);
         if method == "initialize" {
+            // Not asked again within the wait it gave.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let (status, _, body) = gw.tool(&t, echo.clone()).await?;
             assert_eq!(status, StatusCode::OK, "{body}");
         }

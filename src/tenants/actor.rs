@@ -105,6 +105,9 @@ pub struct TenantState {
     /// The connection (`generation`) a ping is checking, after a call on it timed out.
     pinging: Option<u64>,
     last_error: Option<String>,
+    /// Until when the upstream asked not to be sent another `initialize` (its 429's
+    /// `Retry-After`): calls are refused as the tenant's limit until then, with no connect.
+    throttled_until: Option<Instant>,
     last_used: Instant,
     /// Cancelled when this state drops (the actor stopped or crashed): see
     /// `TenantMsg::WatchStop`.
@@ -201,6 +204,7 @@ impl Actor for TenantActor {
             failures: 0,
             pinging: None,
             last_error: None,
+            throttled_until: None,
             last_used: Instant::now(),
             _stopping: stopped.clone().drop_guard(),
             stopped,
@@ -321,7 +325,8 @@ impl TenantState {
             return;
         }
         // The limit is spent by a call that goes on towards the upstream: not by one
-        // refused as busy (its place in flight taken first) or for a failing upstream.
+        // refused as busy (its place in flight taken first), for a failing upstream, or for
+        // one that asked to be left alone for a while (a 429 to `initialize`).
         if let Some(failing) = self.backing_off() {
             let _ = reply.send(Err(failing));
             return;
@@ -494,6 +499,9 @@ impl TenantState {
                 let err = CallError::from(err);
                 if throttled {
                     tracing::info!(tenant_id = %self.tenant_id, "upstream refused a connect with 429");
+                    if let CallError::RateLimited { retry_after } = &err {
+                        self.throttled_until = Some(Instant::now() + *retry_after);
+                    }
                     set_status(&self.status, |s| s.state = ConnectionState::Stopped);
                 } else {
                     // The reason in our own words, redacted (rmcp's own line is off: `logging`).
@@ -632,8 +640,15 @@ impl TenantState {
         self.record_failure(error);
     }
 
-    /// Why calls are refused now, while a failing upstream's back-off lasts.
+    /// Why calls are refused now, while a failing upstream's back-off lasts, or the wait
+    /// the upstream asked for when it refused a connect with 429.
     fn backing_off(&self) -> Option<CallError> {
+        let throttled = self
+            .throttled_until
+            .and_then(|until| until.checked_duration_since(Instant::now()));
+        if let Some(retry_after) = throttled {
+            return Some(CallError::RateLimited { retry_after });
+        }
         let Connection::Failing { until } = &self.connection else {
             return None;
         };

@@ -136,7 +136,14 @@ impl TestUpstream {
     /// `Retry-After: 7` (until `None`); everything else is served.
     pub fn set_failing_with(&self, method: Option<&str>, status: u16) {
         if let Ok(mut failing) = self.state.failing_method.lock() {
-            *failing = method.map(|method| (method.to_owned(), status));
+            *failing = method.map(|method| (method.to_owned(), status, 7));
+        }
+    }
+
+    /// POSTs of JSON-RPC `method` get HTTP 429 with `Retry-After: {secs}`.
+    pub fn set_throttling(&self, method: &str, secs: u64) {
+        if let Ok(mut failing) = self.state.failing_method.lock() {
+            *failing = Some((method.to_owned(), 429, secs));
         }
     }
 
@@ -418,13 +425,14 @@ async fn record_token(
     let method = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|m| m["method"].as_str().map(str::to_owned));
-    if let Some((_, status)) = failing.filter(|(failing, _)| method.as_ref() == Some(failing)) {
+    let failing = failing.filter(|(failing, _, _)| method.as_ref() == Some(failing));
+    if let Some((_, status, retry_after)) = failing {
         let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
         let mut answer = (status, "failing on purpose").into_response();
         if status == http::StatusCode::TOO_MANY_REQUESTS {
             answer.headers_mut().insert(
                 http::header::RETRY_AFTER,
-                http::HeaderValue::from_static("7"),
+                http::HeaderValue::from(retry_after),
             );
         }
         return answer;

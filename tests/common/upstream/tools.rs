@@ -44,8 +44,9 @@ pub struct State {
     /// Sessions that finished `initialize`, for `notifications/tools/list_changed`.
     pub peers: Mutex<Vec<Peer<RoleServer>>>,
     /// A JSON-RPC method whose POSTs get this HTTP error status, in plain text (an
-    /// upstream that accepts sessions but fails that request); a 429 says `Retry-After: 7`.
-    pub failing_method: Mutex<Option<(String, u16)>>,
+    /// upstream that accepts sessions but fails that request); a 429 says `Retry-After`
+    /// with the seconds given last.
+    pub failing_method: Mutex<Option<(String, u16, u64)>>,
     /// JSON-RPC methods whose POSTs are never answered, not even with headers (an upstream
     /// that hangs and ignores cancellation).
     pub stalling_methods: Mutex<Vec<String>>,
