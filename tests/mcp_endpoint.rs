@@ -618,6 +618,61 @@ async fn upstream_list_changed_reaches_an_open_session() -> anyhow::Result<()> {
     gw.stop().await
 }
 
+/// A session-less call or tool list that `REQUEST_TIMEOUT_MS` cuts off is answered 504
+/// `upstream_timeout`, and audited as a timeout, as a REST one is: not as an upstream
+/// error, nor as served.
+#[tokio::test]
+async fn session_less_requests_cut_off_by_the_timeout_are_audited_as_timeouts() -> anyhow::Result<()>
+{
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.request_timeout = Duration::from_millis(400);
+    config.upstream_timeout = Duration::from_secs(10);
+    let gw = TestGateway::start_with(config).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    upstream.set_hang(true);
+    upstream.set_stalling(&["tools/list"]);
+    let mcp = raw_mcp(&gw, &t);
+    let echo = json!({"name": "echo", "arguments": {"text": "x"}});
+    for (method, params) in [("tools/call", echo), ("tools/list", json!({}))] {
+        let got = mcp.session_less(1, method, params).await?;
+        assert_eq!(
+            got.status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{method}: {}",
+            got.text
+        );
+        assert!(
+            got.text.contains("upstream_timeout"),
+            "{method}: {}",
+            got.text
+        );
+    }
+    upstream.set_hang(false);
+    upstream.set_stalling(&[]);
+    // Read once the drain has flushed every event.
+    let gw = gw.restart().await?;
+    for action in ["tool.call", "tools.list"] {
+        let path = format!("/api/tenants/{}/audit?action={action}", t.id);
+        let (status, _, audit) = gw.send_as_admin(Method::GET, &path, None).await?;
+        assert_eq!(status, StatusCode::OK, "{audit}");
+        let outcomes: Vec<&Value> = audit["items"]
+            .as_array()
+            .map(|items| items.iter().map(|item| &item["outcome"]).collect())
+            .unwrap_or_default();
+        assert_eq!(outcomes, [&json!("timeout")], "{action}: {audit}");
+    }
+    gw.stop().await
+}
+
+/// An upstream, and a gateway whose tenants may each have `cap` MCP sessions open.
+async fn gateway_with_session_cap(cap: usize) -> anyhow::Result<(TestUpstream, TestGateway)> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.mcp_max_sessions_per_tenant = cap;
+    Ok((upstream, TestGateway::start_with(config).await?))
+}
+
 /// Raw JSON-RPC to tenant `t`'s endpoint with its API key.
 fn raw_mcp(gw: &TestGateway, t: &CreatedTenant) -> RawMcp {
     RawMcp::new(&gw.http, &mcp_url(gw, &t.id), &t.api_key)
@@ -735,10 +790,7 @@ async fn session_caps_are_enforced_per_tenant_and_in_total() -> anyhow::Result<(
 /// the same caps while open, and gives it back when the client leaves.
 #[tokio::test]
 async fn listen_streams_count_against_the_session_caps() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let mut config = Config::for_tests();
-    config.mcp_max_sessions_per_tenant = 2;
-    let gw = TestGateway::start_with(config).await?;
+    let (upstream, gw) = gateway_with_session_cap(2).await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let mcp = raw_mcp(&gw, &t);
     let filter = json!({"notifications": {"toolsListChanged": true}});
@@ -779,10 +831,7 @@ async fn listen_streams_count_against_the_session_caps() -> anyhow::Result<()> {
 /// credential that no longer works.
 #[tokio::test]
 async fn a_listen_stream_that_accepts_nothing_ends_when_its_tenant_changes() -> anyhow::Result<()> {
-    let upstream = TestUpstream::start().await?;
-    let mut config = Config::for_tests();
-    config.mcp_max_sessions_per_tenant = 1;
-    let gw = TestGateway::start_with(config).await?;
+    let (upstream, gw) = gateway_with_session_cap(1).await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let mut listening = raw_mcp(&gw, &t)
         .session_less_stream(1, "subscriptions/listen", json!({"notifications": {}}))
@@ -826,10 +875,7 @@ async fn a_listen_stream_sent_with_a_session_id_still_counts_against_the_caps() 
 {
     // rmcp serves a 2026-07-28 listen whatever session id comes with it: with one, it must
     // not slip past the caps as if it were a request of that session.
-    let upstream = TestUpstream::start().await?;
-    let mut config = Config::for_tests();
-    config.mcp_max_sessions_per_tenant = 2;
-    let gw = TestGateway::start_with(config).await?;
+    let (upstream, gw) = gateway_with_session_cap(2).await?;
     let t = tenant_on(&gw, &upstream.url).await?;
     let mcp = raw_mcp(&gw, &t);
     let filter = json!({"notifications": {"toolsListChanged": true}});
@@ -890,10 +936,7 @@ async fn an_initialize_refused_at_the_session_cap_spends_none_of_the_rate_limit(
 ) -> anyhow::Result<()> {
     // A client retrying `initialize` at its tenant's session cap opens nothing: those
     // refusals must not use up the rate limit that the tenant's calls need.
-    let upstream = TestUpstream::start().await?;
-    let mut config = Config::for_tests();
-    config.mcp_max_sessions_per_tenant = 1;
-    let gw = TestGateway::start_with(config).await?;
+    let (upstream, gw) = gateway_with_session_cap(1).await?;
     let t = gw
         .create_tenant(
             json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
@@ -924,10 +967,7 @@ async fn sessions_end_when_their_credentials_stop_working() -> anyhow::Result<()
     // it end (their streams too) and give their slots back, rather than hold them until
     // their idle timeout. A change that leaves the credential as it was (a rename) ends
     // none.
-    let upstream = TestUpstream::start().await?;
-    let mut config = Config::for_tests();
-    config.mcp_max_sessions_per_tenant = 1;
-    let gw = TestGateway::start_with(config).await?;
+    let (upstream, gw) = gateway_with_session_cap(1).await?;
     let t = gw
         .create_tenant(
             json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
@@ -976,6 +1016,74 @@ async fn sessions_end_when_their_credentials_stop_working() -> anyhow::Result<()
         .await?;
     assert_eq!(enabled.0, StatusCode::OK, "{}", enabled.2);
     mcp.open_session().await?.expect("the slot given back");
+    gw.stop().await
+}
+
+/// A session whose `initialize` passed the gate's credential check just before its
+/// tenant's key was rotated ends with the key all the same, though the rotation's check of
+/// the tenant's sessions ran before the session was bound. Here the client holds back the
+/// `initialize` body (the gate reads it after the credentials) until the rotation has been
+/// told. With one session allowed, a session left open shows as the slot the new key
+/// cannot have.
+#[tokio::test]
+async fn a_session_opened_across_a_key_rotation_ends_with_the_key() -> anyhow::Result<()> {
+    let (upstream, gw) = gateway_with_session_cap(1).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let (send_body, body) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let body =
+        futures::stream::once(
+            async move { body.await.map_err(|_| std::io::Error::other("no body")) },
+        );
+    let opening = gw
+        .http
+        .post(mcp_url(&gw, &t.id))
+        .header("authorization", format!("Bearer {}", t.api_key))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(reqwest::Body::wrap_stream(body))
+        .send();
+    let opening = tokio::spawn(opening);
+    // The headers are through the gate by then.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, rotated) = gw
+        .send_as_admin(
+            Method::POST,
+            &format!("/api/tenants/{}/api-key", t.id),
+            None,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    // And the rotation heard, the tenant's sessions (none yet) checked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let initialize = serde_json::to_vec(&initialize_request("held back"))?;
+    send_body
+        .send(initialize)
+        .map_err(|_| anyhow::anyhow!("the request went"))?;
+    let opened = opening.await??;
+    assert_eq!(
+        opened.status(),
+        StatusCode::OK,
+        "opened under the key it was sent with"
+    );
+    assert!(opened.headers().contains_key("mcp-session-id"));
+    let t = CreatedTenant {
+        api_key: rotated["apiKey"].as_str().context("a new key")?.to_owned(),
+        ..t
+    };
+    let mcp = raw_mcp(&gw, &t);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match mcp.open_session().await? {
+            Ok(_) => break,
+            Err(refused) if Instant::now() < deadline => {
+                assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(refused) => panic!(
+                "the session opened under the rotated key outlived it, in the only slot: {refused}"
+            ),
+        }
+    }
     gw.stop().await
 }
 
@@ -1141,7 +1249,8 @@ async fn a_flood_of_upstream_list_changes_reaches_listeners_a_few_times_not_each
 ) -> anyhow::Result<()> {
     // Every tenant's changes share one feed that wakes every open session: an upstream
     // sending change after change is told to them at most every 100 ms, the last change
-    // included.
+    // included. The flood lasts a few of those 100 ms, so that a last change folded away
+    // would leave the last notification inside it.
     let (upstream, gw, mcp) = raw_tenant().await?;
     let got = mcp.session_less(1, "tools/list", json!({})).await?;
     assert_eq!(got.status, StatusCode::OK, "{}", got.text);
@@ -1153,24 +1262,39 @@ async fn a_flood_of_upstream_list_changes_reaches_listeners_a_few_times_not_each
         .next_message(Duration::from_secs(5))
         .await?
         .context("no acknowledgment")?;
+    // Read as they come, while the flood goes on.
     let flood = Instant::now();
-    for _ in 0..200 {
-        upstream.set_tools_changed().await;
-    }
-    let flooded_for = flood.elapsed();
-    let mut heard = 0;
-    while let Ok(Some(message)) = stream.next_message(Duration::from_millis(1500)).await {
-        assert_eq!(
-            message["method"], "notifications/tools/list_changed",
-            "{message}"
-        );
-        heard += 1;
-    }
+    let flooding = async {
+        for _ in 0..200 {
+            upstream.set_tools_changed().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        flood.elapsed()
+    };
+    let hearing = async {
+        let mut heard_at = Vec::new();
+        while let Ok(Some(message)) = stream.next_message(Duration::from_millis(1500)).await {
+            assert_eq!(
+                message["method"], "notifications/tools/list_changed",
+                "{message}"
+            );
+            heard_at.push(flood.elapsed());
+        }
+        heard_at
+    };
+    let (flooded_for, heard_at) = tokio::join!(flooding, hearing);
+    let (heard, last_heard) = (heard_at.len(), heard_at.last().copied());
     // One at once, then at most one per 100 ms of the flood, and one more after it.
     let most = 2 + flooded_for.as_millis() / 100;
     assert!(
         heard >= 1 && heard <= most as usize,
         "{heard} notifications for 200 changes in {flooded_for:?}"
+    );
+    // The upstream had sent its last change when the flood ended: only a notification
+    // told after it can be that change's.
+    assert!(
+        last_heard.is_some_and(|at| at > flooded_for),
+        "the last change was not told: the last of {heard} notifications came at {last_heard:?}, the flood ended at {flooded_for:?}"
     );
     gw.stop().await
 }

@@ -77,8 +77,9 @@ fn is_json(headers: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
-/// Parses `bytes` as `T`; the message names the field and the expected type, never the
-/// value that was sent (it might be a secret in the wrong place).
+/// Parses `bytes` as `T`; the message names the field, and the expected type where serde
+/// gives it (not for an enum's field: "invalid type" alone), never the value that was sent
+/// (it might be a secret in the wrong place).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {

@@ -49,7 +49,15 @@ pub struct Gate {
     /// A tenth of the sessions' idle timeout: the fast path serves a session's calls only
     /// while rmcp has seen one of its requests within it.
     pub fast_within: std::time::Duration,
+    /// The sessions, for those that a tenant change announced while they opened may have
+    /// to end ([`check_again_if_changed`]).
+    pub sessions: Arc<super::sessions::BoundedSessions>,
 }
+
+/// How many tenant changes had been announced before the request's credentials were read
+/// ([`crate::tenants::ChangeFeed::published`]).
+#[derive(Clone, Copy)]
+struct ChangesSeen(u64);
 
 const SESSION_HEADER: &str = "mcp-session-id";
 
@@ -65,6 +73,7 @@ pub async fn gate(
         api_key: api_key_header(req.headers()),
         cached_only: gate.auth_limiter.is_blocked(req.headers(), peer),
     };
+    let seen = ChangesSeen(gate.tenants.changes_published());
     let context = match gate.auth.tenant(&tenant_id, creds, true).await {
         Ok(context) => context,
         Err(err) => {
@@ -81,6 +90,7 @@ pub async fn gate(
     };
     tracing::Span::current().record("tenant_id", context.tenant_id.as_str());
     req.extensions_mut().insert(context);
+    req.extensions_mut().insert(seen);
     let session = req
         .headers()
         .get(SESSION_HEADER)
@@ -216,8 +226,23 @@ async fn with_session(
         return Err(no_session());
     }
     let post = req.method() == Method::POST;
+    let seen = req.extensions().get::<ChangesSeen>().copied();
     let response = with_pending(Pending::restore(reservation), next.run(req)).await;
+    check_again_if_changed(gate, tenant_id, seen).await;
     Ok(answered(gate, post, response))
+}
+
+/// A session opened (or rebuilt) under credentials read before a tenant change was
+/// announced may have been bound after that change's check of the tenant's sessions
+/// (`end_sessions_of_changed_tenants`) ran, and missed by it: it is checked again. Only
+/// then: a store read, for the rare request that overlaps a change.
+async fn check_again_if_changed(gate: &Gate, tenant_id: &str, seen: Option<ChangesSeen>) {
+    let changed = seen.is_none_or(|ChangesSeen(seen)| gate.tenants.changes_published() != seen);
+    if changed {
+        gate.sessions
+            .end_for_old_credentials(tenant_id, &gate.store)
+            .await;
+    }
 }
 
 /// Whether `req` is a `GET` whose `Last-Event-ID` is not one of rmcp's event ids (`<index>`
@@ -473,7 +498,9 @@ async fn post_without_session(
             // of the tenant's rate limit.
             let reservation = reserve(gate, tenant_id)?.under_key(&credential_key(&req));
             spend_rate_limit(gate, authenticated(&req)).await?;
+            let seen = req.extensions().get::<ChangesSeen>().copied();
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
+            check_again_if_changed(gate, tenant_id, seen).await;
             Ok(answered(gate, true, response))
         }
         Opening::Listen => listen(gate, tenant_id, req, next).await,

@@ -23,7 +23,7 @@ use crate::audit::pending::PendingCall;
 use crate::auth::AuthContext;
 use crate::http::middleware::RequestId;
 use crate::shutdown::Lifecycle;
-use crate::tenants::messages::LONGEST_TOOL_NAME;
+use crate::tenants::messages::{CallError, LONGEST_TOOL_NAME};
 use crate::tenants::runtime::TenantRuntime;
 use crate::upstream::ProgressSink;
 
@@ -127,33 +127,38 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let ctx = tenant_of(&context)?;
-        let started = Instant::now();
-        let list = self.runtime.list_tools(&ctx.tenant, false).await;
+        let request_id = request_id_of(&context);
+        let started = request_id.map_or_else(Instant::now, |id| id.started);
+        // Audited once, as REST's `listTools` is: with its outcome, or, when the request
+        // ends first (the request timeout, which rmcp passes on to a session-less request,
+        // or its client), as cut off (`PendingCall`).
+        let pending = PendingCall::new(
+            self.runtime.clone(),
+            &ctx.tenant_id,
+            "tools.list",
+            request_id.map(|id| id.id.clone()),
+            started + self.settings.request_timeout,
+        );
+        let listing = self.runtime.list_tools(&ctx.tenant, false);
+        let Some(list) = run_relaying(listing, None, &context.ct).await else {
+            // Recorded as cut off as it goes; the answer reaches nobody.
+            drop(pending);
+            return Err(call_error(CallError::Upstream("cancelled".into())));
+        };
         let cursor = request.and_then(|r| r.cursor);
         let answer = list
             .as_ref()
             .map(|list| page(&list.tools, cursor.as_deref()));
-        // Audited as REST's `listTools` is; a cursor this server never handed out is the
-        // client's mistake, refused.
+        // A cursor this server never handed out is the client's mistake, refused.
         let outcome = match &answer {
             Ok(Err(_)) => "refused",
             _ => audit::call_outcome(list.as_ref().map(|_| false)),
         };
-        let event = audit::call_event(audit::CallFacts {
-            tenant_id: &ctx.tenant_id,
-            action: "tools.list",
-            tool: None,
-            arguments: None,
-            request_id: request_id_of(&context).map(|id| id.id.as_str()),
-            outcome,
-            started,
-            request_bytes: None,
-            response_bytes: match &answer {
-                Ok(Ok(result)) => audit::json_len(result),
-                _ => None,
-            },
-        });
-        self.runtime.audit(&ctx.tenant_id, event);
+        let response_bytes = match &answer {
+            Ok(Ok(result)) => audit::json_len(result),
+            _ => None,
+        };
+        pending.write(outcome, response_bytes);
         match answer {
             Ok(result) => result,
             Err(err) => Err(call_error(err.clone())),
@@ -221,12 +226,13 @@ pub async fn serve_call(
         ));
     }
     let started = request_id.map_or_else(Instant::now, |id| id.started);
+    let cut_off_at = started + settings.request_timeout;
     let mut pending = PendingCall::new(
         runtime.clone(),
         &ctx.tenant_id,
         "tool.call",
         request_id.map(|id| id.id.clone()),
-        started + settings.request_timeout,
+        cut_off_at,
     );
     pending.tool = Some(request.name.to_string());
     pending.request_bytes = request.arguments.as_ref().and_then(audit::json_len);
@@ -240,11 +246,17 @@ pub async fn serve_call(
     let result = run_relaying(call, relay, cancelled)
         .await
         .unwrap_or_else(|| {
-            // Dropped before the runtime could count it.
-            audit::pending::abandoned_call_counted("tool.call", &ctx.tenant_id, "upstream_error");
-            Err(crate::tenants::messages::CallError::Upstream(
-                "cancelled by the client".into(),
-            ))
+            // Dropped before the runtime could count it: by the request timeout (rmcp
+            // cancels a session-less call with its request, as `PendingCall` tells by the
+            // time), or by the client.
+            let error = if Instant::now() >= cut_off_at {
+                CallError::Timeout
+            } else {
+                CallError::Upstream("cancelled by the client".into())
+            };
+            let outcome = audit::call_outcome(Err(&error));
+            audit::pending::abandoned_call_counted("tool.call", &ctx.tenant_id, outcome);
+            Err(error)
         });
     let result = result.map(|mut r| {
         r.is_error.get_or_insert(false);

@@ -44,6 +44,20 @@ pub fn routes(state: &AppState) -> Router<AppState> {
     let seal = SessionSeal::new(state.admin.cipher().clone());
     let fast_within = config.mcp_session_idle / 10;
     let fast_calls = Arc::new(fast_path::InFlight::default());
+    let mut local = LocalSessionManager::default();
+    // Idle sessions end, and give their slot back: a session whose client sent nothing for
+    // `MCP_SESSION_IDLE_SECS` and `REQUEST_TIMEOUT_MS` more (a call may run that long) is
+    // closed within a tenth more ([`close_idle_sessions`]). rmcp's own idle timer stays as
+    // a backstop: it restarts only on what rmcp sees, and the gate passes it one request
+    // at least every `fast_within` while a session is in use.
+    let idle_after = config.mcp_session_idle + config.request_timeout;
+    local.session_config.keep_alive = Some(idle_after + fast_within);
+    let sessions = Arc::new(BoundedSessions::new(
+        local,
+        limits.clone(),
+        seal.clone(),
+        fast_calls.clone(),
+    ));
     let gate = Gate {
         auth: state.auth.clone(),
         limits: limits.clone(),
@@ -62,21 +76,8 @@ pub fn routes(state: &AppState) -> Router<AppState> {
             limits: limits.clone(),
         }),
         fast_within,
+        sessions: sessions.clone(),
     };
-    let mut local = LocalSessionManager::default();
-    // Idle sessions end, and give their slot back: a session whose client sent nothing for
-    // `MCP_SESSION_IDLE_SECS` and `REQUEST_TIMEOUT_MS` more (a call may run that long) is
-    // closed within a tenth more ([`close_idle_sessions`]). rmcp's own idle timer stays as
-    // a backstop: it restarts only on what rmcp sees, and the gate passes it one request
-    // at least every `fast_within` while a session is in use.
-    let idle_after = config.mcp_session_idle + config.request_timeout;
-    local.session_config.keep_alive = Some(idle_after + fast_within);
-    let sessions = Arc::new(BoundedSessions::new(
-        local,
-        limits,
-        seal.clone(),
-        fast_calls.clone(),
-    ));
     state.lifecycle.tasks.spawn(close_idle_sessions(
         sessions.clone(),
         idle_after,

@@ -132,6 +132,9 @@ pub struct ChangeFeed {
     /// PostgreSQL only while the fleet listener is connected. While it is not, what was
     /// read of a tenant may have changed through another replica unheard.
     hearing: Arc<std::sync::atomic::AtomicBool>,
+    /// How many tenant changes were published: a reader that saw the same count before and
+    /// after something it did knows that no change was announced meanwhile.
+    published: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ChangeFeed {
@@ -145,6 +148,7 @@ impl ChangeFeed {
             tools,
             sessions_ended,
             hearing: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            published: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -159,13 +163,26 @@ impl ChangeFeed {
     }
 
     pub fn publish(&self, tenant_id: &str) {
+        self.count_published();
         // No listener is fine: nothing is cached then.
         let _ = self.sender.send(TenantChange::One(tenant_id.to_owned()));
     }
 
     /// Asks every listener for a full reload.
     pub fn publish_all(&self) {
+        self.count_published();
         let _ = self.sender.send(TenantChange::All);
+    }
+
+    /// Counted before it is sent: whoever hears the change sees the count it made.
+    fn count_published(&self) {
+        self.published
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// How many tenant changes have been published so far (see the field).
+    pub fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<TenantChange> {

@@ -292,6 +292,11 @@ impl TenantRuntime {
         self.changes.subscribe()
     }
 
+    /// How many tenant changes have been announced here so far ([`super::ChangeFeed::published`]).
+    pub fn changes_published(&self) -> u64 {
+        self.changes.published()
+    }
+
     /// MCP sessions whose clients ended them through other replicas (PostgreSQL fleets),
     /// for this replica to end its copies.
     pub fn remote_session_ends(&self) -> tokio::sync::broadcast::Receiver<super::SessionEnd> {

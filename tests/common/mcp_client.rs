@@ -190,7 +190,8 @@ impl RawMcp {
         }
     }
 
-    async fn post(&self, headers: &[(&str, &str)], body: &Value) -> anyhow::Result<Raw> {
+    /// POSTs `body` with this client's credential and `headers`.
+    pub async fn post(&self, headers: &[(&str, &str)], body: &Value) -> anyhow::Result<Raw> {
         let mut all = vec![
             ("authorization", self.auth.as_str()),
             ("content-type", "application/json"),
