@@ -665,6 +665,50 @@ async fn session_less_requests_cut_off_by_the_timeout_are_audited_as_timeouts() 
     gw.stop().await
 }
 
+/// A call in a session is not cut off by `REQUEST_TIMEOUT_MS` (its event stream's headers
+/// go out at once): one its client cancels after that long is audited as cancelled
+/// (`upstream_error`), not as a timeout.
+#[tokio::test]
+async fn a_session_call_cancelled_past_the_request_timeout_is_no_timeout() -> anyhow::Result<()> {
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.request_timeout = Duration::from_millis(400);
+    config.upstream_timeout = Duration::from_secs(10);
+    let gw = TestGateway::start_with(config).await?;
+    let t = tenant_on(&gw, &upstream.url).await?;
+    let mcp = raw_mcp(&gw, &t);
+    let id = mcp.open_session().await?.expect("a session");
+    // Served by the gate (a plain call), and by rmcp (`_meta` the gate leaves to it).
+    let plain = json!({"name": "sleep", "arguments": {"ms": 20_000}});
+    let for_rmcp = json!({"name": "sleep", "arguments": {"ms": 20_000}, "_meta": {"note": 1}});
+    for (n, params) in [(1, plain), (2, for_rmcp)] {
+        let slow = {
+            let (mcp, id, call) = (raw_mcp(&gw, &t), id.clone(), tool_call(n, params));
+            tokio::spawn(async move { mcp.in_session(&id, &call).await })
+        };
+        upstream.wait_for_calls(n as usize).await?;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                            "params": {"requestId": n}});
+        let got = mcp.in_session(&id, &cancel).await?;
+        assert_eq!(got.status, StatusCode::ACCEPTED, "{}", got.text);
+        upstream.wait_for_cancellations(n as usize).await?;
+        let got = tokio::time::timeout(Duration::from_secs(5), slow).await???;
+        assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    }
+    let gw = gw.restart().await?;
+    let path = format!("/api/tenants/{}/audit?action=tool.call", t.id);
+    let (status, _, audit) = gw.send_as_admin(Method::GET, &path, None).await?;
+    assert_eq!(status, StatusCode::OK, "{audit}");
+    let outcomes: Vec<&Value> = audit["items"]
+        .as_array()
+        .map(|items| items.iter().map(|item| &item["outcome"]).collect())
+        .unwrap_or_default();
+    let cancelled = json!("upstream_error");
+    assert_eq!(outcomes, [&cancelled, &cancelled], "{audit}");
+    gw.stop().await
+}
+
 /// An upstream, and a gateway whose tenants may each have `cap` MCP sessions open.
 async fn gateway_with_session_cap(cap: usize) -> anyhow::Result<(TestUpstream, TestGateway)> {
     let upstream = TestUpstream::start().await?;

@@ -22,20 +22,21 @@ pub struct PendingCall {
     request_id: Option<String>,
     started: Instant,
     pub request_bytes: Option<i64>,
-    /// When `REQUEST_TIMEOUT_MS` cuts the request off.
-    cut_off_at: Instant,
+    /// When `REQUEST_TIMEOUT_MS` cuts the request off; `None` for one it never cuts (an MCP
+    /// request in a session, answered by an event stream whose headers go out at once).
+    cut_off_at: Option<Instant>,
     written: bool,
 }
 
 impl PendingCall {
     /// A call of `action` (`tool.call` or `tools.list`) starting now, for the request with
-    /// id `request_id` that the timeout layer cuts off at `cut_off_at`.
+    /// id `request_id` that the timeout layer cuts off at `cut_off_at`, if it does.
     pub fn new(
         runtime: TenantRuntime,
         tenant_id: &str,
         action: &'static str,
         request_id: Option<String>,
-        cut_off_at: Instant,
+        cut_off_at: Option<Instant>,
     ) -> Self {
         Self {
             runtime,
@@ -78,7 +79,7 @@ impl Drop for PendingCall {
     fn drop(&mut self) {
         // The timeout layer starts its timer after `RequestId::started` and fires no earlier
         // than its deadline: a request it cut off is past `cut_off_at` here.
-        let timed_out = Instant::now() >= self.cut_off_at;
+        let timed_out = self.cut_off_at.is_some_and(|at| Instant::now() >= at);
         let outcome = if timed_out {
             "timeout"
         } else {

@@ -50,7 +50,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::handler::{serve_call, CallSettings};
+use super::handler::{serve_call, CallSettings, Caller};
 use super::progress::{self, ProgressRelay};
 use super::replay::{Replay, Replays};
 use crate::auth::AuthContext;
@@ -410,10 +410,15 @@ impl FastPath {
         let cancelled = entry.cancelled.clone();
         let fast = self.clone();
         let answer: Answer = Box::pin(async move {
+            // In a session: answered within a second, never cut off by the timeout.
+            let caller = Caller {
+                request_id: request_id.as_ref(),
+                cut_off_by_timeout: false,
+            };
             serve_call(
                 &fast.runtime,
                 &ctx,
-                request_id.as_ref(),
+                caller,
                 call.params,
                 fast.settings,
                 progress,

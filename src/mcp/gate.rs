@@ -54,8 +54,8 @@ pub struct Gate {
     pub sessions: Arc<super::sessions::BoundedSessions>,
 }
 
-/// How many tenant changes had been announced before the request's credentials were read
-/// ([`crate::tenants::ChangeFeed::published`]).
+/// How many tenant changes had been told before the request's credentials were read
+/// ([`crate::tenants::ChangeFeed::changes_told`]).
 #[derive(Clone, Copy)]
 struct ChangesSeen(u64);
 
@@ -73,7 +73,7 @@ pub async fn gate(
         api_key: api_key_header(req.headers()),
         cached_only: gate.auth_limiter.is_blocked(req.headers(), peer),
     };
-    let seen = ChangesSeen(gate.tenants.changes_published());
+    let seen = ChangesSeen(gate.tenants.changes().changes_told());
     let context = match gate.auth.tenant(&tenant_id, creds, true).await {
         Ok(context) => context,
         Err(err) => {
@@ -228,21 +228,26 @@ async fn with_session(
     let post = req.method() == Method::POST;
     let seen = req.extensions().get::<ChangesSeen>().copied();
     let response = with_pending(Pending::restore(reservation), next.run(req)).await;
-    check_again_if_changed(gate, tenant_id, seen).await;
+    check_again_if_changed(gate, tenant_id, seen);
     Ok(answered(gate, post, response))
 }
 
 /// A session opened (or rebuilt) under credentials read before a tenant change was
 /// announced may have been bound after that change's check of the tenant's sessions
-/// (`end_sessions_of_changed_tenants`) ran, and missed by it: it is checked again. Only
-/// then: a store read, for the rare request that overlaps a change.
-async fn check_again_if_changed(gate: &Gate, tenant_id: &str, seen: Option<ChangesSeen>) {
-    let changed = seen.is_none_or(|ChangesSeen(seen)| gate.tenants.changes_published() != seen);
-    if changed {
-        gate.sessions
-            .end_for_old_credentials(tenant_id, &gate.store)
-            .await;
+/// (`end_sessions_of_changed_tenants`) ran, and missed by it: it is checked again, in a
+/// task of its own (a store read, which must not hold up the answer). Only then: for the
+/// rare request that overlaps a change.
+fn check_again_if_changed(gate: &Gate, tenant_id: &str, seen: Option<ChangesSeen>) {
+    let published = gate.tenants.changes().published();
+    if seen.is_some_and(|ChangesSeen(seen)| seen == published) {
+        return;
     }
+    let (sessions, store, tenant_id) = (
+        gate.sessions.clone(),
+        gate.store.clone(),
+        tenant_id.to_owned(),
+    );
+    tokio::spawn(async move { sessions.end_for_old_credentials(&tenant_id, &store).await });
 }
 
 /// Whether `req` is a `GET` whose `Last-Event-ID` is not one of rmcp's event ids (`<index>`
@@ -500,7 +505,7 @@ async fn post_without_session(
             spend_rate_limit(gate, authenticated(&req)).await?;
             let seen = req.extensions().get::<ChangesSeen>().copied();
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
-            check_again_if_changed(gate, tenant_id, seen).await;
+            check_again_if_changed(gate, tenant_id, seen);
             Ok(answered(gate, true, response))
         }
         Opening::Listen => listen(gate, tenant_id, req, next).await,

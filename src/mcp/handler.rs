@@ -85,6 +85,38 @@ fn request_id_of(context: &RequestContext<RoleServer>) -> Option<&RequestId> {
         .and_then(|parts| parts.extensions.get::<RequestId>())
 }
 
+/// The caller of a request rmcp serves: a session-less one is answered as JSON once done,
+/// so the timeout layer may cut it off; rmcp answers one in a session (as the gate tells
+/// them apart) with an event stream whose headers go out at once.
+fn caller_of(context: &RequestContext<RoleServer>) -> Caller<'_> {
+    let parts = context.extensions.get::<http::request::Parts>();
+    let in_session = parts.is_some_and(|parts| {
+        parts.headers.contains_key("mcp-session-id")
+            && super::fast_path::version_has_sessions(&parts.headers)
+    });
+    Caller {
+        request_id: request_id_of(context),
+        cut_off_by_timeout: !in_session,
+    }
+}
+
+/// Who asked for a call, as its audit event needs it.
+pub struct Caller<'a> {
+    pub request_id: Option<&'a RequestId>,
+    /// Whether the timeout layer cuts the request off at `REQUEST_TIMEOUT_MS`: a call
+    /// dropped past it was cut off, and is audited as a timeout.
+    pub cut_off_by_timeout: bool,
+}
+
+impl Caller<'_> {
+    /// When the timeout layer cuts the request off, if it does.
+    fn cut_off_at(&self, settings: CallSettings) -> Option<Instant> {
+        let started = self.request_id.map_or_else(Instant::now, |id| id.started);
+        self.cut_off_by_timeout
+            .then(|| started + settings.request_timeout)
+    }
+}
+
 impl ServerHandler for TenantMcp {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
@@ -127,8 +159,7 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let ctx = tenant_of(&context)?;
-        let request_id = request_id_of(&context);
-        let started = request_id.map_or_else(Instant::now, |id| id.started);
+        let caller = caller_of(&context);
         // Audited once, as REST's `listTools` is: with its outcome, or, when the request
         // ends first (the request timeout, which rmcp passes on to a session-less request,
         // or its client), as cut off (`PendingCall`).
@@ -136,8 +167,8 @@ impl ServerHandler for TenantMcp {
             self.runtime.clone(),
             &ctx.tenant_id,
             "tools.list",
-            request_id.map(|id| id.id.clone()),
-            started + self.settings.request_timeout,
+            caller.request_id.map(|id| id.id.clone()),
+            caller.cut_off_at(self.settings),
         );
         let listing = self.runtime.list_tools(&ctx.tenant, false);
         let Some(list) = run_relaying(listing, None, &context.ct).await else {
@@ -186,7 +217,7 @@ impl ServerHandler for TenantMcp {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let ctx = tenant_of(&context)?;
-        let request_id = request_id_of(&context);
+        let caller = caller_of(&context);
         let progress = ProgressRelay::for_request(&context);
         // In flight for the drain until it ends: in a session, rmcp runs a call on when
         // its client's connection breaks (for the client to resume), past the POST's own
@@ -195,7 +226,7 @@ impl ServerHandler for TenantMcp {
         serve_call(
             &self.runtime,
             ctx,
-            request_id,
+            caller,
             request,
             self.settings,
             progress,
@@ -213,7 +244,7 @@ impl ServerHandler for TenantMcp {
 pub async fn serve_call(
     runtime: &TenantRuntime,
     ctx: &AuthContext,
-    request_id: Option<&RequestId>,
+    caller: Caller<'_>,
     request: CallToolRequestParams,
     settings: CallSettings,
     (sink, relay): (Option<ProgressSink>, Option<ProgressRelay>),
@@ -225,13 +256,12 @@ pub async fn serve_call(
             None,
         ));
     }
-    let started = request_id.map_or_else(Instant::now, |id| id.started);
-    let cut_off_at = started + settings.request_timeout;
+    let cut_off_at = caller.cut_off_at(settings);
     let mut pending = PendingCall::new(
         runtime.clone(),
         &ctx.tenant_id,
         "tool.call",
-        request_id.map(|id| id.id.clone()),
+        caller.request_id.map(|id| id.id.clone()),
         cut_off_at,
     );
     pending.tool = Some(request.name.to_string());
@@ -249,7 +279,7 @@ pub async fn serve_call(
             // Dropped before the runtime could count it: by the request timeout (rmcp
             // cancels a session-less call with its request, as `PendingCall` tells by the
             // time), or by the client.
-            let error = if Instant::now() >= cut_off_at {
+            let error = if cut_off_at.is_some_and(|at| Instant::now() >= at) {
                 CallError::Timeout
             } else {
                 CallError::Upstream("cancelled by the client".into())

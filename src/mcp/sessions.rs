@@ -30,7 +30,7 @@ use rmcp::transport::WorkerTransport;
 
 use super::fast_path::InFlight;
 use super::sealed::{SealError, SessionClaims, SessionSeal, SESSION_ID_LIFETIME};
-use crate::store::SharedStore;
+use crate::store::{answered_within, SharedStore, STORE_WAIT};
 
 /// Which bound a new session would cross.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -451,7 +451,7 @@ impl BoundedSessions {
         if open.is_empty() {
             return;
         }
-        let now = match store.get_tenant(tenant).await {
+        let now = match answered_within(STORE_WAIT, store.get_tenant(tenant)).await {
             Ok(now) => now,
             Err(error) => {
                 tracing::warn!(%error, tenant_id = %tenant, "could not check a changed tenant's MCP sessions");

@@ -165,6 +165,13 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Whether a statement whose caller gave up (dropped its future) stops: PostgreSQL
+    /// cancels it as its connection closes. SQLite's runs to its end on its own thread
+    /// (bounded by its busy timeout), so a change given up on could still be applied.
+    fn stops_abandoned_statements(&self) -> bool {
+        false
+    }
+
     /// Applies the migrations of `sql/` that have not run yet, each once, and returns the
     /// versions it applied now (empty when the schema is current).
     async fn migrate(&self) -> StoreResult<Vec<i64>>;

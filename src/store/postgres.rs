@@ -508,6 +508,10 @@ impl Store for PostgresStore {
         "postgres"
     }
 
+    fn stops_abandoned_statements(&self) -> bool {
+        true
+    }
+
     fn pool_status(&self) -> Option<(usize, usize)> {
         let status = self.pool.status();
         Some((status.size, status.available))

@@ -159,7 +159,7 @@ impl TenantAdmin {
                 updated_at: now,
                 version: 1,
             };
-            match answered_within(STORE_WAIT, self.store.create_tenant(&record)).await {
+            match self.committing(self.store.create_tenant(&record)).await {
                 Ok(()) => {
                     self.audit(&record.id, "tenant.create", actor).await;
                     return Ok((record, api_key));
@@ -202,7 +202,7 @@ impl TenantAdmin {
             rate_limit: update.rate_limit,
         };
         let updated = self.store.update_tenant(id, expected, &changes);
-        let record = answered_within(STORE_WAIT, updated).await?;
+        let record = self.committing(updated).await?;
         self.changes.publish(id);
         self.audit(id, "tenant.update", actor).await;
         Ok(record)
@@ -211,17 +211,34 @@ impl TenantAdmin {
     async fn rotating_key(&self, id: &str, actor: &Actor) -> StoreResult<(TenantRecord, Secret)> {
         let api_key = keys::new_api_key();
         let hash = keys::hash_api_key(api_key.expose());
-        let record = answered_within(STORE_WAIT, self.store.rotate_api_key(id, &hash)).await?;
+        let record = self
+            .committing(self.store.rotate_api_key(id, &hash))
+            .await?;
         self.changes.publish(id);
         self.audit(id, "tenant.key_rotate", actor).await;
         Ok((record, api_key))
     }
 
     async fn deleting(&self, id: &str, actor: &Actor) -> StoreResult<()> {
-        answered_within(STORE_WAIT, self.store.delete_tenant(id)).await?;
+        self.committing(self.store.delete_tenant(id)).await?;
         self.changes.publish(id);
         self.audit(id, "tenant.delete", actor).await;
         Ok(())
+    }
+
+    /// A change's statement: within [`STORE_WAIT`] on a store that stops one given up on
+    /// (a 503 then means not applied), else to its end (SQLite, whose busy timeout bounds
+    /// it): a change must not be applied, unannounced and unaudited, after its caller was
+    /// told it failed.
+    async fn committing<T>(
+        &self,
+        change: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        if self.store.stops_abandoned_statements() {
+            answered_within(STORE_WAIT, change).await
+        } else {
+            change.await
+        }
     }
 
     /// Admin actions are rare: written at once, before the answer, so none is lost.

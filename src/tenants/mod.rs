@@ -132,9 +132,10 @@ pub struct ChangeFeed {
     /// PostgreSQL only while the fleet listener is connected. While it is not, what was
     /// read of a tenant may have changed through another replica unheard.
     hearing: Arc<std::sync::atomic::AtomicBool>,
-    /// How many tenant changes were published: a reader that saw the same count before and
-    /// after something it did knows that no change was announced meanwhile.
+    /// How many tenant changes were published, counted before each is sent, and how many
+    /// were sent, counted after: see [`Self::changes_told`].
     published: Arc<std::sync::atomic::AtomicU64>,
+    told: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ChangeFeed {
@@ -149,6 +150,7 @@ impl ChangeFeed {
             sessions_ended,
             hearing: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             published: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            told: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
@@ -163,24 +165,33 @@ impl ChangeFeed {
     }
 
     pub fn publish(&self, tenant_id: &str) {
-        self.count_published();
-        // No listener is fine: nothing is cached then.
-        let _ = self.sender.send(TenantChange::One(tenant_id.to_owned()));
+        self.send_counted(TenantChange::One(tenant_id.to_owned()));
     }
 
     /// Asks every listener for a full reload.
     pub fn publish_all(&self) {
-        self.count_published();
-        let _ = self.sender.send(TenantChange::All);
+        self.send_counted(TenantChange::All);
     }
 
-    /// Counted before it is sent: whoever hears the change sees the count it made.
-    fn count_published(&self) {
-        self.published
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    fn send_counted(&self, change: TenantChange) {
+        use std::sync::atomic::Ordering;
+        self.published.fetch_add(1, Ordering::AcqRel);
+        // No listener is fine: nothing is cached then.
+        let _ = self.sender.send(change);
+        self.told.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// How many tenant changes have been published so far (see the field).
+    /// How many tenant changes had been sent to every listener (the credential cache
+    /// among them) by now. Whoever notes this before reading a tenant's credentials, and
+    /// finds [`Self::published`] the same after acting on them, knows that no change was
+    /// sent in between: one sent before the read reached the cache first (the read saw
+    /// it), and one counted after the note is in the later count.
+    pub fn changes_told(&self) -> u64 {
+        self.told.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How many tenant changes have been published so far, counted as each is about to
+    /// be sent.
     pub fn published(&self) -> u64 {
         self.published.load(std::sync::atomic::Ordering::Acquire)
     }

@@ -292,9 +292,10 @@ impl TenantRuntime {
         self.changes.subscribe()
     }
 
-    /// How many tenant changes have been announced here so far ([`super::ChangeFeed::published`]).
-    pub fn changes_published(&self) -> u64 {
-        self.changes.published()
+    /// The change feed's counts ([`super::ChangeFeed::changes_told`] and
+    /// [`super::ChangeFeed::published`]).
+    pub fn changes(&self) -> &super::ChangeFeed {
+        &self.changes
     }
 
     /// MCP sessions whose clients ended them through other replicas (PostgreSQL fleets),

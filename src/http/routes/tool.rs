@@ -62,7 +62,7 @@ pub async fn call(
         &tenant.id,
         action,
         Some(request_id.id),
-        request_id.started + state.config.request_timeout,
+        Some(request_id.started + state.config.request_timeout),
     );
     pending.tool = tool;
     // Arguments reach the audit trail only when the operator asked (AUDIT_ARGUMENTS).
