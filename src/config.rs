@@ -463,6 +463,22 @@ impl RawConfig {
         if self.upstream_timeout_ms == 0 {
             return Err(invalid("UPSTREAM_TIMEOUT_MS", "must be above 0"));
         }
+        // 0 reads as "never" to some (as `AUDIT_RETENTION_DAYS=0` does), but would stop an
+        // actor a moment after each call, or issue tokens that expire at once: refused
+        // rather than taken as some other value.
+        for (key, secs) in [
+            ("JWT_TTL_SECS", self.jwt_ttl_secs),
+            ("TENANT_IDLE_SECS", self.tenant_idle_secs),
+            (
+                "TENANT_RESTART_WINDOW_SECS",
+                self.tenant_restart_window_secs,
+            ),
+            ("MCP_SESSION_IDLE_SECS", self.mcp_session_idle_secs),
+        ] {
+            if secs == 0 {
+                return Err(invalid(key, "must be above 0"));
+            }
+        }
         if self.drain_timeout_secs == 0 {
             // Every shutdown and every tenant change would cut the calls in flight, and
             // drop the audit events not yet written.
@@ -555,7 +571,7 @@ impl RawConfig {
             admin_api_key: Secret::new(admin_api_key),
             jwt_secret: Secret::new(jwt_secret),
             encryption_key,
-            jwt_ttl: Duration::from_secs(self.jwt_ttl_secs.max(1)),
+            jwt_ttl: Duration::from_secs(self.jwt_ttl_secs),
             jwt_issuer: self.jwt_issuer,
             jwt_audience: self.jwt_audience,
             upstream_mcp_url,
@@ -563,11 +579,11 @@ impl RawConfig {
             upstream_connect_timeout: Duration::from_millis(self.upstream_connect_timeout_ms),
             tenant_rate_limit: self.tenant_rate_limit,
             tenant_rate_burst: self.tenant_rate_burst,
-            tenant_idle: Duration::from_secs(self.tenant_idle_secs.max(1)),
+            tenant_idle: Duration::from_secs(self.tenant_idle_secs),
             tenant_max_in_flight: self.tenant_max_in_flight,
             tool_cache_ttl: Duration::from_secs(self.tool_cache_ttl_secs),
             tenant_max_restarts: self.tenant_max_restarts,
-            tenant_restart_window: Duration::from_secs(self.tenant_restart_window_secs.max(1)),
+            tenant_restart_window: Duration::from_secs(self.tenant_restart_window_secs),
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
             max_body_bytes: self.max_body_bytes,
             request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
@@ -591,7 +607,7 @@ impl RawConfig {
             metrics_max_tenant_series: self.metrics_max_tenant_series,
             mcp_max_sessions: self.mcp_max_sessions,
             mcp_max_sessions_per_tenant: self.mcp_max_sessions_per_tenant,
-            mcp_session_idle: Duration::from_secs(self.mcp_session_idle_secs.max(1)),
+            mcp_session_idle: Duration::from_secs(self.mcp_session_idle_secs),
         };
         Ok((config, generated))
     }
@@ -682,14 +698,24 @@ fn random_key_hex() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-/// `ENCRYPTION_KEY` is 32 bytes, written as 64 hex digits or as base64.
+/// `ENCRYPTION_KEY` is 32 bytes, written as 64 hex digits or as base64: standard or
+/// URL-safe, padded or not (as `openssl rand -base64 32 | tr -d =` or Python's
+/// `urlsafe_b64encode` write it).
 pub fn parse_encryption_key(text: &str) -> Result<[u8; 32], ConfigError> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    const PADDED_OR_NOT: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const STANDARD: GeneralPurpose =
+        GeneralPurpose::new(&base64::alphabet::STANDARD, PADDED_OR_NOT);
+    const URL_SAFE: GeneralPurpose =
+        GeneralPurpose::new(&base64::alphabet::URL_SAFE, PADDED_OR_NOT);
     let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         hex::decode(text).map_err(|_| invalid("ENCRYPTION_KEY", "bad hex"))?
     } else {
-        base64::engine::general_purpose::STANDARD
+        STANDARD
             .decode(text)
-            .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text))
+            .or_else(|_| URL_SAFE.decode(text))
             .map_err(|_| invalid("ENCRYPTION_KEY", "must be 64 hex digits or base64"))?
     };
     bytes
@@ -1005,6 +1031,23 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_that_would_mean_at_once_is_refused() {
+        for (flag, key) in [
+            ("--jwt-ttl-secs", "JWT_TTL_SECS"),
+            ("--tenant-idle-secs", "TENANT_IDLE_SECS"),
+            ("--tenant-restart-window-secs", "TENANT_RESTART_WINDOW_SECS"),
+            ("--mcp-session-idle-secs", "MCP_SESSION_IDLE_SECS"),
+        ] {
+            let mut args = PRODUCTION.to_vec();
+            args.extend([flag, "0"]);
+            match raw(&args).validate() {
+                Err(ConfigError::Invalid { key: refused, .. }) => assert_eq!(refused, key),
+                other => panic!("{flag}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn no_duration_may_exceed_a_year() {
         for (flag, key) in [
             ("--tool-cache-ttl-secs", "TOOL_CACHE_TTL_SECS"),
@@ -1041,8 +1084,15 @@ mod tests {
     fn encryption_key_accepts_hex_and_base64() {
         let hex_key = "11".repeat(32);
         assert_eq!(parse_encryption_key(&hex_key).unwrap(), [0x11; 32]);
-        let b64 = base64::engine::general_purpose::STANDARD.encode([0x22u8; 32]);
-        assert_eq!(parse_encryption_key(&b64).unwrap(), [0x22; 32]);
+        use base64::engine::general_purpose::{
+            STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+        };
+        // Bytes whose base64 has `+` and `/` (or `-` and `_`), and padding.
+        let key: [u8; 32] = std::array::from_fn(|i| if i % 3 == 0 { 0xfb } else { 0xff });
+        for engine in [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD] {
+            let written = engine.encode(key);
+            assert_eq!(parse_encryption_key(&written).ok(), Some(key), "{written}");
+        }
         assert!(parse_encryption_key("too-short").is_err());
     }
 

@@ -13,7 +13,7 @@ use std::io::{self, Write};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{ConfigError, LogFormat};
 
 /// Library targets that log what a peer sent, as Rust debug output, whatever `RUST_LOG`
 /// says; the gateway logs what it needs of the same events itself, redacted.
@@ -25,12 +25,32 @@ use crate::config::LogFormat;
 ///   (warn), in either direction: a tenant's upstream quoting its token in a notification,
 ///   or any client's 16 MiB notification, would be written as sent. Only its errors, which
 ///   quote nothing, are kept.
-const QUIET: &[&str] = &["rmcp::transport::worker=off", "rmcp::service=error"];
+/// - rmcp's Streamable HTTP client logs a message an upstream sends before its `initialize`
+///   result whole (debug), and its errors quote what the upstream answered (an HTTP error
+///   body may echo the request's `Authorization` header).
+const QUIET: &[&str] = &[
+    "rmcp::transport::worker=off",
+    "rmcp::service=error",
+    "rmcp::transport::streamable_http_client=off",
+];
 
-/// Installs the process's subscriber: `RUST_LOG`, or `info`, to stdout.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the process's subscriber: `RUST_LOG`, or `info` when it is unset, to stdout. A
+/// `RUST_LOG` that does not parse is refused, as any other setting is, rather than taken
+/// as `info` (a filter meant to keep the access log out would be lost without a word).
+pub fn init(format: LogFormat) -> Result<(), ConfigError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => filter_of(&directives)?,
+        Err(_) => EnvFilter::new("info"),
+    };
     install(format, filter, io::stdout);
+    Ok(())
+}
+
+fn filter_of(directives: &str) -> Result<EnvFilter, ConfigError> {
+    EnvFilter::try_new(directives).map_err(|err| ConfigError::Invalid {
+        key: "RUST_LOG",
+        reason: err.to_string(),
+    })
 }
 
 /// `filter` with [`QUIET`] added, whatever `RUST_LOG` said about those targets.
@@ -272,6 +292,48 @@ mod tests {
             "é://x?k=v",
         ] {
             assert!(matches!(redact_urls(line), Cow::Borrowed(_)), "{line}");
+        }
+    }
+
+    #[test]
+    fn what_rmcp_logs_of_an_upstreams_messages_stays_out_whatever_rust_log_says() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(quieted(EnvFilter::new("trace")))
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::debug!(target: "rmcp::transport::streamable_http_client", "message: token-1");
+            tracing::error!(target: "rmcp::transport::streamable_http_client", "error: token-2");
+            tracing::info!(target: "rmcp::service", "notification: token-3");
+            tracing::debug!(target: "rmcp::transport::worker", "quit: token-4");
+            tracing::debug!(target: "switchboard::upstream", "kept");
+        });
+        let written = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        assert!(!written.contains("token-"), "{written}");
+        assert!(written.contains("kept"), "{written}");
+    }
+
+    #[test]
+    fn a_rust_log_that_does_not_parse_is_refused() {
+        assert!(filter_of("warn,switchboard::access=off").is_ok());
+        for bad in ["warn,switchboard::access=none", "error,rmcp=warning"] {
+            match filter_of(bad) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "RUST_LOG"),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 

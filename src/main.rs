@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
                 .config
                 .for_migrate()
                 .unwrap_or_else(|err| config_error(err));
-            switchboard::logging::init(config.log_format);
+            switchboard::logging::init(config.log_format).unwrap_or_else(|err| config_error(err));
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
                 .config
                 .validate()
                 .unwrap_or_else(|err| config_error(err));
-            switchboard::logging::init(config.log_format);
+            switchboard::logging::init(config.log_format).unwrap_or_else(|err| config_error(err));
             if !generated.names.is_empty() {
                 // Printed once, to the terminal, not through the log pipeline.
                 eprintln!(
