@@ -735,6 +735,58 @@ async fn an_upstream_429_to_initialize_is_the_tenants_limit_not_a_failure() -> a
 }
 
 #[tokio::test]
+async fn an_answer_stream_cut_off_fails_only_its_own_call() -> anyhow::Result<()> {
+    // One call's event stream ends before its answer, with no event id to resume from (a
+    // socket reset, a proxy's idle timeout): that call fails (502), while the session and
+    // the call in flight beside it go on.
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    let slow = gw.tool(&t, json!({"method": "sleep", "params": {"ms": 800}}));
+    let cut = async {
+        upstream.wait_for_calls(2).await?;
+        upstream.set_failing_with(Some("tools/call"), 200);
+        let cut = gw.tool(&t, echo.clone()).await?;
+        upstream.set_failing(None);
+        anyhow::Ok(cut)
+    };
+    let (slow, cut) = tokio::join!(slow, cut);
+    let (status, _, body) = cut?;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    let (status, _, body) = slow?;
+    assert_eq!(status, StatusCode::OK, "the call beside it goes on: {body}");
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(upstream.initializes(), 1, "one session throughout");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn an_upstream_error_answer_to_no_request_fails_the_call_at_once() -> anyhow::Result<()> {
+    // An upstream on the TypeScript SDK answers a session it does not know (it restarted
+    // and forgot it) with 400 and a JSON-RPC error whose id is null. The call fails at once
+    // (502), not after the upstream timeout (5 s here), and so does the next; once the
+    // upstream serves again, a new session does.
+    let (upstream, gw, t, echo) = connected_tenant().await?;
+    upstream.set_failing_with(Some("tools/call"), 400);
+    for n in 0..2 {
+        let started = Instant::now();
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "call {n}: {body}");
+        assert_eq!(body["error"]["code"], "upstream_error", "call {n}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "call {n} waited {:?}",
+            started.elapsed()
+        );
+    }
+    upstream.set_failing(None);
+    let (status, _, body) = gw.tool(&t, echo).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(upstream.initializes() >= 2, "the session was kept");
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn a_legacy_sse_upstreams_429_passes_on_its_wait() -> anyhow::Result<()> {
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;

@@ -222,8 +222,16 @@ impl UpstreamClient {
         });
         let (result, unrelayed) = answer_relaying(handle, progress).await;
         guard.disarm();
-        let result =
-            result.map_err(|error| UpstreamError::from_service(error, &self.inner.redaction));
+        let result = result.map_err(|error| match error {
+            // rmcp's own answer for one request whose answer stream broke off before its
+            // result, with no event id to resume from (a socket reset, a proxy's idle
+            // timeout on a slow tool): that request failed, not the session, which goes on
+            // serving the others.
+            ServiceError::TransportClosed if !self.is_closed() => UpstreamError::Refused(
+                "the upstream's answer stream ended before its answer".into(),
+            ),
+            error => UpstreamError::from_service(error, &self.inner.redaction),
+        });
         (result, unrelayed)
     }
 

@@ -35,6 +35,13 @@ use super::UpstreamEvent;
 
 type PostResult = Result<StreamableHttpPostResponse, StreamableHttpError<reqwest::Error>>;
 
+/// What a POST carries, as [`RenewalWatch::watched`] needs it.
+#[derive(Clone, Copy)]
+struct Posting {
+    renews: bool,
+    request: bool,
+}
+
 /// reqwest's Streamable HTTP client, telling the tenant of each renewed session.
 #[derive(Clone)]
 pub(super) struct RenewalWatch {
@@ -62,23 +69,48 @@ impl RenewalWatch {
         }
     }
 
-    /// Whether `message` ends a renewal of the session: `notifications/initialized` after
-    /// the first.
-    fn renews(&self, message: &ClientJsonRpcMessage) -> bool {
+    /// What `message` is to this watch: whether it ends a renewal of the session
+    /// (`notifications/initialized` after the first), and whether it is a request.
+    fn posting(&self, message: &ClientJsonRpcMessage) -> Posting {
         let initialized = matches!(
             message,
             JsonRpcMessage::Notification(notification)
                 if matches!(notification.notification, ClientNotification::InitializedNotification(_))
         );
-        initialized && self.initialized.swap(true, Ordering::AcqRel)
+        Posting {
+            renews: initialized && self.initialized.swap(true, Ordering::AcqRel),
+            request: matches!(message, JsonRpcMessage::Request(_)),
+        }
     }
 
     /// Passes `posted` on; a renewal the upstream accepted is told to the tenant first.
-    async fn watched(&self, renews: bool, posted: impl Future<Output = PostResult>) -> PostResult {
+    ///
+    /// An error answer to a request that names no request (`"id": null`: how an upstream
+    /// on the TypeScript SDK answers, with a 400, a session it does not know, after a
+    /// restart) would reach no caller: rmcp passes it to its service, which cannot match
+    /// it and drops it, and the call waits for its timeout, as would every later one on the
+    /// session. It fails the request instead, as a refused POST does: the connection goes,
+    /// and the next call connects again.
+    async fn watched(
+        &self,
+        posting: Posting,
+        posted: impl Future<Output = PostResult>,
+    ) -> PostResult {
         let answer = tokio::select! {
             answer = posted => answer,
             () = self.stop.cancelled() => Err(StreamableHttpError::TransportChannelClosed),
         };
+        if let Ok(StreamableHttpPostResponse::Json(JsonRpcMessage::Error(error), _)) = &answer {
+            if posting.request && error.id.is_none() {
+                return Err(StreamableHttpError::UnexpectedServerResponse(
+                    format!(
+                        "an error answer to no request: {} ({})",
+                        error.error.message, error.error.code.0
+                    )
+                    .into(),
+                ));
+            }
+        }
         let answer = answer.map(|posted| match posted {
             StreamableHttpPostResponse::Sse(stream, session_id) => {
                 let stop = self.stop.clone().cancelled_owned();
@@ -86,7 +118,7 @@ impl RenewalWatch {
             }
             other => other,
         });
-        if renews && answer.is_ok() {
+        if posting.renews && answer.is_ok() {
             // Waits for room, as a list change does: a renewal must not be lost. The send
             // only queues; the tenant actor loads the list on its own task.
             let _ = self.events.send(UpstreamEvent::SessionRenewed).await;
@@ -106,11 +138,11 @@ impl StreamableHttpClient for RenewalWatch {
         auth_header: Option<String>,
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> PostResult {
-        let renews = self.renews(&message);
+        let posting = self.posting(&message);
         let posted = self
             .http
             .post_message(uri, message, session_id, auth_header, custom_headers);
-        self.watched(renews, posted).await
+        self.watched(posting, posted).await
     }
 
     async fn post_message_with_max_sse_event_size(
@@ -122,7 +154,7 @@ impl StreamableHttpClient for RenewalWatch {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         max_sse_event_size: usize,
     ) -> PostResult {
-        let renews = self.renews(&message);
+        let posting = self.posting(&message);
         let posted = self.http.post_message_with_max_sse_event_size(
             uri,
             message,
@@ -131,7 +163,7 @@ impl StreamableHttpClient for RenewalWatch {
             custom_headers,
             max_sse_event_size,
         );
-        self.watched(renews, posted).await
+        self.watched(posting, posted).await
     }
 
     async fn post_message_with_response_limits(
@@ -143,7 +175,7 @@ impl StreamableHttpClient for RenewalWatch {
         custom_headers: HashMap<HeaderName, HeaderValue>,
         limits: StreamableHttpResponseLimits,
     ) -> PostResult {
-        let renews = self.renews(&message);
+        let posting = self.posting(&message);
         let posted = self.http.post_message_with_response_limits(
             uri,
             message,
@@ -152,7 +184,7 @@ impl StreamableHttpClient for RenewalWatch {
             custom_headers,
             limits,
         );
-        self.watched(renews, posted).await
+        self.watched(posting, posted).await
     }
 
     async fn delete_session(

@@ -133,7 +133,10 @@ impl TestUpstream {
     }
 
     /// POSTs of JSON-RPC `method` get HTTP `status` in plain text, a 429 with
-    /// `Retry-After: 7` (until `None`); everything else is served.
+    /// `Retry-After: 7`, a 400 as an upstream on the TypeScript SDK answers a session it
+    /// does not know: a JSON-RPC error with `"id": null`; a 200 is an event stream cut off
+    /// before its answer, with no event id to resume from (until `None`); everything else
+    /// is served.
     pub fn set_failing_with(&self, method: Option<&str>, status: u16) {
         if let Ok(mut failing) = self.state.failing_method.lock() {
             *failing = method.map(|method| (method.to_owned(), status, 7));
@@ -428,6 +431,15 @@ async fn record_token(
     let failing = failing.filter(|(failing, _, _)| method.as_ref() == Some(failing));
     if let Some((_, status, retry_after)) = failing {
         let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+        if status == http::StatusCode::OK {
+            let stream = [(http::header::CONTENT_TYPE, "text/event-stream")];
+            return (stream, ": cut off\n\n").into_response();
+        }
+        if status == http::StatusCode::BAD_REQUEST {
+            let error = serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {
+                "code": -32000, "message": "Bad Request: No valid session ID provided"}});
+            return (status, axum::Json(error)).into_response();
+        }
         let mut answer = (status, "failing on purpose").into_response();
         if status == http::StatusCode::TOO_MANY_REQUESTS {
             answer.headers_mut().insert(
