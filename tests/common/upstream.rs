@@ -259,6 +259,11 @@ impl TestUpstream {
         self.state.initializes.load(Ordering::SeqCst)
     }
 
+    /// HTTP requests received so far, of any method and path.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
     pub fn cancellations(&self) -> usize {
         self.state.cancellations.load(Ordering::SeqCst)
     }
@@ -393,6 +398,7 @@ async fn record_token(
     request: Request,
     next: Next,
 ) -> Response {
+    state.bump(&state.requests);
     if let Some(token) = bearer(request.headers()) {
         if let Ok(mut tokens) = state.tokens.lock() {
             tokens.push(token);

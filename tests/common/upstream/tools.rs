@@ -58,6 +58,8 @@ pub struct State {
     pub slow_ping_ms: AtomicUsize,
     /// Session `DELETE`s received (served or still waiting).
     pub deletes: AtomicUsize,
+    /// HTTP requests received, of any method and path.
+    pub requests: AtomicUsize,
     /// How long a session's `DELETE` waits before it is served (0: not at all).
     pub slow_close_ms: AtomicUsize,
     /// The next `tools/list` answer that ends a listing is computed, then held until
