@@ -203,26 +203,11 @@ where
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
-    use chrono::Utc;
 
-    /// A tenant record whose API key hash is 32 bytes of `hash`.
-    pub(in crate::auth) fn record(id: &str, hash: u8) -> TenantRecord {
-        TenantRecord {
-            id: id.into(),
-            name: None,
-            integration_key: "ik".into(),
-            sealed_token: vec![],
-            api_key_hash: vec![hash; 32],
-            upstream_url: None,
-            upstream_transport: Default::default(),
-            enabled: true,
-            rate_limit: None,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            version: 1,
-        }
+    fn record(id: &str, hash: u8) -> TenantRecord {
+        TenantRecord::for_tests(id, hash)
     }
 
     #[test]

@@ -346,7 +346,7 @@ mod tests {
         let store: SharedStore = Arc::new(SqliteStore::open(":memory:").await.expect("opened"));
         store.migrate().await.expect("migrated");
         let key = keys::new_api_key();
-        let mut tenant = cache::tests::record(&keys::new_tenant_id(), 0);
+        let mut tenant = TenantRecord::for_tests(&keys::new_tenant_id(), 0);
         tenant.api_key_hash = keys::hash_api_key(key.expose());
         store.create_tenant(&tenant).await.expect("created");
         let changes = ChangeFeed::new(16);

@@ -89,6 +89,28 @@ pub struct TenantRecord {
     pub version: i64,
 }
 
+#[cfg(test)]
+impl TenantRecord {
+    /// A tenant record for unit tests: id `id`, an API key hash of 32 bytes of `hash`.
+    pub(crate) fn for_tests(id: &str, hash: u8) -> Self {
+        let now = Utc::now();
+        Self {
+            id: id.into(),
+            name: None,
+            integration_key: "ik".into(),
+            sealed_token: vec![],
+            api_key_hash: vec![hash; 32],
+            upstream_url: None,
+            upstream_transport: UpstreamTransport::default(),
+            enabled: true,
+            rate_limit: None,
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        }
+    }
+}
+
 /// The changes of one `PATCH /api/tenants/{id}`; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TenantChanges {

@@ -346,7 +346,8 @@ fn storable_key(key: &str) -> bool {
 /// later, so that the request is answered 503 with `Retry-After` (and an audit write is
 /// tried again) rather than 500: class 08 (connection exception), 53 (insufficient
 /// resources: disk full, out of memory, too many connections), 57P0x (shutdown, cannot
-/// connect now), 57014 (cancelled: a statement timeout), 40001 and 40P01 (a serialization
+/// connect now), 57014 (cancelled: a statement timeout), 55P03 (a lock not granted within
+/// `lock_timeout`: a table locked for a while), 40001 and 40P01 (a serialization
 /// failure, a deadlock: the transaction may be run again), 25006 (a read-only transaction:
 /// a server in recovery, or a standby after a failover until the URL points at the new
 /// primary).
@@ -354,7 +355,7 @@ fn passes(code: &str) -> bool {
     ["08", "53", "57P"]
         .iter()
         .any(|class| code.starts_with(class))
-        || ["57014", "40001", "40P01", "25006"].contains(&code)
+        || ["57014", "55P03", "40001", "40P01", "25006"].contains(&code)
 }
 
 pub(super) fn db_err(e: tokio_postgres::Error) -> StoreError {
@@ -880,7 +881,7 @@ mod tests {
     #[test]
     fn a_database_that_cannot_serve_now_is_unavailable_not_an_internal_error() {
         for code in [
-            "08006", "53100", "53300", "57P01", "57014", "40001", "40P01", "25006",
+            "08006", "53100", "53300", "57P01", "57014", "55P03", "40001", "40P01", "25006",
         ] {
             assert!(passes(code), "{code}");
         }

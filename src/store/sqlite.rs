@@ -460,7 +460,10 @@ impl Store for SqliteStore {
                      WHERE id = ?1 RETURNING {TENANT_COLUMNS}"
                 );
                 let mut stmt = conn.prepare_cached(&sql).map_err(map_err)?;
-                stmt.query_row(params![id, hash, now_micros()], tenant_row)
+                // Stepped to its end: with RETURNING the row comes first and the commit
+                // after, and a commit that fails is said only by that last step (`query_row`
+                // would answer the row, and the failed rotation as done).
+                stmt.query_one(params![id, hash, now_micros()], tenant_row)
                     .optional()
                     .map_err(map_err)
             })
@@ -564,6 +567,34 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rotation whose commit fails (here a deferred foreign key a trigger breaks; on a
+    /// real file, a full disk or an I/O error) is an error, and the old key stays: it must
+    /// not be answered as done with the new key, which would then not work.
+    #[tokio::test]
+    async fn a_rotation_whose_commit_fails_is_an_error() {
+        let store = SqliteStore::open(":memory:").await.expect("opened");
+        store.migrate().await.expect("migrated");
+        let tenant = TenantRecord::for_tests("tenant-rotated", 1);
+        store.create_tenant(&tenant).await.expect("created");
+        store
+            .with_conn(|conn| {
+                conn.execute_batch(
+                    "CREATE TABLE keys_seen (hash BLOB PRIMARY KEY);
+                     CREATE TABLE guard (hash BLOB REFERENCES keys_seen (hash)
+                         DEFERRABLE INITIALLY DEFERRED);
+                     CREATE TRIGGER rotated AFTER UPDATE ON tenants
+                         BEGIN INSERT INTO guard VALUES (NEW.api_key_hash); END;",
+                )
+                .map_err(map_err)
+            })
+            .await
+            .expect("set up");
+        let rotated = store.rotate_api_key(&tenant.id, &[2; 32]).await;
+        assert!(rotated.is_err(), "{rotated:?}");
+        let kept = store.get_tenant(&tenant.id).await.expect("read");
+        assert_eq!(kept.map(|t| t.api_key_hash), Some(vec![1; 32]));
+    }
 
     /// A file that cannot be written now (here: read-only) makes the store unavailable (503,
     /// retried), not broken (500).
