@@ -847,6 +847,59 @@ async fn keys_guessed_while_the_store_cannot_answer_spend_the_address_budget() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mcp_delete_the_database_does_not_answer_is_unavailable_and_ends_nothing(
+) -> anyhow::Result<()> {
+    // The table of ended sessions is locked, as a database host gone from the network
+    // would leave it: the DELETE is 503 within seconds (not held to the request timeout
+    // and answered as an upstream timeout), and records nothing once the lock goes, so the
+    // session its client was told is still open stays open.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
+    let url = database_url(&gw)?;
+    let tenant = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+                              "upstreamUrl": upstream.url}),
+        )
+        .await?;
+    let mcp = RawMcp::new(
+        &gw.http,
+        &gw.url(&format!("/mcp/{}", tenant.id)),
+        &tenant.api_key,
+    );
+    let id = mcp.open_session().await?.expect("session opens");
+    let (locker, watcher) = (
+        locking(&url, "ended_sessions").await?,
+        side_connection(&url).await?,
+    );
+    let started = Instant::now();
+    let refused = mcp.delete_with_version(&id, "2025-11-25").await?;
+    let took = started.elapsed();
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.text
+    );
+    assert!(refused.text.contains("unavailable"), "{}", refused.text);
+    assert!(took < Duration::from_secs(10), "it took {took:?}");
+    locker.batch_execute("COMMIT").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded: i64 = watcher
+        .query_one("SELECT count(*) FROM ended_sessions", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        recorded, 0,
+        "an end was recorded after the client was told it failed"
+    );
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    let got = mcp.in_session(&id, &list).await?;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.text);
+    gw.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_mcp_session_whose_client_gave_up_on_its_delete_is_ended_all_the_same(
 ) -> anyhow::Result<()> {
     // The table of ended sessions is locked, so the DELETE waits at its store write; its

@@ -26,6 +26,7 @@ use crate::auth::{AuthContext, Authenticator, TenantCredentials};
 use crate::http::error::{ApiError, ErrorReport};
 use crate::http::extract::{api_key_header, bearer, ApiPath};
 use crate::http::middleware::RequestId;
+use crate::store::{answered_within, STORE_WAIT};
 
 /// What the gate needs: the credential checker, the session bounds, the session id seal,
 /// the body limit.
@@ -215,10 +216,11 @@ async fn with_session(
     // Ended through another replica, or before this one restarted: the store remembers. A
     // 2026-07-28 request is served without the session it names, and needs no answer;
     // but rmcp takes an `initialize` into the session it names whatever the version.
+    // Within `STORE_WAIT`: a database that does not answer is 503, not a 504 an upstream
+    // would be blamed for, with the slot held till then.
+    let asked = |digest| gate.store.ended_sessions(std::slice::from_ref(digest));
     if (initialize || fast_path::version_has_sessions(req.headers()))
-        && !gate
-            .store
-            .ended_sessions(std::slice::from_ref(&digest))
+        && !answered_within(STORE_WAIT, asked(&digest))
             .await?
             .is_empty()
     {
@@ -293,7 +295,10 @@ async fn end(gate: &Gate, digest: String, req: Request, next: Next) -> Result<Re
     // replica must not go on serving a session the fleet has ended.
     let (store, limits) = (gate.store.clone(), gate.limits.clone());
     let ending = async move {
-        store.end_session(&digest, now, forget_before).await?;
+        // Bounded as well: the client is told 503 and may try again (on PostgreSQL the
+        // statement given up on is cancelled, so no end is recorded after that answer).
+        let recorded = store.end_session(&digest, now, forget_before);
+        answered_within(STORE_WAIT, recorded).await?;
         // Remembered before rmcp closes this replica's copy, if it has one: a request of
         // the session being rebuilt here meanwhile then finds it ended (see
         // `SessionLimits::bind`), rather than bind a copy after the close.

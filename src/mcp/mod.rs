@@ -208,7 +208,8 @@ async fn next_heard<T: Clone>(
 /// checked on every request they serve).
 async fn recheck_copies(sessions: &BoundedSessions, store: &SharedStore) {
     let open = sessions.open_digests();
-    match store.ended_sessions(&open).await {
+    let asked = store.ended_sessions(&open);
+    match crate::store::answered_within(crate::store::STORE_WAIT, asked).await {
         Ok(ended) => {
             for digest in ended {
                 sessions.end_copy(digest).await;
