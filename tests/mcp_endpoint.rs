@@ -1006,6 +1006,62 @@ async fn an_initialize_refused_at_the_session_cap_spends_none_of_the_rate_limit(
 }
 
 #[tokio::test]
+async fn an_initialize_refused_for_its_headers_spends_none_of_the_rate_limit() -> anyhow::Result<()>
+{
+    // rmcp refuses an `initialize` whose client does not take event streams (406) or does
+    // not send JSON (415): it opens nothing, and must not use up the tenant's calls' limit.
+    let upstream = TestUpstream::start().await?;
+    let gw = TestGateway::start().await?;
+    let t = gw
+        .create_tenant(
+            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 2}}),
+        )
+        .await?;
+    let initialize = serde_json::to_vec(&initialize_request("misconfigured"))?;
+    for (accept, content_type, refused) in [
+        (
+            "application/json",
+            "application/json",
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        (
+            "application/json",
+            "application/json",
+            StatusCode::NOT_ACCEPTABLE,
+        ),
+        (
+            "application/json, text/event-stream",
+            "text/plain",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "application/json, text/event-stream",
+            "text/plain",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+    ] {
+        let got = gw
+            .http
+            .post(mcp_url(&gw, &t.id))
+            .header("authorization", format!("Bearer {}", t.api_key))
+            .header("accept", accept)
+            .header("content-type", content_type)
+            .body(initialize.clone())
+            .send()
+            .await?;
+        assert_eq!(got.status(), refused, "{accept} / {content_type}");
+    }
+    // The whole burst is left for the tenant's calls.
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    for n in 0..2 {
+        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
+        assert_eq!(status, StatusCode::OK, "call {n}: {body}");
+    }
+    gw.stop().await
+}
+
+#[tokio::test]
 async fn sessions_end_when_their_credentials_stop_working() -> anyhow::Result<()> {
     // A rotated key or a disabled tenant stops working at once: the sessions opened under
     // it end (their streams too) and give their slots back, rather than hold them until

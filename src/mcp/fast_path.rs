@@ -70,12 +70,18 @@ pub struct Call {
 /// Whether a request's headers let the fast path serve it: it accepts JSON and event
 /// streams, sends JSON, and names no protocol version, or one with sessions.
 pub fn headers_allow(headers: &HeaderMap) -> bool {
+    exchanges_json(headers) && version_has_sessions(headers)
+}
+
+/// Whether a POST accepts JSON and event streams and sends JSON, as rmcp requires of one
+/// in a session, or that opens one (else 406 or 415).
+pub fn exchanges_json(headers: &HeaderMap) -> bool {
     let (json, event_stream) = accepted(headers);
     let sends_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON));
-    json && event_stream && sends_json && version_has_sessions(headers)
+    json && event_stream && sends_json
 }
 
 /// Whether a request accepts an event stream (as a resume must).

@@ -507,7 +507,10 @@ async fn post_without_session(
             // The cap first: an `initialize` refused for it opens nothing, and spends none
             // of the tenant's rate limit.
             let reservation = reserve(gate, tenant_id)?.under_key(&credential_key(&req));
-            spend_rate_limit(gate, authenticated(&req)).await?;
+            // Nor does one rmcp refuses for its headers (406, 415), which opens nothing.
+            if fast_path::exchanges_json(req.headers()) {
+                spend_rate_limit(gate, authenticated(&req)).await?;
+            }
             let seen = req.extensions().get::<ChangesSeen>().copied();
             let response = with_pending(Pending::open(reservation, *params), next.run(req)).await;
             check_again_if_changed(gate, tenant_id, seen);
