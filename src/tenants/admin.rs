@@ -227,9 +227,10 @@ impl TenantAdmin {
     }
 
     /// A change's statement: within [`STORE_WAIT`] on a store that stops one given up on
-    /// (a 503 then means not applied), else to its end (SQLite, whose busy timeout bounds
-    /// it): a change must not be applied, unannounced and unaudited, after its caller was
-    /// told it failed.
+    /// (a 503 then means not applied, but for a commit that lands as the wait runs out, or
+    /// one a synchronous standby holds up: see README, Operations), else to its end
+    /// (SQLite, whose busy timeout bounds it): a change must not be applied, unannounced
+    /// and unaudited, after its caller was told it failed.
     async fn committing<T>(
         &self,
         change: impl std::future::Future<Output = StoreResult<T>>,
