@@ -1015,7 +1015,7 @@ async fn an_initialize_refused_for_its_headers_spends_none_of_the_rate_limit() -
     let t = gw
         .create_tenant(
             json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
-            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 2}}),
+            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 3}}),
         )
         .await?;
     let initialize = serde_json::to_vec(&initialize_request("misconfigured"))?;
@@ -1052,7 +1052,22 @@ async fn an_initialize_refused_for_its_headers_spends_none_of_the_rate_limit() -
             .await?;
         assert_eq!(got.status(), refused, "{accept} / {content_type}");
     }
-    // The whole burst is left for the tenant's calls.
+    // An `Accept` the gate does not read itself is rmcp's to judge: this one opens.
+    let got = gw
+        .http
+        .post(mcp_url(&gw, &t.id))
+        .header("authorization", format!("Bearer {}", t.api_key))
+        .header(
+            "accept",
+            "application/json, text/event-stream; charset=\"utf-8\"",
+        )
+        .header("content-type", "application/json")
+        .body(initialize.clone())
+        .send()
+        .await?;
+    assert_eq!(got.status(), StatusCode::OK);
+    assert!(got.headers().contains_key("mcp-session-id"));
+    // The rest of the burst is left for the tenant's calls.
     let echo = json!({"method": "echo", "params": {"text": "x"}});
     for n in 0..2 {
         let (status, _, body) = gw.tool(&t, echo.clone()).await?;

@@ -736,25 +736,56 @@ async fn an_upstream_429_to_initialize_is_the_tenants_limit_not_a_failure() -> a
 }
 
 #[tokio::test]
-async fn an_answer_stream_cut_off_fails_only_its_own_call() -> anyhow::Result<()> {
+async fn an_actor_is_not_idle_while_callers_wait_on_it() -> anyhow::Result<()> {
+    // Callers waiting for a connection or a tool list hold no in-flight permit: an actor
+    // idle by its clock must not stop under them (they would be refused as restarting,
+    // and so would their retry on the next actor, which stops the same way). Here the
+    // list never comes: the caller is told so at the upstream timeout.
+    let upstream = TestUpstream::start().await?;
+    let mut config = Config::for_tests();
+    config.tenant_idle = Duration::from_millis(300);
+    config.upstream_timeout = Duration::from_secs(2);
+    config.request_timeout = Duration::from_secs(10);
+    let gw = TestGateway::start_with(config).await?;
+    let t = gw.create_tenant(tenant_on(&upstream.url, "tok")).await?;
+    upstream.set_stalling(&["tools/list"]);
+    let (status, _, body) = gw.tool(&t, json!({"method": "listTools"})).await?;
+    upstream.set_stalling(&[]);
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_timeout", "{body}");
+    gw.stop().await
+}
+
+#[tokio::test]
+async fn an_answer_stream_cut_off_or_an_unmatched_error_fails_only_its_own_call(
+) -> anyhow::Result<()> {
     // One call's event stream ends before its answer, with no event id to resume from (a
-    // socket reset, a proxy's idle timeout): that call fails (502), while the session and
-    // the call in flight beside it go on.
+    // socket reset, a proxy's idle timeout); or its answer is an error for no request, as
+    // the TypeScript SDK's example server answers a tool that threw (500, -32603, `"id":
+    // null`): that call fails (502), while the session and the call in flight beside it go
+    // on.
     let (upstream, gw, t, echo) = connected_tenant().await?;
-    let slow = gw.tool(&t, json!({"method": "sleep", "params": {"ms": 800}}));
-    let cut = async {
-        upstream.wait_for_calls(2).await?;
-        upstream.set_failing_with(Some("tools/call"), 200);
-        let cut = gw.tool(&t, echo.clone()).await?;
-        upstream.set_failing(None);
-        anyhow::Ok(cut)
-    };
-    let (slow, cut) = tokio::join!(slow, cut);
-    let (status, _, body) = cut?;
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
-    let (status, _, body) = slow?;
-    assert_eq!(status, StatusCode::OK, "the call beside it goes on: {body}");
+    for failing in [200, 503] {
+        let served = upstream.calls();
+        let slow = gw.tool(&t, json!({"method": "sleep", "params": {"ms": 800}}));
+        let cut = async {
+            upstream.wait_for_calls(served + 1).await?;
+            upstream.set_failing_with(Some("tools/call"), failing);
+            let cut = gw.tool(&t, echo.clone()).await?;
+            upstream.set_failing(None);
+            anyhow::Ok(cut)
+        };
+        let (slow, cut) = tokio::join!(slow, cut);
+        let (status, _, body) = cut?;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{failing}: {body}");
+        assert_eq!(body["error"]["code"], "upstream_error", "{failing}: {body}");
+        let (status, _, body) = slow?;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{failing}: the call beside it goes on: {body}"
+        );
+    }
     let (status, _, body) = gw.tool(&t, echo).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(upstream.initializes(), 1, "one session throughout");

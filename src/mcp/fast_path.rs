@@ -70,18 +70,32 @@ pub struct Call {
 /// Whether a request's headers let the fast path serve it: it accepts JSON and event
 /// streams, sends JSON, and names no protocol version, or one with sessions.
 pub fn headers_allow(headers: &HeaderMap) -> bool {
-    exchanges_json(headers) && version_has_sessions(headers)
+    let (json, event_stream) = accepted(headers);
+    json && event_stream && sends_json(headers) && version_has_sessions(headers)
 }
 
-/// Whether a POST accepts JSON and event streams and sends JSON, as rmcp requires of one
-/// in a session, or that opens one (else 406 or 415).
-pub fn exchanges_json(headers: &HeaderMap) -> bool {
-    let (json, event_stream) = accepted(headers);
-    let sends_json = headers
+/// Whether rmcp surely refuses a POST for its headers (415: it does not send JSON, as
+/// rmcp reads `Content-Type`; 406: its `Accept` cannot name JSON or event streams, as
+/// neither appears in it at all). Only surely: a header this module would not read (a
+/// quoted parameter, a `q` of 0) rmcp may still take.
+pub fn surely_refused(headers: &HeaderMap) -> bool {
+    let names = |media_type: &str| {
+        headers.get_all(header::ACCEPT).iter().any(|value| {
+            value
+                .as_bytes()
+                .windows(media_type.len())
+                .any(|part| part.eq_ignore_ascii_case(media_type.as_bytes()))
+        })
+    };
+    !sends_json(headers) || !names(JSON) || !names(EVENT_STREAM)
+}
+
+/// Whether a request sends JSON, as rmcp reads its `Content-Type`.
+fn sends_json(headers: &HeaderMap) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON));
-    json && event_stream && sends_json
+        .is_some_and(|value| essence(value).eq_ignore_ascii_case(JSON))
 }
 
 /// Whether a request accepts an event stream (as a resume must).
@@ -595,6 +609,45 @@ mod tests {
             headers(&[plain[0], plain[1], ("mcp-protocol-version", "1999-01-01")]),
         ] {
             assert!(!headers_allow(&refused), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn only_what_rmcp_surely_refuses_counts_as_refused_for_its_headers() {
+        let json = ("content-type", "application/json");
+        for refused in [
+            headers(&[("accept", "application/json"), json]),
+            headers(&[("accept", "text/event-stream"), json]),
+            headers(&[json]),
+            headers(&[("accept", "application/json, text/event-stream")]),
+            headers(&[
+                ("accept", "application/json, text/event-stream"),
+                ("content-type", "text/plain"),
+            ]),
+        ] {
+            assert!(surely_refused(&refused), "{refused:?}");
+        }
+        // What this module does not read, rmcp may take: not surely refused.
+        for maybe in [
+            headers(&[("accept", "application/json, text/event-stream"), json]),
+            headers(&[
+                (
+                    "accept",
+                    "application/json, text/event-stream; charset=\"utf-8\"",
+                ),
+                json,
+            ]),
+            headers(&[
+                ("accept", "application/json, text/event-stream;q=0.0000"),
+                json,
+            ]),
+            headers(&[
+                ("accept", "TEXT/EVENT-STREAM"),
+                ("accept", "application/json"),
+                json,
+            ]),
+        ] {
+            assert!(!surely_refused(&maybe), "{maybe:?}");
         }
     }
 

@@ -508,7 +508,7 @@ async fn post_without_session(
             // of the tenant's rate limit.
             let reservation = reserve(gate, tenant_id)?.under_key(&credential_key(&req));
             // Nor does one rmcp refuses for its headers (406, 415), which opens nothing.
-            if fast_path::exchanges_json(req.headers()) {
+            if !fast_path::surely_refused(req.headers()) {
                 spend_rate_limit(gate, authenticated(&req)).await?;
             }
             let seen = req.extensions().get::<ChangesSeen>().copied();

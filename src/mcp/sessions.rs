@@ -445,17 +445,37 @@ impl BoundedSessions {
     /// Ends the sessions open here of `tenant` that its credentials no longer open: all of
     /// them for a tenant deleted or disabled, those opened under an API key since rotated.
     /// Each of their requests is refused anyway; this gives their slots back, and ends their
-    /// streams. Should the store not answer, they last until their idle timeout.
-    pub async fn end_for_old_credentials(&self, tenant: &str, store: &SharedStore) {
+    /// streams. Should the store not answer, it is asked again, with back-off, in a task of
+    /// its own (the changes after this one must not wait behind it), for as long as the
+    /// tenant has sessions open here.
+    pub async fn end_for_old_credentials(self: &Arc<Self>, tenant: &str, store: &SharedStore) {
+        if self.check_credentials(tenant, store).await {
+            return;
+        }
+        let (me, tenant, store) = (self.clone(), tenant.to_owned(), store.clone());
+        tokio::spawn(async move {
+            let mut wait = Duration::from_secs(1);
+            while !me.limits.sessions_of(&tenant).is_empty() {
+                tokio::time::sleep(wait).await;
+                if me.check_credentials(&tenant, &store).await {
+                    return;
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        });
+    }
+
+    /// [`Self::end_for_old_credentials`] once; false when the store could not be asked.
+    async fn check_credentials(&self, tenant: &str, store: &SharedStore) -> bool {
         let open = self.limits.sessions_of(tenant);
         if open.is_empty() {
-            return;
+            return true;
         }
         let now = match answered_within(STORE_WAIT, store.get_tenant(tenant)).await {
             Ok(now) => now,
             Err(error) => {
-                tracing::warn!(%error, tenant_id = %tenant, "could not check a changed tenant's MCP sessions");
-                return;
+                tracing::warn!(%error, tenant_id = %tenant, "could not check a changed tenant's MCP sessions; will try again");
+                return false;
             }
         };
         for (id, key) in open {
@@ -470,6 +490,7 @@ impl BoundedSessions {
                 tracing::debug!(%error, "could not end an MCP session of a changed tenant");
             }
         }
+        true
     }
 
     /// Ends this replica's copy of the session whose id has `digest`, which its client

@@ -19,7 +19,7 @@ use super::columns::{
 use super::migrations::{pending, CREATE_SCHEMA_MIGRATIONS, SQLITE_MIGRATIONS};
 use super::{
     AuditQuery, AuditRecord, PageCursor, Store, StoreError, StoreResult, TenantChanges,
-    TenantRecord, PING_TIMEOUT,
+    TenantRecord, PING_TIMEOUT, STORE_WAIT,
 };
 
 /// How long a statement waits for another process's write lock before failing.
@@ -49,13 +49,22 @@ impl SqliteStore {
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool, once it has the connection.
+    /// Runs `f` with the connection on the blocking pool, once it has the connection: within
+    /// [`STORE_WAIT`], or the store is unavailable (503), and `f` never runs. A statement
+    /// that started runs to its end (its own wait for another process's lock bounded by
+    /// `BUSY_TIMEOUT`): so a change answered unavailable was not applied.
     async fn with_conn<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let mut conn = Arc::clone(&self.conn).lock_owned().await;
+        let waited = tokio::time::timeout(STORE_WAIT, Arc::clone(&self.conn).lock_owned());
+        let mut conn = waited.await.map_err(|_| {
+            StoreError::Unavailable(format!(
+                "the database's connection was busy for {} s",
+                STORE_WAIT.as_secs()
+            ))
+        })?;
         tokio::task::spawn_blocking(move || f(&mut conn))
             .await
             .map_err(|_| StoreError::Backend("the sqlite task was cancelled or panicked".into()))?
@@ -567,6 +576,24 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call that waits for the connection past `STORE_WAIT` is unavailable, and never
+    /// runs (an admin change answered so was not applied).
+    #[tokio::test]
+    async fn a_call_that_cannot_have_the_connection_in_time_is_unavailable_and_never_runs() {
+        let store = SqliteStore::open(":memory:").await.expect("opened");
+        store.migrate().await.expect("migrated");
+        let busy = Arc::clone(&store.conn).lock_owned().await;
+        let tenant = TenantRecord::for_tests("tenant-late", 1);
+        let created = store.create_tenant(&tenant).await;
+        assert!(
+            matches!(created, Err(StoreError::Unavailable(_))),
+            "{created:?}"
+        );
+        drop(busy);
+        let kept = store.get_tenant(&tenant.id).await.expect("read");
+        assert_eq!(kept, None, "created after all");
+    }
 
     /// A rotation whose commit fails (here a deferred foreign key a trigger breaks; on a
     /// real file, a full disk or an I/O error) is an error, and the old key stays: it must

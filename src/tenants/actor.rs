@@ -904,8 +904,12 @@ impl TenantState {
     fn tick(&mut self, myself: &ActorRef<TenantMsg>) {
         self.flush_audit(myself);
         // Quiet first: a lane call marks the lane used before it gives its permit back,
-        // so one that ends between the two reads is seen as a use.
-        let quiet = self.in_flight.available_permits() == self.settings.max_in_flight;
+        // so one that ends between the two reads is seen as a use. Callers waiting for a
+        // connection or a tool list hold no permit, and are not quiet either: stopping
+        // then would refuse them, and their retry on a new actor the same way.
+        let waited_on =
+            matches!(self.connection, Connection::Connecting(_)) || !self.tool_waiters.is_empty();
+        let quiet = self.in_flight.available_permits() == self.settings.max_in_flight && !waited_on;
         if self.lane.take_used() {
             self.last_used = Instant::now();
         }

@@ -201,6 +201,11 @@ fn refusal(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
             Some(StreamableHttpError::ResponseBodyTooLarge { .. }) => {
                 return Some(Refusal::TooLarge);
             }
+            Some(StreamableHttpError::UnexpectedServerResponse(said))
+                if said.starts_with(super::renewal::UNMATCHED_ERROR) =>
+            {
+                return Some(Refusal::ServerError);
+            }
             Some(StreamableHttpError::UnexpectedServerResponse(said)) => {
                 // rmcp's reqwest client formats these as "HTTP {status}: {body}".
                 let status = said

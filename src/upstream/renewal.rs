@@ -35,6 +35,13 @@ use super::UpstreamEvent;
 
 type PostResult = Result<StreamableHttpPostResponse, StreamableHttpError<reqwest::Error>>;
 
+/// The JSON-RPC code the TypeScript SDK's server answers what it refuses of a session with.
+const SESSION_REFUSED: i32 = -32000;
+
+/// How an error answer to no request other than a session's refusal begins: it fails that
+/// request alone (`upstream::error`'s refusals read it so).
+pub(super) const UNMATCHED_ERROR: &str = "an error answer to no request";
+
 /// What a POST carries, as [`RenewalWatch::watched`] needs it.
 #[derive(Clone, Copy)]
 struct Posting {
@@ -85,12 +92,14 @@ impl RenewalWatch {
 
     /// Passes `posted` on; a renewal the upstream accepted is told to the tenant first.
     ///
-    /// An error answer to a request that names no request (`"id": null`: how an upstream
-    /// on the TypeScript SDK answers, with a 400, a session it does not know, after a
-    /// restart) would reach no caller: rmcp passes it to its service, which cannot match
-    /// it and drops it, and the call waits for its timeout, as would every later one on the
-    /// session. It fails the request instead, as a refused POST does: the connection goes,
-    /// and the next call connects again.
+    /// An error answer to a request that names no request (`"id": null`) would reach no
+    /// caller: rmcp passes it to its service, which cannot match it and drops it, and the
+    /// call waits for its timeout. It fails the request instead. The TypeScript SDK answers
+    /// so, with -32000, what it refuses of the session (one it does not know, after a
+    /// restart; every later call would fail the same way): the connection goes, and the
+    /// next call connects again, as for a 4xx. Any other code (a tool's crash answered 500
+    /// with -32603, a body too large) fails only that request, as a 5xx does
+    /// ([`UNMATCHED_ERROR`]).
     async fn watched(
         &self,
         posting: Posting,
@@ -102,13 +111,13 @@ impl RenewalWatch {
         };
         if let Ok(StreamableHttpPostResponse::Json(JsonRpcMessage::Error(error), _)) = &answer {
             if posting.request && error.id.is_none() {
-                return Err(StreamableHttpError::UnexpectedServerResponse(
-                    format!(
-                        "an error answer to no request: {} ({})",
-                        error.error.message, error.error.code.0
-                    )
-                    .into(),
-                ));
+                let (code, message) = (error.error.code.0, &error.error.message);
+                let said = if code == SESSION_REFUSED {
+                    format!("the upstream refused the session: {message} ({code})")
+                } else {
+                    format!("{UNMATCHED_ERROR}: {message} ({code})")
+                };
+                return Err(StreamableHttpError::UnexpectedServerResponse(said.into()));
             }
         }
         let answer = answer.map(|posted| match posted {

@@ -134,9 +134,10 @@ impl TestUpstream {
 
     /// POSTs of JSON-RPC `method` get HTTP `status` in plain text, a 429 with
     /// `Retry-After: 7`, a 400 as an upstream on the TypeScript SDK answers a session it
-    /// does not know: a JSON-RPC error with `"id": null`; a 200 is an event stream cut off
-    /// before its answer, with no event id to resume from (until `None`); everything else
-    /// is served.
+    /// does not know: a JSON-RPC error -32000 with `"id": null`, a 503 as its example server
+    /// answers a tool that threw: -32603 with `"id": null`; a 200 is an event stream cut
+    /// off before its answer, with no event id to resume from (until `None`); everything
+    /// else is served.
     pub fn set_failing_with(&self, method: Option<&str>, status: u16) {
         if let Ok(mut failing) = self.state.failing_method.lock() {
             *failing = method.map(|method| (method.to_owned(), status, 7));
@@ -441,10 +442,16 @@ async fn record_token(
             let stream = [(http::header::CONTENT_TYPE, "text/event-stream")];
             return (stream, ": cut off\n\n").into_response();
         }
-        if status == http::StatusCode::BAD_REQUEST {
+        let unmatched = |code: i32, message: &str| {
             let error = serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {
-                "code": -32000, "message": "Bad Request: No valid session ID provided"}});
-            return (status, axum::Json(error)).into_response();
+                "code": code, "message": message}});
+            (status, axum::Json(error)).into_response()
+        };
+        if status == http::StatusCode::BAD_REQUEST {
+            return unmatched(-32000, "Bad Request: No valid session ID provided");
+        }
+        if status == http::StatusCode::SERVICE_UNAVAILABLE {
+            return unmatched(-32603, "Internal server error");
         }
         let mut answer = (status, "failing on purpose").into_response();
         if status == http::StatusCode::TOO_MANY_REQUESTS {
