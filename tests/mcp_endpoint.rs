@@ -709,6 +709,30 @@ async fn a_session_call_cancelled_past_the_request_timeout_is_no_timeout() -> an
     gw.stop().await
 }
 
+/// A tenant on `upstream_url` whose rate limit is 1 request a second after a burst of
+/// `burst`.
+async fn tenant_with_burst(
+    gw: &TestGateway,
+    upstream_url: &str,
+    burst: u32,
+) -> anyhow::Result<CreatedTenant> {
+    gw.create_tenant(
+        json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
+        "upstreamUrl": upstream_url, "rateLimit": {"requestsPerSecond": 1, "burst": burst}}),
+    )
+    .await
+}
+
+/// `n` REST calls of tenant `t`'s `echo`, each of which must be served.
+async fn calls_all_served(gw: &TestGateway, t: &CreatedTenant, n: usize) -> anyhow::Result<()> {
+    let echo = json!({"method": "echo", "params": {"text": "x"}});
+    for n in 0..n {
+        let (status, _, body) = gw.tool(t, echo.clone()).await?;
+        anyhow::ensure!(status == StatusCode::OK, "call {n}: {status} {body}");
+    }
+    Ok(())
+}
+
 /// An upstream, and a gateway whose tenants may each have `cap` MCP sessions open.
 async fn gateway_with_session_cap(cap: usize) -> anyhow::Result<(TestUpstream, TestGateway)> {
     let upstream = TestUpstream::start().await?;
@@ -981,12 +1005,7 @@ async fn an_initialize_refused_at_the_session_cap_spends_none_of_the_rate_limit(
     // A client retrying `initialize` at its tenant's session cap opens nothing: those
     // refusals must not use up the rate limit that the tenant's calls need.
     let (upstream, gw) = gateway_with_session_cap(1).await?;
-    let t = gw
-        .create_tenant(
-            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
-            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 3}}),
-        )
-        .await?;
+    let t = tenant_with_burst(&gw, &upstream.url, 3).await?;
     let mcp = raw_mcp(&gw, &t);
     let _open = mcp
         .open_session()
@@ -997,11 +1016,7 @@ async fn an_initialize_refused_at_the_session_cap_spends_none_of_the_rate_limit(
         assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
     }
     // The two requests of the burst the session left.
-    let echo = json!({"method": "echo", "params": {"text": "x"}});
-    for n in 0..2 {
-        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
-        assert_eq!(status, StatusCode::OK, "call {n}: {body}");
-    }
+    calls_all_served(&gw, &t, 2).await?;
     gw.stop().await
 }
 
@@ -1012,12 +1027,7 @@ async fn an_initialize_refused_for_its_headers_spends_none_of_the_rate_limit() -
     // not send JSON (415): it opens nothing, and must not use up the tenant's calls' limit.
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start().await?;
-    let t = gw
-        .create_tenant(
-            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
-            "upstreamUrl": upstream.url, "rateLimit": {"requestsPerSecond": 1, "burst": 3}}),
-        )
-        .await?;
+    let t = tenant_with_burst(&gw, &upstream.url, 3).await?;
     let initialize = serde_json::to_vec(&initialize_request("misconfigured"))?;
     for (accept, content_type, refused) in [
         (
@@ -1068,11 +1078,7 @@ async fn an_initialize_refused_for_its_headers_spends_none_of_the_rate_limit() -
     assert_eq!(got.status(), StatusCode::OK);
     assert!(got.headers().contains_key("mcp-session-id"));
     // The rest of the burst is left for the tenant's calls.
-    let echo = json!({"method": "echo", "params": {"text": "x"}});
-    for n in 0..2 {
-        let (status, _, body) = gw.tool(&t, echo.clone()).await?;
-        assert_eq!(status, StatusCode::OK, "call {n}: {body}");
-    }
+    calls_all_served(&gw, &t, 2).await?;
     gw.stop().await
 }
 

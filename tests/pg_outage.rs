@@ -846,13 +846,19 @@ async fn keys_guessed_while_the_store_cannot_answer_spend_the_address_budget() -
     gw.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_mcp_delete_the_database_does_not_answer_is_unavailable_and_ends_nothing(
-) -> anyhow::Result<()> {
-    // The table of ended sessions is locked, as a database host gone from the network
-    // would leave it: the DELETE is 503 within seconds (not held to the request timeout
-    // and answered as an upstream timeout), and records nothing once the lock goes, so the
-    // session its client was told is still open stays open.
+/// A gateway on a fresh PostgreSQL database (`url`), and an open MCP session (`id`) of a
+/// tenant on a test upstream, with the client that opened it.
+struct McpOnPostgres {
+    _upstream: TestUpstream,
+    gw: TestGateway,
+    url: String,
+    tenant: CreatedTenant,
+    mcp_url: String,
+    mcp: RawMcp,
+    id: String,
+}
+
+async fn mcp_session_on_postgres() -> anyhow::Result<McpOnPostgres> {
     let upstream = TestUpstream::start().await?;
     let gw = TestGateway::start_postgres(Config::for_tests()).await?;
     let url = database_url(&gw)?;
@@ -862,12 +868,35 @@ async fn an_mcp_delete_the_database_does_not_answer_is_unavailable_and_ends_noth
                               "upstreamUrl": upstream.url}),
         )
         .await?;
-    let mcp = RawMcp::new(
-        &gw.http,
-        &gw.url(&format!("/mcp/{}", tenant.id)),
-        &tenant.api_key,
-    );
+    let mcp_url = gw.url(&format!("/mcp/{}", tenant.id));
+    let mcp = RawMcp::new(&gw.http, &mcp_url, &tenant.api_key);
     let id = mcp.open_session().await?.expect("session opens");
+    Ok(McpOnPostgres {
+        _upstream: upstream,
+        gw,
+        url,
+        tenant,
+        mcp_url,
+        mcp,
+        id,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mcp_delete_the_database_does_not_answer_is_unavailable_and_ends_nothing(
+) -> anyhow::Result<()> {
+    // The table of ended sessions is locked, as a database host gone from the network
+    // would leave it: the DELETE is 503 within seconds (not held to the request timeout
+    // and answered as an upstream timeout), and records nothing once the lock goes, so the
+    // session its client was told is still open stays open.
+    let McpOnPostgres {
+        _upstream,
+        gw,
+        url,
+        mcp,
+        id,
+        ..
+    } = mcp_session_on_postgres().await?;
     let (locker, watcher) = (
         locking(&url, "ended_sessions").await?,
         side_connection(&url).await?,
@@ -905,18 +934,15 @@ async fn an_mcp_session_whose_client_gave_up_on_its_delete_is_ended_all_the_same
     // The table of ended sessions is locked, so the DELETE waits at its store write; its
     // client gives up meanwhile. Once the lock goes, the end is recorded and the session
     // closed here too: no replica may go on serving a session its client ended.
-    let upstream = TestUpstream::start().await?;
-    let gw = TestGateway::start_postgres(Config::for_tests()).await?;
-    let url = database_url(&gw)?;
-    let tenant = gw
-        .create_tenant(
-            json!({"integrationKey": "k", "integrationAppToken": "upstream-secret",
-                              "upstreamUrl": upstream.url}),
-        )
-        .await?;
-    let mcp_url = gw.url(&format!("/mcp/{}", tenant.id));
-    let mcp = RawMcp::new(&gw.http, &mcp_url, &tenant.api_key);
-    let id = mcp.open_session().await?.expect("session opens");
+    let McpOnPostgres {
+        _upstream,
+        gw,
+        url,
+        tenant,
+        mcp_url,
+        mcp,
+        id,
+    } = mcp_session_on_postgres().await?;
     let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
     assert_eq!(mcp.in_session(&id, &list).await?.status, StatusCode::OK);
     let (locker, watcher) = (
