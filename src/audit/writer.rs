@@ -394,13 +394,7 @@ pub(crate) async fn append_within(
     events: &[AuditRecord],
     limit: Duration,
 ) -> Result<(), StoreError> {
-    tokio::time::timeout(limit, store.append_audit(events))
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the audit write took too long".into(),
-            ))
-        })
+    crate::store::answered_within(limit, store.append_audit(events)).await
 }
 
 #[cfg(test)]

@@ -314,8 +314,7 @@ pub async fn answered_within<T>(
 ) -> StoreResult<T> {
     tokio::time::timeout(limit, op).await.unwrap_or_else(|_| {
         Err(StoreError::Unavailable(format!(
-            "no answer within {} s",
-            limit.as_secs()
+            "no answer within {limit:?}"
         )))
     })
 }

@@ -37,8 +37,7 @@ pub(super) async fn heartbeat(
     loop {
         // Bounded, as the leave below is: a database that stops answering must not keep
         // this task, and with it the gateway's shutdown, waiting.
-        let beaten = tokio::time::timeout(BEAT, beat(&store, &replica_id, !announced)).await;
-        match beaten.unwrap_or_else(|_| Err(too_slow())) {
+        match super::answered_within(BEAT, beat(&store, &replica_id, !announced)).await {
             Ok(n) => {
                 announced = true;
                 let n = u32::try_from(n).unwrap_or(u32::MAX).max(1);
@@ -56,14 +55,9 @@ pub(super) async fn heartbeat(
             _ = tokio::time::sleep(BEAT) => {}
         }
     }
-    let left = tokio::time::timeout(BEAT, leave(&store, &replica_id)).await;
-    if let Err(e) = left.unwrap_or_else(|_| Err(too_slow())) {
+    if let Err(e) = super::answered_within(BEAT, leave(&store, &replica_id)).await {
         tracing::warn!(error = %e, "could not leave the fleet; the row expires on its own");
     }
-}
-
-fn too_slow() -> super::StoreError {
-    super::StoreError::Unavailable(format!("no answer within {} s", BEAT.as_secs()))
 }
 
 /// Renews this replica's row (announcing it when `announce`) and returns the live count.
